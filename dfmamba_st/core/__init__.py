@@ -1,0 +1,25 @@
+"""Model core shared by every domain of dfmamba_st: selective scan, Mamba, DF-Mamba, curves and training.
+
+Nothing here knows about genes, images or calendars.
+"""
+
+from . import curves
+from .fractal import DFMamba, FractalAux
+from .mamba import Mamba
+from .scan import available_backends, selective_scan, selective_scan_reference
+from .training import TrainResult, cosine_with_warmup, fit, resolve_device, seed_everything
+
+__all__ = [
+    "DFMamba",
+    "FractalAux",
+    "Mamba",
+    "TrainResult",
+    "available_backends",
+    "cosine_with_warmup",
+    "curves",
+    "fit",
+    "resolve_device",
+    "seed_everything",
+    "selective_scan",
+    "selective_scan_reference",
+]

@@ -1,0 +1,281 @@
+"""The one training loop, device choice and seeding used by every module of dfmamba_st."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["TrainResult", "cosine_with_warmup", "fit", "resolve_device", "seed_everything"]
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and torch; with ``deterministic`` ask torch for deterministic kernels.
+
+    Parameters
+    ----------
+    seed
+        The seed.
+    deterministic
+        Use deterministic algorithms where torch has them (warns, instead of failing, where it has none).
+    """
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - user code and scanpy draw from the global NumPy state
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a device, failing clearly if it is absent.
+
+    Examples
+    --------
+    >>> from dfmamba_st.core import resolve_device
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} was requested but torch sees no CUDA GPU (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda}). Use device='cpu' or device='auto'."
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.") from err
+
+
+def cosine_with_warmup(total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
+    """Learning-rate multiplier: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    history
+        One dict per epoch: ``epoch``, ``train_loss``, ``val_loss`` (``nan`` without validation data), ``lr`` and
+        the mean of every extra term the loss function reported.
+    best_epoch
+        Epoch whose weights the model holds at the end (lowest monitored loss).
+    stopped_early
+        Whether early stopping ended the run.
+    """
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    stopped_early: bool = False
+
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | tuple[torch.Tensor, dict[str, float]]"]
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(out, tuple):
+        return out[0], out[1]
+    return out, {}
+
+
+def _batches(data: Iterable | Callable[[int], Iterable], epoch: int) -> Iterable:
+    return data(epoch) if callable(data) else data
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))  # noqa: NPY002
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    train_data: Iterable | Callable[[int], Iterable],
+    *,
+    epochs: int,
+    val_data: Iterable | Callable[[int], Iterable] | None = None,
+    steps_per_epoch: int | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.05,
+    warmup_fraction: float = 0.1,
+    grad_clip: float | None = 1.0,
+    patience: int | None = 10,
+    seed: int | None = 42,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    description: str = "training",
+) -> TrainResult:
+    """Train ``model`` with AdamW, a cosine schedule with warm-up, gradient clipping and early stopping.
+
+    Parameters
+    ----------
+    model
+        The module to train (already on its device).
+    loss_fn
+        ``loss_fn(model, batch)`` returns the scalar loss, or ``(loss, {name: float})`` with terms to log.
+    train_data
+        An iterable of batches re-iterated every epoch, or ``train_data(epoch)`` returning one.
+    epochs
+        Maximum number of epochs.
+    val_data
+        Validation batches (same forms); early stopping and the best weights use the validation loss when given,
+        the training loss otherwise.
+    steps_per_epoch
+        Number of optimiser steps per epoch, for the schedule; by default ``len(train_data)``.
+    lr, weight_decay
+        AdamW settings.
+    warmup_fraction
+        Fraction of all steps spent in linear warm-up.
+    grad_clip
+        Maximum gradient norm (``None``: no clipping).
+    patience
+        Stop after this many epochs without improvement (``None``: never stop early).
+    seed
+        Seed set before training (``None``: leave the random state alone).
+    checkpoint_dir
+        Save the full training state there after every epoch and resume from it when it exists.
+    progress
+        Show a tqdm progress bar.
+    description
+        Label of the progress bar.
+
+    Returns
+    -------
+    A :class:`TrainResult`; the model is left holding the weights of the best epoch.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    if seed is not None:
+        seed_everything(seed)
+    if steps_per_epoch is None:
+        if callable(train_data):
+            raise ValueError("steps_per_epoch is needed when train_data is a callable.")
+        steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    total_steps = max(1, epochs * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_fraction))
+    result = TrainResult()
+    best_loss, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
+
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        result = TrainResult(**state["result"])
+        best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        _set_rng_state(state["rng"])
+
+    bar = tqdm(range(start_epoch, epochs), desc=description, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for batch in _batches(train_data, epoch):
+            loss, extra = _split_loss(loss_fn(model, batch))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"Training loss became {loss.item()} at epoch {epoch}; lower lr or check the input for NaN/inf."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            scheduler.step()
+            n_batches += 1
+            for name, value in {"train_loss": float(loss.detach()), **extra}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+        if n_batches == 0:
+            raise ValueError(f"train_data yielded no batch in epoch {epoch}.")
+        row = {"epoch": float(epoch), **{k: v / n_batches for k, v in sums.items()}}
+        row["val_loss"] = _evaluate(model, loss_fn, val_data, epoch) if val_data is not None else math.nan
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        result.history.append(row)
+        monitored = row["val_loss"] if val_data is not None else row["train_loss"]
+        if monitored < best_loss:
+            best_loss, bad_epochs, result.best_epoch = monitored, 0, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
+        stop = patience is not None and bad_epochs >= patience
+        result.stopped_early = stop
+        if ckpt_path is not None:
+            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "result": result.__dict__,
+                    "best_loss": best_loss,
+                    "best_state": best_state,
+                    "bad_epochs": bad_epochs,
+                    "epoch": epoch,
+                    "rng": _rng_state(),
+                },
+                tmp,
+            )
+            tmp.replace(ckpt_path)
+        if stop:
+            break
+    bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def _evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable | Callable[[int], Iterable], epoch: int) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for batch in _batches(data, epoch):
+        loss, _ = _split_loss(loss_fn(model, batch))
+        total += float(loss)
+        n += 1
+    model.train()
+    return total / max(n, 1)

@@ -1,0 +1,34 @@
+"""Sphinx configuration for dfmamba_st."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dfmamba_st import __version__
+
+project = "dfmamba_st"
+author = "dfmamba_st developers"
+copyright = "2026, dfmamba_st developers"
+version = release = __version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+]
+autosummary_generate = True
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_mock_imports = ["mamba_ssm", "causal_conv1d"]
+napoleon_numpy_docstring = True
+napoleon_google_docstring = False
+napoleon_use_rtype = False
+myst_enable_extensions = ["colon_fence", "dollarmath"]
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+html_theme = "alabaster"
+suppress_warnings = ["myst.header"]
+nitpicky = False

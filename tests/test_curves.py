@@ -1,0 +1,81 @@
+"""Space-filling curves: bijection onto any grid, adjacency of the Hilbert curve, quantiser."""
+
+import numpy as np
+import pytest
+
+from dfmamba_st.core import curves
+
+
+@pytest.mark.parametrize("curve", ["hilbert", "hilbert_t", "zorder"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 8), (13, 7), (78, 128)])
+def test_curve_is_a_bijection_onto_the_grid(curve, shape):
+    cells = curves.grid_curve(*shape, curve=curve)
+    assert cells.shape == (shape[0] * shape[1], 2)
+    flat = cells[:, 0] * shape[1] + cells[:, 1]
+    assert np.array_equal(np.sort(flat), np.arange(shape[0] * shape[1]))
+
+
+@pytest.mark.parametrize("side", [2, 4, 16, 64])
+@pytest.mark.parametrize("curve", ["hilbert", "hilbert_t"])
+def test_hilbert_steps_between_grid_neighbours_on_power_of_two_squares(side, curve):
+    cells = curves.grid_curve(side, side, curve=curve)
+    steps = np.abs(np.diff(cells, axis=0)).sum(axis=1)
+    assert np.all(steps == 1)
+
+
+def test_zorder_is_bit_interleaving_and_not_adjacent():
+    assert curves.zorder_index(np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1]), 1).tolist() == [0, 2, 1, 3]
+    cells = curves.grid_curve(8, 8, curve="zorder")
+    assert np.abs(np.diff(cells, axis=0)).sum(axis=1).max() > 1
+
+
+def test_hilbert_order_one_and_two_known_values():
+    assert curves.hilbert_index([0, 0, 1, 1], [0, 1, 1, 0], 1).tolist() == [0, 1, 2, 3]
+    d = curves.hilbert_index(np.arange(4).repeat(4), np.tile(np.arange(4), 4), 2)
+    assert sorted(d.tolist()) == list(range(16))
+
+
+def test_transposed_curve_is_the_hilbert_curve_of_swapped_axes():
+    rng = np.random.default_rng(0)
+    pts = rng.integers(0, 50, size=(200, 2))
+    a = curves.curve_index(pts[:, 0], pts[:, 1], "hilbert_t")
+    b = curves.curve_index(pts[:, 1], pts[:, 0], "hilbert")
+    assert np.array_equal(a, b)
+
+
+def test_inverse_permutation():
+    perm = np.random.default_rng(1).permutation(100)
+    inv = curves.inverse_permutation(perm)
+    assert np.array_equal(perm[inv], np.arange(100))
+    assert np.array_equal(inv[perm], np.arange(100))
+
+
+def test_curve_order_keeps_duplicates_deterministically():
+    coords = np.array([[3, 3], [0, 0], [3, 3], [0, 0], [1, 0]])
+    order = curves.curve_order(coords)
+    assert sorted(order.tolist()) == list(range(5))
+    assert order.tolist() == curves.curve_order(coords).tolist()
+    # ties keep their input order
+    assert order.tolist().index(1) < order.tolist().index(3)
+    assert order.tolist().index(0) < order.tolist().index(2)
+
+
+def test_quantize_keeps_every_point_and_preserves_locality():
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 1000, size=(500, 2))
+    cells = curves.quantize(pts)
+    assert cells.shape == (500, 2) and cells.min() >= 0
+    # about one point per cell on average
+    assert 0.5 < len({tuple(c) for c in cells}) / 500 <= 1.0
+    # the ordering of points along x is preserved by their cells
+    assert np.all(np.diff(cells[np.argsort(pts[:, 0]), 0]) >= 0)
+    assert np.array_equal(curves.quantize(pts, cell_size=100.0), np.floor((pts - pts.min(0)) / 100.0))
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="whole numbers"):
+        curves.curve_order(np.array([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        curves.quantize(np.array([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match="Unknown curve"):
+        curves.curve_index([0], [0], "peano")
