@@ -1,0 +1,181 @@
+"""Clustering and spatial-coherence scores: agreement with scikit-learn, label handling, CHAOS and PAS."""
+
+from math import sqrt
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from dfmamba_st import metrics
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DLPFC = SHARED / "dlpfc"
+
+
+def _read(name: str) -> ad.AnnData:
+    path = DLPFC / name
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} is not available")
+    return ad.read_h5ad(path)
+
+
+@pytest.fixture(scope="module")
+def dlpfc_151673() -> ad.AnnData:
+    adata = _read("dlpfc_151673.h5ad")
+    # a perturbed labelling: 25% of the annotated spots get a random layer
+    rng = np.random.default_rng(0)
+    pred = adata.obs["layer"].astype(str).to_numpy().copy()
+    flip = rng.random(adata.n_obs) < 0.25
+    pred[flip] = rng.choice(adata.obs["layer"].cat.categories.to_numpy(), flip.sum())
+    adata.obs["pred"] = pd.Categorical(pred)
+    return adata
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate on real labels
+# ---------------------------------------------------------------------------------------------------------------
+def test_scores_equal_scikit_learn_on_annotated_spots_of_151673(dlpfc_151673):
+    adata = dlpfc_151673
+    table = metrics.evaluate(adata, "layer", "pred")
+    annotated = adata.obs["layer"].notna().to_numpy()
+    truth = adata.obs["layer"].astype(str).to_numpy()[annotated]
+    pred = adata.obs["pred"].astype(str).to_numpy()[annotated]
+    row = table.loc["all"]
+    assert row["ari"] == pytest.approx(skm.adjusted_rand_score(truth, pred), abs=1e-12)
+    assert row["nmi"] == pytest.approx(skm.normalized_mutual_info_score(truth, pred), abs=1e-12)
+    assert row["homogeneity"] == pytest.approx(skm.homogeneity_score(truth, pred), abs=1e-12)
+    assert row["completeness"] == pytest.approx(skm.completeness_score(truth, pred), abs=1e-12)
+    assert 0.3 < row["ari"] < 0.9  # the perturbation really changed the labelling
+    assert list(table.columns) == list(metrics.COLUMNS)
+
+
+def test_unannotated_spots_are_not_scored(dlpfc_151673):
+    adata = dlpfc_151673
+    table = metrics.evaluate(adata, "layer", "pred")
+    assert table.loc["all", "n_spots"] == 3611  # 3,639 spots, 28 without a layer
+    assert table["n_spots"].dtype.kind == "i"
+
+
+def test_empty_and_ignored_truth_labels_are_dropped_case_insensitively(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    truth = adata.obs["layer"].astype(object).to_numpy().copy()
+    annotated = np.flatnonzero(pd.notna(truth))
+    truth[annotated[:10]] = ""
+    truth[annotated[10:30]] = "Undetermined"
+    adata.obs["truth"] = truth
+    assert metrics.evaluate(adata, "truth", "pred").loc["all", "n_spots"] == 3611 - 30
+    kept = metrics.evaluate(adata, "truth", "pred", ignore=())
+    assert kept.loc["all", "n_spots"] == 3611 - 10
+
+
+def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    pred = adata.obs["pred"].astype(object).to_numpy().copy()
+    pred[np.flatnonzero(adata.obs["layer"].notna().to_numpy())[:5]] = np.nan
+    adata.obs["pred"] = pred
+    with pytest.warns(UserWarning, match="5 annotated spots have no prediction"):
+        table = metrics.evaluate(adata, "layer", "pred")
+    assert table.loc["all", "n_spots"] == 3611 - 5
+
+
+def test_evaluate_leaves_adata_unchanged(dlpfc_151673):
+    adata = dlpfc_151673
+    before = adata.obs.copy()
+    metrics.evaluate(adata, "layer", "pred")
+    pd.testing.assert_frame_equal(adata.obs, before)
+
+
+def test_missing_keys_give_clear_errors(dlpfc_151673):
+    with pytest.raises(KeyError, match="no column 'nope'"):
+        metrics.evaluate(dlpfc_151673, "layer", "nope")
+    with pytest.raises(KeyError, match="obsm"):
+        metrics.evaluate(dlpfc_151673, "layer", "pred", spatial_key="X_nope")
+
+
+def test_multiple_libraries_give_one_row_each_equal_to_scoring_each_alone(dlpfc_151673):
+    other = _read("dlpfc_151674.h5ad")
+    other.obs["pred"] = other.obs["layer"]
+    first = dlpfc_151673.copy()
+    genes = first.var_names.intersection(other.var_names)
+    both = ad.concat([first[:, genes], other[:, genes]], index_unique="-")
+    both.obs["sample_id"] = both.obs["sample_id"].astype("category")
+    table = metrics.evaluate(both, "layer", "pred", library_key="sample_id")
+    assert table.index.name == "sample_id"
+    assert list(table.index) == ["151673", "151674"]
+    alone = metrics.evaluate(first, "layer", "pred").loc["all"]
+    pd.testing.assert_series_equal(table.loc["151673"], alone, check_names=False)
+    assert table.loc["151674", "n_spots"] == 3635
+    assert table.loc["151674", "ari"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CHAOS and PAS
+# ---------------------------------------------------------------------------------------------------------------
+def test_manual_layers_are_far_more_coherent_than_a_permutation_of_them(dlpfc_151673):
+    adata = dlpfc_151673
+    keep = adata.obs["layer"].notna().to_numpy()
+    layers = adata.obs["layer"].astype(str).to_numpy()[keep]
+    xy = adata.obsm["spatial"][keep]
+    shuffled = np.random.default_rng(1).permutation(layers)
+    chaos_layers, chaos_random = metrics.chaos(layers, xy), metrics.chaos(shuffled, xy)
+    pas_layers, pas_random = metrics.pas(layers, xy), metrics.pas(shuffled, xy)
+    # measured: CHAOS 0.060 vs 0.086, PAS 0.014 vs 0.95
+    assert chaos_layers < 0.8 * chaos_random
+    assert pas_layers < 0.05
+    assert pas_random > 0.8
+
+
+TWO_ROWS = np.array([[0, 0], [1, 0], [2, 0], [0, 1], [1, 1], [2, 1]], dtype=float)
+
+
+def test_chaos_matches_hand_computation_on_two_rows_of_three_spots():
+    # standardised with the sample sd: x has sd sqrt(0.8), y has sd sqrt(0.3)
+    # rows as clusters: every spot's nearest same-cluster spot is 1 / sqrt(0.8) = sqrt(5) / 2 away
+    assert metrics.chaos(list("aaabbb"), TWO_ROWS) == pytest.approx(sqrt(5) / 2, rel=1e-12)
+    # columns as clusters: 1 / sqrt(0.3) = sqrt(10 / 3)
+    assert metrics.chaos(list("abcabc"), TWO_ROWS) == pytest.approx(sqrt(10 / 3), rel=1e-12)
+    # a singleton cluster adds nothing but counts in the denominator: (3 + 2) * sqrt(5) / 2 / 6
+    assert metrics.chaos(list("aaabbc"), TWO_ROWS) == pytest.approx(5 * sqrt(5) / 12, rel=1e-12)
+
+
+def test_pas_abnormal_means_at_least_6_of_10_neighbours_differ():
+    # 11 spots, k = 10: each spot's neighbours are all the others.
+    xy = np.c_[np.arange(11.0), np.zeros(11)]
+    # 6 'a', 5 'b': an 'a' sees 5 different (not abnormal), a 'b' sees 6 (abnormal) -> 5 / 11
+    assert metrics.pas(list("abbbbbaaaaa"), xy) == pytest.approx(5 / 11)
+    # 7 'a', 4 'b': a 'b' sees 7 different -> 4 / 11
+    assert metrics.pas(list("abbbbaaaaaa"), xy) == pytest.approx(4 / 11)
+
+
+def test_pas_counts_a_lone_spot_in_a_grid():
+    xy = np.array([(i, j) for i in range(5) for j in range(5)], dtype=float)
+    labels = np.array(["a"] * 25)
+    labels[12] = "b"
+    assert metrics.pas(labels, xy, k=4) == pytest.approx(1 / 25)
+    assert metrics.pas(np.array(["a"] * 25), xy) == 0.0
+
+
+def test_pas_breaks_distance_ties_by_spot_order_like_the_reference():
+    # spot 0 at the centre of a square: its 4 nearest (k=2 of them used) are all at distance 1
+    xy = np.array([[0, 0], [1, 0], [0, 1], [-1, 0], [0, -1]], dtype=float)
+    # the reference takes the first two by spot order: spots 1 and 2, both 'b' -> spot 0 abnormal
+    assert metrics.pas(list("abbaa"), xy, k=2) * 5 == pytest.approx(
+        1 + sum(_brute_force_abnormal(list("abbaa"), xy, 2, i) for i in range(1, 5))
+    )
+
+
+def _brute_force_abnormal(labels, xy, k, i):
+    d = np.linalg.norm(xy - xy[i], axis=1)
+    d[i] = np.inf
+    ind = np.argsort(d, kind="stable")[:k]
+    return int(sum(labels[j] != labels[i] for j in ind) > k / 2)
+
+
+def test_chaos_and_pas_reject_missing_labels_and_mismatched_lengths():
+    with pytest.raises(ValueError, match="missing"):
+        metrics.chaos(["a", None, "b"], np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="must match"):
+        metrics.pas(["a", "b"], np.zeros((3, 2)))
