@@ -78,14 +78,18 @@ def upsample(x: torch.Tensor, length: int) -> torch.Tensor:
 class _Scale(nn.Module):
     """The per-scale parameters: norm + Mamba block, encoder/decoder of the coarse-graining, fusion gate."""
 
-    def __init__(self, d_model: int, mamba_kwargs: dict, coarsen: str, hidden: int) -> None:
+    def __init__(
+        self, d_model: int, mamba_kwargs: dict, coarsen: str, fusion: str, hidden: int, recursive: bool
+    ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
         self.mamba = Mamba(d_model, **mamba_kwargs)
-        if coarsen == "learned":
+        # a flat model (depth 0) never coarse-grains or fuses: build only what is used
+        if recursive and coarsen == "learned":
             self.encoder = _mlp(2 * d_model, hidden, d_model)
             self.decoder = _mlp(d_model, hidden, 2 * d_model)
-        self.gate = nn.Linear(2 * d_model, d_model)
+        if recursive and fusion == "gate":
+            self.gate = nn.Linear(2 * d_model, d_model)
 
 
 class DFMamba(nn.Module):
@@ -175,7 +179,10 @@ class DFMamba(nn.Module):
             d_state=d_state, expand=expand, d_conv=d_conv, dt_max=dt_max, bidirectional=bidirectional, backend=backend
         )
         n_sets = 1 if share_weights else depth + 1
-        self.scales = nn.ModuleList(_Scale(d_model, mamba_kwargs, coarsen, hidden or d_model) for _ in range(n_sets))
+        self.scales = nn.ModuleList(
+            _Scale(d_model, mamba_kwargs, coarsen, fusion, hidden or d_model, recursive=depth > 0)
+            for _ in range(n_sets)
+        )
 
     def alpha(self, k: int) -> float:
         """Time-step scale at depth ``k``."""

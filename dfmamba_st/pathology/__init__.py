@@ -1,0 +1,77 @@
+"""Computational pathology: DF-Mamba image classification over Hilbert-ordered 16×16 patch tokens.
+
+Images become sequences of patch tokens along a 2-D Hilbert curve (:mod:`.tokens`); :class:`DFMambaClassifier`
+runs DF-Mamba over them, mean-pools and classifies. It is trained on small crops and applied with the same weights
+to larger fields (256 → 1024 tokens). :mod:`.data` reads BACH-style image folders with stain-robust augmentation,
+:mod:`.train` is the train/evaluate entry point, :mod:`.plot` draws saliency and gate maps, and :mod:`.synthetic`
+generates a task whose class depends on large-scale arrangement only.
+
+Examples
+--------
+>>> import torch
+>>> from dfmamba_st.pathology import DFMambaClassifier
+>>> model = DFMambaClassifier(n_classes=4, d_model=16, depth=2, d_state=4)
+>>> model(torch.rand(1, 3, 64, 64)).shape
+torch.Size([1, 4])
+"""
+
+from .data import (
+    BACH_CLASSES,
+    CropBatches,
+    ImageSet,
+    colour_jitter,
+    eval_batches,
+    hed_jitter,
+    list_image_folder,
+    load_image,
+    load_image_folder,
+    random_dihedral,
+    stratified_split,
+)
+from .model import DFMambaClassifier, count_parameters
+from .plot import gate_map, plot_saliency, saliency_map
+from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, make_synthetic_image
+from .tokens import PatchEmbedding, check_image_size, patch_order, patchify, token_cells, tokens_to_grid, unpatchify
+from .train import (
+    classification_loss,
+    evaluate,
+    evaluate_resolutions,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
+
+__all__ = [
+    "BACH_CLASSES",
+    "SYNTHETIC_CLASSES",
+    "CropBatches",
+    "DFMambaClassifier",
+    "ImageSet",
+    "PatchEmbedding",
+    "check_image_size",
+    "classification_loss",
+    "colour_jitter",
+    "count_parameters",
+    "eval_batches",
+    "evaluate",
+    "evaluate_resolutions",
+    "gate_map",
+    "hed_jitter",
+    "list_image_folder",
+    "load_classifier",
+    "load_image",
+    "load_image_folder",
+    "make_synthetic_dataset",
+    "make_synthetic_image",
+    "patch_order",
+    "patchify",
+    "plot_saliency",
+    "random_dihedral",
+    "saliency_map",
+    "save_classifier",
+    "stratified_split",
+    "token_cells",
+    "tokens_to_grid",
+    "train_classifier",
+    "unpatchify",
+]

@@ -1,0 +1,437 @@
+"""Image folders (BACH layout), stratified splits, crops and stain-robust augmentation.
+
+A data set on disk is one sub-folder per class holding the images, as in the BACH challenge download
+(``ICIAR2018_BACH_Challenge/Photos/{Normal,Benign,InSitu,Invasive}/*.tif``). Images are read once with PIL,
+resized to a square working resolution (the paper: 512×512) and kept in memory as uint8 (n, 3, H, W).
+Training batches are random crops (the paper: 256×256 = 256 tokens) with flips/rotations by 90° and
+stain jitter in the haematoxylin–eosin–DAB (HED) colour space; evaluation batches are centre crops or full
+fields, without augmentation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BACH_CLASSES",
+    "IMAGE_EXTENSIONS",
+    "CropBatches",
+    "ImageSet",
+    "center_crop",
+    "colour_jitter",
+    "eval_batches",
+    "hed_jitter",
+    "list_image_folder",
+    "load_image",
+    "load_image_folder",
+    "random_dihedral",
+    "stratified_split",
+]
+
+BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+# Optical-density vectors of haematoxylin, eosin and DAB (Ruifrok & Johnston 2001), rows normalised.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / np.linalg.norm(_RGB_FROM_HED, axis=1, keepdims=True)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+@dataclass
+class ImageSet:
+    """Images in memory with their labels.
+
+    Attributes
+    ----------
+    images
+        (n, 3, H, W) uint8 RGB.
+    labels
+        (n,) int64 class indices.
+    class_names
+        Name of every class index.
+    paths
+        Source file of every image (empty for generated images).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    paths: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> ImageSet:
+        """The images at ``index`` (a new :class:`ImageSet`; arrays are copied)."""
+        index = np.asarray(index)
+        paths = [self.paths[i] for i in index] if self.paths else []
+        return ImageSet(self.images[index], self.labels[index], self.class_names, paths)
+
+
+def list_image_folder(
+    root: str | Path, classes: Sequence[str] | None = None
+) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """Find the images of an ImageFolder-style directory (one sub-folder per class).
+
+    Parameters
+    ----------
+    root
+        The directory holding the class folders.
+    classes
+        Class folder names in label order. By default the BACH order (Normal, Benign, InSitu, Invasive) when
+        those four folders exist, otherwise every sub-folder that holds images, sorted by name.
+
+    Returns
+    -------
+    ``(paths, labels, class_names)``, paths sorted within each class.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from dfmamba_st.pathology.data import list_image_folder
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("Normal", "Benign", "InSitu", "Invasive"):
+    ...     (root / name).mkdir()
+    ...     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / name / "a.png")
+    >>> paths, labels, names = list_image_folder(root)
+    >>> names, labels.tolist()
+    (('Normal', 'Benign', 'InSitu', 'Invasive'), [0, 1, 2, 3])
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder {str(root)!r} does not exist or is not a directory.")
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    if classes is None:
+        subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and images_in(p))
+        classes = BACH_CLASSES if set(BACH_CLASSES) <= set(subdirs) else tuple(subdirs)
+    classes = tuple(classes)
+    if len(classes) < 2:
+        raise ValueError(
+            f"Found {len(classes)} class folder(s) with images under {str(root)!r}; expected one sub-folder per class "
+            f"(e.g. {', '.join(BACH_CLASSES)}) holding {'/'.join(IMAGE_EXTENSIONS)} files."
+        )
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        folder = root / name
+        found = images_in(folder) if folder.is_dir() else []
+        if not found:
+            raise ValueError(
+                f"Class folder {str(folder)!r} is missing or holds no image ({'/'.join(IMAGE_EXTENSIONS)})."
+            )
+        paths += found
+        labels += [label] * len(found)
+    return paths, np.asarray(labels, dtype=np.int64), classes
+
+
+def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` (side or ``(height, width)``) if given.
+
+    Examples
+    --------
+    >>> import tempfile, os
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from dfmamba_st.pathology.data import load_image
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.png")
+    >>> Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(path)
+    >>> load_image(path).shape, load_image(path, 16).shape
+    ((3, 20, 30), (3, 16, 16))
+    """
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        if size is not None:
+            height, width = (size, size) if isinstance(size, int) else size
+            img = img.resize((width, height), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_image_folder(
+    root: str | Path, *, image_size: int | tuple[int, int] = 512, classes: Sequence[str] | None = None
+) -> ImageSet:
+    """Load every image of an ImageFolder-style directory into memory at one working resolution.
+
+    Parameters
+    ----------
+    root
+        Directory with one sub-folder per class (BACH: ``.../ICIAR2018_BACH_Challenge/Photos``).
+    image_size
+        Side (or ``(height, width)``) every image is resized to; must be a multiple of the 16-px patch to be used
+        as a full field. The paper resizes BACH's 2048×1536 photographs to 512×512.
+    classes
+        Class folder names in label order (default: see :func:`list_image_folder`).
+
+    Returns
+    -------
+    An :class:`ImageSet`.
+    """
+    paths, labels, names = list_image_folder(root, classes)
+    images = np.stack([load_image(p, image_size) for p in paths])
+    return ImageSet(images, labels, names, [str(p) for p in paths])
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Sequence[float] = (0.7, 0.15, 0.15), *, seed: int = 0
+) -> list[np.ndarray]:
+    """Split indices into parts with the given fractions, class by class (the paper: 70/15/15).
+
+    Every class is shuffled with ``seed`` and cut at the rounded cumulative fractions, so each part holds about
+    the same class proportions and the split is repeatable.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology.data import stratified_split
+    >>> parts = stratified_split(np.repeat(np.arange(4), 20), seed=0)
+    >>> [len(p) for p in parts]
+    [56, 12, 12]
+    """
+    labels = np.asarray(labels)
+    fractions = np.asarray(fractions, dtype=np.float64)
+    if np.any(fractions < 0) or not math.isclose(float(fractions.sum()), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {fractions.tolist()}.")
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in fractions]
+    cuts = np.cumsum(fractions)
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        bounds = np.round(cuts * len(idx)).astype(int)
+        start = 0
+        for k, stop in enumerate(bounds):
+            parts[k] += idx[start:stop].tolist()
+            start = stop
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def center_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
+    """Central ``size × size`` window of (..., H, W) images."""
+    height, width = images.shape[-2:]
+    if size > height or size > width:
+        raise ValueError(f"Crop size {size} is larger than the images ({height}×{width}).")
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply one of the 8 flips/rotations by 90° to every image of a square batch (batch, C, S, S), independently.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology.data import random_dihedral
+    >>> random_dihedral(torch.rand(3, 3, 8, 8), torch.Generator().manual_seed(0)).shape
+    torch.Size([3, 3, 8, 8])
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError("random_dihedral needs square images (rotations by 90° change the shape otherwise).")
+    ops = torch.randint(0, 8, (x.shape[0],), generator=generator).tolist()
+    out = []
+    for img, op in zip(x, ops):
+        img = torch.rot90(img, op % 4, dims=(-2, -1))
+        out.append(img.flip(-1) if op >= 4 else img)
+    return torch.stack(out)
+
+
+def hed_jitter(
+    x: torch.Tensor, sigma: float = 0.05, bias: float = 0.02, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Stain augmentation: scale and shift the H, E and DAB concentrations of every image at random.
+
+    Pixels are turned into optical density ``-log10(I)``, unmixed into stain concentrations with the
+    Ruifrok–Johnston vectors, each stain is multiplied by ``U(1 - sigma, 1 + sigma)`` and shifted by
+    ``U(-bias, bias)`` (one draw per image and stain), and mixed back.
+
+    Parameters
+    ----------
+    x
+        (batch, 3, H, W) RGB floats in [0, 1].
+    sigma, bias
+        Strength of the multiplicative and additive perturbation.
+    generator
+        Random generator.
+
+    Returns
+    -------
+    The augmented batch in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology.data import hed_jitter
+    >>> x = torch.rand(2, 3, 4, 4)
+    >>> torch.allclose(hed_jitter(x, sigma=0.0, bias=0.0), x, atol=1e-3)
+    True
+    """
+    eps = 1.0 / 255.0
+    b = x.shape[0]
+    m = torch.as_tensor(_RGB_FROM_HED, dtype=x.dtype, device=x.device)
+    m_inv = torch.as_tensor(_HED_FROM_RGB, dtype=x.dtype, device=x.device)
+    od = -torch.log10(x.clamp(min=eps))  # (b, 3, H, W)
+    conc = torch.einsum("bchw,cs->bshw", od, m_inv)
+    scale = 1.0 + sigma * (2.0 * torch.rand(b, 3, 1, 1, generator=generator) - 1.0)
+    shift = bias * (2.0 * torch.rand(b, 3, 1, 1, generator=generator) - 1.0)
+    conc = conc * scale.to(x) + shift.to(x)
+    od = torch.einsum("bshw,sc->bchw", conc, m)
+    out = torch.pow(10.0, -od)
+    # keep pixels that were saturated at the low end where they were
+    return torch.where(x <= eps, x, out).clamp(0.0, 1.0)
+
+
+def colour_jitter(
+    x: torch.Tensor,
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+    saturation: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random brightness, contrast and saturation factors ``U(1 - s, 1 + s)`` per image; (batch, 3, H, W) in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology.data import colour_jitter
+    >>> x = torch.rand(2, 3, 4, 4)
+    >>> torch.allclose(colour_jitter(x, 0.0, 0.0, 0.0), x)
+    True
+    """
+    b = x.shape[0]
+
+    def factor(strength: float) -> torch.Tensor:
+        return (1.0 + strength * (2.0 * torch.rand(b, 1, 1, 1, generator=generator) - 1.0)).to(x)
+
+    x = x * factor(brightness)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * factor(contrast) + mean
+    grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+    x = (x - grey) * factor(saturation) + grey
+    return x.clamp(0.0, 1.0)
+
+
+class CropBatches:
+    """Training batches: random square crops of in-memory images, with augmentation, reshuffled every epoch.
+
+    ``CropBatches(...)(epoch)`` yields ``(images, labels)`` with images (batch, 3, crop, crop) float32 in [0, 1];
+    every image is used once per epoch (the last batch may be smaller). The crops and augmentation of an epoch
+    depend only on ``seed`` and ``epoch``, so training is repeatable and resumable. Pass the instance as
+    ``train_data`` to :func:`dfmamba_st.core.fit` with ``steps_per_epoch=len(batches)``.
+
+    Parameters
+    ----------
+    images
+        (n, 3, H, W) uint8.
+    labels
+        (n,) class indices.
+    crop
+        Crop side in pixels (``None``: whole images).
+    batch_size
+        Images per batch.
+    augment
+        Flips/rotations by 90°, HED stain jitter and colour jitter.
+    hed_sigma, hed_bias, jitter
+        Strength of the stain and colour jitter.
+    seed
+        Seed of the crops, order and augmentation.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology.data import CropBatches
+    >>> batches = CropBatches(np.zeros((5, 3, 64, 64), np.uint8), np.arange(5) % 2, crop=32, batch_size=2)
+    >>> len(batches), [tuple(x.shape) for x, _ in batches(0)]
+    (3, [(2, 3, 32, 32), (2, 3, 32, 32), (1, 3, 32, 32)])
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        *,
+        crop: int | None = 256,
+        batch_size: int = 16,
+        augment: bool = True,
+        hed_sigma: float = 0.05,
+        hed_bias: float = 0.02,
+        jitter: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape (n, 3, H, W), got {images.shape}.")
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"Need as many labels as images (and at least one), got {len(images)} and {len(labels)}.")
+        if crop is not None and (crop > images.shape[2] or crop > images.shape[3]):
+            raise ValueError(f"crop={crop} is larger than the images ({images.shape[2]}×{images.shape[3]}).")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.crop = crop
+        self.batch_size = batch_size
+        self.augment = augment
+        self.hed_sigma = hed_sigma
+        self.hed_bias = hed_bias
+        self.jitter = jitter
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __call__(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of ``epoch`` (a generator)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        order = rng.permutation(len(self.labels))
+        n, _, height, width = self.images.shape
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.crop is None:
+                batch = self.images[idx]
+            else:
+                tops = rng.integers(0, height - self.crop + 1, len(idx))
+                lefts = rng.integers(0, width - self.crop + 1, len(idx))
+                batch = np.stack(
+                    [self.images[i, :, t : t + self.crop, s : s + self.crop] for i, t, s in zip(idx, tops, lefts)]
+                )
+            x = torch.from_numpy(batch).float().div_(255.0)
+            if self.augment:
+                if x.shape[-1] == x.shape[-2]:
+                    x = random_dihedral(x, gen)
+                x = hed_jitter(x, self.hed_sigma, self.hed_bias, gen)
+                x = colour_jitter(x, self.jitter, self.jitter, self.jitter, gen)
+            yield x, torch.from_numpy(self.labels[idx])
+
+
+def eval_batches(
+    images: np.ndarray, labels: np.ndarray, *, batch_size: int = 16, crop: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Evaluation batches without augmentation: full fields, or centre crops of side ``crop``.
+
+    Returns a generator of ``(images, labels)``, images float32 in [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology.data import eval_batches
+    >>> [tuple(x.shape) for x, _ in eval_batches(np.zeros((3, 3, 64, 64), np.uint8), np.zeros(3), crop=32)]
+    [(3, 3, 32, 32)]
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    for start in range(0, len(labels), batch_size):
+        batch = images[start : start + batch_size]
+        if crop is not None:
+            batch = center_crop(batch, crop)
+        yield (
+            torch.from_numpy(np.ascontiguousarray(batch)).float().div_(255.0),
+            torch.from_numpy(labels[start : start + batch_size]),
+        )

@@ -1,0 +1,248 @@
+"""Where the classifier looks: gradient saliency (gradient × input, SmoothGrad) and DF-Mamba gate maps on the image."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from .tokens import check_image_size, tokens_to_grid
+
+__all__ = ["gate_map", "plot_saliency", "saliency_map"]
+
+Method = Literal["grad_input", "smoothgrad", "gate"]
+
+
+def _as_batch(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(3, H, W) uint8 / float in [0, 1] (array or tensor) → (1, 3, H, W) float32 on ``device``."""
+    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    if x.ndim != 3:
+        raise ValueError(f"image must have shape (3, H, W), got {tuple(x.shape)}.")
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x.unsqueeze(0).to(device)
+
+
+def _display(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    x = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    x = x.transpose(1, 2, 0)
+    return x if x.dtype == np.uint8 else np.clip(x, 0.0, 1.0)
+
+
+def _normalise(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def saliency_map(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    target: int | None = None,
+    method: Literal["grad_input", "smoothgrad"] = "grad_input",
+    n_samples: int = 16,
+    noise: float = 0.1,
+    seed: int = 0,
+) -> tuple[np.ndarray, int]:
+    """Pixel saliency of one image for one class, normalised to [0, 1].
+
+    Parameters
+    ----------
+    model
+        A classifier taking (batch, 3, H, W) images in [0, 1] (e.g. :class:`~dfmamba_st.pathology.DFMambaClassifier`).
+    image
+        (3, H, W) uint8 or float in [0, 1].
+    target
+        Class whose logit is explained (default: the predicted class).
+    method
+        ``"grad_input"``: ``Σ_c |∂logit/∂x_c · (x_c - mean_c)|`` on the normalised input;
+        ``"smoothgrad"``: ``Σ_c |∂logit/∂x_c|`` averaged over ``n_samples`` copies with Gaussian noise of standard
+        deviation ``noise`` (the paper's choice).
+    n_samples, noise, seed
+        SmoothGrad settings.
+
+    Returns
+    -------
+    ``(saliency, target)``: (H, W) float map in [0, 1] and the explained class.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology import DFMambaClassifier, saliency_map
+    >>> model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    >>> sal, cls = saliency_map(model, torch.rand(3, 32, 32))
+    >>> sal.shape, bool(0.0 <= sal.min() <= sal.max() <= 1.0)
+    ((32, 32), True)
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = _as_batch(image, device)
+    with torch.no_grad():
+        pred = int(model(x).argmax(-1))
+    target = pred if target is None else int(target)
+    mean = getattr(model, "pixel_mean", torch.zeros(1, 1, 1)).to(device)
+    try:
+        if method == "grad_input":
+            xg = x.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
+            sal = (grad * (x - mean)).abs().sum(1)[0]
+        elif method == "smoothgrad":
+            gen = torch.Generator().manual_seed(seed)
+            sal = torch.zeros(x.shape[-2:], device=device)
+            for _ in range(n_samples):
+                xn = (x + noise * torch.randn(x.shape, generator=gen).to(device)).requires_grad_(True)
+                (grad,) = torch.autograd.grad(model(xn)[0, target], xn)
+                sal += grad.abs().sum(1)[0] / n_samples
+        else:
+            raise ValueError(f"method must be 'grad_input' or 'smoothgrad', got {method!r}.")
+    finally:
+        model.train(was_training)
+    return _normalise(sal.detach().cpu().numpy()), target
+
+
+@torch.no_grad()
+def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, depth: int = 0) -> np.ndarray:
+    """DF-Mamba's fusion gate at recursion ``depth`` on the patch grid (0 = local, 1 = global).
+
+    The gate of depth ``k`` has one value per coarse token, and coarse token ``i`` summarises the fine tokens
+    ``i·2^k … (i+1)·2^k − 1`` of the Hilbert sequence; each patch gets the value of the coarse token that holds it.
+
+    Parameters
+    ----------
+    model
+        A :class:`~dfmamba_st.pathology.DFMambaClassifier` with ``depth >= 1``.
+    image
+        (3, H, W) uint8 or float in [0, 1].
+    depth
+        Recursion depth ``k``, ``0 <= k < model depth``.
+
+    Returns
+    -------
+    (H / patch, W / patch) float array in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology import DFMambaClassifier, gate_map
+    >>> model = DFMambaClassifier(4, d_model=8, depth=2, d_state=2)
+    >>> gate_map(model, torch.rand(3, 64, 64), depth=1).shape
+    (4, 4)
+    """
+    was_training = model.training
+    model.eval()
+    x = _as_batch(image, next(model.parameters()).device)
+    _, aux = model.forward_with_aux(x)
+    model.train(was_training)
+    if not aux.gates:
+        raise ValueError("This model has no fusion gates (depth 0, fusion='add', or a sequence shorter than min_len).")
+    if not 0 <= depth < len(aux.gates):
+        raise ValueError(f"depth must be in 0..{len(aux.gates) - 1} for this model and image size, got {depth}.")
+    rows, cols = check_image_size(x.shape[2], x.shape[3], model.patch_size)
+    g = aux.gates[depth][0].cpu().numpy()
+    fine = np.repeat(g, 2**depth)[: rows * cols]
+    return tokens_to_grid(fine, rows, cols)
+
+
+def plot_saliency(
+    model: nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    method: Method = "grad_input",
+    target: int | None = None,
+    depth: int = 0,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "inferno",
+    title: str | None = None,
+    ax=None,
+    show: bool | None = None,
+    return_fig: bool = False,
+    **saliency_kwargs,
+):
+    """Overlay a saliency map (or a gate map) on the image.
+
+    Parameters
+    ----------
+    model
+        The classifier.
+    image
+        (3, H, W) uint8 or float in [0, 1].
+    method
+        ``"grad_input"``, ``"smoothgrad"`` (see :func:`saliency_map`) or ``"gate"`` (:func:`gate_map` at ``depth``).
+    target
+        Class to explain (gradient methods; default the predicted class).
+    depth
+        Recursion depth of the gate map.
+    class_names
+        Names for the title.
+    alpha, cmap
+        Opacity and colour map of the overlay.
+    title
+        Axes title (default: method, class and probability).
+    ax
+        Matplotlib axes to draw into (default: a new figure).
+    show
+        Call ``plt.show()``; default: when neither ``ax`` nor ``return_fig`` is given.
+    return_fig
+        Return the figure.
+    **saliency_kwargs
+        Passed to :func:`saliency_map` (``n_samples``, ``noise``, ``seed``).
+
+    Returns
+    -------
+    The figure if ``return_fig``, the axes if ``show`` is false, otherwise ``None``.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import torch
+    >>> from dfmamba_st.pathology import DFMambaClassifier, plot_saliency
+    >>> model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    >>> fig = plot_saliency(model, torch.rand(3, 32, 32), show=False, return_fig=True)
+    >>> len(fig.axes)
+    2
+    """
+    import matplotlib.pyplot as plt
+
+    device = next(model.parameters()).device
+    x = _as_batch(image, device)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), -1)[0].cpu().numpy()
+    height, width = x.shape[-2:]
+    if method == "gate":
+        heat = gate_map(model, image, depth=depth)
+        label = f"gate, depth {depth}"
+        shown_class = int(probs.argmax())
+        vmin, vmax = 0.0, 1.0
+    else:
+        heat, shown_class = saliency_map(model, image, target=target, method=method, **saliency_kwargs)
+        label = "gradient × input" if method == "grad_input" else "SmoothGrad"
+        vmin, vmax = 0.0, 1.0
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 5))
+    else:
+        fig = ax.figure
+    ax.imshow(_display(image))
+    im = ax.imshow(
+        heat,
+        cmap=cmap,
+        alpha=alpha,
+        vmin=vmin,
+        vmax=vmax,
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+        interpolation="nearest",
+    )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    name = class_names[shown_class] if class_names is not None else f"class {shown_class}"
+    ax.set_title(title if title is not None else f"{label}: {name} (p = {probs[shown_class]:.2f})", fontsize=9)
+    ax.set_axis_off()
+    if show is None:
+        show = not return_fig and ax is None
+    if show:
+        plt.show()
+    if return_fig:
+        return fig
+    return None if show else ax

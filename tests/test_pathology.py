@@ -1,0 +1,314 @@
+"""Tests of dfmamba_st.pathology: tokens, classifier, synthetic task, data loading, training, saliency."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfmamba_st.pathology import (
+    BACH_CLASSES,
+    CropBatches,
+    DFMambaClassifier,
+    check_image_size,
+    evaluate,
+    gate_map,
+    hed_jitter,
+    load_classifier,
+    load_image_folder,
+    make_synthetic_dataset,
+    make_synthetic_image,
+    patch_order,
+    patchify,
+    plot_saliency,
+    save_classifier,
+    stratified_split,
+    token_cells,
+    train_classifier,
+    unpatchify,
+)
+from dfmamba_st.pathology.train import main as train_main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI machine is small and shared: more threads than cores makes these tests many times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(depth: int = 2, **kw) -> DFMambaClassifier:
+    torch.manual_seed(0)
+    return DFMambaClassifier(4, d_model=16, depth=depth, d_state=4, **kw)
+
+
+# --- classifier ----------------------------------------------------------------------------------------------------
+
+
+def test_default_classifier_size_and_shapes():
+    torch.manual_seed(0)
+    model = DFMambaClassifier(n_classes=4).eval()
+    n = sum(p.numel() for p in model.parameters())
+    assert 600_000 <= n <= 1_200_000, n
+    assert model.n_parameters() == n  # every parameter is used when depth > 0
+    with torch.no_grad():
+        for side in (256, 512):
+            logits = model(torch.rand(1, 3, side, side))
+            assert logits.shape == (1, 4)
+            assert torch.isfinite(logits).all()
+
+
+def test_same_weights_any_token_count_and_batch_shapes():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for h, w in ((64, 64), (128, 128), (64, 128), (16, 16)):
+            assert model(torch.rand(3, 3, h, w)).shape == (3, 4)
+
+
+def test_flat_baseline_builds_only_the_mamba_block():
+    flat = tiny_model(depth=0)
+    deep = tiny_model(depth=2)
+    assert flat.n_parameters() < deep.n_parameters()
+    assert not any(name in n for n, _ in flat.named_parameters() for name in ("encoder", "decoder", "gate"))
+
+
+def test_bad_image_size_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+        model(torch.rand(1, 3, 250, 256))
+    with pytest.raises(ValueError, match="multiples of the patch size 16"):
+        patchify(torch.rand(1, 3, 64, 70))
+    with pytest.raises(ValueError, match="batch, 3, H, W"):
+        model(torch.rand(3, 64, 64))
+    assert check_image_size(512, 256) == (32, 16)
+
+
+# --- tokens --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", [4, 16, 32])
+def test_tokens_follow_hilbert_curve_on_power_of_two_grid(side):
+    cells = token_cells(side, side)
+    assert len(np.unique(cells[:, 0] * side + cells[:, 1])) == side * side  # a permutation
+    steps = np.abs(np.diff(cells, axis=0)).sum(1)
+    assert np.all(steps == 1), "consecutive tokens must be 4-neighbour patches"
+    assert tuple(cells[0]) == (0, 0)
+
+
+def test_patchify_tokens_are_the_patches_in_curve_order_and_unshuffle():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 256, 256)
+    tokens = patchify(x)
+    assert tokens.shape == (2, 256, 3 * 16 * 16)
+    cells = token_cells(16, 16)
+    for i in (0, 1, 17, 128, 255):
+        r, c = cells[i]
+        patch = x[:, :, 16 * r : 16 * r + 16, 16 * c : 16 * c + 16].reshape(2, -1)
+        assert torch.equal(tokens[:, i], patch)
+    # neighbours along the sequence are neighbouring patches: their pixels touch
+    assert torch.equal(unpatchify(tokens, 256, 256), x)
+    # non-square grid round trip (Hilbert on the enclosing power-of-two square)
+    y = torch.rand(1, 3, 48, 80)
+    assert torch.equal(unpatchify(patchify(y), 48, 80), y)
+    assert sorted(patch_order(3, 5).tolist()) == list(range(15))
+
+
+def test_embedding_order_matches_patchify():
+    model = tiny_model()
+    x = torch.rand(1, 3, 64, 64)
+    direct = model.embed.proj(x).flatten(2).transpose(1, 2)[0]  # row-major
+    emb = model.embed(x)[0]
+    ref = model.embed.norm(direct[torch.as_tensor(patch_order(4, 4))])
+    assert torch.allclose(emb, ref, atol=1e-6)
+
+
+# --- synthetic task ------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_is_seeded_balanced_and_uint8():
+    x1, y1 = make_synthetic_dataset(5, 64, seed=3)
+    x2, y2 = make_synthetic_dataset(5, 64, seed=3)
+    x3, _ = make_synthetic_dataset(5, 64, seed=4)
+    assert x1.shape == (20, 3, 64, 64) and x1.dtype == np.uint8
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    assert np.bincount(y1).tolist() == [5, 5, 5, 5]
+    assert len(set(y1[:8].tolist())) > 1  # shuffled, not sorted by class
+
+
+def test_synthetic_local_statistics_do_not_give_the_class_away():
+    n = 16
+    x, y = make_synthetic_dataset(n, 256, seed=0)
+    # fraction of dark "nuclei" pixels and mean colour of every image: class means agree up to sampling noise
+    stats = np.concatenate([(x.mean(1) < 100).mean(axis=(1, 2))[:, None], x.reshape(len(y), 3, -1).mean(-1)], 1)
+    per_class = np.stack([stats[y == k].mean(0) for k in range(4)])
+    standard_error = stats.std(0) / np.sqrt(n)
+    assert np.all(np.abs(per_class - stats.mean(0)) < 3.5 * standard_error), (per_class, standard_error)
+
+
+def test_synthetic_organisation_rules():
+    from dfmamba_st.pathology.synthetic import _cell_types
+
+    def agreement(types):  # fraction of 4-neighbour cell pairs with the same texture
+        return np.concatenate([(types[1:] == types[:-1]).ravel(), (types[:, 1:] == types[:, :-1]).ravel()]).mean()
+
+    rng = np.random.default_rng(0)
+    mean_agreement = []
+    for label in range(4):
+        draws = [_cell_types(label, 9, 11, rng) for _ in range(20)]
+        assert all(abs(int(t.sum()) - 99 / 2) <= 1 for t in draws), "every image holds half of each texture"
+        mean_agreement.append(np.mean([agreement(t) for t in draws]))
+    alternating, mixed, clustered, segregated = mean_agreement
+    assert alternating == 0.0
+    assert 0.4 < mixed < 0.6 < clustered < segregated - 0.05
+    img = make_synthetic_image(3, (64, 96), rng=rng, jitter=0.0, p_empty=0.0, noise=0.0)
+    assert img.shape == (3, 64, 96)
+    with pytest.raises(ValueError, match="label"):
+        make_synthetic_image(7, 64, rng=0)
+    with pytest.raises(ValueError, match="n_per_class"):
+        make_synthetic_dataset(0, 64)
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_training_loss_falls():
+    # a tiny model fits a handful of synthetic images: the cross-entropy must fall well below chance (ln 4 = 1.39)
+    x, y = make_synthetic_dataset(2, 64, seed=0)
+    model = tiny_model(depth=2)
+    result = train_classifier(
+        model, (x, y), crop=None, epochs=80, batch_size=8, lr=1e-2, augment=False, patience=None, progress=False
+    )
+    ce = [row["ce"] for row in result.history]
+    assert ce[0] > 1.2 and ce[-1] < 0.7, ce
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    out = evaluate(model, x, y)
+    assert out["n_tokens"] == 16 and out["confusion"].sum() == len(y)
+    assert out["accuracy"] >= 0.75
+
+
+def test_crop_batches_are_repeatable_and_augmented():
+    x, y = make_synthetic_dataset(2, 64, seed=0)
+    batches = CropBatches(x, y, crop=32, batch_size=3, seed=1)
+    a = [b for b, _ in batches(0)]
+    b = [b for b, _ in batches(0)]
+    c = [b for b, _ in batches(1)]
+    assert len(a) == len(batches) == 3
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == (3, 3, 32, 32) and 0.0 <= float(a[0].min()) and float(a[0].max()) <= 1.0
+    with pytest.raises(ValueError, match="crop"):
+        CropBatches(x, y, crop=128)
+
+
+def test_hed_jitter_identity_and_change():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) * 0.9 + 0.05
+    assert torch.allclose(hed_jitter(x, 0.0, 0.0), x, atol=1e-4)
+    assert not torch.allclose(hed_jitter(x, 0.2, 0.05, torch.Generator().manual_seed(0)), x, atol=1e-3)
+
+
+def test_stratified_split_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(4), 25)
+    parts = stratified_split(labels, (0.7, 0.15, 0.15), seed=0)
+    assert sum(len(p) for p in parts) == 100
+    assert len(np.unique(np.concatenate(parts))) == 100
+    for p in parts:
+        counts = np.bincount(labels[p], minlength=4)
+        assert counts.max() - counts.min() <= 1
+    with pytest.raises(ValueError, match="sum to 1"):
+        stratified_split(labels, (0.5, 0.2))
+
+
+# --- image folder --------------------------------------------------------------------------------------------------
+
+
+def _write_folder(root, size=(40, 48)):
+    colours = {}
+    for k, name in enumerate(BACH_CLASSES):
+        (root / name).mkdir(parents=True)
+        for j in range(2):
+            colour = (30 * k + 10, 200 - 20 * j, 60 * k)
+            Image.fromarray(np.full((*size, 3), colour, np.uint8)).save(root / name / f"img{j}.png")
+            colours[(k, j)] = colour
+    (root / "Normal" / "notes.txt").write_text("not an image")
+    return colours
+
+
+def test_image_folder_loader_reads_pngs(tmp_path):
+    colours = _write_folder(tmp_path)
+    data = load_image_folder(tmp_path, image_size=32)
+    assert data.class_names == BACH_CLASSES
+    assert data.images.shape == (8, 3, 32, 32) and data.images.dtype == np.uint8
+    assert data.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert len(data.paths) == 8 and data.paths[2].endswith("Benign/img0.png")
+    for i, (k, j) in enumerate([(k, j) for k in range(4) for j in range(2)]):
+        assert tuple(data.images[i, :, 5, 5]) == colours[(k, j)]
+    sub = data.subset(np.array([1, 7]))
+    assert sub.labels.tolist() == [0, 3] and len(sub.paths) == 2
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_image_folder(tmp_path / "missing")
+    (tmp_path / "OnlyOne").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "OnlyOne" / "a.png")
+    with pytest.raises(ValueError, match="one sub-folder per class"):
+        load_image_folder(tmp_path)
+
+
+def test_train_entry_point_and_save_load(tmp_path):
+    summary = train_main(
+        [
+            "--synthetic",
+            "--n-per-class", "5",
+            "--image-size", "64",
+            "--crop", "32",
+            "--epochs", "1",
+            "--d-model", "8",
+            "--depth", "1",
+            "--d-state", "2",
+            "--batch-size", "8",
+            "--out", str(tmp_path / "run"),
+        ]
+    )  # fmt: skip
+    assert set(summary["accuracy"]) == {"4", "16"}  # 32 px crop = 4 tokens, 64 px field = 16 tokens
+    model = load_classifier(tmp_path / "run")
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 4)
+    again = save_classifier(model, tmp_path / "again")
+    assert (again / "model.safetensors").exists()
+
+
+# --- plots ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["grad_input", "smoothgrad", "gate"])
+def test_saliency_plot_returns_figure(method):
+    import matplotlib.pyplot as plt
+
+    model = tiny_model()
+    image = make_synthetic_image(2, 64, rng=0)
+    kwargs = {"n_samples": 2} if method == "smoothgrad" else {}
+    fig = plot_saliency(model, image, method=method, show=False, return_fig=True, **kwargs)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert len(fig.axes[0].images) == 2  # the image and the overlay
+    _, ax = plt.subplots()
+    assert plot_saliency(model, image, method=method, ax=ax, show=False) is ax
+    plt.close("all")
+
+
+def test_gate_map_shape_and_range():
+    model = tiny_model(depth=2)
+    g = gate_map(model, torch.rand(3, 64, 64), depth=1)
+    assert g.shape == (4, 4) and float(g.min()) >= 0.0 and float(g.max()) <= 1.0
+    with pytest.raises(ValueError, match="depth"):
+        gate_map(model, torch.rand(3, 64, 64), depth=5)
+    with pytest.raises(ValueError, match="no fusion gates"):
+        gate_map(tiny_model(depth=0), torch.rand(3, 64, 64))
