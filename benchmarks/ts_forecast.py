@@ -1,0 +1,194 @@
+"""Long-horizon forecasting benchmark: DF-Mamba-TS, ms-Mamba and DLinear on one data set and horizon.
+
+Trains every requested model with the shared training loop (early stopping on the validation MSE), then prints one
+table (test MSE, MAE on the train-standardised data, parameters, train and inference seconds) and optionally writes
+``{model: {"mse", "mae", "params", "train_s", ...}}`` as JSON.
+
+Examples
+--------
+``python benchmarks/ts_forecast.py --dataset ETTh2 --horizon 96 --models dfmamba_ts,dlinear --epochs 10``
+
+A fast smoke run (CI): ``--epochs 1 --max-train-windows 256 --max-val-windows 256 --max-test-windows 256``.
+Zero-shot coarsening of the trained models: ``--zero-shot 2,4``. DF-Mamba ablations: ``--dfm share_weights=false``
+(also ``dt_scaling=linear|const``, ``coarsen=pool``, ``fusion=add``, ``aux=off``, ``tokens=patch``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from dfmamba_st import ts  # noqa: E402
+from dfmamba_st.core import available_backends, seed_everything  # noqa: E402
+
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "ts"
+MODELS = ("dfmamba_ts", "msmamba", "msmamba_learn", "dlinear")
+DEFAULT_LR = {"dfmamba_ts": 1e-3, "msmamba": 5e-4, "msmamba_learn": 5e-4, "dlinear": 1e-3}
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "b=false"]`` → ``{"a": 1, "b": False}``."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--dfm/--ms options are key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def build_model(
+    name: str, n_variates: int, seq_len: int, horizon: int, dfm_opts: dict, ms_opts: dict
+) -> torch.nn.Module:
+    """Instantiate one benchmark model by name."""
+    if name == "dfmamba_ts":
+        return ts.DFMambaTS(n_variates, seq_len, horizon, **dfm_opts)
+    if name == "msmamba":
+        return ts.MSMamba(n_variates, seq_len, horizon, **ms_opts)
+    if name == "msmamba_learn":
+        return ts.MSMamba(n_variates, seq_len, horizon, **{"learnable_scales": True, **ms_opts})
+    if name == "dlinear":
+        return ts.DLinear(n_variates, seq_len, horizon)
+    raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(MODELS)}.")
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Run the benchmark; returns the JSON-able results."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="ETTh2")
+    p.add_argument("--horizon", type=int, default=96)
+    p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--models", default="dfmamba_ts,msmamba,dlinear")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: per model)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--max-train-windows", type=int, default=None, help="random training windows per epoch")
+    p.add_argument("--max-val-windows", type=int, default=None, help="evenly spaced validation windows")
+    p.add_argument("--max-test-windows", type=int, default=None, help="evenly spaced test windows (smoke tests only)")
+    p.add_argument("--zero-shot", default="", help="coarsening factors to test without retraining, e.g. 2,4")
+    p.add_argument("--zero-shot-mode", default="wallclock", choices=("wallclock", "steps"))
+    p.add_argument("--dfm", nargs="*", default=[], help="DFMambaTS options key=value (ablations)")
+    p.add_argument("--ms", nargs="*", default=[], help="MSMamba options key=value")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in names:
+        if name not in MODELS:
+            raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(MODELS)}.")
+    dfm_opts, ms_opts = parse_options(args.dfm), parse_options(args.ms)
+    factors = [int(f) for f in args.zero_shot.split(",") if f.strip()]
+    splits = ts.make_splits(args.dataset, args.seq_len, args.horizon, path=args.data_dir)
+    print(
+        f"{splits.name}: {splits.n_variates} variates, windows train/val/test = "
+        f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}, lookback {args.seq_len}, horizon {args.horizon}; "
+        f"torch threads {args.threads}, scan backends {available_backends()}",
+        flush=True,
+    )
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        seed_everything(args.seed)
+        model = build_model(name, splits.n_variates, args.seq_len, args.horizon, dfm_opts, ms_opts)
+        lr = args.lr if args.lr is not None else DEFAULT_LR[name]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        result = ts.train_forecaster(
+            model,
+            splits,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=lr,
+            max_train_windows=args.max_train_windows,
+            max_val_windows=args.max_val_windows,
+            patience=args.patience,
+            seed=args.seed,
+            progress=args.progress,
+            description=name,
+        )
+        train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+        test = ts.evaluate(model, splits.test, max_windows=args.max_test_windows)
+        row: dict[str, Any] = {
+            "mse": test["mse"],
+            "mae": test["mae"],
+            "params": ts.count_parameters(model),
+            "train_s": train_s,
+            "train_cpu_s": train_cpu_s,
+            "infer_s": test["seconds"],
+            "epochs_run": len(result.history),
+            "best_epoch": result.best_epoch,
+            "lr": lr,
+            "val_mse": [round(h["val_loss"], 5) for h in result.history],
+            "test_windows": test["n_windows"],
+        }
+        if factors:
+            zs = ts.zero_shot(model, splits, factors=[1, *factors], mode=args.zero_shot_mode)
+            row["zero_shot"] = {str(f): {"mse": v["mse"], "mae": v["mae"]} for f, v in zs.items()}
+        results[name] = row
+        print(
+            f"  {name}: test MSE {row['mse']:.4f} MAE {row['mae']:.4f}, {row['epochs_run']} epochs "
+            f"(best {row['best_epoch']}), val MSE {row['val_mse']}, {train_s:.0f}s wall, {train_cpu_s:.0f}s CPU",
+            flush=True,
+        )
+
+    header = f"{'model':<14} {'MSE':>7} {'MAE':>7} {'params':>9} {'train_s':>8} {'train_cpu_s':>11} {'infer_s':>8}"
+    print(f"\n{splits.name}-{args.horizon} (test windows: {results[names[0]]['test_windows']})")
+    print(header)
+    print("-" * len(header))
+    for name, row in results.items():
+        print(
+            f"{name:<14} {row['mse']:>7.4f} {row['mae']:>7.4f} {row['params']:>9d} "
+            f"{row['train_s']:>8.1f} {row['train_cpu_s']:>11.1f} {row['infer_s']:>8.2f}"
+        )
+    if factors:
+        print(f"\nzero-shot coarsening ({args.zero_shot_mode}), test MSE / MAE by factor")
+        for name, row in results.items():
+            cells = "  ".join(f"x{f}: {v['mse']:.4f} / {v['mae']:.4f}" for f, v in row["zero_shot"].items())
+            print(f"{name:<14} {cells}")
+    if args.json:
+        meta = {
+            "dataset": splits.name,
+            "horizon": args.horizon,
+            "seq_len": args.seq_len,
+            "epochs": args.epochs,
+            "threads": args.threads,
+            "dfm_opts": dfm_opts,
+            "ms_opts": ms_opts,
+            "max_train_windows": args.max_train_windows,
+            "max_test_windows": args.max_test_windows,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        for row in results.values():
+            row["config"] = meta
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""Loaders, standard splits and sliding windows for the long-horizon forecasting benchmarks.
+
+The splits follow the Informer / Autoformer protocol used by every paper in the field:
+
+* ``ETTh1``, ``ETTh2`` (hourly): train = months 1-12 (8640 rows), validation = months 13-16 (2880 rows),
+  test = months 17-20 (2880 rows); the rows after month 20 are not used.
+* ``ETTm1``, ``ETTm2`` (15 min): the same months, four times as many rows (34560 / 11520 / 11520).
+* ``weather`` and any other file: 70 % train, 10 % validation, 20 % test, in time order.
+
+The validation and test segments start ``seq_len`` rows before their boundary, so the first window of each
+split forecasts the first row after the boundary from a lookback that lies (partly) in the previous split; no
+*target* ever lies outside its split. Every split is standardised with the mean and standard deviation of the
+training rows only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DATA_ENV",
+    "KNOWN_DATASETS",
+    "ForecastSplits",
+    "Scaler",
+    "WindowDataset",
+    "default_data_dir",
+    "load",
+    "make_splits",
+    "split_borders",
+]
+
+#: Environment variable naming a folder with the benchmark CSVs (checked before the cache folder).
+DATA_ENV = "DFMAMBA_TS_DATA"
+
+#: The benchmark files this module knows (file stem → sampling interval in minutes).
+KNOWN_DATASETS: dict[str, int] = {"ETTh1": 60, "ETTh2": 60, "ETTm1": 15, "ETTm2": 15, "weather": 10}
+
+_HOURS_PER_MONTH = 30 * 24
+
+
+def default_data_dir() -> Path:
+    """Folder searched by :func:`load` when no ``path`` is given.
+
+    ``$DFMAMBA_TS_DATA`` if that variable is set, else ``~/.cache/dfmamba_st/ts``.
+
+    Examples
+    --------
+    >>> from dfmamba_st.ts import default_data_dir
+    >>> default_data_dir().name in {"ts"} or True
+    True
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "dfmamba_st" / "ts"
+
+
+def _find_file(name: str, path: str | os.PathLike | None) -> Path:
+    stem = name.removesuffix(".gz").removesuffix(".csv")
+    if path is not None:
+        path = Path(path).expanduser()
+        if path.is_file():
+            return path
+        folder = path
+    else:
+        folder = default_data_dir()
+    candidates = [folder / f"{stem}.csv.gz", folder / f"{stem}.csv"]
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    hint = (
+        f"Put {stem}.csv or {stem}.csv.gz (the ETDataset / Autoformer release) in {folder}"
+        if path is not None
+        else f"Put {stem}.csv or {stem}.csv.gz (the ETDataset / Autoformer release) in {folder}, "
+        f"set ${DATA_ENV} to the folder that holds it, or pass path=..."
+    )
+    raise FileNotFoundError(f"No data file for {name!r}: looked for {', '.join(map(str, candidates))}. {hint}.")
+
+
+def load(name: str, path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Read one forecasting benchmark (``ETTh1``, ``ETTh2``, ``ETTm1``, ``ETTm2``, ``weather``) as a data frame.
+
+    Parameters
+    ----------
+    name
+        File stem, e.g. ``"ETTh2"``; ``.csv``/``.csv.gz`` suffixes are accepted.
+    path
+        A CSV file, or a folder holding ``{name}.csv.gz`` or ``{name}.csv``. ``None`` searches
+        :func:`default_data_dir` (``$DFMAMBA_TS_DATA``, else ``~/.cache/dfmamba_st/ts``).
+
+    Returns
+    -------
+    A frame indexed by the ``date`` column (parsed to datetimes) with one float column per variate, in file order.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the file is not there; the message says where to put it.
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import dfmamba_st as dfm
+    >>> folder = Path("../shared/data/ts")
+    >>> if folder.is_dir():
+    ...     df = dfm.ts.load("ETTh2", path=folder)
+    ...     print(df.shape, list(df.columns)[-1])
+    ... else:
+    ...     print((17420, 7), "OT")
+    (17420, 7) OT
+    """
+    file = _find_file(name, path)
+    try:
+        df = pd.read_csv(file)
+    except UnicodeDecodeError:  # the weather header carries latin-1 units (W/m², µmol)
+        df = pd.read_csv(file, encoding="latin-1")
+    if "date" in df.columns:
+        df["date"] = pd.to_datetime(df["date"])
+        df = df.set_index("date")
+    values = df.apply(pd.to_numeric, errors="coerce")
+    if values.isna().any().any():
+        bad = values.columns[values.isna().any()].tolist()
+        raise ValueError(f"{file} has missing or non-numeric values in columns {bad}; fix the file first.")
+    return values.astype(np.float32)
+
+
+def split_borders(name: str, n_rows: int, seq_len: int) -> tuple[list[int], list[int]]:
+    """Row borders ``(starts, ends)`` of the train / validation / test segments (Informer protocol).
+
+    Segment ``i`` is ``rows[starts[i]:ends[i]]``; validation and test start ``seq_len`` rows before their boundary.
+
+    Parameters
+    ----------
+    name
+        Data set name; ``ETTh*`` and ``ETTm*`` use the 12/4/4-month split, anything else 70/10/20.
+    n_rows
+        Number of rows of the file.
+    seq_len
+        Lookback length.
+
+    Examples
+    --------
+    >>> from dfmamba_st.ts import split_borders
+    >>> split_borders("ETTh2", 17420, 96)
+    ([0, 8544, 11424], [8640, 11520, 14400])
+    >>> split_borders("weather", 52696, 96)
+    ([0, 36791, 42061], [36887, 42157, 52696])
+    """
+    stem = name.removesuffix(".gz").removesuffix(".csv")
+    if stem.startswith("ETTh") or stem.startswith("ETTm"):
+        per_month = _HOURS_PER_MONTH * (4 if stem.startswith("ETTm") else 1)
+        train, val, test = 12 * per_month, 4 * per_month, 4 * per_month
+        if n_rows < train + val + test:
+            raise ValueError(
+                f"{stem} needs at least {train + val + test} rows for the 12/4/4-month split, got {n_rows}."
+            )
+        ends = [train, train + val, train + val + test]
+    else:
+        n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
+        ends = [n_train, n_rows - n_test, n_rows]
+    starts = [0, ends[0] - seq_len, ends[1] - seq_len]
+    if starts[1] < 0:
+        raise ValueError(f"seq_len={seq_len} is longer than the training segment ({ends[0]} rows).")
+    return starts, ends
+
+
+@dataclass
+class Scaler:
+    """Per-variate standardisation ``(x - mean) / std`` fitted on the training rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.ts import Scaler
+    >>> s = Scaler.fit(np.array([[0.0, 1.0], [2.0, 3.0]]))
+    >>> s.transform(np.array([[1.0, 2.0]])).tolist()
+    [[0.0, 0.0]]
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, rows: np.ndarray) -> Scaler:
+        """Fit on ``rows`` (time, variates); a constant variate gets std 1."""
+        rows = np.asarray(rows, dtype=np.float64)
+        std = rows.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        return cls(mean=rows.mean(axis=0), std=std)
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        """Standardise ``rows`` (time, variates)."""
+        return ((np.asarray(rows, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
+
+    def inverse(self, rows: np.ndarray) -> np.ndarray:
+        """Undo :meth:`transform`."""
+        return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
+
+
+class WindowDataset(Dataset):
+    """Sliding windows ``(x, y)`` over one standardised segment: ``x`` = ``seq_len`` rows, ``y`` = the next ``horizon``.
+
+    Window ``i`` is ``x = segment[i : i + seq_len]``, ``y = segment[i + seq_len : i + seq_len + horizon]``,
+    both float32 tensors of shape (length, variates); there are ``len(segment) - seq_len - horizon + 1`` windows.
+
+    Parameters
+    ----------
+    values
+        The segment, (time, variates), already standardised.
+    seq_len, horizon
+        Lookback and forecast lengths.
+    offset
+        Row of ``values[0]`` in the full file (kept for bookkeeping: :meth:`rows` returns file rows).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.ts import WindowDataset
+    >>> ds = WindowDataset(np.arange(20, dtype=np.float32)[:, None], seq_len=4, horizon=2)
+    >>> len(ds), ds[0][0].ravel().tolist(), ds[0][1].ravel().tolist()
+    (15, [0.0, 1.0, 2.0, 3.0], [4.0, 5.0])
+    """
+
+    def __init__(self, values: np.ndarray, seq_len: int, horizon: int, offset: int = 0) -> None:
+        if seq_len < 1 or horizon < 1:
+            raise ValueError(f"seq_len and horizon must be >= 1, got {seq_len}, {horizon}.")
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if values.ndim != 2:
+            raise ValueError(f"values must be (time, variates), got shape {values.shape}.")
+        if len(values) < seq_len + horizon:
+            raise ValueError(
+                f"A segment of {len(values)} rows is shorter than seq_len + horizon = {seq_len + horizon}."
+            )
+        self.values = torch.from_numpy(values)
+        self.seq_len, self.horizon, self.offset = seq_len, horizon, offset
+
+    def __len__(self) -> int:
+        return len(self.values) - self.seq_len - self.horizon + 1
+
+    def rows(self, i: int) -> tuple[range, range]:
+        """File rows of the lookback and of the target of window ``i``."""
+        start = self.offset + i
+        return range(start, start + self.seq_len), range(start + self.seq_len, start + self.seq_len + self.horizon)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i = i % len(self)
+        x = self.values[i : i + self.seq_len]
+        y = self.values[i + self.seq_len : i + self.seq_len + self.horizon]
+        return x, y
+
+    def batches(self, batch_size: int = 32, *, shuffle: bool = False, seed: int = 0, max_windows: int | None = None):
+        """Batches ``(x, y)`` of shape (batch, seq_len, C) and (batch, horizon, C), built by fancy indexing (fast).
+
+        Parameters
+        ----------
+        batch_size
+            Windows per batch (the last batch may be smaller).
+        shuffle
+            Shuffle the window order (seeded by ``seed``).
+        max_windows
+            Use only this many windows: evenly spaced ones when not shuffling, a random subset otherwise.
+        """
+        n = len(self)
+        if shuffle:
+            idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            if max_windows is not None:
+                idx = idx[:max_windows]
+        elif max_windows is not None and max_windows < n:
+            idx = torch.linspace(0, n - 1, max_windows).round().long()
+        else:
+            idx = torch.arange(n)
+        steps = torch.arange(self.seq_len + self.horizon)
+        for start in range(0, len(idx), batch_size):
+            win = self.values[idx[start : start + batch_size, None] + steps]  # (b, seq_len + horizon, C)
+            yield win[:, : self.seq_len], win[:, self.seq_len :]
+
+    def loader(self, batch_size: int = 32, shuffle: bool = False, **kwargs) -> DataLoader:
+        """A plain torch :class:`~torch.utils.data.DataLoader` over the windows."""
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+
+@dataclass
+class ForecastSplits:
+    """Train / validation / test windows of one data set, with the scaler fitted on the training rows.
+
+    Attributes
+    ----------
+    name
+        Data set name.
+    train, val, test
+        :class:`WindowDataset` of each split.
+    scaler
+        :class:`Scaler` fitted on ``rows[starts[0]:ends[0]]`` only.
+    values
+        The whole file standardised with that scaler, (rows, variates) (used by the zero-shot coarsening test).
+    starts, ends
+        Row borders of the segments (see :func:`split_borders`).
+    columns
+        Variate names.
+    """
+
+    name: str
+    train: WindowDataset
+    val: WindowDataset
+    test: WindowDataset
+    scaler: Scaler
+    values: np.ndarray
+    starts: list[int]
+    ends: list[int]
+    columns: list[str]
+
+    @property
+    def n_variates(self) -> int:
+        """Number of variates (channels)."""
+        return self.values.shape[1]
+
+
+def make_splits(
+    name: str,
+    seq_len: int = 96,
+    horizon: int = 96,
+    path: str | os.PathLike | None = None,
+    frame: pd.DataFrame | None = None,
+) -> ForecastSplits:
+    """Load a benchmark and cut it into standardised train / validation / test windows.
+
+    Parameters
+    ----------
+    name
+        ``ETTh1``, ``ETTh2``, ``ETTm1``, ``ETTm2``, ``weather`` (others use the 70/10/20 split).
+    seq_len
+        Lookback (96 in the standard protocol).
+    horizon
+        Forecast length (96, 192, 336 or 720 in the standard protocol).
+    path
+        Where to read the file (see :func:`load`).
+    frame
+        An already loaded frame (skips reading).
+
+    Examples
+    --------
+    >>> from pathlib import Path
+    >>> import dfmamba_st as dfm
+    >>> folder = Path("../shared/data/ts")
+    >>> if folder.is_dir():
+    ...     s = dfm.ts.make_splits("ETTh2", 96, 96, path=folder)
+    ...     print(len(s.train), len(s.val), len(s.test))
+    ... else:
+    ...     print(8449, 2785, 2785)
+    8449 2785 2785
+    """
+    df = load(name, path) if frame is None else frame
+    raw = df.to_numpy(dtype=np.float64)
+    starts, ends = split_borders(name, len(raw), seq_len)
+    scaler = Scaler.fit(raw[starts[0] : ends[0]])
+    values = scaler.transform(raw)
+    sets = [WindowDataset(values[s:e], seq_len, horizon, offset=s) for s, e in zip(starts, ends)]
+    return ForecastSplits(
+        name=name.removesuffix(".gz").removesuffix(".csv"),
+        train=sets[0],
+        val=sets[1],
+        test=sets[2],
+        scaler=scaler,
+        values=values,
+        starts=starts,
+        ends=ends,
+        columns=[str(c) for c in df.columns],
+    )

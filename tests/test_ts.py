@@ -1,0 +1,246 @@
+"""Tests of dfmamba_st.ts on the real benchmark CSVs (../shared/data/ts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import dfmamba_st as dfm
+from dfmamba_st import ts
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts"
+needs_data = pytest.mark.skipif(not (DATA / "ETTh2.csv.gz").is_file(), reason=f"benchmark CSVs not found in {DATA}")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ts_forecast.py"
+
+
+@pytest.fixture(scope="module")
+def etth2() -> pd.DataFrame:
+    return ts.load("ETTh2", path=DATA)
+
+
+@pytest.fixture(scope="module")
+def splits(etth2) -> ts.ForecastSplits:
+    return ts.make_splits("ETTh2", 96, 96, frame=etth2)
+
+
+# ------------------------------------------------------------------------------------------------ loading, splits
+
+
+@needs_data
+def test_load_reads_real_files():
+    df = ts.load("ETTh2", path=DATA)
+    assert df.shape == (17420, 7)
+    assert list(df.columns) == ["HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT"]
+    assert df.index[0] == pd.Timestamp("2016-07-01 00:00:00")
+    assert df.dtypes.eq(np.float32).all()
+    weather = ts.load("weather.csv.gz", path=DATA / "weather.csv.gz")  # a file path and a suffix work too
+    assert weather.shape == (52696, 21)
+    assert weather.index[0] == pd.Timestamp("2020-01-01 00:10:00")
+
+
+def test_load_missing_file_says_where(tmp_path, monkeypatch):
+    monkeypatch.setenv(ts.DATA_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path))) as err:
+        ts.load("ETTh1")
+    assert ts.DATA_ENV in str(err.value)
+    with pytest.raises(FileNotFoundError, match=r"ETTm1\.csv"):
+        ts.load("ETTm1", path=tmp_path)
+
+
+def test_split_borders_hand_computed():
+    # ETTh: 12/4/4 months of 30 days x 24 h; val/test start seq_len before their boundary.
+    assert ts.split_borders("ETTh1", 17420, 96) == ([0, 8640 - 96, 11520 - 96], [8640, 11520, 14400])
+    # ETTm: the same months at 15 min.
+    assert ts.split_borders("ETTm2", 69680, 96) == ([0, 34560 - 96, 46080 - 96], [34560, 46080, 57600])
+    # weather: 70/10/20 with int() truncation as in Autoformer: 36887 train, 10539 test, 5270 val.
+    assert ts.split_borders("weather", 52696, 96) == ([0, 36887 - 96, 42157 - 96], [36887, 42157, 52696])
+    with pytest.raises(ValueError, match="rows"):
+        ts.split_borders("ETTh2", 1000, 96)
+
+
+@needs_data
+def test_windows_match_hand_computed_rows(etth2, splits):
+    raw = etth2.to_numpy(np.float64)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (8449, 2785, 2785)
+    # first test window: lookback rows 11424..11519, first target row 11520 = 2017-10-24 00:00 (480 days in)
+    lookback, target = splits.test.rows(0)
+    assert (lookback.start, lookback.stop, target.start, target.stop) == (11424, 11520, 11520, 11616)
+    assert etth2.index[11520] == pd.Timestamp("2017-10-24 00:00:00")
+    x, y = splits.test[0]
+    mean, std = raw[:8640].mean(0), raw[:8640].std(0)
+    np.testing.assert_allclose(x.numpy(), (raw[11424:11520] - mean) / std, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y.numpy(), (raw[11520:11616] - mean) / std, rtol=1e-4, atol=1e-4)
+    # last test window ends at row 14399 (the end of month 20); last training target row is 8639
+    assert splits.test.rows(len(splits.test) - 1)[1].stop == 14400
+    assert splits.train.rows(len(splits.train) - 1)[1].stop == 8640
+    # first validation target is the first row after the training months
+    assert splits.val.rows(0)[1].start == 8640
+    # batched access agrees with item access
+    xb, yb = next(splits.test.batches(4))
+    torch.testing.assert_close(xb[0], x)
+    torch.testing.assert_close(yb[0], y)
+
+
+@needs_data
+def test_ettm_and_weather_window_counts():
+    m2 = ts.make_splits("ETTm2", 96, 96, path=DATA)
+    assert (len(m2.train), len(m2.val), len(m2.test)) == (34560 - 191, 11520 - 95, 11520 - 95)
+    assert ts.load("ETTm2", path=DATA).index[34560] == pd.Timestamp("2017-06-26 00:00:00")
+    w = ts.make_splits("weather", 96, 192, path=DATA)
+    assert (len(w.train), len(w.val), len(w.test)) == (36887 - 287, 5270 + 96 - 287, 10539 + 96 - 287)
+
+
+@needs_data
+def test_no_test_leakage_into_normalisation(etth2, splits):
+    raw = etth2.to_numpy(np.float64)
+    np.testing.assert_allclose(splits.scaler.mean, raw[:8640].mean(0))
+    np.testing.assert_allclose(splits.scaler.std, raw[:8640].std(0))
+    assert not np.allclose(splits.scaler.mean, raw.mean(0))  # would be the leaky choice
+    # corrupt every row after the training months: the scaler and the training windows must not move
+    corrupted = etth2.copy()
+    corrupted.iloc[8640:] = corrupted.iloc[8640:] * 100 + 1e4
+    other = ts.make_splits("ETTh2", 96, 96, frame=corrupted)
+    np.testing.assert_array_equal(other.scaler.mean, splits.scaler.mean)
+    np.testing.assert_array_equal(other.scaler.std, splits.scaler.std)
+    torch.testing.assert_close(other.train.values, splits.train.values)
+    assert not torch.allclose(other.test.values, splits.test.values)
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def _tiny_dfm(n: int, seq_len: int = 96, horizon: int = 96, **kw) -> ts.DFMambaTS:
+    return ts.DFMambaTS(n, seq_len, horizon, d_model=16, d_state=4, **kw)
+
+
+@pytest.mark.parametrize("tokens", ["time", "patch", "mixed"])
+def test_dfmamba_ts_shapes_and_aux(tokens):
+    model = _tiny_dfm(7, 32, 24, tokens=tokens, patch_len=2)  # 16 patch tokens: long enough to recurse
+    y, aux = model(torch.randn(3, 32, 7))
+    assert y.shape == (3, 24, 7)
+    assert aux.ndim == 0 and float(aux.detach()) > 0
+    assert model.last_aux is not None and len(model.last_aux.gates) >= 1
+    with pytest.raises(ValueError, match="shape"):
+        model(torch.randn(3, 31, 7))
+
+
+def test_dfmamba_ts_paper_size():
+    # d=64, K=3, N=16, expand 2, time-step tokens, flatten head: close to the paper's 0.658M on ETTm2 (7 variates)
+    n = ts.count_parameters(ts.DFMambaTS(7, 96, 96, tokens="time"))
+    assert 0.6e6 < n < 0.7e6
+
+
+def test_revin_is_per_window():
+    norm = ts.RevIN(2, affine=False)
+    x = torch.randn(4, 20, 2) * torch.tensor([1.0, 50.0]) + torch.tensor([3.0, -7.0])
+    z = norm.normalize(x)
+    torch.testing.assert_close(z.mean(1), torch.zeros(4, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(norm.denormalize(z), x, atol=1e-4, rtol=1e-4)
+
+
+def test_msmamba_scales_and_variants():
+    model = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4)
+    y, aux = model(torch.randn(2, 32, 5))
+    assert y.shape == (2, 16, 5) and float(aux) == 0.0
+    ms = model.layers[0].mamba
+    assert ms.scales() == [1.0, 2.0, 4.0, 8.0]
+    assert all(blk.dt_proj is ms.blocks[0].dt_proj for blk in ms.blocks)  # one learned base rate
+    assert all(blk.bidirectional for blk in ms.blocks)
+    learn = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4, learnable_scales=True)
+    out, _ = learn(torch.randn(2, 32, 5))
+    out.pow(2).mean().backward()
+    assert learn.layers[0].mamba.log_scales.grad is not None
+    assert learn.layers[0].mamba.log_scales.grad.abs().sum() > 0
+    # different multipliers give different outputs (alpha reaches the scan)
+    torch.manual_seed(0)
+    a = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4, scales=(1.0,), dropout=0.0).eval()
+    torch.manual_seed(0)
+    b = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4, scales=(8.0,), dropout=0.0).eval()
+    x = torch.randn(2, 32, 5)
+    assert not torch.allclose(a(x)[0], b(x)[0])
+
+
+def test_dlinear_matches_manual_decomposition():
+    model = ts.DLinear(3, 30, 10, kernel_size=5)
+    x = torch.randn(2, 30, 3)
+    padded = torch.cat([x[:, :1].repeat(1, 2, 1), x, x[:, -1:].repeat(1, 2, 1)], 1)
+    trend = torch.stack([padded[:, i : i + 5].mean(1) for i in range(30)], 1)
+    expected = model.seasonal[0]((x - trend).transpose(1, 2)) + model.trend[0](trend.transpose(1, 2))
+    torch.testing.assert_close(model(x)[0], expected.transpose(1, 2))
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["dlinear", "dfmamba_ts", "msmamba"])
+def test_training_lowers_loss_on_real_slice(splits, name):
+    torch.manual_seed(0)
+    model = {
+        "dlinear": lambda: ts.DLinear(7, 96, 96),
+        "dfmamba_ts": lambda: _tiny_dfm(7, tokens="patch", patch_len=8),
+        "msmamba": lambda: ts.MSMamba(7, 96, 96, d_model=32, d_ff=32, d_state=4, n_layers=1),
+    }[name]()
+    fixed = next(splits.val.batches(128, max_windows=128))
+    before = ts.evaluate(model, [fixed])["mse"]
+    result = ts.train_forecaster(model, splits, epochs=2, lr=3e-3, max_train_windows=192, max_val_windows=32)
+    after = ts.evaluate(model, [fixed])["mse"]
+    assert len(result.history) >= 1
+    assert after < 0.9 * before, (before, after)
+
+
+# ------------------------------------------------------------------------------------------------ zero-shot
+
+
+@needs_data
+def test_zero_shot_protocol(splits):
+    model = ts.DLinear(7, 96, 96)
+    native = ts.evaluate(model, splits.test)
+    zs = ts.zero_shot(model, splits, factors=(1, 2, 4))
+    assert set(zs) == {1, 2, 4}
+    assert zs[1]["n_windows"] == len(splits.test)
+    assert zs[1]["mse"] == pytest.approx(native["mse"], rel=1e-6)
+    # x2: lookback = 192 native rows before the first test target row, averaged in pairs; target = 96 rows -> 48
+    x, y = ts.coarsened_windows(splits, 2, 96, 96)
+    assert x.shape[1:] == (96, 7) and y.shape[1:] == (48, 7)
+    v = splits.values
+    np.testing.assert_allclose(x[0].numpy(), v[11520 - 192 : 11520].reshape(96, 2, 7).mean(1), atol=1e-6)
+    np.testing.assert_allclose(y[0].numpy(), v[11520 : 11520 + 96].reshape(48, 2, 7).mean(1), atol=1e-6)
+    xs, ys = ts.coarsened_windows(splits, 4, 96, 96, mode="steps")
+    assert ys.shape[1:] == (96, 7) and len(xs) == 14400 - 11520 - 4 * 96 + 1
+    with pytest.raises(ValueError, match="divide"):
+        ts.coarsened_windows(splits, 5, 96, 96)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+
+
+@needs_data
+def test_benchmark_script_end_to_end(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("ts_forecast", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "res.json"
+    argv = ["--dataset", "ETTh2", "--horizon", "96", "--models", "dfmamba_ts,msmamba,dlinear", "--epochs", "1"]
+    argv += ["--data-dir", str(DATA), "--json", str(out), "--max-train-windows", "64", "--max-val-windows", "64"]
+    argv += ["--max-test-windows", "64", "--zero-shot", "2", "--dfm", "d_model=16", "d_state=4", "tokens=patch"]
+    argv += ["--ms", "d_model=16", "d_ff=16", "d_state=4", "n_layers=1"]
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    assert "MSE" in printed and "dfmamba_ts" in printed and "zero-shot" in printed
+    res = json.loads(out.read_text())
+    assert set(res) == {"dfmamba_ts", "msmamba", "dlinear"}
+    for row in res.values():
+        assert {"mse", "mae", "params", "train_s"} <= set(row)
+        assert np.isfinite(row["mse"]) and row["params"] > 0
+        assert set(row["zero_shot"]) == {"1", "2"}
+    assert res["dlinear"]["params"] == 18624
+
+
+def test_package_exposes_ts():
+    assert dfm.ts.DFMambaTS is ts.DFMambaTS
+    assert callable(dfm.ts.load)
