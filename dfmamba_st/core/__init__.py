@@ -6,7 +6,7 @@ Nothing here knows about genes, images or calendars.
 from . import curves
 from .fractal import DFMamba, FractalAux
 from .mamba import Mamba
-from .scan import available_backends, selective_scan, selective_scan_reference
+from .scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
 from .training import TrainResult, cosine_with_warmup, fit, resolve_device, seed_everything
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "cosine_with_warmup",
     "curves",
     "fit",
+    "resolve_backend",
     "resolve_device",
     "seed_everything",
     "selective_scan",

@@ -1,0 +1,172 @@
+"""DLPFC spatial-domain benchmark: dfmamba_st's default CPU workflow against two baselines, in one run.
+
+Every job runs in a fresh process (so peak memory is its own). Prints one table:
+method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluster, or the baseline's pipeline),
+peak RSS (MB). Then zero-shot scale (model trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer
+(model trained on 151673 → 151674, against training on 151674 itself).
+
+Baselines (same clustering, a tied-covariance GMM with K = 7 on the 10 leading PCs, no refinement):
+- ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
+- ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
+
+Usage::
+
+    python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
+    python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dlpfc"
+FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _scores(adata, key: str) -> dict:
+    import dfmamba_st as dfm
+
+    row = dfm.metrics.evaluate(adata, "layer", pred_key=key).iloc[0]
+    return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
+
+
+def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int) -> dict:
+    import anndata as ad
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    import dfmamba_st as dfm
+
+    adata = ad.read_h5ad(Path(data_dir) / FILES[slice_id])
+    start = time.time()
+    if kind == "dfmamba_st":
+        dfm.pp.serialize(adata)
+        dfm.tl.embed(adata, seed=seed, progress=False)
+        dfm.tl.cluster(adata, 7, random_state=seed)
+        key = "dfm_domain"
+    else:
+        import scanpy as sc
+        from sklearn.neighbors import NearestNeighbors
+
+        work = adata.copy()
+        if work.n_vars > 3000:
+            sc.pp.highly_variable_genes(work, flavor="seurat_v3", n_top_genes=3000)
+            work = work[:, work.var["highly_variable"]].copy()
+        sc.pp.normalize_total(work, target_sum=1e4)
+        sc.pp.log1p(work)
+        sc.pp.scale(work, max_value=10)
+        pcs = sc.pp.pca(work.X, n_comps=30, random_state=seed)
+        if kind == "pca_nbmean_gmm":
+            xy = np.asarray(adata.obsm["spatial"], dtype=float)
+            _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
+            pcs = pcs[nbrs].mean(axis=1)
+        adata.obsm["X_base"] = pcs
+        dfm.tl.cluster(adata, 7, use_rep="X_base", refine=False, random_state=seed, key_added="base")
+        key = "base"
+    seconds = time.time() - start
+    return {
+        "method": kind,
+        "slice": slice_id,
+        "seed": seed,
+        **_scores(adata, key),
+        "seconds": seconds,
+        "peak_mb": _peak_mb(),
+    }
+
+
+def _extra(data_dir: str, seed: int, threads: int) -> list[dict]:
+    """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process)."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(threads)
+    import dfmamba_st as dfm
+
+    rows = []
+    native = ad.read_h5ad(Path(data_dir) / FILES["151673"])
+    dfm.pp.serialize(native)
+    model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True)
+    dfm.tl.cluster(native, 7, random_state=seed)
+    rows.append({"test": "native 151673", **_scores(native, "dfm_domain")})
+    for factor in (2, 4):
+        coarse = dfm.pp.coarsen(native, factor)
+        dfm.pp.serialize(coarse)
+        dfm.tl.embed(coarse, model=model, progress=False)
+        dfm.tl.cluster(coarse, 7, random_state=seed)
+        rows.append({"test": f"zero-shot x{factor} 151673 ({coarse.n_obs} bins)", **_scores(coarse, "dfm_domain")})
+    other = ad.read_h5ad(Path(data_dir) / FILES["151674"])
+    dfm.pp.serialize(other)
+    dfm.tl.embed(other, model=model, progress=False)
+    dfm.tl.cluster(other, 7, random_state=seed)
+    n_missing = len(other.uns["dfm"]["missing_genes"])
+    rows.append(
+        {"test": f"transfer 151673 -> 151674 ({n_missing} model genes missing)", **_scores(other, "dfm_domain")}
+    )
+    dfm.tl.embed(other, seed=seed, progress=False)
+    dfm.tl.cluster(other, 7, random_state=seed)
+    rows.append({"test": "trained on 151674 itself", **_scores(other, "dfm_domain")})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    parser.add_argument("--slices", nargs="+", default=list(FILES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    parser.add_argument("--no-extra", action="store_true", help="skip the zero-shot and transfer tests")
+    args = parser.parse_args(argv)
+
+    import pandas as pd
+
+    ctx = mp.get_context("spawn")
+    rows = []
+    for slice_id in args.slices:
+        for method in args.methods:
+            for seed in args.seeds:
+                with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    row = pool.submit(_job, method, args.data_dir, slice_id, seed, args.threads).result()
+                rows.append(row)
+                print(
+                    f"{row['method']:>15} {row['slice']} seed {seed}: ARI {row['ari']:.3f} "
+                    f"({row['seconds']:.1f} s, {row['peak_mb']:.0f} MB)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    print("\nper run")
+    print(table.round(3).to_string(index=False))
+    summary = table.groupby(["slice", "method"]).agg(
+        ari_mean=("ari", "mean"),
+        ari_min=("ari", "min"),
+        ari_max=("ari", "max"),
+        nmi_mean=("nmi", "mean"),
+        completeness_mean=("completeness", "mean"),
+        seconds_mean=("seconds", "mean"),
+        peak_mb_max=("peak_mb", "max"),
+    )
+    print(f"\nsummary over seeds {args.seeds}")
+    print(summary.round(3).to_string())
+    if not args.no_extra:
+        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            extra = pool.submit(_extra, args.data_dir, args.seeds[0], args.threads).result()
+        print(f"\nzero-shot scale and transfer (seed {args.seeds[0]})")
+        print(pd.DataFrame(extra).round(3).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

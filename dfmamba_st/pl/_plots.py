@@ -1,0 +1,249 @@
+"""Plots: fractal gates on the tissue and along the sequence, domains next to an annotation, training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = ["domains", "gates", "training"]
+
+
+def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given: bool):
+    if show is None:
+        show = not return_fig and not ax_given
+    if show:
+        plt.show()
+    if return_fig:
+        return fig
+    if show:
+        return None
+    return axes
+
+
+def _tissue(
+    adata: AnnData,
+    values: pd.Series | np.ndarray,
+    *,
+    ax: Axes,
+    title: str,
+    cmap=None,
+    palette=None,
+    vmin=None,
+    vmax=None,
+) -> None:
+    """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one)."""
+    import squidpy as sq
+
+    view = AnnData(obs=pd.DataFrame({"value": np.asarray(values)}, index=adata.obs_names), shape=(adata.n_obs, 0))
+    if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
+        view.obs["value"] = pd.Categorical(values.to_numpy(), categories=values.cat.categories)
+    view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
+    has_image = "spatial" in adata.uns and len(adata.uns["spatial"]) == 1
+    kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7)
+    if has_image:
+        view.uns["spatial"] = adata.uns["spatial"]
+        lib = next(iter(adata.uns["spatial"]))
+        images = adata.uns["spatial"][lib].get("images", {})
+        res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
+        kwargs.update(img_res_key=res, img=res is not None, img_alpha=0.5)
+        if res is None:
+            kwargs.update(shape=None, size=12)
+    else:
+        kwargs.update(shape=None, img=False, size=12)
+    if cmap is not None:
+        kwargs.update(cmap=cmap, norm=plt.Normalize(vmin, vmax))
+    if palette is not None:
+        from matplotlib.colors import ListedColormap
+
+        kwargs.update(palette=ListedColormap(list(palette)))
+    sq.pl.spatial_scatter(view, **kwargs)
+    ax.set_title(title)
+
+
+def _require(adata: AnnData, where: str, key: str, hint: str) -> None:
+    container = getattr(adata, where)
+    if key not in container:
+        raise KeyError(f"adata.{where}[{key!r}] not found: {hint}")
+
+
+def gates(
+    adata: AnnData,
+    depth: int | Sequence[int] | None = None,
+    *,
+    key: str = "X_dfm",
+    order_key: str = "dfm_order",
+    sequence: bool = True,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """The fractal gate of each depth on the tissue (0 = local view, 1 = coarse global view) and along the sequence.
+
+    Parameters
+    ----------
+    adata
+        Embedded with :func:`dfmamba_st.tl.embed` (reads ``obsm[key + '_gates']``).
+    depth
+        Depth(s) to draw; all fusing depths by default.
+    key
+        The embedding key used in :func:`~dfmamba_st.tl.embed`.
+    order_key
+        The serialization order (for the panel along the sequence).
+    sequence
+        Add a panel with the gates along the curve (rolling mean over 25 spots).
+    ax
+        Draw one depth's tissue map into this axes.
+    show
+        Show the figure (default: when neither ``ax`` nor ``return_fig`` is given).
+    return_fig
+        Return the figure.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+
+    Examples
+    --------
+    >>> import dfmamba_st as dfm  # doctest: +SKIP
+    >>> dfm.pl.gates(adata, show=False)  # doctest: +SKIP
+    """
+    _require(adata, "obsm", f"{key}_gates", "run dfm.tl.embed(adata) first.")
+    values = np.asarray(adata.obsm[f"{key}_gates"])
+    available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
+    if not available:
+        raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
+    depths = available if depth is None else ([depth] if np.isscalar(depth) else list(depth))
+    for k in depths:
+        if k not in available:
+            raise ValueError(f"depth={k} has no gate; available depths: {available}.")
+    if ax is not None:
+        _tissue(adata, values[:, depths[0]], ax=ax, title=f"gate, depth {depths[0]}", cmap="magma", vmin=0, vmax=1)
+        return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
+    n_panels = len(depths) + int(sequence)
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 4.2), squeeze=False)
+    axes = list(axes[0])
+    for a, k in zip(axes, depths):
+        _tissue(adata, values[:, k], ax=a, title=f"gate, depth {k} (0 local, 1 global)", cmap="magma", vmin=0, vmax=1)
+    if sequence:
+        a = axes[-1]
+        order = np.argsort(adata.obs[order_key].to_numpy(), kind="stable") if order_key in adata.obs else None
+        for k in depths:
+            series = pd.Series(values[order, k] if order is not None else values[:, k])
+            a.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
+        a.set_xlabel("position along the curve")
+        a.set_ylabel("gate (rolling mean)")
+        a.set_ylim(0, 1)
+        a.set_title("gates along the sequence")
+        a.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)
+
+
+def domains(
+    adata: AnnData,
+    key: str = "dfm_domain",
+    *,
+    truth_key: str | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """Spatial domains on the tissue, next to a reference annotation when ``truth_key`` is given.
+
+    Domains are coloured to match the annotation they overlap most (so a correct domain has its layer's colour).
+
+    Parameters
+    ----------
+    adata
+        Clustered with :func:`dfmamba_st.tl.cluster`.
+    key
+        ``obs`` column of the domains.
+    truth_key
+        ``obs`` column of a manual annotation to draw alongside.
+    ax
+        Draw the domains (only) into this axes.
+    show, return_fig
+        As in :func:`gates`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+    """
+    _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
+    pred = adata.obs[key].astype("category")
+    palette = None
+    truth = None
+    if truth_key is not None:
+        _require(adata, "obs", truth_key, "pass the obs column of the annotation.")
+        truth = adata.obs[truth_key].astype("category")
+        colors = plt.get_cmap("tab10" if len(truth.cat.categories) <= 10 else "tab20").colors
+        truth_palette = {c: colors[i % len(colors)] for i, c in enumerate(truth.cat.categories)}
+        table = pd.crosstab(pred, truth)
+        palette, used = {}, set()
+        for c in table.sum(axis=1).sort_values(ascending=False).index:
+            best = next((t for t in table.loc[c].sort_values(ascending=False).index if t not in used), None)
+            if best is not None and table.loc[c, best] > 0:
+                palette[c] = truth_palette[best]
+                used.add(best)
+        spare = [col for col in plt.get_cmap("Set3").colors]
+        for i, c in enumerate(c for c in pred.cat.categories if c not in palette):
+            palette[c] = spare[i % len(spare)]
+    if ax is not None:
+        _tissue(adata, pred, ax=ax, title=key, palette=palette and [palette[c] for c in pred.cat.categories])
+        return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
+    n = 2 if truth is not None else 1
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
+    axes = list(axes[0])
+    if truth is not None:
+        _tissue(adata, truth, ax=axes[0], title=truth_key, palette=[truth_palette[c] for c in truth.cat.categories])
+    _tissue(adata, pred, ax=axes[-1], title=key, palette=palette and [palette[c] for c in pred.cat.categories])
+    fig.tight_layout()
+    return _finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)
+
+
+def training(
+    adata: AnnData,
+    *,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """Loss curves of :func:`dfmamba_st.tl.embed` (total, masked-spot reconstruction, auxiliary) per epoch.
+
+    Parameters
+    ----------
+    adata
+        Embedded with :func:`dfmamba_st.tl.embed`.
+    ax, show, return_fig
+        As in :func:`gates`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+    """
+    _require(adata, "uns", "dfm", "run dfm.tl.embed(adata) first.")
+    history = adata.uns["dfm"].get("history", {})
+    if not len(history) or "train_loss" not in history:
+        raise ValueError("uns['dfm'] holds no training history (the embedding came from a pre-trained model).")
+    given = ax is not None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = ax.figure
+    epochs = np.arange(1, len(history["train_loss"]) + 1)
+    labels = {"train_loss": "total", "masked_mse": "masked-spot reconstruction", "aux": "auxiliary (DF-Mamba)"}
+    for name, label in labels.items():
+        if name in history:
+            ax.plot(epochs, np.asarray(history[name]), marker="o", ms=3, lw=1.2, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("dfm.tl.embed training")
+    ax.legend(frameon=False, fontsize=8)
+    if not given:
+        fig.tight_layout()
+    return _finish(fig, ax, show=show, return_fig=return_fig, ax_given=given)

@@ -1,0 +1,228 @@
+"""tl.cluster: spatial domains from the embedding (GMM, k-means or Leiden), optionally refined on the tissue."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from scanpy import logging as logg
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.mixture import GaussianMixture
+
+from .._utils import check_adata, check_library_key, library_indices
+from ..pp._serialize import spot_cells
+from ._features import spatial_graph
+
+__all__ = ["choose_n_clusters", "cluster", "refine_labels"]
+
+Method = Literal["gmm", "kmeans", "leiden"]
+
+
+def _prepare(rep: np.ndarray, n_comps: int | None, random_state: int) -> np.ndarray:
+    # Centred, not standardised: scaling every dimension to unit variance lifts the noise directions to the level of
+    # the signal (measured on DLPFC 151673/151674: ARI 0.54/0.58 centred vs 0.18/0.08 standardised).
+    rep = np.asarray(rep, dtype=np.float64)
+    rep = rep - rep.mean(axis=0)
+    if n_comps is not None and n_comps < min(rep.shape):
+        rep = PCA(n_comps, random_state=random_state).fit_transform(rep)
+    return rep
+
+
+def _gmm(rep: np.ndarray, k: int, random_state: int) -> GaussianMixture:
+    # "tied": one covariance shared by all clusters, the analogue of mclust's EEE model used by STAGATE/GraphST.
+    return GaussianMixture(k, covariance_type="tied", n_init=3, reg_covar=1e-4, random_state=random_state).fit(rep)
+
+
+def choose_n_clusters(rep: np.ndarray, *, k_range: range = range(2, 16), random_state: int = 0) -> tuple[int, dict]:
+    """Pick the number of domains by the BIC of a tied-covariance GMM, with a guard against over-splitting.
+
+    The BIC usually keeps falling slowly for large K on spatial data; we take the smallest K whose BIC is within
+    1 % of the BIC range of the minimum (the "elbow" of the BIC curve).
+
+    Returns
+    -------
+    ``(k, {k: bic})``.
+    """
+    k_range = [k for k in k_range if k <= rep.shape[0]]
+    bic = {k: float(_gmm(rep, k, random_state).bic(rep)) for k in k_range}
+    values = np.array(list(bic.values()))
+    tol = 0.01 * (values.max() - values.min())
+    best = min(k for k, v in bic.items() if v <= values.min() + tol)
+    return best, bic
+
+
+def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple[np.ndarray, float]:
+    import scanpy as sc
+
+    tmp = AnnData(obsm={"X_rep": rep.astype(np.float32)}, shape=(rep.shape[0], 0))
+    sc.pp.neighbors(tmp, use_rep="X_rep", n_neighbors=15, random_state=random_state)
+
+    def run(res: float) -> np.ndarray:
+        sc.tl.leiden(tmp, resolution=res, random_state=random_state, flavor="igraph", n_iterations=2, directed=False)
+        return tmp.obs["leiden"].cat.codes.to_numpy()
+
+    if n_clusters is None:
+        return run(1.0), 1.0
+    lo, hi = 0.01, 5.0
+    labels, res = run(1.0), 1.0
+    for _ in range(30):  # bisection on the resolution
+        n = labels.max() + 1
+        if n == n_clusters:
+            break
+        lo, hi = (res, hi) if n < n_clusters else (lo, res)
+        res = 0.5 * (lo + hi)
+        labels = run(res)
+    if labels.max() + 1 != n_clusters:
+        logg.warning(
+            f"Leiden found {labels.max() + 1} clusters at best (asked for {n_clusters}), resolution {res:.3g}."
+        )
+    return labels, res
+
+
+def refine_labels(labels: np.ndarray, graph: sp.csr_matrix) -> np.ndarray:
+    """Majority vote on the spatial graph.
+
+    A spot takes the most common label of its neighbourhood when more than half of its neighbours disagree with its
+    own label (the refinement of SpaGCN/GraphST, on a sparse graph).
+    """
+    labels = np.asarray(labels)
+    n_labels = int(labels.max()) + 1
+    adjacency = graph.copy().tocsr()
+    adjacency.setdiag(0)
+    adjacency.eliminate_zeros()
+    adjacency.data[:] = 1.0
+    onehot = sp.csr_matrix((np.ones(labels.size), (np.arange(labels.size), labels)), shape=(labels.size, n_labels))
+    votes = (adjacency @ onehot).toarray()
+    n_neighbours = votes.sum(axis=1)
+    own = votes[np.arange(labels.size), labels]
+    out = labels.copy()
+    switch = (n_neighbours - own) > 0.5 * n_neighbours
+    out[switch] = votes[switch].argmax(axis=1)
+    return out
+
+
+def cluster(
+    adata: AnnData,
+    n_clusters: int | None = None,
+    *,
+    method: Method = "gmm",
+    use_rep: str = "X_dfm",
+    n_comps: int | None = 10,
+    refine: bool = True,
+    library_key: str | None = None,
+    key_added: str = "dfm_domain",
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | None:
+    """Cluster the spot embedding into spatial domains.
+
+    Parameters
+    ----------
+    adata
+        Annotated data with an embedding in ``obsm[use_rep]`` (from :func:`dfmamba_st.tl.embed`).
+    n_clusters
+        Number of domains. ``None`` chooses it: for ``"gmm"``/``"kmeans"`` the smallest K in 2..15 whose
+        tied-GMM BIC is within 1 % (of the BIC range) of the best, for ``"leiden"`` resolution 1.
+    method
+        ``"gmm"`` (Gaussian mixture with one shared covariance, like mclust's EEE; no R needed), ``"kmeans"`` or
+        ``"leiden"`` (resolution searched by bisection to give ``n_clusters``).
+    use_rep
+        Embedding in ``obsm``.
+    n_comps
+        Centre the embedding and keep this many principal components before clustering (``None``: all).
+    refine
+        Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
+    library_key
+        Column of ``obs`` naming slices (the refinement graph never links two slices).
+    key_added
+        ``obs`` column for the domains.
+    random_state
+        Seed of the clustering.
+    copy
+        Work on a copy and return it.
+
+    Returns
+    -------
+    ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
+    ``adata.uns[key_added]['params']`` (and ``['bic']`` when K was chosen).
+
+    Examples
+    --------
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> dfm.pp.serialize(adata)
+    >>> dfm.tl.embed(adata, epochs=1, progress=False)  # doctest: +SKIP
+    >>> dfm.tl.cluster(adata, n_clusters=7)  # doctest: +SKIP
+    >>> adata.obs["dfm_domain"].cat.categories.size  # doctest: +SKIP
+    7
+    """
+    start = time.time()
+    check_adata(adata)
+    check_library_key(adata, library_key)
+    if use_rep not in adata.obsm:
+        raise KeyError(
+            f"obsm[{use_rep!r}] not found: run dfm.tl.embed(adata) first (or pass use_rep= an existing embedding; "
+            f"available: {list(adata.obsm)})."
+        )
+    if method not in ("gmm", "kmeans", "leiden"):
+        raise ValueError(f"Unknown method {method!r}; use 'gmm', 'kmeans' or 'leiden'.")
+    if n_clusters is not None:
+        if int(n_clusters) != n_clusters or not 1 <= n_clusters <= adata.n_obs:
+            raise ValueError(f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs}, got {n_clusters}.")
+        n_clusters = int(n_clusters)
+    rep = np.asarray(adata.obsm[use_rep])
+    if not np.all(np.isfinite(rep)):
+        raise ValueError(f"obsm[{use_rep!r}] contains NaN or inf; re-run dfm.tl.embed.")
+    rep = _prepare(rep, n_comps, random_state)
+
+    extra: dict = {}
+    if method == "leiden":
+        labels, extra["resolution"] = _leiden(rep, n_clusters, random_state)
+    else:
+        if n_clusters is None:
+            n_clusters, bic = choose_n_clusters(rep, random_state=random_state)
+            extra["bic"] = {str(k): v for k, v in bic.items()}
+            logg.info(f"    chose n_clusters={n_clusters} by the BIC of a tied-covariance GMM")
+        if method == "gmm":
+            labels = _gmm(rep, n_clusters, random_state).predict(rep)
+        else:
+            labels = KMeans(n_clusters, n_init=10, random_state=random_state).fit_predict(rep)
+    labels = _relabel(labels)
+    n_found = int(labels.max()) + 1
+    if refine:
+        cells, _ = spot_cells(adata)
+        refined = labels.copy()
+        for idx in library_indices(adata, library_key):
+            refined[idx] = refine_labels(labels[idx], spatial_graph(cells[idx] - cells[idx].min(axis=0)))
+        labels = refined
+
+    adata = adata.copy() if copy else adata
+    categories = [str(i) for i in range(n_found)]
+    adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=categories)
+    adata.uns[key_added] = {
+        "params": {
+            "n_clusters": n_clusters if n_clusters is not None else n_found,
+            "method": method,
+            "use_rep": use_rep,
+            "n_comps": n_comps,
+            "refine": refine,
+            "library_key": library_key,
+            "random_state": random_state,
+        },
+        **extra,
+    }
+    logg.info(f"    finished dfm.tl.cluster: {n_found} domains ({time.time() - start:.1f}s)")
+    return adata if copy else None
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Consecutive integer labels 0..K-1, numbered by decreasing cluster size (deterministic)."""
+    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    rank = np.empty(uniq.size, dtype=np.int64)
+    rank[np.lexsort((uniq, -counts))] = np.arange(uniq.size)
+    return rank[inverse.ravel()]

@@ -1,0 +1,176 @@
+"""Per-spot input features: counts → log-normalised HVGs → standardised → (optionally) PCA, and spatial rings.
+
+The fitted transform is kept (gene list, means, scales, loadings) so that a trained model can embed a new slice or
+coarsened data with exactly the same features (genes aligned by name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+from anndata import AnnData
+from scanpy import logging as logg
+
+__all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph"]
+
+
+def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix, bool]:
+    """The expression to use (sparse float32) and whether it looks like raw counts.
+
+    Raises a clear error for a missing layer, NaN/inf or negative values, or fewer than 2 genes.
+    """
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers; available layers: {list(adata.layers)}.")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise ValueError("adata.X is empty; pass layer= with the expression to use.")
+    X = sp.csr_matrix(X, dtype=np.float32)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if adata.n_vars < 2:
+        raise ValueError(f"The AnnData has {adata.n_vars} gene(s); at least 2 are needed.")
+    if X.nnz and not np.all(np.isfinite(X.data)):
+        raise ValueError(f"{where} contains NaN or inf values; fix or remove them before embedding.")
+    if X.nnz and X.data.min() < 0:
+        raise ValueError(
+            f"{where} contains negative values (is it already scaled?). Pass raw counts or log-normalised data."
+        )
+    is_counts = bool(X.nnz == 0 or np.all(X.data == np.round(X.data)))
+    return X, is_counts
+
+
+@dataclass
+class FeatureTransform:
+    """A fitted map from a slice's expression to per-spot feature vectors.
+
+    Attributes
+    ----------
+    genes
+        Genes used, in order.
+    mean, scale
+        Per-gene standardisation of the log-normalised expression (fitted on the training slice).
+    loadings
+        (n_genes, n_components) PCA loadings, or ``None`` to use the standardised genes themselves.
+    log_normalize
+        Whether the training input was raw counts (normalised to 10^4 per spot and log1p-transformed).
+    """
+
+    genes: list[str]
+    mean: np.ndarray
+    scale: np.ndarray
+    loadings: np.ndarray | None
+    log_normalize: bool
+
+    @property
+    def n_features(self) -> int:
+        """Width of the feature vectors."""
+        return len(self.genes) if self.loadings is None else self.loadings.shape[1]
+
+    @classmethod
+    def fit(
+        cls, adata: AnnData, *, layer: str | None, n_top_genes: int, n_pcs: int | None, seed: int
+    ) -> FeatureTransform:
+        """Choose HVGs (scanpy, seurat_v3 on counts) and fit standardisation and PCA on ``adata``."""
+        X, is_counts = expression_matrix(adata, layer)
+        genes = list(adata.var_names)
+        if n_top_genes >= adata.n_vars:
+            if n_top_genes > adata.n_vars:
+                logg.warning(
+                    f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}."
+                )
+        else:
+            tmp = AnnData(X=X, var=adata.var[[]].copy())
+            if is_counts:
+                sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top_genes)
+            else:
+                sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes)
+            genes = list(tmp.var_names[tmp.var["highly_variable"].to_numpy()])
+        logged = _log_normalize(X[:, adata.var_names.get_indexer(genes)], is_counts)
+        dense = logged.toarray()
+        mean = dense.mean(axis=0)
+        scale = dense.std(axis=0)
+        scale[scale == 0] = 1.0
+        loadings = None
+        if n_pcs is not None and n_pcs < len(genes):
+            z = np.clip((dense - mean) / scale, -10, 10)
+            n_pcs = min(n_pcs, z.shape[0] - 1)
+            loadings = sc.pp.pca(z, n_comps=n_pcs, random_state=seed, return_info=True)[1].T.astype(np.float32)
+        return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts)
+
+    def transform(self, adata: AnnData, *, layer: str | None = None) -> tuple[np.ndarray, list[str]]:
+        """Features of every spot of ``adata``; returns ``(features, missing_genes)``.
+
+        Genes are aligned by name; genes missing from ``adata`` are set to their training mean (0 after
+        standardisation) and reported.
+        """
+        X, is_counts = expression_matrix(adata, layer)
+        if is_counts != self.log_normalize:
+            kind = "raw counts" if self.log_normalize else "log-normalised values"
+            logg.warning(f"The model was trained on {kind}; this input looks different. Features may not match.")
+        position = adata.var_names.get_indexer(self.genes)
+        present = position >= 0
+        missing = [g for g, ok in zip(self.genes, present) if not ok]
+        if not present.any():
+            raise ValueError(
+                "None of the model's genes are in adata.var_names (e.g. "
+                f"{self.genes[:3]}); is the gene naming the same (symbols vs Ensembl IDs)?"
+            )
+        full = sp.csr_matrix((adata.n_obs, len(self.genes)), dtype=np.float32).tolil()
+        full[:, np.flatnonzero(present)] = X[:, position[present]]
+        logged = _log_normalize(full.tocsr(), self.log_normalize).toarray()
+        z = np.clip((logged - self.mean) / self.scale, -10, 10)
+        z[:, ~present] = 0.0
+        out = z if self.loadings is None else z @ self.loadings
+        return out.astype(np.float32), missing
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays to store in a model file."""
+        out = {"mean": self.mean, "scale": self.scale}
+        if self.loadings is not None:
+            out["loadings"] = self.loadings
+        return out
+
+    def config(self) -> dict:
+        """JSON-serialisable settings to store in a model file."""
+        return {"genes": self.genes, "log_normalize": self.log_normalize}
+
+    @classmethod
+    def from_state(cls, config: dict, arrays: dict[str, np.ndarray]) -> FeatureTransform:
+        """Rebuild from :meth:`config` and :meth:`state`."""
+        return cls(
+            list(config["genes"]), arrays["mean"], arrays["scale"], arrays.get("loadings"), config["log_normalize"]
+        )
+
+
+def _log_normalize(X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
+    if not is_counts:
+        return X
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    totals[totals == 0] = 1.0
+    return sp.csr_matrix(sp.diags(1e4 / totals) @ X).log1p()
+
+
+def spatial_graph(cells: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
+    """Row-normalised sparse graph of each spot, itself included, and its ``n_neighbors`` nearest spots.
+
+    Built with scikit-learn's k-nearest-neighbour graph on the grid cells, symmetrised (never an N×N dense matrix).
+    """
+    from sklearn.neighbors import kneighbors_graph
+
+    n = cells.shape[0]
+    if n == 1:
+        return sp.csr_matrix(np.ones((1, 1), dtype=np.float32))
+    graph = kneighbors_graph(cells.astype(np.float64), min(n_neighbors, n - 1), include_self=False)
+    graph = (graph + graph.T).sign() + sp.identity(n, format="csr")
+    degree = np.asarray(graph.sum(axis=1)).ravel()
+    return sp.csr_matrix(sp.diags(1.0 / degree) @ graph, dtype=np.float32)
+
+
+def smooth(features: np.ndarray, graph: sp.csr_matrix, hops: int) -> np.ndarray:
+    """Average ``features`` over the graph ``hops`` times (a spot and its rings of neighbours)."""
+    out = features
+    for _ in range(hops):
+        out = graph @ out
+    return np.asarray(out, dtype=np.float32)

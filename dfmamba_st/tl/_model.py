@@ -1,0 +1,164 @@
+"""The spatial DF-Mamba model: spot tokens along curves → DF-Mamba → embedding; masked-spot training; model files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..core import DFMamba
+from ._features import FeatureTransform
+
+__all__ = ["MODEL_FORMAT", "SpatialConfig", "SpatialDFMamba", "load_model", "save_model"]
+
+#: version of the model-file layout; files written by a newer layout are refused with a clear error
+MODEL_FORMAT = 1
+
+
+@dataclass
+class SpatialConfig:
+    """Everything that defines a spatial DF-Mamba model (stored as JSON in the model file)."""
+
+    n_features: int
+    d_model: int = 64
+    depth: int = 3
+    d_state: int = 16
+    expand: int = 2
+    d_conv: int = 4
+    min_len: int = 8
+    lambdas: tuple[float, float, float] = (1.0, 1.0, 0.1)
+    bidirectional: bool = True
+    hops: int = 2
+    curves: tuple[str, ...] = ("hilbert", "hilbert_t")
+    extra: dict = field(default_factory=dict)
+
+
+class SpatialDFMamba(nn.Module):
+    """Spot tokens (features of a spot and of its neighbourhood) → DF-Mamba → per-spot embedding.
+
+    Training reconstructs the tokens of masked spots from the rest of the sequence.
+
+    Parameters
+    ----------
+    config
+        The model sizes and settings.
+    features
+        The fitted feature transform (kept with the model so a new slice gets the same features).
+    """
+
+    def __init__(self, config: SpatialConfig, features: FeatureTransform | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.features = features
+        token_dim = 2 * config.n_features
+        self.embed_in = nn.Linear(token_dim, config.d_model)
+        self.mask_token = nn.Parameter(torch.zeros(config.d_model))
+        self.dfmamba = DFMamba(
+            config.d_model,
+            depth=config.depth,
+            d_state=config.d_state,
+            expand=config.expand,
+            d_conv=config.d_conv,
+            min_len=config.min_len,
+            lambdas=config.lambdas,
+            bidirectional=config.bidirectional,
+        )
+        self.head = nn.Linear(config.d_model, token_dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None):
+        """Embed ``tokens`` (batch, L, 2·n_features); masked positions (batch, L) see the mask token instead."""
+        hidden = self.embed_in(tokens)
+        if mask is not None:
+            hidden = torch.where(mask[..., None], self.mask_token.to(hidden.dtype), hidden)
+        return self.dfmamba(hidden)
+
+    def masked_loss(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean squared error of the reconstructed tokens at masked spots, plus DF-Mamba's auxiliary loss."""
+        out, aux = self(tokens, mask)
+        err = (self.head(out) - tokens).pow(2).mean(-1)
+        recon = err[mask].mean() if mask.any() else err.mean()
+        loss = recon + aux.loss
+        return loss, {"masked_mse": float(recon.detach()), "aux": float(aux.loss.detach())}
+
+
+def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
+    """Write a model as ``safetensors`` tensors with a JSON header (config, genes, versions); no pickle.
+
+    Parameters
+    ----------
+    model
+        A trained model (with its feature transform).
+    path
+        File to write (``.safetensors`` is appended when missing).
+
+    Returns
+    -------
+    The path written.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(path.suffix + ".safetensors")
+    if model.features is None:
+        raise ValueError("The model has no fitted features; train it with dfm.tl.embed first.")
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(
+        {f"features.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.features.state().items()}
+    )
+    header = {
+        "format": "dfmamba_st.spatial",
+        "format_version": str(MODEL_FORMAT),
+        "dfmamba_st_version": __version__,
+        "config": json.dumps(asdict(model.config)),
+        "features": json.dumps(model.features.config()),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=header)
+    return path
+
+
+def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> SpatialDFMamba:
+    """Read a model written by :func:`save_model` (tensors only: no code in the file is ever executed).
+
+    Raises
+    ------
+    ValueError
+        The file is not a dfmamba_st model, is truncated or corrupt, or comes from a newer, incompatible version.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No model file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable dfmamba_st model file (truncated or not safetensors): {err}"
+        ) from err
+    if header.get("format") != "dfmamba_st.spatial":
+        raise ValueError(f"{path} is a safetensors file but not a dfmamba_st spatial model (no dfmamba_st header).")
+    version = int(header.get("format_version", "0"))
+    if version > MODEL_FORMAT:
+        raise ValueError(
+            f"{path} was written by dfmamba_st {header.get('dfmamba_st_version')} (model format {version}); this is "
+            f"dfmamba_st {__version__} reading format <= {MODEL_FORMAT}. Upgrade dfmamba_st to load it."
+        )
+    config_dict = json.loads(header["config"])
+    config_dict["lambdas"] = tuple(config_dict["lambdas"])
+    config_dict["curves"] = tuple(config_dict["curves"])
+    config = SpatialConfig(**config_dict)
+    arrays = {k.removeprefix("features."): v.numpy() for k, v in tensors.items() if k.startswith("features.")}
+    features = FeatureTransform.from_state(json.loads(header["features"]), arrays)
+    model = SpatialDFMamba(config, features)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.to(device).eval()

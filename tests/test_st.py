@@ -1,0 +1,198 @@
+"""The spatial workflow on real DLPFC / HER2 data: serialize → embed → cluster → plots, model files, transfer."""
+
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import dfmamba_st as dfm
+
+matplotlib.use("Agg")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
+FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=20, n_top_genes=500, progress=False)
+
+
+def crop(adata, rows=(0, 30), cols=(0, 60)):
+    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
+    return adata[keep.to_numpy()].copy()
+
+
+@pytest.fixture(scope="module")
+def slice_673():
+    return ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151673.h5ad") if (DATA / "dlpfc").exists() else None
+
+
+@pytest.fixture(scope="module")
+def small(slice_673):
+    if slice_673 is None:
+        pytest.skip("needs ../shared/data (real DLPFC slices)")
+    return crop(slice_673)
+
+
+@needs_data
+def test_serialize_is_a_bijection_per_library_and_respects_library_key(small):
+    two = ad.concat({"a": small, "b": crop(small, rows=(0, 15))}, label="library", index_unique="-")
+    dfm.pp.serialize(two, library_key="library")
+    for lib in ("a", "b"):
+        pos = two.obs.loc[two.obs["library"] == lib, "dfm_order"].to_numpy()
+        assert np.array_equal(np.sort(pos), np.arange(pos.size))
+    assert two.uns["dfm_order"]["params"]["grid"] == "visium_grid"
+    # one library: one sequence over all spots
+    dfm.pp.serialize(small)
+    assert np.array_equal(np.sort(small.obs["dfm_order"].to_numpy()), np.arange(small.n_obs))
+
+
+@needs_data
+def test_serialized_neighbours_are_close_on_the_tissue(small):
+    dfm.pp.serialize(small)
+    xy = small.obsm["spatial"][np.argsort(small.obs["dfm_order"].to_numpy())]
+    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1)
+    random_steps = np.linalg.norm(np.diff(xy[np.random.default_rng(0).permutation(len(xy))], axis=0), axis=1)
+    assert np.median(steps) < 0.1 * np.median(random_steps)
+
+
+@needs_data
+def test_serialize_from_coordinates_only_on_her2st():
+    adata = ad.read_h5ad(DATA / "her2st" / "her2st_A1.h5ad")
+    adata.obs = adata.obs.drop(columns=[c for c in ("array_row", "array_col") if c in adata.obs])
+    dfm.pp.serialize(adata)
+    assert adata.uns["dfm_order"]["params"]["grid"] == "quantized"
+    assert np.array_equal(np.sort(adata.obs["dfm_order"].to_numpy()), np.arange(adata.n_obs))
+
+
+@needs_data
+@pytest.mark.parametrize("factor", [2, 4])
+def test_coarsen_conserves_counts_and_keeps_majority_labels(slice_673, factor):
+    coarse = dfm.pp.coarsen(slice_673, factor)
+    assert coarse.X.sum() == pytest.approx(slice_673.X.sum(), rel=1e-6)
+    assert coarse.obs["n_spots"].sum() == slice_673.n_obs
+    assert slice_673.n_obs / coarse.n_obs > factor  # bins merge several spots
+    assert set(coarse.obs["layer"].dropna().unique()) <= set(slice_673.obs["layer"].cat.categories)
+    assert list(coarse.var_names) == list(slice_673.var_names)
+    dfm.pp.serialize(coarse)
+    assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
+
+
+@needs_data
+def test_embed_writes_documented_keys_and_is_reproducible(small):
+    dfm.pp.serialize(small)
+    before = small.X.copy()
+    dfm.tl.embed(small, **FAST, seed=3)
+    emb = small.obsm["X_dfm"].copy()
+    assert emb.shape == (small.n_obs, 16) and np.isfinite(emb).all()
+    gates = small.obsm["X_dfm_gates"]
+    assert gates.shape == (small.n_obs, 2) and np.nanmin(gates) >= 0 and np.nanmax(gates) <= 1
+    uns = small.uns["dfm"]
+    assert uns["params"]["preset"] == "cpu" and uns["params"]["seed"] == 3 and uns["params"]["input"] == "counts"
+    assert len(uns["genes"]) == 500 and len(uns["history"]["train_loss"]) == 2
+    assert "torch" in uns["versions"]
+    assert (small.X != before).nnz == 0  # the counts are untouched
+    dfm.tl.embed(small, **FAST, seed=3)
+    assert np.array_equal(emb, small.obsm["X_dfm"])
+    dfm.tl.embed(small, **FAST, seed=4)
+    assert not np.array_equal(emb, small.obsm["X_dfm"])
+
+
+@needs_data
+def test_embed_detects_log_normalised_input(small):
+    import scanpy as sc
+
+    logged = small.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    dfm.pp.serialize(logged)
+    dfm.tl.embed(logged, **FAST)
+    assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["gmm", "kmeans", "leiden"])
+def test_cluster_returns_k_categories(small, method):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    dfm.tl.cluster(small, 5, method=method, key_added=f"dom_{method}")
+    col = small.obs[f"dom_{method}"]
+    assert col.dtype.name == "category" and list(col.cat.categories) == [str(i) for i in range(5)]
+    assert small.uns[f"dom_{method}"]["params"]["method"] == method
+
+
+@needs_data
+def test_cluster_chooses_k_itself_by_bic(small):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    dfm.tl.cluster(small, None)
+    bic = small.uns["dfm_domain"]["bic"]
+    k = small.uns["dfm_domain"]["params"]["n_clusters"]
+    assert 2 <= k <= 15 and str(k) in bic
+    assert small.obs["dfm_domain"].cat.categories.size == k
+
+
+def test_refinement_flips_isolated_spots_only():
+    # a 1-D chain: spot 2 is an island of label 1 inside label 0
+    rows = np.arange(5)
+    graph = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")
+    labels = np.array([0, 0, 1, 0, 0])
+    assert dfm.tl.refine_labels(labels, graph).tolist() == [0, 0, 0, 0, 0]
+    labels = np.array([0, 0, 1, 1, 1])
+    assert dfm.tl.refine_labels(labels, graph).tolist() == labels.tolist()
+    assert rows.size == 5
+
+
+@needs_data
+def test_short_training_on_151673_clearly_beats_random_labels(slice_673):
+    adata = slice_673.copy()
+    dfm.pp.serialize(adata)
+    dfm.tl.embed(adata, epochs=3, progress=False)
+    dfm.tl.cluster(adata, 7)
+    scores = dfm.metrics.evaluate(adata, "layer")
+    rng = np.random.default_rng(0)
+    adata.obs["random"] = rng.permutation(adata.obs["dfm_domain"].to_numpy())
+    random_scores = dfm.metrics.evaluate(adata, "layer", pred_key="random")
+    assert float(random_scores["ari"].iloc[0]) < 0.01
+    assert float(scores["ari"].iloc[0]) > 0.3
+
+
+@needs_data
+def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path, slice_673):
+    dfm.pp.serialize(small)
+    model = dfm.tl.embed(small, **FAST, return_model=True)
+    path = dfm.tl.save_model(model, tmp_path / "m")
+    assert path.suffix == ".safetensors"
+    loaded = dfm.tl.load_model(path)
+    again = small.copy()
+    dfm.tl.embed(again, model=loaded, progress=False)
+    assert np.allclose(again.obsm["X_dfm"], small.obsm["X_dfm"], atol=1e-5)
+    # another slice with some of the genes missing: reported, still embedded
+    other = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"))
+    dfm.pp.serialize(other)
+    dfm.tl.embed(other, model=path, progress=False)
+    assert other.obsm["X_dfm"].shape == (other.n_obs, 16)
+    genes = set(model.features.genes)
+    assert len(other.uns["dfm"]["missing_genes"]) == len(genes - set(other.var_names))
+    # coarsened input (zero-shot scale)
+    coarse = dfm.pp.coarsen(small, 2)
+    dfm.pp.serialize(coarse)
+    dfm.tl.embed(coarse, model=model, progress=False)
+    assert np.isfinite(coarse.obsm["X_dfm"]).all()
+
+
+@needs_data
+def test_plots_return_figures(small):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    dfm.tl.cluster(small, 7)
+    fig = dfm.pl.gates(small, return_fig=True, show=False)
+    assert len(fig.axes) >= 3
+    fig = dfm.pl.domains(small, truth_key="layer", return_fig=True, show=False)
+    assert len(fig.axes) >= 2
+    fig = dfm.pl.training(small, return_fig=True, show=False)
+    assert fig.axes[0].get_lines()
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots()
+    assert dfm.pl.gates(small, depth=0, ax=ax, show=False) is ax
