@@ -84,7 +84,12 @@ def test_embed_writes_documented_keys_and_is_reproducible(small):
     before = small.X.copy()
     dfm.tl.embed(small, **FAST, seed=3)
     emb = small.obsm["X_dfm"].copy()
-    assert emb.shape == (small.n_obs, 16) and np.isfinite(emb).all()
+    # readout "concat": 20 neighbourhood PCs next to the 16-wide DF-Mamba state, each block of unit total variance
+    assert emb.shape == (small.n_obs, 20 + 16) and np.isfinite(emb).all()
+    for block in (emb[:, :20], emb[:, 20:]):
+        assert np.sqrt((block**2).sum(axis=1).mean()) == pytest.approx(1.0, rel=1e-4)
+    state_only = dfm.tl.embed(small, **FAST, seed=3, readout="model", copy=True).obsm["X_dfm"]
+    assert state_only.shape == (small.n_obs, 16)
     gates = small.obsm["X_dfm_gates"]
     assert gates.shape == (small.n_obs, 2) and np.nanmin(gates) >= 0 and np.nanmax(gates) <= 1
     uns = small.uns["dfm"]
@@ -171,7 +176,7 @@ def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path
     other = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"))
     dfm.pp.serialize(other)
     dfm.tl.embed(other, model=path, progress=False)
-    assert other.obsm["X_dfm"].shape == (other.n_obs, 16)
+    assert other.obsm["X_dfm"].shape == (other.n_obs, 20 + 16)
     genes = set(model.features.genes)
     assert len(other.uns["dfm"]["missing_genes"]) == len(genes - set(other.var_names))
     # coarsened input (zero-shot scale)

@@ -7,7 +7,7 @@ from . import curves
 from .fractal import DFMamba, FractalAux
 from .mamba import Mamba
 from .scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
-from .training import TrainResult, cosine_with_warmup, fit, resolve_device, seed_everything
+from .training import TrainResult, cosine_with_warmup, count_parameters, fit, resolve_device, seed_everything
 
 __all__ = [
     "DFMamba",
@@ -16,6 +16,7 @@ __all__ = [
     "TrainResult",
     "available_backends",
     "cosine_with_warmup",
+    "count_parameters",
     "curves",
     "fit",
     "resolve_backend",

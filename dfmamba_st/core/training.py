@@ -37,6 +37,19 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters of ``model`` (a tensor shared by several modules counted once).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from dfmamba_st.core import count_parameters
+    >>> count_parameters(nn.Linear(3, 2))
+    8
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a device, failing clearly if it is absent.
 

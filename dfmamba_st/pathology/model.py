@@ -7,23 +7,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import DFMamba, FractalAux
+from ..core import DFMamba, FractalAux, count_parameters
 from .tokens import PatchEmbedding
 
 __all__ = ["DFMambaClassifier", "count_parameters"]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters of ``model``.
-
-    Examples
-    --------
-    >>> from torch import nn
-    >>> from dfmamba_st.pathology.model import count_parameters
-    >>> count_parameters(nn.Linear(3, 2))
-    8
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 class DFMambaClassifier(nn.Module):

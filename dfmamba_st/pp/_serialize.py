@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 from anndata import AnnData
@@ -115,7 +117,8 @@ def serialize(
         }
     }
     if n_duplicates:
-        from scanpy import logging as logg
-
-        logg.warning(f"{n_duplicates} spots share a grid cell with another spot; all are kept, ties in input order.")
+        warnings.warn(
+            f"{n_duplicates} spots share a grid cell with another spot; all are kept, ties in input order.",
+            stacklevel=2,
+        )
     return adata if copy else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -78,8 +79,9 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
         res = 0.5 * (lo + hi)
         labels = run(res)
     if labels.max() + 1 != n_clusters:
-        logg.warning(
-            f"Leiden found {labels.max() + 1} clusters at best (asked for {n_clusters}), resolution {res:.3g}."
+        warnings.warn(
+            f"Leiden found {labels.max() + 1} clusters at best (asked for {n_clusters}), resolution {res:.3g}.",
+            stacklevel=2,
         )
     return labels, res
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -94,6 +95,13 @@ def _sample_windows(tokens: torch.Tensor, libraries, window: int, n_windows: int
     return torch.stack(out)
 
 
+def _unit_variance(block: np.ndarray) -> np.ndarray:
+    """Centre a block of features and scale it to unit total variance (so blocks of any width weigh the same)."""
+    block = block - block.mean(axis=0)
+    total = float(np.sqrt((block**2).sum(axis=1).mean())) or 1.0
+    return (block / total).astype(np.float32)
+
+
 def _resolve_preset(preset: str, device: torch.device) -> str:
     if preset == "auto":
         return "paper" if device.type == "cuda" else "cpu"
@@ -114,6 +122,7 @@ def embed(
     epochs: int | None = None,
     hops: int = 2,
     readout_hops: int = 1,
+    readout: Literal["concat", "model"] = "concat",
     extra_curves: tuple[str, ...] = ("hilbert_t",),
     library_key: str | None = None,
     order_key: str = "dfm_order",
@@ -159,6 +168,12 @@ def embed(
         The embedding of a spot is averaged over this many rings of neighbours (0: none). Each curve passes only
         some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw
         (measured on DLPFC 151673 / 151674: ARI 0.60 / 0.56 with one ring against 0.37 / 0.34 without).
+    readout
+        ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
+        the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
+        Measured on DLPFC (seeds 0/1, 151673 and 151674), ``"concat"`` scored ARI 0.57/0.55/0.55/0.58 against
+        0.51/0.31/0.40/0.46 for the state alone: the expression block anchors the clustering, the DF-Mamba block
+        adds the multi-scale context read along the curves.
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
         ``"zorder"``); every curve is scanned in both directions. A 1-D order breaks 2-D adjacency, a second curve
@@ -190,7 +205,7 @@ def embed(
     ``None`` (or the copy, and/or the model). Sets
 
     ``adata.obsm[key_added]``
-        (n_obs, d_model) embedding.
+        (n_obs, n_pcs + d_model) embedding with ``readout="concat"``, (n_obs, d_model) with ``"model"``.
     ``adata.obsm[key_added + '_gates']``
         (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for :func:`dfm.pl.gates`.
     ``adata.uns['dfm']``
@@ -204,13 +219,15 @@ def embed(
     >>> dfm.pp.serialize(adata)
     >>> dfm.tl.embed(adata, epochs=1, progress=False)  # doctest: +SKIP
     >>> adata.obsm["X_dfm"].shape  # doctest: +SKIP
-    (3639, 64)
+    (3639, 114)
     """
     start = time.time()
     check_adata(adata)
     check_library_key(adata, library_key)
     if order_key not in adata.obs.columns:
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed.")
+    if readout not in ("concat", "model"):
+        raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     for name in extra_curves:
         if name not in ("hilbert", "hilbert_t", "zorder"):
             raise ValueError(f"Unknown curve {name!r} in extra_curves; use 'hilbert', 'hilbert_t' or 'zorder'.")
@@ -227,9 +244,10 @@ def embed(
         config = model.config
         features, missing = feature_tf.transform(adata, layer=layer)
         if missing:
-            logg.warning(
+            warnings.warn(
                 f"{len(missing)} of the model's {len(feature_tf.genes)} genes are missing from adata "
-                f"(e.g. {missing[:5]}); they are set to their training mean."
+                f"(e.g. {missing[:5]}); they are set to their training mean.",
+                stacklevel=2,
             )
         settings = {}
     else:
@@ -272,9 +290,10 @@ def embed(
     if model is None:
         seed_everything(seed)
         model = SpatialDFMamba(config, feature_tf).to(torch_device)
-        gen = torch.Generator().manual_seed(seed)
 
         def batches(epoch: int):
+            # windows and masks depend only on (seed, epoch): a run resumed from a checkpoint sees the same data
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             for _ in range(settings["steps_per_epoch"]):
                 seqs = _sample_windows(token_t, libraries, settings["window"], settings["batch_windows"], gen)
                 mask = torch.rand(seqs.shape[:2], generator=gen) < MASK_RATIO
@@ -298,6 +317,8 @@ def embed(
     if readout_hops:
         for idx, _, graph in libraries:
             embedding[idx] = smooth(embedding[idx], graph, readout_hops)
+    if readout == "concat":
+        embedding = np.hstack([_unit_variance(tokens[:, config.n_features :]), _unit_variance(embedding)])
 
     adata = adata.copy() if copy else adata
     adata.obsm[key_added] = embedding
@@ -312,6 +333,7 @@ def embed(
         "library_key": library_key,
         "mask_ratio": MASK_RATIO,
         "readout_hops": readout_hops,
+        "readout": readout,
         "input": "counts" if feature_tf.log_normalize else "log-normalised",
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},

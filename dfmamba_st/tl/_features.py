@@ -6,13 +6,13 @@ coarsened data with exactly the same features (genes aligned by name).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
-from scanpy import logging as logg
 
 __all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph"]
 
@@ -77,8 +77,9 @@ class FeatureTransform:
         genes = list(adata.var_names)
         if n_top_genes >= adata.n_vars:
             if n_top_genes > adata.n_vars:
-                logg.warning(
-                    f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}."
+                warnings.warn(
+                    f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}.",
+                    stacklevel=2,
                 )
         else:
             tmp = AnnData(X=X, var=adata.var[[]].copy())
@@ -108,7 +109,9 @@ class FeatureTransform:
         X, is_counts = expression_matrix(adata, layer)
         if is_counts != self.log_normalize:
             kind = "raw counts" if self.log_normalize else "log-normalised values"
-            logg.warning(f"The model was trained on {kind}; this input looks different. Features may not match.")
+            warnings.warn(
+                f"The model was trained on {kind}; this input looks different. Features may not match.", stacklevel=2
+            )
         position = adata.var_names.get_indexer(self.genes)
         present = position >= 0
         missing = [g for g, ok in zip(self.genes, present) if not ok]

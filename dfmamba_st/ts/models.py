@@ -14,21 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import DFMamba, Mamba
+from ..core import DFMamba, Mamba, count_parameters
 
 __all__ = ["DFMambaTS", "DLinear", "MSMamba", "RevIN", "count_parameters"]
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters (shared tensors counted once).
-
-    Examples
-    --------
-    >>> from dfmamba_st.ts import DLinear, count_parameters
-    >>> count_parameters(DLinear(7, 96, 96))
-    18624
-    """
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _check_input(x: torch.Tensor, seq_len: int, n_variates: int) -> None:

@@ -1,0 +1,321 @@
+"""Bad input fails early and clearly; the user's AnnData is never changed unasked; runs repeat; model files are safe."""
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import dfmamba_st as dfm
+from dfmamba_st.tl import _model
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
+FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base():
+    adata = ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151673.h5ad")
+    keep = adata.obs["array_row"].between(0, 24) & adata.obs["array_col"].between(0, 50)
+    return adata[keep.to_numpy()].copy()
+
+
+@pytest.fixture
+def crop(base):
+    return base.copy()
+
+
+@pytest.fixture(scope="module")
+def trained(base, tmp_path_factory):
+    adata = base.copy()
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, **FAST, return_model=True)
+    path = dfm.tl.save_model(model, tmp_path_factory.mktemp("model") / "model")
+    return adata, model, path
+
+
+# --- spatial coordinates -------------------------------------------------------------------------------------------
+
+
+def test_no_coordinates_at_all(crop):
+    crop.obs = crop.obs.drop(columns=["array_row", "array_col"])
+    del crop.obsm["spatial"]
+    with pytest.raises(KeyError, match=r"No spatial coordinates.*array_row.*spatial"):
+        dfm.pp.serialize(crop)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_coordinates(crop, bad):
+    crop.obs = crop.obs.drop(columns=["array_row", "array_col"])
+    crop.obsm["spatial"] = crop.obsm["spatial"].astype(float)
+    crop.obsm["spatial"][3, 0] = bad
+    with pytest.raises(ValueError, match=r"NaN or inf coordinates"):
+        dfm.pp.serialize(crop)
+    crop.obs["array_row"] = np.arange(crop.n_obs, dtype=float)
+    crop.obs["array_col"] = np.arange(crop.n_obs, dtype=float)
+    crop.obs.iloc[0, crop.obs.columns.get_loc("array_row")] = bad
+    with pytest.raises(ValueError, match=r"array_row.*NaN or inf"):
+        dfm.pp.serialize(crop)
+
+
+def test_duplicate_coordinates_are_kept_and_reported(crop):
+    crop.obs = crop.obs.drop(columns=["array_row", "array_col"])
+    crop.obsm["spatial"] = crop.obsm["spatial"].astype(float)
+    crop.obsm["spatial"][1] = crop.obsm["spatial"][0]
+    with pytest.warns(UserWarning, match="share a grid cell"):
+        dfm.pp.serialize(crop)
+    assert np.array_equal(np.sort(crop.obs["dfm_order"]), np.arange(crop.n_obs))
+    assert crop.uns["dfm_order"]["params"]["n_spots_sharing_a_cell"] >= 1
+
+
+# --- expression ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "words"), [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (-1.0, "negative")])
+def test_bad_expression_values(crop, value, words):
+    X = crop.X.tocsr(copy=True)
+    X.data[5] = value
+    crop.X = X
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=words):
+        dfm.tl.embed(crop, **FAST)
+
+
+def test_fewer_genes_than_requested_hvgs_uses_all_and_says_so(crop):
+    small = crop[:, :120].copy()
+    dfm.pp.serialize(small)
+    with pytest.warns(UserWarning, match="using all 120"):
+        dfm.tl.embed(small, **{**FAST, "n_top_genes": 3000})
+    assert len(small.uns["dfm"]["genes"]) == 120
+
+
+def test_zero_spots_and_one_gene(crop):
+    with pytest.raises(ValueError, match=r"0 spots"):
+        dfm.pp.serialize(crop[:0].copy())
+    one = crop[:, :1].copy()
+    dfm.pp.serialize(one)
+    with pytest.raises(ValueError, match=r"1 gene"):
+        dfm.tl.embed(one, **FAST)
+
+
+def test_unknown_library_key_and_layer(crop):
+    with pytest.raises(KeyError, match=r"library_key='sample'.*not a column"):
+        dfm.pp.serialize(crop, library_key="sample")
+    dfm.pp.serialize(crop)
+    with pytest.raises(KeyError, match=r"layer='counts'.*available layers"):
+        dfm.tl.embed(crop, layer="counts", **FAST)
+
+
+def test_embed_before_serialize(crop):
+    with pytest.raises(KeyError, match=r"run dfm.pp.serialize"):
+        dfm.tl.embed(crop, **FAST)
+
+
+# --- clustering ----------------------------------------------------------------------------------------------------
+
+
+def test_cluster_before_embed(crop):
+    with pytest.raises(KeyError, match=r"run dfm.tl.embed"):
+        dfm.tl.cluster(crop, 7)
+
+
+@pytest.mark.parametrize("k", [0, -3, 10**7, 2.5])
+def test_bad_number_of_clusters(trained, k):
+    adata = trained[0].copy()
+    with pytest.raises(ValueError, match=r"n_clusters must be a whole number between 1 and"):
+        dfm.tl.cluster(adata, k)
+
+
+def test_unknown_cluster_method(trained):
+    with pytest.raises(ValueError, match=r"Unknown method 'dbscan'"):
+        dfm.tl.cluster(trained[0].copy(), 7, method="dbscan")
+
+
+# --- models --------------------------------------------------------------------------------------------------------
+
+
+def test_model_with_no_gene_overlap(trained, crop):
+    crop.var_names = [f"other{i}" for i in range(crop.n_vars)]
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=r"None of the model's genes"):
+        dfm.tl.embed(crop, model=trained[1], progress=False)
+
+
+def test_model_file_that_is_not_ours(tmp_path):
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ValueError, match=r"not a dfmamba_st spatial model"):
+        dfm.tl.load_model(foreign)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01 definitely not a model")
+    with pytest.raises(ValueError, match=r"not a readable dfmamba_st model file"):
+        dfm.tl.load_model(junk)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": [1, 2, 3]}, pickled)
+    with pytest.raises(ValueError, match=r"not a readable"):
+        dfm.tl.load_model(pickled)
+
+
+def test_truncated_model_file(trained, tmp_path):
+    data = Path(trained[2]).read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated"):
+        dfm.tl.load_model(cut)
+
+
+def test_model_file_from_a_newer_format(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(_model, "MODEL_FORMAT", _model.MODEL_FORMAT + 1)
+    newer = _model.save_model(trained[1], tmp_path / "newer")
+    monkeypatch.setattr(_model, "MODEL_FORMAT", _model.MODEL_FORMAT - 1)
+    with pytest.raises(ValueError, match=r"Upgrade dfmamba_st"):
+        dfm.tl.load_model(newer)
+
+
+def test_model_file_holds_tensors_and_json_only(trained):
+    from safetensors import safe_open
+
+    with safe_open(str(trained[2]), framework="pt") as f:
+        meta = f.metadata()
+        assert meta["format"] == "dfmamba_st.spatial" and int(meta["format_version"]) >= 1
+        assert json.loads(meta["config"])["d_model"] == 16
+        assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in f.keys())
+
+
+# --- devices and backends ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when there is no GPU")
+def test_cuda_requested_without_gpu(crop):
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=r"no CUDA GPU.*device='cpu'"):
+        dfm.tl.embed(crop, device="cuda", **FAST)
+
+
+def test_mamba_ssm_backend_requested_but_unavailable():
+    from dfmamba_st.core import selective_scan
+
+    u = torch.randn(1, 2, 5)
+    try:
+        import mamba_ssm  # noqa: F401
+
+        pytest.skip("mamba-ssm is installed here; the error path cannot be reached")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=r"(mamba-ssm|CUDA).*(torch|numba)"):
+        selective_scan(u, u.abs(), -torch.ones(2, 3), torch.randn(1, 3, 5), torch.randn(1, 3, 5), backend="cuda")
+
+
+# --- integrity -----------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(adata) -> dict:
+    return {
+        "X": adata.X.copy(),
+        "obs": adata.obs.copy(),
+        "var": adata.var.copy(),
+        "obsm": {k: np.array(v, copy=True) for k, v in adata.obsm.items()},
+        "uns": sorted(adata.uns),
+        "layers": sorted(adata.layers),
+    }
+
+
+def _assert_same(adata, fp) -> None:
+    assert (adata.X != fp["X"]).nnz == 0
+    pd.testing.assert_frame_equal(adata.obs, fp["obs"])
+    pd.testing.assert_frame_equal(adata.var, fp["var"])
+    assert sorted(adata.obsm) == sorted(fp["obsm"])
+    for k, v in fp["obsm"].items():
+        assert np.array_equal(adata.obsm[k], v)
+    assert sorted(adata.uns) == fp["uns"] and sorted(adata.layers) == fp["layers"]
+
+
+def test_copy_true_leaves_the_input_byte_identical(crop, tmp_path):
+    crop.write_h5ad(tmp_path / "before.h5ad")
+    before = (tmp_path / "before.h5ad").read_bytes()
+    out = dfm.pp.serialize(crop, copy=True)
+    out = dfm.tl.embed(out, **FAST, copy=True)
+    out = dfm.tl.cluster(out, 5, copy=True)
+    assert "dfm_domain" in out.obs and "X_dfm" in out.obsm
+    crop.write_h5ad(tmp_path / "after.h5ad")
+    assert (tmp_path / "after.h5ad").read_bytes() == before
+
+
+def test_copy_false_adds_only_the_documented_keys(crop):
+    fp = _fingerprint(crop)
+    dfm.pp.serialize(crop)
+    dfm.tl.embed(crop, **FAST)
+    dfm.tl.cluster(crop, 5)
+    assert set(crop.obs.columns) - set(fp["obs"].columns) == {"dfm_order", "dfm_domain"}
+    assert set(crop.obsm) - set(fp["obsm"]) == {"X_dfm", "X_dfm_gates"}
+    assert set(crop.uns) - set(fp["uns"]) == {"dfm", "dfm_order", "dfm_domain"}
+    assert (crop.X != fp["X"]).nnz == 0 and sorted(crop.layers) == fp["layers"]
+    pd.testing.assert_frame_equal(crop.var, fp["var"])
+
+
+def test_keyboard_interrupt_leaves_the_anndata_as_it_was(crop, monkeypatch):
+    dfm.pp.serialize(crop)
+    fp = _fingerprint(crop)
+    calls = {"n": 0}
+    original = _model.SpatialDFMamba.masked_loss
+
+    def interrupted(self, tokens, mask):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, tokens, mask)
+
+    monkeypatch.setattr(_model.SpatialDFMamba, "masked_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dfm.tl.embed(crop, **FAST)
+    _assert_same(crop, fp)
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(crop, tmp_path, monkeypatch):
+    dfm.pp.serialize(crop)
+    settings = {**FAST, "epochs": 3}
+    full = dfm.tl.embed(crop, **settings, copy=True).obsm["X_dfm"]
+    calls = {"n": 0}
+    original = _model.SpatialDFMamba.masked_loss
+
+    def interrupted(self, tokens, mask):
+        calls["n"] += 1
+        if calls["n"] == 15:  # inside the second epoch (10 steps per epoch)
+            raise KeyboardInterrupt
+        return original(self, tokens, mask)
+
+    with monkeypatch.context() as m:
+        m.setattr(_model.SpatialDFMamba, "masked_loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            dfm.tl.embed(crop, **settings, checkpoint_dir=tmp_path)
+    assert (tmp_path / "last.pt").exists()
+    resumed = dfm.tl.embed(crop, **settings, checkpoint_dir=tmp_path, copy=True).obsm["X_dfm"]
+    np.testing.assert_allclose(resumed, full, atol=1e-5)
+
+
+def test_same_seed_same_machine_gives_identical_results_and_records_versions(crop):
+    dfm.pp.serialize(crop)
+    a = dfm.tl.embed(crop, **FAST, seed=11, copy=True)
+    b = dfm.tl.embed(crop, **FAST, seed=11, copy=True)
+    assert np.array_equal(a.obsm["X_dfm"], b.obsm["X_dfm"])
+    dfm.tl.cluster(a, 5)
+    dfm.tl.cluster(b, 5)
+    assert a.obs["dfm_domain"].equals(b.obs["dfm_domain"])
+    assert {"torch", "scanpy", "anndata", "python"} <= set(a.uns["dfm"]["versions"])
+
+
+def test_sparse_and_dense_input_agree(crop):
+    dense = crop.copy()
+    dense.X = dense.X.toarray()
+    for x in (crop, dense):
+        dfm.pp.serialize(x)
+        dfm.tl.embed(x, **FAST, seed=2)
+    assert sp.issparse(crop.X) and not sp.issparse(dense.X)
+    np.testing.assert_allclose(crop.obsm["X_dfm"], dense.obsm["X_dfm"], atol=1e-5)
