@@ -30,7 +30,8 @@ cells = [
         "fig, ax = plt.subplots(figsize=(4.5, 4.5))\n"
         "ax.plot(xy[:, 0], -xy[:, 1], lw=0.4, color='0.3')\n"
         "ax.scatter(xy[:, 0], -xy[:, 1], c=range(len(xy)), s=3, cmap='viridis')\n"
-        "ax.set_title('spots in Hilbert order'); ax.set_axis_off()"
+        "ax.set_title('spots in Hilbert order')\n"
+        "ax.set_axis_off()"
     ),
     md(
         "## 2. Embed with DF-Mamba\n"
