@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-__all__ = ["check_adata", "check_library_key", "library_indices", "versions"]
+__all__ = ["check_adata", "check_library_key", "h5ad_safe", "library_indices", "versions"]
 
 
 def check_adata(adata: AnnData) -> None:
@@ -48,3 +48,14 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def h5ad_safe(value):
+    """Parameters in a form ``AnnData.write_h5ad`` stores: tuples become lists, ``None`` becomes ``"None"``."""
+    if isinstance(value, dict):
+        return {str(k): h5ad_safe(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [h5ad_safe(v) for v in value]
+    if value is None:
+        return "None"
+    return value

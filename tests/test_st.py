@@ -187,6 +187,18 @@ def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path
 
 
 @needs_data
+def test_results_survive_an_h5ad_round_trip(small, tmp_path):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    dfm.tl.cluster(small, 5)
+    small.write_h5ad(tmp_path / "r.h5ad")
+    back = ad.read_h5ad(tmp_path / "r.h5ad")
+    assert np.array_equal(back.obsm["X_dfm"], small.obsm["X_dfm"])
+    assert back.obs["dfm_domain"].equals(small.obs["dfm_domain"])
+    assert list(back.uns["dfm"]["params"]["lambdas"]) == [1.0, 1.0, 0.1]
+
+
+@needs_data
 def test_plots_return_figures(small):
     dfm.pp.serialize(small)
     dfm.tl.embed(small, **FAST)

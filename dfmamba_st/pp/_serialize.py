@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_adata, check_library_key, library_indices
+from .._utils import check_adata, check_library_key, h5ad_safe, library_indices
 from ..core import curves
 
 __all__ = ["serialize", "spot_cells"]
@@ -108,13 +108,15 @@ def serialize(
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {
-        "params": {
-            "curve": curve,
-            "library_key": library_key,
-            "spatial_key": spatial_key,
-            "grid": source,
-            "n_spots_sharing_a_cell": int(n_duplicates),
-        }
+        "params": h5ad_safe(
+            {
+                "curve": curve,
+                "library_key": library_key,
+                "spatial_key": spatial_key,
+                "grid": source,
+                "n_spots_sharing_a_cell": int(n_duplicates),
+            }
+        )
     }
     if n_duplicates:
         warnings.warn(

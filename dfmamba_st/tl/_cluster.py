@@ -15,7 +15,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
-from .._utils import check_adata, check_library_key, library_indices
+from .._utils import check_adata, check_library_key, h5ad_safe, library_indices
 from ..pp._serialize import spot_cells
 from ._features import spatial_graph
 
@@ -207,15 +207,17 @@ def cluster(
     categories = [str(i) for i in range(n_found)]
     adata.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=categories)
     adata.uns[key_added] = {
-        "params": {
-            "n_clusters": n_clusters if n_clusters is not None else n_found,
-            "method": method,
-            "use_rep": use_rep,
-            "n_comps": n_comps,
-            "refine": refine,
-            "library_key": library_key,
-            "random_state": random_state,
-        },
+        "params": h5ad_safe(
+            {
+                "n_clusters": n_clusters if n_clusters is not None else n_found,
+                "method": method,
+                "use_rep": use_rep,
+                "n_comps": n_comps,
+                "refine": refine,
+                "library_key": library_key,
+                "random_state": random_state,
+            }
+        ),
         **extra,
     }
     logg.info(f"    finished dfm.tl.cluster: {n_found} domains ({time.time() - start:.1f}s)")

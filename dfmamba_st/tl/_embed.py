@@ -14,7 +14,7 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, library_indices, versions
+from .._utils import check_adata, check_library_key, h5ad_safe, library_indices, versions
 from ..core import curves as curves_mod
 from ..core import fit, resolve_device, seed_everything
 from ..pp._serialize import spot_cells
@@ -339,7 +339,7 @@ def embed(
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
     }
     adata.uns["dfm"] = {
-        "params": params,
+        "params": h5ad_safe(params),
         "genes": np.asarray(feature_tf.genes, dtype=object),
         "missing_genes": np.asarray(missing, dtype=object),
         "history": {k: np.asarray([row.get(k, np.nan) for row in history]) for k in (history[0] if history else {})},
