@@ -360,17 +360,13 @@ def _infer(
     """Embedding and per-depth gates of every spot, averaged over the curves."""
     model.eval()
     embedding = np.zeros((n_obs, model.config.d_model), dtype=np.float32)
-    n_gates = None
-    gates = None
+    gates = np.full((n_obs, model.config.depth), np.nan, dtype=np.float32)
     for idx, orders, _ in libraries:
         seqs = tokens[idx][torch.from_numpy(orders)].to(device)
         out, aux = model(seqs)
         out = out.float().cpu().numpy()
         for c, order in enumerate(orders):
             embedding[idx[order]] += out[c] / len(orders)
-        if n_gates is None:
-            n_gates = model.config.depth
-            gates = np.full((n_obs, n_gates), np.nan, dtype=np.float32)
         position = np.arange(idx.size)
         for k, gate in enumerate(aux.gates):
             g = gate.float().cpu().numpy()
