@@ -67,10 +67,10 @@ def test_duplicate_coordinates_are_kept_and_reported(crop):
     crop.obs = crop.obs.drop(columns=["array_row", "array_col"])
     crop.obsm["spatial"] = crop.obsm["spatial"].astype(float)
     crop.obsm["spatial"][1] = crop.obsm["spatial"][0]
-    with pytest.warns(UserWarning, match="share a grid cell"):
+    with pytest.warns(UserWarning, match="same coordinates"):
         dfm.pp.serialize(crop)
     assert np.array_equal(np.sort(crop.obs["dfm_order"]), np.arange(crop.n_obs))
-    assert crop.uns["dfm_order"]["params"]["n_spots_sharing_a_cell"] >= 1
+    assert crop.uns["dfm_order"]["params"]["n_spots_with_identical_coordinates"] == 1
 
 
 # --- expression ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,15 @@ from . import curves
 from .fractal import DFMamba, FractalAux
 from .mamba import Mamba
 from .scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
-from .training import TrainResult, cosine_with_warmup, count_parameters, fit, resolve_device, seed_everything
+from .training import (
+    TrainResult,
+    cosine_with_warmup,
+    count_parameters,
+    distributed_context,
+    fit,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = [
     "DFMamba",
@@ -18,6 +26,7 @@ __all__ = [
     "cosine_with_warmup",
     "count_parameters",
     "curves",
+    "distributed_context",
     "fit",
     "resolve_backend",
     "resolve_device",

@@ -15,6 +15,7 @@ __all__ = [
     "Curve",
     "curve_index",
     "curve_order",
+    "default_cell_size",
     "grid_curve",
     "hilbert_index",
     "inverse_permutation",
@@ -112,11 +113,11 @@ def curve_index(x: np.ndarray, y: np.ndarray, curve: Curve = "hilbert") -> np.nd
     raise ValueError(f"Unknown curve {curve!r}; use 'hilbert', 'hilbert_t' or 'zorder'.")
 
 
-def curve_order(coords: np.ndarray, curve: Curve = "hilbert") -> np.ndarray:
+def curve_order(coords: np.ndarray, curve: Curve = "hilbert", *, tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Permutation that orders integer points along a curve.
 
-    Points sharing a cell keep their input order (stable sort), so the result is deterministic and every point
-    appears exactly once.
+    Every point appears exactly once. Points sharing a cell are ordered by ``tiebreak`` when given, then by their
+    input order (stable sort), so the result is deterministic.
 
     Parameters
     ----------
@@ -124,6 +125,8 @@ def curve_order(coords: np.ndarray, curve: Curve = "hilbert") -> np.ndarray:
         (n, 2) integer coordinates (x, y), non-negative.
     curve
         ``"hilbert"``, ``"hilbert_t"`` or ``"zorder"``.
+    tiebreak
+        (n,) secondary sort key for points in the same cell (e.g. their position along the curve on a finer grid).
 
     Returns
     -------
@@ -133,7 +136,12 @@ def curve_order(coords: np.ndarray, curve: Curve = "hilbert") -> np.ndarray:
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"coords must have shape (n, 2), got {coords.shape}.")
     index = curve_index(coords[:, 0], coords[:, 1], curve)
-    return np.argsort(index, kind="stable")
+    if tiebreak is None:
+        return np.argsort(index, kind="stable")
+    tiebreak = np.asarray(tiebreak)
+    if tiebreak.shape != index.shape:
+        raise ValueError(f"tiebreak must have shape ({index.size},), got {tiebreak.shape}.")
+    return np.lexsort((tiebreak, index))
 
 
 def grid_curve(height: int, width: int, curve: Curve = "hilbert") -> np.ndarray:
@@ -175,13 +183,21 @@ def quantize(points: np.ndarray, *, cell_size: float | None = None) -> np.ndarra
         raise ValueError("points contain NaN or inf.")
     if points.shape[0] == 0:
         return np.zeros((0, 2), dtype=np.int64)
-    lo = points.min(axis=0)
-    span = points.max(axis=0) - lo
     if cell_size is None:
-        area = float(np.prod(np.maximum(span, 1e-12)))
-        if span.min() <= 0:  # points on a line
-            area = float(max(span.max(), 1e-12)) ** 2 / max(points.shape[0], 1)
-        cell_size = float(np.sqrt(area / points.shape[0])) or 1.0
+        cell_size = default_cell_size(points)
     if cell_size <= 0:
         raise ValueError("cell_size must be positive.")
-    return np.floor((points - lo) / cell_size).astype(np.int64)
+    return np.floor((points - points.min(axis=0)) / cell_size).astype(np.int64)
+
+
+def default_cell_size(points: np.ndarray) -> float:
+    """Side of a grid cell that gives about one point per cell: ``sqrt(area / n)`` of the bounding box.
+
+    Points on a line get cells of ``length / sqrt(n)``.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    span = points.max(axis=0) - points.min(axis=0)
+    area = float(np.prod(np.maximum(span, 1e-12)))
+    if span.min() <= 0:  # points on a line
+        area = float(max(span.max(), 1e-12)) ** 2 / max(points.shape[0], 1)
+    return float(np.sqrt(area / points.shape[0])) or 1.0

@@ -15,7 +15,56 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainResult", "cosine_with_warmup", "fit", "resolve_device", "seed_everything"]
+__all__ = ["TrainResult", "cosine_with_warmup", "distributed_context", "fit", "resolve_device", "seed_everything"]
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless a ``torch.distributed`` process group is running.
+
+    Start one with ``torchrun`` and ``torch.distributed.init_process_group("gloo")`` (CPU) or ``"nccl"`` (GPUs);
+    :func:`fit` then trains data-parallel.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sync_parameters(model: nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers."""
+    import torch.distributed as dist
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def _average_gradients(model: nn.Module, world_size: int) -> None:
+    """All-reduce the gradients (one flat buffer) and divide by the number of ranks: data-parallel SGD."""
+    import torch.distributed as dist
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:  # a parameter unused on this rank still takes part in the reduction
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def _average_values(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of logged values over the ranks (every rank then takes the same early-stopping decision)."""
+    import torch.distributed as dist
+
+    names = sorted(values)
+    buffer = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(buffer)
+    buffer /= dist.get_world_size()
+    return dict(zip(names, buffer.tolist()))
 
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
@@ -194,6 +243,13 @@ def fit(
     Returns
     -------
     A :class:`TrainResult`; the model is left holding the weights of the best epoch.
+
+    Notes
+    -----
+    Inside a ``torch.distributed`` process group (e.g. under ``torchrun``) training is data-parallel: rank 0's
+    initial weights are broadcast, every rank computes the loss on its own share of each batch, gradients are
+    averaged over the ranks before clipping and the optimiser step (what ``DistributedDataParallel`` does, for any
+    ``loss_fn``), logged losses are averaged, only rank 0 shows progress and writes checkpoints.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
@@ -208,6 +264,10 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_fraction))
     result = TrainResult()
     best_loss, best_state, bad_epochs, start_epoch = math.inf, None, 0, 0
+    rank, world_size = distributed_context()
+    if world_size > 1:
+        _sync_parameters(model)
+    device = next(model.parameters()).device
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
@@ -220,7 +280,7 @@ def fit(
         start_epoch = state["epoch"] + 1
         _set_rng_state(state["rng"])
 
-    bar = tqdm(range(start_epoch, epochs), desc=description, disable=not progress, leave=False)
+    bar = tqdm(range(start_epoch, epochs), desc=description, disable=not progress or rank > 0, leave=False)
     for epoch in bar:
         model.train()
         sums: dict[str, float] = {}
@@ -233,6 +293,8 @@ def fit(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world_size > 1:
+                _average_gradients(model, world_size)
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
@@ -242,8 +304,11 @@ def fit(
                 sums[name] = sums.get(name, 0.0) + float(value)
         if n_batches == 0:
             raise ValueError(f"train_data yielded no batch in epoch {epoch}.")
-        row = {"epoch": float(epoch), **{k: v / n_batches for k, v in sums.items()}}
+        row = {k: v / n_batches for k, v in sums.items()}
         row["val_loss"] = _evaluate(model, loss_fn, val_data, epoch) if val_data is not None else math.nan
+        if world_size > 1:
+            row = _average_values(row, device)
+        row = {"epoch": float(epoch), **row}
         row["lr"] = optimizer.param_groups[0]["lr"]
         result.history.append(row)
         monitored = row["val_loss"] if val_data is not None else row["train_loss"]
@@ -255,7 +320,7 @@ def fit(
         bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
         stop = patience is not None and bad_epochs >= patience
         result.stopped_early = stop
-        if ckpt_path is not None:
+        if ckpt_path is not None and rank == 0:
             ckpt_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(

@@ -7,8 +7,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._utils import check_adata, check_library_key, library_indices
-from ._serialize import spot_cells
+from .._utils import check_adata, check_library_key
+from ._serialize import library_layouts
 
 __all__ = ["coarsen"]
 
@@ -68,11 +68,11 @@ def coarsen(
     if int(factor) != factor or factor < 1:
         raise ValueError(f"factor must be a positive whole number, got {factor!r}.")
     factor = int(factor)
-    cells, _ = spot_cells(adata, spatial_key=spatial_key)
+    cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
-    for code, idx in enumerate(library_indices(adata, library_key)):
-        lib_codes[idx] = code
-        cells[idx] -= cells[idx].min(axis=0)
+    for code, layout in enumerate(library_layouts(adata, library_key=library_key, spatial_key=spatial_key)):
+        lib_codes[layout.idx] = code
+        cells[layout.idx] = layout.cells
     bins = cells // factor
     keys = np.stack([lib_codes, bins[:, 0], bins[:, 1]], axis=1)
     uniq, groups = np.unique(keys, axis=0, return_inverse=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,10 @@ from anndata import AnnData
 from .._utils import check_adata, check_library_key, h5ad_safe, library_indices
 from ..core import curves
 
-__all__ = ["serialize", "spot_cells"]
+__all__ = ["LibraryLayout", "library_layouts", "serialize", "spot_cells"]
+
+#: sub-cells per cell side used to order points that share a quantised cell
+TIE_RESOLUTION = 16
 
 
 def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndarray, str]:
@@ -46,6 +50,76 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
         "No spatial coordinates: expected obs['array_row'] and obs['array_col'] (Visium grid) "
         f"or obsm[{spatial_key!r}] (x, y). Add one of them, e.g. from squidpy.read.visium."
     )
+
+
+@dataclass
+class LibraryLayout:
+    """The spots of one library laid out for serialization.
+
+    Attributes
+    ----------
+    idx
+        Positions of the library's spots in the AnnData.
+    cells
+        (n, 2) integer grid cells, shifted to start at 0.
+    points
+        (n, 2) float coordinates in cell units, for neighbour graphs: the cells themselves on a grid, the real
+        coordinates when they were quantised (cells then share no distance ties).
+    quantized
+        Whether the cells come from quantised coordinates (several spots can share a cell).
+    """
+
+    idx: np.ndarray
+    cells: np.ndarray
+    points: np.ndarray
+    quantized: bool
+
+    def order(self, curve: curves.Curve) -> np.ndarray:
+        """Positions (within ``idx``) of the spots in curve order.
+
+        Spots that share a quantised cell are ordered along the same curve on a grid ``TIE_RESOLUTION`` times
+        finer, then by their coordinates (then by input order, for identical coordinates only): the order does not
+        depend on the order of the spots in the AnnData.
+        """
+        tiebreak = None
+        if self.quantized:
+            sub = np.floor((self.points - self.cells) * TIE_RESOLUTION).clip(0, TIE_RESOLUTION - 1)
+            # rank by (sub-cell along the curve, x, y): only identical coordinates are left to input order
+            keys = np.lexsort((self.points[:, 1], self.points[:, 0], curves.curve_index(sub[:, 0], sub[:, 1], curve)))
+            tiebreak = np.empty(keys.size, dtype=np.int64)
+            tiebreak[keys] = np.arange(keys.size)
+        return curves.curve_order(self.cells, curve, tiebreak=tiebreak)
+
+    def graph(self, n_neighbors: int = 6):
+        """Row-normalised sparse k-nearest-neighbour graph of the spots (see ``tl._features.spatial_graph``)."""
+        from ..tl._features import spatial_graph
+
+        return spatial_graph(self.points, n_neighbors=n_neighbors)
+
+
+def library_layouts(
+    adata: AnnData, *, library_key: str | None = None, spatial_key: str = "spatial"
+) -> list[LibraryLayout]:
+    """Grid cells of every library, from the Visium grid or from coordinates quantised per library.
+
+    Each library is quantised on its own (its own bounding box and cell size), so slices stored in different
+    coordinate frames each get about one spot per cell.
+    """
+    cells, source = spot_cells(adata, spatial_key=spatial_key)
+    quantized = source == "quantized"
+    if quantized:
+        xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
+    out = []
+    for idx in library_indices(adata, library_key):
+        if quantized:
+            lib_xy = xy[idx] - xy[idx].min(axis=0)
+            points = lib_xy / curves.default_cell_size(lib_xy)
+            lib_cells = np.floor(points).astype(np.int64)
+        else:
+            lib_cells = cells[idx] - cells[idx].min(axis=0)
+            points = lib_cells.astype(np.float64)
+        out.append(LibraryLayout(idx, lib_cells, points, quantized))
+    return out
 
 
 def serialize(
@@ -96,15 +170,13 @@ def serialize(
     check_library_key(adata, library_key)
     if curve not in ("hilbert", "hilbert_t", "zorder"):
         raise ValueError(f"Unknown curve {curve!r}; use 'hilbert', 'hilbert_t' or 'zorder'.")
-    cells, source = spot_cells(adata, spatial_key=spatial_key)
+    _, source = spot_cells(adata, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
-    n_duplicates = 0
-    for idx in library_indices(adata, library_key):
-        lib_cells = cells[idx]
-        lib_cells = lib_cells - lib_cells.min(axis=0)
-        order = curves.curve_order(lib_cells, curve)
-        position[idx[order]] = np.arange(idx.size)
-        n_duplicates += idx.size - len(np.unique(lib_cells, axis=0))
+    n_sharing = n_identical = 0
+    for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
+        position[layout.idx[layout.order(curve)]] = np.arange(layout.idx.size)
+        n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
+        n_identical += layout.idx.size - len(np.unique(layout.points, axis=0))
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {
@@ -114,13 +186,16 @@ def serialize(
                 "library_key": library_key,
                 "spatial_key": spatial_key,
                 "grid": source,
-                "n_spots_sharing_a_cell": int(n_duplicates),
+                "n_spots_sharing_a_cell": int(n_sharing),
+                "n_spots_with_identical_coordinates": int(n_identical),
             }
         )
     }
-    if n_duplicates:
+    if n_identical:
+        # expected for single cells on a quantised grid (about one per cell on average); only exact ties are odd
         warnings.warn(
-            f"{n_duplicates} spots share a grid cell with another spot; all are kept, ties in input order.",
+            f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, "
+            "in input order.",
             stacklevel=2,
         )
     return adata if copy else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -14,11 +15,10 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, h5ad_safe, library_indices, versions
-from ..core import curves as curves_mod
-from ..core import fit, resolve_device, seed_everything
-from ..pp._serialize import spot_cells
-from ._features import FeatureTransform, smooth, spatial_graph
+from .._utils import check_adata, check_library_key, h5ad_safe, versions
+from ..core import distributed_context, fit, resolve_device, seed_everything
+from ..pp._serialize import library_layouts
+from ._features import FeatureTransform, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
 
 __all__ = ["PRESETS", "embed"]
@@ -52,20 +52,21 @@ PRESETS: dict[str, dict] = {
     ),
 }
 MASK_RATIO = 0.3
+#: at most this many tokens × d_model values go through the model at once during inference
+INFER_BUDGET = 2**20
 
 
 def _library_sequences(
-    adata: AnnData, cells: np.ndarray, library_key: str | None, curve_names: tuple[str, ...]
+    adata: AnnData, library_key: str | None, spatial_key: str, curve_names: tuple[str, ...]
 ) -> list[tuple[np.ndarray, np.ndarray, sp.csr_matrix]]:
     """Spot indices, orders along each curve and sparse neighbour graph of every library.
 
     Returns a list of ``(idx, orders, graph)``; ``orders`` is (n_curves, n_spots) over positions in ``idx``.
     """
     out = []
-    for idx in library_indices(adata, library_key):
-        lib_cells = cells[idx] - cells[idx].min(axis=0)
-        orders = np.stack([curves_mod.curve_order(lib_cells, c) for c in curve_names])
-        out.append((idx, orders, spatial_graph(lib_cells)))
+    for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
+        orders = np.stack([layout.order(c) for c in curve_names])
+        out.append((layout.idx, orders, layout.graph()))
     return out
 
 
@@ -130,6 +131,7 @@ def embed(
     device: str = "auto",
     model: SpatialDFMamba | str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
+    tile_size: int = 8192,
     progress: bool = True,
     key_added: str = "X_dfm",
     return_model: bool = False,
@@ -191,6 +193,10 @@ def embed(
         missing genes reported.
     checkpoint_dir
         Save the training state every epoch and resume from it.
+    tile_size
+        Inference reads sequences longer than this in tiles of ``tile_size`` spots, each with about ``tile_size // 8``
+        spots of context on both sides that are run but not kept, so memory does not grow with the tissue
+        (a Visium slice, ≤ 4,992 spots, is one tile). A multiple of ``2**depth``.
     progress
         Show a progress bar.
     key_added
@@ -199,6 +205,12 @@ def embed(
         Also return the trained model (for :func:`~dfmamba_st.tl.save_model` or ``model=`` on another slice).
     copy
         Work on a copy of ``adata`` and return it.
+
+    Training is on windows of the preset's length drawn along the curves, a fixed number of tokens per step: its
+    time does not grow with the number of spots. Inside a ``torch.distributed`` process group (``torchrun``, gloo
+    on CPUs or NCCL on GPUs) the windows of every step are shared out over the ranks and the gradients averaged
+    (see :func:`dfmamba_st.core.fit`), and inference tiles are shared out too; every rank ends with the same
+    embedding.
 
     Returns
     -------
@@ -231,12 +243,17 @@ def embed(
     for name in extra_curves:
         if name not in ("hilbert", "hilbert_t", "zorder"):
             raise ValueError(f"Unknown curve {name!r} in extra_curves; use 'hilbert', 'hilbert_t' or 'zorder'.")
-    primary = adata.uns.get(order_key, {}).get("params", {}).get("curve", "hilbert")
+    serialized = adata.uns.get(order_key, {}).get("params", {})
+    primary = serialized.get("curve", "hilbert")
+    spatial_key = serialized.get("spatial_key", "spatial")
     curve_names = tuple(dict.fromkeys((primary, *extra_curves)))
+    rank, world_size = distributed_context()
     torch_device = resolve_device(device)
+    if world_size > 1 and torch_device.type == "cuda" and torch_device.index is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch_device = torch.device("cuda", local_rank)
     if isinstance(model, str | Path):
         model = load_model(model, device=torch_device)
-    cells, _ = spot_cells(adata)
 
     if model is not None:
         preset_name = "model"
@@ -260,6 +277,11 @@ def embed(
             settings["n_pcs"] = n_pcs
         if settings["n_top_genes"] < 1 or settings["epochs"] < 1:
             raise ValueError("n_top_genes and epochs must be >= 1.")
+        if settings["batch_windows"] % world_size:
+            raise ValueError(
+                f"{settings['batch_windows']} windows per step cannot be shared out over {world_size} ranks; "
+                "use a number of processes that divides it."
+            )
         seed_everything(seed)
         feature_tf = FeatureTransform.fit(
             adata, layer=layer, n_top_genes=settings["n_top_genes"], n_pcs=settings["n_pcs"], seed=seed
@@ -278,7 +300,10 @@ def embed(
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
 
-    libraries = _library_sequences(adata, cells, library_key, config.curves)
+    align = 2**config.depth
+    if tile_size < align or tile_size % align:
+        raise ValueError(f"tile_size must be a positive multiple of 2**depth = {align}, got {tile_size}.")
+    libraries = _library_sequences(adata, library_key, spatial_key, config.curves)
     tokens = _tokens(features, libraries, config.hops)
     if model is None:
         token_scale = float(np.sqrt(np.mean(tokens**2))) or 1.0
@@ -297,7 +322,8 @@ def embed(
             for _ in range(settings["steps_per_epoch"]):
                 seqs = _sample_windows(token_t, libraries, settings["window"], settings["batch_windows"], gen)
                 mask = torch.rand(seqs.shape[:2], generator=gen) < MASK_RATIO
-                yield seqs.to(torch_device), mask.to(torch_device)
+                # every rank draws the same windows and keeps its share of them
+                yield seqs[rank::world_size].to(torch_device), mask[rank::world_size].to(torch_device)
 
         result = fit(
             model,
@@ -313,7 +339,7 @@ def embed(
         )
         history = result.history
 
-    embedding, gates = _infer(model, token_t, libraries, adata.n_obs, torch_device)
+    embedding, gates = _infer(model, token_t, libraries, adata.n_obs, torch_device, tile_size=tile_size)
     if readout_hops:
         for idx, _, graph in libraries:
             embedding[idx] = smooth(embedding[idx], graph, readout_hops)
@@ -334,6 +360,8 @@ def embed(
         "mask_ratio": MASK_RATIO,
         "readout_hops": readout_hops,
         "readout": readout,
+        "tile_size": tile_size,
+        "world_size": world_size,
         "input": "counts" if feature_tf.log_normalize else "log-normalised",
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
@@ -353,25 +381,74 @@ def embed(
     return adata if copy else None
 
 
+def _tiles(n: int, tile_size: int, align: int) -> list[tuple[int, int, int, int]]:
+    """``(context_begin, context_end, keep_begin, keep_end)`` of the tiles that cover positions ``0..n``.
+
+    The kept parts partition the sequence; each context adds about ``tile_size // 8`` positions on both sides (cut
+    at the ends). Every boundary is a multiple of ``align`` (``2**depth``), so DF-Mamba pairs the same spots in
+    a tile as in the whole sequence.
+    """
+    if n <= tile_size:
+        return [(0, n, 0, n)]
+    overlap = max(align, tile_size // 8 // align * align)
+    return [
+        (max(0, begin - overlap), min(n, begin + tile_size + overlap), begin, min(n, begin + tile_size))
+        for begin in range(0, n, tile_size)
+    ]
+
+
 @torch.no_grad()
 def _infer(
-    model: SpatialDFMamba, tokens: torch.Tensor, libraries, n_obs: int, device: torch.device
+    model: SpatialDFMamba,
+    tokens: torch.Tensor,
+    libraries,
+    n_obs: int,
+    device: torch.device,
+    *,
+    tile_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding and per-depth gates of every spot, averaged over the curves."""
+    """Embedding and per-depth gates of every spot, averaged over the curves, streamed tile by tile.
+
+    Tiles of the same length are batched up to ``INFER_BUDGET`` values per layer; only one batch of activations
+    is alive at a time. Under ``torch.distributed`` every rank runs its share of the batches and the sums are
+    all-reduced.
+    """
     model.eval()
+    depth = model.config.depth
+    rank, world_size = distributed_context()
+    jobs: dict[int, list] = {}  # context length → tiles (library, curve, tile)
+    for lib, (_, orders, _) in enumerate(libraries):
+        for curve in range(orders.shape[0]):
+            for tile in _tiles(orders.shape[1], tile_size, 2**depth):
+                jobs.setdefault(tile[1] - tile[0], []).append((lib, curve, tile))
+    batches = []
+    for length, tiles in sorted(jobs.items()):
+        per_batch = max(1, INFER_BUDGET // (length * model.config.d_model))
+        batches += [tiles[i : i + per_batch] for i in range(0, len(tiles), per_batch)]
+
     embedding = np.zeros((n_obs, model.config.d_model), dtype=np.float32)
-    gates = np.full((n_obs, model.config.depth), np.nan, dtype=np.float32)
-    for idx, orders, _ in libraries:
-        seqs = tokens[idx][torch.from_numpy(orders)].to(device)
-        out, aux = model(seqs)
+    gate_sum = np.zeros((n_obs, depth), dtype=np.float32)
+    gate_n = np.zeros((n_obs, depth), dtype=np.float32)
+    for batch in batches[rank::world_size]:
+        spots = [libraries[lib][0][libraries[lib][1][curve, begin:end]] for lib, curve, (begin, end, _, _) in batch]
+        out, aux = model(tokens[torch.from_numpy(np.stack(spots))].to(device))
         out = out.float().cpu().numpy()
-        for c, order in enumerate(orders):
-            embedding[idx[order]] += out[c] / len(orders)
-        position = np.arange(idx.size)
-        for k, gate in enumerate(aux.gates):
-            g = gate.float().cpu().numpy()
-            acc = np.zeros(idx.size, dtype=np.float32)
-            for c, order in enumerate(orders):
-                acc[order] += g[c, position >> k] / len(orders)
-            gates[idx, k] = acc
+        gate_maps = [g.float().cpu().numpy() for g in aux.gates]
+        for row, (lib, _, (begin, _, keep_begin, keep_end)) in enumerate(batch):
+            n_curves = libraries[lib][1].shape[0]
+            kept = spots[row][keep_begin - begin : keep_end - begin]
+            embedding[kept] += out[row, keep_begin - begin : keep_end - begin] / n_curves
+            position = np.arange(keep_begin, keep_end) - begin
+            for k, gate in enumerate(gate_maps):
+                gate_sum[kept, k] += gate[row, position >> k]
+                gate_n[kept, k] += 1
+    if world_size > 1:
+        import torch.distributed as dist
+
+        for array in (embedding, gate_sum, gate_n):
+            shared = torch.from_numpy(array).to(device)
+            dist.all_reduce(shared)
+            array[:] = shared.cpu().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gates = np.where(gate_n > 0, gate_sum / gate_n, np.nan).astype(np.float32)
     return embedding, gates

@@ -16,6 +16,11 @@ from anndata import AnnData
 
 __all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph"]
 
+#: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
+MAX_FIT_SPOTS = 50_000
+#: spots densified at a time when features are computed (the n_spots × n_genes matrix is never dense)
+CHUNK_SPOTS = 16_384
+
 
 def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix, bool]:
     """The expression to use (sparse float32) and whether it looks like raw counts.
@@ -72,7 +77,11 @@ class FeatureTransform:
     def fit(
         cls, adata: AnnData, *, layer: str | None, n_top_genes: int, n_pcs: int | None, seed: int
     ) -> FeatureTransform:
-        """Choose HVGs (scanpy, seurat_v3 on counts) and fit standardisation and PCA on ``adata``."""
+        """Choose HVGs (scanpy, seurat_v3 on counts) and fit standardisation and PCA on ``adata``.
+
+        HVGs are chosen on all spots (sparse); the standardisation and the PCA on at most ``MAX_FIT_SPOTS`` of them
+        (a random subset drawn with ``seed``), so memory stays bounded on large tissues.
+        """
         X, is_counts = expression_matrix(adata, layer)
         genes = list(adata.var_names)
         if n_top_genes >= adata.n_vars:
@@ -88,14 +97,18 @@ class FeatureTransform:
             else:
                 sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes)
             genes = list(tmp.var_names[tmp.var["highly_variable"].to_numpy()])
-        logged = _log_normalize(X[:, adata.var_names.get_indexer(genes)], is_counts)
-        dense = logged.toarray()
+        X = X[:, adata.var_names.get_indexer(genes)]
+        if X.shape[0] > MAX_FIT_SPOTS:
+            rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
+            X = X[rows]
+        dense = _log_normalize(X, is_counts).toarray()
         mean = dense.mean(axis=0)
         scale = dense.std(axis=0)
         scale[scale == 0] = 1.0
         loadings = None
         if n_pcs is not None and n_pcs < len(genes):
             z = np.clip((dense - mean) / scale, -10, 10)
+            del dense
             n_pcs = min(n_pcs, z.shape[0] - 1)
             loadings = sc.pp.pca(z, n_comps=n_pcs, random_state=seed, return_info=True)[1].T.astype(np.float32)
         return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts)
@@ -120,13 +133,19 @@ class FeatureTransform:
                 "None of the model's genes are in adata.var_names (e.g. "
                 f"{self.genes[:3]}); is the gene naming the same (symbols vs Ensembl IDs)?"
             )
-        full = sp.csr_matrix((adata.n_obs, len(self.genes)), dtype=np.float32).tolil()
-        full[:, np.flatnonzero(present)] = X[:, position[present]]
-        logged = _log_normalize(full.tocsr(), self.log_normalize).toarray()
-        z = np.clip((logged - self.mean) / self.scale, -10, 10)
-        z[:, ~present] = 0.0
-        out = z if self.loadings is None else z @ self.loadings
-        return out.astype(np.float32), missing
+        columns = sp.csr_matrix(
+            (np.ones(present.sum(), dtype=np.float32), (position[present], np.flatnonzero(present))),
+            shape=(adata.n_vars, len(self.genes)),
+        )
+        X = sp.csr_matrix(X @ columns)  # the model's genes, in its order; missing genes are empty columns
+        width = self.n_features
+        out = np.empty((adata.n_obs, width), dtype=np.float32)
+        for begin in range(0, adata.n_obs, CHUNK_SPOTS):
+            chunk = _log_normalize(X[begin : begin + CHUNK_SPOTS], self.log_normalize).toarray()
+            z = np.clip((chunk - self.mean) / self.scale, -10, 10)
+            z[:, ~present] = 0.0
+            out[begin : begin + CHUNK_SPOTS] = z if self.loadings is None else z @ self.loadings
+        return out, missing
 
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to store in a model file."""

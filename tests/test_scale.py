@@ -1,0 +1,191 @@
+"""Large-tissue paths on the bundled real slice (DLPFC 151673): tiled inference, bounded fits, cells without a grid,
+data-parallel training with torch.distributed (gloo, 2 CPU processes)."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+import dfmamba_st as dfm
+from dfmamba_st.tl import _cluster, _embed, _features
+
+SMALL = dict(n_top_genes=300, d_model=16, epochs=2, progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def trained():
+    adata = dfm.datasets.dlpfc_151673_hvg()
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, epochs=3, progress=False, device="cpu", return_model=True)
+    return adata, model
+
+
+@pytest.mark.parametrize(
+    ("n", "tile", "align"), [(10, 64, 8), (64, 64, 8), (1000, 64, 8), (3639, 512, 8), (65, 16, 16)]
+)
+def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align):
+    tiles = _embed._tiles(n, tile, align)
+    kept = np.concatenate([np.arange(keep_begin, keep_end) for _, _, keep_begin, keep_end in tiles])
+    assert np.array_equal(kept, np.arange(n))
+    for begin, end, keep_begin, keep_end in tiles:
+        assert 0 <= begin <= keep_begin < keep_end <= end <= n
+        assert begin % align == 0 and keep_begin % align == 0
+        assert end - begin <= tile + 2 * max(align, tile // 8)
+        if n > tile:  # context on both sides unless cut at an end
+            assert keep_begin - begin == min(keep_begin, max(align, tile // 8 // align * align))
+
+
+def test_tiled_inference_matches_the_whole_sequence(trained):
+    adata, model = trained
+    token_t, libraries = _inputs(adata, model)
+    whole, whole_gates = _embed._infer(model, token_t, libraries, adata.n_obs, torch.device("cpu"), tile_size=8192)
+    tiled, tiled_gates = _embed._infer(model, token_t, libraries, adata.n_obs, torch.device("cpu"), tile_size=256)
+    # 3,639 spots in tiles of 256 with 32 spots of context: 14 seams per curve, and the error stays small
+    assert np.linalg.norm(tiled - whole) / np.linalg.norm(whole) < 0.05
+    assert np.nanmax(np.abs(tiled_gates - whole_gates)) < 0.05
+    assert np.isfinite(tiled).all() and not np.isnan(tiled_gates).any()
+
+
+def test_embed_tile_size_keeps_the_domains(trained):
+    adata, model = trained
+    ref = adata.copy()
+    dfm.tl.cluster(ref, 7)
+    tiled = adata.copy()
+    dfm.tl.embed(tiled, model=model, tile_size=512, progress=False)
+    dfm.tl.cluster(tiled, 7)
+    assert tiled.uns["dfm"]["params"]["tile_size"] == 512
+    assert adjusted_rand_score(ref.obs["dfm_domain"], tiled.obs["dfm_domain"]) > 0.95
+    with pytest.raises(ValueError, match="multiple of 2"):
+        dfm.tl.embed(adata.copy(), model=model, tile_size=100, progress=False)
+
+
+def _inputs(adata, model):
+    libraries = _embed._library_sequences(adata, None, "spatial", model.config.curves)
+    features, _ = model.features.transform(adata)
+    tokens = _embed._tokens(features, libraries, model.config.hops) / model.config.extra["token_scale"]
+    return torch.from_numpy(tokens.astype(np.float32)), libraries
+
+
+def test_features_are_computed_in_chunks_and_fitted_on_a_subset(monkeypatch, trained):
+    adata, model = trained
+    whole, _ = model.features.transform(adata)
+    monkeypatch.setattr(_features, "CHUNK_SPOTS", 500)
+    chunked, _ = model.features.transform(adata)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    # standardisation/PCA fitted on 1,500 random spots: the leading principal axes match those of all 3,639
+    # (measured cosines of the principal angles 0.99, 0.98, 0.91, 0.84, 0.82: later axes are noisier)
+    monkeypatch.setattr(_features, "MAX_FIT_SPOTS", 1500)
+    sub = _features.FeatureTransform.fit(adata, layer=None, n_top_genes=3000, n_pcs=10, seed=0)
+    monkeypatch.setattr(_features, "MAX_FIT_SPOTS", 50_000)
+    full = _features.FeatureTransform.fit(adata, layer=None, n_top_genes=3000, n_pcs=10, seed=0)
+    cosines = np.linalg.svd(full.loadings.T @ sub.loadings, compute_uv=False)
+    assert cosines[:3].min() > 0.9 and cosines[:5].min() > 0.7
+
+
+def test_cluster_fits_on_a_subset_and_predicts_every_spot(monkeypatch, trained):
+    adata, _ = trained
+    ref = adata.copy()
+    dfm.tl.cluster(ref, 7)
+    monkeypatch.setattr(_cluster, "MAX_FIT_SPOTS", 1200)
+    sub = adata.copy()
+    dfm.tl.cluster(sub, 7)
+    assert sub.obs["dfm_domain"].notna().all() and sub.obs["dfm_domain"].cat.categories.size == 7
+    # a third of the spots gives nearly the same domains as all of them
+    assert adjusted_rand_score(ref.obs["dfm_domain"], sub.obs["dfm_domain"]) > 0.7
+    # Leiden on the subset, the rest labelled by nearest neighbours: real domains, well above chance
+    dfm.tl.cluster(sub, 7, method="leiden", key_added="leiden")
+    assert sub.obs["leiden"].notna().all()
+    assert dfm.metrics.evaluate(sub, "layer", pred_key="leiden")["ari"].iloc[0] > 0.3
+
+
+def _as_cells(adata, per_spot=3, seed=0):
+    """Single-cell-like data from the real slice: several points per spot, no grid, some on identical positions."""
+    rng = np.random.default_rng(seed)
+    cells = adata[np.repeat(np.arange(adata.n_obs), per_spot)].copy()
+    cells.obs_names = [f"cell{i}" for i in range(cells.n_obs)]
+    cells.obs = cells.obs.drop(columns=["array_row", "array_col"])
+    cells.obsm["spatial"] = cells.obsm["spatial"] + rng.normal(scale=20.0, size=(cells.n_obs, 2))
+    cells.obsm["spatial"][1] = cells.obsm["spatial"][0]  # one exact tie
+    return cells
+
+
+def test_cells_without_a_grid_are_all_kept_in_a_deterministic_order(trained):
+    adata, _ = trained
+    cells = _as_cells(adata[:800])
+    with pytest.warns(UserWarning, match="1 spots have the same coordinates"):
+        dfm.pp.serialize(cells)
+    params = cells.uns["dfm_order"]["params"]
+    assert params["grid"] == "quantized" and params["n_spots_sharing_a_cell"] > 100
+    assert np.array_equal(np.sort(cells.obs["dfm_order"]), np.arange(cells.n_obs))
+    sequence = cells.obs_names[np.argsort(cells.obs["dfm_order"].to_numpy())]
+    # the order follows the coordinates, not the rows of the AnnData (cells 0 and 1 tie exactly: input order)
+    shuffled = cells[np.r_[0, 1, np.random.default_rng(1).permutation(np.arange(2, cells.n_obs))]].copy()
+    with pytest.warns(UserWarning):
+        dfm.pp.serialize(shuffled)
+    assert np.array_equal(shuffled.obs_names[np.argsort(shuffled.obs["dfm_order"].to_numpy())], sequence)
+    # consecutive cells along the curve are spatial neighbours: median step ≈ one cell
+    xy = cells.obsm["spatial"][np.argsort(cells.obs["dfm_order"].to_numpy())]
+    step = np.linalg.norm(np.diff(xy, axis=0), axis=1)
+    cell = np.sqrt(np.prod(np.ptp(xy, axis=0)) / cells.n_obs)
+    assert np.median(step) < 1.5 * cell
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    import dfmamba_st as dfm
+
+    torch.set_num_threads(1)
+    distributed = sys.argv[2] == "ddp"
+    if distributed:
+        dist.init_process_group("gloo")
+    adata = dfm.datasets.dlpfc_151673_hvg()
+    dfm.pp.serialize(adata)
+    dfm.tl.embed(adata, **{SMALL!r}, tile_size=1024)
+    rank = dist.get_rank() if distributed else 0
+    np.save(f"{{sys.argv[1]}}_{{rank}}.npy", adata.obsm["X_dfm"])
+    np.save(f"{{sys.argv[1]}}_{{rank}}_loss.npy", adata.uns["dfm"]["history"]["train_loss"])
+    assert adata.uns["dfm"]["params"]["world_size"] == (2 if distributed else 1)
+    if distributed:
+        dist.destroy_process_group()
+    """
+)
+
+
+def test_data_parallel_training_with_gloo_matches_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(SMALL=SMALL))
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd in (
+        [*env_cmd, str(script), str(tmp_path / "ddp"), "ddp"],
+        [sys.executable, str(script), str(tmp_path / "one"), "one"],
+    ):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+        assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1, single = (np.load(tmp_path / f"{name}.npy") for name in ("ddp_0", "ddp_1", "one_0"))
+    np.testing.assert_array_equal(rank0, rank1)  # every rank ends with the same embedding
+    assert np.linalg.norm(rank0 - single) / np.linalg.norm(single) < 1e-2
+    np.testing.assert_allclose(np.load(tmp_path / "ddp_0_loss.npy"), np.load(tmp_path / "one_0_loss.npy"), rtol=1e-3)
+
+
+def _env():
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_windows_must_share_out_over_the_ranks(monkeypatch):
+    adata = dfm.datasets.dlpfc_151673_hvg()[:300].copy()
+    dfm.pp.serialize(adata)
+    monkeypatch.setattr(_embed, "distributed_context", lambda: (0, 3))
+    with pytest.raises(ValueError, match="cannot be shared out over 3 ranks"):
+        dfm.tl.embed(adata, **SMALL)
