@@ -1,6 +1,6 @@
 """Preprocessing: turn a tissue into sequences (space-filling curves) and coarsen it."""
 
 from ._coarsen import coarsen
-from ._serialize import serialize, spot_cells
+from ._serialize import LibraryLayout, library_layouts, serialize, spot_cells
 
-__all__ = ["coarsen", "serialize", "spot_cells"]
+__all__ = ["LibraryLayout", "coarsen", "library_layouts", "serialize", "spot_cells"]

@@ -1,0 +1,57 @@
+"""Seam error of tiled inference: one trained model reads DLPFC 151673 whole and in tiles of decreasing size.
+
+Prints, per tile size: relative and largest absolute difference of the DF-Mamba block of the embedding against the
+whole-sequence reading, seconds of inference, and the ARI of the domains (GMM, K = 7) against the manual layers.
+
+Run from the repository root::
+
+    python benchmarks/tiling_seams.py [--seed 0] [--threads 2] [--h5ad PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--h5ad", default=None, help="a slice with obs['layer'] (default: the bundled 151673)")
+    p.add_argument("--tile-sizes", type=int, nargs="+", default=[2048, 1024, 512, 256])
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    import anndata as ad
+    import torch
+
+    import dfmamba_st as dfm
+
+    torch.set_num_threads(args.threads)
+    adata = dfm.datasets.dlpfc_151673_hvg() if args.h5ad is None else ad.read_h5ad(args.h5ad)
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, seed=args.seed, progress=False, return_model=True, tile_size=8192)
+    n_pcs = model.features.n_features
+    whole = adata.obsm["X_dfm"][:, n_pcs:].copy()
+    dfm.tl.cluster(adata, 7)
+    rows = [("whole (8192)", 0.0, 0.0, np.nan, dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0])]
+    for tile in args.tile_sizes:
+        start = time.perf_counter()
+        dfm.tl.embed(adata, model=model, tile_size=tile, progress=False)
+        seconds = time.perf_counter() - start
+        diff = adata.obsm["X_dfm"][:, n_pcs:] - whole
+        dfm.tl.cluster(adata, 7)
+        ari = dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0]
+        rows.append((str(tile), np.linalg.norm(diff) / np.linalg.norm(whole), np.abs(diff).max(), seconds, ari))
+    print(f"\n{adata.n_obs} spots, seed {args.seed}, {args.threads} threads\n")
+    print("| tile size | relative difference | max abs difference | embed s (model given) | ARI |")
+    print("|---|---|---|---|---|")
+    for name, rel, mx, sec, ari in rows:
+        print(f"| {name} | {rel:.2e} | {mx:.2e} | {'-' if np.isnan(sec) else f'{sec:.1f}'} | {ari:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
