@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -189,3 +190,18 @@ def test_windows_must_share_out_over_the_ranks(monkeypatch):
     monkeypatch.setattr(_embed, "distributed_context", lambda: (0, 3))
     with pytest.raises(ValueError, match="cannot be shared out over 3 ranks"):
         dfm.tl.embed(adata, **SMALL)
+
+
+def test_each_library_is_quantised_in_its_own_frame(trained):
+    adata, _ = trained
+    one = _as_cells(adata[:400], seed=1)
+    two = one.copy()
+    two.obsm["spatial"] = two.obsm["spatial"] * 7.0 + 1e6  # the same cells on another slide: other origin, units
+    both = ad.concat({"a": one, "b": two}, label="slide", index_unique="-")
+    first, second = dfm.pp.library_layouts(both, library_key="slide")
+    assert np.mean(np.all(first.cells == second.cells, axis=1)) > 0.99  # same grid whatever the frame
+    with pytest.warns(UserWarning, match="same coordinates"):
+        dfm.pp.serialize(both, library_key="slide")
+    order = {name: both.obs.loc[both.obs["slide"] == name, "dfm_order"].to_numpy() for name in ("a", "b")}
+    assert np.array_equal(np.sort(order["a"]), np.arange(one.n_obs))
+    assert np.mean(order["a"] == order["b"]) > 0.95
