@@ -43,9 +43,9 @@ class DFMambaClassifier(nn.Module):
         Dropout before the head.
     embed_scale
         Initial gain of the patch embedding's LayerNorm, i.e. the size of the tokens that enter DF-Mamba's residual
-        stream. With a gain of 1 the embedded tokens are ~20× larger than the Mamba block's output at
-        initialisation, and since the mean over tokens of the embedding carries no information about the
-        arrangement of patches, the contextual part of the pooled features is drowned and training sits on a
+        stream. With a gain of 1 the embedded tokens are much larger than the Mamba block's output at
+        initialisation (about 20× at d_model 32); the mean over tokens of the embedding carries no information about
+        the arrangement of patches, so the contextual part of the pooled features is drowned and training sits on a
         plateau at chance (measured on the synthetic task, see ``docs/pathology.md``). A small start (0.02) puts
         both at a comparable size; the gain is learned. The Mamba block normalises its own input, so this only
         changes the residual stream.
