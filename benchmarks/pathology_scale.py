@@ -20,7 +20,7 @@ Models, same width, same data, same schedule, one run:
 Run from the repository root::
 
     PYTHONPATH=. python benchmarks/pathology_scale.py            # default, about 15 min on 1 CPU thread
-    PYTHONPATH=. python benchmarks/pathology_scale.py --quick    # plumbing only, about 1 min
+    PYTHONPATH=. python benchmarks/pathology_scale.py --quick    # plumbing only, about 15 s
 """
 
 from __future__ import annotations

@@ -244,7 +244,7 @@ def test_tiny_model_training_loss_falls():
 
 
 def test_dfmamba_learns_the_arrangement_task_and_keeps_it_on_larger_fields():
-    # a small version of the benchmark: 512 images of 128 px (64 tokens), 640 steps of a small DF-Mamba (~45 s on one
+    # a small version of the benchmark: 512 images of 128 px (64 tokens), 640 steps of a small DF-Mamba (30–55 s on one
     # thread). The class is in the arrangement of patches only (see the probe test above), so beating chance (0.25)
     # means the model learned relations between tokens; the same weights are then scored on 256-px fields (256
     # tokens, never trained on). Small models sit on a plateau at chance for a while before they pick up the
