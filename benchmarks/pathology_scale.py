@@ -3,11 +3,12 @@
 Protocol (the paper's, on synthetic data): models are trained only on 256×256 images (256 tokens of 16×16 px) with
 flips/rotations and stain jitter; the epoch is chosen on held-out 256×256 images; the test fields are 512×512 and
 are scored twice with the same weights: on their 256×256 centre crop (256 tokens) and on the whole field (1024
-tokens, a size never seen in training). The label is the spatial organisation of two textures at a fixed pixel
-scale (see ``dfmamba_st.pathology.synthetic``), so it means the same thing for the crop and the field: the field
-shows more of the same organisation (a larger field of view, not an upsampled image). Training images are drawn at
-256×256 directly: every generated image holds exactly half of each texture, and a crop of a larger field would not,
-which would leak the class to a texture-counting model.
+tokens, a size never seen in training). The label is the spatial organisation of two textures over a lattice of
+16-px cells aligned with the patch grid (see ``dfmamba_st.pathology.synthetic``), so it means the same thing for
+the crop and the field: the field shows more of the same organisation (a larger field of view, not an upsampled
+image). Training images are drawn at 256×256 directly: every generated image holds exactly half of each texture,
+and a crop of a larger field would not, which would leak the class to a texture-counting model; the centre crop of
+a test field starts at a multiple of 16 px, so it stays aligned with the lattice.
 
 Models, same width, same data, same schedule, one run:
 
@@ -18,8 +19,8 @@ Models, same width, same data, same schedule, one run:
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/pathology_scale.py            # default, about 10 min on 1 CPU thread
-    PYTHONPATH=. python benchmarks/pathology_scale.py --quick    # CI scale, about 1 min
+    PYTHONPATH=. python benchmarks/pathology_scale.py            # default, about 15 min on 1 CPU thread
+    PYTHONPATH=. python benchmarks/pathology_scale.py --quick    # plumbing only, about 15 s
 """
 
 from __future__ import annotations
@@ -46,11 +47,11 @@ from dfmamba_st.pathology import (
 class PatchMLP(nn.Module):
     """Local-texture baseline: per-patch MLP, no interaction between patches, mean pool, linear head."""
 
-    def __init__(self, n_classes: int, d_model: int) -> None:
+    def __init__(self, n_classes: int, d_model: int, embed_scale: float = 0.02) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.patch_size = 16
-        self.embed = PatchEmbedding(d_model)
+        self.embed = PatchEmbedding(d_model, init_scale=embed_scale)
         self.mlp = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, n_classes)
@@ -76,12 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=128, help="256-px training images per class")
     p.add_argument("--val-images", type=int, default=25, help="256-px validation images per class")
     p.add_argument("--test-fields", type=int, default=50, help="512-px test fields per class")
-    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--field", type=int, default=512)
-    p.add_argument("--cell", type=int, default=32, help="lattice spacing of the synthetic organisation (px)")
+    p.add_argument("--cell", type=int, default=16, help="lattice spacing of the synthetic organisation (px)")
     p.add_argument("--models", default="dfmamba,flat,patch", help="comma list of dfmamba, flat, patch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)

@@ -1,9 +1,10 @@
 """A synthetic "tissue" task whose class is set by large-scale organisation, not by local texture.
 
 Every image is a field of textured blobs on a pink background, in H&E-like colours. The plane is tiled by an
-(invisible) lattice of ``cell × cell`` pixel cells with a random offset; each cell holds at most one blob (a
-jittered disk) filled with one of two textures, "nuclei" (pale purple with dark dots) or "stroma" (pink, finely
-striped at a random angle). The class is the spatial organisation of the two textures over the lattice:
+(invisible) lattice of ``cell × cell`` pixel cells (default 16 px, one 16×16 patch token per cell); each cell holds
+at most one blob (a jittered disk) filled with one of two textures, "nuclei" (pale purple with dark dots) or
+"stroma" (pink, finely striped at a random angle). The class is the spatial organisation of the two textures over
+the lattice:
 
 =====  ============  ===========================================================================================
 label  name          texture of the cells
@@ -11,14 +12,19 @@ label  name          texture of the cells
 0      alternating   ``(i + j) mod 2``: every 4-neighbour differs (anti-correlated)
 1      mixed         a random balanced assignment: no spatial correlation
 2      clustered     a Gaussian random field smoothed over 1 cell, cut at its median: small domains (~2–3 cells)
-3      segregated    the same with 3 cells of smoothing: large domains (~6–10 cells, 200–300 px at ``cell=32``)
+3      segregated    the same with 3 cells of smoothing: large domains (~6–10 cells, 100–160 px)
 =====  ============  ===========================================================================================
 
 In every class exactly half of the lattice cells (±1) hold each texture, and blob size, jitter, colour, empty
 cells and textures come from the same distributions, so neither a single cell, a 16×16 patch, nor the texture
 composition of the image says anything about the class: a model that pools local texture is at chance (25 %).
-What differs is how homogeneous the texture is over growing neighbourhoods — a correlation length, i.e. a
-multi-scale statistic that needs context from many patches (classes 2 and 3 differ at 100–300 px).
+The lattice offset is a multiple of the patch size (``align``), so a patch token never shows parts of two blobs:
+with a free offset, a patch on a cell corner shows slivers of up to four blobs, and how often two textures meet
+inside one patch reveals the arrangement to a purely local model (measured: 55 % with 32-px cells and 79 % with
+16-px cells for a logistic regression on per-patch colour statistics, against 21–23 % with aligned cells). What
+differs between classes is how homogeneous the texture is over growing neighbourhoods — a correlation length, a
+statistic of the relations between many patches (from neighbouring patches for classes 0–2 up to domains of
+100–160 px for class 3).
 
 The class is defined at a pixel scale (``cell``) and is stationary, so it means the same thing for a 256×256
 image and a 512×512 field: the larger field shows more of the same organisation at the same pixel scale (a larger
@@ -70,7 +76,8 @@ def make_synthetic_image(
     size: int | tuple[int, int] = 256,
     *,
     rng: np.random.Generator | int | None = None,
-    cell: int = 32,
+    cell: int = 16,
+    align: int | None = 16,
     radius: tuple[float, float] = (0.38, 0.45),
     jitter: float = 0.04,
     p_empty: float = 0.1,
@@ -88,6 +95,10 @@ def make_synthetic_image(
         A NumPy generator or a seed.
     cell
         Lattice spacing in pixels (the scale of the arrangement).
+    align
+        The lattice offset is a random multiple of ``align`` pixels (``None``: any offset). With the patch size
+        here (16) and ``cell`` a multiple of it, no lattice cell straddles a patch border, so a patch never shows
+        parts of two blobs, and the co-occurrence of textures inside one patch cannot reveal the arrangement.
     radius
         Range of blob radii as fractions of ``cell``.
     jitter
@@ -113,7 +124,10 @@ def make_synthetic_image(
     if radius[1] + jitter >= 0.5:
         raise ValueError("radius[1] + jitter must stay below 0.5 so that blobs stay inside their cells.")
     # lattice with a random phase: pixel (y, x) lies in cell (floor((y + oy) / cell), floor((x + ox) / cell))
-    oy, ox = rng.uniform(0, cell, size=2)
+    if align is None:
+        oy, ox = rng.uniform(0, cell, size=2)
+    else:
+        oy, ox = align * rng.integers(0, max(1, cell // align), size=2)
     n_i = int(np.floor((height - 1 + oy) / cell)) + 1
     n_j = int(np.floor((width - 1 + ox) / cell)) + 1
     types = _cell_types(int(label), n_i, n_j, rng)

@@ -182,6 +182,9 @@ class PatchEmbedding(nn.Module):
         Image channels.
     curve
         Token order.
+    init_scale
+        Initial gain of the LayerNorm (its learnable ``weight``): the size of the embedded tokens at the start of
+        training. :class:`~dfmamba_st.pathology.DFMambaClassifier` starts it small (see its ``embed_scale``).
 
     Examples
     --------
@@ -191,13 +194,21 @@ class PatchEmbedding(nn.Module):
     torch.Size([1, 256, 32])
     """
 
-    def __init__(self, d_model: int, patch_size: int = 16, in_chans: int = 3, curve: curves.Curve = "hilbert") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        curve: curves.Curve = "hilbert",
+        init_scale: float = 1.0,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.curve = curve
         self.proj = nn.Conv2d(in_chans, d_model, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(d_model)
+        nn.init.constant_(self.norm.weight, init_scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, in_chans, H, W) → (batch, L, d_model) in curve order."""

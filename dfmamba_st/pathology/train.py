@@ -9,6 +9,10 @@ or on the synthetic arrangement task (no download)::
 
     python -m dfmamba_st.pathology.train --synthetic --epochs 20 --d-model 64
 
+(a demonstration of the pipeline: it crops the synthetic fields at any offset, so the crops are neither aligned with
+the blob lattice nor balanced in texture, and local statistics say something about the class; the controlled
+comparison is ``benchmarks/pathology_scale.py``).
+
 It splits the images 70/15/15 (stratified, seeded), trains on random crops with stain/flip augmentation using
 :func:`dfmamba_st.core.fit` (validation on centre crops of the training size, so the larger field is never seen
 before the test), and prints the test accuracy at the crop size and on the full field (zero-shot).
