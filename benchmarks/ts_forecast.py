@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "lr": lr,
             "val_mse": [round(h["val_loss"], 5) for h in result.history],
             "test_windows": test["n_windows"],
+            "scan_backends": ts.scan_backends(model),
         }
         if factors:
             zs = ts.zero_shot(model, splits, factors=[1, *factors], mode=args.zero_shot_mode)
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         results[name] = row
         print(
             f"  {name}: test MSE {row['mse']:.4f} MAE {row['mae']:.4f}, {row['epochs_run']} epochs "
-            f"(best {row['best_epoch']}), val MSE {row['val_mse']}, {train_s:.0f}s wall, {train_cpu_s:.0f}s CPU",
+            f"(best {row['best_epoch']}), val MSE {row['val_mse']}, {train_s:.0f}s wall, {train_cpu_s:.0f}s CPU, "
+            f"scan {row['scan_backends'] or '-'}",
             flush=True,
         )
 

@@ -167,6 +167,17 @@ def test_msmamba_scales_and_variants():
     assert not torch.allclose(a(x)[0], b(x)[0])
 
 
+def test_scan_backends_reports_what_the_scan_resolves_to():
+    from dfmamba_st.core import available_backends
+
+    assert ts.scan_backends(ts.DLinear(3, 16, 4)) == []
+    assert ts.scan_backends(_tiny_dfm(3, 16, 4, tokens="time", backend="torch")) == ["torch"]
+    auto = ts.MSMamba(3, 16, 4, d_model=8, d_ff=8, d_state=4)
+    expected = "numba" if "numba" in available_backends() else "torch"  # the CPU choice of backend="auto"
+    assert ts.scan_backends(auto) == [expected]
+    assert ts.scan_backends(_tiny_dfm(3, 16, 4, tokens="time")) == [expected]
+
+
 def test_dlinear_matches_manual_decomposition():
     model = ts.DLinear(3, 30, 10, kernel_size=5)
     x = torch.randn(2, 30, 3)
@@ -238,7 +249,8 @@ def test_benchmark_script_end_to_end(tmp_path, capsys):
         assert {"mse", "mae", "params", "train_s"} <= set(row)
         assert np.isfinite(row["mse"]) and row["params"] > 0
         assert set(row["zero_shot"]) == {"1", "2"}
-    assert res["dlinear"]["params"] == 18624
+    assert res["dlinear"]["params"] == 18624 and res["dlinear"]["scan_backends"] == []
+    assert res["dfmamba_ts"]["scan_backends"] == ts.scan_backends(ts.DFMambaTS(7, 96, 96))
 
 
 def test_package_exposes_ts():

@@ -20,7 +20,7 @@ from .data import (
     split_borders,
 )
 from .evaluate import coarsened_windows, evaluate, predict, zero_shot
-from .models import DFMambaTS, DLinear, MSMamba, RevIN, count_parameters
+from .models import DFMambaTS, DLinear, MSMamba, RevIN, count_parameters, scan_backends
 from .train import forecast_loss, train_forecaster
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "load",
     "make_splits",
     "predict",
+    "scan_backends",
     "split_borders",
     "train_forecaster",
     "zero_shot",

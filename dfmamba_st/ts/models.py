@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import DFMamba, Mamba, count_parameters
+from ..core.scan import resolve_backend
 
-__all__ = ["DFMambaTS", "DLinear", "MSMamba", "RevIN", "count_parameters"]
+__all__ = ["DFMambaTS", "DLinear", "MSMamba", "RevIN", "count_parameters", "scan_backends"]
 
 
 def _check_input(x: torch.Tensor, seq_len: int, n_variates: int) -> None:
@@ -74,6 +75,34 @@ class RevIN(nn.Module):
         if self.affine:
             y = (y - self.bias) / (self.weight + self.eps * self.eps)
         return y * self._std + self._mean
+
+
+def scan_backends(model: nn.Module, device: torch.device | str | None = None) -> list[str]:
+    """The selective-scan backends the Mamba blocks of ``model`` run on ``device``.
+
+    ``"auto"`` is resolved the way :func:`~dfmamba_st.core.selective_scan` resolves it (``numba`` for CPU tensors
+    when numba imports), so a benchmark can report what actually ran.
+
+    Parameters
+    ----------
+    model
+        Any module; its :class:`~dfmamba_st.core.Mamba` submodules are inspected.
+    device
+        Device of the inputs; ``None``: the device of the model's first parameter.
+
+    Returns
+    -------
+    Sorted distinct backend names; empty for a model without Mamba blocks.
+
+    Examples
+    --------
+    >>> from dfmamba_st.ts import DLinear, scan_backends
+    >>> scan_backends(DLinear(2, 8, 4))
+    []
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    return sorted({resolve_backend(m.backend, device) for m in model.modules() if isinstance(m, Mamba)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
