@@ -208,12 +208,6 @@ def embed(
     copy
         Work on a copy of ``adata`` and return it.
 
-    Training is on windows of the preset's length drawn along the curves, a fixed number of tokens per step: its
-    time does not grow with the number of spots. Inside a ``torch.distributed`` process group (``torchrun``, gloo
-    on CPUs or NCCL on GPUs) the windows of every step are shared out over the ranks and the gradients averaged
-    (see :func:`dfmamba_st.core.fit`), and inference tiles are shared out too; every rank ends with the same
-    embedding.
-
     Returns
     -------
     ``None`` (or the copy, and/or the model). Sets
@@ -225,6 +219,14 @@ def embed(
     ``adata.uns['dfm']``
         ``params`` (every resolved setting, the preset, the device), ``genes``, ``missing_genes``, ``history``
         (per-epoch losses), ``versions``.
+
+    Notes
+    -----
+    Training is on windows of the preset's length drawn along the curves, a fixed number of tokens per step: its
+    time does not grow with the number of spots. Inside a ``torch.distributed`` process group (``torchrun``, gloo
+    on CPUs or NCCL on GPUs) the windows of every step are shared out over the ranks and the gradients averaged
+    (see :func:`dfmamba_st.core.fit`), and inference tiles are shared out too; every rank ends with the same
+    embedding.
 
     Examples
     --------
