@@ -16,7 +16,9 @@ cells = [
         "(3,639 spots, its 3,000 most variable genes), so everything below runs offline on a laptop CPU "
         "in about a minute."
     ),
-    code("import matplotlib.pyplot as plt\n\nimport dfmamba_st as dfm\n\nadata = dfm.datasets.dlpfc_151673_hvg()\nadata"),
+    code(
+        "import matplotlib.pyplot as plt\n\nimport dfmamba_st as dfm\n\nadata = dfm.datasets.dlpfc_151673_hvg()\nadata"
+    ),
     md(
         "## 1. Serialize: the tissue becomes a sequence\n"
         "`pp.serialize` orders the spots along a Hilbert curve over the Visium grid. Consecutive spots in the "
