@@ -60,6 +60,18 @@ def test_early_stopping_restores_best_weights():
     result = fit(model, loss_fn, train, val_data=val[:1], epochs=50, patience=3, lr=1e-2, progress=False)
     assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 0
 
+    # restore_best=False, no early stopping: the last epoch's weights, which differ from the best epoch's
+    noisy_val.calls = 0
+    last = nn.Linear(4, 1)
+    result = fit(
+        last, loss_fn, train, val_data=val[:1], epochs=6, patience=None, restore_best=False, lr=1e-2, progress=False
+    )
+    assert len(result.history) == 6 and result.best_epoch == 0 and not result.stopped_early
+    again = nn.Linear(4, 1)
+    noisy_val.calls = 0
+    fit(again, loss_fn, train, val_data=val[:1], epochs=6, patience=None, lr=1e-2, progress=False)
+    assert not torch.allclose(last.weight, again.weight)  # the default would have gone back to epoch 0
+
 
 def test_gradient_norm_is_clipped():
     model = nn.Linear(4, 1, bias=False)

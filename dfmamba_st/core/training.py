@@ -205,6 +205,7 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     description: str = "training",
+    restore_best: bool = True,
 ) -> TrainResult:
     """Train ``model`` with AdamW, a cosine schedule with warm-up, gradient clipping and early stopping.
 
@@ -239,10 +240,12 @@ def fit(
         Show a tqdm progress bar.
     description
         Label of the progress bar.
+    restore_best
+        End with the weights of the epoch with the lowest monitored loss (``False``: the last epoch's weights).
 
     Returns
     -------
-    A :class:`TrainResult`; the model is left holding the weights of the best epoch.
+    A :class:`TrainResult`; the model is left holding the weights of the best epoch (or of the last one).
 
     Notes
     -----
@@ -341,7 +344,7 @@ def fit(
         if stop:
             break
     bar.close()
-    if best_state is not None:
+    if restore_best and best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return result
