@@ -65,14 +65,19 @@ class LibraryLayout:
     points
         (n, 2) float coordinates in cell units, for neighbour graphs: the cells themselves on a grid, the real
         coordinates when they were quantised (cells then share no distance ties).
-    quantized
-        Whether the cells come from quantised coordinates (several spots can share a cell).
+    source
+        How the cells were obtained: ``"visium_grid"``, ``"grid"`` or ``"quantized"`` (see :func:`spot_cells`).
     """
 
     idx: np.ndarray
     cells: np.ndarray
     points: np.ndarray
-    quantized: bool
+    source: str
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the cells come from quantised coordinates (several spots can share a cell)."""
+        return self.source == "quantized"
 
     def order(self, curve: curves.Curve) -> np.ndarray:
         """Positions (within ``idx``) of the spots in curve order.
@@ -118,7 +123,7 @@ def library_layouts(
         else:
             lib_cells = cells[idx] - cells[idx].min(axis=0)
             points = lib_cells.astype(np.float64)
-        out.append(LibraryLayout(idx, lib_cells, points, quantized))
+        out.append(LibraryLayout(idx, lib_cells, points, source))
     return out
 
 
@@ -170,10 +175,10 @@ def serialize(
     check_library_key(adata, library_key)
     if curve not in ("hilbert", "hilbert_t", "zorder"):
         raise ValueError(f"Unknown curve {curve!r}; use 'hilbert', 'hilbert_t' or 'zorder'.")
-    _, source = spot_cells(adata, spatial_key=spatial_key)
+    layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
     n_sharing = n_identical = 0
-    for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
+    for layout in layouts:
         position[layout.idx[layout.order(curve)]] = np.arange(layout.idx.size)
         n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
         n_identical += layout.idx.size - len(np.unique(layout.points, axis=0))
@@ -185,7 +190,7 @@ def serialize(
                 "curve": curve,
                 "library_key": library_key,
                 "spatial_key": spatial_key,
-                "grid": source,
+                "grid": layouts[0].source,
                 "n_spots_sharing_a_cell": int(n_sharing),
                 "n_spots_with_identical_coordinates": int(n_identical),
             }
