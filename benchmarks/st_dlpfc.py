@@ -5,7 +5,7 @@ method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluste
 peak RSS (MB). Then zero-shot scale (model trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer
 (model trained on 151673 → 151674, against training on 151674 itself).
 
-Baselines (same clustering, a tied-covariance GMM with K = 7 on the 10 leading PCs, no refinement):
+Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K = 7 on the 20 leading PCs, no refinement):
 - ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
 - ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
 
@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
+    python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
 """
 
 from __future__ import annotations
@@ -40,7 +41,28 @@ def _scores(adata, key: str) -> dict:
     return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
 
 
-def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int) -> dict:
+def _parse_options(pairs: list[str]) -> dict:
+    """``["epochs=40", "readout=model", "extra_curves="]`` → keyword arguments of ``tl.embed``."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--embed takes KEY=VALUE, got {pair!r}")
+        if key == "extra_curves":
+            options[key] = tuple(v for v in value.split(",") if v)
+            continue
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return options
+
+
+def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed_options: dict) -> dict:
     import anndata as ad
     import numpy as np
     import torch
@@ -52,7 +74,7 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int) -> di
     start = time.time()
     if kind == "dfmamba_st":
         dfm.pp.serialize(adata)
-        dfm.tl.embed(adata, seed=seed, progress=False)
+        dfm.tl.embed(adata, seed=seed, progress=False, **embed_options)
         dfm.tl.cluster(adata, 7, random_state=seed)
         key = "dfm_domain"
     else:
@@ -127,17 +149,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
     parser.add_argument("--no-extra", action="store_true", help="skip the zero-shot and transfer tests")
+    parser.add_argument(
+        "--embed",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options of tl.embed for dfmamba_st (ablations), e.g. --embed epochs=40 readout=model extra_curves=",
+    )
     args = parser.parse_args(argv)
 
     import pandas as pd
 
+    embed_options = _parse_options(args.embed)
+    if embed_options:
+        print(f"tl.embed options: {embed_options}", flush=True)
     ctx = mp.get_context("spawn")
     rows = []
     for slice_id in args.slices:
         for method in args.methods:
             for seed in args.seeds:
                 with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                    row = pool.submit(_job, method, args.data_dir, slice_id, seed, args.threads).result()
+                    row = pool.submit(_job, method, args.data_dir, slice_id, seed, args.threads, embed_options).result()
                 rows.append(row)
                 print(
                     f"{row['method']:>15} {row['slice']} seed {seed}: ARI {row['ari']:.3f} "
