@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
         d_model=64,
         depth=3,
         d_state=16,
-        # 20 × 10 steps, all of them used (the last weights are kept): ~40-50 s per DLPFC slice on 2 CPU cores
+        # 20 × 10 steps, all of them used (the last weights are kept): 43-51 s per DLPFC slice on one CPU thread
         epochs=20,
         steps_per_epoch=10,
         lr=3e-3,
@@ -176,19 +176,19 @@ def embed(
         Rings of neighbours averaged into the neighbourhood half of a token.
     readout_hops
         The embedding of a spot is averaged over this many rings of neighbours (0: none). Each curve passes only
-        some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw
-        (measured on DLPFC 151673 / 151674: ARI 0.60 / 0.56 with one ring against 0.37 / 0.34 without; measured
-        before the training fix described under ``epochs``, when the kept model had trained 10 steps).
+        some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw.
+        Measured on DLPFC (ARI, mean of seeds 0/1, 151673 / 151674 / 151510): 0.589 / 0.561 / 0.525 with one ring,
+        0.612 / 0.580 / 0.510 without; not a clear winner, see ``docs/spatial.md`` (ablations).
     readout
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
         the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
-        Measured on DLPFC (seeds 0/1, 151673 and 151674; before the training fix, see ``epochs``), ``"concat"``
-        scored ARI 0.57/0.55/0.55/0.58 against 0.51/0.31/0.40/0.46 for the state alone: the expression block
-        anchors the clustering, the DF-Mamba block adds the multi-scale context read along the curves.
+        Measured as above: ``"concat"`` 0.589 / 0.561 / 0.525, ``"model"`` 0.541 / 0.598 / 0.499 (and the
+        larger seed spread); the expression block anchors the clustering, the DF-Mamba block adds the multi-scale
+        context read along the curves.
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
         ``"zorder"``); every curve is scanned in both directions. A 1-D order breaks 2-D adjacency, a second curve
-        restores part of it.
+        restores part of it: measured as above, ``()`` (one curve) gives 0.544 / 0.481 / 0.508.
     library_key
         Column of ``obs`` naming each spot's slice; every slice is its own set of sequences.
     order_key
