@@ -115,10 +115,17 @@ def test_bundled_counts_are_the_shared_counts_of_the_seurat_v3_genes(shared_1516
 
     bundled = datasets.dlpfc_151673_hvg()
     hvg = sc.pp.highly_variable_genes(shared_151673, n_top_genes=3000, flavor="seurat_v3", inplace=False)
-    expected = shared_151673.var_names[hvg["highly_variable"].to_numpy()]
-    assert list(bundled.var_names) == list(expected)
+    # genes tied on the normalised variance at the cut-off (4 on this slice) are ordered differently by different
+    # scanpy/pandas versions: every gene above the cut-off must be there, the rest come from the tie
+    score = hvg["variances_norm"].to_numpy()
+    cutoff = score[hvg["highly_variable"].to_numpy()].min()
+    above = set(shared_151673.var_names[score > cutoff + 1e-9])
+    at_or_above = set(shared_151673.var_names[score >= cutoff - 1e-9])
+    assert bundled.n_vars == 3000 and above <= set(bundled.var_names) <= at_or_above
+    in_shared_order = [g for g in shared_151673.var_names if g in set(bundled.var_names)]
+    assert list(bundled.var_names) == in_shared_order
     assert list(bundled.obs_names) == list(shared_151673.obs_names)
-    assert (bundled.X != shared_151673[:, expected].X).nnz == 0
+    assert (bundled.X != shared_151673[:, bundled.var_names].X).nnz == 0
     np.testing.assert_array_equal(bundled.obsm["spatial"], shared_151673.obsm["spatial"])
 
 
