@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-loss", default="mse", choices=("mse", "mae", "huber"), help="point loss in training")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: per model)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--json", default=None, help="write the results here")
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr=lr,
+            train_loss=args.train_loss,
             max_train_windows=args.max_train_windows,
             max_val_windows=args.max_val_windows,
             patience=args.patience,
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "epochs_run": len(result.history),
             "best_epoch": result.best_epoch,
             "lr": lr,
+            "train_loss": args.train_loss,
             "val_mse": [round(h["val_loss"], 5) for h in result.history],
             "test_windows": test["n_windows"],
             "scan_backends": ts.scan_backends(model),

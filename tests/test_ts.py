@@ -204,6 +204,30 @@ def test_training_lowers_loss_on_real_slice(splits, name):
     assert after < 0.9 * before, (before, after)
 
 
+@pytest.mark.parametrize("train_loss", ["mse", "mae", "huber"])
+def test_forecast_loss_trains_on_the_chosen_loss_and_validates_on_mse(train_loss):
+    torch.manual_seed(0)
+    model = ts.DLinear(3, 16, 4)
+    x, y = torch.randn(5, 16, 3), 3 * torch.randn(5, 4, 3)  # errors of a few units: the three losses differ
+    pred = model(x)[0].detach()
+    expected = {
+        "mse": torch.nn.functional.mse_loss(pred, y),
+        "mae": (pred - y).abs().mean(),
+        "huber": torch.where((pred - y).abs() < 1, 0.5 * (pred - y) ** 2, (pred - y).abs() - 0.5).mean(),
+    }
+    loss, terms = ts.forecast_loss(model.train(), (x, y), train_loss=train_loss)
+    assert float(loss) == pytest.approx(float(expected[train_loss]), rel=1e-5)  # DLinear: aux = 0
+    assert terms["mse"] == pytest.approx(float(expected["mse"]), rel=1e-5)
+    val = ts.forecast_loss(model.eval(), (x, y), train_loss=train_loss)
+    assert float(val) == pytest.approx(float(expected["mse"]), rel=1e-5)
+
+
+@needs_data
+def test_unknown_train_loss_is_refused(splits):
+    with pytest.raises(ValueError, match="train_loss"):
+        ts.train_forecaster(ts.DLinear(7, 96, 96), splits, epochs=1, train_loss="l3")
+
+
 # ------------------------------------------------------------------------------------------------ zero-shot
 
 

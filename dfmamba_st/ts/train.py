@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,12 +15,16 @@ from .data import ForecastSplits
 
 __all__ = ["forecast_loss", "train_forecaster"]
 
+TrainLoss = Literal["mse", "mae", "huber"]
+_POINT_LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "huber": F.huber_loss}
 
-def forecast_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
-    """Loss for :func:`~dfmamba_st.core.fit`: MSE of the forecast plus the model's auxiliary loss while training.
+
+def forecast_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *, train_loss: TrainLoss = "mse") -> Any:
+    """Loss for :func:`~dfmamba_st.core.fit`: error of the forecast plus the model's auxiliary loss while training.
 
     In evaluation mode (validation, early stopping) only the forecast MSE is returned, so model selection is on the
-    task metric alone.
+    task metric alone, whatever ``train_loss`` the model is trained with (``"mse"``, ``"mae"`` or ``"huber"``
+    with δ = 1 on the standardised scale).
 
     Examples
     --------
@@ -35,10 +40,15 @@ def forecast_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) ->
     x, y = batch
     device = next(model.parameters()).device
     pred, aux = model(x.to(device))
-    mse = F.mse_loss(pred, y.to(device))
+    y = y.to(device)
+    mse = F.mse_loss(pred, y)
     if not model.training:
         return mse
-    return mse + aux, {"mse": float(mse.detach()), "aux": float(aux.detach())}
+    point = mse if train_loss == "mse" else _POINT_LOSSES[train_loss](pred, y)
+    terms = {"mse": float(mse.detach()), "aux": float(aux.detach())}
+    if train_loss != "mse":
+        terms[train_loss] = float(point.detach())
+    return point + aux, terms
 
 
 def train_forecaster(
@@ -48,6 +58,7 @@ def train_forecaster(
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 1e-3,
+    train_loss: TrainLoss = "mse",
     max_train_windows: int | None = None,
     max_val_windows: int | None = None,
     patience: int | None = 3,
@@ -70,6 +81,9 @@ def train_forecaster(
         Windows per optimiser step (32 is standard).
     lr
         Peak AdamW learning rate (cosine schedule with warm-up, as everywhere in the package).
+    train_loss
+        Point loss minimised in training: ``"mse"`` (default), ``"mae"`` or ``"huber"``. Early stopping and the
+        kept weights are always judged on the validation MSE.
     max_train_windows
         Train on a random subset of this many windows per epoch (a fresh subset every epoch); ``None``: all.
     max_val_windows
@@ -101,6 +115,8 @@ def train_forecaster(
     >>> len(result.history)
     2
     """
+    if train_loss not in _POINT_LOSSES:
+        raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
     n_train = len(splits.train) if max_train_windows is None else min(max_train_windows, len(splits.train))
     steps = math.ceil(n_train / batch_size)
 
@@ -112,7 +128,7 @@ def train_forecaster(
 
     return fit(
         model,
-        forecast_loss,
+        functools.partial(forecast_loss, train_loss=train_loss),
         train_batches,
         epochs=epochs,
         val_data=val_batches,
