@@ -26,7 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dlpfc"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._options import parse_options  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "dlpfc"
 FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
 
 
@@ -39,27 +45,6 @@ def _scores(adata, key: str) -> dict:
 
     row = dfm.metrics.evaluate(adata, "layer", pred_key=key).iloc[0]
     return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    """``["epochs=40", "readout=model", "extra_curves="]`` → keyword arguments of ``tl.embed``."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--embed takes KEY=VALUE, got {pair!r}")
-        if key == "extra_curves":
-            options[key] = tuple(v for v in value.split(",") if v)
-            continue
-        for cast in (int, float):
-            try:
-                options[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            options[key] = value
-    return options
 
 
 def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed_options: dict) -> dict:
@@ -160,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
-    embed_options = _parse_options(args.embed)
+    embed_options = parse_options(args.embed, "--embed")
+    if "extra_curves" in embed_options:  # a comma-separated list of curve names; empty: the primary curve alone
+        embed_options["extra_curves"] = tuple(v for v in str(embed_options["extra_curves"]).split(",") if v)
     if embed_options:
         print(f"tl.embed options: {embed_options}", flush=True)
     ctx = mp.get_context("spawn")

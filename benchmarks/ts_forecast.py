@@ -28,35 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._options import parse_options  # noqa: E402
 from dfmamba_st import ts  # noqa: E402
 from dfmamba_st.core import available_backends, seed_everything  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "ts"
 MODELS = ("dfmamba_ts", "msmamba", "msmamba_learn", "dlinear")
 DEFAULT_LR = {"dfmamba_ts": 1e-3, "msmamba": 5e-4, "msmamba_learn": 5e-4, "dlinear": 1e-3}
-
-
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["a=1", "b=false"]`` → ``{"a": 1, "b": False}``."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--dfm/--ms options are key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        out[key.strip()] = _parse_value(value.strip())
-    return out
 
 
 def build_model(
@@ -105,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     for name in names:
         if name not in MODELS:
             raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(MODELS)}.")
-    dfm_opts, ms_opts = parse_options(args.dfm), parse_options(args.ms)
+    dfm_opts, ms_opts = parse_options(args.dfm, "--dfm"), parse_options(args.ms, "--ms")
     factors = [int(f) for f in args.zero_shot.split(",") if f.strip()]
     splits = ts.make_splits(args.dataset, args.seq_len, args.horizon, path=args.data_dir)
     print(
