@@ -97,11 +97,6 @@ def _sample_windows(tokens: torch.Tensor, libraries, window: int, n_windows: int
     return torch.stack(out)
 
 
-def _draw_mask(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
-    """Positions to mask in a batch of windows: each independently with probability ``MASK_RATIO``."""
-    return torch.rand(shape, generator=gen) < MASK_RATIO
-
-
 def _unit_variance(block: np.ndarray) -> np.ndarray:
     """Centre a block of features and scale it to unit total variance (so blocks of any width weigh the same)."""
     block = block - block.mean(axis=0)
@@ -332,7 +327,7 @@ def embed(
             gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
             for _ in range(settings["steps_per_epoch"]):
                 seqs = _sample_windows(token_t, libraries, settings["window"], settings["batch_windows"], gen)
-                mask = _draw_mask(seqs.shape[:2], gen)
+                mask = torch.rand(seqs.shape[:2], generator=gen) < MASK_RATIO
                 # every rank draws the same windows and keeps its share of them
                 yield seqs[rank::world_size].to(torch_device), mask[rank::world_size].to(torch_device)
 
