@@ -44,10 +44,11 @@ def forecast_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], *,
     mse = F.mse_loss(pred, y)
     if not model.training:
         return mse
-    point = mse if train_loss == "mse" else _POINT_LOSSES[train_loss](pred, y)
     terms = {"mse": float(mse.detach()), "aux": float(aux.detach())}
-    if train_loss != "mse":
-        terms[train_loss] = float(point.detach())
+    if train_loss == "mse":
+        return mse + aux, terms
+    point = _POINT_LOSSES[train_loss](pred, y)
+    terms[train_loss] = float(point.detach())
     return point + aux, terms
 
 
