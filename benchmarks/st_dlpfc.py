@@ -9,6 +9,10 @@ Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K = 7 o
 - ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
 - ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
 
+Ablation (not run by default, ``--methods dfm_features``): ``tl.embed``'s own spot features (HVGs → 50 PCs, the
+preset's) averaged over two rings of grid neighbours — the expression half of the default ``"concat"`` readout —
+clustered by ``tl.cluster`` with its defaults (refinement on), no DF-Mamba: what the model adds to its own input.
+
 Usage::
 
     python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
@@ -62,6 +66,23 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
         dfm.tl.embed(adata, seed=seed, progress=False, **embed_options)
         dfm.tl.cluster(adata, 7, random_state=seed)
         key = "dfm_domain"
+    elif kind == "dfm_features":
+        from dfmamba_st.pp._serialize import library_layouts
+        from dfmamba_st.tl._embed import PRESETS
+        from dfmamba_st.tl._features import FeatureTransform, smooth
+
+        cpu = PRESETS["cpu"]
+        transform = FeatureTransform.fit(
+            adata, layer=None, n_top_genes=cpu["n_top_genes"], n_pcs=cpu["n_pcs"], seed=seed
+        )
+        features, _ = transform.transform(adata)
+        dfm.pp.serialize(adata)
+        (layout,) = library_layouts(adata)
+        smoothed = np.empty_like(features)
+        smoothed[layout.idx] = smooth(features[layout.idx], layout.graph(), 2)  # tl.embed's default hops
+        adata.obsm["X_features"] = smoothed
+        dfm.tl.cluster(adata, 7, use_rep="X_features", random_state=seed, key_added="base")
+        key = "base"
     else:
         import scanpy as sc
         from sklearn.neighbors import NearestNeighbors
