@@ -178,8 +178,9 @@ def embed(
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
         the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
         Measured as above: ``"concat"`` 0.589 / 0.561 / 0.525, ``"model"`` 0.541 / 0.598 / 0.499 (and the
-        larger seed spread); the expression block anchors the clustering, the DF-Mamba block adds the multi-scale
-        context read along the curves.
+        larger seed spread). The expression block alone (no model; ``--methods dfm_features`` of
+        ``benchmarks/st_dlpfc.py``) scores 0.534 / 0.576 / 0.570: on these slices the DF-Mamba block adds ARI on
+        151673 only (``docs/spatial.md``).
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
         ``"zorder"``); every curve is scanned in both directions. A 1-D order breaks 2-D adjacency, a second curve
