@@ -62,7 +62,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--train-loss", default="mse", choices=("mse", "mae", "huber"), help="point loss in training")
+    p.add_argument(
+        "--train-loss",
+        default=ts.DEFAULT_TRAIN_LOSS,
+        choices=("mse", "mae", "huber"),
+        help=f"point loss in training (default: {ts.DEFAULT_TRAIN_LOSS}, the package's)",
+    )
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: per model)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--json", default=None, help="write the results here")

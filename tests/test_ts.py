@@ -204,7 +204,7 @@ def test_training_lowers_loss_on_real_slice(splits, name):
     assert after < 0.9 * before, (before, after)
 
 
-@pytest.mark.parametrize("train_loss", ["mse", "mae", "huber"])
+@pytest.mark.parametrize("train_loss", ["mse", "mae", "huber", None])
 def test_forecast_loss_trains_on_the_chosen_loss_and_validates_on_mse(train_loss):
     torch.manual_seed(0)
     model = ts.DLinear(3, 16, 4)
@@ -215,10 +215,11 @@ def test_forecast_loss_trains_on_the_chosen_loss_and_validates_on_mse(train_loss
         "mae": (pred - y).abs().mean(),
         "huber": torch.where((pred - y).abs() < 1, 0.5 * (pred - y) ** 2, (pred - y).abs() - 0.5).mean(),
     }
-    loss, terms = ts.forecast_loss(model.train(), (x, y), train_loss=train_loss)
-    assert float(loss) == pytest.approx(float(expected[train_loss]), rel=1e-5)  # DLinear: aux = 0
+    chosen = {} if train_loss is None else {"train_loss": train_loss}  # None: the default, the MAE
+    loss, terms = ts.forecast_loss(model.train(), (x, y), **chosen)
+    assert float(loss) == pytest.approx(float(expected[train_loss or "mae"]), rel=1e-5)  # DLinear: aux = 0
     assert terms["mse"] == pytest.approx(float(expected["mse"]), rel=1e-5)
-    val = ts.forecast_loss(model.eval(), (x, y), train_loss=train_loss)
+    val = ts.forecast_loss(model.eval(), (x, y), **chosen)
     assert float(val) == pytest.approx(float(expected["mse"]), rel=1e-5)
 
 
