@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import inspect
 import multiprocessing as mp
 import resource
 import sys
@@ -79,7 +80,8 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
         dfm.pp.serialize(adata)
         (layout,) = library_layouts(adata)
         smoothed = np.empty_like(features)
-        smoothed[layout.idx] = smooth(features[layout.idx], layout.graph(), 2)  # tl.embed's default hops
+        hops = inspect.signature(dfm.tl.embed).parameters["hops"].default  # tl.embed's default rings
+        smoothed[layout.idx] = smooth(features[layout.idx], layout.graph(), hops)
         adata.obsm["X_features"] = smoothed
         dfm.tl.cluster(adata, 7, use_rep="X_features", random_state=seed, key_added="base")
         key = "base"

@@ -13,7 +13,7 @@ from torch import nn
 from ..core import TrainResult, fit
 from .data import ForecastSplits
 
-__all__ = ["forecast_loss", "train_forecaster"]
+__all__ = ["DEFAULT_TRAIN_LOSS", "forecast_loss", "train_forecaster"]
 
 TrainLoss = Literal["mse", "mae", "huber"]
 _POINT_LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "huber": F.huber_loss}
