@@ -68,9 +68,8 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
         dfm.tl.cluster(adata, 7, random_state=seed)
         key = "dfm_domain"
     elif kind == "dfm_features":
-        from dfmamba_st.pp._serialize import library_layouts
-        from dfmamba_st.tl._embed import PRESETS
-        from dfmamba_st.tl._features import FeatureTransform, smooth
+        from dfmamba_st.tl._embed import PRESETS, _library_sequences, _tokens
+        from dfmamba_st.tl._features import FeatureTransform
 
         cpu = PRESETS["cpu"]
         transform = FeatureTransform.fit(
@@ -78,11 +77,10 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
         )
         features, _ = transform.transform(adata)
         dfm.pp.serialize(adata)
-        (layout,) = library_layouts(adata)
-        smoothed = np.empty_like(features)
         hops = inspect.signature(dfm.tl.embed).parameters["hops"].default  # tl.embed's default rings
-        smoothed[layout.idx] = smooth(features[layout.idx], layout.graph(), hops)
-        adata.obsm["X_features"] = smoothed
+        libraries = _library_sequences(adata, None, "spatial", ("hilbert",))
+        # the neighbourhood half of tl.embed's tokens, built by tl.embed's own code: its "concat" expression block
+        adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
         dfm.tl.cluster(adata, 7, use_rep="X_features", random_state=seed, key_added="base")
         key = "base"
     else:
