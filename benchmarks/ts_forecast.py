@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument(
         "--train-loss",
         default=ts.DEFAULT_TRAIN_LOSS,
-        choices=("mse", "mae", "huber"),
+        choices=get_args(ts.train.TrainLoss),
         help=f"point loss in training (default: {ts.DEFAULT_TRAIN_LOSS}, the package's)",
     )
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: per model)")
