@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         help=f"point loss in training (default: {ts.DEFAULT_TRAIN_LOSS}, the package's)",
     )
     p.add_argument("--lr", type=float, default=None, help="learning rate for every model (default: per model)")
+    p.add_argument(
+        "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (core.fit)"
+    )
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--max-train-windows", type=int, default=None, help="random training windows per epoch")
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             seed=args.seed,
             progress=args.progress,
             description=name,
+            ema_decay=args.ema_decay,
         )
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         test = ts.evaluate(model, splits.test, max_windows=args.max_test_windows)

@@ -83,7 +83,8 @@ def test_gradient_norm_is_clipped():
     assert float(model.weight.abs().max()) <= 1.0 + 1e-4
 
 
-def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path, ema_decay):
     def run(ckpt=None, interrupt_at=None):
         torch.manual_seed(123)  # a different global state must not matter: fit seeds itself
         model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Linear(8, 1))
@@ -105,6 +106,7 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
             checkpoint_dir=ckpt,
             progress=False,
             patience=None,
+            ema_decay=ema_decay,
         )
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -115,6 +117,40 @@ def test_same_seed_same_result_and_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "last.pt").exists()
     resumed = run(tmp_path)
     assert torch.allclose(full, resumed, atol=1e-6)
+
+
+def test_moving_average_of_weights_is_validated_and_kept():
+    decay, train, val = 0.9, regression_data(), regression_data(seed=1)[:2]
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
+    common = dict(epochs=5, val_data=val, lr=5e-2, patience=None, restore_best=False, progress=False)
+
+    # the raw trajectory, recorded: the weights before each step, then the final ones
+    torch.manual_seed(0)
+    raw, before_step = nn.Linear(4, 1), []
+
+    def recording_mse(m, batch):
+        if m.training:
+            before_step.append(flat(m))
+        return mse(m, batch)
+
+    fit(raw, recording_mse, train, **common)
+    after_step = [*before_step[1:], flat(raw)]  # the average does not change the trajectory it averages
+    expected = after_step[0]
+    for weights in after_step[1:]:
+        expected = decay * expected + (1 - decay) * weights
+
+    torch.manual_seed(0)
+    averaged = nn.Linear(4, 1)
+    result = fit(averaged, mse, train, ema_decay=decay, **common)
+    assert len(after_step) == 5 * len(train)
+    torch.testing.assert_close(flat(averaged), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(flat(averaged), flat(raw), atol=1e-3)
+    # the validation loss of the last epoch is that of the averaged weights the model now holds
+    with torch.no_grad():
+        val_loss = sum(float(mse(averaged, batch)[0]) for batch in val) / len(val)
+    assert result.history[-1]["val_loss"] == pytest.approx(val_loss, rel=1e-6)
+    with pytest.raises(ValueError, match="ema_decay"):
+        fit(nn.Linear(4, 1), mse, train, epochs=1, ema_decay=1.0, progress=False)
 
 
 def test_non_finite_loss_fails_clearly():

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 __all__ = ["TrainResult", "cosine_with_warmup", "distributed_context", "fit", "resolve_device", "seed_everything"]
@@ -206,6 +207,7 @@ def fit(
     progress: bool = True,
     description: str = "training",
     restore_best: bool = True,
+    ema_decay: float | None = None,
 ) -> TrainResult:
     """Train ``model`` with AdamW, a cosine schedule with warm-up, gradient clipping and early stopping.
 
@@ -242,6 +244,11 @@ def fit(
         Label of the progress bar.
     restore_best
         End with the weights of the epoch with the lowest monitored loss (``False``: the last epoch's weights).
+    ema_decay
+        Keep an exponential moving average of the weights (and buffers), updated after every optimiser step with
+        this decay (e.g. ``0.99``: an average over roughly the last 100 steps), and use it in place of the raw
+        weights for validation, for the kept best weights and for the weights the model ends with. ``None``: no
+        average.
 
     Returns
     -------
@@ -256,6 +263,8 @@ def fit(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}.")
     if seed is not None:
         seed_everything(seed)
     if steps_per_epoch is None:
@@ -271,6 +280,13 @@ def fit(
     if world_size > 1:
         _sync_parameters(model)
     device = next(model.parameters()).device
+    ema = (
+        None
+        if ema_decay is None
+        else AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+    )
+    # the weights that are validated, kept as best and returned: the moving average when there is one
+    judged = model if ema is None else ema.module
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
@@ -278,6 +294,8 @@ def fit(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         result = TrainResult(**state["result"])
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
@@ -302,13 +320,15 @@ def fit(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             n_batches += 1
             for name, value in {"train_loss": float(loss.detach()), **extra}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
         if n_batches == 0:
             raise ValueError(f"train_data yielded no batch in epoch {epoch}.")
         row = {k: v / n_batches for k, v in sums.items()}
-        row["val_loss"] = _evaluate(model, loss_fn, val_data, epoch) if val_data is not None else math.nan
+        row["val_loss"] = _evaluate(judged, loss_fn, val_data, epoch) if val_data is not None else math.nan
         if world_size > 1:
             row = _average_values(row, device)
         row = {"epoch": float(epoch), **row}
@@ -317,7 +337,7 @@ def fit(
         monitored = row["val_loss"] if val_data is not None else row["train_loss"]
         if monitored < best_loss:
             best_loss, bad_epochs, result.best_epoch = monitored, 0, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
         else:
             bad_epochs += 1
         bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
@@ -337,6 +357,7 @@ def fit(
                     "bad_epochs": bad_epochs,
                     "epoch": epoch,
                     "rng": _rng_state(),
+                    **({} if ema is None else {"ema": ema.state_dict()}),
                 },
                 tmp,
             )
@@ -346,6 +367,8 @@ def fit(
     bar.close()
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    elif ema is not None:
+        model.load_state_dict(ema.module.state_dict())
     model.eval()
     return result
 
