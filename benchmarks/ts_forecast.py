@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (core.fit)"
     )
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    p.add_argument(
+        "--split-ratios",
+        default=None,
+        help="train,val,test fractions of all rows instead of the standard split, e.g. 0.6,0.2,0.2 (the paper's ETT)",
+    )
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--max-train-windows", type=int, default=None, help="random training windows per epoch")
     p.add_argument("--max-val-windows", type=int, default=None, help="evenly spaced validation windows")
@@ -93,10 +98,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"Unknown model {name!r}; choose from {', '.join(MODELS)}.")
     dfm_opts, ms_opts = parse_options(args.dfm, "--dfm"), parse_options(args.ms, "--ms")
     factors = [int(f) for f in args.zero_shot.split(",") if f.strip()]
-    splits = ts.make_splits(args.dataset, args.seq_len, args.horizon, path=args.data_dir)
+    ratios = None if args.split_ratios is None else tuple(float(v) for v in args.split_ratios.split(","))
+    splits = ts.make_splits(args.dataset, args.seq_len, args.horizon, path=args.data_dir, ratios=ratios)
     print(
         f"{splits.name}: {splits.n_variates} variates, windows train/val/test = "
-        f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)}, lookback {args.seq_len}, horizon {args.horizon}; "
+        f"{len(splits.train)}/{len(splits.val)}/{len(splits.test)} "
+        f"({'standard split' if ratios is None else f'fractions {ratios} of all rows'}), "
+        f"lookback {args.seq_len}, horizon {args.horizon}; "
         f"torch threads {args.threads}, scan backends {available_backends()}",
         flush=True,
     )
@@ -168,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "dataset": splits.name,
             "horizon": args.horizon,
             "seq_len": args.seq_len,
+            "split_ratios": ratios,
             "epochs": args.epochs,
             "threads": args.threads,
             "dfm_opts": dfm_opts,

@@ -63,6 +63,22 @@ def test_split_borders_hand_computed():
     assert ts.split_borders("weather", 52696, 96) == ([0, 36887 - 96, 42157 - 96], [36887, 42157, 52696])
     with pytest.raises(ValueError, match="rows"):
         ts.split_borders("ETTh2", 1000, 96)
+    # the DF-Mamba paper's ETT split: 60/20/20 of all 17420 rows -> 10452 train, 3484 test, 3484 val
+    ratios = (0.6, 0.2, 0.2)
+    assert ts.split_borders("ETTh2", 17420, 96, ratios=ratios) == ([0, 10452 - 96, 13936 - 96], [10452, 13936, 17420])
+    with pytest.raises(ValueError, match="ratios"):
+        ts.split_borders("ETTh2", 17420, 96, ratios=(0.6, 0.2, 0.1))
+
+
+@needs_data
+def test_ratio_split_uses_all_rows_and_fits_the_scaler_on_its_training_rows(etth2):
+    paper = ts.make_splits("ETTh2", 96, 96, frame=etth2, ratios=(0.6, 0.2, 0.2))
+    raw = etth2.to_numpy(np.float64)
+    np.testing.assert_allclose(paper.scaler.mean, raw[:10452].mean(0))
+    assert (len(paper.train), len(paper.val), len(paper.test)) == (10452 - 191, 3484 + 96 - 191, 3484 + 96 - 191)
+    # the test set ends with the file, not at month 20; it starts 580 days + 16 h after 2016-07-01 00:00
+    assert paper.test.rows(len(paper.test) - 1)[1].stop == 17420
+    assert etth2.index[13936] == pd.Timestamp("2018-02-01 16:00:00")
 
 
 @needs_data

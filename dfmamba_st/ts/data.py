@@ -15,6 +15,7 @@ training rows only.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,9 @@ def load(name: str, path: str | os.PathLike | None = None) -> pd.DataFrame:
     return values.astype(np.float32)
 
 
-def split_borders(name: str, n_rows: int, seq_len: int) -> tuple[list[int], list[int]]:
+def split_borders(
+    name: str, n_rows: int, seq_len: int, *, ratios: tuple[float, float, float] | None = None
+) -> tuple[list[int], list[int]]:
     """Row borders ``(starts, ends)`` of the train / validation / test segments (Informer protocol).
 
     Segment ``i`` is ``rows[starts[i]:ends[i]]``; validation and test start ``seq_len`` rows before their boundary.
@@ -144,6 +147,11 @@ def split_borders(name: str, n_rows: int, seq_len: int) -> tuple[list[int], list
         Number of rows of the file.
     seq_len
         Lookback length.
+    ratios
+        Split **all** rows by these train / validation / test fractions instead (training ``int(n_rows * ratios[0])``
+        rows, test ``int(n_rows * ratios[2])``, validation the rest). The DF-Mamba paper splits ETT this way,
+        ``(0.6, 0.2, 0.2)``, which tests on a later period of the file than the 12/4/4-month protocol (whose test set
+        ends at month 20); its figures are therefore not comparable with the standard protocol's.
 
     Examples
     --------
@@ -152,9 +160,16 @@ def split_borders(name: str, n_rows: int, seq_len: int) -> tuple[list[int], list
     ([0, 8544, 11424], [8640, 11520, 14400])
     >>> split_borders("weather", 52696, 96)
     ([0, 36791, 42061], [36887, 42157, 52696])
+    >>> split_borders("ETTh2", 17420, 96, ratios=(0.6, 0.2, 0.2))
+    ([0, 10356, 13840], [10452, 13936, 17420])
     """
     stem = name.removesuffix(".gz").removesuffix(".csv")
-    if stem.startswith("ETTh") or stem.startswith("ETTm"):
+    if ratios is not None:
+        if len(ratios) != 3 or min(ratios) <= 0 or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+            raise ValueError(f"ratios must be three positive fractions summing to 1, got {ratios}.")
+        n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
+        ends = [n_train, n_rows - n_test, n_rows]
+    elif stem.startswith("ETTh") or stem.startswith("ETTm"):
         per_month = _HOURS_PER_MONTH * (4 if stem.startswith("ETTm") else 1)
         train, val, test = 12 * per_month, 4 * per_month, 4 * per_month
         if n_rows < train + val + test:
@@ -330,6 +345,8 @@ def make_splits(
     horizon: int = 96,
     path: str | os.PathLike | None = None,
     frame: pd.DataFrame | None = None,
+    *,
+    ratios: tuple[float, float, float] | None = None,
 ) -> ForecastSplits:
     """Load a benchmark and cut it into standardised train / validation / test windows.
 
@@ -345,6 +362,9 @@ def make_splits(
         Where to read the file (see :func:`load`).
     frame
         An already loaded frame (skips reading).
+    ratios
+        Train / validation / test fractions of all rows instead of the standard split (see :func:`split_borders`;
+        the DF-Mamba paper's ETT protocol is ``(0.6, 0.2, 0.2)``).
 
     Examples
     --------
@@ -360,7 +380,7 @@ def make_splits(
     """
     df = load(name, path) if frame is None else frame
     raw = df.to_numpy(dtype=np.float64)
-    starts, ends = split_borders(name, len(raw), seq_len)
+    starts, ends = split_borders(name, len(raw), seq_len, ratios=ratios)
     scaler = Scaler.fit(raw[starts[0] : ends[0]])
     values = scaler.transform(raw)
     sets = [WindowDataset(values[s:e], seq_len, horizon, offset=s) for s, e in zip(starts, ends)]
