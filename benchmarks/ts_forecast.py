@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "horizon": args.horizon,
             "seq_len": args.seq_len,
             "split_ratios": ratios,
+            "ema_decay": args.ema_decay,
             "epochs": args.epochs,
             "threads": args.threads,
             "dfm_opts": dfm_opts,
