@@ -164,12 +164,7 @@ def split_borders(
     ([0, 10356, 13840], [10452, 13936, 17420])
     """
     stem = name.removesuffix(".gz").removesuffix(".csv")
-    if ratios is not None:
-        if len(ratios) != 3 or min(ratios) <= 0 or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-            raise ValueError(f"ratios must be three positive fractions summing to 1, got {ratios}.")
-        n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
-        ends = [n_train, n_rows - n_test, n_rows]
-    elif stem.startswith("ETTh") or stem.startswith("ETTm"):
+    if ratios is None and (stem.startswith("ETTh") or stem.startswith("ETTm")):
         per_month = _HOURS_PER_MONTH * (4 if stem.startswith("ETTm") else 1)
         train, val, test = 12 * per_month, 4 * per_month, 4 * per_month
         if n_rows < train + val + test:
@@ -178,7 +173,10 @@ def split_borders(
             )
         ends = [train, train + val, train + val + test]
     else:
-        n_train, n_test = int(n_rows * 0.7), int(n_rows * 0.2)
+        ratios = (0.7, 0.1, 0.2) if ratios is None else ratios
+        if len(ratios) != 3 or min(ratios) <= 0 or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
+            raise ValueError(f"ratios must be three positive fractions summing to 1, got {ratios}.")
+        n_train, n_test = int(n_rows * ratios[0]), int(n_rows * ratios[2])
         ends = [n_train, n_rows - n_test, n_rows]
     starts = [0, ends[0] - seq_len, ends[1] - seq_len]
     if starts[1] < 0:
