@@ -76,8 +76,9 @@ def test_ratio_split_uses_all_rows_and_fits_the_scaler_on_its_training_rows(etth
     raw = etth2.to_numpy(np.float64)
     np.testing.assert_allclose(paper.scaler.mean, raw[:10452].mean(0))
     assert (len(paper.train), len(paper.val), len(paper.test)) == (10452 - 191, 3484 + 96 - 191, 3484 + 96 - 191)
-    # the test set ends with the file, not at month 20; it starts 580 days + 16 h after 2016-07-01 00:00
+    # the test targets end with the file, not at month 20, and start 580 days + 16 h after 2016-07-01 00:00
     assert paper.test.rows(len(paper.test) - 1)[1].stop == 17420
+    assert paper.test.rows(0)[1].start == 13936
     assert etth2.index[13936] == pd.Timestamp("2018-02-01 16:00:00")
 
 
