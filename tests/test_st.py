@@ -216,16 +216,10 @@ def test_plots_return_figures(small):
 
 
 @needs_data
-def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca():
-    import importlib.util
-
+def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module):
     import torch
 
-    spec = importlib.util.spec_from_file_location(
-        "st_dlpfc", Path(__file__).resolve().parents[1] / "benchmarks/st_dlpfc.py"
-    )
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_module("st_dlpfc")
     threads = torch.get_num_threads()
     try:
         rows = {kind: bench._job(kind, str(DATA / "dlpfc"), "151510", 0, 1, {}) for kind in ("pca_gmm", "dfm_features")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,6 @@ from dfmamba_st import ts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts"
 needs_data = pytest.mark.skipif(not (DATA / "ETTh2.csv.gz").is_file(), reason=f"benchmark CSVs not found in {DATA}")
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ts_forecast.py"
 
 
 @pytest.fixture(scope="module")
@@ -273,10 +271,8 @@ def test_zero_shot_protocol(splits):
 
 
 @needs_data
-def test_benchmark_script_end_to_end(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("ts_forecast", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
+    bench = benchmark_module("ts_forecast")
     out = tmp_path / "res.json"
     argv = ["--dataset", "ETTh2", "--horizon", "96", "--models", "dfmamba_ts,msmamba,dlinear", "--epochs", "1"]
     argv += ["--data-dir", str(DATA), "--json", str(out), "--max-train-windows", "64", "--max-val-windows", "64"]
