@@ -6,7 +6,7 @@ import pytest
 from dfmamba_st.core import curves
 
 
-@pytest.mark.parametrize("curve", ["hilbert", "hilbert_t", "zorder"])
+@pytest.mark.parametrize("curve", curves.CURVES)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (8, 8), (13, 7), (78, 128)])
 def test_curve_is_a_bijection_onto_the_grid(curve, shape):
     cells = curves.grid_curve(*shape, curve=curve)
@@ -41,6 +41,43 @@ def test_transposed_curve_is_the_hilbert_curve_of_swapped_axes():
     a = curves.curve_index(pts[:, 0], pts[:, 1], "hilbert_t")
     b = curves.curve_index(pts[:, 1], pts[:, 0], "hilbert")
     assert np.array_equal(a, b)
+
+
+def test_shifted_curve_is_the_hilbert_curve_of_the_grid_moved_by_a_third_of_its_square():
+    rng = np.random.default_rng(0)
+    pts = rng.integers(0, 50, size=(200, 2))
+    extent = pts.max() + 1  # 50 → square side 64, shift 64 // 3 = 21 = 0b10101
+    shift = 21
+    order = int(np.ceil(np.log2(extent + shift)))
+    expected = curves.hilbert_index(pts[:, 0] + shift, pts[:, 1] + shift, order)
+    assert np.array_equal(curves.curve_index(pts[:, 0], pts[:, 1], "hilbert_s"), expected)
+    expected_t = curves.hilbert_index(pts[:, 1] + shift, pts[:, 0] + shift, order)
+    assert np.array_equal(curves.curve_index(pts[:, 0], pts[:, 1], "hilbert_ts"), expected_t)
+
+
+def _far_neighbour_share(side: int, names: tuple[str, ...], window: int) -> float:
+    """Share of the 4-neighbour pairs of a ``side``² grid more than ``window`` steps apart along every curve."""
+    cells = np.stack(np.divmod(np.arange(side * side), side), axis=1)
+    pos = [curves.inverse_permutation(curves.curve_order(cells, c)) for c in names]
+    idx = np.arange(side * side).reshape(side, side)
+    pairs = np.concatenate(
+        [np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1), np.stack([idx[:-1].ravel(), idx[1:].ravel()], 1)]
+    )
+    gap = np.min([np.abs(p[pairs[:, 0]] - p[pairs[:, 1]]) for p in pos], axis=0)
+    return float(np.mean(gap > window))
+
+
+def test_a_shifted_curve_joins_what_the_quadtree_lines_split():
+    # the transposed curve has the same quadtree lines as the Hilbert curve: pairs across them stay far apart on
+    # both; the shifted curve moves the lines, so nearly every neighbour pair is close on one of the two curves
+    transposed = _far_neighbour_share(64, ("hilbert", "hilbert_t"), 16)
+    shifted = _far_neighbour_share(64, ("hilbert", "hilbert_s"), 16)
+    assert transposed > 0.08
+    assert shifted < 0.03
+    # the shift is odd: a pair split between two 2 × 2 blocks of one curve shares a block of the other (≤ 3 steps)
+    assert _far_neighbour_share(64, ("hilbert", "hilbert_s"), 3) == 0.0
+    assert _far_neighbour_share(64, ("hilbert", "hilbert_t"), 3) > 0.2
+    assert _far_neighbour_share(64, ("hilbert",), 16) > transposed
 
 
 def test_inverse_permutation():

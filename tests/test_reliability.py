@@ -116,6 +116,14 @@ def test_embed_before_serialize(crop):
         dfm.tl.embed(crop, **FAST)
 
 
+def test_unknown_curve_names_the_known_ones(crop):
+    with pytest.raises(ValueError, match=r"Unknown curve 'peano'.*'hilbert_s'"):
+        dfm.pp.serialize(crop, curve="peano")
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=r"Unknown curve in extra_curves 'spiral'.*'hilbert_ts'.*'zorder'"):
+        dfm.tl.embed(crop, extra_curves=("hilbert_t", "spiral"), **FAST)
+
+
 # --- clustering ----------------------------------------------------------------------------------------------------
 
 

@@ -7,12 +7,14 @@ cell exactly once. On a power-of-two square the Hilbert order moves between 4-ne
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 __all__ = [
+    "CURVES",
     "Curve",
+    "check_curve",
     "curve_index",
     "curve_order",
     "default_cell_size",
@@ -23,7 +25,21 @@ __all__ = [
     "zorder_index",
 ]
 
-Curve = Literal["hilbert", "hilbert_t", "zorder"]
+Curve = Literal["hilbert", "hilbert_t", "hilbert_s", "hilbert_ts", "zorder"]
+
+#: every curve name :func:`curve_index` knows
+CURVES: tuple[str, ...] = get_args(Curve)
+
+
+def check_curve(name: str, what: str = "curve") -> None:
+    """Raise a ``ValueError`` naming the known curves if ``name`` is not one of them."""
+    if name not in CURVES:
+        raise ValueError(f"Unknown {what} {name!r}; use one of {', '.join(repr(c) for c in CURVES)}.")
+
+
+def _third_shift(extent: int) -> int:
+    """``side // 3`` of the power-of-two square that holds ``extent`` cells: 0b1010…, about a third at every scale."""
+    return (1 << _order_for(extent)) // 3
 
 
 def _order_for(extent: int) -> int:
@@ -97,20 +113,28 @@ def curve_index(x: np.ndarray, y: np.ndarray, curve: Curve = "hilbert") -> np.nd
     """Curve index of integer cells on the smallest power-of-two square that holds them.
 
     ``"hilbert_t"`` is the Hilbert curve of the transposed grid (rows and columns swapped): a second ordering that
-    keeps different 2-D neighbours adjacent.
+    keeps different 2-D neighbours adjacent. ``"hilbert_s"`` and ``"hilbert_ts"`` are the Hilbert curves of the grid
+    (and of its transpose) shifted diagonally by a third of the square's side (``side // 3 = 0b1010…``, about a third
+    of the cell at every level of the quadtree). A Hilbert curve jumps where it crosses the lines of its quadtree,
+    and transposing the grid keeps those lines where they are; shifting moves them, so spots split by the lines of
+    one curve are neighbours along the other (the shifted-quadtree argument: with shifts of 0 and a third, every two
+    nearby cells share a small quadtree cell in one of them, Chan 1998).
     """
+    check_curve(curve)
     x = _as_int(x, "x")
     y = _as_int(y, "y")
     if x.size == 0:
         return np.zeros(0, dtype=np.int64)
-    order = _order_for(max(x.max(), y.max()) + 1)
-    if curve == "hilbert":
-        return hilbert_index(x, y, order)
-    if curve == "hilbert_t":
-        return hilbert_index(y, x, order)
+    extent = max(x.max(), y.max()) + 1
+    if curve in ("hilbert_t", "hilbert_ts"):
+        x, y = y, x
+    if curve in ("hilbert_s", "hilbert_ts"):
+        shift = _third_shift(extent)
+        x, y, extent = x + shift, y + shift, extent + shift
+    order = _order_for(extent)
     if curve == "zorder":
         return zorder_index(x, y, order)
-    raise ValueError(f"Unknown curve {curve!r}; use 'hilbert', 'hilbert_t' or 'zorder'.")
+    return hilbert_index(x, y, order)
 
 
 def curve_order(coords: np.ndarray, curve: Curve = "hilbert", *, tiebreak: np.ndarray | None = None) -> np.ndarray:

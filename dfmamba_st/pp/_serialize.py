@@ -144,7 +144,9 @@ def serialize(
         Annotated data matrix with a Visium grid in ``obs['array_row'/'array_col']`` or coordinates in
         ``obsm[spatial_key]``.
     curve
-        ``"hilbert"`` (default), ``"hilbert_t"`` (Hilbert curve of the transposed grid) or ``"zorder"``.
+        ``"hilbert"`` (default), ``"hilbert_t"`` (Hilbert curve of the transposed grid), ``"hilbert_s"`` /
+        ``"hilbert_ts"`` (the same two on the grid shifted by a third of its square, see
+        :func:`dfmamba_st.core.curves.curve_index`) or ``"zorder"``.
     library_key
         Column of ``obs`` naming the slice of each spot; each slice becomes its own sequence.
     spatial_key
@@ -173,8 +175,7 @@ def serialize(
     """
     check_adata(adata)
     check_library_key(adata, library_key)
-    if curve not in ("hilbert", "hilbert_t", "zorder"):
-        raise ValueError(f"Unknown curve {curve!r}; use 'hilbert', 'hilbert_t' or 'zorder'.")
+    curves.check_curve(curve)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
     n_sharing = n_identical = 0

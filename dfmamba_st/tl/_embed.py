@@ -16,7 +16,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._utils import check_adata, check_library_key, h5ad_safe, versions
-from ..core import distributed_context, fit, resolve_device, seed_everything
+from ..core import curves, distributed_context, fit, resolve_device, seed_everything
 from ..pp._serialize import library_layouts
 from ._features import FeatureTransform, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
@@ -248,8 +248,7 @@ def embed(
     if readout not in ("concat", "model"):
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     for name in extra_curves:
-        if name not in ("hilbert", "hilbert_t", "zorder"):
-            raise ValueError(f"Unknown curve {name!r} in extra_curves; use 'hilbert', 'hilbert_t' or 'zorder'.")
+        curves.check_curve(name, "curve in extra_curves")
     serialized = adata.uns.get(order_key, {}).get("params", {})
     primary = serialized.get("curve", "hilbert")
     spatial_key = serialized.get("spatial_key", "spatial")
