@@ -232,3 +232,14 @@ def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchm
     # of the model's own input features must keep most of that gain
     assert rows["pca_gmm"]["ari"] > 0.3
     assert rows["dfm_features"]["ari"] > rows["pca_gmm"]["ari"] + 0.1
+
+
+@needs_data
+def test_curve_adjacency_benchmark_on_151673(benchmark_module):
+    rows = {
+        r["curves"]: r for r in benchmark_module("curve_adjacency").far_shares(DATA / "dlpfc" / "dlpfc_151673.h5ad")
+    }
+    # measured: 0.193 (Hilbert), 0.140 (+ transposed), 0.017 (+ shifted) of the neighbour pairs > 16 positions apart
+    assert rows["hilbert"][">16"] > rows["hilbert+hilbert_t"][">16"] > 0.1
+    assert rows["hilbert+hilbert_s"][">16"] < 0.03
+    assert all(r[">1"] >= r[">4"] >= r[">16"] >= r[">64"] >= r[">256"] for r in rows.values())

@@ -183,8 +183,11 @@ def embed(
         151673 only (``docs/spatial.md``).
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
-        ``"zorder"``); every curve is scanned in both directions. A 1-D order breaks 2-D adjacency, a second curve
-        restores part of it: measured as above, ``()`` (one curve) gives 0.544 / 0.481 / 0.508.
+        ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``); every curve is scanned in both directions. A 1-D order
+        breaks 2-D adjacency, a second curve restores part of it: measured as above, ``()`` (one curve) gives
+        0.544 / 0.481 / 0.508. The shifted curves keep far more neighbour pairs close
+        (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
+        0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial.md``, shifted curves).
     library_key
         Column of ``obs`` naming each spot's slice; every slice is its own set of sequences.
     order_key
