@@ -160,7 +160,7 @@ def main(argv=None) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"  {name}: {seconds:.0f} s, best epoch {result.best_epoch}, val loss per epoch "
+            f"  {name}: {seconds:.0f} s, best epoch {result.best_epoch + 1} (counted from 1), val loss per epoch "
             f"{[round(h['val_loss'], 3) for h in result.history]}, "
             f"acc {row[f'acc_{n_tok_crop}']:.3f} @ {n_tok_crop} / {row[f'acc_{n_tok_field}']:.3f} @ {n_tok_field}",
             flush=True,

@@ -2,7 +2,8 @@
 
 Trains every requested model with the shared training loop (early stopping on the validation MSE), then prints one
 table (test MSE, MAE on the train-standardised data, parameters, train and inference seconds) and optionally writes
-``{model: {"mse", "mae", "params", "train_s", ...}}`` as JSON.
+``{model: {"mse", "mae", "params", "train_s", ...}}`` as JSON. In the JSON ``best_epoch`` counts from 0 (as
+:class:`dfmamba_st.core.TrainResult`); the printed line counts from 1.
 
 Examples
 --------
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         results[name] = row
         print(
             f"  {name}: test MSE {row['mse']:.4f} MAE {row['mae']:.4f}, {row['epochs_run']} epochs "
-            f"(best {row['best_epoch']}), val MSE {row['val_mse']}, {train_s:.0f}s wall, {train_cpu_s:.0f}s CPU, "
+            f"(best: epoch {row['best_epoch'] + 1}, counted from 1), val MSE {row['val_mse']}, "
+            f"{train_s:.0f}s wall, {train_cpu_s:.0f}s CPU, "
             f"scan {row['scan_backends'] or '-'}",
             flush=True,
         )
