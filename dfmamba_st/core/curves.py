@@ -117,8 +117,8 @@ def curve_index(x: np.ndarray, y: np.ndarray, curve: Curve = "hilbert") -> np.nd
     (and of its transpose) shifted diagonally by a third of the square's side (``side // 3 = 0b1010…``, about a third
     of the cell at every level of the quadtree). A Hilbert curve jumps where it crosses the lines of its quadtree,
     and transposing the grid keeps those lines where they are; shifting moves them, so spots split by the lines of
-    one curve are neighbours along the other (the shifted-quadtree argument: with shifts of 0 and a third, every two
-    nearby cells share a small quadtree cell in one of them, Chan 1998).
+    one curve are neighbours along the other (the shifted-quadtree idea of Chan 1998, which in 2-D uses shifts of 0,
+    1/3 and 2/3 of the side; here one shift, measured in ``benchmarks/curve_adjacency.py``).
     """
     check_curve(curve)
     x = _as_int(x, "x")
