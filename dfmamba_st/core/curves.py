@@ -148,7 +148,7 @@ def curve_order(coords: np.ndarray, curve: Curve = "hilbert", *, tiebreak: np.nd
     coords
         (n, 2) integer coordinates (x, y), non-negative.
     curve
-        ``"hilbert"``, ``"hilbert_t"`` or ``"zorder"``.
+        One of :data:`CURVES` (see :func:`curve_index`).
     tiebreak
         (n,) secondary sort key for points in the same cell (e.g. their position along the curve on a finer grid).
 
