@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.st_dlpfc import DEFAULT_DATA, FILES  # noqa: E402
-from dfmamba_st.core.curves import inverse_permutation  # noqa: E402
+from dfmamba_st.core.curves import pair_gaps  # noqa: E402
 from dfmamba_st.pp._serialize import library_layouts  # noqa: E402
 
 CURVE_SETS = (
@@ -42,10 +42,10 @@ def far_shares(path: Path) -> list[dict]:
     """One row per curve set: the share of neighbour pairs more than ``w`` positions apart on every curve."""
     layout = library_layouts(ad.read_h5ad(path, backed="r"))[0]
     graph = layout.graph().tocoo()
-    positions = {c: inverse_permutation(layout.order(c)) for c in {c for s in CURVE_SETS for c in s}}
+    orders = {c: layout.order(c) for c in {c for s in CURVE_SETS for c in s}}
     rows = []
     for names in CURVE_SETS:
-        gap = np.min([np.abs(positions[c][graph.row] - positions[c][graph.col]) for c in names], axis=0)
+        gap = pair_gaps([orders[c] for c in names], graph.row, graph.col)
         rows.append({"curves": "+".join(names), **{f">{w}": float(np.mean(gap > w)) for w in WINDOWS}})
     return rows
 

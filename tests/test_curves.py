@@ -58,12 +58,11 @@ def test_shifted_curve_is_the_hilbert_curve_of_the_grid_moved_by_a_third_of_its_
 def _far_neighbour_share(side: int, names: tuple[str, ...], window: int) -> float:
     """Share of the 4-neighbour pairs of a ``side``² grid more than ``window`` steps apart along every curve."""
     cells = np.stack(np.divmod(np.arange(side * side), side), axis=1)
-    pos = [curves.inverse_permutation(curves.curve_order(cells, c)) for c in names]
     idx = np.arange(side * side).reshape(side, side)
     pairs = np.concatenate(
         [np.stack([idx[:, :-1].ravel(), idx[:, 1:].ravel()], 1), np.stack([idx[:-1].ravel(), idx[1:].ravel()], 1)]
     )
-    gap = np.min([np.abs(p[pairs[:, 0]] - p[pairs[:, 1]]) for p in pos], axis=0)
+    gap = curves.pair_gaps([curves.curve_order(cells, c) for c in names], pairs[:, 0], pairs[:, 1])
     return float(np.mean(gap > window))
 
 
@@ -116,3 +115,12 @@ def test_bad_input_raises():
         curves.quantize(np.array([[np.nan, 1.0]]))
     with pytest.raises(ValueError, match="Unknown curve"):
         curves.curve_index([0], [0], "peano")
+
+
+def test_pair_gaps_takes_the_closest_curve():
+    # positions along curve a: spot i at i; along curve b: spot 3 at 0, 2 at 1, 0 at 2, 1 at 3
+    a, b = np.array([0, 1, 2, 3]), np.array([3, 2, 0, 1])
+    first, second = np.array([0, 0, 1, 2]), np.array([3, 1, 2, 3])
+    # pair (0, 3): 3 on a, 2 on b; (0, 1): 1 and 1; (1, 2): 1 and 2; (2, 3): 1 and 1
+    np.testing.assert_array_equal(curves.pair_gaps([a, b], first, second), [2, 1, 1, 1])
+    np.testing.assert_array_equal(curves.pair_gaps([a], first, second), [3, 1, 1, 1])

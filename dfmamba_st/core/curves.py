@@ -21,6 +21,7 @@ __all__ = [
     "grid_curve",
     "hilbert_index",
     "inverse_permutation",
+    "pair_gaps",
     "quantize",
     "zorder_index",
 ]
@@ -183,6 +184,30 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
     inv = np.empty_like(perm)
     inv[perm] = np.arange(perm.size, dtype=np.int64)
     return inv
+
+
+def pair_gaps(orders: list[np.ndarray], first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Distance along the closest of several curves between the spots of each pair.
+
+    Parameters
+    ----------
+    orders
+        One order per curve (``order[i]`` = the spot at position ``i``), all over the same spots.
+    first, second
+        Spot indices of the pairs.
+
+    Returns
+    -------
+    For every pair, ``min`` over the curves of ``|position(first) - position(second)|``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> pair_gaps([np.array([0, 1, 2, 3]), np.array([3, 2, 0, 1])], np.array([0, 0]), np.array([3, 1]))
+    array([2, 1])
+    """
+    positions = [inverse_permutation(order) for order in orders]
+    return np.min([np.abs(pos[first] - pos[second]) for pos in positions], axis=0)
 
 
 def quantize(points: np.ndarray, *, cell_size: float | None = None) -> np.ndarray:
