@@ -24,9 +24,10 @@ Method = Literal["gmm", "kmeans", "leiden"]
 #: clusterings are fitted on at most this many spots (a seeded random subset) and then predicted for all
 MAX_FIT_SPOTS = 50_000
 #: random restarts of the final GMM fit (the best likelihood is kept). The tied GMM on DLPFC embeddings has many
-#: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components, with 10 it stays within
-#: a few hundredths over 15-40 components (see ``docs/spatial.md``)
-GMM_RESTARTS = 10
+#: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components; with 10 the same
+#: embedding still gave ARIs 0.04 apart (mean range) under different ``random_state``s, with 30 0.004
+#: (``benchmarks/gmm_restarts.py``, ``docs/spatial.md``): the domains depend on the embedding, not on the seed
+GMM_RESTARTS = 30
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
 BIC_RESTARTS = 3
 
@@ -152,8 +153,7 @@ def cluster(
         Embedding in ``obsm``.
     n_comps
         Centre the embedding and keep this many principal components before clustering (``None``: all). With
-        the GMM's 10 restarts (``GMM_RESTARTS``) the DLPFC scores are flat over 15-40 components; 20 is in the
-        middle of that range.
+        10 GMM restarts the DLPFC scores were flat over 15-40 components; 20 is in the middle of that range.
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
     library_key
