@@ -91,10 +91,10 @@ def test_embed_writes_documented_keys_and_is_reproducible(small):
         assert np.sqrt((block**2).sum(axis=1).mean()) == pytest.approx(1.0, rel=1e-4)
     state_only = dfm.tl.embed(small, **FAST, seed=3, readout="model", copy=True).obsm["X_dfm"]
     assert state_only.shape == (small.n_obs, 16)
-    one_way, model = dfm.tl.embed(small, **FAST, seed=3, bidirectional=False, copy=True, return_model=True)
-    assert one_way.uns["dfm"]["params"]["bidirectional"] is False
-    assert not any(m.bidirectional for m in model.modules() if isinstance(m, Mamba))
-    assert not np.allclose(one_way.obsm["X_dfm"], emb)
+    two_way, model = dfm.tl.embed(small, **FAST, seed=3, bidirectional=True, copy=True, return_model=True)
+    assert two_way.uns["dfm"]["params"]["bidirectional"] is True
+    assert all(m.bidirectional for m in model.modules() if isinstance(m, Mamba))
+    assert not np.allclose(two_way.obsm["X_dfm"], emb)
     gates = small.obsm["X_dfm_gates"]
     assert gates.shape == (small.n_obs, 2) and np.nanmin(gates) >= 0 and np.nanmax(gates) <= 1
     uns = small.uns["dfm"]

@@ -22,8 +22,7 @@ cells = [
     md(
         "## 1. Serialize: the tissue becomes a sequence\n"
         "`pp.serialize` orders the spots along a Hilbert curve over the Visium grid. Consecutive spots in the "
-        "sequence are neighbours on the tissue; `tl.embed` also reads a second (transposed) curve, and both in "
-        "both directions."
+        "sequence are neighbours on the tissue; `tl.embed` also reads a second (transposed) curve."
     ),
     code(
         "dfm.pp.serialize(adata)\n"

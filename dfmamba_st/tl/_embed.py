@@ -126,7 +126,7 @@ def embed(
     readout_hops: int = 1,
     readout: Literal["concat", "model"] = "concat",
     extra_curves: tuple[str, ...] = ("hilbert_t",),
-    bidirectional: bool = True,
+    bidirectional: bool = False,
     library_key: str | None = None,
     order_key: str = "dfm_order",
     seed: int = 42,
@@ -142,9 +142,10 @@ def embed(
     """Learn a per-spot embedding with DF-Mamba over the serialized tissue.
 
     Each spot becomes a token made of its expression features (log-normalised HVGs → PCA) and the mean over its
-    spatial neighbourhood. The tissue is read as sequences along one or more space-filling curves (each scanned in
-    both directions); DF-Mamba is trained to reconstruct the tokens of randomly masked spots from the sequence, plus
-    its auxiliary multi-scale losses. The embedding of a spot is its DF-Mamba output averaged over the curves.
+    spatial neighbourhood. The tissue is read as sequences along one or more space-filling curves (optionally each
+    scanned in both directions); DF-Mamba is trained to reconstruct the tokens of randomly masked spots from the
+    sequence, plus its auxiliary multi-scale losses. The embedding of a spot is its DF-Mamba output averaged over the
+    curves.
 
     Parameters
     ----------
@@ -173,26 +174,28 @@ def embed(
     readout_hops
         The embedding of a spot is averaged over this many rings of neighbours (0: none). Each curve passes only
         some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw.
-        Measured on DLPFC (ARI, mean of seeds 0/1, 151673 / 151674 / 151510): 0.589 / 0.561 / 0.525 with one ring,
-        0.612 / 0.580 / 0.510 without; not a clear winner, see ``docs/spatial.md`` (ablations).
+        Measured on DLPFC (ARI, mean of seeds 0/1, 151673 / 151674 / 151510; both scan directions and 10 GMM restarts,
+        the defaults then): 0.589 / 0.561 / 0.525 with one ring, 0.612 / 0.580 / 0.510 without; not a clear winner,
+        see ``docs/spatial.md`` (ablations).
     readout
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
         the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
         Measured as above: ``"concat"`` 0.589 / 0.561 / 0.525, ``"model"`` 0.541 / 0.598 / 0.499 (and the
         larger seed spread). The expression block alone (no model; ``--methods dfm_features`` of
-        ``benchmarks/st_dlpfc.py``) scores 0.534 / 0.576 / 0.570: on these slices the DF-Mamba block adds ARI on
-        151673 only (``docs/spatial.md``).
+        ``benchmarks/st_dlpfc.py``) scored 0.534 / 0.576 / 0.570 then, and 0.589 / 0.576 / 0.570 with 30 GMM restarts
+        (seeds 0–2): on these slices the DF-Mamba block does not add ARI to its input (``docs/spatial.md``).
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
-        ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``); every curve is scanned in both directions. A 1-D order
-        breaks 2-D adjacency, a second curve restores part of it: measured as above, ``()`` (one curve) gives
+        ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``). A 1-D order breaks 2-D adjacency, a second curve
+        restores part of it: measured as above, ``()`` (one curve) gives
         0.544 / 0.481 / 0.508. The shifted curves keep far more neighbour pairs close
         (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
         0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial.md``, shifted curves).
     bidirectional
-        Scan every curve in both directions (one set of weights, outputs averaged); ``False`` scans it forwards only,
-        in about 0.6 times the time. Measured as in ``docs/spatial.md`` (ablations), seeds 0–2: both directions
-        0.574 / 0.559 / 0.538, forwards only 0.561 / 0.563 / 0.521. Ignored with ``model=`` (the model's own setting).
+        Also scan every curve backwards (one set of weights, both outputs averaged), in about 1.5 times the time.
+        Off by default: measured with ``benchmarks/st_dlpfc.py`` (``--embed bidirectional=true``, seeds 0–2, ARI
+        151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
+        0.547 (``docs/spatial.md``). Ignored with ``model=`` (the model's own setting).
     library_key
         Column of ``obs`` naming each spot's slice; every slice is its own set of sequences.
     order_key

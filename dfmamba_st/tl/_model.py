@@ -32,7 +32,7 @@ class SpatialConfig:
     d_conv: int = 4
     min_len: int = 8
     lambdas: tuple[float, float, float] = (1.0, 1.0, 0.1)
-    bidirectional: bool = True
+    bidirectional: bool = False
     hops: int = 2
     curves: tuple[str, ...] = ("hilbert", "hilbert_t")
     extra: dict = field(default_factory=dict)
