@@ -192,7 +192,7 @@ def embed(
         (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
         0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial.md``, shifted curves).
     bidirectional
-        Also scan every curve backwards (one set of weights, both outputs averaged), in about 1.5 times the time.
+        Also scan every curve backwards (one set of weights, both outputs averaged), in nearly twice the time.
         Off by default: measured with ``benchmarks/st_dlpfc.py`` (``--embed bidirectional=true``, seeds 0–2, ARI
         151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
         0.547 (``docs/spatial.md``). Ignored with ``model=`` (the model's own setting).
