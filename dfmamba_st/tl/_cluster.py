@@ -25,9 +25,9 @@ Method = Literal["gmm", "kmeans", "leiden"]
 #: clusterings are fitted on at most this many spots (a seeded random subset) and then predicted for all
 MAX_FIT_SPOTS = 50_000
 #: random restarts of the final GMM fit (the best likelihood is kept). The tied GMM on DLPFC embeddings has many
-#: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components; with 10 the same
-#: embedding still gave ARIs 0.04 apart (mean range) under different ``random_state``s, with 30 0.004
-#: (``benchmarks/gmm_restarts.py``, ``docs/spatial.md``): the domains depend on the embedding, not on the seed
+#: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components. With 10, the same DLPFC
+#: embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart on average (9 embeddings), with 30 0.027 (4 of
+#: the 9 within 0.003), and a higher mean ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial.md``)
 GMM_RESTARTS = 30
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
 BIC_RESTARTS = 3
