@@ -139,6 +139,12 @@ def test_bad_number_of_clusters(trained, k):
         dfm.tl.cluster(adata, k)
 
 
+@pytest.mark.parametrize("n_init", [0, 1.5])
+def test_bad_number_of_restarts(trained, n_init):
+    with pytest.raises(ValueError, match=r"n_init must be a positive whole number"):
+        dfm.tl.cluster(trained[0].copy(), 7, n_init=n_init)
+
+
 def test_unknown_cluster_method(trained):
     with pytest.raises(ValueError, match=r"Unknown method 'dbscan'"):
         dfm.tl.cluster(trained[0].copy(), 7, method="dbscan")

@@ -132,6 +132,28 @@ def test_cluster_returns_k_categories(small, method):
 
 
 @needs_data
+def test_cluster_restarts_keep_the_best_likelihood(small):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    loglik = {}
+    for n_init in (1, 20):
+        dfm.tl.cluster(small, 7, n_init=n_init, random_state=3, key_added=f"dom_{n_init}")
+        assert small.uns[f"dom_{n_init}"]["params"]["n_init"] == n_init
+        loglik[n_init] = small.uns[f"dom_{n_init}"]["log_likelihood"]
+    # the 20 restarts include the first one (same seed), so the fit kept can only be as good or better
+    assert loglik[20] >= loglik[1] - 1e-9
+    from sklearn.mixture import GaussianMixture
+
+    from dfmamba_st.tl._cluster import _prepare
+
+    rep = _prepare(small.obsm["X_dfm"], 20, np.arange(small.n_obs), 3)
+    gmm = GaussianMixture(7, covariance_type="tied", n_init=20, reg_covar=1e-4, random_state=3).fit(rep)
+    assert loglik[20] == pytest.approx(gmm.score(rep), rel=1e-9)
+    dfm.tl.cluster(small, 5, method="kmeans", key_added="dom_km")
+    assert small.uns["dom_km"]["params"]["n_init"] == 10 and "log_likelihood" not in small.uns["dom_km"]
+
+
+@needs_data
 def test_cluster_chooses_k_itself_by_bic(small):
     dfm.pp.serialize(small)
     dfm.tl.embed(small, **FAST)

@@ -29,6 +29,8 @@ MAX_FIT_SPOTS = 50_000
 #: embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart on average (9 embeddings), with 30 0.027 (4 of
 #: the 9 within 0.003), and a higher mean ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial.md``)
 GMM_RESTARTS = 30
+#: restarts of the k-means fit
+KMEANS_RESTARTS = 10
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
 BIC_RESTARTS = 3
 
@@ -137,6 +139,7 @@ def cluster(
     method: Method = "gmm",
     use_rep: str = "X_dfm",
     n_comps: int | None = 20,
+    n_init: int | None = None,
     refine: bool = True,
     library_key: str | None = None,
     key_added: str = "dfm_domain",
@@ -160,6 +163,9 @@ def cluster(
     n_comps
         Centre the embedding and keep this many principal components before clustering (``None``: all). With
         10 GMM restarts the DLPFC scores were flat over 15-40 components; 20 is in the middle of that range.
+    n_init
+        Random restarts of the GMM or k-means fit; the best (highest likelihood, lowest inertia) is kept.
+        ``None``: ``GMM_RESTARTS`` (30) for ``"gmm"``, 10 for ``"kmeans"``. Not used by ``"leiden"``.
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
     library_key
@@ -174,7 +180,8 @@ def cluster(
     Returns
     -------
     ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
-    ``adata.uns[key_added]['params']`` (and ``['bic']`` when K was chosen).
+    ``adata.uns[key_added]['params']`` (and ``['bic']`` when K was chosen; for ``"gmm"``
+    ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on).
 
     Notes
     -----
@@ -206,6 +213,11 @@ def cluster(
         if int(n_clusters) != n_clusters or not 1 <= n_clusters <= adata.n_obs:
             raise ValueError(f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs}, got {n_clusters}.")
         n_clusters = int(n_clusters)
+    if n_init is not None and (int(n_init) != n_init or n_init < 1):
+        raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
+    if n_init is None:
+        n_init = GMM_RESTARTS if method == "gmm" else KMEANS_RESTARTS
+    n_init = int(n_init)
     rep = np.asarray(adata.obsm[use_rep])
     if not np.all(np.isfinite(rep)):
         raise ValueError(f"obsm[{use_rep!r}] contains NaN or inf; re-run dfm.tl.embed.")
@@ -223,10 +235,12 @@ def cluster(
             extra["bic"] = {str(k): v for k, v in bic.items()}
             logg.info(f"    chose n_clusters={n_clusters} by the BIC of a tied-covariance GMM")
         if method == "gmm":
-            labels = _gmm(sample, n_clusters, random_state).predict(rep)
+            gmm = _gmm(sample, n_clusters, random_state, n_init)
+            extra["log_likelihood"] = float(gmm.score(sample))
+            labels = gmm.predict(rep)
         else:
             with threadpool_limits(1):  # as in _gmm
-                labels = KMeans(n_clusters, n_init=10, random_state=random_state).fit(sample).predict(rep)
+                labels = KMeans(n_clusters, n_init=n_init, random_state=random_state).fit(sample).predict(rep)
     labels = _relabel(labels)
     n_found = int(labels.max()) + 1
     if refine:
@@ -246,6 +260,7 @@ def cluster(
                 "method": method,
                 "use_rep": use_rep,
                 "n_comps": n_comps,
+                "n_init": None if method == "leiden" else n_init,
                 "refine": refine,
                 "library_key": library_key,
                 "random_state": random_state,
