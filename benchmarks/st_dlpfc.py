@@ -5,7 +5,13 @@ method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluste
 peak RSS (MB). Then zero-shot scale (model trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer
 (model trained on 151673 → 151674, against training on 151674 itself).
 
-Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K = 7 on the 20 leading PCs, no refinement):
+Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
+``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
+"undetermined", K = the number of regions annotated in the section) with ``--slices``: data the defaults were not
+tuned on. Every method gets K from the truth of its slice.
+
+Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K clusters on the 20 leading PCs, no
+refinement):
 - ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
 - ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
 
@@ -39,6 +45,29 @@ from benchmarks._options import parse_options  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dlpfc"
 FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
+HER2ST_DATA = REPO.parent / "shared" / "data" / "her2st"
+HER2ST_FILES = {s: f"her2st_{s}.h5ad" for s in ("A1", "B1", "C1", "D1")}
+
+
+def slice_path(slice_id: str, data_dir: Path | str = DEFAULT_DATA, her2st_dir: Path | str = HER2ST_DATA) -> Path:
+    """The file of a DLPFC slice (in ``data_dir``) or a HER2ST section (in ``her2st_dir``)."""
+    if slice_id in FILES:
+        return Path(data_dir) / FILES[slice_id]
+    if slice_id in HER2ST_FILES:
+        return Path(her2st_dir) / HER2ST_FILES[slice_id]
+    raise ValueError(f"Unknown slice {slice_id!r}; choose from {[*FILES, *HER2ST_FILES]}.")
+
+
+def load_slice(path: Path | str):
+    """Read a slice and put its truth in ``obs['truth']`` (NaN where unscored); returns ``(adata, K)``."""
+    import anndata as ad
+    import pandas as pd
+
+    adata = ad.read_h5ad(path)
+    truth = (adata.obs["layer"] if "layer" in adata.obs else adata.obs["label"]).astype(object)
+    truth = truth.where(truth.notna() & (truth.astype(str) != "undetermined"))  # HER2ST: not a region
+    adata.obs["truth"] = pd.Categorical(truth)
+    return adata, int(adata.obs["truth"].nunique())
 
 
 def _peak_mb() -> float:
@@ -48,24 +77,23 @@ def _peak_mb() -> float:
 def _scores(adata, key: str) -> dict:
     import dfmamba_st as dfm
 
-    row = dfm.metrics.evaluate(adata, "layer", pred_key=key).iloc[0]
+    row = dfm.metrics.evaluate(adata, "truth", pred_key=key).iloc[0]
     return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
 
 
-def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed_options: dict) -> dict:
-    import anndata as ad
+def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_options: dict) -> dict:
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
-    adata = ad.read_h5ad(Path(data_dir) / FILES[slice_id])
+    adata, k = load_slice(path)
     start = time.time()
     if kind == "dfmamba_st":
         dfm.pp.serialize(adata)
         dfm.tl.embed(adata, seed=seed, progress=False, **embed_options)
-        dfm.tl.cluster(adata, 7, random_state=seed)
+        dfm.tl.cluster(adata, k, random_state=seed)
         key = "dfm_domain"
     elif kind == "dfm_features":
         from dfmamba_st.tl._embed import PRESETS, _library_sequences, _tokens
@@ -81,7 +109,7 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
         libraries = _library_sequences(adata, None, "spatial", ("hilbert",))
         # the neighbourhood half of tl.embed's tokens, built by tl.embed's own code: its "concat" expression block
         adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
-        dfm.tl.cluster(adata, 7, use_rep="X_features", random_state=seed, key_added="base")
+        dfm.tl.cluster(adata, k, use_rep="X_features", random_state=seed, key_added="base")
         key = "base"
     else:
         import scanpy as sc
@@ -100,12 +128,13 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
             _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
             pcs = pcs[nbrs].mean(axis=1)
         adata.obsm["X_base"] = pcs
-        dfm.tl.cluster(adata, 7, use_rep="X_base", refine=False, random_state=seed, key_added="base")
+        dfm.tl.cluster(adata, k, use_rep="X_base", refine=False, random_state=seed, key_added="base")
         key = "base"
     seconds = time.time() - start
     return {
         "method": kind,
         "slice": slice_id,
+        "k": k,
         "seed": seed,
         **_scores(adata, key),
         "seconds": seconds,
@@ -115,42 +144,42 @@ def _job(kind: str, data_dir: str, slice_id: str, seed: int, threads: int, embed
 
 def _extra(data_dir: str, seed: int, threads: int) -> list[dict]:
     """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process)."""
-    import anndata as ad
     import torch
 
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
     rows = []
-    native = ad.read_h5ad(Path(data_dir) / FILES["151673"])
+    native, k = load_slice(slice_path("151673", data_dir))
     dfm.pp.serialize(native)
     model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True)
-    dfm.tl.cluster(native, 7, random_state=seed)
+    dfm.tl.cluster(native, k, random_state=seed)
     rows.append({"test": "native 151673", **_scores(native, "dfm_domain")})
     for factor in (2, 4):
         coarse = dfm.pp.coarsen(native, factor)
         dfm.pp.serialize(coarse)
         dfm.tl.embed(coarse, model=model, progress=False)
-        dfm.tl.cluster(coarse, 7, random_state=seed)
+        dfm.tl.cluster(coarse, k, random_state=seed)
         rows.append({"test": f"zero-shot x{factor} 151673 ({coarse.n_obs} bins)", **_scores(coarse, "dfm_domain")})
-    other = ad.read_h5ad(Path(data_dir) / FILES["151674"])
+    other, k = load_slice(slice_path("151674", data_dir))
     dfm.pp.serialize(other)
     dfm.tl.embed(other, model=model, progress=False)
-    dfm.tl.cluster(other, 7, random_state=seed)
+    dfm.tl.cluster(other, k, random_state=seed)
     n_missing = len(other.uns["dfm"]["missing_genes"])
     rows.append(
         {"test": f"transfer 151673 -> 151674 ({n_missing} model genes missing)", **_scores(other, "dfm_domain")}
     )
     dfm.tl.embed(other, seed=seed, progress=False)
-    dfm.tl.cluster(other, 7, random_state=seed)
+    dfm.tl.cluster(other, k, random_state=seed)
     rows.append({"test": "trained on 151674 itself", **_scores(other, "dfm_domain")})
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    parser.add_argument("--slices", nargs="+", default=list(FILES))
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
+    parser.add_argument("--her2st-dir", default=str(HER2ST_DATA), help="folder of the HER2ST sections")
+    parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {[*FILES, *HER2ST_FILES]}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
@@ -166,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import pandas as pd
 
+    paths = {s: str(slice_path(s, args.data_dir, args.her2st_dir)) for s in args.slices}
     embed_options = parse_options(args.embed, "--embed")
     if "extra_curves" in embed_options:  # a comma-separated list of curve names; empty: the primary curve alone
         embed_options["extra_curves"] = tuple(v for v in str(embed_options["extra_curves"]).split(",") if v)
@@ -177,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods:
             for seed in args.seeds:
                 with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                    row = pool.submit(_job, method, args.data_dir, slice_id, seed, args.threads, embed_options).result()
+                    job = pool.submit(_job, method, paths[slice_id], slice_id, seed, args.threads, embed_options)
+                    row = job.result()
                 rows.append(row)
                 print(
                     f"{row['method']:>15} {row['slice']} seed {seed}: ARI {row['ari']:.3f} "
@@ -189,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     print("\nper run")
     print(table.round(3).to_string(index=False))
-    summary = table.groupby(["slice", "method"]).agg(
+    summary = table.groupby(["slice", "k", "method"]).agg(
         ari_mean=("ari", "mean"),
         ari_min=("ari", "min"),
         ari_max=("ari", "max"),

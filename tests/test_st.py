@@ -249,16 +249,31 @@ def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchm
     bench = benchmark_module("st_dlpfc")
     threads = torch.get_num_threads()
     try:
-        rows = {kind: bench._job(kind, str(DATA / "dlpfc"), "151510", 0, 1, {}) for kind in ("pca_gmm", "dfm_features")}
+        path = str(bench.slice_path("151510", DATA / "dlpfc"))
+        rows = {kind: bench._job(kind, path, "151510", 0, 1, {}) for kind in ("pca_gmm", "dfm_features")}
     finally:
         torch.set_num_threads(threads)
     for kind, row in rows.items():
-        assert row["method"] == kind and row["slice"] == "151510" and row["seconds"] > 0
+        assert row["method"] == kind and row["slice"] == "151510" and row["k"] == 7 and row["seconds"] > 0
         assert 0 <= row["completeness"] <= 1 and 0 <= row["nmi"] <= 1
     # measured: 0.40 (PCA → GMM) and 0.57 (features averaged over two rings, refined); neighbourhood averaging
     # of the model's own input features must keep most of that gain
     assert rows["pca_gmm"]["ari"] > 0.3
     assert rows["dfm_features"]["ari"] > rows["pca_gmm"]["ari"] + 0.1
+
+
+@needs_data
+def test_benchmark_reads_her2st_sections_without_their_undetermined_spots(benchmark_module):
+    bench = benchmark_module("st_dlpfc")
+    adata, k = bench.load_slice(bench.slice_path("A1", her2st_dir=DATA / "her2st"))
+    label = adata.obs["label"].astype(str)
+    # A1: 346 spots in six pathologist classes, 5 of them "undetermined"
+    assert k == label[label != "undetermined"].nunique() == 5
+    assert adata.obs["truth"].isna().sum() == (label == "undetermined").sum() == 5
+    adata, k = bench.load_slice(bench.slice_path("151673", DATA / "dlpfc"))
+    assert k == 7 and adata.obs["truth"].isna().sum() == adata.obs["layer"].isna().sum()
+    with pytest.raises(ValueError, match="Unknown slice 'Z9'"):
+        bench.slice_path("Z9")
 
 
 @needs_data
