@@ -243,6 +243,26 @@ def test_plots_return_figures(small):
 
 
 @needs_data
+def test_domains_draws_unannotated_spots_in_grey(small):
+    from matplotlib.colors import to_rgba
+
+    adata = small.copy()
+    adata.obsm["X_rand"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
+    dfm.pp.serialize(adata)
+    dfm.tl.cluster(adata, 3, use_rep="X_rand")
+    adata.obs["truth"] = adata.obs["layer"].astype(object)
+    adata.obs.iloc[:10, adata.obs.columns.get_loc("truth")] = np.nan
+    adata.obs["truth"] = adata.obs["truth"].astype("category")
+    fig = dfm.pl.domains(adata, truth_key="truth", return_fig=True, show=False)
+
+    def n_grey(ax):
+        colours = np.concatenate([c.get_facecolors() for c in ax.collections if len(c.get_facecolors()) > 1])
+        return int(np.isclose(colours, to_rgba("lightgrey"), atol=1e-3).all(axis=1).sum())
+
+    assert n_grey(fig.axes[0]) == 10 and n_grey(fig.axes[1]) == 0
+
+
+@needs_data
 def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module):
     import torch
 

@@ -45,7 +45,8 @@ def _tissue(
         view.obs["value"] = pd.Categorical(values.to_numpy(), categories=values.cat.categories)
     view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
     has_image = "spatial" in adata.uns and len(adata.uns["spatial"]) == 1
-    kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7)
+    # unannotated spots (NaN) in light grey, with their own "NA" legend entry
+    kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
     if has_image:
         view.uns["spatial"] = adata.uns["spatial"]
         lib = next(iter(adata.uns["spatial"]))
