@@ -24,6 +24,7 @@ Usage::
     python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
     python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
+    python benchmarks/st_dlpfc.py --slices A1 B1 C1 D1 --no-extra   # the HER2ST sections (held-out tissue)
 """
 
 from __future__ import annotations
