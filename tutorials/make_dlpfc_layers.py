@@ -26,12 +26,12 @@ cells = [
     ),
     code(
         "dfm.pp.serialize(adata)\n"
-        "order = adata.obs['dfm_order'].sort_values().index\n"
-        "xy = adata[order].obsm['spatial']\n"
+        'order = adata.obs["dfm_order"].sort_values().index\n'
+        'xy = adata[order].obsm["spatial"]\n'
         "fig, ax = plt.subplots(figsize=(4.5, 4.5))\n"
-        "ax.plot(xy[:, 0], -xy[:, 1], lw=0.4, color='0.3')\n"
-        "ax.scatter(xy[:, 0], -xy[:, 1], c=range(len(xy)), s=3, cmap='viridis')\n"
-        "ax.set_title('spots in Hilbert order')\n"
+        'ax.plot(xy[:, 0], -xy[:, 1], lw=0.4, color="0.3")\n'
+        'ax.scatter(xy[:, 0], -xy[:, 1], c=range(len(xy)), s=3, cmap="viridis")\n'
+        'ax.set_title("spots in Hilbert order")\n'
         "ax.set_axis_off()"
     ),
     md(
@@ -40,14 +40,14 @@ cells = [
         "a 64-wide DF-Mamba with fractal depth 3, trained to reconstruct masked spots. Parameters, genes and the "
         "loss history land in `adata.uns['dfm']`."
     ),
-    code("dfm.tl.embed(adata, progress=False)\nadata.uns['dfm']['params']"),
+    code('dfm.tl.embed(adata, progress=False)\nadata.uns["dfm"]["params"]'),
     code("dfm.pl.training(adata)"),
     md(
         "## 3. Domains\nA Gaussian mixture with one shared covariance (like mclust's EEE model), K = 7, then a "
         "majority-vote refinement on the spatial neighbour graph."
     ),
-    code("dfm.tl.cluster(adata, n_clusters=7)\ndfm.pl.domains(adata, truth_key='layer')"),
-    code("dfm.metrics.evaluate(adata, 'layer')"),
+    code('dfm.tl.cluster(adata, n_clusters=7)\ndfm.pl.domains(adata, truth_key="layer")'),
+    code('dfm.metrics.evaluate(adata, "layer")'),
     md(
         "## 4. Where does the model look at the coarse scale?\n"
         "At every depth DF-Mamba fuses the local view with an upsampled coarse view through a gate "
@@ -64,9 +64,9 @@ cells = [
         "dfm.pp.serialize(coarse)\n"
         "dfm.tl.embed(coarse, model=model, progress=False)\n"
         "dfm.tl.cluster(coarse, n_clusters=7)\n"
-        "dfm.metrics.evaluate(coarse, 'layer')"
+        'dfm.metrics.evaluate(coarse, "layer")'
     ),
-    code("dfm.pl.domains(coarse, truth_key='layer')"),
+    code('dfm.pl.domains(coarse, truth_key="layer")'),
 ]
 nb = nbf.v4.new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}})
 path = HERE / "dlpfc_layers.ipynb"
