@@ -52,14 +52,21 @@ def _fit_rows(n: int, random_state: int) -> np.ndarray:
     return np.sort(np.random.default_rng(random_state).choice(n, MAX_FIT_SPOTS, replace=False))
 
 
+def _fit_one_thread(estimator, rep: np.ndarray):
+    """``estimator.fit(rep)`` on one BLAS / OpenMP thread.
+
+    The clustering fits are small matrix products, for which threads cost more than they give (measured on a 2-core
+    machine: 30 GMM restarts on 3,639 spots 8.5 s with two threads, 1.5 s with one; 3 restarts on 51,000 spots 5.3 s
+    against 2.4 s).
+    """
+    with threadpool_limits(1):
+        return estimator.fit(rep)
+
+
 def _gmm(rep: np.ndarray, k: int, random_state: int, n_init: int = GMM_RESTARTS) -> GaussianMixture:
     # "tied": one covariance shared by all clusters, the analogue of mclust's EEE model used by STAGATE/GraphST.
     gmm = GaussianMixture(k, covariance_type="tied", n_init=n_init, reg_covar=1e-4, random_state=random_state)
-    # one BLAS / OpenMP thread: the fits are small matrix products, for which threads cost more than they give
-    # (measured on a 2-core machine: 30 restarts on 3,639 spots 8.5 s with two threads, 1.5 s with one; 3 restarts on
-    # 51,000 spots 5.3 s against 2.4 s)
-    with threadpool_limits(1):
-        return gmm.fit(rep)
+    return _fit_one_thread(gmm, rep)
 
 
 def choose_n_clusters(rep: np.ndarray, *, k_range: range = range(2, 16), random_state: int = 0) -> tuple[int, dict]:
@@ -239,8 +246,8 @@ def cluster(
             extra["log_likelihood"] = float(gmm.score(sample))
             labels = gmm.predict(rep)
         else:
-            with threadpool_limits(1):  # as in _gmm
-                labels = KMeans(n_clusters, n_init=n_init, random_state=random_state).fit(sample).predict(rep)
+            kmeans = KMeans(n_clusters, n_init=n_init, random_state=random_state)
+            labels = _fit_one_thread(kmeans, sample).predict(rep)
     labels = _relabel(labels)
     n_found = int(labels.max()) + 1
     if refine:
