@@ -211,7 +211,8 @@ class DFMambaTS(nn.Module):
     min_len
         DF-Mamba stops recursing below this length; ``None``: 2 for patch tokens, 8 (the core default) otherwise.
     dropout
-        Dropout before the head.
+        Dropout before the head. 0.3 since 2026-12-03 (0.1 before): over three seeds at horizon 96 it gave the lower
+        validation MSE on all five benchmarks, by 0.0001–0.0012 (the docs' "Dropout 0.3 as the default").
     revin
         Instance-normalise each window (RevIN, with a learned affine).
     aux_weight
@@ -245,7 +246,7 @@ class DFMambaTS(nn.Module):
         tokens: Literal["time", "patch", "mixed"] = "patch",
         patch_len: int = 8,
         min_len: int | None = None,
-        dropout: float = 0.1,
+        dropout: float = 0.3,
         revin: bool = True,
         aux_weight: float = 1.0,
         **dfmamba_kwargs,
