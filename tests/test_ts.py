@@ -146,6 +146,27 @@ def test_dfmamba_ts_shapes_and_aux(tokens):
         model(torch.randn(3, 31, 7))
 
 
+@pytest.mark.parametrize("tokens", ["patch", "mixed"])
+def test_dfmamba_ts_linear_skip_is_a_linear_map_of_the_normalised_lookback(tokens):
+    torch.manual_seed(0)
+    model = _tiny_dfm(3, 16, 8, tokens=tokens, patch_len=4, linear_skip=True, dropout=0.0).double().eval()
+    assert _tiny_dfm(3, 16, 8, tokens=tokens, patch_len=4).skip is None
+    head = [model.head_out] if tokens == "mixed" else [model.head]
+    with torch.no_grad():  # silence the DF-Mamba path: what is left is the skip map alone
+        for layer in head:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        model.revin.weight.uniform_(0.5, 2.0)  # a learned affine that is not the identity
+        model.revin.bias.normal_()
+    x = torch.randn(2, 16, 3, dtype=torch.float64) * 4 + 2
+    y, _ = model(x)
+    mean, std = x.mean(1, keepdim=True), (x.var(1, keepdim=True, unbiased=False) + model.revin.eps).sqrt()
+    z = (x - mean) / std * model.revin.weight + model.revin.bias
+    linear = torch.einsum("blc,hl->bhc", z, model.skip.weight) + model.skip.bias[None, :, None]
+    expected = (linear - model.revin.bias) / (model.revin.weight + model.revin.eps**2) * std + mean
+    torch.testing.assert_close(y, expected)
+
+
 def test_dfmamba_ts_paper_size():
     # d=64, K=3, N=16, expand 2, time-step tokens, flatten head: close to the paper's 0.658M on ETTm2 (7 variates)
     n = ts.count_parameters(ts.DFMambaTS(7, 96, 96, tokens="time"))

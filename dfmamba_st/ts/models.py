@@ -215,6 +215,11 @@ class DFMambaTS(nn.Module):
         validation MSE on all five benchmarks, by 0.0001–0.0012 (the docs' "Dropout 0.3 as the default").
     revin
         Instance-normalise each window (RevIN, with a learned affine).
+    linear_skip
+        Add a linear map of each variate's (normalised) lookback to its forecast, one ``seq_len → horizon`` map
+        shared by all variates (RLinear's forecaster, beside the DF-Mamba path). Off by default: over three seeds
+        at horizon 96 it lowered the validation MSE on ETTh1 and ETTm1 and raised it on ETTm2 and weather (the
+        docs' "A linear path beside DF-Mamba").
     aux_weight
         Multiplier of DF-Mamba's auxiliary loss in the returned ``aux`` term. The paper's model trains with it (the
         default here); measured on the five benchmarks at horizon 96, ``aux="off"`` (passed on to DF-Mamba) gave a
@@ -248,6 +253,7 @@ class DFMambaTS(nn.Module):
         min_len: int | None = None,
         dropout: float = 0.3,
         revin: bool = True,
+        linear_skip: bool = False,
         aux_weight: float = 1.0,
         **dfmamba_kwargs,
     ) -> None:
@@ -274,6 +280,7 @@ class DFMambaTS(nn.Module):
             self.head_out = nn.Linear(d_model, n_variates)
         else:
             self.head = nn.Linear(n_tokens * d_model, horizon)
+        self.skip = nn.Linear(seq_len, horizon) if linear_skip else None
         self.last_aux = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,6 +309,8 @@ class DFMambaTS(nn.Module):
             y = self.head_out(self.head_time(h.transpose(1, 2)).transpose(1, 2))  # (b, H, C)
         else:
             y = self.head(h.reshape(b * c, -1)).reshape(b, c, self.horizon).transpose(1, 2)
+        if self.skip is not None:
+            y = y + self.skip(x.transpose(1, 2)).transpose(1, 2)
         if self.revin is not None:
             y = self.revin.denormalize(y)
         return y, self.aux_weight * aux.loss
