@@ -151,11 +151,10 @@ def test_dfmamba_ts_linear_skip_is_a_linear_map_of_the_normalised_lookback(token
     torch.manual_seed(0)
     model = _tiny_dfm(3, 16, 8, tokens=tokens, patch_len=4, linear_skip=True, dropout=0.0).double().eval()
     assert _tiny_dfm(3, 16, 8, tokens=tokens, patch_len=4).skip is None
-    head = [model.head_out] if tokens == "mixed" else [model.head]
+    head = model.head_out if tokens == "mixed" else model.head
     with torch.no_grad():  # silence the DF-Mamba path: what is left is the skip map alone
-        for layer in head:
-            layer.weight.zero_()
-            layer.bias.zero_()
+        head.weight.zero_()
+        head.bias.zero_()
         model.revin.weight.uniform_(0.5, 2.0)  # a learned affine that is not the identity
         model.revin.bias.normal_()
     x = torch.randn(2, 16, 3, dtype=torch.float64) * 4 + 2
