@@ -7,9 +7,11 @@ import matplotlib
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba
+from dfmamba_st.tl._embed import _ema_decay
 
 matplotlib.use("Agg")
 
@@ -106,6 +108,22 @@ def test_embed_writes_documented_keys_and_is_reproducible(small):
     assert np.array_equal(emb, small.obsm["X_dfm"])
     dfm.tl.embed(small, **FAST, seed=4)
     assert not np.array_equal(emb, small.obsm["X_dfm"])
+
+
+@needs_data
+def test_embed_keeps_a_moving_average_of_the_weights(small):
+    dfm.pp.serialize(small)
+    averaged, avg_model = dfm.tl.embed(small, **FAST, seed=3, copy=True, return_model=True)
+    last, last_model = dfm.tl.embed(small, **FAST, seed=3, ema_fraction=None, copy=True, return_model=True)
+    assert averaged.uns["dfm"]["params"]["ema_fraction"] == 0.5  # the CPU preset's
+    assert last.uns["dfm"]["params"]["ema_fraction"] == "None"  # as h5ad_safe stores None
+    # same seed, same steps: only the kept weights differ
+    assert not torch.equal(avg_model.embed_in.weight, last_model.embed_in.weight)
+    assert not np.allclose(averaged.obsm["X_dfm"], last.obsm["X_dfm"])
+    # the preset's 200 steps give the measured decay; too short a run has nothing to average
+    assert _ema_decay(0.5, 200) == pytest.approx(0.99) and _ema_decay(0.5, 3) is None
+    with pytest.raises(ValueError, match="ema_fraction"):
+        dfm.tl.embed(small, **FAST, ema_fraction=1.5)
 
 
 @needs_data
