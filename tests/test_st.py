@@ -5,6 +5,7 @@ from pathlib import Path
 import anndata as ad
 import matplotlib
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
@@ -323,3 +324,16 @@ def test_curve_adjacency_benchmark_on_151673(benchmark_module):
     assert rows["hilbert"][">16"] > rows["hilbert+hilbert_t"][">16"] > 0.1
     assert rows["hilbert+hilbert_s"][">16"] < 0.03
     assert all(r[">1"] >= r[">4"] >= r[">16"] >= r[">64"] >= r[">256"] for r in rows.values())
+
+
+def test_command_line_main_job_on_the_bundled_slice(tmp_path, capsys):
+    from dfmamba_st.__main__ import main
+
+    assert main(["--epochs", "1", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "dlpfc_151673 (bundled), 3639 spots" in printed and "--seed 42" in printed
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"result.h5ad", "domains.png", "gates.png", "scores.csv"}
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
+    assert 0.0 < scores["ari"].iloc[0] <= 1.0 and scores["n_spots"].iloc[0] == 3611
+    result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
+    assert result.obs["dfm_domain"].nunique() == 7 and "X_dfm" in result.obsm
