@@ -32,7 +32,7 @@ PRESETS: dict[str, dict] = {
         d_model=64,
         depth=3,
         d_state=16,
-        # 20 × 10 steps, all of them used: 43-51 s per DLPFC slice on one CPU thread
+        # 20 × 10 steps: 17-31 s per DLPFC slice (serialize + embed + cluster, one CPU thread; docs/spatial.md)
         epochs=20,
         steps_per_epoch=10,
         lr=3e-3,
