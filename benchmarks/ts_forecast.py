@@ -7,7 +7,7 @@ table (test MSE, MAE on the train-standardised data, parameters, train and infer
 
 Examples
 --------
-``python benchmarks/ts_forecast.py --dataset ETTh2 --horizon 96 --models dfmamba_ts,dlinear --epochs 10``
+``python benchmarks/ts_forecast.py --dataset ETTh2 --horizon 96 --models dfmamba_ts,dlinear`` (6 epochs by default)
 
 A fast smoke run (CI): ``--epochs 1 --max-train-windows 256 --max-val-windows 256 --max-test-windows 256``.
 Zero-shot coarsening of the trained models: ``--zero-shot 2,4``. DF-Mamba ablations: ``--dfm share_weights=false``
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument("--horizon", type=int, default=96)
     p.add_argument("--seq-len", type=int, default=96)
     p.add_argument("--models", default="dfmamba_ts,msmamba,dlinear")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=ts.DEFAULT_EPOCHS, help=f"default: {ts.DEFAULT_EPOCHS}, the package's")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(

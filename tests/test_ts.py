@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -310,13 +311,15 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
     assert res["dlinear"]["params"] == 18624 and res["dlinear"]["scan_backends"] == []
     assert res["dfmamba_ts"]["scan_backends"] == ts.scan_backends(ts.DFMambaTS(7, 96, 96))
 
-    # the paper's split and the moving average of the weights go through the script (DLinear: quick)
-    argv = ["--dataset", "ETTh2", "--models", "dlinear", "--epochs", "1", "--data-dir", str(DATA)]
+    # the paper's split and the moving average of the weights go through the script, and without --epochs it uses
+    # the package's default schedule (DLinear: quick)
+    argv = ["--dataset", "ETTh2", "--models", "dlinear", "--data-dir", str(DATA)]
     argv += ["--json", str(out), "--max-train-windows", "64", "--max-test-windows", "64", "--max-val-windows", "64"]
     bench.main([*argv, "--split-ratios", "0.6,0.2,0.2", "--ema-decay", "0.9"])
     assert "train/val/test = 10261/3389/3389 (fractions (0.6, 0.2, 0.2) of all rows)" in capsys.readouterr().out
     config = json.loads(out.read_text())["dlinear"]["config"]
     assert config["split_ratios"] == [0.6, 0.2, 0.2] and config["ema_decay"] == 0.9
+    assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
 
 
 def test_package_exposes_ts():

@@ -21,10 +21,11 @@ from .data import (
 )
 from .evaluate import coarsened_windows, evaluate, predict, zero_shot
 from .models import DFMambaTS, DLinear, MSMamba, RevIN, count_parameters, scan_backends
-from .train import DEFAULT_TRAIN_LOSS, forecast_loss, train_forecaster
+from .train import DEFAULT_EPOCHS, DEFAULT_TRAIN_LOSS, forecast_loss, train_forecaster
 
 __all__ = [
     "DATA_ENV",
+    "DEFAULT_EPOCHS",
     "DEFAULT_TRAIN_LOSS",
     "KNOWN_DATASETS",
     "DFMambaTS",
