@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument(
         "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (core.fit)"
     )
+    p.add_argument(
+        "--weight-decay", type=float, default=None, help="AdamW weight decay for every model (default: core.fit's)"
+    )
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument(
         "--split-ratios",
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             progress=args.progress,
             description=name,
             ema_decay=args.ema_decay,
+            **({} if args.weight_decay is None else {"weight_decay": args.weight_decay}),
         )
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         test = ts.evaluate(model, splits.test, max_windows=args.max_test_windows)
@@ -180,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "seq_len": args.seq_len,
             "split_ratios": ratios,
             "ema_decay": args.ema_decay,
+            "weight_decay": args.weight_decay,
             "epochs": args.epochs,
             "threads": args.threads,
             "dfm_opts": dfm_opts,

@@ -315,10 +315,10 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
     # the package's default schedule (DLinear: quick)
     argv = ["--dataset", "ETTh2", "--models", "dlinear", "--data-dir", str(DATA)]
     argv += ["--json", str(out), "--max-train-windows", "64", "--max-test-windows", "64", "--max-val-windows", "64"]
-    bench.main([*argv, "--split-ratios", "0.6,0.2,0.2", "--ema-decay", "0.9"])
+    bench.main([*argv, "--split-ratios", "0.6,0.2,0.2", "--ema-decay", "0.9", "--weight-decay", "0.1"])
     assert "train/val/test = 10261/3389/3389 (fractions (0.6, 0.2, 0.2) of all rows)" in capsys.readouterr().out
     config = json.loads(out.read_text())["dlinear"]["config"]
-    assert config["split_ratios"] == [0.6, 0.2, 0.2] and config["ema_decay"] == 0.9
+    assert config["split_ratios"] == [0.6, 0.2, 0.2] and config["ema_decay"] == 0.9 and config["weight_decay"] == 0.1
     assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
 
 
