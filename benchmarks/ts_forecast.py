@@ -17,6 +17,7 @@ Zero-shot coarsening of the trained models: ``--zero-shot 2,4``. DF-Mamba ablati
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
@@ -31,7 +32,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks._options import parse_options  # noqa: E402
 from dfmamba_st import ts  # noqa: E402
-from dfmamba_st.core import available_backends, seed_everything  # noqa: E402
+from dfmamba_st.core import available_backends, fit, seed_everything  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "ts"
 MODELS = ("dfmamba_ts", "msmamba", "msmamba_learn", "dlinear")
@@ -73,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument(
         "--ema-decay", type=float, default=None, help="validate and keep a moving average of the weights (core.fit)"
     )
+    decay = inspect.signature(fit).parameters["weight_decay"].default
     p.add_argument(
-        "--weight-decay", type=float, default=None, help="AdamW weight decay for every model (default: core.fit's)"
+        "--weight-decay", type=float, default=decay, help=f"AdamW weight decay (default: {decay}, core.fit's)"
     )
     p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     p.add_argument(
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             progress=args.progress,
             description=name,
             ema_decay=args.ema_decay,
-            **({} if args.weight_decay is None else {"weight_decay": args.weight_decay}),
+            weight_decay=args.weight_decay,
         )
         train_s, train_cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
         test = ts.evaluate(model, splits.test, max_windows=args.max_test_windows)
