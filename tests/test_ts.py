@@ -129,6 +129,60 @@ def test_no_test_leakage_into_normalisation(etth2, splits):
     assert not torch.allclose(other.test.values, splits.test.values)
 
 
+@needs_data
+def test_daily_season_is_the_training_mean_per_hour_and_ignores_later_rows(etth2, splits):
+    seasonal = ts.make_splits("ETTh2", 96, 96, frame=etth2, season="daily")
+    season = seasonal.season
+    assert season.period == 24 and season.profile.shape == (24, 7)
+    # the file starts at midnight: hour h of the day is phase h; 8640 training rows = 360 whole days
+    hand = splits.values[:8640].reshape(360, 24, 7).mean(0)
+    np.testing.assert_allclose(season.profile, hand, atol=1e-5)
+    np.testing.assert_array_equal(season.phase[:50], np.arange(50) % 24)
+    # the windows hold the series less the profile; adding it back gives the plain standardised series
+    np.testing.assert_allclose(seasonal.values + season.at(np.arange(len(etth2))), splits.values, atol=1e-5)
+    torch.testing.assert_close(
+        seasonal.train.values, torch.from_numpy(splits.values[:8640] - season.profile[np.arange(8640) % 24])
+    )
+    # rows after the training months do not move the profile (no leakage)
+    corrupted = etth2.copy()
+    corrupted.iloc[8640:] = corrupted.iloc[8640:] * 100 + 1e4
+    np.testing.assert_array_equal(
+        ts.make_splits("ETTh2", 96, 96, frame=corrupted, season="daily").season.profile, season.profile
+    )
+    assert ts.make_splits("ETTh2", 96, 96, frame=etth2, season=12).season.period == 12
+    for bad in ("weekly", 1):
+        with pytest.raises(ValueError, match="season"):
+            ts.make_splits("ETTh2", 96, 96, frame=etth2, season=bad)
+
+
+@needs_data
+def test_season_phase_follows_the_timestamps_across_a_gap():
+    weather = ts.load("weather", path=DATA)
+    season = ts.make_splits("weather", 96, 96, frame=weather, season="daily").season
+    assert season.period == 144  # one day of 10-minute rows
+    minutes = (weather.index - weather.index[0]) / pd.Timedelta(minutes=10)
+    np.testing.assert_array_equal(season.phase, np.round(minutes).astype(np.int64) % 144)
+    jump = int(np.argmax(np.diff(weather.index) > np.timedelta64(10, "m")))  # the file's one gap (1 h 40 min)
+    assert season.phase[jump + 1] == (season.phase[jump] + 10) % 144
+    assert not np.array_equal(season.phase, np.arange(len(weather)) % 144)  # row numbers would drift
+
+
+@needs_data
+def test_season_leaves_the_errors_of_the_series_unchanged(etth2, splits):
+    seasonal = ts.make_splits("ETTh2", 96, 96, frame=etth2, season="daily")
+    torch.manual_seed(0)
+    model = ts.DLinear(7, 96, 96).eval()
+    got = ts.evaluate(model, seasonal.test, max_windows=64)
+    # by hand: forecast of the residual + profile of the forecast rows against the plain standardised targets
+    idx = torch.linspace(0, len(seasonal.test) - 1, 64).round().long().numpy()
+    rows = seasonal.test.offset + idx[:, None] + np.arange(96)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(seasonal.values[rows]))[0].numpy() + seasonal.season.at(rows + 96)
+    target = splits.values[rows + 96]
+    assert got["mse"] == pytest.approx(float(((pred - target) ** 2).mean()), rel=1e-5)
+    assert got["mae"] == pytest.approx(float(np.abs(pred - target).mean()), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 
@@ -319,6 +373,10 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
     assert "train/val/test = 10261/3389/3389 (fractions (0.6, 0.2, 0.2) of all rows)" in capsys.readouterr().out
     config = json.loads(out.read_text())["dlinear"]["config"]
     assert config["split_ratios"] == [0.6, 0.2, 0.2] and config["ema_decay"] == 0.9 and config["weight_decay"] == 0.1
+    assert config["season"] == 24  # the daily profile by default (24 hourly rows)
+    bench.main([*argv, "--season", "none"])
+    assert "no seasonal profile" in capsys.readouterr().out
+    assert json.loads(out.read_text())["dlinear"]["config"]["season"] is None
     assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
 
 

@@ -11,6 +11,11 @@ The validation and test segments start ``seq_len`` rows before their boundary, s
 split forecasts the first row after the boundary from a lookback that lies (partly) in the previous split; no
 *target* ever lies outside its split. Every split is standardised with the mean and standard deviation of the
 training rows only.
+
+``make_splits(..., season="daily")`` also removes a fixed daily profile (the mean of the standardised training rows
+at each time of day, :class:`Season`) from the whole series before it is cut into windows. A model then forecasts
+the residual; adding the profile back to forecast and target alike changes no error, so MSE and MAE stay on the
+standard scale and comparable with runs without the profile.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -30,6 +36,7 @@ __all__ = [
     "KNOWN_DATASETS",
     "ForecastSplits",
     "Scaler",
+    "Season",
     "WindowDataset",
     "default_data_dir",
     "load",
@@ -217,6 +224,84 @@ class Scaler:
         return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
 
 
+@dataclass
+class Season:
+    """A fixed seasonal profile: the mean of the standardised training rows at each phase of a period.
+
+    Attributes
+    ----------
+    period
+        Length of the period in rows (one day: 24 for ETTh, 96 for ETTm, 144 for weather).
+    profile
+        (period, variates): the mean of the training rows of each phase.
+    phase
+        (rows,): the phase of every row of the file (from its timestamps when it has them, so a gap or a repeated
+        row does not shift the later phases; from the row number otherwise).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.ts import Season
+    >>> rows = np.array([[1.0], [3.0], [2.0], [5.0]])
+    >>> s = Season.fit(rows, np.array([0, 1, 0, 1]), period=2)
+    >>> s.profile.ravel().tolist(), s.at(np.array([2, 3])).ravel().tolist()
+    ([1.5, 4.0], [1.5, 4.0])
+    """
+
+    period: int
+    profile: np.ndarray
+    phase: np.ndarray
+
+    @classmethod
+    def fit(cls, train_rows: np.ndarray, phase: np.ndarray, period: int) -> Season:
+        """Profile of ``train_rows`` (time, variates): the first rows of the file, whose ``phase`` is given for all."""
+        phase = np.asarray(phase, dtype=np.int64)
+        train_phase = phase[: len(train_rows)]
+        counts = np.bincount(train_phase, minlength=period)
+        if (counts == 0).any():
+            raise ValueError(f"The training rows do not cover every phase of the period {period}.")
+        sums = np.zeros((period, train_rows.shape[1]))
+        np.add.at(sums, train_phase, np.asarray(train_rows, dtype=np.float64))
+        return cls(period=period, profile=(sums / counts[:, None]).astype(np.float32), phase=phase)
+
+    def at(self, rows: np.ndarray) -> np.ndarray:
+        """The profile at file rows ``rows`` (any shape), shape ``rows.shape + (variates,)``."""
+        return self.profile[self.phase[rows]]
+
+
+def _sampling_step(index: pd.Index) -> pd.Timedelta | None:
+    """The most common spacing of a timestamp index; ``None`` without timestamps."""
+    if not isinstance(index, pd.DatetimeIndex) or len(index) < 2:
+        return None
+    return index.to_series().diff().mode().iloc[0]
+
+
+def _season_phase(index: pd.Index, n_rows: int, period: int) -> np.ndarray:
+    """Phase of every row: steps since the first timestamp modulo ``period`` (row numbers without timestamps)."""
+    step = _sampling_step(index)
+    if step is None:
+        return np.arange(n_rows) % period
+    steps = np.round((index - index[0]) / step).astype(np.int64)
+    return np.asarray(steps) % period
+
+
+def _season_period(season: int | str, name: str, index: pd.Index) -> int:
+    """Rows per period: ``season`` itself, or one day's rows for ``"daily"``."""
+    if season == "daily":
+        step = _sampling_step(index)
+        if step is None and name in KNOWN_DATASETS:
+            step = pd.Timedelta(minutes=KNOWN_DATASETS[name])
+        if step is None:
+            raise ValueError(f"season='daily' needs timestamps (a DatetimeIndex) or a known data set, not {name!r}.")
+        period = pd.Timedelta(days=1) / step
+        if period != int(period):
+            raise ValueError(f"A day is not a whole number of sampling steps ({step}); pass season=<rows>.")
+        return int(period)
+    if isinstance(season, str) or int(season) < 2:
+        raise ValueError(f"season must be 'daily', a period in rows >= 2 or None, got {season!r}.")
+    return int(season)
+
+
 class WindowDataset(Dataset):
     """Sliding windows ``(x, y)`` over one standardised segment: ``x`` = ``seq_len`` rows, ``y`` = the next ``horizon``.
 
@@ -314,11 +399,15 @@ class ForecastSplits:
     scaler
         :class:`Scaler` fitted on ``rows[starts[0]:ends[0]]`` only.
     values
-        The whole file standardised with that scaler, (rows, variates) (used by the zero-shot coarsening test).
+        The whole file standardised with that scaler, (rows, variates), less ``season``'s profile when there is
+        one (what the windows hold; the zero-shot coarsening test uses it too).
     starts, ends
         Row borders of the segments (see :func:`split_borders`).
     columns
         Variate names.
+    season
+        The :class:`Season` removed from ``values`` (fitted on the training rows only), or ``None``. A forecast of
+        the series is the model's forecast plus ``season.at(rows)`` of the forecast rows.
     """
 
     name: str
@@ -330,6 +419,7 @@ class ForecastSplits:
     starts: list[int]
     ends: list[int]
     columns: list[str]
+    season: Season | None = None
 
     @property
     def n_variates(self) -> int:
@@ -345,6 +435,7 @@ def make_splits(
     frame: pd.DataFrame | None = None,
     *,
     ratios: tuple[float, float, float] | None = None,
+    season: int | Literal["daily"] | None = None,
 ) -> ForecastSplits:
     """Load a benchmark and cut it into standardised train / validation / test windows.
 
@@ -363,6 +454,11 @@ def make_splits(
     ratios
         Train / validation / test fractions of all rows instead of the standard split (see :func:`split_borders`;
         the DF-Mamba paper's ETT protocol is ``(0.6, 0.2, 0.2)``).
+    season
+        ``"daily"`` (or a period in rows): subtract a fixed :class:`Season` profile, the mean of the standardised
+        training rows at each time of day, from the series before cutting windows. Errors of forecasts of the
+        residual equal errors of forecasts of the series (the profile is added to forecast and target alike), so
+        metrics stay comparable. ``None``: the standardised series as it is.
 
     Examples
     --------
@@ -377,13 +473,19 @@ def make_splits(
     8449 2785 2785
     """
     df = load(name, path) if frame is None else frame
+    stem = name.removesuffix(".gz").removesuffix(".csv")
     raw = df.to_numpy(dtype=np.float64)
     starts, ends = split_borders(name, len(raw), seq_len, ratios=ratios)
     scaler = Scaler.fit(raw[starts[0] : ends[0]])
     values = scaler.transform(raw)
+    fitted = None
+    if season is not None:
+        period = _season_period(season, stem, df.index)
+        fitted = Season.fit(values[starts[0] : ends[0]], _season_phase(df.index, len(values), period), period)
+        values = values - fitted.at(np.arange(len(values)))
     sets = [WindowDataset(values[s:e], seq_len, horizon, offset=s) for s, e in zip(starts, ends)]
     return ForecastSplits(
-        name=name.removesuffix(".gz").removesuffix(".csv"),
+        name=stem,
         train=sets[0],
         val=sets[1],
         test=sets[2],
@@ -392,4 +494,5 @@ def make_splits(
         starts=starts,
         ends=ends,
         columns=[str(c) for c in df.columns],
+        season=fitted,
     )
