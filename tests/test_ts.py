@@ -377,6 +377,9 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
     bench.main([*argv, "--season", "none"])
     assert "no seasonal profile" in capsys.readouterr().out
     assert json.loads(out.read_text())["dlinear"]["config"]["season"] is None
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--season", "weekly"])
+    assert "use 'daily', 'none' or a period in rows" in capsys.readouterr().err
     assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
 
 
