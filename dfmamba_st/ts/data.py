@@ -276,19 +276,17 @@ def _sampling_step(index: pd.Index) -> pd.Timedelta | None:
     return index.to_series().diff().mode().iloc[0]
 
 
-def _season_phase(index: pd.Index, n_rows: int, period: int) -> np.ndarray:
-    """Phase of every row: steps since the first timestamp modulo ``period`` (row numbers without timestamps)."""
-    step = _sampling_step(index)
+def _season_phase(index: pd.Index, step: pd.Timedelta | None, period: int) -> np.ndarray:
+    """Phase of every row: ``step``s since the first timestamp modulo ``period`` (row numbers without timestamps)."""
     if step is None:
-        return np.arange(n_rows) % period
+        return np.arange(len(index)) % period
     steps = np.round((index - index[0]) / step).astype(np.int64)
     return np.asarray(steps) % period
 
 
-def _season_period(season: int | str, name: str, index: pd.Index) -> int:
-    """Rows per period: ``season`` itself, or one day's rows for ``"daily"``."""
+def _season_period(season: int | str, name: str, step: pd.Timedelta | None) -> int:
+    """Rows per period: ``season``, or for ``"daily"`` one day of ``step`` (else of the known data set's interval)."""
     if season == "daily":
-        step = _sampling_step(index)
         if step is None and name in KNOWN_DATASETS:
             step = pd.Timedelta(minutes=KNOWN_DATASETS[name])
         if step is None:
@@ -480,8 +478,9 @@ def make_splits(
     values = scaler.transform(raw)
     fitted = None
     if season is not None:
-        period = _season_period(season, stem, df.index)
-        fitted = Season.fit(values[starts[0] : ends[0]], _season_phase(df.index, len(values), period), period)
+        step = _sampling_step(df.index)
+        period = _season_period(season, stem, step)
+        fitted = Season.fit(values[starts[0] : ends[0]], _season_phase(df.index, step, period), period)
         values = values - fitted.at(np.arange(len(values)))
     sets = [WindowDataset(values[s:e], seq_len, horizon, offset=s) for s, e in zip(starts, ends)]
     return ForecastSplits(
