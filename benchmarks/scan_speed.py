@@ -1,4 +1,4 @@
-"""Speed and memory of the selective-scan backends (forward + backward, CPU, fp32).
+"""Speed and memory of the selective-scan backends (forward + backward, fp32, CPU or a CUDA GPU).
 
 Every (backend, L, d_inner) configuration runs in its own subprocess, so that memory numbers do not
 mix and a slow configuration can be cut off. In the subprocess the inputs are built, one warm-up call
@@ -10,13 +10,16 @@ resident size just before it (Linux: the peak is reset through ``/proc/self/clea
 told to return freed blocks to the system at once, ``MALLOC_MMAP_THRESHOLD_=65536`` and ``malloc_trim``
 before the pass). It therefore
 counts everything the pass allocates -- outputs, saved tensors, workspace, the input gradients --
-for torch, numpy and numba alike.
+for torch, numpy and numba alike. With ``--device cuda`` the inputs live on the GPU, every timed pass ends with
+``torch.cuda.synchronize()``, and memory is the peak of ``torch.cuda.max_memory_allocated`` during the pass minus
+what was allocated before it (the same things, counted by PyTorch's allocator).
 
 Usage::
 
     python benchmarks/scan_speed.py            # L in {1024, 4096, 16384}, d_inner in {256, 1024}
     python benchmarks/scan_speed.py --quick    # small sizes, a minute or so
     python benchmarks/scan_speed.py --full     # also the reference loop at the longest length
+    python benchmarks/scan_speed.py --device cuda --backends torch cuda   # a GPU: PyTorch against mamba-ssm
 """
 
 from __future__ import annotations
@@ -62,9 +65,13 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(backend: str, length: int, d_inner: int, N: int, batch: int, reps: int, threads: int) -> dict:
+def worker(
+    backend: str, length: int, d_inner: int, N: int, batch: int, reps: int, threads: int, device: str = "cpu"
+) -> dict:
     """Time and measure one configuration in this process."""
     import torch
+
+    cuda = device == "cuda"
 
     torch.set_num_threads(threads)
     if backend == "numba":
@@ -83,11 +90,17 @@ def worker(backend: str, length: int, d_inner: int, N: int, batch: int, reps: in
     z = torch.randn(batch, d_inner, length, generator=g).requires_grad_()
     w = torch.randn(batch, d_inner, length, generator=g)
     leaves = [u, delta, A, B, C, D, z]
+    if cuda:
+        leaves = [t.detach().cuda().requires_grad_() for t in leaves]
+        u, delta, A, B, C, D, z = leaves
+        w = w.cuda()
 
     def step() -> None:
         y = selective_scan(u, delta, A, B, C, D, z, backend=backend)
         grads = torch.autograd.grad((y * w).sum(), leaves)
         del y, grads
+        if cuda:
+            torch.cuda.synchronize()
 
     t0 = time.perf_counter()
     if backend == "reference":  # nothing to compile: warm up on a short sequence only
@@ -102,14 +115,22 @@ def worker(backend: str, length: int, d_inner: int, N: int, batch: int, reps: in
         measure = i == reps - 1
         if measure:
             _release_free_memory()
-            before = _rss_kib("VmRSS")
-            ok = _reset_peak()
+            if cuda:
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                ok = True
+            else:
+                before = _rss_kib("VmRSS")
+                ok = _reset_peak()
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         if measure and ok:
-            peak_mib = (_rss_kib("VmHWM") - before) / 1024
+            if cuda:
+                peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+            else:
+                peak_mib = (_rss_kib("VmHWM") - before) / 1024
     return {
         "seconds": statistics.median(times),
         "cpu_seconds": statistics.median(cpu_times),
@@ -125,7 +146,7 @@ def run_config(args: argparse.Namespace, backend: str, length: int, d_inner: int
         sys.executable,
         __file__,
         "--worker",
-        json.dumps([backend, length, d_inner, args.N, args.batch, reps, args.threads]),
+        json.dumps([backend, length, d_inner, args.N, args.batch, reps, args.threads, args.device]),
     ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
     try:
@@ -185,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=["reference", "torch", "numba"])
     parser.add_argument("--N", type=int, default=16, help="state size")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the inputs live")
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--reference-reps", type=int, default=2, help="at most this many for the slow loop")
     parser.add_argument("--reference-max-length", type=int, default=4096, help="longest L for the loop (no --full)")
@@ -212,12 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     dims = args.d_inner or ([64] if args.quick else [256, 1024])
     ref_max = max(lengths) if args.full else args.reference_max_length
     print(
-        f"selective scan, forward+backward, CPU fp32, batch {args.batch}, N {args.N}, {args.threads} thread(s), "
+        f"selective scan, forward+backward, {args.device} fp32, batch {args.batch}, N {args.N}, "
+        f"{args.threads} thread(s), "
         f"median of {args.reps} reps (reference loop: {min(args.reps, args.reference_reps)}) after a warm-up"
     )
     print(
         "wall s / CPU s: median wall-clock / process CPU time (all threads) of one forward+backward; "
-        "peak MiB: peak RSS increase of the subprocess during one forward+backward "
+        f"peak MiB: peak {'CUDA-allocator' if args.device == 'cuda' else 'RSS'} increase of the subprocess during "
+        "one forward+backward "
         "(outputs, saved tensors, workspace and input gradients)"
     )
     results = {}

@@ -2,8 +2,9 @@
 
 Every job runs in a fresh process (so peak memory is its own). Prints one table:
 method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluster, or the baseline's pipeline),
-peak RSS (MB). Then zero-shot scale (model trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer
-(model trained on 151673 → 151674, against training on 151674 itself).
+peak RSS (MB) and, for a job on a GPU, the peak of PyTorch's CUDA allocator (MB). Then zero-shot scale (model
+trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 → 151674, against
+training on 151674 itself), with the same ``--embed`` options.
 
 Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
 ``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
@@ -75,6 +76,13 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _gpu_peak_mb() -> float:
+    """Peak memory PyTorch's CUDA allocator held in this process (NaN when the job never touched a GPU)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else float("nan")
+
+
 def _scores(adata, key: str) -> dict:
     import dfmamba_st as dfm
 
@@ -140,11 +148,12 @@ def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_opt
         **_scores(adata, key),
         "seconds": seconds,
         "peak_mb": _peak_mb(),
+        "gpu_peak_mb": _gpu_peak_mb(),
     }
 
 
-def _extra(data_dir: str, seed: int, threads: int) -> list[dict]:
-    """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process)."""
+def _extra(data_dir: str, seed: int, threads: int, embed_options: dict) -> list[dict]:
+    """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process), with ``--embed``'s options."""
     import torch
 
     torch.set_num_threads(threads)
@@ -153,24 +162,24 @@ def _extra(data_dir: str, seed: int, threads: int) -> list[dict]:
     rows = []
     native, k = load_slice(slice_path("151673", data_dir))
     dfm.pp.serialize(native)
-    model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True)
+    model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True, **embed_options)
     dfm.tl.cluster(native, k, random_state=seed)
     rows.append({"test": "native 151673", **_scores(native, "dfm_domain")})
     for factor in (2, 4):
         coarse = dfm.pp.coarsen(native, factor)
         dfm.pp.serialize(coarse)
-        dfm.tl.embed(coarse, model=model, progress=False)
+        dfm.tl.embed(coarse, model=model, progress=False, **embed_options)
         dfm.tl.cluster(coarse, k, random_state=seed)
         rows.append({"test": f"zero-shot x{factor} 151673 ({coarse.n_obs} bins)", **_scores(coarse, "dfm_domain")})
     other, k = load_slice(slice_path("151674", data_dir))
     dfm.pp.serialize(other)
-    dfm.tl.embed(other, model=model, progress=False)
+    dfm.tl.embed(other, model=model, progress=False, **embed_options)
     dfm.tl.cluster(other, k, random_state=seed)
     n_missing = len(other.uns["dfm"]["missing_genes"])
     rows.append(
         {"test": f"transfer 151673 -> 151674 ({n_missing} model genes missing)", **_scores(other, "dfm_domain")}
     )
-    dfm.tl.embed(other, seed=seed, progress=False)
+    dfm.tl.embed(other, seed=seed, progress=False, **embed_options)
     dfm.tl.cluster(other, k, random_state=seed)
     rows.append({"test": "trained on 151674 itself", **_scores(other, "dfm_domain")})
     return rows
@@ -229,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         completeness_mean=("completeness", "mean"),
         seconds_mean=("seconds", "mean"),
         peak_mb_max=("peak_mb", "max"),
+        gpu_peak_mb_max=("gpu_peak_mb", "max"),
     )
     print(f"\nsummary over seeds {args.seeds}")
     print(summary.round(3).to_string())
     if not args.no_extra:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            extra = pool.submit(_extra, args.data_dir, args.seeds[0], args.threads).result()
+            extra = pool.submit(_extra, args.data_dir, args.seeds[0], args.threads, embed_options).result()
         print(f"\nzero-shot scale and transfer (seed {args.seeds[0]})")
         print(pd.DataFrame(extra).round(3).to_string(index=False))
     return 0
