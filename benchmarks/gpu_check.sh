@@ -66,12 +66,12 @@ say "tests without mamba-ssm done"
 
 # --- 2a. the paper preset (what preset="auto" picks on a GPU), PyTorch scan, and the baseline ----------------
 ST="$PY benchmarks/st_dlpfc.py --slices 151673 --no-extra --threads 8 --data-dir .devkit"
-timeout "$(until_left 240)" $ST --seeds 0 1 2 --methods pca_nbmean_gmm dfmamba_st --embed preset=paper device=cuda \
+timeout "$(until_left 200)" $ST --seeds 0 1 2 --methods pca_nbmean_gmm dfmamba_st --embed preset=paper device=cuda \
     >"$OUT/st_paper_preset.log" 2>&1
 say "paper preset done"
 
 # --- 1b. mamba-ssm against the reference ---------------------------------------------------------------------
-while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 200 ]; do sleep 5; done
+while kill -0 $BUILD 2>/dev/null && [ "$(left)" -gt 160 ]; do sleep 5; done
 if kill -0 $BUILD 2>/dev/null; then
     say "mamba-ssm build still running: stopped"
     kill $BUILD
@@ -89,13 +89,13 @@ timeout 100 $PY -m pytest -q -p no:cacheprovider tests/test_scan.py -k "cuda" 2>
 say "mamba-ssm tests done"
 
 # --- 2b. the CPU preset on the GPU (scan backend "auto": mamba-ssm's kernel where it built) -------------------
-timeout "$(until_left 90)" $ST --seeds 0 1 2 --methods dfmamba_st --embed preset=cpu device=cuda \
+timeout "$(until_left 70)" $ST --seeds 0 1 2 --methods dfmamba_st --embed preset=cpu device=cuda \
     >"$OUT/st_cpu_preset.log" 2>&1
 say "CPU preset on the GPU done"
 
 # --- 3. scan backends on the GPU -----------------------------------------------------------------------------
-timeout "$(until_left 25)" $PY benchmarks/scan_speed.py --device cuda --backends torch cuda --lengths 1024 16384 \
-    --d-inner 1024 6000 --reps 5 --timeout 30 --json "$OUT/scan_speed.json" >"$OUT/scan_speed.log" 2>&1
+timeout "$(until_left 12)" $PY benchmarks/scan_speed.py --device cuda --backends torch cuda --lengths 1024 16384 \
+    --d-inner 1024 6000 --reps 5 --timeout 25 --json "$OUT/scan_speed.json" >"$OUT/scan_speed.log" 2>&1
 say "scan speed done"
 
 # --- 2c. with what is left: the paper preset once more, seed 0, on mamba-ssm's kernel --------------------------

@@ -148,7 +148,8 @@ def run_config(args: argparse.Namespace, backend: str, length: int, d_inner: int
         "--worker",
         json.dumps([backend, length, d_inner, args.N, args.batch, reps, args.threads, args.device]),
     ]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=path)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
     except subprocess.TimeoutExpired:

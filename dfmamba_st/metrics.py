@@ -188,7 +188,8 @@ def _knn_stable(xy: np.ndarray, k: int, pad: int = 8) -> np.ndarray:
 
 
 def _is_missing(values: pd.Series, ignore: Sequence[str]) -> np.ndarray:
-    missing = values.isna().to_numpy()
+    # a copy: under pandas' copy-on-write (the default from pandas 3) to_numpy() gives a read-only view
+    missing = values.isna().to_numpy().copy()
     as_str = values.astype(str).str.strip().str.lower()
     missing |= (as_str == "").to_numpy()
     ignore_l = {str(v).strip().lower() for v in ignore}
