@@ -10,6 +10,16 @@
 #
 # Carried next to the checkout (ignored by git): .whl/ (wheels of what the machine lacks: scanpy, anndata and
 # their dependencies), .devkit/ (the DLPFC .h5ad files of ../shared/data/dlpfc and mamba_ssm-*.tar.gz).
+# Made once on the workstation (the machine had Python 3.12 and its own torch, numpy, pandas, numba, sklearn...):
+#   printf '/.whl/\n/.devkit/\n' >> .git/info/exclude && mkdir -p .whl .devkit
+#   pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     scanpy==1.11.5 anndata==0.12.19 legacy-api-wrap==1.5 natsort==8.4.0 session-info2==0.4.1 \
+#     umap-learn==0.5.12 pynndescent==0.7.0 array-api-compat==1.16.0 scverse-misc==0.0.3 zarr==3.1.6 \
+#     donfig==0.8.1.post1 google-crc32c==1.9.0 numcodecs==0.16.6 pooch==1.9.0 platformdirs==4.14.9 scikit-misc==0.5.3
+#   MAMBA_SKIP_CUDA_BUILD=TRUE pip download -d .devkit --no-deps --no-binary :all: --no-build-isolation \
+#     mamba-ssm==2.3.2.post1
+#   cp ../shared/data/dlpfc/*.h5ad .devkit/
 # Usage (repository root):  bash benchmarks/gpu_check.sh [SECONDS [STEPS]]
 #   SECONDS: the budget (default 540); STEPS: "all" (default) or a comma-separated subset of tests,paper,cpu,scan.
 #   A lease of 15 minutes did not leave the paper preset enough time among the other steps (docs/spatial.md):
