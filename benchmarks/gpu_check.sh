@@ -5,7 +5,7 @@
 #      the neighbour-mean baseline of the same run, and with the CPU preset on the GPU;
 #   3. benchmarks/scan_speed.py on the GPU: the PyTorch scan against mamba-ssm's fused kernel.
 # mamba-ssm has no wheel for every CUDA/PyTorch pair: its selective-scan extension is built here from the
-# sdist, for this GPU's architecture only (its setup.py builds ~10 architectures: too long for a short lease),
+# sdist, for this GPU's architecture only (its setup.py builds nine with CUDA 13: too long for a short lease),
 # in the background while the paper preset runs (on the PyTorch scan; once more on mamba-ssm's if time is left).
 #
 # Carried next to the checkout (ignored by git): .whl/ (wheels of what the machine lacks: scanpy, anndata and
