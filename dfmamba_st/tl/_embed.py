@@ -198,7 +198,7 @@ def embed(
         the defaults then): 0.589 / 0.561 / 0.525 with one ring, 0.612 / 0.580 / 0.510 without; not a clear winner,
         see ``docs/spatial.md`` (ablations). Two rings, with the defaults of 2026-12-04 (seeds 0–9): 0.574 / 0.583 /
         0.552 against 0.584 / 0.583 / 0.538, but 0.525 against 0.522 on seeds 10–19 of 151510 and lower on the
-        HER2ST sections (``docs/spatial.md``, "Ten more changes for 151510").
+        HER2ST sections (``docs/spatial.md``, "Eleven more changes for 151510").
     readout
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
         the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
