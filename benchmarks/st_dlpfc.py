@@ -9,7 +9,9 @@ training on 151674 itself), with the same ``--embed`` options.
 Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
 ``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
 "undetermined", K = the number of regions annotated in the section) with ``--slices``: data the defaults were not
-tuned on. Every method gets K from the truth of its slice.
+tuned on. ``bundled`` is the slice that ships inside the package (151673 cut to 3,000 HVGs; what ``python -m
+dfmamba_st`` runs), so the benchmark also runs on a machine without ``../shared``. Every method gets K from the truth
+of its slice.
 
 Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K clusters on the 20 leading PCs, no
 refinement):
@@ -26,6 +28,7 @@ Usage::
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
     python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
     python benchmarks/st_dlpfc.py --slices A1 B1 C1 D1 --no-extra   # the HER2ST sections (held-out tissue)
+    python benchmarks/st_dlpfc.py --slices bundled --no-extra       # the slice python -m dfmamba_st runs
 """
 
 from __future__ import annotations
@@ -49,15 +52,18 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "dlpfc"
 FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
 HER2ST_DATA = REPO.parent / "shared" / "data" / "her2st"
 HER2ST_FILES = {s: f"her2st_{s}.h5ad" for s in ("A1", "B1", "C1", "D1")}
+BUNDLED = REPO / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"  # dfm.datasets.dlpfc_151673_hvg()'s file
 
 
 def slice_path(slice_id: str, data_dir: Path | str = DEFAULT_DATA, her2st_dir: Path | str = HER2ST_DATA) -> Path:
-    """The file of a DLPFC slice (in ``data_dir``) or a HER2ST section (in ``her2st_dir``)."""
+    """The file of a DLPFC slice (in ``data_dir``), a HER2ST section (in ``her2st_dir``) or the ``bundled`` slice."""
+    if slice_id == "bundled":
+        return BUNDLED
     if slice_id in FILES:
         return Path(data_dir) / FILES[slice_id]
     if slice_id in HER2ST_FILES:
         return Path(her2st_dir) / HER2ST_FILES[slice_id]
-    raise ValueError(f"Unknown slice {slice_id!r}; choose from {[*FILES, *HER2ST_FILES]}.")
+    raise ValueError(f"Unknown slice {slice_id!r}; choose from {[*FILES, *HER2ST_FILES, 'bundled']}.")
 
 
 def load_slice(path: Path | str):
@@ -189,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
     parser.add_argument("--her2st-dir", default=str(HER2ST_DATA), help="folder of the HER2ST sections")
-    parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {[*FILES, *HER2ST_FILES]}")
+    parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {[*FILES, *HER2ST_FILES, 'bundled']}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if truth:
         scores = dfm.metrics.evaluate(adata, truth)
         print(scores.round(3).to_string())
-        print(f"(one training run, --seed {args.seed}; scores move with the seed: see docs/spatial.md for ten seeds)")
+        print(
+            f"(one training run, --seed {args.seed}; scores move with the seed: docs/spatial.md, 'The bundled slice', "
+            "has ten seeds of this slice with the baselines)"
+        )
         scores.to_csv(args.out / "scores.csv")
     dfm.pl.domains(adata, truth_key=truth, return_fig=True, show=False).savefig(args.out / "domains.png", dpi=120)
     dfm.pl.gates(adata, return_fig=True, show=False).savefig(args.out / "gates.png", dpi=120)

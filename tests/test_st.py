@@ -316,6 +316,16 @@ def test_benchmark_reads_her2st_sections_without_their_undetermined_spots(benchm
         bench.slice_path("Z9")
 
 
+def test_benchmark_runs_on_the_bundled_slice_without_shared_data(benchmark_module):
+    bench = benchmark_module("st_dlpfc")
+    path = bench.slice_path("bundled", "/nonexistent", "/nonexistent")
+    adata, k = bench.load_slice(path)
+    shipped = dfm.datasets.dlpfc_151673_hvg()  # the file python -m dfmamba_st runs on
+    assert adata.shape == shipped.shape == (3639, 3000) and k == 7
+    assert (adata.X != shipped.X).nnz == 0
+    assert adata.obs["truth"].isna().sum() == shipped.obs["layer"].isna().sum() == 28
+
+
 @needs_data
 def test_curve_adjacency_benchmark_on_151673(benchmark_module):
     rows = {
