@@ -53,6 +53,7 @@ FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510":
 HER2ST_DATA = REPO.parent / "shared" / "data" / "her2st"
 HER2ST_FILES = {s: f"her2st_{s}.h5ad" for s in ("A1", "B1", "C1", "D1")}
 BUNDLED = REPO / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"  # dfm.datasets.dlpfc_151673_hvg()'s file
+SLICES = [*FILES, *HER2ST_FILES, "bundled"]
 
 
 def slice_path(slice_id: str, data_dir: Path | str = DEFAULT_DATA, her2st_dir: Path | str = HER2ST_DATA) -> Path:
@@ -63,7 +64,7 @@ def slice_path(slice_id: str, data_dir: Path | str = DEFAULT_DATA, her2st_dir: P
         return Path(data_dir) / FILES[slice_id]
     if slice_id in HER2ST_FILES:
         return Path(her2st_dir) / HER2ST_FILES[slice_id]
-    raise ValueError(f"Unknown slice {slice_id!r}; choose from {[*FILES, *HER2ST_FILES, 'bundled']}.")
+    raise ValueError(f"Unknown slice {slice_id!r}; choose from {SLICES}.")
 
 
 def load_slice(path: Path | str):
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
     parser.add_argument("--her2st-dir", default=str(HER2ST_DATA), help="folder of the HER2ST sections")
-    parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {[*FILES, *HER2ST_FILES, 'bundled']}")
+    parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {SLICES}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")

@@ -316,7 +316,7 @@ def test_benchmark_reads_her2st_sections_without_their_undetermined_spots(benchm
         bench.slice_path("Z9")
 
 
-def test_benchmark_runs_on_the_bundled_slice_without_shared_data(benchmark_module):
+def test_benchmark_reads_the_bundled_slice_without_shared_data(benchmark_module):
     bench = benchmark_module("st_dlpfc")
     path = bench.slice_path("bundled", "/nonexistent", "/nonexistent")
     adata, k = bench.load_slice(path)
