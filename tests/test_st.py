@@ -140,6 +140,30 @@ def test_embed_detects_log_normalised_input(small):
 
 
 @needs_data
+def test_hvg_pick_breaks_ties_by_name_not_by_gene_order(slice_673):
+    import scanpy as sc
+
+    from dfmamba_st.tl._features import FeatureTransform
+
+    def pick(adata):
+        return FeatureTransform.fit(adata, layer=None, n_top_genes=3000, n_pcs=None, seed=0).genes
+
+    genes = pick(slice_673)
+    reversed_genes = slice_673[:, slice_673.var_names[::-1]].copy()
+    # NumPy orders tied scores by position (and by the CPU's vector extensions): scanpy's own pick moves 2 genes
+    # when the genes are reversed; ours must not
+    assert set(pick(reversed_genes)) == set(genes) and genes == [g for g in slice_673.var_names if g in set(genes)]
+    score = sc.pp.highly_variable_genes(slice_673, flavor="seurat_v3", n_top_genes=3000, inplace=False)
+    score = score["variances_norm"].astype(np.float32)
+    cutoff = score[genes].min()
+    tied = sorted(score.index[score == cutoff])
+    assert len(tied) == 15  # measured on 151673: 15 genes share the 3,000th score
+    assert set(score.index[score > cutoff]) <= set(genes)
+    kept = 3000 - (score > cutoff).sum()
+    assert [g for g in tied if g in set(genes)] == tied[:kept]  # the first names of the tie
+
+
+@needs_data
 @pytest.mark.parametrize("method", ["gmm", "kmeans", "leiden"])
 def test_cluster_returns_k_categories(small, method):
     dfm.pp.serialize(small)

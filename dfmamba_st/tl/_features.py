@@ -10,11 +10,12 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph"]
+__all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph", "top_genes"]
 
 #: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
 MAX_FIT_SPOTS = 50_000
@@ -91,12 +92,7 @@ class FeatureTransform:
                     stacklevel=2,
                 )
         else:
-            tmp = AnnData(X=X, var=adata.var[[]].copy())
-            if is_counts:
-                sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top_genes)
-            else:
-                sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes)
-            genes = list(tmp.var_names[tmp.var["highly_variable"].to_numpy()])
+            genes = top_genes(X, adata.var_names, n_top_genes, is_counts)
         X = X[:, adata.var_names.get_indexer(genes)]
         if X.shape[0] > MAX_FIT_SPOTS:
             rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
@@ -164,6 +160,37 @@ class FeatureTransform:
         return cls(
             list(config["genes"]), arrays["mean"], arrays["scale"], arrays.get("loadings"), config["log_normalize"]
         )
+
+
+def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts: bool) -> list[str]:
+    """The ``n_top_genes`` most variable genes, in ``var_names`` order, the same on every machine.
+
+    scanpy scores the genes (``flavor="seurat_v3"`` on counts, ``"seurat"`` on log-normalised values). Its own pick
+    orders tied scores with NumPy's default sort, whose order of equal values depends on the CPU's vector extensions
+    (on DLPFC 151673, 15 genes tie at the 3,000th place and a machine with AVX-512 keeps two others than one
+    without). Here the scores are compared in float32 (last-bit differences between machines do not count) and ties
+    are broken by gene name.
+
+    Examples
+    --------
+    >>> import dfmamba_st as dfm
+    >>> from dfmamba_st.tl._features import expression_matrix, top_genes
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> X, is_counts = expression_matrix(adata, None)
+    >>> genes = top_genes(X, adata.var_names, 500, is_counts)
+    >>> len(genes), genes == [g for g in adata.var_names if g in set(genes)]
+    (500, True)
+    """
+    tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
+    if is_counts:
+        scores = sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top_genes, inplace=False)
+        score = scores["variances_norm"]
+    else:
+        scores = sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes, inplace=False)
+        score = scores["dispersions_norm"]
+    score = np.nan_to_num(score.to_numpy(np.float32), nan=-np.inf)
+    order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
+    return list(var_names[np.sort(order[:n_top_genes])])
 
 
 def _log_normalize(X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
