@@ -166,7 +166,9 @@ def embed(
     layer
         Layer holding the expression (default ``X``).
     n_top_genes
-        Number of highly variable genes (scanpy, ``seurat_v3`` on counts); the preset's value by default.
+        Number of highly variable genes (scanpy's ``seurat_v3`` scores on counts, ``seurat`` on log-normalised
+        input; ties at the cut broken by gene name, so the choice is the same on every CPU); the preset's value by
+        default.
     n_pcs
         Principal components per spot (``None``: the standardised genes themselves; ``-1``: the preset's value).
     d_model
@@ -188,7 +190,7 @@ def embed(
         200 steps is a decay of 0.99); ``None`` keeps the last weights; ``-1``: the preset's value (0.5 for
         ``"cpu"``, ``None`` for ``"paper"``). Measured with ``benchmarks/st_dlpfc.py``'s ``dfmamba_st`` job, seeds
         0–9 (ARI 151673 / 151674 / 151510): the average gave 0.584 / 0.583 / 0.538, the last weights 0.560 / 0.578 /
-        0.531 (``docs/spatial.md``, "Current defaults").
+        0.531, both with scanpy's own order of tied genes (``docs/spatial.md``, "A moving average of the weights").
     hops
         Rings of neighbours averaged into the neighbourhood half of a token.
     readout_hops
