@@ -168,7 +168,8 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     scanpy scores the genes (``flavor="seurat_v3"`` on counts, ``"seurat"`` on log-normalised values). Its own pick
     orders tied scores with NumPy's default sort, whose order of equal values depends on the CPU's vector extensions
     (on DLPFC 151673, 15 genes tie at the 3,000th place and a machine with AVX-512 keeps two others than one
-    without). Here the scores are compared in float32 (last-bit differences between machines do not count) and ties
+    without). Here the scores are compared after rounding to float32, so that differences in the last bits of the
+    float64 scores (as between machines) do not split a tie unless they straddle a float32 rounding step, and ties
     are broken by gene name.
 
     Examples
@@ -181,14 +182,10 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     >>> len(genes), genes == [g for g in adata.var_names if g in set(genes)]
     (500, True)
     """
+    flavor, column = ("seurat_v3", "variances_norm") if is_counts else ("seurat", "dispersions_norm")
     tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
-    if is_counts:
-        scores = sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top_genes, inplace=False)
-        score = scores["variances_norm"]
-    else:
-        scores = sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_top_genes, inplace=False)
-        score = scores["dispersions_norm"]
-    score = np.nan_to_num(score.to_numpy(np.float32), nan=-np.inf)
+    scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=n_top_genes, inplace=False)[column]
+    score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
     order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
     return list(var_names[np.sort(order[:n_top_genes])])
 
