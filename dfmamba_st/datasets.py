@@ -389,8 +389,13 @@ def read_dlpfc_raw(
 
     Examples
     --------
-    >>> files = dfm.datasets.dlpfc_urls("151673")  # doctest: +SKIP
-    >>> adata = read_dlpfc_raw(  # doctest: +SKIP
+    The files of a sample, as :func:`dlpfc` downloads them (the reading needs them on disk):
+
+    >>> import dfmamba_st as dfm
+    >>> list(dfm.datasets.dlpfc_urls("151673"))  # doctest: +NORMALIZE_WHITESPACE
+    ['151673_filtered_feature_bc_matrix.h5', '151673_tissue_positions_list.txt', '151673_scalefactors_json.json',
+     '151673_tissue_lowres_image.png', 'barcode_level_layer_map.tsv']
+    >>> adata = dfm.datasets.read_dlpfc_raw(  # doctest: +SKIP
     ...     "151673_filtered_feature_bc_matrix.h5",
     ...     "151673_tissue_positions_list.txt",
     ...     "barcode_level_layer_map.tsv",
@@ -488,7 +493,12 @@ def read_her2st_raw(
 
     Examples
     --------
-    >>> adata = read_her2st_raw(  # doctest: +SKIP
+    The files of a section, as :func:`her2st` downloads them (the reading needs them on disk):
+
+    >>> import dfmamba_st as dfm
+    >>> list(dfm.datasets.her2st_urls("A1"))
+    ['A1.tsv.gz', 'A1_labeled_coordinates.tsv', 'A1_selection.tsv']
+    >>> adata = dfm.datasets.read_her2st_raw(  # doctest: +SKIP
     ...     "A1.tsv.gz", "A1_labeled_coordinates.tsv", "A1_selection.tsv", section="A1"
     ... )
     """

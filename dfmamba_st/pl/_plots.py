@@ -111,8 +111,16 @@ def gates(
 
     Examples
     --------
-    >>> import dfmamba_st as dfm  # doctest: +SKIP
-    >>> dfm.pl.gates(adata, show=False)  # doctest: +SKIP
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> dfm.pp.serialize(adata)
+    >>> dfm.tl.embed(adata, epochs=1, progress=False)  # a short run; the default trains 20 epochs
+    >>> fig = dfm.pl.gates(adata, return_fig=True)
+    >>> [ax.get_title() for ax in fig.axes if ax.get_title()]  # doctest: +NORMALIZE_WHITESPACE
+    ['gate, depth 0 (0 local, 1 global)', 'gate, depth 1 (0 local, 1 global)',
+     'gate, depth 2 (0 local, 1 global)', 'gates along the sequence']
+
+    One tissue map per fusing depth and the panel along the sequence (the colour bars have no title).
     """
     _require(adata, "obsm", f"{key}_gates", "run dfm.tl.embed(adata) first.")
     values = np.asarray(adata.obsm[f"{key}_gates"])
