@@ -305,6 +305,22 @@ def test_domains_draws_unannotated_spots_in_grey(small):
     assert n_grey(fig.axes[0]) == 10 and n_grey(fig.axes[1]) == 0
 
 
+def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
+    """squidpy's docrep warns about squidpy's own docstrings on first import; a user's plot must not show that."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; warnings.simplefilter('error', SyntaxWarning)\n"
+        "import numpy as np, dfmamba_st as dfm\n"
+        "adata = dfm.datasets.dlpfc_151673_hvg()[:200].copy()\n"
+        "adata.obs['dfm_domain'] = adata.obs['layer'].astype(str).astype('category')\n"
+        "dfm.pl.domains(adata, return_fig=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @needs_data
 def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module):
     import torch

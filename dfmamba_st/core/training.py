@@ -189,6 +189,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _progress_terms(row: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows after an epoch: the training loss, then every term the loss function reported.
+
+    The terms matter when the total hides them: in ``tl.embed`` the masked-spot error falls while DF-Mamba's
+    auxiliary terms grow, so the total alone can rise during a good run.
+
+    Examples
+    --------
+    >>> row = {"epoch": 3.0, "train_loss": 1.7812, "masked_mse": 0.5671, "aux": 1.2141, "val_loss": float("nan")}
+    >>> _progress_terms({**row, "lr": 1e-3})
+    {'loss': '1.781', 'masked_mse': '0.567', 'aux': '1.21'}
+    >>> _progress_terms({"epoch": 0.0, "train_loss": 0.5, "val_loss": 0.61, "lr": 1e-4})  # with validation data
+    {'loss': '0.5', 'val': '0.61'}
+    """
+    shown = {"loss": f"{row['train_loss']:.4g}"}
+    shown.update({k: f"{v:.3g}" for k, v in row.items() if k not in ("epoch", "train_loss", "val_loss", "lr")})
+    if math.isfinite(row.get("val_loss", math.nan)):
+        shown["val"] = f"{row['val_loss']:.4g}"
+    return shown
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -340,7 +361,7 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
         else:
             bad_epochs += 1
-        bar.set_postfix(loss=f"{row['train_loss']:.4g}", refresh=False)
+        bar.set_postfix(_progress_terms(row), refresh=False)
         stop = patience is not None and bad_epochs >= patience
         result.stopped_early = stop
         if ckpt_path is not None and rank == 0:

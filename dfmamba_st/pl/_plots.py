@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
@@ -38,7 +39,10 @@ def _tissue(
     vmax=None,
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one)."""
-    import squidpy as sq
+    with warnings.catch_warnings():
+        # squidpy's docstring templating (docrep) warns about its own docstrings on first import; not the user's concern
+        warnings.simplefilter("ignore", SyntaxWarning)
+        import squidpy as sq
 
     view = AnnData(obs=pd.DataFrame({"value": np.asarray(values)}, index=adata.obs_names), shape=(adata.n_obs, 0))
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
