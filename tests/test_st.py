@@ -279,6 +279,8 @@ def test_plots_return_figures(small):
     assert len(fig.axes) >= 2
     fig = dfm.pl.training(small, return_fig=True, show=False)
     assert fig.axes[0].get_lines()
+    ticks = fig.axes[0].get_xticks()
+    assert np.array_equal(ticks, np.round(ticks))  # epochs are whole numbers (2 epochs here)
     import matplotlib.pyplot as plt
 
     _, ax = plt.subplots()

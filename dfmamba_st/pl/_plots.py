@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["domains", "gates", "training"]
 
@@ -254,6 +255,7 @@ def training(
         if name in history:
             ax.plot(epochs, np.asarray(history[name]), marker="o", ms=3, lw=1.2, label=label)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.set_title("dfm.tl.embed training")
     ax.legend(frameon=False, fontsize=8)
