@@ -1,8 +1,10 @@
 """Regenerate dfmamba_st/data/dlpfc_151673_hvg.h5ad from the shared DLPFC 151673 file.
 
-All spots; the raw counts restricted to the 3,000 most variable genes (scanpy ``flavor="seurat_v3"`` on the raw
-counts, needs scikit-misc); obs layer / array_row / array_col / sample_id; obsm spatial; uns spatial with the
-low-resolution H&E image and scale factors; uns source. Written with gzip compression.
+All spots; the raw counts restricted to the 3,000 genes ``dfm.tl.embed`` chooses on the full slice (scanpy's
+``flavor="seurat_v3"`` scores on the raw counts, needs scikit-misc; ties at the cut broken by gene name, so the file
+is the same whatever CPU makes it, and ``tl.embed`` on it gives what it gives on the full slice); obs layer /
+array_row / array_col / sample_id; obsm spatial; uns spatial with the low-resolution H&E image and scale factors;
+uns source. Written with gzip compression.
 
 Usage (from the repository root)::
 
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import scanpy as sc
 from scipy import sparse
+
+from dfmamba_st.tl._features import gene_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"
@@ -30,15 +33,13 @@ def build(shared: Path, n_top_genes: int = 3000) -> ad.AnnData:
     X = sparse.csr_matrix(full.X)
     if not np.array_equal(X.data, np.round(X.data)):
         raise ValueError(f"{src} does not hold raw integer counts in X")
-    hvg = sc.pp.highly_variable_genes(full, n_top_genes=n_top_genes, flavor="seurat_v3", inplace=False)
-    hvg.index = full.var_names
-    genes = hvg.index[hvg["highly_variable"].to_numpy()]
-    # keep the original gene order (as scanpy would when subsetting adata[:, adata.var.highly_variable])
+    ranks = gene_ranks(X, full.var_names, is_counts=True)  # tl.embed's choice is the genes ranked below n_top_genes
+    genes = full.var_names[ranks.to_numpy() < n_top_genes]  # in the original gene order
     sub = full[:, genes].copy()
     X = sparse.csr_matrix(sub.X, dtype=np.float32)
     X.sort_indices()
     var = sub.var[["gene_ids"]].copy()
-    var["highly_variable_rank"] = hvg.loc[genes, "highly_variable_rank"].astype(np.float32).to_numpy()
+    var["highly_variable_rank"] = ranks[genes].astype(np.float32).to_numpy()
     obs = sub.obs[["layer", "array_row", "array_col", "sample_id"]].copy()
     out = ad.AnnData(X=X, obs=obs, var=var)
     out.obsm["spatial"] = np.asarray(sub.obsm["spatial"], dtype=np.float64)
@@ -55,9 +56,15 @@ def build(shared: Path, n_top_genes: int = 3000) -> ad.AnnData:
         f"DLPFC 151673 (Maynard et al. 2021, Nat Neurosci 24:425; spatialLIBD), made by "
         f"benchmarks/make_bundled_slice.py from the project's shared dlpfc_151673.h5ad (sha256 {sha}; counts from "
         f"{full.uns['source']}; labels: {full.uns.get('label_source', 'n/a')}). Genes: the {n_top_genes} most "
-        "variable of its 7,319 by scanpy highly_variable_genes(flavor='seurat_v3') on the raw counts."
+        "variable of its 7,319 by scanpy highly_variable_genes(flavor='seurat_v3') scores on the raw counts, ties "
+        "at the cut broken by gene name (dfmamba_st.tl._features.gene_ranks, the choice dfm.tl.embed makes)."
     )
-    out.uns["gene_selection"] = {"flavor": "seurat_v3", "n_top_genes": n_top_genes, "from_n_genes": full.n_vars}
+    out.uns["gene_selection"] = {
+        "flavor": "seurat_v3",
+        "n_top_genes": n_top_genes,
+        "from_n_genes": full.n_vars,
+        "ties": "by gene name",
+    }
     return out
 
 

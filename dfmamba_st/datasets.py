@@ -677,8 +677,9 @@ def dlpfc_151673_hvg() -> ad.AnnData:
     """DLPFC sample 151673 restricted to 3,000 highly variable genes, shipped inside the package (offline).
 
     All 3,639 spots of the project's shared ``dlpfc_151673.h5ad`` (itself a 7,319-gene subset of the
-    transcriptome; see ``uns['source']``), with the genes reduced to the 3,000 most variable by
-    :func:`scanpy.pp.highly_variable_genes` (``flavor="seurat_v3"`` on the raw counts). Made by
+    transcriptome; see ``uns['source']``), with the genes reduced to the 3,000 that :func:`dfmamba_st.tl.embed`
+    chooses on that file (:func:`scanpy.pp.highly_variable_genes` scores, ``flavor="seurat_v3"`` on the raw counts,
+    ties broken by gene name), so ``tl.embed`` gives here what it gives on the full file. Made by
     ``benchmarks/make_bundled_slice.py``. Each call returns a new object.
 
     Returns

@@ -109,26 +109,21 @@ def test_bundled_slice_is_small_and_each_call_returns_a_new_object():
     assert second.obs["layer"].iloc[0] != "x"
 
 
-def test_bundled_counts_are_the_shared_counts_of_the_seurat_v3_genes(shared_151673):
+def test_bundled_slice_is_the_shared_slice_cut_to_tl_embeds_genes(shared_151673):
     pytest.importorskip("skmisc")
-    import scanpy as sc
+    from dfmamba_st.tl._features import FeatureTransform, expression_matrix, top_genes
 
     bundled = datasets.dlpfc_151673_hvg()
-    hvg = sc.pp.highly_variable_genes(shared_151673, n_top_genes=3000, flavor="seurat_v3", inplace=False)
-    # genes tied on the normalised variance at the cut-off (15 on this slice) are ordered by NumPy's sort, whose order
-    # of equal values depends on the CPU (AVX-512 or not): every gene above the cut-off must be there, the rest come
-    # from the tie
-    score = hvg["variances_norm"].to_numpy()
-    cutoff = score[hvg["highly_variable"].to_numpy()].min()
-    above = set(shared_151673.var_names[score > cutoff + 1e-9])
-    at_or_above = set(shared_151673.var_names[score >= cutoff - 1e-9])
-    chosen = set(bundled.var_names)
-    assert bundled.n_vars == 3000 and above <= chosen <= at_or_above
-    in_shared_order = [g for g in shared_151673.var_names if g in chosen]
-    assert list(bundled.var_names) == in_shared_order
+    X, _ = expression_matrix(shared_151673, None)
+    assert list(bundled.var_names) == top_genes(X, shared_151673.var_names, 3000, True)
     assert list(bundled.obs_names) == list(shared_151673.obs_names)
     assert (bundled.X != shared_151673[:, bundled.var_names].X).nnz == 0
     np.testing.assert_array_equal(bundled.obsm["spatial"], shared_151673.obsm["spatial"])
+    # so tl.embed's features (and with them its embedding) are those of the full slice
+    options = dict(layer=None, n_top_genes=3000, n_pcs=10, seed=0)
+    on_full, on_bundled = FeatureTransform.fit(shared_151673, **options), FeatureTransform.fit(bundled, **options)
+    assert on_full.genes == on_bundled.genes
+    np.testing.assert_array_equal(on_full.transform(shared_151673)[0], on_bundled.transform(bundled)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------

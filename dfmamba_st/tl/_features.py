@@ -15,7 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-__all__ = ["FeatureTransform", "expression_matrix", "smooth", "spatial_graph", "top_genes"]
+__all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spatial_graph", "top_genes"]
 
 #: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
 MAX_FIT_SPOTS = 50_000
@@ -162,8 +162,8 @@ class FeatureTransform:
         )
 
 
-def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts: bool) -> list[str]:
-    """The ``n_top_genes`` most variable genes, in ``var_names`` order, the same on every machine.
+def gene_ranks(X: sp.csr_matrix, var_names: pd.Index, is_counts: bool) -> pd.Series:
+    """Rank of every gene by variability (0 = most variable), the same on every machine; :func:`top_genes` cuts it.
 
     scanpy scores the genes (``flavor="seurat_v3"`` on counts, ``"seurat"`` on log-normalised values). Its own pick
     orders tied scores with NumPy's default sort, whose order of equal values depends on the CPU's vector extensions
@@ -171,6 +171,19 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     without). Here the scores are compared after rounding to float32, so that differences in the last bits of the
     float64 scores (as between machines) do not split a tie unless they straddle a float32 rounding step, and ties
     are broken by gene name.
+    """
+    flavor, column = ("seurat_v3", "variances_norm") if is_counts else ("seurat", "dispersions_norm")
+    tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
+    scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=len(var_names), inplace=False)[column]
+    score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
+    order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
+    ranks = np.empty(len(order), dtype=np.int64)
+    ranks[order] = np.arange(len(order))
+    return pd.Series(ranks, index=var_names, name="rank")
+
+
+def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts: bool) -> list[str]:
+    """The ``n_top_genes`` most variable genes (:func:`gene_ranks` below ``n_top_genes``), in ``var_names`` order.
 
     Examples
     --------
@@ -182,12 +195,8 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     >>> len(genes), genes == [g for g in adata.var_names if g in set(genes)]
     (500, True)
     """
-    flavor, column = ("seurat_v3", "variances_norm") if is_counts else ("seurat", "dispersions_norm")
-    tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
-    scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=n_top_genes, inplace=False)[column]
-    score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
-    order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
-    return list(var_names[np.sort(order[:n_top_genes])])
+    ranks = gene_ranks(X, var_names, is_counts)
+    return list(var_names[ranks.to_numpy() < n_top_genes])
 
 
 def _log_normalize(X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
