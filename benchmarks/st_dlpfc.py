@@ -14,7 +14,8 @@ dfmamba_st`` runs), so the benchmark also runs on a machine without ``../shared`
 of its slice.
 
 Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K clusters on the 20 leading PCs, no
-refinement):
+refinement), on the genes ``tl.embed`` uses (the 3,000 with the highest scanpy ``seurat_v3`` scores, ties at the cut
+broken by name; scanpy's own pick breaks them in an order that depends on the CPU):
 - ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
 - ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
 
@@ -131,10 +132,12 @@ def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_opt
         import scanpy as sc
         from sklearn.neighbors import NearestNeighbors
 
+        from dfmamba_st.tl._features import expression_matrix, top_genes
+
         work = adata.copy()
-        if work.n_vars > 3000:
-            sc.pp.highly_variable_genes(work, flavor="seurat_v3", n_top_genes=3000)
-            work = work[:, work.var["highly_variable"]].copy()
+        if work.n_vars > 3000:  # the genes tl.embed takes (scanpy's seurat_v3 scores, ties at the cut by name)
+            counts, is_counts = expression_matrix(work, None)
+            work = work[:, top_genes(counts, work.var_names, 3000, is_counts)].copy()
         sc.pp.normalize_total(work, target_sum=1e4)
         sc.pp.log1p(work)
         sc.pp.scale(work, max_value=10)
