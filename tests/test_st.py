@@ -323,17 +323,19 @@ def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@needs_data
-def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module):
-    import torch
-
-    bench = benchmark_module("st_dlpfc")
+@pytest.fixture
+def keep_torch_threads():
+    """A benchmark job run in-process sets torch's thread count; the tests after it get theirs back."""
     threads = torch.get_num_threads()
-    try:
-        path = str(bench.slice_path("151510", DATA / "dlpfc"))
-        rows = {kind: bench._job(kind, path, "151510", 0, 1, {}) for kind in ("pca_gmm", "dfm_features")}
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@needs_data
+def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module, keep_torch_threads):
+    bench = benchmark_module("st_dlpfc")
+    path = str(bench.slice_path("151510", DATA / "dlpfc"))
+    rows = {kind: bench._job(kind, path, "151510", 0, 1, {}) for kind in ("pca_gmm", "dfm_features")}
     for kind, row in rows.items():
         assert row["method"] == kind and row["slice"] == "151510" and row["k"] == 7 and row["seconds"] > 0
         assert 0 <= row["completeness"] <= 1 and 0 <= row["nmi"] <= 1
@@ -369,19 +371,13 @@ def test_benchmark_reads_the_bundled_slice_without_shared_data(benchmark_module)
 
 
 @needs_data
-def test_benchmark_baseline_takes_tl_embeds_genes(benchmark_module):
+def test_benchmark_baseline_takes_tl_embeds_genes(benchmark_module, keep_torch_threads):
     """On the shared 151673 the baseline takes tl.embed's 3,000 genes, the bundled slice's: the same scores."""
-    import torch
-
     bench = benchmark_module("st_dlpfc")
-    threads = torch.get_num_threads()
-    try:
-        full, bundled = (
-            bench._job("pca_gmm", str(path), "151673", 0, 1, {})
-            for path in (bench.slice_path("151673", DATA / "dlpfc"), bench.slice_path("bundled"))
-        )
-    finally:
-        torch.set_num_threads(threads)
+    full, bundled = (
+        bench._job("pca_gmm", str(path), "151673", 0, 1, {})
+        for path in (bench.slice_path("151673", DATA / "dlpfc"), bench.slice_path("bundled"))
+    )
     # with scanpy's own pick (two other genes of the 15 tied at the cut) the full slice gave ARI / NMI 0.369 / 0.517
     # for seed 0 on this machine, the bundled slice 0.366 / 0.515
     assert (full["ari"], full["nmi"]) == (bundled["ari"], bundled["nmi"])
