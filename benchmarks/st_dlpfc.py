@@ -4,7 +4,8 @@ Every job runs in a fresh process (so peak memory is its own). Prints one table:
 method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluster, or the baseline's pipeline),
 peak RSS (MB) and, for a job on a GPU, the peak of PyTorch's CUDA allocator (MB). Then zero-shot scale (model
 trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 → 151674, against
-training on 151674 itself), with the same ``--embed`` options.
+training on 151674 itself), with the same ``--embed`` options. ``--cluster`` options go to every ``tl.cluster`` call
+of every method (baselines included), so a change of the clustering is measured on all of them alike.
 
 Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
 ``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
@@ -28,6 +29,7 @@ Usage::
     python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
     python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
+    python benchmarks/st_dlpfc.py --no-extra --cluster tol=1e-6   # EM of every method's GMM run to convergence
     python benchmarks/st_dlpfc.py --slices A1 B1 C1 D1 --no-extra   # the HER2ST sections (held-out tissue)
     python benchmarks/st_dlpfc.py --slices bundled --no-extra       # the slice python -m dfmamba_st runs
 """
@@ -98,19 +100,28 @@ def _scores(adata, key: str) -> dict:
     return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
 
 
-def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_options: dict) -> dict:
+def _job(
+    kind: str,
+    path: str,
+    slice_id: str,
+    seed: int,
+    threads: int,
+    embed_options: dict,
+    cluster_options: dict | None = None,
+) -> dict:
     import numpy as np
     import torch
 
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
+    cluster = cluster_options or {}
     adata, k = load_slice(path)
     start = time.time()
     if kind == "dfmamba_st":
         dfm.pp.serialize(adata)
         dfm.tl.embed(adata, seed=seed, progress=False, **embed_options)
-        dfm.tl.cluster(adata, k, random_state=seed)
+        dfm.tl.cluster(adata, k, random_state=seed, **cluster)
         key = "dfm_domain"
     elif kind == "dfm_features":
         from dfmamba_st.tl._embed import PRESETS, _library_sequences, _tokens
@@ -126,7 +137,7 @@ def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_opt
         libraries = _library_sequences(adata, None, "spatial", ("hilbert",))
         # the neighbourhood half of tl.embed's tokens, built by tl.embed's own code: its "concat" expression block
         adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
-        dfm.tl.cluster(adata, k, use_rep="X_features", random_state=seed, key_added="base")
+        dfm.tl.cluster(adata, k, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
     else:
         import scanpy as sc
@@ -147,7 +158,7 @@ def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_opt
             _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
             pcs = pcs[nbrs].mean(axis=1)
         adata.obsm["X_base"] = pcs
-        dfm.tl.cluster(adata, k, use_rep="X_base", refine=False, random_state=seed, key_added="base")
+        dfm.tl.cluster(adata, k, use_rep="X_base", random_state=seed, key_added="base", **{"refine": False, **cluster})
         key = "base"
     seconds = time.time() - start
     return {
@@ -162,35 +173,39 @@ def _job(kind: str, path: str, slice_id: str, seed: int, threads: int, embed_opt
     }
 
 
-def _extra(data_dir: str, seed: int, threads: int, embed_options: dict) -> list[dict]:
-    """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process), with ``--embed``'s options."""
+def _extra(
+    data_dir: str, seed: int, threads: int, embed_options: dict, cluster_options: dict | None = None
+) -> list[dict]:
+    """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process), with ``--embed``'s and
+    ``--cluster``'s options."""
     import torch
 
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
+    cluster = cluster_options or {}
     rows = []
     native, k = load_slice(slice_path("151673", data_dir))
     dfm.pp.serialize(native)
     model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True, **embed_options)
-    dfm.tl.cluster(native, k, random_state=seed)
+    dfm.tl.cluster(native, k, random_state=seed, **cluster)
     rows.append({"test": "native 151673", **_scores(native, "dfm_domain")})
     for factor in (2, 4):
         coarse = dfm.pp.coarsen(native, factor)
         dfm.pp.serialize(coarse)
         dfm.tl.embed(coarse, model=model, progress=False, **embed_options)
-        dfm.tl.cluster(coarse, k, random_state=seed)
+        dfm.tl.cluster(coarse, k, random_state=seed, **cluster)
         rows.append({"test": f"zero-shot x{factor} 151673 ({coarse.n_obs} bins)", **_scores(coarse, "dfm_domain")})
     other, k = load_slice(slice_path("151674", data_dir))
     dfm.pp.serialize(other)
     dfm.tl.embed(other, model=model, progress=False, **embed_options)
-    dfm.tl.cluster(other, k, random_state=seed)
+    dfm.tl.cluster(other, k, random_state=seed, **cluster)
     n_missing = len(other.uns["dfm"]["missing_genes"])
     rows.append(
         {"test": f"transfer 151673 -> 151674 ({n_missing} model genes missing)", **_scores(other, "dfm_domain")}
     )
     dfm.tl.embed(other, seed=seed, progress=False, **embed_options)
-    dfm.tl.cluster(other, k, random_state=seed)
+    dfm.tl.cluster(other, k, random_state=seed, **cluster)
     rows.append({"test": "trained on 151674 itself", **_scores(other, "dfm_domain")})
     return rows
 
@@ -211,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="options of tl.embed for dfmamba_st (ablations), e.g. --embed epochs=40 readout=model extra_curves=",
     )
+    parser.add_argument(
+        "--cluster",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options of tl.cluster for every method, e.g. --cluster tol=1e-6 n_init=100",
+    )
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -221,13 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         embed_options["extra_curves"] = tuple(v for v in str(embed_options["extra_curves"]).split(",") if v)
     if embed_options:
         print(f"tl.embed options: {embed_options}", flush=True)
+    cluster_options = parse_options(args.cluster, "--cluster")
+    if cluster_options:
+        print(f"tl.cluster options (every method): {cluster_options}", flush=True)
     ctx = mp.get_context("spawn")
     rows = []
     for slice_id in args.slices:
         for method in args.methods:
             for seed in args.seeds:
                 with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                    job = pool.submit(_job, method, paths[slice_id], slice_id, seed, args.threads, embed_options)
+                    job = pool.submit(
+                        _job, method, paths[slice_id], slice_id, seed, args.threads, embed_options, cluster_options
+                    )
                     row = job.result()
                 rows.append(row)
                 print(
@@ -254,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print(summary.round(3).to_string())
     if not args.no_extra:
         with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-            extra = pool.submit(_extra, args.data_dir, args.seeds[0], args.threads, embed_options).result()
+            extra = pool.submit(
+                _extra, args.data_dir, args.seeds[0], args.threads, embed_options, cluster_options
+            ).result()
         print(f"\nzero-shot scale and transfer (seed {args.seeds[0]})")
         print(pd.DataFrame(extra).round(3).to_string(index=False))
     return 0

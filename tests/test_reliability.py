@@ -145,6 +145,12 @@ def test_bad_number_of_restarts(trained, n_init):
         dfm.tl.cluster(trained[0].copy(), 7, n_init=n_init)
 
 
+@pytest.mark.parametrize("tol", [0, -1e-3])
+def test_bad_em_tolerance(trained, tol):
+    with pytest.raises(ValueError, match=r"tol must be positive"):
+        dfm.tl.cluster(trained[0].copy(), 7, tol=tol)
+
+
 def test_unknown_cluster_method(trained):
     with pytest.raises(ValueError, match=r"Unknown method 'dbscan'"):
         dfm.tl.cluster(trained[0].copy(), 7, method="dbscan")

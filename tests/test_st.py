@@ -1,5 +1,6 @@
 """The spatial workflow on real DLPFC / HER2 data: serialize → embed → cluster → plots, model files, transfer."""
 
+import functools
 from pathlib import Path
 
 import anndata as ad
@@ -190,10 +191,27 @@ def test_cluster_restarts_keep_the_best_likelihood(small):
     from dfmamba_st.tl._cluster import _prepare
 
     rep = _prepare(small.obsm["X_dfm"], 20, np.arange(small.n_obs), 3)
-    gmm = GaussianMixture(7, covariance_type="tied", n_init=20, reg_covar=1e-4, random_state=3).fit(rep)
+    gmm = GaussianMixture(
+        7, covariance_type="tied", n_init=20, reg_covar=1e-4, tol=1e-3, max_iter=10_000, random_state=3
+    ).fit(rep)
     assert loglik[20] == pytest.approx(gmm.score(rep), rel=1e-9)
     dfm.tl.cluster(small, 5, method="kmeans", key_added="dom_km")
     assert small.uns["dom_km"]["params"]["n_init"] == 10 and "log_likelihood" not in small.uns["dom_km"]
+    assert small.uns["dom_km"]["params"]["tol"] == "None"  # h5ad-safe None: k-means has no EM
+
+
+@needs_data
+def test_cluster_tol_runs_em_further_from_the_same_start(small):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    loglik = {}
+    for tol in (1e-3, 1e-6):
+        dfm.tl.cluster(small, 7, n_init=1, tol=tol, random_state=3, key_added="dom")
+        assert small.uns["dom"]["params"]["tol"] == tol
+        loglik[tol] = small.uns["dom"]["log_likelihood"]
+    # EM never lowers the likelihood, so running it on from the same start ends higher: strictly, on this crop,
+    # because the default stopping rule leaves EM short of convergence (the reason for the option)
+    assert loglik[1e-6] > loglik[1e-3] + 1e-6
 
 
 @needs_data
@@ -381,6 +399,34 @@ def test_benchmark_baseline_takes_tl_embeds_genes(benchmark_module, keep_torch_t
     # with scanpy's own pick (two other genes of the 15 tied at the cut) the full slice gave ARI / NMI 0.369 / 0.517
     # for seed 0 on this machine, the bundled slice 0.366 / 0.515
     assert (full["ari"], full["nmi"]) == (bundled["ari"], bundled["nmi"])
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_benchmark_cluster_options_reach_every_methods_clustering(benchmark_module, monkeypatch, keep_torch_threads):
+    """``--cluster`` options go to the tl.cluster call of every method, baselines included (bundled slice)."""
+    bench = benchmark_module("st_dlpfc")
+    seen = {}
+
+    def record(adata, n_clusters, **kwargs):
+        seen[kind] = kwargs
+        raise _Stop  # the clustering itself is not what is tested
+
+    @functools.wraps(dfm.tl.embed)  # keeps the signature, whose defaults the ablation job reads
+    def no_training(adata, **kwargs):
+        return None
+
+    monkeypatch.setattr(dfm.tl, "cluster", record)
+    monkeypatch.setattr(dfm.tl, "embed", no_training)
+    path = str(bench.slice_path("bundled"))
+    for kind in ("dfmamba_st", "dfm_features", "pca_gmm", "pca_nbmean_gmm"):
+        with pytest.raises(_Stop):
+            bench._job(kind, path, "bundled", 0, 1, {}, {"tol": 1e-6, "n_init": 3})
+        assert seen[kind]["tol"] == 1e-6 and seen[kind]["n_init"] == 3
+    assert seen["pca_gmm"]["refine"] is False and seen["pca_nbmean_gmm"]["refine"] is False
+    assert "refine" not in seen["dfmamba_st"] and "refine" not in seen["dfm_features"]  # tl.cluster's default
 
 
 @needs_data
