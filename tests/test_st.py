@@ -223,6 +223,12 @@ def test_cluster_chooses_k_itself_by_bic(small):
     k = small.uns["dfm_domain"]["params"]["n_clusters"]
     assert 2 <= k <= 15 and str(k) in bic
     assert small.obs["dfm_domain"].cat.categories.size == k
+    # the BIC fits take tl.cluster's tol: EM run on from the same starts can only fit better (a lower BIC)
+    from dfmamba_st.tl._cluster import _prepare, choose_n_clusters
+
+    rep = _prepare(small.obsm["X_dfm"], 20, np.arange(small.n_obs), 0)
+    loose, tight = (choose_n_clusters(rep, k_range=range(5, 9), tol=tol)[1] for tol in (1e-3, 1e-8))
+    assert all(tight[k] <= loose[k] + 1e-6 for k in loose) and any(tight[k] < loose[k] - 1e-3 for k in loose)
 
 
 def test_refinement_flips_isolated_spots_only():
