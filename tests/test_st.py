@@ -229,6 +229,9 @@ def test_cluster_chooses_k_itself_by_bic(small):
     rep = _prepare(small.obsm["X_dfm"], 20, np.arange(small.n_obs), 0)
     loose, tight = (choose_n_clusters(rep, k_range=range(5, 9), tol=tol)[1] for tol in (1e-3, 1e-8))
     assert all(tight[k] <= loose[k] + 1e-6 for k in loose) and any(tight[k] < loose[k] - 1e-3 for k in loose)
+    # k-means with K chosen by those BIC fits records the tol they used; with K given it fits no GMM
+    dfm.tl.cluster(small, None, method="kmeans", tol=1e-4, key_added="km_bic")
+    assert small.uns["km_bic"]["params"]["tol"] == 1e-4 and "bic" in small.uns["km_bic"]
 
 
 def test_refinement_flips_isolated_spots_only():

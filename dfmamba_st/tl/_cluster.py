@@ -197,11 +197,11 @@ def cluster(
         Random restarts of the GMM or k-means fit; the best (highest likelihood, lowest inertia) is kept.
         ``None``: ``GMM_RESTARTS`` (30) for ``"gmm"``, 10 for ``"kmeans"``. Not used by ``"leiden"``.
     tol
-        EM of each GMM restart stops when the mean log-likelihood per spot rises by less than ``tol``
-        (``"gmm"`` only). The default (scikit-learn's, ``1e-3``) can stop EM before convergence; ``1e-6`` runs it
-        to convergence on DLPFC embeddings (2-5 times the iterations). Measured on DLPFC and HER2+ sections in
-        ``docs/spatial.md`` ("EM run to convergence in the clustering"). Also used by the BIC fits when
-        ``n_clusters=None``.
+        EM of each GMM restart stops when the mean log-likelihood per spot rises by less than ``tol``: the fit of
+        ``"gmm"``, and the BIC fits that choose K when ``n_clusters=None`` (``"gmm"`` and ``"kmeans"``). The
+        default (scikit-learn's, ``1e-3``) can stop EM before convergence; ``1e-6`` runs it to convergence on DLPFC
+        embeddings (2-5 times the iterations). Measured on DLPFC and HER2+ sections in ``docs/spatial.md`` ("EM
+        run to convergence in the clustering").
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
     library_key
@@ -299,7 +299,7 @@ def cluster(
                 "use_rep": use_rep,
                 "n_comps": n_comps,
                 "n_init": None if method == "leiden" else n_init,
-                "tol": tol if method == "gmm" else None,
+                "tol": tol if method == "gmm" or "bic" in extra else None,  # whenever a GMM was fitted
                 "refine": refine,
                 "library_key": library_key,
                 "random_state": random_state,
