@@ -27,14 +27,14 @@ MAX_FIT_SPOTS = 50_000
 #: random restarts of the final GMM fit (the best likelihood is kept). The tied GMM on DLPFC embeddings has many
 #: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components. With 10, the same DLPFC
 #: embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart on average (9 embeddings), with 30 0.027 (4 of
-#: the 9 within 0.003), and a higher mean ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial.md``)
+#: the 9 within 0.003), and a higher mean ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial_log.md``)
 GMM_RESTARTS = 30
 #: EM of each GMM restart stops when the mean log-likelihood per spot rises by less than this (scikit-learn's default).
 #: That can be short of convergence: on the default embeddings of 151673 and 151510 (seed 0) the best of 30 restarts
 #: is the converged optimum all the same, on 151674 (seed 0) it is not. mclust, whose EEE model the tied GMM imitates,
 #: stops at a relative change of 1e-5. ``tol=1e-6`` (:func:`cluster`) runs EM to convergence; measured, not adopted
-#: as the default: higher on DLPFC, lower on the HER2+ sections (``docs/spatial.md``, "EM run to convergence in the
-#: clustering").
+#: as the default: higher on DLPFC, lower on the HER2+ sections (``docs/spatial_log.md``, "EM run to convergence
+#: in the clustering").
 GMM_TOL = 1e-3
 #: cap on EM iterations per restart, high enough never to bind (at most 226 were needed at ``tol=1e-8`` on DLPFC)
 GMM_MAX_ITER = 10_000
@@ -200,7 +200,7 @@ def cluster(
         EM of each GMM restart stops when the mean log-likelihood per spot rises by less than ``tol``: the fit of
         ``"gmm"``, and the BIC fits that choose K when ``n_clusters=None`` (``"gmm"`` and ``"kmeans"``). The
         default (scikit-learn's, ``1e-3``) can stop EM before convergence; ``1e-6`` runs it to convergence on DLPFC
-        embeddings (2-5 times the iterations). Measured on DLPFC and HER2+ sections in ``docs/spatial.md`` ("EM
+        embeddings (2-5 times the iterations). Measured on DLPFC and HER2+ sections in ``docs/spatial_log.md`` ("EM
         run to convergence in the clustering").
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).

@@ -32,13 +32,13 @@ PRESETS: dict[str, dict] = {
         d_model=64,
         depth=3,
         d_state=16,
-        # 20 × 10 steps: 17-31 s per DLPFC slice (serialize + embed + cluster, one CPU thread; docs/spatial.md)
+        # 20 × 10 steps: 17-31 s per DLPFC slice (serialize + embed + cluster, one CPU thread; docs/spatial_log.md)
         epochs=20,
         steps_per_epoch=10,
         lr=3e-3,
         window=512,
         batch_windows=4,
-        # the model kept is a moving average of the weights over about the last half of training (docs/spatial.md)
+        # the model kept is a moving average of the weights over about the last half of training (docs/spatial_log.md)
         ema_fraction=0.5,
     ),
     "paper": dict(
@@ -190,7 +190,7 @@ def embed(
         200 steps is a decay of 0.99); ``None`` keeps the last weights; ``-1``: the preset's value (0.5 for
         ``"cpu"``, ``None`` for ``"paper"``). Measured with ``benchmarks/st_dlpfc.py``'s ``dfmamba_st`` job, seeds
         0–9 (ARI 151673 / 151674 / 151510): the average gave 0.584 / 0.583 / 0.538, the last weights 0.560 / 0.578 /
-        0.531, both with scanpy's own order of tied genes (``docs/spatial.md``, "A moving average of the weights").
+        0.531, both with scanpy's own order of tied genes (``docs/spatial_log.md``, "A moving average of the weights").
     hops
         Rings of neighbours averaged into the neighbourhood half of a token.
     readout_hops
@@ -198,28 +198,28 @@ def embed(
         some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw.
         Measured on DLPFC (ARI, mean of seeds 0/1, 151673 / 151674 / 151510; both scan directions and 10 GMM restarts,
         the defaults then): 0.589 / 0.561 / 0.525 with one ring, 0.612 / 0.580 / 0.510 without; not a clear winner,
-        see ``docs/spatial.md`` (ablations). Two rings, with the defaults of 2026-12-04 (seeds 0–9): 0.574 / 0.583 /
+        see ``docs/spatial_log.md`` (ablations). Two rings, with the defaults of 2026-12-04 (seeds 0–9): 0.574 / 0.583 /
         0.552 against 0.584 / 0.583 / 0.538, but 0.525 against 0.522 on seeds 10–19 of 151510 and lower on the
-        HER2ST sections (``docs/spatial.md``, "Eleven more changes for 151510").
+        HER2ST sections (``docs/spatial_log.md``, "Eleven more changes for 151510").
     readout
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
         the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
         Measured as above: ``"concat"`` 0.589 / 0.561 / 0.525, ``"model"`` 0.541 / 0.598 / 0.499 (and the
         larger seed spread). The expression block alone (no model; ``--methods dfm_features`` of
         ``benchmarks/st_dlpfc.py``) scored 0.534 / 0.576 / 0.570 then, and 0.589 / 0.576 / 0.570 with 30 GMM restarts
-        (seeds 0–2): on these slices the DF-Mamba block does not add ARI to its input (``docs/spatial.md``).
+        (seeds 0–2): on these slices the DF-Mamba block does not add ARI to its input (``docs/spatial_log.md``).
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
         ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``). A 1-D order breaks 2-D adjacency, a second curve
         restores part of it: measured as above, ``()`` (one curve) gives
         0.544 / 0.481 / 0.508. The shifted curves keep far more neighbour pairs close
         (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
-        0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial.md``, shifted curves).
+        0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial_log.md``, shifted curves).
     bidirectional
         Also scan every curve backwards (one set of weights, both outputs averaged), in nearly twice the time.
         Off by default: measured with ``benchmarks/st_dlpfc.py`` (``--embed bidirectional=true``, seeds 0–2, ARI
         151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
-        0.547 (``docs/spatial.md``). Ignored with ``model=`` (the model's own setting).
+        0.547 (``docs/spatial_log.md``). Ignored with ``model=`` (the model's own setting).
     library_key
         Column of ``obs`` naming each spot's slice; every slice is its own set of sequences.
     order_key
