@@ -18,10 +18,10 @@ __all__ = ["DEFAULT_EPOCHS", "DEFAULT_TRAIN_LOSS", "forecast_loss", "train_forec
 TrainLoss = Literal["mse", "mae", "huber"]
 _POINT_LOSSES = {"mse": F.mse_loss, "mae": F.l1_loss, "huber": F.huber_loss}
 #: the training loss by default: chosen on the validation MSE of DF-Mamba-TS over the five benchmark sets (lower
-#: with the MAE on ETTh2, ETTm1, ETTm2 and weather, higher by 0.0014 on ETTh1 with two seeds; docs/ts.md)
+#: with the MAE on ETTh2, ETTm1, ETTm2 and weather, higher by 0.0014 on ETTh1 with two seeds; docs/ts_log.md)
 DEFAULT_TRAIN_LOSS: TrainLoss = "mae"
 #: the length of the cosine schedule by default: on ETTh2-96 with every training window, 6 epochs gave DF-Mamba-TS a
-#: lower best validation MSE than 10 with 12 of 14 seeds (mean -0.0010, standard error 0.0003; docs/ts.md)
+#: lower best validation MSE than 10 with 12 of 14 seeds (mean -0.0010, standard error 0.0003; docs/ts_log.md)
 DEFAULT_EPOCHS = 6
 
 
@@ -86,7 +86,7 @@ def train_forecaster(
         Windows from :func:`~dfmamba_st.ts.make_splits`.
     epochs
         Maximum number of epochs; the cosine schedule of the learning rate spans them, so this also sets how fast
-        it decays (``DEFAULT_EPOCHS``, 6, was chosen over 10 on the validation MSE, docs/ts.md).
+        it decays (``DEFAULT_EPOCHS``, 6, was chosen over 10 on the validation MSE, docs/ts_log.md).
     batch_size
         Windows per optimiser step (32 is standard).
     lr
