@@ -6,10 +6,12 @@ from typing import Any
 
 
 def parse_value(text: str) -> Any:
-    """``"true"``/``"false"`` → bool, then int, then float, else the text itself."""
+    """``"true"``/``"false"`` → bool, ``"none"`` → None, then int, then float, else the text itself."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
+    if low == "none":
+        return None
     for cast in (int, float):
         try:
             return cast(text)

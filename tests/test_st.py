@@ -387,6 +387,17 @@ def test_benchmark_reads_her2st_sections_without_their_undetermined_spots(benchm
         bench.slice_path("Z9")
 
 
+def test_benchmark_options_parse_none_booleans_and_numbers(benchmark_module):
+    options = benchmark_module("_options")
+    parsed = options.parse_options(
+        ["n_pcs=none", "ema_fraction=None", "bidirectional=true", "tol=1e-6", "depth=4"], "--embed"
+    )
+    assert parsed == {"n_pcs": None, "ema_fraction": None, "bidirectional": True, "tol": 1e-6, "depth": 4}
+    assert options.parse_value("hilbert_t") == "hilbert_t"
+    with pytest.raises(SystemExit, match="key=value"):
+        options.parse_options(["n_pcs"], "--embed")
+
+
 def test_benchmark_reads_the_bundled_slice_without_shared_data(benchmark_module):
     bench = benchmark_module("st_dlpfc")
     path = bench.slice_path("bundled", "/nonexistent", "/nonexistent")
