@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="options of tl.embed for dfmamba_st (ablations), e.g. --embed epochs=40 readout=model extra_curves=",
+        help="options of tl.embed for dfmamba_st (ablations; none means None), e.g. --embed epochs=40 n_pcs=none",
     )
     parser.add_argument(
         "--cluster",
