@@ -94,6 +94,21 @@ def test_fewer_genes_than_requested_hvgs_uses_all_and_says_so(crop):
     assert len(small.uns["dfm"]["genes"]) == 120
 
 
+def test_repeated_gene_names_are_refused_with_the_fix(crop, trained):
+    # 10x feature tables repeat some gene symbols; sc.read_visium keeps them and only warns
+    names = crop.var_names.to_numpy().copy()
+    names[1] = names[0]
+    crop.var_names = names
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=r"not unique \(1 repeated.*var_names_make_unique"):
+        dfm.tl.embed(crop, **FAST)
+    with pytest.raises(ValueError, match=r"var_names_make_unique"):
+        dfm.tl.embed(crop, model=trained[1], progress=False)
+    crop.var_names_make_unique()
+    dfm.tl.embed(crop, model=trained[1], progress=False)
+    assert np.isfinite(crop.obsm["X_dfm"]).all()
+
+
 def test_zero_spots_and_one_gene(crop):
     with pytest.raises(ValueError, match=r"0 spots"):
         dfm.pp.serialize(crop[:0].copy())

@@ -26,8 +26,15 @@ CHUNK_SPOTS = 16_384
 def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix, bool]:
     """The expression to use (sparse float32) and whether it looks like raw counts.
 
-    Raises a clear error for a missing layer, NaN/inf or negative values, or fewer than 2 genes.
+    Raises a clear error for a missing layer, NaN/inf or negative values, fewer than 2 genes, or gene names that are
+    not unique (genes are chosen and aligned by name).
     """
+    if not adata.var_names.is_unique:
+        repeated = adata.var_names[adata.var_names.duplicated()].unique()
+        raise ValueError(
+            f"adata.var_names are not unique ({len(repeated)} repeated, e.g. {list(repeated[:3])}); genes are matched "
+            "by name, so make them unique first: adata.var_names_make_unique() (as scanpy suggests after read_visium)."
+        )
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} is not in adata.layers; available layers: {list(adata.layers)}.")
     X = adata.X if layer is None else adata.layers[layer]
