@@ -334,6 +334,35 @@ def test_domains_draws_unannotated_spots_in_grey(small):
     assert n_grey(fig.axes[0]) == 10 and n_grey(fig.axes[1]) == 0
 
 
+@needs_data
+def test_tissue_plots_draw_one_library_at_a_time(small):
+    """Libraries share a coordinate frame: drawn together they would overlap, so the plots ask which one to draw."""
+    other = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"), rows=(0, 20))
+    adata = ad.concat({"151673": small, "151674": other}, label="sample", index_unique="-")
+    dfm.pp.serialize(adata, library_key="sample")
+    dfm.tl.embed(adata, library_key="sample", **FAST)
+    dfm.tl.cluster(adata, 5, library_key="sample")
+
+    def n_spots(ax):
+        ax.figure.canvas.draw()  # colour-mapped collections get one face colour per spot when drawn
+        return max(len(c.get_facecolors()) for c in ax.collections)
+
+    for plot in (dfm.pl.domains, dfm.pl.gates):
+        with pytest.raises(ValueError, match=r"2 libraries in obs\['sample'\] \(151673, 151674\).*library_id="):
+            plot(adata, show=False)  # the library key recorded by tl.embed / tl.cluster is used
+        with pytest.raises(KeyError, match=r"library_id='151507' is not in obs\['sample'\]"):
+            plot(adata, library_id="151507", show=False)
+    fig = dfm.pl.domains(adata, truth_key="layer", library_id="151674", return_fig=True, show=False)
+    assert [n_spots(ax) for ax in fig.axes[:2]] == [other.n_obs, other.n_obs]
+    fig = dfm.pl.gates(adata, library_id="151673", return_fig=True, show=False)
+    assert n_spots(fig.axes[0]) == small.n_obs
+    order = adata.obs["dfm_order"][adata.obs["sample"] == "151673"].to_numpy()
+    (along,) = [ax for ax in fig.axes if ax.get_title() == "gates along the sequence"]
+    assert len(along.get_lines()[0].get_xdata()) == order.size  # that library's curve only
+    with pytest.raises(ValueError, match="needs library_key="):
+        dfm.pl.domains(small.copy(), library_id="151673", show=False)
+
+
 def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
     """squidpy's docrep warns about squidpy's own docstrings on first import; a user's plot must not show that."""
     import subprocess

@@ -13,6 +13,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .._utils import check_library_key
+
 __all__ = ["domains", "gates", "training"]
 
 
@@ -38,8 +40,12 @@ def _tissue(
     palette=None,
     vmin=None,
     vmax=None,
+    library_id=None,
 ) -> None:
-    """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one)."""
+    """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
+
+    The image is that of ``library_id`` in ``uns['spatial']``, or the only one there.
+    """
     with warnings.catch_warnings():
         # squidpy's docstring templating (docrep) warns about its own docstrings on first import; not the user's concern
         warnings.simplefilter("ignore", SyntaxWarning)
@@ -49,19 +55,20 @@ def _tissue(
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
         view.obs["value"] = pd.Categorical(values.to_numpy(), categories=values.cat.categories)
     view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
-    has_image = "spatial" in adata.uns and len(adata.uns["spatial"]) == 1
+    images_of = adata.uns.get("spatial", {})
+    lib = library_id if library_id in images_of else (next(iter(images_of)) if len(images_of) == 1 else None)
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
     kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
-    if has_image:
-        view.uns["spatial"] = adata.uns["spatial"]
-        lib = next(iter(adata.uns["spatial"]))
+    if lib is not None:
+        view.uns["spatial"] = {lib: images_of[lib]}
         images = adata.uns["spatial"][lib].get("images", {})
         res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
         kwargs.update(img_res_key=res, img=res is not None, img_alpha=0.5)
         if res is None:
-            kwargs.update(shape=None, size=12)
+            kwargs.update(shape=None, size=12, library_id=lib)
     else:
-        kwargs.update(shape=None, img=False, size=12)
+        # points without an image: naming the (absent) library keeps squidpy from asking for one
+        kwargs.update(shape=None, img=False, size=12, library_id="")
     if cmap is not None:
         kwargs.update(cmap=cmap, norm=plt.Normalize(vmin, vmax))
     if palette is not None:
@@ -70,6 +77,31 @@ def _tissue(
         kwargs.update(palette=ListedColormap(list(palette)))
     sq.pl.spatial_scatter(view, **kwargs)
     ax.set_title(title)
+
+
+def _one_library(adata: AnnData, library_key: str | None, library_id, recorded) -> AnnData:
+    """The spots of library ``library_id`` (all spots when there is a single library), as scanpy's spatial plots do.
+
+    ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``).
+    """
+    if library_key is None and recorded not in (None, "None"):
+        library_key = str(recorded)
+    if library_key is None:
+        if library_id is not None:
+            raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
+        return adata
+    check_library_key(adata, library_key)
+    libraries = list(adata.obs[library_key].astype("category").cat.remove_unused_categories().cat.categories)
+    if library_id is None:
+        if len(libraries) == 1:
+            return adata
+        raise ValueError(
+            f"adata holds {len(libraries)} libraries in obs[{library_key!r}] ({', '.join(map(str, libraries[:5]))}"
+            f"{', …' if len(libraries) > 5 else ''}); pass library_id= to draw one (their coordinates overlap)."
+        )
+    if library_id not in libraries:
+        raise KeyError(f"library_id={library_id!r} is not in obs[{library_key!r}]; libraries: {libraries}.")
+    return adata[(adata.obs[library_key] == library_id).to_numpy()]
 
 
 def _require(adata: AnnData, where: str, key: str, hint: str) -> None:
@@ -85,6 +117,8 @@ def gates(
     key: str = "X_dfm",
     order_key: str = "dfm_order",
     sequence: bool = True,
+    library_key: str | None = None,
+    library_id=None,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -103,6 +137,10 @@ def gates(
         The serialization order (for the panel along the sequence).
     sequence
         Add a panel with the gates along the curve (rolling mean over 25 spots).
+    library_key
+        ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.embed`).
+    library_id
+        The library to draw; needed when there are several (their coordinates overlap).
     ax
         Draw one depth's tissue map into this axes.
     show
@@ -128,6 +166,8 @@ def gates(
     One tissue map per fusing depth and the panel along the sequence (the colour bars have no title).
     """
     _require(adata, "obsm", f"{key}_gates", "run dfm.tl.embed(adata) first.")
+    recorded = adata.uns.get("dfm", {}).get("params", {}).get("library_key")
+    adata = _one_library(adata, library_key, library_id, recorded)
     values = np.asarray(adata.obsm[f"{key}_gates"])
     available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
     if not available:
@@ -137,13 +177,23 @@ def gates(
         if k not in available:
             raise ValueError(f"depth={k} has no gate; available depths: {available}.")
     if ax is not None:
-        _tissue(adata, values[:, depths[0]], ax=ax, title=f"gate, depth {depths[0]}", cmap="magma", vmin=0, vmax=1)
+        _tissue(
+            adata,
+            values[:, depths[0]],
+            ax=ax,
+            title=f"gate, depth {depths[0]}",
+            cmap="magma",
+            vmin=0,
+            vmax=1,
+            library_id=library_id,
+        )
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n_panels = len(depths) + int(sequence)
     fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 4.2), squeeze=False)
     axes = list(axes[0])
     for a, k in zip(axes, depths):
-        _tissue(adata, values[:, k], ax=a, title=f"gate, depth {k} (0 local, 1 global)", cmap="magma", vmin=0, vmax=1)
+        title = f"gate, depth {k} (0 local, 1 global)"
+        _tissue(adata, values[:, k], ax=a, title=title, cmap="magma", vmin=0, vmax=1, library_id=library_id)
     if sequence:
         a = axes[-1]
         order = np.argsort(adata.obs[order_key].to_numpy(), kind="stable") if order_key in adata.obs else None
@@ -164,6 +214,8 @@ def domains(
     key: str = "dfm_domain",
     *,
     truth_key: str | None = None,
+    library_key: str | None = None,
+    library_id=None,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -180,6 +232,10 @@ def domains(
         ``obs`` column of the domains.
     truth_key
         ``obs`` column of a manual annotation to draw alongside.
+    library_key
+        ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
+    library_id
+        The library to draw; needed when there are several (their coordinates overlap).
     ax
         Draw the domains (only) into this axes.
     show, return_fig
@@ -190,6 +246,8 @@ def domains(
     The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
     """
     _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
+    recorded = adata.uns.get(key, {}).get("params", {}).get("library_key")
+    adata = _one_library(adata, library_key, library_id, recorded)
     pred = adata.obs[key].astype("category")
     palette = None
     truth = None
@@ -208,15 +266,17 @@ def domains(
         spare = [col for col in plt.get_cmap("Set3").colors]
         for i, c in enumerate(c for c in pred.cat.categories if c not in palette):
             palette[c] = spare[i % len(spare)]
+    colours = palette and [palette[c] for c in pred.cat.categories]
     if ax is not None:
-        _tissue(adata, pred, ax=ax, title=key, palette=palette and [palette[c] for c in pred.cat.categories])
+        _tissue(adata, pred, ax=ax, title=key, palette=colours, library_id=library_id)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
     axes = list(axes[0])
     if truth is not None:
-        _tissue(adata, truth, ax=axes[0], title=truth_key, palette=[truth_palette[c] for c in truth.cat.categories])
-    _tissue(adata, pred, ax=axes[-1], title=key, palette=palette and [palette[c] for c in pred.cat.categories])
+        truth_colours = [truth_palette[c] for c in truth.cat.categories]
+        _tissue(adata, truth, ax=axes[0], title=truth_key, palette=truth_colours, library_id=library_id)
+    _tissue(adata, pred, ax=axes[-1], title=key, palette=colours, library_id=library_id)
     fig.tight_layout()
     return _finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)
 
