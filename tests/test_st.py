@@ -13,7 +13,7 @@ import torch
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba
-from dfmamba_st.tl._embed import _ema_decay
+from dfmamba_st.tl._embed import _ema_decay, _resolve_preset
 
 matplotlib.use("Agg")
 
@@ -110,6 +110,24 @@ def test_embed_writes_documented_keys_and_is_reproducible(small):
     assert np.array_equal(emb, small.obsm["X_dfm"])
     dfm.tl.embed(small, **FAST, seed=4)
     assert not np.array_equal(emb, small.obsm["X_dfm"])
+
+
+@needs_data
+def test_presets_resolve_by_device_and_are_recorded(small):
+    dfm.pp.serialize(small)
+    quick = dict(epochs=1, depth=2, progress=False, copy=True)
+    auto = dfm.tl.embed(small, preset="auto", d_model=16, n_top_genes=200, device="cpu", **quick)
+    assert auto.uns["dfm"]["params"]["preset"] == "cpu"  # "auto" on a CPU
+    assert _resolve_preset("auto", torch.device("cuda")) == "paper"  # and on a GPU (no GPU needed to resolve it)
+    # the paper's configuration (genes themselves as tokens, its learning rate and windows), here at a toy width
+    paper, model = dfm.tl.embed(small, preset="paper", d_model=16, n_top_genes=200, return_model=True, **quick)
+    params = paper.uns["dfm"]["params"]
+    assert params["preset"] == "paper" and params["n_pcs"] == "None" and params["n_features"] == 200
+    assert (params["lr"], params["window"], params["ema_fraction"]) == (1e-4, 1024, "None")
+    assert model.embed_in.in_features == 2 * 200  # a gene-wide token: the spot's genes next to their ring mean
+    assert paper.obsm["X_dfm"].shape == (small.n_obs, 200 + 16)
+    with pytest.raises(ValueError, match=r"Unknown preset 'gpu'.*'cpu', 'paper'"):
+        dfm.tl.embed(small, preset="gpu", progress=False)
 
 
 @needs_data
