@@ -5,7 +5,9 @@ method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluste
 peak RSS (MB) and, for a job on a GPU, the peak of PyTorch's CUDA allocator (MB). Then zero-shot scale (model
 trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 → 151674, against
 training on 151674 itself), with the same ``--embed`` options. ``--cluster`` options go to every ``tl.cluster`` call
-of every method (baselines included), so a change of the clustering is measured on all of them alike.
+of every method (baselines included), so a change of the clustering is measured on all of them alike;
+``--cluster n_clusters=none`` lets every method's ``tl.cluster`` choose K itself (BIC), and ``k_found`` in the table
+says how many domains each run found.
 
 Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
 ``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
@@ -30,6 +32,7 @@ Usage::
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
     python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
     python benchmarks/st_dlpfc.py --no-extra --cluster tol=1e-6   # EM of every method's GMM run to convergence
+    python benchmarks/st_dlpfc.py --no-extra --cluster n_clusters=none   # K chosen by tl.cluster, not the truth
     python benchmarks/st_dlpfc.py --slices A1 B1 C1 D1 --no-extra   # the HER2ST sections (held-out tissue)
     python benchmarks/st_dlpfc.py --slices bundled --no-extra       # the slice python -m dfmamba_st runs
 """
@@ -97,7 +100,18 @@ def _scores(adata, key: str) -> dict:
     import dfmamba_st as dfm
 
     row = dfm.metrics.evaluate(adata, "truth", pred_key=key).iloc[0]
-    return {"ari": float(row["ari"]), "nmi": float(row["nmi"]), "completeness": float(row["completeness"])}
+    return {
+        "k_found": int(adata.obs[key].nunique()),
+        "ari": float(row["ari"]),
+        "nmi": float(row["nmi"]),
+        "completeness": float(row["completeness"]),
+    }
+
+
+def _cluster_options(options: dict | None, k: int) -> tuple[int | None, dict]:
+    """K for ``tl.cluster`` (the truth's, unless ``--cluster`` sets ``n_clusters``) and the other options."""
+    options = dict(options or {})
+    return options.pop("n_clusters", k), options
 
 
 def _job(
@@ -115,13 +129,13 @@ def _job(
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
-    cluster = cluster_options or {}
     adata, k = load_slice(path)
+    n_clusters, cluster = _cluster_options(cluster_options, k)
     start = time.time()
     if kind == "dfmamba_st":
         dfm.pp.serialize(adata)
         dfm.tl.embed(adata, seed=seed, progress=False, **embed_options)
-        dfm.tl.cluster(adata, k, random_state=seed, **cluster)
+        dfm.tl.cluster(adata, n_clusters, random_state=seed, **cluster)
         key = "dfm_domain"
     elif kind == "dfm_features":
         from dfmamba_st.tl._embed import PRESETS, _library_sequences, _tokens
@@ -137,7 +151,7 @@ def _job(
         libraries = _library_sequences(adata, None, "spatial", ("hilbert",))
         # the neighbourhood half of tl.embed's tokens, built by tl.embed's own code: its "concat" expression block
         adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
-        dfm.tl.cluster(adata, k, use_rep="X_features", random_state=seed, key_added="base", **cluster)
+        dfm.tl.cluster(adata, n_clusters, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
     else:
         import scanpy as sc
@@ -158,7 +172,8 @@ def _job(
             _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
             pcs = pcs[nbrs].mean(axis=1)
         adata.obsm["X_base"] = pcs
-        dfm.tl.cluster(adata, k, use_rep="X_base", random_state=seed, key_added="base", **{"refine": False, **cluster})
+        options = {"refine": False, **cluster}
+        dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
         key = "base"
     seconds = time.time() - start
     return {
@@ -183,9 +198,9 @@ def _extra(
     torch.set_num_threads(threads)
     import dfmamba_st as dfm
 
-    cluster = cluster_options or {}
     rows = []
     native, k = load_slice(slice_path("151673", data_dir))
+    k, cluster = _cluster_options(cluster_options, k)
     dfm.pp.serialize(native)
     model = dfm.tl.embed(native, seed=seed, progress=False, return_model=True, **embed_options)
     dfm.tl.cluster(native, k, random_state=seed, **cluster)
@@ -197,6 +212,7 @@ def _extra(
         dfm.tl.cluster(coarse, k, random_state=seed, **cluster)
         rows.append({"test": f"zero-shot x{factor} 151673 ({coarse.n_obs} bins)", **_scores(coarse, "dfm_domain")})
     other, k = load_slice(slice_path("151674", data_dir))
+    k, cluster = _cluster_options(cluster_options, k)
     dfm.pp.serialize(other)
     dfm.tl.embed(other, model=model, progress=False, **embed_options)
     dfm.tl.cluster(other, k, random_state=seed, **cluster)
@@ -268,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nper run")
     print(table.round(3).to_string(index=False))
     summary = table.groupby(["slice", "k", "method"]).agg(
+        k_found_min=("k_found", "min"),
+        k_found_max=("k_found", "max"),
         ari_mean=("ari", "mean"),
         ari_min=("ari", "min"),
         ari_max=("ari", "max"),

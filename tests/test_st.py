@@ -473,12 +473,13 @@ class _Stop(Exception):
 
 
 def test_benchmark_cluster_options_reach_every_methods_clustering(benchmark_module, monkeypatch, keep_torch_threads):
-    """``--cluster`` options go to the tl.cluster call of every method, baselines included (bundled slice)."""
+    """``--cluster`` options go to the tl.cluster call of every method, baselines included (bundled slice); with
+    ``n_clusters=none`` every method's tl.cluster chooses K."""
     bench = benchmark_module("st_dlpfc")
-    seen = {}
+    seen, k_given = {}, {}
 
     def record(adata, n_clusters, **kwargs):
-        seen[kind] = kwargs
+        seen[kind], k_given[kind] = kwargs, n_clusters
         raise _Stop  # the clustering itself is not what is tested
 
     @functools.wraps(dfm.tl.embed)  # keeps the signature, whose defaults the ablation job reads
@@ -494,6 +495,11 @@ def test_benchmark_cluster_options_reach_every_methods_clustering(benchmark_modu
         assert seen[kind]["tol"] == 1e-6 and seen[kind]["n_init"] == 3
     assert seen["pca_gmm"]["refine"] is False and seen["pca_nbmean_gmm"]["refine"] is False
     assert "refine" not in seen["dfmamba_st"] and "refine" not in seen["dfm_features"]  # tl.cluster's default
+    assert set(k_given.values()) == {7}  # K from the slice's truth
+    for kind in ("dfmamba_st", "dfm_features", "pca_gmm", "pca_nbmean_gmm"):  # --cluster n_clusters=none
+        with pytest.raises(_Stop):
+            bench._job(kind, path, "bundled", 0, 1, {}, {"n_clusters": None})
+        assert k_given[kind] is None and "n_clusters" not in seen[kind]
 
 
 @needs_data
