@@ -40,11 +40,11 @@ def _tissue(
     palette=None,
     vmin=None,
     vmax=None,
-    library_id=None,
+    library_id: str | None = None,
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
-    The image is that of ``library_id`` in ``uns['spatial']``, or the only one there.
+    The image is that of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there.
     """
     with warnings.catch_warnings():
         # squidpy's docstring templating (docrep) warns about its own docstrings on first import; not the user's concern
@@ -56,12 +56,15 @@ def _tissue(
         view.obs["value"] = pd.Categorical(values.to_numpy(), categories=values.cat.categories)
     view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
     images_of = adata.uns.get("spatial", {})
-    lib = library_id if library_id in images_of else (next(iter(images_of)) if len(images_of) == 1 else None)
+    if library_id is not None:
+        lib = library_id if library_id in images_of else None  # never another library's image
+    else:
+        lib = next(iter(images_of)) if len(images_of) == 1 else None
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
     kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
     if lib is not None:
         view.uns["spatial"] = {lib: images_of[lib]}
-        images = adata.uns["spatial"][lib].get("images", {})
+        images = images_of[lib].get("images", {})
         res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
         kwargs.update(img_res_key=res, img=res is not None, img_alpha=0.5)
         if res is None:
@@ -79,7 +82,7 @@ def _tissue(
     ax.set_title(title)
 
 
-def _one_library(adata: AnnData, library_key: str | None, library_id, recorded) -> AnnData:
+def _one_library(adata: AnnData, library_key: str | None, library_id: str | None, recorded) -> AnnData:
     """The spots of library ``library_id`` (all spots when there is a single library), as scanpy's spatial plots do.
 
     ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``).
@@ -118,7 +121,7 @@ def gates(
     order_key: str = "dfm_order",
     sequence: bool = True,
     library_key: str | None = None,
-    library_id=None,
+    library_id: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -215,7 +218,7 @@ def domains(
     *,
     truth_key: str | None = None,
     library_key: str | None = None,
-    library_id=None,
+    library_id: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
