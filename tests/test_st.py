@@ -252,6 +252,50 @@ def test_cluster_chooses_k_itself_by_bic(small):
     assert small.uns["km_bic"]["params"]["tol"] == 1e-4 and "bic" in small.uns["km_bic"]
 
 
+def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
+    from dfmamba_st.tl import _cluster
+
+    # a BIC curve that falls steeply to K = 5 and slowly after it, lowest at the end of the range
+    curve = {k: 1000.0 * np.exp(-(k - 2) / 1.2) - 10.0 * k for k in range(2, 16)}
+    fitted = []
+
+    class Fit:
+        def __init__(self, k):
+            self.k = k
+
+        def bic(self, rep):
+            return curve[self.k]
+
+    monkeypatch.setattr(_cluster, "_gmm", lambda rep, k, *args: fitted.append(k) or Fit(k))
+    k, bic = _cluster.choose_n_clusters(np.zeros((100, 3)))
+    assert fitted == list(range(2, 16)) and bic == curve
+    # scaled to [0, 1], the curve lies 0.432 / 0.582 / 0.608 / 0.581 below its chord at K = 3 / 4 / 5 / 6
+    assert min(curve, key=curve.get) == 15 and k == 5
+    assert _cluster.choose_n_clusters(np.zeros((100, 3)), k_range=range(2, 4))[0] == 3  # two K: the lower BIC
+    curve.update({k: 7.0 for k in curve})
+    assert _cluster.choose_n_clusters(np.zeros((100, 3)))[0] == 2  # a flat curve: the fewest domains
+
+
+@needs_data
+def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(slice_673):
+    """On 151673's spot features averaged over two rings (no training), the knee picks 8 (measured); the BIC's
+    minimum lies at 14-15 of 2-15 on DLPFC (docs/spatial.md, "Choosing K")."""
+    from dfmamba_st.tl._embed import _library_sequences, _tokens
+    from dfmamba_st.tl._features import FeatureTransform
+
+    adata = slice_673.copy()
+    transform = FeatureTransform.fit(adata, layer=None, n_top_genes=3000, n_pcs=50, seed=0)
+    features, _ = transform.transform(adata)
+    dfm.pp.serialize(adata)
+    libraries = _library_sequences(adata, None, "spatial", ("hilbert",))
+    adata.obsm["X_features"] = _tokens(features, libraries, 2)[:, features.shape[1] :]
+    dfm.tl.cluster(adata, None, use_rep="X_features")
+    k = adata.uns["dfm_domain"]["params"]["n_clusters"]
+    assert 6 <= k <= 9
+    bic = adata.uns["dfm_domain"]["bic"]
+    assert min(bic, key=bic.get) in ("13", "14", "15")  # what the minimum would have chosen
+
+
 def test_refinement_flips_isolated_spots_only():
     # a 1-D chain: spot 2 is an island of label 1 inside label 0
     rows = np.arange(5)
@@ -377,8 +421,14 @@ def test_tissue_plots_draw_one_library_at_a_time(small):
     order = adata.obs["dfm_order"][adata.obs["sample"] == "151673"].to_numpy()
     (along,) = [ax for ax in fig.axes if ax.get_title() == "gates along the sequence"]
     assert len(along.get_lines()[0].get_xdata()) == order.size  # that library's curve only
+    single = small.copy()  # one slice, nothing recorded: a library_id alone cannot be resolved
+    single.obs["dfm_domain"] = pd.Categorical(["0"] * single.n_obs)
     with pytest.raises(ValueError, match="needs library_key="):
-        dfm.pl.domains(small.copy(), library_id="151673", show=False)
+        dfm.pl.domains(single, library_id="151673", show=False)
+    # the H&E image of a library is drawn under its own spots only, never under another library's
+    adata.uns["spatial"] = {"151673": small.uns["spatial"]["151673"]}
+    assert dfm.pl.domains(adata, library_id="151673", return_fig=True, show=False).axes[0].images
+    assert not dfm.pl.domains(adata, library_id="151674", return_fig=True, show=False).axes[0].images
 
 
 def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
