@@ -250,6 +250,13 @@ def test_cluster_chooses_k_itself_by_bic(small):
     # k-means with K chosen by those BIC fits records the tol they used; with K given it fits no GMM
     dfm.tl.cluster(small, None, method="kmeans", tol=1e-4, key_added="km_bic")
     assert small.uns["km_bic"]["params"]["tol"] == 1e-4 and "bic" in small.uns["km_bic"]
+    # the range searched is the user's to set, and recorded
+    dfm.tl.cluster(small, None, k_range=range(3, 6), key_added="narrow")
+    assert list(small.uns["narrow"]["bic"]) == ["3", "4", "5"] and list(small.uns["narrow"]["k_range"]) == [3, 4, 5]
+    assert small.uns["narrow"]["params"]["n_clusters"] in (3, 4, 5)
+    for bad in (range(0, 5), range(5, 5), [3, 4]):
+        with pytest.raises(ValueError, match="k_range must be"):
+            dfm.tl.cluster(small, None, k_range=bad)
 
 
 def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):

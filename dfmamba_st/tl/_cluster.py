@@ -179,6 +179,7 @@ def cluster(
     n_comps: int | None = 20,
     n_init: int | None = None,
     tol: float = GMM_TOL,
+    k_range: range = range(2, 16),
     refine: bool = True,
     library_key: str | None = None,
     key_added: str = "dfm_domain",
@@ -192,8 +193,8 @@ def cluster(
     adata
         Annotated data with an embedding in ``obsm[use_rep]`` (from :func:`dfmamba_st.tl.embed`).
     n_clusters
-        Number of domains. ``None`` chooses it: for ``"gmm"``/``"kmeans"`` the K in 2..15 at the knee of the
-        tied-GMM BIC curve (:func:`choose_n_clusters`), for ``"leiden"`` resolution 1.
+        Number of domains. ``None`` chooses it: for ``"gmm"``/``"kmeans"`` the K in ``k_range`` at the knee of
+        the tied-GMM BIC curve (:func:`choose_n_clusters`), for ``"leiden"`` resolution 1.
     method
         ``"gmm"`` (Gaussian mixture with one shared covariance, like mclust's EEE; no R needed), ``"kmeans"`` or
         ``"leiden"`` (resolution searched by bisection to give ``n_clusters``).
@@ -211,6 +212,9 @@ def cluster(
         default (scikit-learn's, ``1e-3``) can stop EM before convergence; ``1e-6`` runs it to convergence on DLPFC
         embeddings (2-5 times the iterations). Measured on DLPFC and HER2+ sections in ``docs/spatial_log.md`` ("EM
         run to convergence in the clustering").
+    k_range
+        The numbers of domains ``n_clusters=None`` chooses from (2 to 15). The knee depends on the range: widen it
+        for tissues with more domains than 15.
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
     library_key
@@ -225,7 +229,7 @@ def cluster(
     Returns
     -------
     ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
-    ``adata.uns[key_added]['params']`` (and ``['bic']`` when K was chosen; for ``"gmm"``
+    ``adata.uns[key_added]['params']`` (and ``['bic']``, ``['k_range']`` when K was chosen; for ``"gmm"``
     ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on).
 
     Notes
@@ -262,6 +266,8 @@ def cluster(
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
+    if not isinstance(k_range, range) or len(k_range) == 0 or k_range.start < 1 or k_range.step < 1:
+        raise ValueError(f"k_range must be a non-empty increasing range of numbers of domains ≥ 1, got {k_range!r}.")
     if n_init is None:
         n_init = GMM_RESTARTS if method == "gmm" else KMEANS_RESTARTS
     n_init = int(n_init)
@@ -278,8 +284,9 @@ def cluster(
         labels = _extend_labels(sample, sample_labels, rep, fit_rows)
     else:
         if n_clusters is None:
-            n_clusters, bic = choose_n_clusters(sample, random_state=random_state, tol=tol)
+            n_clusters, bic = choose_n_clusters(sample, k_range=k_range, random_state=random_state, tol=tol)
             extra["bic"] = {str(k): v for k, v in bic.items()}
+            extra["k_range"] = list(k_range)
             logg.info(f"    chose n_clusters={n_clusters} at the knee of the BIC curve of a tied-covariance GMM")
         if method == "gmm":
             gmm = _gmm(sample, n_clusters, random_state, n_init, tol)
