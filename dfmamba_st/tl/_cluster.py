@@ -94,12 +94,12 @@ def choose_n_clusters(
     """Pick the number of domains at the knee of the BIC curve of a tied-covariance GMM.
 
     On spatial embeddings the BIC keeps falling as K grows (the tissue's gradients fill with ever more overlapping
-    Gaussians), so its minimum over-splits: on the DLPFC slices and HER2+ sections it lay at K = 14 or 15 of 2–15 in
-    every run measured, against 7 and 3–5 annotated domains. The knee is where the curve stops falling steeply: with
-    K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from the first to the last
-    point (the "kneedle" rule of Satopää et al., 2011). It depends on the range searched. Measured on the default
-    embeddings (``docs/spatial.md``, "Choosing K"): K = 6–9 on DLPFC, 5–12 on the HER2+ sections. ``tol`` stops each
-    fit's EM, as in :func:`cluster`.
+    Gaussians), so its minimum over-splits: on the default embeddings of the DLPFC slices and HER2+ sections (3 seeds
+    each) it lay at K = 14 or 15 of 2–15, against 7 and 3–5 annotated domains. The knee is where the curve stops
+    falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from
+    the first to the last point (the "kneedle" rule of Satopää et al., 2011). It depends on the range searched.
+    Measured on the default embeddings (``docs/spatial.md``, "Choosing K"): K = 6–9 on DLPFC, 5–12 on the HER2+
+    sections. ``tol`` stops each fit's EM, as in :func:`cluster`.
 
     Returns
     -------
