@@ -33,6 +33,11 @@ def slice_673():
 
 
 @pytest.fixture(scope="module")
+def slice_674():
+    return ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad") if (DATA / "dlpfc").exists() else None
+
+
+@pytest.fixture(scope="module")
 def small(slice_673):
     if slice_673 is None:
         pytest.skip("needs ../shared/data (real DLPFC slices)")
@@ -320,7 +325,7 @@ def test_short_training_on_151673_clearly_beats_random_labels(slice_673):
 
 
 @needs_data
-def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path, slice_673):
+def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path, slice_673, slice_674):
     dfm.pp.serialize(small)
     model = dfm.tl.embed(small, **FAST, return_model=True)
     path = dfm.tl.save_model(model, tmp_path / "m")
@@ -330,7 +335,7 @@ def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path
     dfm.tl.embed(again, model=loaded, progress=False)
     assert np.allclose(again.obsm["X_dfm"], small.obsm["X_dfm"], atol=1e-5)
     # another slice with some of the genes missing: reported, still embedded
-    other = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"))
+    other = crop(slice_674)
     dfm.pp.serialize(other)
     dfm.tl.embed(other, model=path, progress=False)
     assert other.obsm["X_dfm"].shape == (other.n_obs, 20 + 16)
@@ -395,9 +400,9 @@ def test_domains_draws_unannotated_spots_in_grey(small):
 
 
 @needs_data
-def test_tissue_plots_draw_one_library_at_a_time(small):
+def test_tissue_plots_draw_one_library_at_a_time(small, slice_674):
     """Libraries share a coordinate frame: drawn together they would overlap, so the plots ask which one to draw."""
-    other = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"), rows=(0, 20))
+    other = crop(slice_674, rows=(0, 20))
     adata = ad.concat({"151673": small, "151674": other}, label="sample", index_unique="-")
     dfm.pp.serialize(adata, library_key="sample")
     dfm.tl.embed(adata, library_key="sample", **FAST)
