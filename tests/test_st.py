@@ -542,14 +542,15 @@ def test_benchmark_cluster_options_reach_every_methods_clustering(benchmark_modu
     monkeypatch.setattr(dfm.tl, "cluster", record)
     monkeypatch.setattr(dfm.tl, "embed", no_training)
     path = str(bench.slice_path("bundled"))
-    for kind in ("dfmamba_st", "dfm_features", "pca_gmm", "pca_nbmean_gmm"):
+    kinds = ("dfmamba_st", "dfm_features", "pca_gmm", "pca_nbmean_gmm")
+    for kind in kinds:
         with pytest.raises(_Stop):
             bench._job(kind, path, "bundled", 0, 1, {}, {"tol": 1e-6, "n_init": 3})
         assert seen[kind]["tol"] == 1e-6 and seen[kind]["n_init"] == 3
     assert seen["pca_gmm"]["refine"] is False and seen["pca_nbmean_gmm"]["refine"] is False
     assert "refine" not in seen["dfmamba_st"] and "refine" not in seen["dfm_features"]  # tl.cluster's default
     assert set(k_given.values()) == {7}  # K from the slice's truth
-    for kind in ("dfmamba_st", "dfm_features", "pca_gmm", "pca_nbmean_gmm"):  # --cluster n_clusters=none
+    for kind in kinds:  # --cluster n_clusters=none
         with pytest.raises(_Stop):
             bench._job(kind, path, "bundled", 0, 1, {}, {"n_clusters": None})
         assert k_given[kind] is None and "n_clusters" not in seen[kind]
