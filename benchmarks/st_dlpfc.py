@@ -6,8 +6,8 @@ peak RSS (MB) and, for a job on a GPU, the peak of PyTorch's CUDA allocator (MB)
 trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 → 151674, against
 training on 151674 itself), with the same ``--embed`` options. ``--cluster`` options go to every ``tl.cluster`` call
 of every method (baselines included), so a change of the clustering is measured on all of them alike;
-``--cluster n_clusters=none`` lets every method's ``tl.cluster`` choose K itself (BIC), and ``k_found`` in the table
-says how many domains each run found.
+``--cluster n_clusters=none`` lets every method's ``tl.cluster`` choose K itself (the knee of the BIC curve), and
+``k_found`` in the table says how many domains each run found.
 
 Slices: the three DLPFC slices (truth ``obs['layer']``, K = 7) by default; the HER2+ breast-cancer sections
 ``A1 B1 C1 D1`` (legacy Spatial Transcriptomics, no Visium grid; truth the pathologist's ``obs['label']`` without
