@@ -400,8 +400,10 @@ def test_domains_draws_unannotated_spots_in_grey(small):
 
 
 @needs_data
-def test_tissue_plots_draw_one_library_at_a_time(small, slice_674):
-    """Libraries share a coordinate frame: drawn together they would overlap, so the plots ask which one to draw."""
+def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
+    """Libraries share a coordinate frame: drawn together they would overlap, so each gets its own row of panels."""
+    import matplotlib.pyplot as plt
+
     other = crop(slice_674, rows=(0, 20))
     adata = ad.concat({"151673": small, "151674": other}, label="sample", index_unique="-")
     dfm.pp.serialize(adata, library_key="sample")
@@ -412,11 +414,35 @@ def test_tissue_plots_draw_one_library_at_a_time(small, slice_674):
         ax.figure.canvas.draw()  # colour-mapped collections get one face colour per spot when drawn
         return max(len(c.get_facecolors()) for c in ax.collections)
 
+    _, ax = plt.subplots()
     for plot in (dfm.pl.domains, dfm.pl.gates):
         with pytest.raises(ValueError, match=r"2 libraries in obs\['sample'\] \(151673, 151674\).*library_id="):
-            plot(adata, show=False)  # the library key recorded by tl.embed / tl.cluster is used
+            plot(adata, ax=ax, show=False)  # one axes cannot hold two libraries (the key recorded by the tools)
         with pytest.raises(KeyError, match=r"library_id='151507' is not in obs\['sample'\]"):
             plot(adata, library_id="151507", show=False)
+    plt.close("all")
+    # without library_id: one row per library, each panel that library's spots, titled by it
+    fig = dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False)
+    assert [ax.get_title() for ax in fig.axes[:4]] == [
+        "151673: layer",
+        "151673: dfm_domain",
+        "151674: layer",
+        "151674: dfm_domain",
+    ]
+    assert [n_spots(ax) for ax in fig.axes[:4]] == [small.n_obs, small.n_obs, other.n_obs, other.n_obs]
+
+    def colour_of(ax, spots, domain):  # the face colour of the spots of one domain in a panel
+        colours = max((c.get_facecolors() for c in ax.collections), key=len)
+        return {tuple(c) for c in colours[(spots.obs["dfm_domain"] == domain).to_numpy()]}
+
+    first, second = (adata[(adata.obs["sample"] == s).to_numpy()] for s in ("151673", "151674"))
+    shared = set(first.obs["dfm_domain"]) & set(second.obs["dfm_domain"])
+    assert shared
+    for domain in shared:  # a domain has one colour in every library's panel
+        assert colour_of(fig.axes[1], first, domain) == colour_of(fig.axes[3], second, domain)
+    fig = dfm.pl.gates(adata, return_fig=True, show=False)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[-1] == "151674: gates along the sequence" and sum("along the sequence" in x for x in titles) == 2
     fig = dfm.pl.domains(adata, truth_key="layer", library_id="151674", return_fig=True, show=False)
     assert [n_spots(ax) for ax in fig.axes[:2]] == [other.n_obs, other.n_obs]
     fig = dfm.pl.gates(adata, library_id="151673", return_fig=True, show=False)

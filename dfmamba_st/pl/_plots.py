@@ -82,29 +82,35 @@ def _tissue(
     ax.set_title(title)
 
 
-def _one_library(adata: AnnData, library_key: str | None, library_id: str | None, recorded) -> AnnData:
-    """The spots of library ``library_id`` (all spots when there is a single library), as scanpy's spatial plots do.
+def _libraries(
+    adata: AnnData, library_key: str | None, library_id: str | None, recorded, *, ax: Axes | None
+) -> list[tuple[str | None, AnnData]]:
+    """``(library, spots)`` to draw: the library ``library_id``, or every library, one row of panels each.
 
-    ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``).
+    ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``). The
+    libraries' coordinates overlap, so they are never drawn into one axes: with several and ``ax=``, ``library_id``
+    must name one.
     """
     if library_key is None and recorded not in (None, "None"):
         library_key = str(recorded)
     if library_key is None:
         if library_id is not None:
             raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
-        return adata
+        return [(None, adata)]
     check_library_key(adata, library_key)
     libraries = list(adata.obs[library_key].astype("category").cat.remove_unused_categories().cat.categories)
-    if library_id is None:
-        if len(libraries) == 1:
-            return adata
+    if library_id is not None and library_id not in libraries:
+        raise KeyError(f"library_id={library_id!r} is not in obs[{library_key!r}]; libraries: {libraries}.")
+    if library_id is None and len(libraries) == 1:
+        return [(None, adata)]
+    if library_id is None and ax is not None:
         raise ValueError(
             f"adata holds {len(libraries)} libraries in obs[{library_key!r}] ({', '.join(map(str, libraries[:5]))}"
-            f"{', …' if len(libraries) > 5 else ''}); pass library_id= to draw one (their coordinates overlap)."
+            f"{', …' if len(libraries) > 5 else ''}); pass library_id= to draw one into ax= (their coordinates "
+            "overlap), or leave ax=None for one row of panels per library."
         )
-    if library_id not in libraries:
-        raise KeyError(f"library_id={library_id!r} is not in obs[{library_key!r}]; libraries: {libraries}.")
-    return adata[(adata.obs[library_key] == library_id).to_numpy()]
+    chosen = libraries if library_id is None else [library_id]
+    return [(str(lib), adata[(adata.obs[library_key] == lib).to_numpy()]) for lib in chosen]
 
 
 def _require(adata: AnnData, where: str, key: str, hint: str) -> None:
@@ -143,7 +149,8 @@ def gates(
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.embed`).
     library_id
-        The library to draw; needed when there are several (their coordinates overlap).
+        The library to draw. By default every library, one row of panels each (their coordinates overlap, so they
+        are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
     ax
         Draw one depth's tissue map into this axes.
     show
@@ -153,7 +160,7 @@ def gates(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+    The figure if ``return_fig``, else the axes (a list, row by row) when ``show=False``, else ``None``.
 
     Examples
     --------
@@ -170,7 +177,7 @@ def gates(
     """
     _require(adata, "obsm", f"{key}_gates", "run dfm.tl.embed(adata) first.")
     recorded = adata.uns.get("dfm", {}).get("params", {}).get("library_key")
-    adata = _one_library(adata, library_key, library_id, recorded)
+    libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
     values = np.asarray(adata.obsm[f"{key}_gates"])
     available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
     if not available:
@@ -180,36 +187,39 @@ def gates(
         if k not in available:
             raise ValueError(f"depth={k} has no gate; available depths: {available}.")
     if ax is not None:
-        _tissue(
-            adata,
-            values[:, depths[0]],
-            ax=ax,
-            title=f"gate, depth {depths[0]}",
-            cmap="magma",
-            vmin=0,
-            vmax=1,
-            library_id=library_id,
-        )
+        ((lib, spots),) = libraries
+        gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
+        _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", cmap="magma", vmin=0, vmax=1, library_id=lib)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n_panels = len(depths) + int(sequence)
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.2 * n_panels, 4.2), squeeze=False)
-    axes = list(axes[0])
-    for a, k in zip(axes, depths):
-        title = f"gate, depth {k} (0 local, 1 global)"
-        _tissue(adata, values[:, k], ax=a, title=title, cmap="magma", vmin=0, vmax=1, library_id=library_id)
-    if sequence:
-        a = axes[-1]
-        order = np.argsort(adata.obs[order_key].to_numpy(), kind="stable") if order_key in adata.obs else None
-        for k in depths:
-            series = pd.Series(values[order, k] if order is not None else values[:, k])
-            a.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
-        a.set_xlabel("position along the curve")
-        a.set_ylabel("gate (rolling mean)")
-        a.set_ylim(0, 1)
-        a.set_title("gates along the sequence")
-        a.legend(frameon=False, fontsize=8)
+    fig, grid = plt.subplots(len(libraries), n_panels, figsize=(4.2 * n_panels, 4.2 * len(libraries)), squeeze=False)
+    for row, (lib, spots) in zip(grid, libraries):
+        prefix = f"{lib}: " if len(libraries) > 1 else ""
+        wrap = "\n" if prefix else " "  # a library's name makes the tissue panels' titles too long for one line
+        gates_here = np.asarray(spots.obsm[f"{key}_gates"])
+        for a, k in zip(row, depths):
+            title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
+            _tissue(spots, gates_here[:, k], ax=a, title=title, cmap="magma", vmin=0, vmax=1, library_id=lib)
+        if sequence:
+            title = f"{prefix}gates along the sequence"
+            _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
-    return _finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)
+    return _finish(fig, list(grid.ravel()), show=show, return_fig=return_fig, ax_given=False)
+
+
+def _gates_along_sequence(
+    ax: Axes, spots: AnnData, values: np.ndarray, depths: list[int], order_key: str, *, title: str
+) -> None:
+    """The gates of one library along its curve (rolling mean over 25 spots)."""
+    order = np.argsort(spots.obs[order_key].to_numpy(), kind="stable") if order_key in spots.obs else None
+    for k in depths:
+        series = pd.Series(values[order, k] if order is not None else values[:, k])
+        ax.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
+    ax.set_xlabel("position along the curve")
+    ax.set_ylabel("gate (rolling mean)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=8)
 
 
 def domains(
@@ -238,7 +248,8 @@ def domains(
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
     library_id
-        The library to draw; needed when there are several (their coordinates overlap).
+        The library to draw. By default every library, one row of panels each (their coordinates overlap, so they
+        are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
     ax
         Draw the domains (only) into this axes.
     show, return_fig
@@ -246,17 +257,19 @@ def domains(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+    The figure if ``return_fig``, else the axes (a list, row by row) when ``show=False``, else ``None``.
     """
     _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
     recorded = adata.uns.get(key, {}).get("params", {}).get("library_key")
-    adata = _one_library(adata, library_key, library_id, recorded)
-    pred = adata.obs[key].astype("category")
+    libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
+    # colours from every spot drawn, so that a domain has one colour in every library's panel
+    shown = libraries[0][1] if len(libraries) == 1 else adata
+    pred = shown.obs[key].astype("category")
     palette = None
     truth = None
     if truth_key is not None:
         _require(adata, "obs", truth_key, "pass the obs column of the annotation.")
-        truth = adata.obs[truth_key].astype("category")
+        truth = shown.obs[truth_key].astype("category")
         colors = plt.get_cmap("tab10" if len(truth.cat.categories) <= 10 else "tab20").colors
         truth_palette = {c: colors[i % len(colors)] for i, c in enumerate(truth.cat.categories)}
         table = pd.crosstab(pred, truth)
@@ -270,18 +283,26 @@ def domains(
         for i, c in enumerate(c for c in pred.cat.categories if c not in palette):
             palette[c] = spare[i % len(spare)]
     colours = palette and [palette[c] for c in pred.cat.categories]
+
+    def column(spots: AnnData, name: str, categories) -> pd.Series:
+        return pd.Series(pd.Categorical(spots.obs[name].to_numpy(), categories=categories), index=spots.obs_names)
+
     if ax is not None:
-        _tissue(adata, pred, ax=ax, title=key, palette=colours, library_id=library_id)
+        ((lib, spots),) = libraries
+        _tissue(spots, column(spots, key, pred.cat.categories), ax=ax, title=key, palette=colours, library_id=lib)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
-    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 4.6), squeeze=False)
-    axes = list(axes[0])
-    if truth is not None:
-        truth_colours = [truth_palette[c] for c in truth.cat.categories]
-        _tissue(adata, truth, ax=axes[0], title=truth_key, palette=truth_colours, library_id=library_id)
-    _tissue(adata, pred, ax=axes[-1], title=key, palette=colours, library_id=library_id)
+    fig, grid = plt.subplots(len(libraries), n, figsize=(5.2 * n, 4.6 * len(libraries)), squeeze=False)
+    for row, (lib, spots) in zip(grid, libraries):
+        prefix = f"{lib}: " if len(libraries) > 1 else ""
+        if truth is not None:
+            values = column(spots, truth_key, truth.cat.categories)
+            truth_colours = [truth_palette[c] for c in truth.cat.categories]
+            _tissue(spots, values, ax=row[0], title=prefix + truth_key, palette=truth_colours, library_id=lib)
+        values = column(spots, key, pred.cat.categories)
+        _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib)
     fig.tight_layout()
-    return _finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)
+    return _finish(fig, list(grid.ravel()), show=show, return_fig=return_fig, ax_given=False)
 
 
 def training(
