@@ -86,6 +86,13 @@ def test_bad_expression_values(crop, value, words):
         dfm.tl.embed(crop, **FAST)
 
 
+def test_expression_that_is_zero_everywhere_is_refused(crop):
+    crop.layers["empty"] = sp.csr_matrix(crop.shape, dtype=np.float32)  # e.g. a layer never filled
+    dfm.pp.serialize(crop)
+    with pytest.raises(ValueError, match=r"adata.layers\['empty'\] is zero everywhere"):
+        dfm.tl.embed(crop, layer="empty", **FAST)
+
+
 def test_fewer_genes_than_requested_hvgs_uses_all_and_says_so(crop):
     small = crop[:, :120].copy()
     dfm.pp.serialize(small)

@@ -26,8 +26,8 @@ CHUNK_SPOTS = 16_384
 def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix, bool]:
     """The expression to use (sparse float32) and whether it looks like raw counts.
 
-    Raises a clear error for a missing layer, NaN/inf or negative values, fewer than 2 genes, or gene names that are
-    not unique (genes are chosen and aligned by name).
+    Raises a clear error for a missing layer, NaN/inf or negative values, no expression at all, fewer than 2 genes,
+    or gene names that are not unique (genes are chosen and aligned by name).
     """
     if not adata.var_names.is_unique:
         repeated = adata.var_names[adata.var_names.duplicated()].unique()
@@ -50,7 +50,9 @@ def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix,
         raise ValueError(
             f"{where} contains negative values (is it already scaled?). Pass raw counts or log-normalised data."
         )
-    is_counts = bool(X.nnz == 0 or np.all(X.data == np.round(X.data)))
+    if not X.data.any():
+        raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
+    is_counts = bool(np.all(X.data == np.round(X.data)))
     return X, is_counts
 
 
