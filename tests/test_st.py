@@ -289,6 +289,29 @@ def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
 
 
 @needs_data
+def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
+    import matplotlib.pyplot as plt
+
+    adata = small.copy()
+    adata.obsm["X_rand"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
+    dfm.pp.serialize(adata)
+    dfm.tl.cluster(adata, None, use_rep="X_rand", k_range=range(2, 7))
+    record, chosen_k = adata.uns["dfm_domain"], adata.uns["dfm_domain"]["params"]["n_clusters"]
+    ax = dfm.pl.bic(adata, return_fig=True, show=False).axes[0]
+    curve, chord, chosen = ax.get_lines()
+    assert curve.get_xdata().tolist() == [2, 3, 4, 5, 6]
+    assert np.allclose(curve.get_ydata(), [record["bic"][str(k)] for k in range(2, 7)])
+    assert chord.get_xdata().tolist() == [2, 6]
+    assert chosen.get_xdata().tolist() == [chosen_k]
+    assert np.allclose(chosen.get_ydata(), [record["bic"][str(chosen_k)]])
+    assert ax.get_title() == f"dfm.tl.cluster: K = {chosen_k} at the knee"
+    dfm.tl.cluster(adata, 3, use_rep="X_rand", key_added="given")
+    with pytest.raises(ValueError, match="given, not chosen"):
+        dfm.pl.bic(adata, key="given")
+    plt.close("all")
+
+
+@needs_data
 def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(benchmark_module, keep_torch_threads):
     """The benchmark's features job (151673's spot features averaged over two rings, no training) with K left to
     tl.cluster: the knee picks 8 there (measured); the old rule, near the BIC's minimum, picked 15 (docs/spatial.md,

@@ -1,8 +1,8 @@
-"""Plotting: fractal gates, spatial domains, training curves.
+"""Plotting: fractal gates, spatial domains, training curves, the choice of the number of domains.
 
 Every function takes ``ax=``, ``show=`` and ``return_fig=``.
 """
 
-from ._plots import domains, gates, training
+from ._plots import bic, domains, gates, training
 
-__all__ = ["domains", "gates", "training"]
+__all__ = ["bic", "domains", "gates", "training"]

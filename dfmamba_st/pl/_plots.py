@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .._utils import check_library_key
 
-__all__ = ["domains", "gates", "training"]
+__all__ = ["bic", "domains", "gates", "training"]
 
 
 def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given: bool):
@@ -303,6 +303,71 @@ def domains(
         _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib)
     fig.tight_layout()
     return _finish(fig, list(grid.ravel()), show=show, return_fig=return_fig, ax_given=False)
+
+
+def bic(
+    adata: AnnData,
+    key: str = "dfm_domain",
+    *,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+):
+    """The BIC curve from which ``tl.cluster(n_clusters=None)`` chose the number of domains, and its choice.
+
+    The chosen K is the knee: with K and BIC scaled to [0, 1], the point furthest below the straight line from the
+    first to the last K tried (drawn dashed). A curve that keeps falling without a clear bend means the choice is
+    weak: pass ``n_clusters`` when the number of domains is known.
+
+    Parameters
+    ----------
+    adata
+        Clustered with :func:`dfmamba_st.tl.cluster` and ``n_clusters=None`` (reads ``uns[key]['bic']``).
+    key
+        The ``key_added`` of :func:`~dfmamba_st.tl.cluster`.
+    ax, show, return_fig
+        As in :func:`gates`.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> dfm.pp.serialize(adata)
+    >>> adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))  # any embedding
+    >>> dfm.tl.cluster(adata, n_clusters=None, use_rep="X_pca", k_range=range(2, 6))
+    >>> dfm.pl.bic(adata, return_fig=True).axes[0].get_xlabel()
+    'number of domains K'
+    """
+    _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
+    record = adata.uns.get(key, {})
+    if "bic" not in record:
+        raise ValueError(
+            f"uns[{key!r}] holds no BIC curve: the number of domains was given, not chosen "
+            "(run dfm.tl.cluster(adata, n_clusters=None))."
+        )
+    ks = np.array(sorted(int(k) for k in record["bic"]))
+    values = np.array([float(record["bic"][str(k)]) for k in ks])
+    chosen = int(record["params"]["n_clusters"])
+    given = ax is not None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = ax.figure
+    ax.plot(ks, values, marker="o", ms=4, lw=1.2, color="C0", label="BIC")
+    ax.plot(ks[[0, -1]], values[[0, -1]], ls="--", lw=1, color="grey", label="chord (first to last K)")
+    ax.plot([chosen], values[ks == chosen], marker="o", ms=10, mfc="none", mec="C3", mew=2, ls="", label="chosen")
+    ax.set_xlabel("number of domains K")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("BIC (lower fits better)")
+    ax.set_title(f"dfm.tl.cluster: K = {chosen} at the knee")
+    ax.legend(frameon=False, fontsize=8)
+    if not given:
+        fig.tight_layout()
+    return _finish(fig, ax, show=show, return_fig=return_fig, ax_given=given)
 
 
 def training(
