@@ -1,6 +1,7 @@
 """The spatial workflow on real DLPFC / HER2 data: serialize → embed → cluster → plots, model files, transfer."""
 
 import functools
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -279,13 +280,15 @@ def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
             return curve[self.k]
 
     monkeypatch.setattr(_cluster, "_gmm", lambda rep, k, *args: fitted.append(k) or Fit(k))
-    k, bic = _cluster.choose_n_clusters(np.zeros((100, 3)))
+    k, bic, depth = _cluster.choose_n_clusters(np.zeros((100, 3)))
     assert fitted == list(range(2, 16)) and bic == curve
     # scaled to [0, 1], the curve lies 0.432 / 0.582 / 0.608 / 0.581 below its chord at K = 3 / 4 / 5 / 6
-    assert min(curve, key=curve.get) == 15 and k == 5
-    assert _cluster.choose_n_clusters(np.zeros((100, 3)), k_range=range(2, 4))[0] == 3  # two K: the lower BIC
+    assert min(curve, key=curve.get) == 15 and k == 5 and depth == pytest.approx(0.608, abs=1e-3)
+    assert _cluster.choose_n_clusters(np.zeros((100, 3)), k_range=range(2, 4))[:3:2] == (3, 0.0)  # two K: lower BIC
+    curve.update({k: 7.0 - 1e-3 * k for k in curve})  # a nearly straight curve: no knee to speak of
+    assert _cluster.choose_n_clusters(np.zeros((100, 3)))[2] < 1e-9
     curve.update({k: 7.0 for k in curve})
-    assert _cluster.choose_n_clusters(np.zeros((100, 3)))[0] == 2  # a flat curve: the fewest domains
+    assert _cluster.choose_n_clusters(np.zeros((100, 3)))[::2] == (2, 0.0)  # a flat curve: the fewest domains
 
 
 @needs_data
@@ -295,8 +298,10 @@ def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
     adata = small.copy()
     adata.obsm["X_rand"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
     dfm.pp.serialize(adata)
-    dfm.tl.cluster(adata, None, use_rep="X_rand", k_range=range(2, 7))
+    with pytest.warns(UserWarning, match=r"no clear knee .*dfm.pl.bic"):  # noise: no K stands out
+        dfm.tl.cluster(adata, None, use_rep="X_rand", k_range=range(2, 7))
     record, chosen_k = adata.uns["dfm_domain"], adata.uns["dfm_domain"]["params"]["n_clusters"]
+    assert 0 <= record["knee"] < 0.15
     ax = dfm.pl.bic(adata, return_fig=True, show=False).axes[0]
     curve, chord, chosen = ax.get_lines()
     assert curve.get_xdata().tolist() == [2, 3, 4, 5, 6]
@@ -304,7 +309,7 @@ def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
     assert chord.get_xdata().tolist() == [2, 6]
     assert chosen.get_xdata().tolist() == [chosen_k]
     assert np.allclose(chosen.get_ydata(), [record["bic"][str(chosen_k)]])
-    assert ax.get_title() == f"dfm.tl.cluster: K = {chosen_k} at the knee"
+    assert ax.get_title() == f"dfm.tl.cluster: K = {chosen_k} at the knee\n(depth {record['knee']:.2f}, weak)"
     dfm.tl.cluster(adata, 3, use_rep="X_rand", key_added="given")
     with pytest.raises(ValueError, match="given, not chosen"):
         dfm.pl.bic(adata, key="given")
@@ -317,7 +322,9 @@ def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(benchmark_modu
     tl.cluster: the knee picks 8 there (measured); the old rule, near the BIC's minimum, picked 15 (docs/spatial.md,
     "Choosing K")."""
     bench = benchmark_module("st_dlpfc")
-    row = bench._job("dfm_features", str(bench.slice_path("151673")), "151673", 0, 1, {}, {"n_clusters": None})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a clear knee: no warning that the choice is weak
+        row = bench._job("dfm_features", str(bench.slice_path("151673")), "151673", 0, 1, {}, {"n_clusters": None})
     assert 6 <= row["k_found"] <= 9
     assert row["ari"] > 0.45  # 0.536 measured; with 15 domains it was 0.389
 

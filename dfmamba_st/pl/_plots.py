@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .._utils import check_library_key
+from ..tl._cluster import WEAK_KNEE
 
 __all__ = ["bic", "domains", "gates", "training"]
 
@@ -316,8 +317,9 @@ def bic(
     """The BIC curve from which ``tl.cluster(n_clusters=None)`` chose the number of domains, and its choice.
 
     The chosen K is the knee: with K and BIC scaled to [0, 1], the point furthest below the straight line from the
-    first to the last K tried (drawn dashed). A curve that keeps falling without a clear bend means the choice is
-    weak: pass ``n_clusters`` when the number of domains is known.
+    first to the last K tried (drawn dashed); the title gives its depth below that line. A curve that keeps falling
+    without a clear bend (a shallow knee, "weak") means the number of domains is uncertain: pass ``n_clusters`` when
+    it is known.
 
     Parameters
     ----------
@@ -338,10 +340,13 @@ def bic(
     >>> import dfmamba_st as dfm
     >>> adata = dfm.datasets.dlpfc_151673_hvg()
     >>> dfm.pp.serialize(adata)
-    >>> adata.obsm["X_pca"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))  # any embedding
-    >>> dfm.tl.cluster(adata, n_clusters=None, use_rep="X_pca", k_range=range(2, 6))
-    >>> dfm.pl.bic(adata, return_fig=True).axes[0].get_xlabel()
-    'number of domains K'
+    >>> adata.obsm["X_noise"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
+    >>> dfm.tl.cluster(adata, n_clusters=None, use_rep="X_noise", k_range=range(2, 6))  # warns: no clear knee
+    >>> fig = dfm.pl.bic(adata, return_fig=True)
+    >>> fig.axes[0].get_title().splitlines()
+    ['dfm.tl.cluster: K = 2 at the knee', '(depth 0.00, weak)']
+
+    Noise has no number of domains: the BIC only rises with K, and the knee is flat.
     """
     _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
     record = adata.uns.get(key, {})
@@ -363,7 +368,11 @@ def bic(
     ax.set_xlabel("number of domains K")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("BIC (lower fits better)")
-    ax.set_title(f"dfm.tl.cluster: K = {chosen} at the knee")
+    title = f"dfm.tl.cluster: K = {chosen} at the knee"
+    if "knee" in record:  # its depth below the chord; shallow: a weak choice
+        knee = float(record["knee"])
+        title += f"\n(depth {knee:.2f}{', weak' if knee < WEAK_KNEE else ''})"
+    ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
     if not given:
         fig.tight_layout()

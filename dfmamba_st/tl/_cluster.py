@@ -42,6 +42,10 @@ GMM_MAX_ITER = 10_000
 KMEANS_RESTARTS = 10
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
 BIC_RESTARTS = 3
+#: below this depth of the knee (the chosen point under the chord of the [0, 1]-scaled BIC curve) the choice of K
+#: is reported as weak: on the default embeddings the DLPFC curves' knees lay 0.19-0.29 deep (K 6-9 for 7 layers),
+#: the HER2+ sections' 0.05-0.15 (K 5-12 for 3-5 regions; docs/spatial.md, "Choosing K")
+WEAK_KNEE = 0.15
 
 
 def _prepare(rep: np.ndarray, n_comps: int | None, fit_rows: np.ndarray, random_state: int) -> np.ndarray:
@@ -90,7 +94,7 @@ def _gmm(
 
 def choose_n_clusters(
     rep: np.ndarray, *, k_range: range = range(2, 16), random_state: int = 0, tol: float = GMM_TOL
-) -> tuple[int, dict]:
+) -> tuple[int, dict, float]:
     """Pick the number of domains at the knee of the BIC curve of a tied-covariance GMM.
 
     On spatial embeddings the BIC keeps falling as K grows (the tissue's gradients fill with ever more overlapping
@@ -103,7 +107,8 @@ def choose_n_clusters(
 
     Returns
     -------
-    ``(k, {k: bic})``.
+    ``(k, {k: bic}, depth)``: ``depth`` is how far the knee lies below that line (0 for a straight or flat curve, or
+    fewer than three K); a shallow knee (below ``WEAK_KNEE``, 0.15) is a weak choice.
     """
     k_range = [k for k in k_range if k <= rep.shape[0]]
     bic = {k: float(_gmm(rep, k, random_state, BIC_RESTARTS, tol).bic(rep)) for k in k_range}
@@ -111,11 +116,12 @@ def choose_n_clusters(
     values = np.array(list(bic.values()))
     spread = values.max() - values.min()
     if len(ks) < 3 or spread == 0:
-        return int(ks[np.argmin(values)]), bic
+        return int(ks[np.argmin(values)]), bic, 0.0
     x = (ks - ks[0]) / (ks[-1] - ks[0])
     y = (values - values.min()) / spread
     below_chord = y[0] + (y[-1] - y[0]) * x - y
-    return int(ks[np.argmax(below_chord)]), bic
+    best = int(np.argmax(below_chord))
+    return int(ks[best]), bic, max(float(below_chord[best]), 0.0)
 
 
 def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple[np.ndarray, float]:
@@ -194,7 +200,8 @@ def cluster(
         Annotated data with an embedding in ``obsm[use_rep]`` (from :func:`dfmamba_st.tl.embed`).
     n_clusters
         Number of domains. ``None`` chooses it: for ``"gmm"``/``"kmeans"`` the K in ``k_range`` at the knee of
-        the tied-GMM BIC curve (:func:`choose_n_clusters`), for ``"leiden"`` resolution 1.
+        the tied-GMM BIC curve (:func:`choose_n_clusters`; a warning when the knee is shallow, the choice weak),
+        for ``"leiden"`` resolution 1.
     method
         ``"gmm"`` (Gaussian mixture with one shared covariance, like mclust's EEE; no R needed), ``"kmeans"`` or
         ``"leiden"`` (resolution searched by bisection to give ``n_clusters``).
@@ -229,7 +236,7 @@ def cluster(
     Returns
     -------
     ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
-    ``adata.uns[key_added]['params']`` (and ``['bic']``, ``['k_range']`` when K was chosen; for ``"gmm"``
+    ``adata.uns[key_added]['params']`` (and ``['bic']``, ``['k_range']``, ``['knee']`` when K was chosen; for ``"gmm"``
     ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on).
 
     Notes
@@ -284,10 +291,16 @@ def cluster(
         labels = _extend_labels(sample, sample_labels, rep, fit_rows)
     else:
         if n_clusters is None:
-            n_clusters, bic = choose_n_clusters(sample, k_range=k_range, random_state=random_state, tol=tol)
-            extra["bic"] = {str(k): v for k, v in bic.items()}
-            extra["k_range"] = list(k_range)
+            n_clusters, bic, knee = choose_n_clusters(sample, k_range=k_range, random_state=random_state, tol=tol)
+            extra.update(bic={str(k): v for k, v in bic.items()}, k_range=list(k_range), knee=knee)
             logg.info(f"    chose n_clusters={n_clusters} at the knee of the BIC curve of a tied-covariance GMM")
+            if knee < WEAK_KNEE:
+                warnings.warn(
+                    f"n_clusters=None chose {n_clusters} domains, but the BIC curve has no clear knee (the choice lies "
+                    f"{knee:.2f} below the chord, under {WEAK_KNEE}): the number of domains is uncertain. Draw the "
+                    "curve with dfm.pl.bic(adata) and pass n_clusters= if you know it.",
+                    stacklevel=2,
+                )
         if method == "gmm":
             gmm = _gmm(sample, n_clusters, random_state, n_init, tol)
             extra["log_likelihood"] = float(gmm.score(sample))
