@@ -298,7 +298,7 @@ def cluster(
                 warnings.warn(
                     f"n_clusters=None chose {n_clusters} domains, but the BIC curve has no clear knee (the choice lies "
                     f"{knee:.2f} below the chord, under {WEAK_KNEE}): the number of domains is uncertain. Draw the "
-                    "curve with dfm.pl.bic(adata) and pass n_clusters= if you know it.",
+                    f"curve with dfm.pl.bic(adata, key={key_added!r}) and pass n_clusters= if you know it.",
                     stacklevel=2,
                 )
         if method == "gmm":
