@@ -491,6 +491,20 @@ def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
     assert not dfm.pl.domains(adata, library_id="151674", return_fig=True, show=False).axes[0].images
 
 
+@needs_data
+def test_tissue_plots_without_an_image_show_the_user_no_warning(small):
+    """squidpy's scatter (no H&E image) makes matplotlib warn that it ignores a colour map: not the user's concern."""
+    adata = small.copy()
+    del adata.uns["spatial"]
+    adata.obsm["X_rand"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
+    dfm.pp.serialize(adata)
+    dfm.tl.cluster(adata, 3, use_rep="X_rand")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False)
+    assert not [w for w in caught if issubclass(w.category, UserWarning)], [str(w.message) for w in caught]
+
+
 def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
     """squidpy's docrep warns about squidpy's own docstrings on first import; a user's plot must not show that."""
     import subprocess

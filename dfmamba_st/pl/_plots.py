@@ -79,7 +79,12 @@ def _tissue(
         from matplotlib.colors import ListedColormap
 
         kwargs.update(palette=ListedColormap(list(palette)))
-    sq.pl.spatial_scatter(view, **kwargs)
+    with warnings.catch_warnings():
+        # squidpy hands matplotlib a colour map along with the colours it already computed (matplotlib then warns
+        # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
+        warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
+        sq.pl.spatial_scatter(view, **kwargs)
     ax.set_title(title)
 
 
