@@ -14,7 +14,7 @@ import torch
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba
-from dfmamba_st.tl._embed import _ema_decay, _resolve_preset
+from dfmamba_st.tl._embed import _check_paper_on_cpu, _ema_decay, _resolve_preset
 
 matplotlib.use("Agg")
 
@@ -126,7 +126,10 @@ def test_presets_resolve_by_device_and_are_recorded(small):
     assert auto.uns["dfm"]["params"]["preset"] == "cpu"  # "auto" on a CPU
     assert _resolve_preset("auto", torch.device("cuda")) == "paper"  # and on a GPU (no GPU needed to resolve it)
     # the paper's configuration (genes themselves as tokens, its learning rate and windows), here at a toy width
-    paper, model = dfm.tl.embed(small, preset="paper", d_model=16, n_top_genes=200, return_model=True, **quick)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paper, model = dfm.tl.embed(small, preset="paper", d_model=16, n_top_genes=200, return_model=True, **quick)
+    assert not [w for w in caught if "meant for a GPU" in str(w.message)]  # a toy width is no reason to warn
     params = paper.uns["dfm"]["params"]
     assert params["preset"] == "paper" and params["n_pcs"] == "None" and params["n_features"] == 200
     assert (params["lr"], params["window"], params["ema_fraction"]) == (1e-4, 1024, "None")
@@ -134,6 +137,13 @@ def test_presets_resolve_by_device_and_are_recorded(small):
     assert paper.obsm["X_dfm"].shape == (small.n_obs, 200 + 16)
     with pytest.raises(ValueError, match=r"Unknown preset 'gpu'.*'cpu', 'paper'"):
         dfm.tl.embed(small, preset="gpu", progress=False)
+    # the paper's full width on a CPU: hours of training, so the user is told before it starts
+    with pytest.warns(UserWarning, match=r"preset='paper' .* is meant for a GPU: .*451 s"):
+        _check_paper_on_cpu("paper", torch.device("cpu"), 3000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_paper_on_cpu("paper", torch.device("cuda"), 3000)
+        _check_paper_on_cpu("cpu", torch.device("cpu"), 64)
 
 
 @needs_data

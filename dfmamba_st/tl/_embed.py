@@ -114,6 +114,17 @@ def _ema_decay(fraction: float | None, steps: int) -> float | None:
     return 1.0 - 1.0 / (fraction * steps)
 
 
+def _check_paper_on_cpu(preset: str, device: torch.device, d_model: int) -> None:
+    """Warn when the paper's full-width configuration is about to train without a GPU."""
+    if preset == "paper" and device.type != "cuda" and d_model == PRESETS["paper"]["d_model"]:
+        warnings.warn(
+            "preset='paper' (d_model 3,000 over 3,000-gene tokens) is meant for a GPU: on a 2-core CPU one of its 30 "
+            "epochs over DLPFC 151673 (3,639 spots) took 451 s, at 7.7 GB (docs/spatial.md). preset='cpu' is the "
+            "configuration measured on CPUs.",
+            stacklevel=3,
+        )
+
+
 def _resolve_preset(preset: str, device: torch.device) -> str:
     if preset == "auto":
         return "paper" if device.type == "cuda" else "cpu"
@@ -178,8 +189,9 @@ def embed(
     preset
         ``"cpu"`` (50 PCs, d_model 64; fast on a laptop), ``"paper"`` (3,000 genes as tokens, d_model 3,000; a GPU)
         or ``"auto"`` (``"paper"`` on a CUDA device, else ``"cpu"``). The choice is recorded in ``uns['dfm']``.
-        The ``"paper"`` preset's accuracy is not measured yet; ``"cpu"`` on a GPU gave the same ARI as on a CPU
-        (DLPFC 151673, seeds 0–2, 15–18 s; ``docs/spatial.md``, "On a GPU").
+        The ``"paper"`` preset's accuracy is not measured yet, and at its full width it warns before training
+        without a GPU (hours on a CPU); ``"cpu"`` on a GPU gave the same ARI as on a CPU (DLPFC 151673, seeds 0–2,
+        15–18 s; ``docs/spatial.md``, "On a GPU").
     epochs
         Training epochs (each of the preset's ``steps_per_epoch`` steps). All are run: with no held-out data, the
         training loss is no model-selection criterion (its auxiliary multi-scale terms grow while the masked-spot
@@ -320,6 +332,7 @@ def embed(
             settings["ema_fraction"] = ema_fraction
         if settings["n_top_genes"] < 1 or settings["epochs"] < 1:
             raise ValueError("n_top_genes and epochs must be >= 1.")
+        _check_paper_on_cpu(preset_name, torch_device, settings["d_model"])
         if settings["ema_fraction"] is not None and not 0.0 < settings["ema_fraction"] <= 1.0:
             raise ValueError(f"ema_fraction must be None or lie in (0, 1], got {settings['ema_fraction']}.")
         if settings["batch_windows"] % world_size:
