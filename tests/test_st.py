@@ -14,7 +14,7 @@ import torch
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba
-from dfmamba_st.tl._embed import _check_paper_on_cpu, _ema_decay, _resolve_preset
+from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _resolve_preset
 
 matplotlib.use("Agg")
 
@@ -119,7 +119,7 @@ def test_embed_writes_documented_keys_and_is_reproducible(small):
 
 
 @needs_data
-def test_presets_resolve_by_device_and_are_recorded(small):
+def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     dfm.pp.serialize(small)
     quick = dict(epochs=1, depth=2, progress=False, copy=True)
     auto = dfm.tl.embed(small, preset="auto", d_model=16, n_top_genes=200, device="cpu", **quick)
@@ -140,6 +140,9 @@ def test_presets_resolve_by_device_and_are_recorded(small):
     # the paper's full width on a CPU: hours of training, so the user is told before it starts
     with pytest.warns(UserWarning, match=r"preset='paper' .* is meant for a GPU: .*451 s"):
         _check_paper_on_cpu("paper", torch.device("cpu"), 3000)
+    monkeypatch.setitem(PRESETS["paper"], "d_model", 16)  # "full width" made small enough to run here
+    with pytest.warns(UserWarning, match="meant for a GPU"):
+        dfm.tl.embed(small, preset="paper", n_top_genes=200, device="cpu", **quick)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_paper_on_cpu("paper", torch.device("cuda"), 3000)
