@@ -475,6 +475,15 @@ def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
     ]
     assert [n_spots(ax) for ax in fig.axes[:4]] == [small.n_obs, small.n_obs, other.n_obs, other.n_obs]
 
+    def n_rows(figure):  # rows of the grid the panels sit in
+        return len({ax.get_subplotspec().rowspan.start for ax in figure.axes[:4]})
+
+    assert n_rows(fig) == 1  # up to ncols=4 panels a row: the two libraries' pairs side by side
+    assert n_rows(dfm.pl.domains(adata, truth_key="layer", ncols=2, return_fig=True, show=False)) == 2
+    with pytest.raises(ValueError, match="ncols must be a positive whole number"):
+        dfm.pl.domains(adata, ncols=0, show=False)
+    plt.close("all")
+
     def colour_of(ax, spots, domain):  # the face colour of the spots of one domain in a panel
         colours = max((c.get_facecolors() for c in ax.collections), key=len)
         return {tuple(c) for c in colours[(spots.obs["dfm_domain"] == domain).to_numpy()]}

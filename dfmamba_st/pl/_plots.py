@@ -119,6 +119,25 @@ def _libraries(
     return [(str(lib), adata[(adata.obs[library_key] == lib).to_numpy()]) for lib in chosen]
 
 
+def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
+    """A figure with ``per_library`` panels for each library and each library's panels.
+
+    As many libraries stand side by side as ``ncols`` panels hold (at least one); axes left over are hidden.
+    """
+    if int(ncols) != ncols or ncols < 1:
+        raise ValueError(f"ncols must be a positive whole number, got {ncols}.")
+    side = min(max(1, int(ncols) // per_library), n_libraries)
+    rows = -(-n_libraries // side)
+    fig, axes = plt.subplots(
+        rows, side * per_library, figsize=(size[0] * side * per_library, size[1] * rows), squeeze=False
+    )
+    flat = axes.ravel()  # library i has panels i * per_library ... in row-major order
+    groups = [list(flat[i * per_library : (i + 1) * per_library]) for i in range(n_libraries)]
+    for ax in flat[n_libraries * per_library :]:
+        ax.set_axis_off()
+    return fig, groups
+
+
 def _require(adata: AnnData, where: str, key: str, hint: str) -> None:
     container = getattr(adata, where)
     if key not in container:
@@ -134,6 +153,7 @@ def gates(
     sequence: bool = True,
     library_key: str | None = None,
     library_id: str | None = None,
+    ncols: int = 4,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -155,8 +175,10 @@ def gates(
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.embed`).
     library_id
-        The library to draw. By default every library, one row of panels each (their coordinates overlap, so they
+        The library to draw. By default every library, each in its own panels (their coordinates overlap, so they
         are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
+    ncols
+        Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
         Draw one depth's tissue map into this axes.
     show
@@ -166,7 +188,7 @@ def gates(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes (a list, row by row) when ``show=False``, else ``None``.
+    The figure if ``return_fig``, else the axes (a list, library by library) when ``show=False``, else ``None``.
 
     Examples
     --------
@@ -198,8 +220,8 @@ def gates(
         _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", cmap="magma", vmin=0, vmax=1, library_id=lib)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n_panels = len(depths) + int(sequence)
-    fig, grid = plt.subplots(len(libraries), n_panels, figsize=(4.2 * n_panels, 4.2 * len(libraries)), squeeze=False)
-    for row, (lib, spots) in zip(grid, libraries):
+    fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
+    for row, (lib, spots) in zip(groups, libraries):
         prefix = f"{lib}: " if len(libraries) > 1 else ""
         wrap = "\n" if prefix else " "  # a library's name makes the tissue panels' titles too long for one line
         gates_here = np.asarray(spots.obsm[f"{key}_gates"])
@@ -210,7 +232,7 @@ def gates(
             title = f"{prefix}gates along the sequence"
             _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
-    return _finish(fig, list(grid.ravel()), show=show, return_fig=return_fig, ax_given=False)
+    return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
 def _gates_along_sequence(
@@ -235,6 +257,7 @@ def domains(
     truth_key: str | None = None,
     library_key: str | None = None,
     library_id: str | None = None,
+    ncols: int = 4,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -254,8 +277,10 @@ def domains(
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
     library_id
-        The library to draw. By default every library, one row of panels each (their coordinates overlap, so they
+        The library to draw. By default every library, each in its own panels (their coordinates overlap, so they
         are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
+    ncols
+        Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
         Draw the domains (only) into this axes.
     show, return_fig
@@ -263,7 +288,7 @@ def domains(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes (a list, row by row) when ``show=False``, else ``None``.
+    The figure if ``return_fig``, else the axes (a list, library by library) when ``show=False``, else ``None``.
     """
     _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
     recorded = adata.uns.get(key, {}).get("params", {}).get("library_key")
@@ -298,8 +323,8 @@ def domains(
         _tissue(spots, column(spots, key, pred.cat.categories), ax=ax, title=key, palette=colours, library_id=lib)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
-    fig, grid = plt.subplots(len(libraries), n, figsize=(5.2 * n, 4.6 * len(libraries)), squeeze=False)
-    for row, (lib, spots) in zip(grid, libraries):
+    fig, groups = _panels(len(libraries), n, ncols, (5.2, 4.6))
+    for row, (lib, spots) in zip(groups, libraries):
         prefix = f"{lib}: " if len(libraries) > 1 else ""
         if truth is not None:
             values = column(spots, truth_key, truth.cat.categories)
@@ -308,7 +333,7 @@ def domains(
         values = column(spots, key, pred.cat.categories)
         _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib)
     fig.tight_layout()
-    return _finish(fig, list(grid.ravel()), show=show, return_fig=return_fig, ax_given=False)
+    return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
 def bic(
