@@ -91,7 +91,7 @@ def _tissue(
 def _libraries(
     adata: AnnData, library_key: str | None, library_id: str | None, recorded, *, ax: Axes | None
 ) -> list[tuple[str | None, AnnData]]:
-    """``(library, spots)`` to draw: the library ``library_id``, or every library, one row of panels each.
+    """``(library, spots)`` to draw: the library ``library_id``, or every library, each in its own panels.
 
     ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``). The
     libraries' coordinates overlap, so they are never drawn into one axes: with several and ``ax=``, ``library_id``
@@ -113,7 +113,7 @@ def _libraries(
         raise ValueError(
             f"adata holds {len(libraries)} libraries in obs[{library_key!r}] ({', '.join(map(str, libraries[:5]))}"
             f"{', …' if len(libraries) > 5 else ''}); pass library_id= to draw one into ax= (their coordinates "
-            "overlap), or leave ax=None for one row of panels per library."
+            "overlap), or leave ax=None for panels per library."
         )
     chosen = libraries if library_id is None else [library_id]
     return [(str(lib), adata[(adata.obs[library_key] == lib).to_numpy()]) for lib in chosen]
