@@ -120,7 +120,7 @@ def _libraries(
 
 
 def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
-    """A figure with ``per_library`` panels for each library and each library's panels.
+    """A figure of ``per_library`` panels per library; returns it and each library's list of panels.
 
     As many libraries stand side by side as ``ncols`` panels hold (at least one); axes left over are hidden.
     """
