@@ -445,7 +445,7 @@ def test_domains_draws_unannotated_spots_in_grey(small):
 
 @needs_data
 def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
-    """Libraries share a coordinate frame: drawn together they would overlap, so each gets its own row of panels."""
+    """Libraries share a coordinate frame: drawn together they would overlap, so each gets its own panels."""
     import matplotlib.pyplot as plt
 
     other = crop(slice_674, rows=(0, 20))
@@ -465,7 +465,7 @@ def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
         with pytest.raises(KeyError, match=r"library_id='151507' is not in obs\['sample'\]"):
             plot(adata, library_id="151507", show=False)
     plt.close("all")
-    # without library_id: one row per library, each panel that library's spots, titled by it
+    # without library_id: panels per library, each panel that library's spots, titled by it
     fig = dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False)
     assert [ax.get_title() for ax in fig.axes[:4]] == [
         "151673: layer",

@@ -276,11 +276,8 @@ def domains(
         ``obs`` column of a manual annotation to draw alongside.
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
-    library_id
-        The library to draw. By default every library, each in its own panels (their coordinates overlap, so they
-        are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
-    ncols
-        Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
+    library_id, ncols
+        As in :func:`gates`.
     ax
         Draw the domains (only) into this axes.
     show, return_fig
