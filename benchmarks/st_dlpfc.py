@@ -114,6 +114,35 @@ def _cluster_options(options: dict | None, k: int) -> tuple[int | None, dict]:
     return options.pop("n_clusters", k), options
 
 
+def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
+    """The baselines' representation: log-normalised HVGs → 30 PCs (``pca_gmm``), averaged over each spot and its
+    18 nearest spots of the same library (``pca_nbmean_gmm``). Genes and PCs are fitted on all libraries together."""
+    import numpy as np
+    import scanpy as sc
+    from sklearn.neighbors import NearestNeighbors
+
+    from dfmamba_st.tl._features import expression_matrix, top_genes
+
+    work = adata.copy()
+    if work.n_vars > 3000:  # the genes tl.embed takes (scanpy's seurat_v3 scores, ties at the cut by name)
+        counts, is_counts = expression_matrix(work, None)
+        work = work[:, top_genes(counts, work.var_names, 3000, is_counts)].copy()
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    sc.pp.scale(work, max_value=10)
+    pcs = sc.pp.pca(work.X, n_comps=30, random_state=seed)
+    if kind == "pca_gmm":
+        return pcs
+    libraries = np.zeros(adata.n_obs) if library_key is None else adata.obs[library_key].to_numpy()
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    smoothed = np.empty_like(pcs)
+    for library in np.unique(libraries):
+        idx = np.flatnonzero(libraries == library)
+        _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy[idx]).kneighbors(xy[idx])
+        smoothed[idx] = pcs[idx[nbrs]].mean(axis=1)
+    return smoothed
+
+
 def _job(
     kind: str,
     path: str,
@@ -123,7 +152,6 @@ def _job(
     embed_options: dict,
     cluster_options: dict | None = None,
 ) -> dict:
-    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
@@ -154,24 +182,7 @@ def _job(
         dfm.tl.cluster(adata, n_clusters, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
     else:
-        import scanpy as sc
-        from sklearn.neighbors import NearestNeighbors
-
-        from dfmamba_st.tl._features import expression_matrix, top_genes
-
-        work = adata.copy()
-        if work.n_vars > 3000:  # the genes tl.embed takes (scanpy's seurat_v3 scores, ties at the cut by name)
-            counts, is_counts = expression_matrix(work, None)
-            work = work[:, top_genes(counts, work.var_names, 3000, is_counts)].copy()
-        sc.pp.normalize_total(work, target_sum=1e4)
-        sc.pp.log1p(work)
-        sc.pp.scale(work, max_value=10)
-        pcs = sc.pp.pca(work.X, n_comps=30, random_state=seed)
-        if kind == "pca_nbmean_gmm":
-            xy = np.asarray(adata.obsm["spatial"], dtype=float)
-            _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
-            pcs = pcs[nbrs].mean(axis=1)
-        adata.obsm["X_base"] = pcs
+        adata.obsm["X_base"] = baseline_rep(adata, kind, seed)
         options = {"refine": False, **cluster}
         dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
         key = "base"

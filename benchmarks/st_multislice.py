@@ -1,0 +1,145 @@
+"""Several slices in one run: one model and one clustering over all of them, against each slice on its own.
+
+DLPFC 151673 and 151674 (adjacent sections of one donor, K = 7) by default. Four methods, each job in a fresh
+process (so peak memory is its own):
+
+- ``dfmamba_st joint``: the slices in one AnnData (``obs['library']``, the genes of all), ``pp.serialize`` /
+  ``tl.embed`` / ``tl.cluster`` with ``library_key="library"``: one model trained over all slices, one GMM over all
+  spots, so a domain has one label in every slice;
+- ``dfmamba_st per slice``: the default workflow on each slice alone (``benchmarks/st_dlpfc.py``'s job; seconds
+  summed over the slices, peak memory their maximum);
+- ``pca_nbmean_gmm joint`` / ``per slice``: the neighbour-mean baseline of ``benchmarks/st_dlpfc.py`` (genes,
+  scaling and PCs fitted on all slices together, each spot averaged with its 18 nearest spots of its own slice,
+  one GMM), and the same on each slice alone.
+
+Prints one table: ARI on each slice, the pooled ARI over all spots (joint methods only: it is high when one domain
+label means the same layer in every slice; per-slice labels are not comparable across slices), seconds, peak MB.
+
+Usage::
+
+    python benchmarks/st_multislice.py                                  # 151673 + 151674, seeds 0-2
+    python benchmarks/st_multislice.py --seeds 0 1 2 3 4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.st_dlpfc import (  # noqa: E402
+    DEFAULT_DATA,
+    FILES,
+    HER2ST_DATA,
+    _job,
+    _peak_mb,
+    baseline_rep,
+    load_slice,
+    slice_path,
+)
+
+METHODS = ("dfmamba_st", "pca_nbmean_gmm")
+
+
+def _ari(adata, key: str, mask=None) -> float:
+    import dfmamba_st as dfm
+
+    view = adata if mask is None else adata[mask]
+    return float(dfm.metrics.evaluate(view, "truth", pred_key=key).iloc[0]["ari"])
+
+
+def _joint_job(method: str, paths: dict[str, str], seed: int, threads: int) -> dict:
+    """Both slices in one AnnData, one model (dfmamba_st) or one set of PCs (baseline), one GMM."""
+    import anndata as ad
+    import torch
+
+    torch.set_num_threads(threads)
+    import dfmamba_st as dfm
+
+    loaded = {s: load_slice(p) for s, p in paths.items()}
+    ks = {k for _, k in loaded.values()}
+    if len(ks) != 1:
+        counts = {s: k for s, (_, k) in loaded.items()}
+        raise ValueError(f"the slices have different numbers of truth domains: {counts}")
+    (k,) = ks
+    adata = ad.concat(
+        {s: a for s, (a, _) in loaded.items()}, label="library", join="inner", index_unique="-", merge="same"
+    )
+    start = time.time()
+    if method == "dfmamba_st":
+        dfm.pp.serialize(adata, library_key="library")
+        dfm.tl.embed(adata, library_key="library", seed=seed, progress=False)
+        dfm.tl.cluster(adata, k, library_key="library", random_state=seed)
+        key = "dfm_domain"
+    else:
+        adata.obsm["X_base"] = baseline_rep(adata, method, seed, library_key="library")
+        dfm.tl.cluster(adata, k, use_rep="X_base", random_state=seed, key_added="base", refine=False)
+        key = "base"
+    seconds = time.time() - start
+    library = adata.obs["library"].to_numpy()
+    return {
+        "method": f"{method} joint",
+        "seed": seed,
+        **{f"ari {s}": _ari(adata, key, library == s) for s in paths},
+        "ari pooled": _ari(adata, key),
+        "seconds": seconds,
+        "peak_mb": _peak_mb(),
+    }
+
+
+def _run(pool_fn, *args):
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(pool_fn, *args).result()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
+    parser.add_argument("--slices", nargs="+", default=["151673", "151674"], help=f"two or more of {list(FILES)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    args = parser.parse_args(argv)
+    if len(args.slices) < 2:
+        parser.error("--slices needs two or more slices")
+
+    import numpy as np
+    import pandas as pd
+
+    paths = {s: str(slice_path(s, args.data_dir, HER2ST_DATA)) for s in args.slices}
+    rows = []
+    for method in METHODS:
+        for seed in args.seeds:
+            row = _run(_joint_job, method, paths, seed, args.threads)
+            rows.append(row)
+            singles = [_run(_job, method, paths[s], s, seed, args.threads, {}, {}) for s in args.slices]
+            rows.append(
+                {
+                    "method": f"{method} per slice",
+                    "seed": seed,
+                    **{f"ari {r['slice']}": r["ari"] for r in singles},
+                    "ari pooled": np.nan,
+                    "seconds": sum(r["seconds"] for r in singles),
+                    "peak_mb": max(r["peak_mb"] for r in singles),
+                }
+            )
+            for r in rows[-2:]:
+                print(f"{r['method']:>25} seed {seed}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 200)
+    print("\nper run")
+    print(table.round(3).to_string(index=False))
+    print(f"\nmean over seeds {args.seeds}")
+    print(table.drop(columns="seed").groupby("method", sort=False).mean().round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
