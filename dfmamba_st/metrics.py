@@ -198,17 +198,23 @@ def _is_missing(values: pd.Series, ignore: Sequence[str]) -> np.ndarray:
     return missing
 
 
-def _score(truth: np.ndarray, pred: np.ndarray, xy: np.ndarray, k: int) -> dict[str, float]:
+def _score(truth: np.ndarray, pred: np.ndarray, xy: np.ndarray, k: int, slices: np.ndarray) -> dict[str, float]:
+    """The scores of one row.
+
+    ``slices`` names the slice of each spot. The spatial scores never pair spots of two slices: each slice is scored
+    on its own, and the scores are averaged weighted by spots (both are means over spots).
+    """
     n = len(truth)
     if n == 0:
         return dict.fromkeys(COLUMNS[:-1], np.nan) | {"n_spots": 0}
+    parts = [slices == s for s in pd.unique(slices)]
     return {
         "ari": float(skm.adjusted_rand_score(truth, pred)),
         "nmi": float(skm.normalized_mutual_info_score(truth, pred)),
         "homogeneity": float(skm.homogeneity_score(truth, pred)),
         "completeness": float(skm.completeness_score(truth, pred)),
-        "chaos": chaos(pred, xy),
-        "pas": pas(pred, xy, k=k),
+        "chaos": sum(chaos(pred[m], xy[m]) * m.sum() for m in parts) / n,
+        "pas": sum(pas(pred[m], xy[m], k=k) * m.sum() for m in parts) / n,
         "n_spots": n,
     }
 
@@ -229,7 +235,9 @@ def evaluate(
     an empty string, or one of ``ignore`` (compared case-insensitively, e.g. her2st's ``"undetermined"``).
     Spots without a prediction are left out too, with a warning. The spatial scores (:func:`chaos`, :func:`pas`)
     are computed from the predicted labels of the same scored spots and their coordinates, separately within
-    each library. The AnnData is not modified.
+    each library (the ``library_key`` given, or else the one ``tl.cluster`` recorded in ``uns[pred_key]``: slices
+    in one AnnData often share coordinates), and averaged over spots in a row that covers several. The AnnData is
+    not modified.
 
     Parameters
     ----------
@@ -290,6 +298,10 @@ def evaluate(
     truth = truth_s.astype(str).to_numpy()
     pred = pred_s.astype(str).to_numpy()
 
+    # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
+    recorded = adata.uns.get(pred_key, {}).get("params", {}).get("library_key") if library_key is None else None
+    slice_key = library_key if library_key is not None else recorded if recorded in adata.obs else None
+    slices = np.zeros(adata.n_obs) if slice_key is None else adata.obs[slice_key].astype(str).to_numpy()
     if library_key is None:
         groups = {"all": np.ones(adata.n_obs, dtype=bool)}
         index_name = "library"
@@ -301,7 +313,7 @@ def evaluate(
     rows = {}
     for name, in_lib in groups.items():
         m = in_lib & keep
-        rows[name] = _score(truth[m], pred[m], xy_all[m], k)
+        rows[name] = _score(truth[m], pred[m], xy_all[m], k, slices[m])
     out = pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS))
     out["n_spots"] = out["n_spots"].astype(int)
     out.index.name = index_name

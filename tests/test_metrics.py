@@ -89,6 +89,25 @@ def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
     assert table.loc["all", "n_spots"] == 3611 - 5
 
 
+def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlpfc_151673):
+    """Two slices in one AnnData on the same coordinates (as after anndata.concat): CHAOS and PAS of the pooled row
+    are the spot-weighted means of each slice's own, with the library key given or recorded by tl.cluster."""
+    one = dlpfc_151673[:, :5].copy()
+    other = one.copy()
+    other.obs["pred"] = one.obs["layer"]  # a perfect labelling of the second slice, a perturbed one of the first
+    both = ad.concat({"a": one, "b": other}, label="library", index_unique="-")
+    per_slice = metrics.evaluate(both, "layer", "pred", library_key="library")
+    weights = per_slice["n_spots"] / per_slice["n_spots"].sum()
+    naive = metrics.evaluate(both, "layer", "pred").loc["all"]  # no key anywhere: coordinates pooled
+    both.uns["pred"] = {"params": {"library_key": "library"}}  # what tl.cluster records
+    pooled = metrics.evaluate(both, "layer", "pred").loc["all"]
+    for score in ("chaos", "pas"):
+        assert pooled[score] == pytest.approx((per_slice[score] * weights).sum(), rel=1e-12)
+        # pooled coordinates pair each spot with its twin of the other slice: another (wrong) value
+        assert naive[score] != pytest.approx(pooled[score], rel=1e-3)
+    assert pooled["ari"] == naive["ari"]  # the label scores are over all spots either way
+
+
 def test_evaluate_leaves_adata_unchanged(dlpfc_151673):
     adata = dlpfc_151673
     before = adata.obs.copy()
