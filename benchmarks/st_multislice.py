@@ -13,12 +13,15 @@ process (so peak memory is its own):
   one GMM), and the same on each slice alone.
 
 Prints one table: ARI on each slice, the pooled ARI over all spots (joint methods only: it is high when one domain
-label means the same layer in every slice; per-slice labels are not comparable across slices), seconds, peak MB.
+label means the same layer in every slice; per-slice labels are not comparable across slices), the number of
+domains found in each slice, seconds, peak MB. ``--cluster`` options go to every ``tl.cluster`` call (as in
+``benchmarks/st_dlpfc.py``).
 
 Usage::
 
     python benchmarks/st_multislice.py                                  # 151673 + 151674, seeds 0-2
     python benchmarks/st_multislice.py --seeds 0 1 2 3 4 --threads 1
+    python benchmarks/st_multislice.py --cluster n_clusters=none   # every method chooses K (the knee of the BIC)
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._options import parse_options  # noqa: E402
 from benchmarks.st_dlpfc import (  # noqa: E402
     DEFAULT_DATA,
     FILES,
     HER2ST_DATA,
+    _cluster_options,
     _job,
     _peak_mb,
     baseline_rep,
@@ -55,7 +60,9 @@ def _ari(adata, key: str, mask=None) -> float:
     return float(dfm.metrics.evaluate(view, "truth", pred_key=key).iloc[0]["ari"])
 
 
-def _joint_job(method: str, paths: dict[str, str], seed: int, threads: int) -> dict:
+def _joint_job(
+    method: str, paths: dict[str, str], seed: int, threads: int, cluster_options: dict | None = None
+) -> dict:
     """Both slices in one AnnData, one model (dfmamba_st) or one set of PCs (baseline), one GMM."""
     import anndata as ad
     import torch
@@ -69,6 +76,7 @@ def _joint_job(method: str, paths: dict[str, str], seed: int, threads: int) -> d
         counts = {s: k for s, (_, k) in loaded.items()}
         raise ValueError(f"the slices have different numbers of truth domains: {counts}")
     (k,) = ks
+    n_clusters, cluster = _cluster_options(cluster_options, k)
     adata = ad.concat(
         {s: a for s, (a, _) in loaded.items()}, label="library", join="inner", index_unique="-", merge="same"
     )
@@ -76,11 +84,12 @@ def _joint_job(method: str, paths: dict[str, str], seed: int, threads: int) -> d
     if method == "dfmamba_st":
         dfm.pp.serialize(adata, library_key="library")
         dfm.tl.embed(adata, library_key="library", seed=seed, progress=False)
-        dfm.tl.cluster(adata, k, library_key="library", random_state=seed)
+        dfm.tl.cluster(adata, n_clusters, library_key="library", random_state=seed, **cluster)
         key = "dfm_domain"
     else:
         adata.obsm["X_base"] = baseline_rep(adata, method, seed, library_key="library")
-        dfm.tl.cluster(adata, k, use_rep="X_base", random_state=seed, key_added="base", refine=False)
+        options = {"refine": False, **cluster}
+        dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
         key = "base"
     seconds = time.time() - start
     library = adata.obs["library"].to_numpy()
@@ -89,6 +98,7 @@ def _joint_job(method: str, paths: dict[str, str], seed: int, threads: int) -> d
         "seed": seed,
         **{f"ari {s}": _ari(adata, key, library == s) for s in paths},
         "ari pooled": _ari(adata, key),
+        **{f"k_found {s}": adata.obs[key][library == s].nunique() for s in paths},
         "seconds": seconds,
         "peak_mb": _peak_mb(),
     }
@@ -106,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", nargs="+", default=["151673", "151674"], help=f"two or more of {list(FILES)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    parser.add_argument(
+        "--cluster",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="options of tl.cluster for every method, e.g. --cluster n_clusters=none",
+    )
     args = parser.parse_args(argv)
     if len(args.slices) < 2:
         parser.error("--slices needs two or more slices")
@@ -114,18 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     paths = {s: str(slice_path(s, args.data_dir, HER2ST_DATA)) for s in args.slices}
+    cluster_options = parse_options(args.cluster, "--cluster")
+    if cluster_options:
+        print(f"tl.cluster options (every method): {cluster_options}", flush=True)
     rows = []
     for method in METHODS:
         for seed in args.seeds:
-            row = _run(_joint_job, method, paths, seed, args.threads)
+            row = _run(_joint_job, method, paths, seed, args.threads, cluster_options)
             rows.append(row)
-            singles = [_run(_job, method, paths[s], s, seed, args.threads, {}, {}) for s in args.slices]
+            singles = [_run(_job, method, paths[s], s, seed, args.threads, {}, cluster_options) for s in args.slices]
             rows.append(
                 {
                     "method": f"{method} per slice",
                     "seed": seed,
                     **{f"ari {r['slice']}": r["ari"] for r in singles},
                     "ari pooled": np.nan,
+                    **{f"k_found {r['slice']}": r["k_found"] for r in singles},
                     "seconds": sum(r["seconds"] for r in singles),
                     "peak_mb": max(r["peak_mb"] for r in singles),
                 }

@@ -646,6 +646,9 @@ def test_multislice_benchmark_clusters_both_slices_with_one_label_set(benchmark_
     assert row["ari 151673"] > 0.45 and row["ari 151674"] > 0.45
     # one GMM over both slices: a domain means the same layers in each, so the pooled ARI stays near the per-slice ones
     assert row["ari pooled"] > min(row["ari 151673"], row["ari 151674"]) - 0.05
+    assert row["k_found 151673"] == row["k_found 151674"] == 7
+    five = bench._joint_job("pca_nbmean_gmm", paths, 0, 1, {"n_clusters": 5})  # --cluster options reach tl.cluster
+    assert five["k_found 151673"] == five["k_found 151674"] == 5
     with pytest.raises(ValueError, match="different numbers of truth domains"):
         bench._joint_job("pca_nbmean_gmm", {"151673": paths["151673"], "A1": str(bench.slice_path("A1"))}, 0, 1)
 
