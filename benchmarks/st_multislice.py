@@ -3,7 +3,7 @@
 DLPFC 151673 and 151674 (adjacent sections of one donor, K = 7) by default. Four methods, each job in a fresh
 process (so peak memory is its own):
 
-- ``dfmamba_st joint``: the slices in one AnnData (``obs['library']``, the genes of all), ``pp.serialize`` /
+- ``dfmamba_st joint``: the slices in one AnnData (``obs['library']``; the genes they all share), ``pp.serialize`` /
   ``tl.embed`` / ``tl.cluster`` with ``library_key="library"``: one model trained over all slices, one GMM over all
   spots, so a domain has one label in every slice;
 - ``dfmamba_st per slice``: the default workflow on each slice alone (``benchmarks/st_dlpfc.py``'s job; seconds
