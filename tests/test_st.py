@@ -278,6 +278,35 @@ def test_cluster_chooses_k_itself_by_bic(small):
             dfm.tl.cluster(small, None, k_range=bad)
 
 
+def test_library_specific_domains_weigh_the_libraries_equally():
+    # library a: 1,000 spots, b: 50. Domain "x" holds 96 % of a and 80 % of b: shared (its raw share in a, 960 of
+    # 1,000 spots, is 0.96, but per spot of each library it is 0.96 / (0.96 + 0.8) = 0.55); "y" lies in a only.
+    labels = np.array(["x"] * 960 + ["y"] * 40 + ["x"] * 40 + ["z"] * 10)
+    libraries = np.array(["a"] * 1000 + ["b"] * 50)
+    assert dfm.tl.library_specific_domains(labels, libraries) == {"y": "a", "z": "b"}
+    assert dfm.tl.library_specific_domains(labels, np.array(["a"] * 1050)) == {}  # one library: nothing to compare
+
+
+def test_cluster_warns_when_domains_split_by_library():
+    """The bundled slice twice: with the same representation in both copies the domains are shared; with the second
+    copy shifted (a batch effect), the mixture separates the copies and tl.cluster says so."""
+    one = dfm.datasets.dlpfc_151673_hvg()
+    layers = pd.get_dummies(one.obs["layer"].astype(str)).to_numpy(float) * 3
+    rep = layers + np.random.default_rng(0).normal(size=layers.shape)
+    both = ad.concat({"a": one, "b": one}, label="library", index_unique="-")
+    both.obsm["X_rep"] = np.vstack([rep, rep])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dfm.tl.cluster(both, 7, use_rep="X_rep", library_key="library", n_init=3)
+    assert both.uns["dfm_domain"]["library_specific"] == {}  # no library-specific domain: no warning
+    assert not [w for w in caught if "one library" in str(w.message)]
+    both.obsm["X_rep"] = np.vstack([rep, rep + 30.0])
+    with pytest.warns(UserWarning, match=r"domains lie almost only in one library \(.*in 'a'.*batch effect"):
+        dfm.tl.cluster(both, 7, use_rep="X_rep", library_key="library", n_init=3)
+    specific = both.uns["dfm_domain"]["library_specific"]
+    assert set(specific.values()) == {"a", "b"} and len(specific) >= 6
+
+
 def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
     from dfmamba_st.tl import _cluster
 

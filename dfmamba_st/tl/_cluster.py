@@ -46,6 +46,11 @@ BIC_RESTARTS = 3
 #: is reported as weak: on the default embeddings the DLPFC curves' knees lay 0.19-0.29 deep (K 6-9 for 7 layers),
 #: the HER2+ sections' 0.05-0.15 (K 5-12 for 3-5 regions; docs/spatial.md, "Choosing K")
 WEAK_KNEE = 0.15
+#: a domain with at least this share of its spots in one library, once the libraries are weighted equally, is reported
+#: as found in that library only. Measured (docs/spatial.md, "Several slices together"): on two adjacent sections of
+#: one donor (DLPFC 151673 + 151674, seeds 0-4) every domain's share lay at 0.50-0.57; on sections of two donors on
+#: the genes they share (151673 or 151674 with 151510, seeds 0-2) one to six of the seven domains per run lay above it
+LIBRARY_SPECIFIC = 0.95
 
 
 def _prepare(rep: np.ndarray, n_comps: int | None, fit_rows: np.ndarray, random_state: int) -> np.ndarray:
@@ -90,6 +95,22 @@ def _gmm(
         random_state=random_state,
     )
     return _fit_one_thread(gmm, rep)
+
+
+def library_specific_domains(labels: np.ndarray, libraries: np.ndarray) -> dict[str, str]:
+    """Domains found (almost) only in one library: ``{domain: library}``.
+
+    A domain's share in a library is its fraction of that library's spots, divided by the sum of those fractions
+    over the libraries (so a library with more spots does not weigh more); a domain is library-specific when one
+    share reaches ``LIBRARY_SPECIFIC``. Labels and libraries are compared as strings.
+    """
+    table = pd.crosstab(pd.Series(labels).astype(str), pd.Series(libraries).astype(str))
+    if table.shape[1] < 2:
+        return {}
+    rates = table / table.sum(axis=0)  # a domain's fraction of each library's spots
+    shares = rates.div(rates.sum(axis=1), axis=0)
+    main = shares.idxmax(axis=1)
+    return {d: str(main[d]) for d in shares.index if shares.loc[d, main[d]] >= LIBRARY_SPECIFIC}
 
 
 def choose_n_clusters(
@@ -225,7 +246,9 @@ def cluster(
     refine
         Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
     library_key
-        Column of ``obs`` naming slices (the refinement graph never links two slices).
+        Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
+        mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
+        across donors the domains split by slice, reported by a warning).
     key_added
         ``obs`` column for the domains.
     random_state
@@ -237,7 +260,9 @@ def cluster(
     -------
     ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
     ``adata.uns[key_added]['params']`` (and ``['bic']``, ``['k_range']``, ``['knee']`` when K was chosen; for ``"gmm"``
-    ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on).
+    ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on; with
+    ``library_key``, ``['library_specific']``: the domains found almost only in one library, ``{domain: library}``,
+    with a warning when there are any, see :func:`library_specific_domains`).
 
     Notes
     -----
@@ -316,6 +341,19 @@ def cluster(
         for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())
         labels = refined
+
+    if library_key is not None:
+        extra["library_specific"] = library_specific_domains(labels, adata.obs[library_key].to_numpy())
+        if extra["library_specific"]:
+            found = ", ".join(f"{d} in {lib!r}" for d, lib in extra["library_specific"].items())
+            warnings.warn(
+                f"{len(extra['library_specific'])} of {n_found} domains lie almost only in one library ({found}: "
+                f"at least {LIBRARY_SPECIFIC:.0%} of their spots, the libraries weighted equally). A region present in "
+                "one section only gives such a domain; so does a batch effect between libraries (other donors, gene "
+                "panels or protocols), which dfmamba_st does not correct. If the sections are of one tissue, look at "
+                "the domains with dfm.pl.domains, and cluster each library on its own or correct the batch first.",
+                stacklevel=2,
+            )
 
     adata = adata.copy() if copy else adata
     categories = [str(i) for i in range(n_found)]
