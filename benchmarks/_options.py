@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 
@@ -29,3 +30,8 @@ def parse_options(items: list[str], flag: str) -> dict[str, Any]:
             raise SystemExit(f"{flag} options are key=value, got {item!r}")
         out[key.strip()] = parse_value(value.strip())
     return out
+
+
+def add_options_flag(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """Add ``flag`` taking ``KEY=VALUE`` items (read them with :func:`parse_options`)."""
+    parser.add_argument(flag, nargs="+", default=[], metavar="KEY=VALUE", help=help)

@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._options import parse_options  # noqa: E402
+from benchmarks._options import add_options_flag, parse_options  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dlpfc"
 FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
@@ -246,20 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
     parser.add_argument("--no-extra", action="store_true", help="skip the zero-shot and transfer tests")
-    parser.add_argument(
+    add_options_flag(
+        parser,
         "--embed",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="options of tl.embed for dfmamba_st (ablations; none means None), e.g. --embed epochs=40 n_pcs=none",
+        "options of tl.embed for dfmamba_st (ablations; none means None), e.g. --embed epochs=40 n_pcs=none",
     )
-    parser.add_argument(
-        "--cluster",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="options of tl.cluster for every method, e.g. --cluster tol=1e-6 n_init=100",
-    )
+    add_options_flag(parser, "--cluster", "options of tl.cluster for every method, e.g. --cluster tol=1e-6 n_init=100")
     args = parser.parse_args(argv)
 
     import pandas as pd

@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._options import parse_options  # noqa: E402
+from benchmarks._options import add_options_flag, parse_options  # noqa: E402
 from benchmarks.st_dlpfc import (  # noqa: E402
     DEFAULT_DATA,
     FILES,
@@ -116,13 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", nargs="+", default=["151673", "151674"], help=f"two or more of {list(FILES)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
-    parser.add_argument(
-        "--cluster",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="options of tl.cluster for every method, e.g. --cluster n_clusters=none",
-    )
+    add_options_flag(parser, "--cluster", "options of tl.cluster for every method, e.g. --cluster n_clusters=none")
     args = parser.parse_args(argv)
     if len(args.slices) < 2:
         parser.error("--slices needs two or more slices")
