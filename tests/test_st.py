@@ -623,10 +623,8 @@ def test_benchmark_options_parse_none_booleans_and_numbers(benchmark_module):
     parser = argparse.ArgumentParser()
     options.add_options_flag(parser, "--cluster", "options of tl.cluster")
     assert parser.parse_args([]).cluster == []
-    assert options.parse_options(parser.parse_args(["--cluster", "tol=1e-6", "n_clusters=none"]).cluster, "--cluster") == {
-        "tol": 1e-6,
-        "n_clusters": None,
-    }
+    given = parser.parse_args(["--cluster", "tol=1e-6", "n_clusters=none"]).cluster
+    assert options.parse_options(given, "--cluster") == {"tol": 1e-6, "n_clusters": None}
 
 
 def test_benchmark_reads_the_bundled_slice_without_shared_data(benchmark_module):
