@@ -45,19 +45,13 @@ from benchmarks.st_dlpfc import (  # noqa: E402
     _cluster_options,
     _job,
     _peak_mb,
+    _scores,
     baseline_rep,
     load_slice,
     slice_path,
 )
 
 METHODS = ("dfmamba_st", "pca_nbmean_gmm")
-
-
-def _ari(adata, key: str, mask=None) -> float:
-    import dfmamba_st as dfm
-
-    view = adata if mask is None else adata[mask]
-    return float(dfm.metrics.evaluate(view, "truth", pred_key=key).iloc[0]["ari"])
 
 
 def _joint_job(
@@ -96,8 +90,8 @@ def _joint_job(
     return {
         "method": f"{method} joint",
         "seed": seed,
-        **{f"ari {s}": _ari(adata, key, library == s) for s in paths},
-        "ari pooled": _ari(adata, key),
+        **{f"ari {s}": _scores(adata[library == s], key)["ari"] for s in paths},
+        "ari pooled": _scores(adata, key)["ari"],
         **{f"k_found {s}": adata.obs[key][library == s].nunique() for s in paths},
         "seconds": seconds,
         "peak_mb": _peak_mb(),
