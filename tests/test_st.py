@@ -473,6 +473,7 @@ def test_domains_draws_unannotated_spots_in_grey(small):
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore:.*lie almost only in one library")  # crops of two slices: regions differ
 def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
     """Libraries share a coordinate frame: drawn together they would overlap, so each gets its own panels."""
     import matplotlib.pyplot as plt
