@@ -121,6 +121,7 @@ def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
     import scanpy as sc
     from sklearn.neighbors import NearestNeighbors
 
+    from dfmamba_st._utils import library_indices
     from dfmamba_st.tl._features import expression_matrix, top_genes
 
     work = adata.copy()
@@ -133,11 +134,9 @@ def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
     pcs = sc.pp.pca(work.X, n_comps=30, random_state=seed)
     if kind == "pca_gmm":
         return pcs
-    libraries = np.zeros(adata.n_obs) if library_key is None else adata.obs[library_key].to_numpy()
     xy = np.asarray(adata.obsm["spatial"], dtype=float)
     smoothed = np.empty_like(pcs)
-    for library in np.unique(libraries):
-        idx = np.flatnonzero(libraries == library)
+    for idx in library_indices(adata, library_key):
         _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy[idx]).kneighbors(xy[idx])
         smoothed[idx] = pcs[idx[nbrs]].mean(axis=1)
     return smoothed
