@@ -187,14 +187,20 @@ def _knn_stable(xy: np.ndarray, k: int, pad: int = 8) -> np.ndarray:
     return neigh
 
 
-def _is_missing(values: pd.Series, ignore: Sequence[str]) -> np.ndarray:
+#: Label strings that mean "missing": what ``astype(str)`` makes of NaN / None / pandas' NA, and R's ``NA``.
+MISSING_STRINGS: frozenset[str] = frozenset({"", "nan", "none", "na", "<na>"})
+
+
+def _is_missing(values: pd.Series, ignore: str | Sequence[str] | None = ()) -> np.ndarray:
+    """Spots whose label is missing (NaN, None, one of :data:`MISSING_STRINGS`) or in ``ignore`` (any case)."""
+    if ignore is None:
+        ignore = ()
+    elif isinstance(ignore, str):
+        ignore = (ignore,)
     # a copy: under pandas' copy-on-write (the default from pandas 3) to_numpy() gives a read-only view
     missing = values.isna().to_numpy().copy()
     as_str = values.astype(str).str.strip().str.lower()
-    missing |= (as_str == "").to_numpy()
-    ignore_l = {str(v).strip().lower() for v in ignore}
-    if ignore_l:
-        missing |= as_str.isin(ignore_l).to_numpy()
+    missing |= as_str.isin(MISSING_STRINGS | {str(v).strip().lower() for v in ignore}).to_numpy()
     return missing
 
 
@@ -226,18 +232,19 @@ def evaluate(
     *,
     spatial_key: str = "spatial",
     library_key: str | None = None,
-    ignore: Sequence[str] = ("undetermined",),
+    ignore: str | Sequence[str] | None = ("undetermined",),
     k: int = 10,
 ) -> pd.DataFrame:
     """Score a spatial-domain labelling against a manual annotation.
 
-    Only spots with a truth label are scored: a spot is left out when ``obs[truth_key]`` is missing (NaN/None),
-    an empty string, or one of ``ignore`` (compared case-insensitively, e.g. her2st's ``"undetermined"``).
-    Spots without a prediction are left out too, with a warning. The spatial scores (:func:`chaos`, :func:`pas`)
-    are computed from the predicted labels of the same scored spots and their coordinates, separately within
-    each library (the ``library_key`` given, or else the one ``tl.cluster`` recorded in ``uns[pred_key]``: slices
-    in one AnnData often share coordinates), and averaged over spots in a row that covers several. The AnnData is
-    not modified.
+    Only spots with a truth label are scored: a spot is left out when ``obs[truth_key]`` is missing (NaN/None, or
+    the strings ``""``, ``"nan"``, ``"None"``, ``"NA"``, ``"<NA>"`` that ``astype(str)`` or an R export leave in
+    its place) or one of ``ignore`` (compared case-insensitively, e.g. her2st's ``"undetermined"``).
+    Spots without a prediction (missing in the same sense) are left out too, with a warning. The spatial scores
+    (:func:`chaos`, :func:`pas`) are computed from the predicted labels of the same scored spots and their
+    coordinates (only those need coordinates), separately within each library (the ``library_key`` given, or else
+    the one ``tl.cluster`` recorded in ``uns[pred_key]``: slices in one AnnData often share coordinates), and
+    averaged over spots in a row that covers several. The AnnData is not modified.
 
     Parameters
     ----------
@@ -252,7 +259,7 @@ def evaluate(
     library_key
         Column of ``adata.obs`` naming the slice of each spot; when given, every slice is scored on its own.
     ignore
-        Truth labels that mean "not annotated".
+        Truth labels that mean "not annotated", besides missing values: one label or several; ``None`` for none.
     k
         Number of neighbours for :func:`pas` (10 in the reference definition).
 
@@ -282,12 +289,16 @@ def evaluate(
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
     if library_key is not None and library_key not in adata.obs:
         raise KeyError(f"`adata.obs` has no library column {library_key!r}.")
-    xy_all = _as_coords(np.asarray(adata.obsm[spatial_key])[:, :2])
-
     truth_s = adata.obs[truth_key]
     pred_s = adata.obs[pred_key]
     keep = ~_is_missing(truth_s, ignore)
-    no_pred = pred_s.isna().to_numpy() & keep
+    if not keep.any():
+        warnings.warn(
+            f"No spot has a truth label in obs[{truth_key!r}] (all missing or in `ignore`); nothing is scored.",
+            UserWarning,
+            stacklevel=2,
+        )
+    no_pred = _is_missing(pred_s) & keep
     if no_pred.any():
         warnings.warn(
             f"{int(no_pred.sum())} annotated spots have no prediction in obs[{pred_key!r}]; they are not scored.",
@@ -297,6 +308,8 @@ def evaluate(
         keep &= ~no_pred
     truth = truth_s.astype(str).to_numpy()
     pred = pred_s.astype(str).to_numpy()
+    xy_all = np.full((adata.n_obs, 2), np.nan)  # coordinates of the scored spots only: an unscored spot may lack them
+    xy_all[keep] = _as_coords(np.asarray(adata.obsm[spatial_key])[keep, :2]) if keep.any() else 0.0
 
     # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
     recorded = adata.uns.get(pred_key, {}).get("params", {}).get("library_key") if library_key is None else None

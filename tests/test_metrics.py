@@ -79,6 +79,33 @@ def test_empty_and_ignored_truth_labels_are_dropped_case_insensitively(dlpfc_151
     assert kept.loc["all", "n_spots"] == 3611 - 10
 
 
+def test_ignore_takes_one_label_or_none_and_string_nans_count_as_missing(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    truth = adata.obs["layer"].astype(str).to_numpy().copy()  # astype(str) turns the 28 unlabelled spots into "nan"
+    annotated = np.flatnonzero(adata.obs["layer"].notna().to_numpy())
+    truth[annotated[:20]] = "undetermined"
+    truth[annotated[20:23]] = "NA"  # an R export
+    adata.obs["truth"] = truth
+    # a single string is one label, not a set of characters; "nan" / "NA" are missing whatever `ignore` says
+    assert metrics.evaluate(adata, "truth", "pred", ignore="undetermined").loc["all", "n_spots"] == 3611 - 23
+    assert metrics.evaluate(adata, "truth", "pred", ignore=None).loc["all", "n_spots"] == 3611 - 3
+    reference = metrics.evaluate(adata, "layer", "pred")
+    adata.obs["truth"] = adata.obs["layer"].astype(str)
+    assert metrics.evaluate(adata, "truth", "pred").loc["all", "ari"] == reference.loc["all", "ari"]
+
+
+def test_unscored_spots_need_no_coordinates_and_an_empty_truth_warns(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    unlabelled = np.flatnonzero(adata.obs["layer"].isna().to_numpy())
+    adata.obsm["spatial"] = np.asarray(adata.obsm["spatial"], dtype=float).copy()
+    adata.obsm["spatial"][unlabelled[:3]] = np.nan  # spots outside the annotation, e.g. off the tissue
+    table = metrics.evaluate(adata, "layer", "pred")
+    assert table.loc["all", "n_spots"] == 3611 and np.isfinite(table.loc["all", "chaos"])
+    adata.obs["none"] = pd.Categorical([np.nan] * adata.n_obs, categories=["Layer1"])
+    with pytest.warns(UserWarning, match="No spot has a truth label"):
+        assert metrics.evaluate(adata, "none", "pred").loc["all", "n_spots"] == 0
+
+
 def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
     adata = dlpfc_151673.copy()
     pred = adata.obs["pred"].astype(object).to_numpy().copy()
