@@ -170,7 +170,7 @@ def _job(
 
         cpu = PRESETS["cpu"]
         transform = FeatureTransform.fit(
-            adata, layer=None, n_top_genes=cpu["n_top_genes"], n_pcs=cpu["n_pcs"], seed=seed
+            adata, layer=None, n_top_genes=cpu["n_top_genes"], n_pcs=cpu["n_pcs"], seed=seed, chosen=False
         )
         features, _ = transform.transform(adata)
         dfm.pp.serialize(adata)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-__all__ = ["check_adata", "check_library_key", "h5ad_safe", "library_indices", "versions"]
+__all__ = [
+    "check_adata",
+    "check_library_key",
+    "embed_record_key",
+    "h5ad_safe",
+    "library_indices",
+    "recorded_param",
+    "resolve_library_key",
+    "versions",
+]
 
 
 def check_adata(adata: AnnData) -> None:
@@ -26,6 +35,37 @@ def check_library_key(adata: AnnData, library_key: str | None) -> None:
         )
     if adata.obs[library_key].isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values; every spot needs a library.")
+
+
+def embed_record_key(key_added: str) -> str:
+    """The ``uns`` key of the record of a :func:`~dfmamba_st.tl.embed` run that wrote ``obsm[key_added]``.
+
+    ``"dfm"`` for the default ``"X_dfm"``, else ``key_added`` itself (scanpy's rule for ``sc.pp.pca``), so two
+    embeddings of one AnnData keep their own records.
+    """
+    return "dfm" if key_added == "X_dfm" else key_added
+
+
+def recorded_param(adata: AnnData, uns_key: str, name: str):
+    """``uns[uns_key]['params'][name]`` as a tool recorded it, or ``None`` (also for a stored ``"None"``)."""
+    record = adata.uns.get(uns_key, {})
+    value = record.get("params", {}).get(name) if isinstance(record, dict) else None
+    return None if value is None or (isinstance(value, str) and value == "None") else value
+
+
+def resolve_library_key(adata: AnnData, library_key: str | None, *uns_keys: str) -> str | None:
+    """``library_key``, or else the one recorded in the first of ``uns_keys`` that has one (and is in ``obs``).
+
+    The step before (``pp.serialize``, ``tl.embed``) records the key it was given, so a later step does not pool
+    the slices when the key is not repeated.
+    """
+    if library_key is not None:
+        return library_key
+    for uns_key in uns_keys:
+        recorded = recorded_param(adata, uns_key, "library_key")
+        if recorded is not None and recorded in adata.obs.columns:
+            return str(recorded)
+    return None
 
 
 def library_indices(adata: AnnData, library_key: str | None) -> list[np.ndarray]:

@@ -13,6 +13,7 @@ from .training import (
     count_parameters,
     distributed_context,
     fit,
+    isolated_global_state,
     resolve_device,
     seed_everything,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "curves",
     "distributed_context",
     "fit",
+    "isolated_global_state",
     "resolve_backend",
     "resolve_device",
     "seed_everything",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-__all__ = ["TrainResult", "cosine_with_warmup", "distributed_context", "fit", "resolve_device", "seed_everything"]
+__all__ = [
+    "TrainResult",
+    "cosine_with_warmup",
+    "distributed_context",
+    "fit",
+    "isolated_global_state",
+    "resolve_device",
+    "seed_everything",
+]
 
 
 def distributed_context() -> tuple[int, int]:
@@ -85,6 +94,46 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def isolated_global_state() -> Iterator[None]:
+    """Put the caller's random states and torch's determinism settings back after the block (or function) it wraps.
+
+    :func:`seed_everything` reseeds Python, NumPy and torch and turns on torch's deterministic algorithms; a library
+    call that seeds itself (``tl.embed``) should not leave the user's session seeded or slowed down. Usable as a
+    decorator. CUDA random states are restored when CUDA was initialised before the block.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.core import isolated_global_state, seed_everything
+    >>> before = np.random.get_state()[1].copy()
+    >>> with isolated_global_state():
+    ...     seed_everything(0)
+    >>> bool((np.random.get_state()[1] == before).all())
+    True
+    """
+    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()  # noqa: NPY002
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -127,6 +127,28 @@ def library_layouts(
     return out
 
 
+def identical_positions(layouts: list[LibraryLayout]) -> int:
+    """Spots at the same position (grid cell or exact coordinates) as an earlier spot of their library."""
+    return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
+
+
+def warn_identical_positions(n_identical: int, library_key: str | None, *, stacklevel: int) -> None:
+    """Warn about spots on the same position; without a library key, suggest that several slices were pooled."""
+    if not n_identical:
+        return
+    hint = (
+        " Several slices in one AnnData (e.g. after anndata.concat)? Pass library_key= (the obs column naming them) "
+        "to dfm.pp.serialize, which the later steps then use."
+        if library_key is None
+        else ""
+    )
+    warnings.warn(
+        f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, in input order."
+        + hint,
+        stacklevel=stacklevel + 1,
+    )
+
+
 def serialize(
     adata: AnnData,
     *,
@@ -178,11 +200,11 @@ def serialize(
     curves.check_curve(curve)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
-    n_sharing = n_identical = 0
+    n_sharing = 0
     for layout in layouts:
         position[layout.idx[layout.order(curve)]] = np.arange(layout.idx.size)
         n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
-        n_identical += layout.idx.size - len(np.unique(layout.points, axis=0))
+    n_identical = identical_positions(layouts)
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {
@@ -197,11 +219,7 @@ def serialize(
             }
         )
     }
-    if n_identical:
-        # expected for single cells on a quantised grid (about one per cell on average); only exact ties are odd
-        warnings.warn(
-            f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, "
-            "in input order.",
-            stacklevel=2,
-        )
+    # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
+    # are odd
+    warn_identical_positions(n_identical, library_key, stacklevel=2)
     return adata if copy else None

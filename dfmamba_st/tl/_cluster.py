@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from typing import Literal
@@ -16,7 +17,7 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from .._utils import check_adata, check_library_key, h5ad_safe
+from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, recorded_param, resolve_library_key
 from ..pp._serialize import library_layouts
 
 __all__ = ["choose_n_clusters", "cluster", "refine_labels"]
@@ -51,6 +52,9 @@ WEAK_KNEE = 0.15
 #: one donor (DLPFC 151673 + 151674, seeds 0-4) every domain's share lay at 0.50-0.57; on sections of two donors on
 #: the genes they share (151673 or 151674 with 151510, seeds 0-2) one to six of the seven domains per run lay above it
 LIBRARY_SPECIFIC = 0.95
+#: libraries with fewer spots than this per domain are left out of that report: a domain's fraction of a handful of
+#: spots says nothing (one spot is 100 % of its library)
+MIN_SPOTS_PER_DOMAIN = 10
 
 
 def _prepare(rep: np.ndarray, n_comps: int | None, fit_rows: np.ndarray, random_state: int) -> np.ndarray:
@@ -102,9 +106,12 @@ def library_specific_domains(labels: np.ndarray, libraries: np.ndarray) -> dict[
 
     A domain's share in a library is its fraction of that library's spots, divided by the sum of those fractions
     over the libraries (so a library with more spots does not weigh more); a domain is library-specific when one
-    share reaches ``LIBRARY_SPECIFIC``. Labels and libraries are compared as strings.
+    share reaches ``LIBRARY_SPECIFIC``. Libraries with fewer than ``MIN_SPOTS_PER_DOMAIN`` spots per domain are left
+    out. Labels and libraries are compared as strings.
     """
     table = pd.crosstab(pd.Series(labels).astype(str), pd.Series(libraries).astype(str))
+    table = table.loc[:, table.sum(axis=0) >= MIN_SPOTS_PER_DOMAIN * table.shape[0]]
+    table = table.loc[table.sum(axis=1) > 0]
     if table.shape[1] < 2:
         return {}
     rates = table / table.sum(axis=0)  # a domain's fraction of each library's spots
@@ -248,7 +255,9 @@ def cluster(
     library_key
         Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
         mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
-        across donors the domains split by slice, reported by a warning).
+        across donors the domains split by slice, reported by a warning). By default the key recorded by the
+        :func:`~dfmamba_st.tl.embed` run that wrote ``use_rep``, or else by :func:`~dfmamba_st.pp.serialize`; the
+        refinement uses the coordinates they recorded too.
     key_added
         ``obs`` column for the domains.
     random_state
@@ -282,7 +291,15 @@ def cluster(
     """
     start = time.time()
     check_adata(adata)
+    if adata.n_obs < 2:
+        raise ValueError(f"dfm.tl.cluster needs at least 2 spots, got {adata.n_obs}.")
+    record = embed_record_key(use_rep)
+    order_key = recorded_param(adata, record, "order_key") or "dfm_order"
+    given_library_key = library_key
+    library_key = resolve_library_key(adata, library_key, record, order_key)
     check_library_key(adata, library_key)
+    if given_library_key is None and library_key is not None:
+        logg.info(f"    library_key={library_key!r}, as recorded by the steps before")
     if use_rep not in adata.obsm:
         raise KeyError(
             f"obsm[{use_rep!r}] not found: run dfm.tl.embed(adata) first (or pass use_rep= an existing embedding; "
@@ -291,8 +308,11 @@ def cluster(
     if method not in ("gmm", "kmeans", "leiden"):
         raise ValueError(f"Unknown method {method!r}; use 'gmm', 'kmeans' or 'leiden'.")
     if n_clusters is not None:
-        if int(n_clusters) != n_clusters or not 1 <= n_clusters <= adata.n_obs:
-            raise ValueError(f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs}, got {n_clusters}.")
+        whole = isinstance(n_clusters, numbers.Real) and not isinstance(n_clusters, bool)
+        if not whole or int(n_clusters) != n_clusters or not 1 <= n_clusters <= adata.n_obs:
+            raise ValueError(
+                f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs} (or None), got {n_clusters!r}."
+            )
         n_clusters = int(n_clusters)
     if n_init is not None and (int(n_init) != n_init or n_init < 1):
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
@@ -336,7 +356,9 @@ def cluster(
     labels = _relabel(labels)
     n_found = int(labels.max()) + 1
     if refine:
-        spatial_key = adata.uns.get("dfm_order", {}).get("params", {}).get("spatial_key", "spatial")
+        spatial_key = (
+            recorded_param(adata, record, "spatial_key") or recorded_param(adata, order_key, "spatial_key") or "spatial"
+        )
         refined = labels.copy()
         for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())

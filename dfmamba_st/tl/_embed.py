@@ -15,9 +15,9 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, h5ad_safe, versions
-from ..core import curves, distributed_context, fit, resolve_device, seed_everything
-from ..pp._serialize import library_layouts
+from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, resolve_library_key, versions
+from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
+from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
 from ._features import FeatureTransform, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
 
@@ -65,13 +65,12 @@ def _library_sequences(
 ) -> list[tuple[np.ndarray, np.ndarray, sp.csr_matrix]]:
     """Spot indices, orders along each curve and sparse neighbour graph of every library.
 
-    Returns a list of ``(idx, orders, graph)``; ``orders`` is (n_curves, n_spots) over positions in ``idx``.
+    Returns a list of ``(idx, orders, graph)``; ``orders`` is (n_curves, n_spots) over positions in ``idx``. Warns,
+    as :func:`~dfmamba_st.pp.serialize` does, when spots share a position (slices pooled without a library key).
     """
-    out = []
-    for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
-        orders = np.stack([layout.order(c) for c in curve_names])
-        out.append((layout.idx, orders, layout.graph()))
-    return out
+    layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
+    warn_identical_positions(identical_positions(layouts), library_key, stacklevel=4)  # embed's caller
+    return [(layout.idx, np.stack([layout.order(c) for c in curve_names]), layout.graph()) for layout in layouts]
 
 
 def _tokens(features: np.ndarray, libraries, hops: int) -> np.ndarray:
@@ -86,13 +85,17 @@ def _sample_windows(tokens: torch.Tensor, libraries, window: int, n_windows: int
     """``n_windows`` random windows of ``window`` consecutive spots along a random curve of a random library.
 
     A fixed number of tokens per step, whatever the size of the tissue: training time does not grow with the
-    number of spots. Windows shorter than ``window`` (small libraries) are the whole sequence.
+    number of spots. Libraries are drawn in proportion to their spots. A library shorter than ``window`` gives a
+    window of its whole sequence; the other windows of that step then have the same length, from libraries at least
+    that long (so one small library does not shorten every window of every step).
     """
     sizes = np.array([lib[0].size for lib in libraries], dtype=np.float64)
     out = []
-    length = int(min(window, sizes.min()))
+    length = None  # set by the step's first window
     for _ in range(n_windows):
-        lib = int(torch.multinomial(torch.from_numpy(sizes / sizes.sum()), 1, generator=gen))
+        weights = sizes if length is None else np.where(sizes >= length, sizes, 0.0)
+        lib = int(torch.multinomial(torch.from_numpy(weights / weights.sum()), 1, generator=gen))
+        length = int(min(window, sizes[lib])) if length is None else length
         idx, orders, _ = libraries[lib]
         curve = int(torch.randint(orders.shape[0], (1,), generator=gen))
         begin = int(torch.randint(idx.size - length + 1, (1,), generator=gen))
@@ -121,7 +124,7 @@ def _check_paper_on_cpu(preset: str, device: torch.device, d_model: int) -> None
             "preset='paper' (d_model 3,000 over 3,000-gene tokens) is meant for a GPU: on a 2-core CPU one of its 30 "
             "epochs over DLPFC 151673 (3,639 spots) took 451 s, at 7.7 GB (docs/spatial.md). preset='cpu' is the "
             "configuration measured on CPUs.",
-            stacklevel=3,
+            stacklevel=4,  # the user's call: embed's caller, behind its isolated_global_state wrapper
         )
 
 
@@ -133,6 +136,7 @@ def _resolve_preset(preset: str, device: torch.device) -> str:
     return preset
 
 
+@isolated_global_state()
 def embed(
     adata: AnnData,
     *,
@@ -233,16 +237,21 @@ def embed(
         151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
         0.547 (``docs/spatial_log.md``). Ignored with ``model=`` (the model's own setting).
     library_key
-        Column of ``obs`` naming each spot's slice; every slice is its own set of sequences.
+        Column of ``obs`` naming each spot's slice; every slice is its own set of sequences. By default the one given
+        to :func:`~dfmamba_st.pp.serialize` (recorded in ``uns[order_key]``).
     order_key
         Where :func:`~dfmamba_st.pp.serialize` stored the order.
     seed
-        Random seed (weights, masks); the same seed on the same machine gives the same embedding.
+        Random seed (weights, masks); the same seed on the same machine gives the same embedding. The caller's
+        random states and torch's determinism settings are put back afterwards.
     device
         ``"auto"``, ``"cpu"`` or ``"cuda"``.
     model
         A trained model (or the path of a saved one) to apply without training: genes are aligned by name and
-        missing genes reported.
+        missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
+        matches). The model's own settings apply: the training options (``n_top_genes``, ``n_pcs``, ``d_model``,
+        ``depth``, ``preset``, ``epochs``, ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``,
+        ``checkpoint_dir``) are ignored, with a warning when one is given.
     checkpoint_dir
         Save the training state every epoch and resume from it.
     tile_size
@@ -252,7 +261,8 @@ def embed(
     progress
         Show a progress bar.
     key_added
-        Key of the embedding in ``obsm``.
+        Key of the embedding in ``obsm``. The run is recorded in ``uns['dfm']`` for the default ``"X_dfm"``, else in
+        ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records.
     return_model
         Also return the trained model (for :func:`~dfmamba_st.tl.save_model` or ``model=`` on another slice).
     copy
@@ -266,9 +276,9 @@ def embed(
         (n_obs, n_pcs + d_model) embedding with ``readout="concat"``, (n_obs, d_model) with ``"model"``.
     ``adata.obsm[key_added + '_gates']``
         (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for :func:`dfm.pl.gates`.
-    ``adata.uns['dfm']``
-        ``params`` (every resolved setting, the preset, the device), ``genes``, ``missing_genes``, ``history``
-        (per-epoch losses), ``versions``.
+    ``adata.uns['dfm']`` (``adata.uns[key_added]`` for another ``key_added``)
+        ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys), ``genes``,
+        ``missing_genes``, ``history`` (per-epoch losses), ``versions``.
 
     Notes
     -----
@@ -289,9 +299,13 @@ def embed(
     """
     start = time.time()
     check_adata(adata)
-    check_library_key(adata, library_key)
     if order_key not in adata.obs.columns:
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed.")
+    given_library_key = library_key
+    library_key = resolve_library_key(adata, library_key, order_key)
+    check_library_key(adata, library_key)
+    if given_library_key is None and library_key is not None:
+        logg.info(f"    library_key={library_key!r}, as given to dfm.pp.serialize")
     if readout not in ("concat", "model"):
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     for name in extra_curves:
@@ -312,12 +326,39 @@ def embed(
         preset_name = "model"
         feature_tf = model.features
         config = model.config
+        ignored = {
+            name: value
+            for name, value, default in (
+                ("n_top_genes", n_top_genes, None),
+                ("n_pcs", n_pcs, -1),
+                ("d_model", d_model, None),
+                ("depth", depth, None),
+                ("preset", preset, "auto"),
+                ("epochs", epochs, None),
+                ("ema_fraction", ema_fraction, -1),
+                ("hops", hops, 2),
+                ("extra_curves", tuple(extra_curves), ("hilbert_t",)),
+                ("bidirectional", bidirectional, False),
+                ("checkpoint_dir", checkpoint_dir, None),
+            )
+            if value != default
+        }
+        if ignored:
+            warnings.warn(
+                f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
+            )
         features, missing = feature_tf.transform(adata, layer=layer)
         if missing:
+            share = len(missing) / len(feature_tf.genes)
+            naming = (
+                " Over half of them: does adata name genes the way the training data did (symbols vs Ensembl IDs)?"
+                if share > 0.5
+                else ""
+            )
             warnings.warn(
-                f"{len(missing)} of the model's {len(feature_tf.genes)} genes are missing from adata "
-                f"(e.g. {missing[:5]}); they are set to their training mean.",
-                stacklevel=2,
+                f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
+                f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
+                stacklevel=3,
             )
         settings = {}
     else:
@@ -342,7 +383,12 @@ def embed(
             )
         seed_everything(seed)
         feature_tf = FeatureTransform.fit(
-            adata, layer=layer, n_top_genes=settings["n_top_genes"], n_pcs=settings["n_pcs"], seed=seed
+            adata,
+            layer=layer,
+            n_top_genes=settings["n_top_genes"],
+            n_pcs=settings["n_pcs"],
+            seed=seed,
+            chosen=n_top_genes is not None,
         )
         features, missing = feature_tf.transform(adata, layer=layer)
         config = SpatialConfig(
@@ -412,6 +458,7 @@ def embed(
         embedding = np.hstack([_unit_variance(tokens[:, config.n_features :]), _unit_variance(embedding)])
 
     adata = adata.copy() if copy else adata
+    record_key = embed_record_key(key_added)
     adata.obsm[key_added] = embedding
     adata.obsm[f"{key_added}_gates"] = gates
     params = {
@@ -422,6 +469,8 @@ def embed(
         "seed": seed,
         "layer": layer,
         "library_key": library_key,
+        "order_key": order_key,
+        "spatial_key": spatial_key,
         "mask_ratio": MASK_RATIO,
         "readout_hops": readout_hops,
         "readout": readout,
@@ -431,7 +480,7 @@ def embed(
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
     }
-    adata.uns["dfm"] = {
+    adata.uns[record_key] = {
         "params": h5ad_safe(params),
         "genes": np.asarray(feature_tf.genes, dtype=object),
         "missing_genes": np.asarray(missing, dtype=object),

@@ -14,6 +14,7 @@ import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
+from scanpy import logging as logg
 
 __all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spatial_graph", "top_genes"]
 
@@ -21,13 +22,25 @@ __all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spa
 MAX_FIT_SPOTS = 50_000
 #: spots densified at a time when features are computed (the n_spots × n_genes matrix is never dense)
 CHUNK_SPOTS = 16_384
+#: non-integer input above this is neither counts nor log-normalised (log1p of counts normalised to 10^4 per spot
+#: stays below 9.3, to 10^6 below 13.9); scanpy's dispersions would overflow in expm1 on it (above ~88)
+MAX_LOG_VALUE = 20.0
+#: non-integer input whose spot totals vary by less than this (coefficient of variation) was normalised, not logged
+CONSTANT_TOTAL_CV = 1e-3
+#: warnings raised for the user's call: expression_matrix / FeatureTransform are called from tl.embed, behind
+#: its isolated_global_state wrapper
+STACKLEVEL = 4
 
 
-def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix, bool]:
+def expression_matrix(
+    adata: AnnData, layer: str | None, *, counts_for: str | None = None
+) -> tuple[sp.csr_matrix, bool]:
     """The expression to use (sparse float32) and whether it looks like raw counts.
 
     Raises a clear error for a missing layer, NaN/inf or negative values, no expression at all, fewer than 2 genes,
-    or gene names that are not unique (genes are chosen and aligned by name).
+    gene names that are not unique (genes are chosen and aligned by name), and non-integer values that are not
+    log-normalised: above ``MAX_LOG_VALUE``, or spot totals all equal (normalised but not log-transformed).
+    ``counts_for`` (e.g. ``"dfm.pp.coarsen sums counts"``) refuses every non-integer value: the caller needs counts.
     """
     if not adata.var_names.is_unique:
         repeated = adata.var_names[adata.var_names.duplicated()].unique()
@@ -53,6 +66,29 @@ def expression_matrix(adata: AnnData, layer: str | None) -> tuple[sp.csr_matrix,
     if not X.data.any():
         raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
     is_counts = bool(np.all(X.data == np.round(X.data)))
+    if not is_counts and counts_for is not None:
+        raise ValueError(
+            f"{where} holds non-integer values, but {counts_for} (log-normalised values cannot be summed). Pass the "
+            "raw counts: keep them in a layer before normalising (adata.layers['counts'] = adata.X.copy()) and pass "
+            "layer='counts'."
+        )
+    if not is_counts:
+        fix = (
+            "Pass raw counts (whole numbers; e.g. layer='counts'), or log-normalised values (sc.pp.normalize_total "
+            "then sc.pp.log1p). Corrected counts that are not whole numbers (ambient-RNA removal) can be rounded."
+        )
+        totals = np.asarray(X.sum(axis=1)).ravel()
+        totals = totals[totals > 0]
+        if totals.size > 1 and totals.std() < CONSTANT_TOTAL_CV * totals.mean():
+            raise ValueError(
+                f"{where} looks normalised but not log-transformed (every spot sums to {totals.mean():.4g}): run "
+                f"sc.pp.log1p on it first. {fix}"
+            )
+        if X.data.max() > MAX_LOG_VALUE:
+            raise ValueError(
+                f"{where} holds non-integer values up to {X.data.max():.4g}: neither raw counts nor log-normalised "
+                f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
+            )
     return X, is_counts
 
 
@@ -85,21 +121,30 @@ class FeatureTransform:
 
     @classmethod
     def fit(
-        cls, adata: AnnData, *, layer: str | None, n_top_genes: int, n_pcs: int | None, seed: int
+        cls,
+        adata: AnnData,
+        *,
+        layer: str | None,
+        n_top_genes: int,
+        n_pcs: int | None,
+        seed: int,
+        chosen: bool = True,
     ) -> FeatureTransform:
         """Choose HVGs (scanpy, seurat_v3 on counts) and fit standardisation and PCA on ``adata``.
 
         HVGs are chosen on all spots (sparse); the standardisation and the PCA on at most ``MAX_FIT_SPOTS`` of them
-        (a random subset drawn with ``seed``), so memory stays bounded on large tissues.
+        (a random subset drawn with ``seed``), so memory stays bounded on large tissues. With fewer genes than
+        ``n_top_genes`` all are used: a warning when the user ``chosen`` that number, a log message for a preset's.
         """
         X, is_counts = expression_matrix(adata, layer)
         genes = list(adata.var_names)
         if n_top_genes >= adata.n_vars:
             if n_top_genes > adata.n_vars:
-                warnings.warn(
-                    f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}.",
-                    stacklevel=2,
-                )
+                message = f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}."
+                if chosen:
+                    warnings.warn(message, stacklevel=STACKLEVEL)
+                else:
+                    logg.info(f"    {message}")
         else:
             genes = top_genes(X, adata.var_names, n_top_genes, is_counts)
         X = X[:, adata.var_names.get_indexer(genes)]
@@ -128,7 +173,8 @@ class FeatureTransform:
         if is_counts != self.log_normalize:
             kind = "raw counts" if self.log_normalize else "log-normalised values"
             warnings.warn(
-                f"The model was trained on {kind}; this input looks different. Features may not match.", stacklevel=2
+                f"The model was trained on {kind}; this input looks different. Features may not match.",
+                stacklevel=STACKLEVEL,
             )
         position = adata.var_names.get_indexer(self.genes)
         present = position >= 0
@@ -183,7 +229,10 @@ def gene_ranks(X: sp.csr_matrix, var_names: pd.Index, is_counts: bool) -> pd.Ser
     """
     flavor, column = ("seurat_v3", "variances_norm") if is_counts else ("seurat", "dispersions_norm")
     tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
-    scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=len(var_names), inplace=False)[column]
+    with warnings.catch_warnings():
+        # every gene is ranked, so scanpy warns that n_top_genes reaches the number of scored genes: expected here
+        warnings.filterwarnings("ignore", message=".*n_top_genes.*", category=UserWarning)
+        scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=len(var_names), inplace=False)[column]
     score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
     order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
     ranks = np.empty(len(order), dtype=np.int64)

@@ -1,0 +1,183 @@
+"""The spatial API on inputs users hand it: keys carried between steps, small libraries, odd expression values,
+several embeddings, transfer onto poorly matching genes, and what a call leaves behind in the session."""
+
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+
+import dfmamba_st as dfm
+from dfmamba_st.tl._embed import _sample_windows
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
+QUICK = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
+
+
+def crop(adata, rows=(0, 30), cols=(0, 60)):
+    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
+    return adata[keep.to_numpy()].copy()
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return dfm.datasets.dlpfc_151673_hvg()
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+    if not (DATA / "dlpfc").exists():
+        pytest.skip("needs ../shared/data (real DLPFC slices)")
+    slices = {s: crop(ad.read_h5ad(DATA / "dlpfc" / f"dlpfc_{s}.h5ad")) for s in ("151673", "151674")}
+    return ad.concat(slices, label="lib", join="inner", index_unique="-")
+
+
+@pytest.mark.filterwarnings("ignore:.*lie almost only in one library")  # two different crops: expected
+def test_embed_and_cluster_use_the_library_key_given_to_serialize(two_slices):
+    pooled = two_slices.copy()
+    dfm.pp.serialize(pooled, library_key="lib")
+    explicit = pooled.copy()
+    dfm.tl.embed(pooled, **QUICK)  # no library_key: the one serialize recorded
+    dfm.tl.embed(explicit, library_key="lib", **QUICK)
+    assert pooled.uns["dfm"]["params"]["library_key"] == "lib"
+    np.testing.assert_array_equal(pooled.obsm["X_dfm"], explicit.obsm["X_dfm"])
+    dfm.tl.cluster(pooled, 5, n_init=2)
+    dfm.tl.cluster(explicit, 5, n_init=2, library_key="lib")
+    assert pooled.uns["dfm_domain"]["params"]["library_key"] == "lib"
+    assert (pooled.obs["dfm_domain"] == explicit.obs["dfm_domain"]).all()
+
+
+def test_embed_warns_when_slices_are_pooled_without_a_key(two_slices):
+    parts = [two_slices[(two_slices.obs["lib"] == s).to_numpy()].copy() for s in ("151673", "151674")]
+    for part in parts:
+        dfm.pp.serialize(part)
+    pooled = ad.concat(parts)  # serialized one by one, then joined: no key recorded anywhere
+    with pytest.warns(UserWarning, match="same coordinates.*Several slices in one AnnData"):
+        dfm.tl.embed(pooled, **QUICK)
+
+
+def test_one_small_library_does_not_shorten_the_windows_of_the_others():
+    big, tiny = np.arange(2000), np.arange(2000, 2002)
+    libraries = [(big, np.arange(2000)[None, :], None), (tiny, np.array([[0, 1]]), None)]  # (idx, orders, graph)
+    tokens = torch.arange(2002, dtype=torch.float32)[:, None]
+    gen = torch.Generator().manual_seed(0)
+    lengths = [_sample_windows(tokens, libraries, 512, 4, gen).shape[1] for _ in range(200)]
+    # the 2-spot library is drawn first in about 1 step of 1,000 and then sets that step's length; every other
+    # step keeps windows of 512 (the shortest library used to set the length of every window: always 2)
+    assert sum(length == 512 for length in lengths) >= 190
+    assert set(lengths) <= {512, 2}
+    # a step led by the small library takes it whole and the other windows at its length from the big one
+    solo = [(tiny, np.array([[0, 1]]), None)]
+    assert _sample_windows(tokens, solo, 512, 3, gen).shape == (3, 2, 1)
+
+
+def test_non_integer_values_that_are_not_log_normalised_are_refused(bundled):
+    normalised = bundled.copy()
+    sc.pp.normalize_total(normalised)  # normalised, not logged: every spot sums to the same total
+    dfm.pp.serialize(normalised)
+    with pytest.raises(ValueError, match="normalised but not log-transformed"):
+        dfm.tl.embed(normalised, **QUICK)
+    halved = bundled.copy()
+    halved.X = sp.csr_matrix(halved.X * 0.5)  # non-integer, max far above any log1p value
+    dfm.pp.serialize(halved)
+    with pytest.raises(ValueError, match="neither raw counts nor log-normalised"):
+        dfm.tl.embed(halved, **QUICK)
+    logged = normalised.copy()
+    sc.pp.log1p(logged)
+    dfm.tl.embed(logged, **QUICK)  # the proper log-normalised input is still taken
+    assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
+
+
+def test_each_embedding_keeps_its_own_record(bundled):
+    adata = crop(bundled)
+    dfm.pp.serialize(adata)
+    dfm.tl.embed(adata, **QUICK)
+    first = adata.uns["dfm"]["params"]["d_model"]
+    dfm.tl.embed(adata, key_added="X_small", **{**QUICK, "d_model": 8})
+    assert adata.uns["dfm"]["params"]["d_model"] == first == 16  # untouched by the second run
+    assert adata.uns["X_small"]["params"]["d_model"] == 8 and adata.uns["X_small"]["key_added"] == "X_small"
+    assert adata.uns["X_small"]["params"]["order_key"] == "dfm_order"
+
+
+def test_cluster_refines_on_the_coordinates_serialize_was_given(her2st_a1):
+    adata = her2st_a1.copy()
+    adata.obsm["xy"] = adata.obsm.pop("spatial")
+    dfm.pp.serialize(adata, spatial_key="xy", key_added="ord")
+    dfm.tl.embed(adata, order_key="ord", **QUICK)
+    assert adata.uns["dfm"]["params"]["spatial_key"] == "xy"
+    dfm.tl.cluster(adata, 4, n_init=2)  # the refinement graph is built on obsm['xy'], found through the records
+    assert adata.obs["dfm_domain"].cat.categories.size <= 4
+
+
+@pytest.fixture(scope="module")
+def her2st_a1():
+    path = DATA / "her2st" / "her2st_A1.h5ad"
+    if not path.is_file():
+        pytest.skip(f"needs {path} (real HER2+ section)")
+    return ad.read_h5ad(path)
+
+
+def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled):
+    train = crop(bundled)
+    dfm.pp.serialize(train)
+    model = dfm.tl.embed(train, return_model=True, **QUICK)
+    renamed = train.copy()
+    renamed.var_names = [f"ENSG{i:011d}" if i % 4 else g for i, g in enumerate(train.var_names)]  # 3 in 4 renamed
+    with pytest.warns(UserWarning, match=r"\(\d+%\) are missing.*symbols vs Ensembl IDs"):
+        dfm.tl.embed(renamed, model=model, progress=False)
+    with pytest.warns(UserWarning, match=r"ignored: \{'d_model': 8, 'epochs': 50\}"):
+        dfm.tl.embed(train, model=model, epochs=50, d_model=8, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing given that the model overrides, all genes present: no warning
+        dfm.tl.embed(train, model=model, progress=False)
+
+
+def test_embed_puts_the_callers_random_state_and_torch_settings_back(bundled):
+    adata = crop(bundled)
+    dfm.pp.serialize(adata)
+    numpy_state = np.random.get_state()[1].copy()  # noqa: NPY002 - the global state is what is checked
+    torch_state = torch.random.get_rng_state()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    dfm.tl.embed(adata, seed=7, **QUICK)
+    assert (np.random.get_state()[1] == numpy_state).all()  # noqa: NPY002
+    assert torch.equal(torch.random.get_rng_state(), torch_state)
+    assert torch.are_deterministic_algorithms_enabled() == deterministic
+
+
+def test_a_preset_gene_count_above_the_panel_is_not_a_warning_but_a_chosen_one_is(bundled):
+    adata = crop(bundled)
+    dfm.pp.serialize(adata)
+    few = adata[:, :200].copy()  # the panel has fewer genes than the preset's 3,000
+    options = {k: v for k, v in QUICK.items() if k != "n_top_genes"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dfm.tl.embed(few, **options)
+    with pytest.warns(UserWarning, match="n_top_genes=300 but the data has 200 genes") as caught:
+        dfm.tl.embed(few, **QUICK)
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
+
+
+def test_cluster_checks_its_arguments(bundled):
+    adata = crop(bundled)
+    adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray())
+    with pytest.raises(ValueError, match=r"whole number .* got '7'"):
+        dfm.tl.cluster(adata, "7", use_rep="X_rep")
+    with pytest.raises(ValueError, match="got True"):
+        dfm.tl.cluster(adata, True, use_rep="X_rep")
+    with pytest.raises(ValueError, match="at least 2 spots"):
+        dfm.tl.cluster(adata[:1].copy(), 1, use_rep="X_rep")
+
+
+def test_a_handful_of_spots_in_a_library_is_not_a_library_specific_domain():
+    # two 3,000-spot libraries sharing 5 domains, and a 2-spot fragment whose two spots form a sixth: that domain is
+    # 100 % of the fragment's spots and absent elsewhere, which says nothing with two spots
+    labels = np.array([str(i % 5) for i in range(6000)] + ["9", "9"])
+    libraries = np.array(["a"] * 3000 + ["b"] * 3000 + ["fragment"] * 2)
+    assert dfm.tl.library_specific_domains(labels, libraries) == {}
+    labels[:600] = "5"  # a domain of library a only is still found
+    assert dfm.tl.library_specific_domains(labels, libraries) == {"5": "a"}
