@@ -34,6 +34,8 @@ import gzip
 import hashlib
 import json
 import os
+import re
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -291,14 +293,37 @@ def her2st_urls(section: str = "A1") -> dict[str, tuple[str, str | None]]:
     }
 
 
-def _download(files: dict[str, tuple[str, str | None]], subdir: str) -> dict[str, Path]:
-    """Fetch every file with :func:`pooch.retrieve` into ``data_dir() / subdir`` (cached; hashes checked)."""
+def _download(files: dict[str, tuple[str, str | None]], subdir: str, *, offline_hint: str) -> dict[str, Path]:
+    """Fetch every file with :func:`pooch.retrieve` into ``data_dir() / subdir`` (cached; hashes checked).
+
+    A failed download (no network, a server error, an unwritable cache) raises an :class:`OSError` that says how to
+    load the data without network (``offline_hint``); cache folders created by the failed call are removed again
+    when they are empty.
+    """
     from scanpy import logging as logg
 
     folder = data_dir() / subdir
+    created = [folder, *folder.parents]
+    created = created[: next(i for i, d in enumerate(created) if d.exists())]  # the folders pooch will create
     out = {}
     for fname, (url, known_hash) in files.items():
-        path = Path(pooch.retrieve(url=url, known_hash=known_hash, fname=fname, path=folder, progressbar=False))
+        try:
+            path = Path(pooch.retrieve(url=url, known_hash=known_hash, fname=fname, path=folder, progressbar=False))
+        except Exception as err:
+            for d in created:  # deepest first; a folder that is not empty stays
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            if not isinstance(err, OSError):  # e.g. pooch's ValueError for a checksum mismatch
+                raise
+            reason = f"{type(err).__name__}: {err}"
+            reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            raise OSError(
+                f"Could not download {fname} from {url} ({reason}). Without network access: {offline_hint}; or put "
+                f"the raw files {list(files)} in the cache folder {folder} (set ${ENV_DATA_DIR} to use another "
+                "folder) and call again."
+            ) from err
         if known_hash is None:
             logg.info(f"{fname} has no published checksum; sha256 of the downloaded file: {_sha256(path)}")
         out[fname] = path
@@ -549,8 +574,11 @@ def read_her2st_raw(
 # --------------------------------------------------------------------------------------------------------------------
 # public loaders
 # --------------------------------------------------------------------------------------------------------------------
-def _local_file(path: str | Path, stem: str, subdir: str) -> Path:
-    """Resolve ``path`` (a file, or a folder holding ``{stem}.h5ad`` directly or in ``subdir/``) to one file."""
+def _local_file(path: str | Path, stem: str, subdir: str, valid: list[str]) -> Path:
+    """Resolve ``path`` (a file, or a folder holding ``{stem}.h5ad`` directly or in ``subdir/``) to one file.
+
+    ``valid`` are the ids of the data set, named in the error when no file matches.
+    """
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -563,7 +591,17 @@ def _local_file(path: str | Path, stem: str, subdir: str) -> Path:
         others = sorted(folder.glob(f"{stem}_*.h5ad"))
         if len(others) == 1:
             return others[0]
-    raise FileNotFoundError(f"No {stem}.h5ad in {p} or {p / subdir}.")
+        if len(others) > 1:
+            raise ValueError(
+                f"Several files match {stem}_*.h5ad in {folder}: {[o.name for o in others]}; pass path= one of them."
+            )
+    prefix = stem.split("_")[0]
+    present = [str(f.relative_to(p)) for folder in (p, p / subdir) for f in sorted(folder.glob(f"{prefix}_*.h5ad"))]
+    raise FileNotFoundError(
+        f"No {stem}.h5ad (or {stem}_*.h5ad) in {p} or {p / subdir}. "
+        + (f"Files there: {present}. " if present else f"There is no {prefix}_*.h5ad file there. ")
+        + f"Valid ids: {valid}."
+    )
 
 
 def _check_layout(adata: ad.AnnData, label_key: str, path: Path) -> ad.AnnData:
@@ -573,6 +611,58 @@ def _check_layout(adata: ad.AnnData, label_key: str, path: Path) -> ad.AnnData:
     if problems:
         raise ValueError(f"{path} lacks {', '.join(problems)}; is it a dfmamba_st data file?")
     return adata
+
+
+def _read_local(file: Path, label_key: str) -> ad.AnnData:
+    """Read a local ``.h5ad`` with a clear error for a file that is not one, and check its layout."""
+    try:
+        adata = ad.read_h5ad(file)
+    except OSError as err:
+        raise ValueError(
+            f"{file} is not a readable .h5ad file ({type(err).__name__}: {err}); pass path= an AnnData .h5ad file or "
+            "the folder that holds it."
+        ) from err
+    return _check_layout(adata, label_key, file)
+
+
+def _recorded_ids(adata: ad.AnnData, file: Path, known: re.Pattern, obs_keys: tuple[str, ...]) -> tuple[set, str]:
+    """The ids of the data set that a file records, and where.
+
+    Looked up in order: an ``obs`` column of ``obs_keys``, the keys of ``uns['spatial']``, ``uns['source']``, the
+    file name; the first that names an id matching ``known`` wins (other names, e.g. a user's own library names,
+    are ignored).
+    """
+
+    def ids_in(texts) -> set[str]:
+        return {m for text in texts for m in known.findall(str(text).upper())}
+
+    spatial = adata.uns.get("spatial")
+    source = adata.uns.get("source")
+    candidates = [(adata.obs[key].dropna().unique(), f"obs[{key!r}]") for key in obs_keys if key in adata.obs]
+    candidates.append((list(spatial) if isinstance(spatial, dict) else [], "uns['spatial']"))
+    candidates.append(([source] if isinstance(source, str) else [], "uns['source']"))
+    candidates.append(([file.stem], "its file name"))
+    for texts, where in candidates:
+        if ids := ids_in(texts):
+            return ids, where
+    return set(), ""
+
+
+def _warn_other_sample(adata: ad.AnnData, file: Path, requested: str, what: str, arg: str, known: re.Pattern) -> None:
+    """Warn when the file read for ``requested`` records other ids of the data set (and not ``requested``)."""
+    ids, where = _recorded_ids(adata, file, known, ("sample_id", "section"))
+    if ids and requested.upper() not in ids:
+        warnings.warn(
+            f"{file} holds {what} {', '.join(sorted(ids))} (from {where}), not the requested {what} {requested!r}. "
+            f"Pass {arg}={sorted(ids)[0]!r} (to silence this) or the file of {what} {requested}.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+#: DLPFC sample ids and her2st section ids as they appear in file names and provenance text
+_DLPFC_ID = re.compile(r"(?<!\d)(" + "|".join(DLPFC_SAMPLES) + r")(?!\d)")
+_HER2ST_ID = re.compile(r"(?<![A-Za-z0-9])([A-H][1-6])(?![A-Za-z0-9])")
 
 
 def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) -> ad.AnnData:
@@ -593,7 +683,8 @@ def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) ->
     sample_id
         Sample name, one of :data:`DLPFC_SAMPLES` (e.g. ``151673``); an int is accepted.
     path
-        Local file or folder; no network access when given.
+        Local ``.h5ad`` file or folder; no network access when given. A file that records another sample
+        (``obs['sample_id']``, ``uns['spatial']``, ``uns['source']`` or its name) is read with a warning.
 
     Returns
     -------
@@ -601,6 +692,15 @@ def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) ->
     annotated), ``obs['array_row'/'array_col']`` (Visium grid), ``obsm['spatial']`` (full-resolution pixels
     ``[x, y]``), ``uns['spatial'][sample_id]`` (low-resolution image and scale factors), ``uns['source']``.
     A download holds the full transcriptome (33,538 genes); the shared files hold a gene subset.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is a folder without the sample's file (the message lists the files there and the valid ids).
+    ValueError
+        ``path`` is not an ``.h5ad`` file, or not a DLPFC one; or ``sample_id`` is unknown (download).
+    OSError
+        The download failed (e.g. no network); the message says how to load the data offline.
 
     Examples
     --------
@@ -612,11 +712,18 @@ def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) ->
     """
     sid = str(sample_id).strip()
     if path is not None:
-        file = _local_file(path, f"dlpfc_{sid}", "dlpfc")
-        return _check_layout(ad.read_h5ad(file), "layer", file)
+        file = _local_file(path, f"dlpfc_{sid}", "dlpfc", sorted(DLPFC_SAMPLES))
+        adata = _read_local(file, "layer")
+        _warn_other_sample(adata, file, sid, "DLPFC sample", "sample_id", _DLPFC_ID)
+        return adata
     sid = _sample(sid)
     files = dlpfc_urls(sid)
-    got = _download(files, "dlpfc")
+    got = _download(
+        files,
+        "dlpfc",
+        offline_hint=f"pass path= a local copy, e.g. dfm.datasets.dlpfc({sid!r}, path='dlpfc_{sid}.h5ad') (a .h5ad "
+        f"file, or a folder holding dlpfc_{sid}.h5ad)",
+    )
     urls = "; ".join(url for url, _ in files.values())
     return read_dlpfc_raw(
         got[f"{sid}_filtered_feature_bc_matrix.h5"],
@@ -642,13 +749,23 @@ def her2st(section: str = "A1", *, path: str | Path | None = None) -> ad.AnnData
     section
         One of :data:`HER2ST_SECTIONS` (``A1``, ``B1``, ``C1``, ``D1``, ``E1``, ``F1``, ``G2``, ``H1``).
     path
-        Local file or folder; no network access when given.
+        Local ``.h5ad`` file or folder; no network access when given. A file that records another section
+        (``obs['section']``, ``uns['source']`` or its name) is read with a warning.
 
     Returns
     -------
     AnnData: ``X`` raw counts (CSR float32), ``obs['label']`` (pathologist region; drop ``'undetermined'`` when
     scoring, as :func:`dfmamba_st.metrics.evaluate` does by default), ``obs['array_x'/'array_y']``,
     ``obsm['spatial']`` (H&E pixel coordinates), ``uns['source']``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` is a folder without the section's file (the message lists the files there and the valid ids).
+    ValueError
+        ``path`` is not an ``.h5ad`` file, or not a her2st one; or ``section`` is unknown (download).
+    OSError
+        The download failed (e.g. no network); the message says how to load the data offline.
 
     Examples
     --------
@@ -658,11 +775,18 @@ def her2st(section: str = "A1", *, path: str | Path | None = None) -> ad.AnnData
     """
     if path is not None:
         sec = str(section).strip().upper()
-        file = _local_file(path, f"her2st_{sec}", "her2st")
-        return _check_layout(ad.read_h5ad(file), "label", file)
+        file = _local_file(path, f"her2st_{sec}", "her2st", list(HER2ST_SECTIONS))
+        adata = _read_local(file, "label")
+        _warn_other_sample(adata, file, sec, "her2st section", "section", _HER2ST_ID)
+        return adata
     sec = _section(section)
     files = her2st_urls(sec)
-    got = _download(files, "her2st")
+    got = _download(
+        files,
+        "her2st",
+        offline_hint=f"pass path= a local copy, e.g. dfm.datasets.her2st({sec!r}, path='her2st_{sec}.h5ad') (a .h5ad "
+        f"file, or a folder holding her2st_{sec}.h5ad)",
+    )
     urls = "; ".join(url for url, _ in files.values())
     return read_her2st_raw(
         got[f"{sec}.tsv.gz"],

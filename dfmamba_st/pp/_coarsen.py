@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+import math
+from collections.abc import Mapping
+from numbers import Integral, Real
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from scanpy import logging as logg
 
 from .._utils import check_adata, check_library_key
 from ._serialize import library_layouts
@@ -24,6 +30,31 @@ def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Series
     return out
 
 
+#: ``uns`` entries that describe the fine spots or their log-transformed ``X``, dropped besides the tool records
+_FINE_ONLY_UNS = ("log1p",)
+
+
+def _is_tool_record(value: object) -> bool:
+    """Whether ``value`` is a ``{'params': {...}, ...}`` record that a tool wrote about the data it ran on.
+
+    Such records are written by ``pp.serialize``, ``tl.embed``, ``tl.cluster``, ``sc.pp.pca``, ``sc.pp.neighbors``, ….
+    """
+    return isinstance(value, Mapping) and isinstance(value.get("params"), Mapping)
+
+
+def _check_factor(factor: object) -> int:
+    if isinstance(factor, bool | np.bool_) or not isinstance(factor, Integral | Real):
+        raise TypeError(f"factor must be a whole number >= 2 (the bin side in grid cells), got {factor!r}.")
+    if not (isinstance(factor, Integral) or (math.isfinite(factor) and float(factor).is_integer())):
+        raise ValueError(f"factor must be a whole number >= 2 (the bin side in grid cells), got {factor!r}.")
+    if factor < 2:
+        raise ValueError(
+            f"factor must be >= 2 (the bin side in grid cells), got {factor!r}"
+            + ("; factor=1 would give back the slice itself, with its spots renamed." if factor == 1 else ".")
+        )
+    return int(factor)
+
+
 def coarsen(
     adata: AnnData,
     factor: int,
@@ -38,9 +69,10 @@ def coarsen(
     ----------
     adata
         Spots with a Visium grid or coordinates (see :func:`dfmamba_st.pp.serialize`), raw counts in ``X`` or
-        ``layers[layer]``.
+        ``layers[layer]``. Counts are summed, so they must be whole numbers: log-normalised or scaled data are
+        refused (keep the counts in a layer, e.g. ``adata.layers['counts']``, and pass ``layer='counts'``).
     factor
-        Bin side in grid cells (2 → ×2 coarser, 4 → ×4).
+        Bin side in grid cells, a whole number >= 2 (2 → ×2 coarser, 4 → ×4).
     layer
         Counts to sum (default ``X``).
     library_key
@@ -50,10 +82,17 @@ def coarsen(
 
     Returns
     -------
-    A new :class:`~anndata.AnnData` with one observation per bin: ``X`` the summed counts;
+    A new :class:`~anndata.AnnData` with one observation per bin: ``X`` the summed counts (CSR float32);
     ``obs['array_row'/'array_col']`` the bin's grid position; ``obs['n_spots']`` how many spots it merged;
-    categorical ``obs`` columns carried over as the majority label of the merged spots; ``obsm[spatial_key]`` the
-    mean position; ``uns`` copied (so tissue images still plot).
+    ``obs[library_key]`` and the other categorical ``obs`` columns as the majority label of the merged spots (a
+    clustering such as ``obs['dfm_domain']`` too, though not its record; other ``obs`` columns are dropped, and
+    listed in an info message); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
+    tissue images still plot) **without** the records of tools run on the fine spots, since they describe the fine
+    data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
+    ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of :func:`~dfmamba_st.tl.cluster`,
+    scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``; ``uns['dfm_coarsen']['params']`` the
+    settings. Other layers, ``obsm`` entries and ``obsp`` are not carried over. Run
+    :func:`~dfmamba_st.pp.serialize` on the result before :func:`~dfmamba_st.tl.embed`.
 
     Examples
     --------
@@ -65,9 +104,11 @@ def coarsen(
     """
     check_adata(adata)
     check_library_key(adata, library_key)
-    if int(factor) != factor or factor < 1:
-        raise ValueError(f"factor must be a positive whole number, got {factor!r}.")
-    factor = int(factor)
+    factor = _check_factor(factor)
+    from ..tl._features import expression_matrix  # here, not at the top: tl imports pp
+
+    # tl.embed's checks (a missing layer, NaN/inf, negative values, no expression), and whole numbers only
+    counts, _ = expression_matrix(adata, layer, counts_for="dfm.pp.coarsen sums counts")
     cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
     for code, layout in enumerate(library_layouts(adata, library_key=library_key, spatial_key=spatial_key)):
@@ -81,8 +122,7 @@ def coarsen(
     member = sp.csr_matrix(
         (np.ones(adata.n_obs, dtype=np.float32), (groups, np.arange(adata.n_obs))), (n_bins, adata.n_obs)
     )
-    counts = adata.X if layer is None else adata.layers[layer]
-    X = member @ (counts if sp.issparse(counts) else sp.csr_matrix(counts))
+    X = member @ counts
     n_spots = np.asarray(member.sum(axis=1)).ravel()
 
     obs = pd.DataFrame(index=[f"bin{factor}_{i}" for i in range(n_bins)])
@@ -91,12 +131,26 @@ def coarsen(
     obs["n_spots"] = n_spots.astype(np.int64)
     if library_key is not None:
         obs[library_key] = _majority(adata.obs[library_key], groups, n_bins)
+    dropped_obs = []
     for col in adata.obs.columns:
-        if col not in obs and isinstance(adata.obs[col].dtype, pd.CategoricalDtype):
+        if col in obs:
+            continue
+        if isinstance(adata.obs[col].dtype, pd.CategoricalDtype):
             obs[col] = _majority(adata.obs[col], groups, n_bins)
-    out = AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs, var=adata.var.copy(), uns=dict(adata.uns))
+        else:
+            dropped_obs.append(col)
+    uns = {k: v for k, v in adata.uns.items() if not _is_tool_record(v) and k not in _FINE_ONLY_UNS}
+    dropped_uns = [k for k in adata.uns if k not in uns]
+    out = AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs, var=adata.var.copy(), uns=copy.deepcopy(uns))
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
         out.obsm[spatial_key] = (member @ xy) / n_spots[:, None]
     out.uns["dfm_coarsen"] = {"params": {"factor": factor, "layer": layer, "library_key": library_key}}
+    not_carried = []
+    if dropped_obs:
+        not_carried.append(f"obs columns that are not categorical {dropped_obs}")
+    if dropped_uns:
+        not_carried.append(f"uns records of the fine spots {dropped_uns}")
+    if not_carried:
+        logg.info(f"dfm.pp.coarsen: {adata.n_obs} spots -> {n_bins} bins; not carried over: {'; '.join(not_carried)}")
     return out

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core import DFMamba
+from ..core import DFMamba, resolve_device
 from ._features import FeatureTransform
 
 __all__ = ["MODEL_FORMAT", "SpatialConfig", "SpatialDFMamba", "load_model", "save_model"]
@@ -89,6 +89,14 @@ class SpatialDFMamba(nn.Module):
         return loss, {"masked_mse": float(recon.detach()), "aux": float(aux.loss.detach())}
 
 
+def _model_file(path: str | Path) -> Path:
+    """``path`` with ``~`` expanded and ``.safetensors`` appended when it has another suffix (or none)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors" or path.name in ("", ".", ".."):
+        return path
+    return path.with_name(path.name + ".safetensors")
+
+
 def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     """Write a model as ``safetensors`` tensors with a JSON header (config, genes, versions); no pickle.
 
@@ -97,17 +105,30 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     model
         A trained model (with its feature transform).
     path
-        File to write (``.safetensors`` is appended when missing).
+        File to write. ``~`` is expanded and ``.safetensors`` is appended when missing (``"mymodel"`` writes
+        ``mymodel.safetensors``; :func:`load_model` and ``tl.embed(model=...)`` accept either name). Missing parent
+        folders are created. An existing folder is refused: name the file inside it.
 
     Returns
     -------
     The path written.
+
+    Raises
+    ------
+    IsADirectoryError
+        ``path`` (or ``path`` + ``.safetensors``) is an existing folder.
+    ValueError
+        The model has no fitted feature transform.
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path.with_suffix(path.suffix + ".safetensors")
+    given = Path(path).expanduser()
+    path = _model_file(given)
+    for folder in dict.fromkeys((given, path)):
+        if folder.is_dir():
+            raise IsADirectoryError(
+                f"{folder} is a folder; save_model needs a file name, e.g. {folder / 'model.safetensors'}."
+            )
     if model.features is None:
         raise ValueError("The model has no fitted features; train it with dfm.tl.embed first.")
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -129,16 +150,43 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> SpatialDFMamba:
     """Read a model written by :func:`save_model` (tensors only: no code in the file is ever executed).
 
+    Parameters
+    ----------
+    path
+        The model file. ``~`` is expanded; the name given to :func:`save_model` works too (``"mymodel"`` finds
+        ``mymodel.safetensors`` when no file ``mymodel`` exists).
+    device
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (a GPU when torch sees one).
+
+    Returns
+    -------
+    The model, in evaluation mode, on ``device``.
+
     Raises
     ------
+    FileNotFoundError
+        Neither ``path`` nor ``path`` + ``.safetensors`` exists.
+    IsADirectoryError
+        ``path`` is a folder.
     ValueError
-        The file is not a dfmamba_st model, is truncated or corrupt, or comes from a newer, incompatible version.
+        The file is not a dfmamba_st model, is truncated or corrupt, or comes from a newer, incompatible version;
+        or ``device`` is unknown or absent (e.g. ``"cuda"`` without a GPU).
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    torch_device = resolve_device(device)
+    given = Path(path).expanduser()
+    suffixed = _model_file(given)
+    path = suffixed if not given.exists() and suffixed.is_file() else given
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = (f" It holds {found[:5]}" + (" …" if len(found) > 5 else "") + ".") if found else ""
+        raise IsADirectoryError(
+            f"{path} is a folder, not a model file; pass the file that dfm.tl.save_model wrote.{hint}"
+        )
     if not path.exists():
-        raise FileNotFoundError(f"No model file at {path}.")
+        also = f" nor at {suffixed}" if suffixed != given else ""
+        raise FileNotFoundError(f"No model file at {given}{also}.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
@@ -164,4 +212,4 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
     model = SpatialDFMamba(config, features)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.to(device).eval()
+    return model.to(torch_device).eval()

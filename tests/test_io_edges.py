@@ -1,0 +1,247 @@
+"""Edges of the file and input handling: model files, ``pp.coarsen`` inputs and records, ``datasets`` loaders.
+
+Real data only: crops of the bundled DLPFC 151673 slice, and the shared her2st files where present. No network: the
+download path runs pooch for real with ``requests`` replaced by a function that fails as an offline machine does.
+"""
+
+import io
+import re
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import requests
+import scanpy as sc
+import torch
+
+import dfmamba_st as dfm
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FAST = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
+
+
+def _shared(*parts: str) -> Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is not available")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bundled() -> ad.AnnData:
+    adata = dfm.datasets.dlpfc_151673_hvg()
+    return adata[(adata.obs["array_row"] < 16).to_numpy()].copy()
+
+
+@pytest.fixture
+def crop(bundled) -> ad.AnnData:
+    return bundled.copy()
+
+
+@pytest.fixture(scope="module")
+def trained(bundled):
+    adata = bundled.copy()
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, **FAST, return_model=True, device="cpu")
+    return adata, model
+
+
+@pytest.fixture
+def info_log():
+    """What scanpy's logging writes at the ``info`` level while the test runs."""
+    buf = io.StringIO()
+    verbosity, logfile = sc.settings.verbosity, sc.settings.logfile
+    sc.settings.verbosity, sc.settings.logfile = "info", buf
+    yield buf
+    sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
+
+
+# --- model files ------------------------------------------------------------------------------------------------------
+
+
+def test_a_model_loads_under_the_name_it_was_saved_with(trained, tmp_path, monkeypatch):
+    adata, model = trained
+    monkeypatch.chdir(tmp_path)
+    written = dfm.tl.save_model(model, "mymodel")
+    assert written == Path("mymodel.safetensors") and written.is_file()
+    loaded = dfm.tl.load_model("mymodel")
+    assert loaded.features.genes == model.features.genes
+    # tl.embed(model=<path>) goes through load_model: the same name works there too
+    again = adata.copy()
+    dfm.tl.embed(again, model="mymodel", progress=False, device="cpu")
+    np.testing.assert_allclose(again.obsm["X_dfm"], adata.obsm["X_dfm"], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match=r"No model file at other nor at other\.safetensors"):
+        dfm.tl.load_model("other")
+
+
+def test_tilde_is_expanded_when_saving_and_loading(trained, tmp_path, monkeypatch):
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    written = dfm.tl.save_model(trained[1], "~/proj/m")
+    assert written == home / "proj" / "m.safetensors" and written.is_file()
+    assert not (work / "~").exists()  # no literal "~" folder in the working directory
+    for name in ("~/proj/m.safetensors", "~/proj/m", Path("~/proj/m")):
+        assert dfm.tl.load_model(name).config == trained[1].config
+
+
+def test_save_model_refuses_an_existing_folder(trained, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{folder} is a folder")):
+        dfm.tl.save_model(trained[1], folder)
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())  # nothing written, no sibling file
+
+
+def test_load_model_of_a_folder_names_the_folder_and_its_model_files(trained, tmp_path):
+    dfm.tl.save_model(trained[1], tmp_path / "m")
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder") + r".*m\.safetensors"):
+        dfm.tl.load_model(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
+def test_load_model_on_an_absent_gpu_says_so_like_embed(trained, tmp_path):
+    path = dfm.tl.save_model(trained[1], tmp_path / "m")
+    with pytest.raises(ValueError, match=r"device='cuda' was requested but torch sees no CUDA GPU.*device='cpu'"):
+        dfm.tl.load_model(path, device="cuda")
+    assert next(dfm.tl.load_model(path, device="auto").parameters()).device.type == "cpu"
+
+
+# --- pp.coarsen -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("log", [True, False], ids=["log-normalised", "normalised"])
+def test_coarsen_refuses_normalised_data_and_sums_a_counts_layer(crop, log):
+    crop.layers["counts"] = crop.X.copy()
+    sc.pp.normalize_total(crop)
+    if log:
+        sc.pp.log1p(crop)
+    with pytest.raises(ValueError, match=r"adata\.X holds non-integer values.*layer='counts'"):
+        dfm.pp.coarsen(crop, 2)
+    coarse = dfm.pp.coarsen(crop, 2, layer="counts")
+    assert coarse.X.sum() == pytest.approx(crop.layers["counts"].sum(), rel=1e-6)
+    assert "log1p" not in coarse.uns  # X of the result holds counts, not log values
+    assert coarse.layers.keys() == set() and np.array_equal(coarse.X.data, np.round(coarse.X.data))
+
+
+def test_coarsen_names_the_available_layers_for_a_missing_one(crop):
+    crop.layers["raw"] = crop.X.copy()
+    with pytest.raises(KeyError, match=r"layer='counts' is not in adata\.layers; available layers: \['raw'\]"):
+        dfm.pp.coarsen(crop, 2, layer="counts")
+
+
+@pytest.mark.parametrize(
+    ("factor", "error", "message"),
+    [
+        (1, ValueError, r"factor=1 would give back the slice itself"),
+        (True, TypeError, r"whole number >= 2.*got True"),
+        (0, ValueError, r">= 2.*got 0"),
+        (2.5, ValueError, r"whole number >= 2.*got 2\.5"),
+        ("2", TypeError, r"whole number >= 2.*got '2'"),
+    ],
+)
+def test_coarsen_factor_must_be_a_whole_number_of_at_least_two(crop, factor, error, message):
+    with pytest.raises(error, match=message):
+        dfm.pp.coarsen(crop, factor)
+
+
+def test_coarsen_deep_copies_uns_without_the_records_of_the_fine_spots(trained, info_log):
+    adata = trained[0].copy()
+    dfm.tl.cluster(adata, n_clusters=3)
+    adata.obs["layer_text"] = adata.obs["layer"].astype(str)
+    assert {"dfm", "dfm_order", "dfm_domain"} <= set(adata.uns)
+    coarse = dfm.pp.coarsen(adata, 2)
+    assert not {"dfm", "dfm_order", "dfm_domain"} & set(coarse.uns)
+    assert coarse.uns["dfm_coarsen"]["params"]["factor"] == 2
+    assert coarse.uns["source"] == adata.uns["source"]
+    # the tissue image and scale factors are kept, as copies
+    lib, fine = coarse.uns["spatial"]["151673"], adata.uns["spatial"]["151673"]
+    np.testing.assert_array_equal(lib["images"]["lowres"], fine["images"]["lowres"])
+    lib["images"]["lowres"][:] = 0
+    lib["scalefactors"]["tissue_lowres_scalef"] = -1.0
+    assert fine["images"]["lowres"].any() and fine["scalefactors"]["tissue_lowres_scalef"] > 0
+    # categorical columns are kept as majority labels; the others are dropped, and the info message says which
+    assert {"layer", "sample_id"} <= set(coarse.obs) and "layer_text" not in coarse.obs
+    log = info_log.getvalue()
+    assert "layer_text" in log and "dfm_order" in log and "'dfm'" in log
+    # the stale serialization is gone, so embedding the bins asks for serialize instead of reusing the fine order
+    with pytest.raises(KeyError, match=r"run dfm\.pp\.serialize"):
+        dfm.tl.embed(coarse, model=trained[1], progress=False, device="cpu")
+
+
+# --- datasets ---------------------------------------------------------------------------------------------------------
+
+
+def test_dlpfc_warns_when_the_file_holds_another_sample(tmp_path):
+    file = tmp_path / "dlpfc_151674.h5ad"
+    dfm.datasets.dlpfc_151673_hvg().write_h5ad(file)  # sample 151673 under the name of another
+    with pytest.warns(UserWarning, match=r"holds DLPFC sample 151673 \(from obs\['sample_id'\]\), not .*'151674'"):
+        adata = dfm.datasets.dlpfc("151674", path=tmp_path)
+    assert adata.n_obs == 3639
+    with pytest.warns(UserWarning, match=r"not the requested DLPFC sample '151674'"):
+        dfm.datasets.dlpfc(151674, path=file)
+
+
+def test_dlpfc_reads_the_right_sample_without_a_warning(tmp_path, recwarn):
+    file = tmp_path / "dlpfc_151673.h5ad"
+    dfm.datasets.dlpfc_151673_hvg().write_h5ad(file)
+    dfm.datasets.dlpfc(151673, path=file)
+    dfm.datasets.dlpfc("151673", path=tmp_path)
+    assert not [w for w in recwarn if "holds DLPFC sample" in str(w.message)]
+
+
+def test_her2st_warns_when_the_file_holds_another_section():
+    b1 = _shared("her2st", "her2st_B1.h5ad")
+    with pytest.warns(UserWarning, match=r"holds her2st section B1 \(from uns\['source'\]\), not .*'A1'"):
+        dfm.datasets.her2st("A1", path=b1)
+
+
+def test_a_wrong_id_in_a_folder_lists_the_files_and_the_valid_ids(tmp_path):
+    (tmp_path / "dlpfc").mkdir()
+    dfm.datasets.dlpfc_151673_hvg().write_h5ad(tmp_path / "dlpfc" / "dlpfc_151673.h5ad")
+    with pytest.raises(FileNotFoundError, match=r"No dlpfc_999\.h5ad") as err:
+        dfm.datasets.dlpfc("999", path=tmp_path)
+    assert "dlpfc/dlpfc_151673.h5ad" in str(err.value)
+    assert all(sid in str(err.value) for sid in dfm.datasets.DLPFC_SAMPLES)
+    with pytest.raises(FileNotFoundError, match=r"no her2st_\*\.h5ad file there.*'A1', 'B1'"):
+        dfm.datasets.her2st("Z9", path=tmp_path)
+
+
+def test_a_path_to_a_file_that_is_not_h5ad_is_named_in_a_clear_error(tmp_path):
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not an h5ad file\n")
+    for load in (dfm.datasets.dlpfc, dfm.datasets.her2st):
+        with pytest.raises(ValueError, match=re.escape(f"{notes} is not a readable .h5ad file")):
+            load(path=notes)
+
+
+def _offline(monkeypatch):
+    def no_network(url, *args, **kwargs):
+        raise requests.exceptions.ConnectionError(f"Failed to resolve host of {url} (offline)")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(requests, "head", no_network)
+
+
+@pytest.mark.parametrize(("load", "arg"), [(dfm.datasets.dlpfc, "151673"), (dfm.datasets.her2st, "A1")])
+def test_an_offline_download_says_how_to_load_locally_and_leaves_no_empty_cache(monkeypatch, tmp_path, load, arg):
+    _offline(monkeypatch)
+    cache = tmp_path / "cache" / "dfm"
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(cache))
+    with pytest.raises(OSError, match=r"Could not download .*ConnectionError.*path=.*\$DFMAMBA_ST_DATA") as err:
+        load(arg)
+    assert isinstance(err.value.__cause__, requests.exceptions.ConnectionError)
+    assert list(tmp_path.iterdir()) == []  # the cache folders pooch made for the failed download are gone
+
+
+def test_an_offline_download_keeps_an_existing_cache_folder(monkeypatch, tmp_path):
+    _offline(monkeypatch)
+    (tmp_path / "her2st").mkdir()
+    (tmp_path / "her2st" / "keep.txt").write_text("a file of the user")
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path))
+    with pytest.raises(OSError, match=r"her2st\('A1', path="):
+        dfm.datasets.her2st("A1")
+    assert (tmp_path / "her2st" / "keep.txt").is_file()
