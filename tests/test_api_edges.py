@@ -181,3 +181,12 @@ def test_a_handful_of_spots_in_a_library_is_not_a_library_specific_domain():
     assert dfm.tl.library_specific_domains(labels, libraries) == {}
     labels[:600] = "5"  # a domain of library a only is still found
     assert dfm.tl.library_specific_domains(labels, libraries) == {"5": "a"}
+
+
+def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled):
+    adata = crop(bundled)
+    adata.obs["array_col"] = adata.obs["array_col"].to_numpy().copy()
+    adata.obs.iloc[0, adata.obs.columns.get_loc("array_col")] += 1  # one spot off the lattice
+    with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid"):
+        dfm.pp.serialize(adata)
+    assert adata.uns["dfm_order"]["params"]["grid"] == "grid"

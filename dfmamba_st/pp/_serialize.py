@@ -18,6 +18,10 @@ __all__ = ["LibraryLayout", "library_layouts", "serialize", "spot_cells"]
 TIE_RESOLUTION = 16
 
 
+#: when at most this share of spots breaks the hexagonal grid's parity, they are reported as likely errors
+OFF_LATTICE_SHARE = 0.01
+
+
 def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndarray, str]:
     """Integer grid cells of every spot and how they were obtained.
 
@@ -127,6 +131,19 @@ def library_layouts(
     return out
 
 
+def _warn_off_lattice(adata: AnnData) -> None:
+    """Warn when a few spots break the hexagonal grid's parity (likely errors that turn it into a square grid)."""
+    parity = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.int64).sum(axis=1) % 2
+    odd = int(min(parity.sum(), parity.size - parity.sum()))
+    if odd <= OFF_LATTICE_SHARE * parity.size:
+        warnings.warn(
+            f"{odd} of {parity.size} spots break the Visium hexagonal grid (array_row + array_col of one parity), "
+            "so the grid is read as a square one, which orders the spots differently. Check those spots' "
+            "obs['array_row'/'array_col'].",
+            stacklevel=3,
+        )
+
+
 def identical_positions(layouts: list[LibraryLayout]) -> int:
     """Spots at the same position (grid cell or exact coordinates) as an earlier spot of their library."""
     return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
@@ -205,6 +222,8 @@ def serialize(
         position[layout.idx[layout.order(curve)]] = np.arange(layout.idx.size)
         n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
     n_identical = identical_positions(layouts)
+    if layouts[0].source == "grid":
+        _warn_off_lattice(adata)
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {
