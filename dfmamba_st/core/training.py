@@ -168,9 +168,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             f"CUDA build: {torch.version.cuda}). Use device='cpu' or device='auto'."
         )
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.") from err
+        raise ValueError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"Unsupported device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r} was requested but torch sees {torch.cuda.device_count()} CUDA GPU(s).")
+    return resolved
 
 
 def cosine_with_warmup(total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:

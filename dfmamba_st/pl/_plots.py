@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.colors import is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._utils import check_library_key
+from .._utils import check_library_key, embed_record_key, recorded_param
 from ..tl._cluster import WEAK_KNEE
 
 __all__ = ["bic", "domains", "gates", "training"]
+
+#: spare colours closer than this (RGB distance, 0-1 per channel) to a colour in use are left out
+_MIN_COLOUR_DISTANCE = 0.1
+#: colours with less chroma (max - min channel) than this are greys, too close to the NA colour ``lightgrey``
+_MIN_CHROMA = 0.1
+#: colours lighter than this (HLS lightness) are near-white, barely visible over the H&E image
+_MAX_LIGHTNESS = 0.8
+#: how far the tissue panels reach beyond the spots: this fraction of their extent (at least one spot diameter)
+_ZOOM_MARGIN = 0.05
 
 
 def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given: bool):
@@ -31,6 +42,146 @@ def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given:
     return axes
 
 
+def _make_current(ax: Axes) -> None:
+    """Make ``ax`` (and its figure) pyplot's current axes, so that colour bars are added to its figure.
+
+    A figure not made by pyplot cannot be made current; squidpy then draws into ``ax`` all the same.
+    """
+    try:
+        plt.sca(ax)
+    except ValueError:
+        pass
+
+
+def _embed_record(adata: AnnData, key: str) -> str | None:
+    """The ``uns`` key of the record of the :func:`~dfmamba_st.tl.embed` run that wrote ``obsm[key]``, or ``None``.
+
+    ``uns[embed_record_key(key)]``; files written before each embedding had its own record keep the last run's record
+    in ``uns['dfm']``, which counts when its ``key_added`` is ``key``.
+    """
+    for uns_key in dict.fromkeys((embed_record_key(key), "dfm")):
+        record = adata.uns.get(uns_key)
+        if isinstance(record, Mapping) and "params" in record and str(record.get("key_added", "X_dfm")) == key:
+            return uns_key
+    return None
+
+
+def _embeddings(adata: AnnData) -> list[str]:
+    """The ``obsm`` keys of the embeddings :func:`~dfmamba_st.tl.embed` wrote (those with a ``_gates`` partner)."""
+    return [k for k in adata.obsm if f"{k}_gates" in adata.obsm]
+
+
+def _clusterings(adata: AnnData) -> list[str]:
+    """The ``obs`` columns :func:`~dfmamba_st.tl.cluster` wrote (those with a record of its parameters in ``uns``)."""
+    return [c for c in adata.obs.columns if recorded_param(adata, str(c), "method") is not None]
+
+
+def _missing(what: str, found: list[str], tool: str) -> KeyError:
+    """The error for a result not found: it names the keys of that tool's results that do exist."""
+    hint = (
+        f"the keys of {tool}'s results here are {found}; pass key= one of them" if found else f"run {tool}(adata) first"
+    )
+    return KeyError(f"{what} not found: {hint}.")
+
+
+def _require_embedding(adata: AnnData, key: str) -> None:
+    if f"{key}_gates" not in adata.obsm:
+        raise _missing(f"adata.obsm[{key + '_gates'!r}]", _embeddings(adata), "dfm.tl.embed")
+
+
+def _require_domains(adata: AnnData, key: str) -> None:
+    if key not in adata.obs:
+        raise _missing(f"adata.obs[{key!r}]", _clusterings(adata), "dfm.tl.cluster")
+
+
+def _coordinates(adata: AnnData, *uns_keys: str) -> str:
+    """The ``obsm`` key of the spots' coordinates: ``'spatial'``, else the one recorded in the first of ``uns_keys``."""
+    if "spatial" in adata.obsm:
+        return "spatial"
+    for uns_key in uns_keys:
+        recorded = recorded_param(adata, uns_key, "spatial_key")
+        if recorded is not None and recorded in adata.obsm:
+            return str(recorded)
+    raise KeyError(f"adata.obsm['spatial'] not found (the spots' coordinates); obsm holds {list(adata.obsm)}.")
+
+
+def _is_muted(colour) -> bool:
+    """A grey (too close to the NA colour ``lightgrey``) or a near-white (barely visible over the H&E image)."""
+    rgb = np.asarray(to_rgb(colour))
+    return bool(rgb.max() - rgb.min() < _MIN_CHROMA or (rgb.max() + rgb.min()) / 2 > _MAX_LIGHTNESS)
+
+
+def _default_colours(n: int) -> list[str]:
+    """``n`` colours for categories, as scanpy picks them: tab10 up to 10, tab20 up to 20, else scanpy's 102."""
+    if n <= 10:
+        colours = plt.get_cmap("tab10").colors
+    elif n <= 20:
+        colours = plt.get_cmap("tab20").colors
+    else:
+        from scanpy.plotting.palettes import default_102 as colours
+    return [to_hex(colours[i % len(colours)]) for i in range(n)]
+
+
+def _category_colours(adata: AnnData, key: str, categories: pd.Index) -> dict | None:
+    """``{category: colour}`` from ``uns[key + '_colors']`` when it has a valid colour per category (scanpy's rule)."""
+    stored = adata.uns.get(f"{key}_colors")
+    if stored is None or isinstance(stored, str) or len(stored) != len(categories):
+        return None
+    stored = list(stored)
+    if not all(is_color_like(c) for c in stored):
+        return None
+    return {c: to_hex(colour, keep_alpha=True) for c, colour in zip(categories, stored)}
+
+
+def _spare_colours(n: int, taken: Sequence) -> list[str]:
+    """``n`` colours for domains that match no annotated label: distinct from ``taken`` and from each other.
+
+    From Set3, then scanpy's 102 colours, leaving out greys and near-whites; they repeat only when none is left.
+    """
+    from scanpy.plotting.palettes import default_102
+
+    used = [np.asarray(to_rgb(c)) for c in taken]
+    out: list[str] = []
+    for colour in [to_hex(c) for c in plt.get_cmap("Set3").colors] + [to_hex(c) for c in default_102]:
+        if len(out) == n:
+            break
+        rgb = np.asarray(to_rgb(colour))
+        if _is_muted(colour) or any(np.linalg.norm(rgb - u) < _MIN_COLOUR_DISTANCE for u in used):
+            continue
+        out.append(colour)
+        used.append(rgb)
+    if not out:  # every candidate is in use already: take them anyway
+        out = [to_hex(c) for c in plt.get_cmap("Set3").colors if not _is_muted(c)]
+    return [out[i % len(out)] for i in range(n)]
+
+
+def _zoom(ax: Axes, xy: np.ndarray, image_shape: tuple[int, ...], spot_diameter: float) -> None:
+    """Limit ``ax`` to the spots (image pixels) and a margin, as ``sc.pl.spatial`` does, within the image."""
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if not len(xy):
+        return
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    margin = max(_ZOOM_MARGIN * float((high - low).max()), spot_diameter)
+    x0, x1 = max(low[0] - margin, -0.5), min(high[0] + margin, image_shape[1] - 0.5)
+    y0, y1 = max(low[1] - margin, -0.5), min(high[1] + margin, image_shape[0] - 0.5)
+    if x0 >= x1 or y0 >= y1:  # spots off the image: the margin around them alone
+        x0, x1, y0, y1 = low[0] - margin, high[0] + margin, low[1] - margin, high[1] + margin
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)  # the image's rows go down
+
+
+def _fit_legends(fig: Figure, pad: float = 0.1) -> None:
+    """Widen ``fig`` until the legends beside its panels fit on it (tight_layout alone leaves wide ones cut off)."""
+    for _ in range(4):
+        bbox = fig.get_tightbbox()  # inches, legends included
+        width = fig.get_figwidth()
+        overflow = max(0.0, bbox.x1 - width) + max(0.0, -bbox.x0)
+        if overflow < 0.01:
+            return
+        fig.set_figwidth(width + overflow + pad)
+        fig.tight_layout()
+
+
 def _tissue(
     adata: AnnData,
     values: pd.Series | np.ndarray,
@@ -42,11 +193,15 @@ def _tissue(
     vmin=None,
     vmax=None,
     library_id: str | None = None,
+    spatial_key: str = "spatial",
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
-    The image is that of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there.
+    The image is that of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there; the
+    panel is zoomed to the spots. Without an image, the points' size follows scanpy's rule for embeddings
+    (``120000 / n_spots``).
     """
+    _make_current(ax)
     with warnings.catch_warnings():
         # squidpy's docstring templating (docrep) warns about its own docstrings on first import; not the user's concern
         warnings.simplefilter("ignore", SyntaxWarning)
@@ -55,24 +210,27 @@ def _tissue(
     view = AnnData(obs=pd.DataFrame({"value": np.asarray(values)}, index=adata.obs_names), shape=(adata.n_obs, 0))
     if isinstance(values, pd.Series) and isinstance(values.dtype, pd.CategoricalDtype):
         view.obs["value"] = pd.Categorical(values.to_numpy(), categories=values.cat.categories)
-    view.obsm["spatial"] = np.asarray(adata.obsm["spatial"])
-    images_of = adata.uns.get("spatial", {})
+    view.obsm["spatial"] = np.asarray(adata.obsm[spatial_key])
+    # images go with the coordinates in obsm['spatial'] (their scale factors are for those)
+    images_of = adata.uns.get("spatial", {}) if spatial_key == "spatial" else {}
     if library_id is not None:
         lib = library_id if library_id in images_of else None  # never another library's image
     else:
         lib = next(iter(images_of)) if len(images_of) == 1 else None
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
     kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
+    points = 120000 / max(adata.n_obs, 1)  # scanpy's default size (points²) for an embedding of n_obs spots
+    res = None
     if lib is not None:
         view.uns["spatial"] = {lib: images_of[lib]}
         images = images_of[lib].get("images", {})
         res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
         kwargs.update(img_res_key=res, img=res is not None, img_alpha=0.5)
         if res is None:
-            kwargs.update(shape=None, size=12, library_id=lib)
+            kwargs.update(shape=None, size=points, library_id=lib)
     else:
         # points without an image: naming the (absent) library keeps squidpy from asking for one
-        kwargs.update(shape=None, img=False, size=12, library_id="")
+        kwargs.update(shape=None, img=False, size=points, library_id="")
     if cmap is not None:
         kwargs.update(cmap=cmap, norm=plt.Normalize(vmin, vmax))
     if palette is not None:
@@ -86,6 +244,12 @@ def _tissue(
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
         sq.pl.spatial_scatter(view, **kwargs)
     ax.set_title(title)
+    if res is not None:
+        factors = images_of[lib].get("scalefactors", {})
+        scale = float(factors.get(f"tissue_{res}_scalef", 1.0))
+        diameter = float(factors.get("spot_diameter_fullres", 0.0)) * scale
+        xy = np.asarray(view.obsm["spatial"], dtype=np.float64)[:, :2] * scale
+        _zoom(ax, xy, np.shape(images_of[lib]["images"][res]), diameter)
 
 
 def _libraries(
@@ -108,7 +272,9 @@ def _libraries(
     if library_id is not None and library_id not in libraries:
         raise KeyError(f"library_id={library_id!r} is not in obs[{library_key!r}]; libraries: {libraries}.")
     if library_id is None and len(libraries) == 1:
-        return [(None, adata)]
+        # one library left (a subset of several): its own image, when uns['spatial'] names it
+        only = str(libraries[0])
+        return [(only if only in adata.uns.get("spatial", {}) else None, adata)]
     if library_id is None and ax is not None:
         raise ValueError(
             f"adata holds {len(libraries)} libraries in obs[{library_key!r}] ({', '.join(map(str, libraries[:5]))}"
@@ -138,10 +304,67 @@ def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, f
     return fig, groups
 
 
-def _require(adata: AnnData, where: str, key: str, hint: str) -> None:
-    container = getattr(adata, where)
-    if key not in container:
-        raise KeyError(f"adata.{where}[{key!r}] not found: {hint}")
+def _depths(depth, available: list[int], *, ax: Axes | None) -> list[int]:
+    """The depths to draw, checked: whole numbers among ``available``; one only into an ``ax=``."""
+
+    def whole(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if depth is None:
+        return available[:1] if ax is not None else available
+    if whole(depth):
+        depths = [int(depth)]
+    elif isinstance(depth, Sequence | np.ndarray) and not isinstance(depth, str):
+        depths = list(depth)
+    else:
+        depths = [depth]
+    for k in depths:
+        if not whole(k):
+            raise TypeError(
+                f"depth must be a whole number (a fusing depth such as 0) or a list of them, got {k!r} "
+                f"({type(k).__name__}); available depths: {available}."
+            )
+    depths = [int(k) for k in depths]
+    if not depths:
+        raise ValueError(
+            f"depth={depth!r} names no depth; pass some of the available depths {available}, or None (all)."
+        )
+    if ax is not None and len(depths) > 1:
+        raise ValueError(
+            f"ax= holds one depth's tissue map, got depth={depths}; pass one depth, or leave ax=None for a figure "
+            "with a panel per depth."
+        )
+    for k in depths:
+        if k not in available:
+            raise ValueError(f"depth={k} has no gate; available depths: {available}.")
+    return depths
+
+
+def _sequence_order(adata: AnnData, order_key: str | None, record: str | None, sequence: bool) -> str | None:
+    """The ``obs`` column of the serialization order for the panel along the curve, or ``None`` (with a warning).
+
+    ``order_key=None`` takes the one recorded by :func:`~dfmamba_st.tl.embed` (else its default ``'dfm_order'``).
+    """
+    if not sequence:
+        return None
+    if order_key is not None:
+        if order_key not in adata.obs:
+            raise KeyError(
+                f"order_key={order_key!r} is not a column of adata.obs (the order of dfm.pp.serialize); "
+                f"columns: {list(adata.obs.columns)}."
+            )
+        return order_key
+    recorded = recorded_param(adata, record, "order_key") if record is not None else None
+    candidate = str(recorded) if recorded is not None else "dfm_order"
+    if candidate in adata.obs:
+        return candidate
+    warnings.warn(
+        f"No serialization order found (obs[{candidate!r}] is missing): the panel along the sequence shows the spots "
+        "in AnnData order, not along the curve. Pass order_key= (the key_added of dfm.pp.serialize).",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def gates(
@@ -149,7 +372,7 @@ def gates(
     depth: int | Sequence[int] | None = None,
     *,
     key: str = "X_dfm",
-    order_key: str = "dfm_order",
+    order_key: str | None = None,
     sequence: bool = True,
     library_key: str | None = None,
     library_id: str | None = None,
@@ -165,18 +388,21 @@ def gates(
     adata
         Embedded with :func:`dfmamba_st.tl.embed` (reads ``obsm[key + '_gates']``).
     depth
-        Depth(s) to draw; all fusing depths by default.
+        Depth(s) to draw (whole numbers); all fusing depths by default (the first one into an ``ax=``).
     key
-        The embedding key used in :func:`~dfmamba_st.tl.embed`.
+        The ``key_added`` of :func:`~dfmamba_st.tl.embed`; its run's record gives the default ``library_key`` and
+        ``order_key``.
     order_key
-        The serialization order (for the panel along the sequence).
+        The serialization order (for the panel along the sequence); by default the one
+        :func:`~dfmamba_st.tl.embed` read. Without one the panel shows AnnData order, with a warning.
     sequence
         Add a panel with the gates along the curve (rolling mean over 25 spots).
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.embed`).
     library_id
         The library to draw. By default every library, each in its own panels (their coordinates overlap, so they
-        are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``.
+        are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``. A subset holding one
+        library of several is drawn over that library's image.
     ncols
         Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
@@ -203,22 +429,22 @@ def gates(
 
     One tissue map per fusing depth and the panel along the sequence (the colour bars have no title).
     """
-    _require(adata, "obsm", f"{key}_gates", "run dfm.tl.embed(adata) first.")
-    recorded = adata.uns.get("dfm", {}).get("params", {}).get("library_key")
+    _require_embedding(adata, key)
+    record = _embed_record(adata, key)
+    recorded = recorded_param(adata, record, "library_key") if record is not None else None
     libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
     values = np.asarray(adata.obsm[f"{key}_gates"])
     available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
-    depths = available if depth is None else ([depth] if np.isscalar(depth) else list(depth))
-    for k in depths:
-        if k not in available:
-            raise ValueError(f"depth={k} has no gate; available depths: {available}.")
+    depths = _depths(depth, available, ax=ax)
+    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=_coordinates(adata, *([record] if record else [])))
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
-        _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", cmap="magma", vmin=0, vmax=1, library_id=lib)
+        _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", library_id=lib, **style)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
+    order_key = _sequence_order(adata, order_key, record, sequence)
     n_panels = len(depths) + int(sequence)
     fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
     for row, (lib, spots) in zip(groups, libraries):
@@ -227,27 +453,63 @@ def gates(
         gates_here = np.asarray(spots.obsm[f"{key}_gates"])
         for a, k in zip(row, depths):
             title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
-            _tissue(spots, gates_here[:, k], ax=a, title=title, cmap="magma", vmin=0, vmax=1, library_id=lib)
+            _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, **style)
         if sequence:
             title = f"{prefix}gates along the sequence"
             _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
+    _fit_legends(fig)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
 def _gates_along_sequence(
-    ax: Axes, spots: AnnData, values: np.ndarray, depths: list[int], order_key: str, *, title: str
+    ax: Axes, spots: AnnData, values: np.ndarray, depths: list[int], order_key: str | None, *, title: str
 ) -> None:
-    """The gates of one library along its curve (rolling mean over 25 spots)."""
-    order = np.argsort(spots.obs[order_key].to_numpy(), kind="stable") if order_key in spots.obs else None
+    """The gates of one library along its curve (rolling mean over 25 spots); in AnnData order without a curve."""
+    order = np.argsort(spots.obs[order_key].to_numpy(), kind="stable") if order_key is not None else None
     for k in depths:
         series = pd.Series(values[order, k] if order is not None else values[:, k])
         ax.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
-    ax.set_xlabel("position along the curve")
+    ax.set_xlabel("position along the curve" if order is not None else "spot, in AnnData order (no curve found)")
     ax.set_ylabel("gate (rolling mean)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(frameon=False, fontsize=8)
+
+
+def _domain_palette(
+    adata: AnnData, shown: AnnData, key: str, truth_key: str | None
+) -> tuple[list | None, dict | None, pd.Series, pd.Series | None]:
+    """Colours of the domains (a list over their categories, or ``None``: scanpy's) and of the annotation.
+
+    The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else tab10, tab20 or
+    scanpy's 102 colours, by the number of categories). A domain takes the colour of the label it overlaps most
+    (each label once); the others get spare colours, distinct while any are left. Without ``truth_key``, the domains
+    keep ``uns[key + '_colors']`` when it fits.
+    """
+    pred = shown.obs[key].astype("category")
+    if truth_key is None:
+        stored = _category_colours(adata, key, adata.obs[key].astype("category").cat.categories)
+        colours = (
+            [stored[c] for c in pred.cat.categories] if stored and set(pred.cat.categories) <= set(stored) else None
+        )
+        return colours, None, pred, None
+    truth = shown.obs[truth_key].astype("category")
+    every = adata.obs[truth_key].astype("category").cat.categories  # uns colours follow the whole column's categories
+    truth_palette = _category_colours(adata, truth_key, every)
+    if truth_palette is None or not set(truth.cat.categories) <= set(truth_palette):
+        truth_palette = dict(zip(truth.cat.categories, _default_colours(len(truth.cat.categories))))
+    table = pd.crosstab(pred, truth)
+    palette, used = {}, set()
+    for c in table.sum(axis=1).sort_values(ascending=False).index:
+        best = next((t for t in table.loc[c].sort_values(ascending=False).index if t not in used), None)
+        if best is not None and table.loc[c, best] > 0:
+            palette[c] = truth_palette[best]
+            used.add(best)
+    unmatched = [c for c in pred.cat.categories if c not in palette]
+    taken = [truth_palette[t] for t in truth.cat.categories] + ["lightgrey"]
+    palette.update(zip(unmatched, _spare_colours(len(unmatched), taken)))
+    return [palette[c] for c in pred.cat.categories], truth_palette, pred, truth
 
 
 def domains(
@@ -264,7 +526,9 @@ def domains(
 ):
     """Spatial domains on the tissue, next to a reference annotation when ``truth_key`` is given.
 
-    Domains are coloured to match the annotation they overlap most (so a correct domain has its layer's colour).
+    Domains are coloured to match the annotation they overlap most (so a correct domain has its layer's colour);
+    the annotation keeps its ``uns[truth_key + '_colors']`` when it has one colour per category, as in scanpy.
+    Domains that match no label get colours of their own (no greys, no near-whites, none twice while any is left).
 
     Parameters
     ----------
@@ -287,37 +551,28 @@ def domains(
     -------
     The figure if ``return_fig``, else the axes (a list, library by library) when ``show=False``, else ``None``.
     """
-    _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
-    recorded = adata.uns.get(key, {}).get("params", {}).get("library_key")
+    _require_domains(adata, key)
+    if truth_key is not None and truth_key not in adata.obs:
+        raise KeyError(
+            f"adata.obs[{truth_key!r}] not found: pass truth_key= the obs column of the annotation; "
+            f"columns: {list(adata.obs.columns)}."
+        )
+    recorded = recorded_param(adata, key, "library_key")
     libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
     # colours from every spot drawn, so that a domain has one colour in every library's panel
     shown = libraries[0][1] if len(libraries) == 1 else adata
-    pred = shown.obs[key].astype("category")
-    palette = None
-    truth = None
-    if truth_key is not None:
-        _require(adata, "obs", truth_key, "pass the obs column of the annotation.")
-        truth = shown.obs[truth_key].astype("category")
-        colors = plt.get_cmap("tab10" if len(truth.cat.categories) <= 10 else "tab20").colors
-        truth_palette = {c: colors[i % len(colors)] for i, c in enumerate(truth.cat.categories)}
-        table = pd.crosstab(pred, truth)
-        palette, used = {}, set()
-        for c in table.sum(axis=1).sort_values(ascending=False).index:
-            best = next((t for t in table.loc[c].sort_values(ascending=False).index if t not in used), None)
-            if best is not None and table.loc[c, best] > 0:
-                palette[c] = truth_palette[best]
-                used.add(best)
-        spare = [col for col in plt.get_cmap("Set3").colors]
-        for i, c in enumerate(c for c in pred.cat.categories if c not in palette):
-            palette[c] = spare[i % len(spare)]
-    colours = palette and [palette[c] for c in pred.cat.categories]
+    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key)
+    use_rep = recorded_param(adata, key, "use_rep")
+    embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
+    coordinates = _coordinates(adata, *([embedding] if embedding is not None else []), "dfm_order")
 
     def column(spots: AnnData, name: str, categories) -> pd.Series:
         return pd.Series(pd.Categorical(spots.obs[name].to_numpy(), categories=categories), index=spots.obs_names)
 
     if ax is not None:
         ((lib, spots),) = libraries
-        _tissue(spots, column(spots, key, pred.cat.categories), ax=ax, title=key, palette=colours, library_id=lib)
+        values = column(spots, key, pred.cat.categories)
+        _tissue(spots, values, ax=ax, title=key, palette=colours, library_id=lib, spatial_key=coordinates)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
     fig, groups = _panels(len(libraries), n, ncols, (5.2, 4.6))
@@ -326,10 +581,19 @@ def domains(
         if truth is not None:
             values = column(spots, truth_key, truth.cat.categories)
             truth_colours = [truth_palette[c] for c in truth.cat.categories]
-            _tissue(spots, values, ax=row[0], title=prefix + truth_key, palette=truth_colours, library_id=lib)
+            _tissue(
+                spots,
+                values,
+                ax=row[0],
+                title=prefix + truth_key,
+                palette=truth_colours,
+                library_id=lib,
+                spatial_key=coordinates,
+            )
         values = column(spots, key, pred.cat.categories)
-        _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib)
+        _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib, spatial_key=coordinates)
     fig.tight_layout()
+    _fit_legends(fig)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
@@ -351,7 +615,8 @@ def bic(
     Parameters
     ----------
     adata
-        Clustered with :func:`dfmamba_st.tl.cluster` and ``n_clusters=None`` (reads ``uns[key]['bic']``).
+        Clustered with :func:`dfmamba_st.tl.cluster`, ``method='gmm'`` or ``'kmeans'`` and ``n_clusters=None``
+        (reads ``uns[key]['bic']``).
     key
         The ``key_added`` of :func:`~dfmamba_st.tl.cluster`.
     ax, show, return_fig
@@ -375,13 +640,24 @@ def bic(
 
     Noise has no number of domains: the BIC only rises with K, and the knee is flat.
     """
-    _require(adata, "obs", key, "run dfm.tl.cluster(adata) first.")
+    _require_domains(adata, key)
     record = adata.uns.get(key, {})
-    if "bic" not in record:
-        raise ValueError(
-            f"uns[{key!r}] holds no BIC curve: the number of domains was given, not chosen "
-            "(run dfm.tl.cluster(adata, n_clusters=None))."
-        )
+    if not isinstance(record, Mapping) or "bic" not in record:
+        method = recorded_param(adata, key, "method")
+        if method is None:
+            why = f"obs[{key!r}] has no record of dfm.tl.cluster (uns[{key!r}]['params'])"
+        elif method == "leiden":
+            why = (
+                "method='leiden' sets the number of domains by its resolution (searched to give n_clusters, or 1 "
+                "with n_clusters=None), not on a BIC curve; only 'gmm' and 'kmeans' with n_clusters=None choose it "
+                "there"
+            )
+        else:
+            why = (
+                f"the number of domains was given, not chosen (method={method!r}, n_clusters="
+                f"{recorded_param(adata, key, 'n_clusters')}); run dfm.tl.cluster(adata, n_clusters=None) for the curve"
+            )
+        raise ValueError(f"uns[{key!r}] holds no BIC curve: {why}.")
     ks = np.array(sorted(int(k) for k in record["bic"]))
     values = np.array([float(record["bic"][str(k)]) for k in ks])
     chosen = int(record["params"]["n_clusters"])
@@ -409,6 +685,7 @@ def bic(
 def training(
     adata: AnnData,
     *,
+    key: str = "X_dfm",
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
@@ -419,6 +696,9 @@ def training(
     ----------
     adata
         Embedded with :func:`dfmamba_st.tl.embed`.
+    key
+        The ``key_added`` of :func:`~dfmamba_st.tl.embed`: its run's record (``uns['dfm']`` for ``'X_dfm'``, else
+        ``uns[key]``) holds the losses.
     ax, show, return_fig
         As in :func:`gates`.
 
@@ -426,13 +706,20 @@ def training(
     -------
     The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
     """
-    _require(adata, "uns", "dfm", "run dfm.tl.embed(adata) first.")
-    history = adata.uns["dfm"].get("history", {})
+    record = _embed_record(adata, key)
+    if record is None:
+        found = [k for k in _embeddings(adata) if _embed_record(adata, k) is not None]
+        raise _missing(
+            f"The record of dfm.tl.embed's run for key={key!r} (adata.uns[{embed_record_key(key)!r}])",
+            found,
+            "dfm.tl.embed",
+        )
+    history = adata.uns[record].get("history", {})
     if not len(history) or "train_loss" not in history:
-        raise ValueError("uns['dfm'] holds no training history (the embedding came from a pre-trained model).")
+        raise ValueError(f"uns[{record!r}] holds no training history (the embedding came from a pre-trained model).")
     given = ax is not None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig, ax = plt.subplots(figsize=(6.8, 3.4))
     fig = ax.figure
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     labels = {"train_loss": "total", "masked_mse": "masked-spot reconstruction", "aux": "auxiliary (DF-Mamba)"}
@@ -442,8 +729,10 @@ def training(
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
-    ax.set_title("dfm.tl.embed training")
-    ax.legend(frameon=False, fontsize=8)
+    ax.set_title("dfm.tl.embed training" + (f" ({key})" if key != "X_dfm" else ""))
+    # beside the axes, never over the curves
+    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if not given:
         fig.tight_layout()
+        _fit_legends(fig)
     return _finish(fig, ax, show=show, return_fig=return_fig, ax_given=given)

@@ -1,0 +1,422 @@
+"""Edges of the plots and the command line: subsets of several slices, many domains, colours, the recorded keys, the
+depth argument, spot sizes and zoom, legends, and the command line's checks before any work."""
+
+import re
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import to_hex, to_rgb
+
+import dfmamba_st as dfm
+from dfmamba_st.__main__ import _parser, main
+
+matplotlib.use("Agg")
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QUICK = dict(epochs=1, d_model=16, n_pcs=20, progress=False)
+
+
+def crop(adata, rows=(0, 30), cols=(0, 200)):
+    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
+    return adata[keep.to_numpy()].copy()
+
+
+def shared(*parts: str) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} is not available")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return dfm.datasets.dlpfc_151673_hvg()
+
+
+@pytest.fixture(scope="module")
+def embedded(bundled):
+    """The top of the bundled slice (1,465 spots), serialized, embedded (one epoch) and clustered into 7 and 25."""
+    adata = crop(bundled)
+    dfm.pp.serialize(adata)
+    dfm.tl.embed(adata, **QUICK)
+    dfm.tl.cluster(adata, 7, n_init=2)
+    dfm.tl.cluster(adata, 25, n_init=1, key_added="dom25")
+    return adata
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+    """Crops of 151673 and 151674 in one AnnData (overlapping coordinates), each with its own image."""
+    slices = {s: crop(ad.read_h5ad(shared("dlpfc", f"dlpfc_{s}.h5ad")), rows=(0, 15)) for s in ("151673", "151674")}
+    adata = ad.concat(slices, label="lib", join="inner", uns_merge="unique", index_unique="-")
+    assert sorted(adata.uns["spatial"]) == ["151673", "151674"]
+    dfm.pp.serialize(adata, library_key="lib")
+    dfm.tl.embed(adata, library_key="lib", **QUICK)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*lie almost only in one library")  # two crops of two sections
+        dfm.tl.cluster(adata, 5, n_init=2, library_key="lib")
+    return adata
+
+
+def legend_colours(ax) -> dict[str, str]:
+    """``{label: colour}`` of the legend beside a tissue panel."""
+    legend = ax.get_legend()
+    return {
+        text.get_text(): to_hex(handle.get_facecolor()[0])
+        for text, handle in zip(legend.get_texts(), legend.legend_handles)
+    }
+
+
+def scatter(ax):
+    """The spots' collection of a tissue panel (the one with the most points)."""
+    return max(ax.collections, key=lambda c: len(c.get_offsets()))
+
+
+# --- 3: a subset holding one library of several ----------------------------------------------------------------------
+
+
+def test_a_subset_to_one_library_is_drawn_over_its_own_image(two_slices):
+    one = two_slices[(two_slices.obs["lib"] == "151674").to_numpy()].copy()
+    assert len(one.uns["spatial"]) == 2  # both images still there
+    image = one.uns["spatial"]["151674"]["images"]["lowres"]
+    fig = dfm.pl.domains(one, truth_key="layer", return_fig=True, show=False)
+    tissue = [ax for ax in fig.axes if ax.get_title()]
+    assert len(tissue) == 2
+    for ax in tissue:
+        assert ax.images, ax.get_title()
+        assert ax.images[0].get_array().shape == image.shape
+        assert np.allclose(ax.images[0].get_array(), image)  # 151674's image, not 151673's
+    fig = dfm.pl.gates(one, return_fig=True, show=False)
+    maps = [ax for ax in fig.axes if ax.get_title().startswith("gate, depth")]
+    assert maps and all(ax.images for ax in maps)
+
+
+# --- 7: legends of many domains -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("truth_key", [None, "layer"])
+def test_a_legend_of_25_domains_fits_on_the_figure(embedded, truth_key):
+    fig = dfm.pl.domains(embedded, "dom25", truth_key=truth_key, return_fig=True, show=False)
+    fig.canvas.draw()
+    width, height = fig.bbox.width, fig.bbox.height
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        box = legend.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= width + 0.5 and box.y0 >= 0 and box.y1 <= height + 0.5, (box, width)
+        # and off the panel: the legend stands beside the tissue
+        assert box.x0 >= ax.get_window_extent().x1 - 1
+
+
+# --- 8, 9: colours --------------------------------------------------------------------------------------------------
+
+
+def test_an_annotation_of_25_labels_has_25_colours(embedded):
+    fig = dfm.pl.domains(embedded, truth_key="dom25", return_fig=True, show=False)
+    colours = legend_colours(fig.axes[0])
+    labels = [c for c in colours if c != "NA"]
+    assert len(labels) == 25 and len({colours[c] for c in labels}) == 25
+    from scanpy.plotting.palettes import default_102
+
+    assert [colours[c] for c in embedded.obs["dom25"].cat.categories] == [to_hex(c) for c in default_102[:25]]
+
+
+def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_nor_near_white(embedded):
+    fig = dfm.pl.domains(embedded, "dom25", truth_key="layer", return_fig=True, show=False)
+    truth, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
+    assert len(domains) == 25 and len(set(domains.values())) == 25  # no colour twice
+    spare = [c for c in domains.values() if c not in truth.values()]
+    assert len(spare) >= 25 - len(truth)
+    for colour in spare:
+        rgb = np.asarray(to_rgb(colour))
+        assert rgb.max() - rgb.min() >= 0.1, colour  # not a grey like the NA colour, lightgrey
+        assert (rgb.max() + rgb.min()) / 2 <= 0.8, colour  # not a near-white, invisible over the H&E image
+        assert np.linalg.norm(rgb - np.asarray(to_rgb("lightgrey"))) > 0.1
+
+
+def test_domains_keep_the_annotations_stored_colours(embedded):
+    adata = embedded.copy()
+    categories = list(adata.obs["layer"].cat.categories)
+    stored = ["#000000", "#ff0000", "#00ff00", "#0000ff", "#ff00ff", "#00ffff", "#808000"][: len(categories)]
+    adata.uns["layer_colors"] = np.array(stored, dtype=object)
+    fig = dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False)
+    truth, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
+    present = set(adata.obs["layer"].dropna())
+    assert {c: truth[c] for c in categories if c in present} == {
+        c: s for c, s in zip(categories, stored) if c in present
+    }
+    assert len(set(domains.values()) & set(stored)) >= 4  # matched domains take the stored colours
+    assert "layer_colors" in adata.uns and list(adata.uns["layer_colors"]) == stored  # left as it was
+    adata.uns["layer_colors"] = np.array(stored[:2], dtype=object)  # one colour per category or none: scanpy's rule
+    truth = legend_colours(dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False).axes[0])
+    assert not set(truth.values()) & set(stored[:2])
+
+
+# --- 10: the serialization order ------------------------------------------------------------------------------------
+
+
+def along_curve(fig):
+    (ax,) = [ax for ax in fig.axes if ax.get_title().endswith("along the sequence")]
+    return ax, np.asarray(ax.get_lines()[0].get_ydata())
+
+
+def test_gates_follow_the_order_embed_read_and_warn_without_one(bundled):
+    adata = crop(bundled, rows=(0, 12))
+    dfm.pp.serialize(adata, key_added="myorder")
+    dfm.tl.embed(adata, order_key="myorder", **QUICK)
+    assert "dfm_order" not in adata.obs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, recorded = along_curve(dfm.pl.gates(adata, return_fig=True, show=False))
+    assert not [w for w in caught if "serialization order" in str(w.message)]  # the recorded order is found
+    _, given = along_curve(dfm.pl.gates(adata, order_key="myorder", return_fig=True, show=False))
+    np.testing.assert_array_equal(recorded, given)
+    del adata.obs["myorder"]
+    with pytest.warns(UserWarning, match=r"No serialization order found.*AnnData order"):
+        ax, _ = along_curve(dfm.pl.gates(adata, return_fig=True, show=False))
+    assert "AnnData order" in ax.get_xlabel()
+    with pytest.raises(KeyError, match=r"order_key='myorder' is not a column"):
+        dfm.pl.gates(adata, order_key="myorder", show=False)
+
+
+# --- 11: the depth argument -----------------------------------------------------------------------------------------
+
+
+def test_gates_check_the_depth_argument(embedded):
+    _, ax = plt.subplots()
+    with pytest.raises(TypeError, match=r"depth must be a whole number.*got 1\.0"):
+        dfm.pl.gates(embedded, depth=1.0, show=False)
+    with pytest.raises(TypeError, match="depth must be a whole number"):
+        dfm.pl.gates(embedded, depth=[0, "1"], show=False)
+    for given in (None, ax):
+        with pytest.raises(ValueError, match=r"depth=\[\] names no depth; pass some of the available depths \[0"):
+            dfm.pl.gates(embedded, depth=[], ax=given, show=False)
+    with pytest.raises(ValueError, match=r"ax= holds one depth's tissue map, got depth=\[0, 1\]"):
+        dfm.pl.gates(embedded, depth=[0, 1], ax=ax, show=False)
+    assert dfm.pl.gates(embedded, depth=[1], ax=ax, show=False) is ax
+    assert ax.get_title() == "gate, depth 1"
+    assert dfm.pl.gates(embedded, depth=np.int64(0), return_fig=True, show=False)
+
+
+# --- 12: embeddings and domains under other keys --------------------------------------------------------------------
+
+
+def test_plots_find_embeddings_and_domains_under_other_keys(bundled):
+    adata = crop(bundled, rows=(0, 12))
+    dfm.pp.serialize(adata)
+    dfm.tl.embed(adata, key_added="X_mine", **{**QUICK, "epochs": 2})
+    found = r"the keys of dfm.tl.embed's results here are \['X_mine'\]"
+    with pytest.raises(KeyError, match=r"'X_dfm_gates'\] not found: " + found):
+        dfm.pl.gates(adata, show=False)
+    with pytest.raises(KeyError, match=r"key='X_dfm'.*" + found):
+        dfm.pl.training(adata, show=False)
+    assert dfm.pl.gates(adata, key="X_mine", return_fig=True, show=False)
+    ax = dfm.pl.training(adata, key="X_mine", return_fig=True, show=False).axes[0]
+    assert len(ax.get_lines()[0].get_xdata()) == 2 and "X_mine" in ax.get_title()
+    dfm.tl.embed(adata, **QUICK)  # a second embedding keeps its own record
+
+    def epochs(key):
+        return len(dfm.pl.training(adata, key=key, return_fig=True, show=False).axes[0].get_lines()[0].get_xdata())
+
+    assert (epochs("X_dfm"), epochs("X_mine")) == (1, 2)
+
+    dfm.tl.cluster(adata, None, use_rep="X_mine", key_added="mydom", k_range=range(2, 6), n_init=1)
+    adata.obs["notes"] = "x"  # an obs column of the user's: not a clustering
+    for plot in (dfm.pl.domains, dfm.pl.bic):
+        with pytest.raises(
+            KeyError, match=r"'dfm_domain'\] not found: the keys of dfm.tl.cluster's results here are \['mydom'\]"
+        ):
+            plot(adata, show=False)
+    assert dfm.pl.bic(adata, key="mydom", return_fig=True, show=False)
+
+
+def test_missing_embedding_or_domains_still_say_which_tool_to_run(bundled):
+    adata = crop(bundled, rows=(0, 5))
+    with pytest.raises(KeyError, match=r"run dfm.tl.embed\(adata\) first"):
+        dfm.pl.gates(adata, show=False)
+    with pytest.raises(KeyError, match=r"run dfm.tl.embed\(adata\) first"):
+        dfm.pl.training(adata, show=False)
+    with pytest.raises(KeyError, match=r"run dfm.tl.cluster\(adata\) first"):
+        dfm.pl.domains(adata, show=False)
+
+
+# --- 13: why there is no BIC curve ----------------------------------------------------------------------------------
+
+
+def test_bic_says_why_there_is_no_curve(embedded):
+    adata = embedded.copy()
+    dfm.tl.cluster(adata, None, method="leiden", key_added="leid")
+    with pytest.raises(ValueError, match=r"method='leiden' sets the number of domains by its resolution"):
+        dfm.pl.bic(adata, key="leid", show=False)
+    dfm.tl.cluster(adata, 4, method="kmeans", key_added="km")
+    with pytest.raises(ValueError, match=r"given, not chosen \(method='kmeans', n_clusters=4\)"):
+        dfm.pl.bic(adata, key="km", show=False)
+    adata.obs["mine"] = adata.obs["dfm_domain"]
+    with pytest.raises(ValueError, match=r"obs\['mine'\] has no record of dfm.tl.cluster"):
+        dfm.pl.bic(adata, key="mine", show=False)
+
+
+# --- 14, 15: spot size without an image, zoom with one ---------------------------------------------------------------
+
+
+def test_spots_without_an_image_are_sized_by_their_number(bundled):
+    for rows in ((0, 30), (0, 8)):
+        adata = crop(bundled, rows=rows)
+        del adata.uns["spatial"]
+        adata.obs["dfm_domain"] = adata.obs["layer"]
+        ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
+        assert not ax.images
+        np.testing.assert_allclose(scatter(ax).get_sizes(), 120000 / adata.n_obs)  # scanpy's rule
+
+
+def test_spots_of_her2st_without_an_image_are_sized_by_their_number():
+    adata = ad.read_h5ad(shared("her2st", "her2st_A1.h5ad"))
+    adata.obs["dfm_domain"] = adata.obs["label"]
+    ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
+    np.testing.assert_allclose(scatter(ax).get_sizes(), 120000 / adata.n_obs)  # 347 pt² on 346 spots, not 12
+
+
+@pytest.mark.parametrize("rows", [(0, 30), (0, 100)])  # a crop and the whole slice
+def test_tissue_panels_zoom_to_the_spots(bundled, rows):
+    adata = crop(bundled, rows=rows)
+    adata.obs["dfm_domain"] = adata.obs["layer"]
+    library = adata.uns["spatial"]["151673"]
+    scale = library["scalefactors"]["tissue_lowres_scalef"]
+    height, width = library["images"]["lowres"].shape[:2]
+    xy = adata.obsm["spatial"] * scale
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    margin = max(0.05 * (high - low).max(), library["scalefactors"]["spot_diameter_fullres"] * scale)
+    ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
+    assert ax.images
+    (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
+    assert y1 > y0  # the image's orientation: rows go down
+    assert max(low[0] - margin, -0.5) - 1e-6 <= x0 <= low[0] and high[0] <= x1 <= min(high[0] + margin, width) + 1e-6
+    assert max(low[1] - margin, -0.5) - 1e-6 <= y0 <= low[1] and high[1] <= y1 <= min(high[1] + margin, height) + 1e-6
+    if rows == (0, 30):
+        assert (y1 - y0) < 0.5 * height  # the crop, not the whole slide
+
+
+# --- 16: the training legend, colour bars into a given axes ---------------------------------------------------------
+
+
+def test_training_legend_leaves_the_curves_uncovered(embedded):
+    fig = dfm.pl.training(embedded, return_fig=True, show=False)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    legend, panel = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= panel.x1  # beside the axes, not over the curves
+    assert legend.x1 <= fig.bbox.width + 0.5  # and on the figure
+
+
+def test_gates_into_an_axes_of_another_figure_than_the_current_one(embedded):
+    fig, (first, _) = plt.subplots(1, 2)
+    other = plt.figure()  # e.g. another notebook cell's figure is current
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dfm.pl.gates(embedded, depth=0, ax=first, show=False)
+    assert not [w for w in caught if "different Figure" in str(w.message)], [str(w.message) for w in caught]
+    assert len(fig.axes) == 3 and not other.axes  # the colour bar went to the axes' figure
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if the command line starts the workflow."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the workflow started before the arguments were checked")
+
+    monkeypatch.setattr(dfm.pp, "serialize", refuse)
+    monkeypatch.setattr(dfm.tl, "embed", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--n-clusters", "-3"], r"--n-clusters must be at least 1 \(or 0"),
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+        (["--device", "gpu"], "--device gpu: Unknown device 'gpu'; use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["--device", "mps"], "--device mps: Unsupported device 'mps'"),
+        (["--input", "no/such/slice.h5ad"], r"--input no/such/slice.h5ad: no such file"),
+        (["--truth-key", "layr"], r"--truth-key 'layr': dlpfc_151673 \(bundled\) has no such obs column"),
+        (["--library-key", "slice"], r"--library-key 'slice': dlpfc_151673 \(bundled\) has no such obs column"),
+        (["--n-clusters", "5000"], "more domains than the 3639 spots"),
+    ],
+)
+def test_command_line_rejects_bad_arguments_before_any_work(no_work, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m dfmamba_st" in err
+    assert re.search(message, err), err
+
+
+def test_command_line_rejects_cuda_without_a_gpu(no_work, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--device", "cuda"])
+    assert exit_.value.code == 2
+    assert "--device cuda: device='cuda' was requested but torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_command_line_version_and_help_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"dfmamba_st {dfm.__version__}"
+    helps = {action.dest: action.help for action in _parser()._actions if action.dest not in ("help", "version")}
+    assert all(text and "default" in text for text in helps.values()), helps
+    assert "20 with 'cpu'" in helps["epochs"] and "'auto' = 'paper' on a CUDA GPU, 'cpu' otherwise" in helps["preset"]
+
+
+def test_command_line_without_the_default_annotation_says_it_does_not_score(bundled, tmp_path, capsys):
+    adata = crop(bundled, rows=(0, 10))
+    del adata.obs["layer"]
+    adata.write_h5ad(tmp_path / "slice.h5ad")
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+        assert main(["--input", str(tmp_path / "slice.h5ad"), "--epochs", "1", "--out", str(tmp_path / "out")]) == 0
+    assert "no obs['layer']: not scoring" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"result.h5ad", "domains.png", "gates.png"}
+    assert len(saved) == 2 and all(kw.get("bbox_inches") == "tight" for kw in saved)  # legends are not cut off
+
+
+@pytest.mark.filterwarnings("ignore:.*lie almost only in one library")  # two crops of two sections
+def test_command_line_library_key_reaches_every_step(tmp_path):
+    slices = {s: crop(ad.read_h5ad(shared("dlpfc", f"dlpfc_{s}.h5ad")), rows=(0, 10)) for s in ("151673", "151674")}
+    joined = ad.concat(slices, label="lib", join="inner", uns_merge="unique", index_unique="-")
+    joined.write_h5ad(tmp_path / "two.h5ad")
+    argv = ["--input", str(tmp_path / "two.h5ad"), "--library-key", "lib", "--epochs", "1", "--n-clusters", "5"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
+    assert result.uns["dfm_order"]["params"]["library_key"] == "lib"
+    assert result.uns["dfm"]["params"]["library_key"] == "lib"
+    assert result.uns["dfm_domain"]["params"]["library_key"] == "lib"
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
+    assert list(scores.index.astype(str)) == ["151673", "151674"]  # scored slice by slice
