@@ -10,18 +10,12 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
+from _shared import crop, shared_path
 
 import dfmamba_st as dfm
 from dfmamba_st.tl._embed import _sample_windows
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 QUICK = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
-
-
-def crop(adata, rows=(0, 30), cols=(0, 60)):
-    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
-    return adata[keep.to_numpy()].copy()
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +25,7 @@ def bundled():
 
 @pytest.fixture(scope="module")
 def two_slices():
-    if not (DATA / "dlpfc").exists():
-        pytest.skip("needs ../shared/data (real DLPFC slices)")
-    slices = {s: crop(ad.read_h5ad(DATA / "dlpfc" / f"dlpfc_{s}.h5ad")) for s in ("151673", "151674")}
+    slices = {s: crop(ad.read_h5ad(shared_path("dlpfc", f"dlpfc_{s}.h5ad"))) for s in ("151673", "151674")}
     return ad.concat(slices, label="lib", join="inner", index_unique="-")
 
 
@@ -116,10 +108,7 @@ def test_cluster_refines_on_the_coordinates_serialize_was_given(her2st_a1):
 
 @pytest.fixture(scope="module")
 def her2st_a1():
-    path = DATA / "her2st" / "her2st_A1.h5ad"
-    if not path.is_file():
-        pytest.skip(f"needs {path} (real HER2+ section)")
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(shared_path("her2st", "her2st_A1.h5ad"))
 
 
 def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled):

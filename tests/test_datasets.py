@@ -12,19 +12,13 @@ import numpy as np
 import pandas as pd
 import pooch
 import pytest
+from _shared import DATA as SHARED
+from _shared import shared_path as _shared
 from scipy import sparse
 
 from dfmamba_st import datasets
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LOWRES = SHARED / "dlpfc" / "lowres_images"
-
-
-def _shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is not available")
-    return path
 
 
 @pytest.fixture(scope="module")

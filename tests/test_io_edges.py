@@ -14,18 +14,11 @@ import pytest
 import requests
 import scanpy as sc
 import torch
+from _shared import shared_path
 
 import dfmamba_st as dfm
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
-
-
-def _shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"shared data {path} is not available")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +187,7 @@ def test_dlpfc_reads_the_right_sample_without_a_warning(tmp_path, recwarn):
 
 
 def test_her2st_warns_when_the_file_holds_another_section():
-    b1 = _shared("her2st", "her2st_B1.h5ad")
+    b1 = shared_path("her2st", "her2st_B1.h5ad")
     with pytest.warns(UserWarning, match=r"holds her2st section B1 \(from uns\['source'\]\), not .*'A1'"):
         dfm.datasets.her2st("A1", path=b1)
 

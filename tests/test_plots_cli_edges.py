@@ -3,7 +3,6 @@ depth argument, spot sizes and zoom, legends, and the command line's checks befo
 
 import re
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -18,20 +17,15 @@ from dfmamba_st.__main__ import _parser, main
 
 matplotlib.use("Agg")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _shared import crop as crop_window
+from _shared import shared_path as shared
+
 QUICK = dict(epochs=1, d_model=16, n_pcs=20, progress=False)
 
 
-def crop(adata, rows=(0, 30), cols=(0, 200)):
-    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
-    return adata[keep.to_numpy()].copy()
-
-
-def shared(*parts: str) -> Path:
-    path = DATA.joinpath(*parts)
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} is not available")
-    return path
+def crop(adata, rows=(0, 30)):
+    """Rows of a slice across its whole width."""
+    return crop_window(adata, rows=rows, cols=(0, 200))
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 import functools
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -18,14 +17,10 @@ from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _reso
 
 matplotlib.use("Agg")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from _shared import DATA, crop
+
 needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=20, n_top_genes=500, progress=False)
-
-
-def crop(adata, rows=(0, 30), cols=(0, 60)):
-    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
-    return adata[keep.to_numpy()].copy()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,22 @@
+"""Where the tests find the real data of ``../shared/data``, and the crops they take of Visium slices."""
+
+from pathlib import Path
+
+import pytest
+
+#: the project's real data, next to the repository (absent on a user's machine: tests that need it skip)
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_path(*parts: str) -> Path:
+    """``DATA / parts``, or skip the calling test with the reason when it is not there."""
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} is not available")
+    return path
+
+
+def crop(adata, rows=(0, 30), cols=(0, 60)):
+    """The spots of a Visium slice within a window of its grid (``array_row``, ``array_col``), as a new AnnData."""
+    keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
+    return adata[keep.to_numpy()].copy()
