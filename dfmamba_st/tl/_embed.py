@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 import warnings
@@ -326,23 +327,21 @@ def embed(
         preset_name = "model"
         feature_tf = model.features
         config = model.config
-        ignored = {
-            name: value
-            for name, value, default in (
-                ("n_top_genes", n_top_genes, None),
-                ("n_pcs", n_pcs, -1),
-                ("d_model", d_model, None),
-                ("depth", depth, None),
-                ("preset", preset, "auto"),
-                ("epochs", epochs, None),
-                ("ema_fraction", ema_fraction, -1),
-                ("hops", hops, 2),
-                ("extra_curves", tuple(extra_curves), ("hilbert_t",)),
-                ("bidirectional", bidirectional, False),
-                ("checkpoint_dir", checkpoint_dir, None),
-            )
-            if value != default
-        }
+        training_options = dict(
+            n_top_genes=n_top_genes,
+            n_pcs=n_pcs,
+            d_model=d_model,
+            depth=depth,
+            preset=preset,
+            epochs=epochs,
+            ema_fraction=ema_fraction,
+            hops=hops,
+            extra_curves=tuple(extra_curves),
+            bidirectional=bidirectional,
+            checkpoint_dir=checkpoint_dir,
+        )
+        defaults = inspect.signature(embed).parameters
+        ignored = {k: v for k, v in training_options.items() if v != defaults[k].default}
         if ignored:
             warnings.warn(
                 f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
