@@ -57,13 +57,16 @@ def resolve_library_key(adata: AnnData, library_key: str | None, *uns_keys: str)
     """``library_key``, or else the one recorded in the first of ``uns_keys`` that has one (and is in ``obs``).
 
     The step before (``pp.serialize``, ``tl.embed``) records the key it was given, so a later step does not pool
-    the slices when the key is not repeated.
+    the slices when the key is not repeated. A key taken from a record is logged.
     """
     if library_key is not None:
         return library_key
     for uns_key in uns_keys:
         recorded = recorded_param(adata, uns_key, "library_key")
         if recorded is not None and recorded in adata.obs.columns:
+            from scanpy import logging as logg
+
+            logg.info(f"    library_key={recorded!r}, as recorded in uns[{uns_key!r}]")
             return str(recorded)
     return None
 

@@ -295,11 +295,8 @@ def cluster(
         raise ValueError(f"dfm.tl.cluster needs at least 2 spots, got {adata.n_obs}.")
     record = embed_record_key(use_rep)
     order_key = recorded_param(adata, record, "order_key") or "dfm_order"
-    given_library_key = library_key
     library_key = resolve_library_key(adata, library_key, record, order_key)
     check_library_key(adata, library_key)
-    if given_library_key is None and library_key is not None:
-        logg.info(f"    library_key={library_key!r}, as recorded by the steps before")
     if use_rep not in adata.obsm:
         raise KeyError(
             f"obsm[{use_rep!r}] not found: run dfm.tl.embed(adata) first (or pass use_rep= an existing embedding; "

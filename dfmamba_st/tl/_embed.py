@@ -302,11 +302,8 @@ def embed(
     check_adata(adata)
     if order_key not in adata.obs.columns:
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed.")
-    given_library_key = library_key
     library_key = resolve_library_key(adata, library_key, order_key)
     check_library_key(adata, library_key)
-    if given_library_key is None and library_key is not None:
-        logg.info(f"    library_key={library_key!r}, as given to dfm.pp.serialize")
     if readout not in ("concat", "model"):
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     for name in extra_curves:
