@@ -21,6 +21,7 @@ standard scale and comparable with runs without the profile.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ DATA_ENV = "DFMAMBA_TS_DATA"
 KNOWN_DATASETS: dict[str, int] = {"ETTh1": 60, "ETTh2": 60, "ETTm1": 15, "ETTm2": 15, "weather": 10}
 
 _HOURS_PER_MONTH = 30 * 24
+#: file suffixes :func:`load` reads (each also gzipped), in the order it looks for them
+_SUFFIXES = (".csv", ".txt")
 
 
 def default_data_dir() -> Path:
@@ -70,16 +73,42 @@ def default_data_dir() -> Path:
     return Path.home() / ".cache" / "dfmamba_st" / "ts"
 
 
-def _find_file(name: str, path: str | os.PathLike | None) -> Path:
-    stem = name.removesuffix(".gz").removesuffix(".csv")
+def _dataset_stem(name: str | os.PathLike) -> str:
+    """The data set's name in a file name or path: ``"/data/ETTh1.csv.gz"`` → ``"ETTh1"``."""
+    stem = Path(name).name.removesuffix(".gz")
+    return next((stem.removesuffix(suffix) for suffix in _SUFFIXES if stem.endswith(suffix)), stem)
+
+
+def _find_file(name: str | os.PathLike, path: str | os.PathLike | None) -> Path:
+    """The file of data set ``name``: ``path`` when it is a file, else ``{stem}.csv.gz`` & co. in a folder.
+
+    ``name`` may itself be a path (a file, or a folder and stem); ``path`` must then be ``None``. A file whose name
+    does not match ``name`` is refused: :func:`split_borders` picks the split protocol from the name.
+    """
+    stem = _dataset_stem(name)
+    name_path = Path(name).expanduser()
+    if name_path.is_absolute() or len(name_path.parts) > 1:
+        if path is not None:
+            raise ValueError(
+                f"name={str(name)!r} is a path and path={str(path)!r} is given too; give the file once, e.g. "
+                f"name={stem!r}, path={str(name)!r}."
+            )
+        path = name_path if name_path.is_file() else name_path.parent
     if path is not None:
         path = Path(path).expanduser()
         if path.is_file():
+            found = _dataset_stem(path)
+            if found != stem:
+                raise ValueError(
+                    f"name={str(name)!r} does not match the file {path} (data set {found!r}); the split protocol "
+                    f"is chosen by the name, so pass name={found!r} or rename the file. To split its rows as "
+                    f"{stem!r}, pass frame=load({found!r}, path=...) to make_splits."
+                )
             return path
         folder = path
     else:
         folder = default_data_dir()
-    candidates = [folder / f"{stem}.csv.gz", folder / f"{stem}.csv"]
+    candidates = [folder / f"{stem}{suffix}{gz}" for suffix in _SUFFIXES for gz in (".gz", "")]
     for cand in candidates:
         if cand.is_file():
             return cand
@@ -92,25 +121,74 @@ def _find_file(name: str, path: str | os.PathLike | None) -> Path:
     raise FileNotFoundError(f"No data file for {name!r}: looked for {', '.join(map(str, candidates))}. {hint}.")
 
 
-def load(name: str, path: str | os.PathLike | None = None) -> pd.DataFrame:
+def _read_table(file: Path) -> pd.DataFrame:
+    """Read a CSV file; a first row of numbers only is data, not a header (the columns are then ``0 … n-1``)."""
+
+    def read(**kwargs) -> pd.DataFrame:
+        try:
+            return pd.read_csv(file, **kwargs)
+        except UnicodeDecodeError:  # the weather header carries latin-1 units (W/m², µmol)
+            return pd.read_csv(file, encoding="latin-1", **kwargs)
+
+    first = read(header=None, nrows=1, dtype=str).iloc[0]
+    headerless = bool(pd.to_numeric(first, errors="coerce").notna().all())
+    return read(header=None) if headerless else read()
+
+
+def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """``df`` checked for forecasting: a ``date`` column moved to the index, numeric finite values, time ascending.
+
+    Shared by :func:`load` and :func:`make_splits` (``frame=``); ``source`` names the data in the messages. The
+    values keep their dtype; ``df`` itself is not changed.
+    """
+    if "date" in df.columns:
+        try:
+            dates = pd.to_datetime(df["date"])
+        except (ValueError, TypeError) as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"{source}: the 'date' column does not parse as timestamps ({reason}).") from err
+        df = df.assign(date=dates).set_index("date")
+    if df.shape[1] == 0:
+        raise ValueError(f"{source} has no value columns.")
+    values = df.apply(pd.to_numeric, errors="coerce")
+    bad = values.columns[~np.isfinite(values.to_numpy(dtype=np.float64)).all(axis=0)].tolist()
+    if bad:
+        raise ValueError(
+            f"{source} has missing, infinite or non-numeric values in columns {bad}; fix or fill them first "
+            "(a date column must be named 'date' or be the index)."
+        )
+    if isinstance(values.index, pd.DatetimeIndex) and not values.index.is_monotonic_increasing:
+        raise ValueError(f"{source} is not in ascending time order; sort it first (frame.sort_index()).")
+    return values
+
+
+def load(name: str | os.PathLike, path: str | os.PathLike | None = None) -> pd.DataFrame:
     """Read one forecasting benchmark (``ETTh1``, ``ETTh2``, ``ETTm1``, ``ETTm2``, ``weather``) as a data frame.
 
     Parameters
     ----------
     name
-        File stem, e.g. ``"ETTh2"``; ``.csv``/``.csv.gz`` suffixes are accepted.
+        File stem, e.g. ``"ETTh2"``; ``.csv``/``.txt`` suffixes (gzipped or not) are accepted. It may also be the
+        path of the file (then ``path`` must be ``None``).
     path
-        A CSV file, or a folder holding ``{name}.csv.gz`` or ``{name}.csv``. ``None`` searches
-        :func:`default_data_dir` (``$DFMAMBA_TS_DATA``, else ``~/.cache/dfmamba_st/ts``).
+        A CSV file, or a folder holding ``{name}.csv.gz``, ``{name}.csv``, ``{name}.txt.gz`` or ``{name}.txt``.
+        ``None`` searches :func:`default_data_dir` (``$DFMAMBA_TS_DATA``, else ``~/.cache/dfmamba_st/ts``). A file
+        must be named after ``name`` (the split protocol of :func:`make_splits` is chosen by the name).
 
     Returns
     -------
-    A frame indexed by the ``date`` column (parsed to datetimes) with one float column per variate, in file order.
+    A frame indexed by the ``date`` column (parsed to datetimes) with one float32 column per variate, in file order.
+    A file without a header row (its first row holds numbers only, as ``exchange_rate_lstnet.txt.gz``) is read as
+    data from its first row; its columns are then named ``0 … n-1`` (integers) and the index is the row number.
 
     Raises
     ------
     FileNotFoundError
         When the file is not there; the message says where to put it.
+    ValueError
+        When ``path`` is a file named after another data set than ``name``, or ``name`` is a path and ``path`` is
+        given too; when the values are not numeric and finite, or the dates do not parse or are not in ascending
+        order.
 
     Examples
     --------
@@ -121,19 +199,12 @@ def load(name: str, path: str | os.PathLike | None = None) -> pd.DataFrame:
     >>> df.shape, list(df.columns)[-1]  # doctest: +SKIP
     ((17420, 7), 'OT')
     """
-    file = _find_file(name, path)
-    try:
-        df = pd.read_csv(file)
-    except UnicodeDecodeError:  # the weather header carries latin-1 units (W/m², µmol)
-        df = pd.read_csv(file, encoding="latin-1")
-    if "date" in df.columns:
-        df["date"] = pd.to_datetime(df["date"])
-        df = df.set_index("date")
-    values = df.apply(pd.to_numeric, errors="coerce")
-    if values.isna().any().any():
-        bad = values.columns[values.isna().any()].tolist()
-        raise ValueError(f"{file} has missing or non-numeric values in columns {bad}; fix the file first.")
-    return values.astype(np.float32)
+    return _load_file(_find_file(name, path))
+
+
+def _load_file(file: Path) -> pd.DataFrame:
+    """:func:`load`'s frame of ``file``."""
+    return _validated(_read_table(file), str(file)).astype(np.float32)
 
 
 def split_borders(
@@ -146,7 +217,8 @@ def split_borders(
     Parameters
     ----------
     name
-        Data set name; ``ETTh*`` and ``ETTm*`` use the 12/4/4-month split, anything else 70/10/20.
+        Data set name (or its file name or path: the stem counts); ``ETTh*`` and ``ETTm*`` use the 12/4/4-month
+        split, anything else 70/10/20.
     n_rows
         Number of rows of the file.
     seq_len
@@ -167,7 +239,7 @@ def split_borders(
     >>> split_borders("ETTh2", 17420, 96, ratios=(0.6, 0.2, 0.2))
     ([0, 10356, 13840], [10452, 13936, 17420])
     """
-    stem = name.removesuffix(".gz").removesuffix(".csv")
+    stem = _dataset_stem(name)
     if ratios is None and (stem.startswith("ETTh") or stem.startswith("ETTm")):
         per_month = _HOURS_PER_MONTH * (4 if stem.startswith("ETTm") else 1)
         train, val, test = 12 * per_month, 4 * per_month, 4 * per_month
@@ -266,6 +338,23 @@ class Season:
         return self.profile[self.phase[rows]]
 
 
+def _is_whole(value: object, minimum: int) -> bool:
+    """Whether ``value`` is a whole number (an int, or a float such as ``2.0``) of at least ``minimum``."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and float(value).is_integer()
+        and value >= minimum
+    )
+
+
+def _whole_number(value: object, what: str, minimum: int = 1) -> int:
+    """``value`` as an ``int``; a ``ValueError`` naming ``what`` unless it is a whole number ``>= minimum``."""
+    if not _is_whole(value, minimum):
+        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}.")
+    return int(value)
+
+
 def _sampling_step(index: pd.Index) -> pd.Timedelta | None:
     """The most common spacing of a timestamp index; ``None`` without timestamps."""
     if not isinstance(index, pd.DatetimeIndex) or len(index) < 2:
@@ -292,8 +381,8 @@ def _season_period(season: int | str, name: str, step: pd.Timedelta | None) -> i
         if period != int(period):
             raise ValueError(f"A day is not a whole number of sampling steps ({step}); pass season=<rows>.")
         return int(period)
-    if isinstance(season, str) or int(season) < 2:
-        raise ValueError(f"season must be 'daily', a period in rows >= 2 or None, got {season!r}.")
+    if isinstance(season, str) or not _is_whole(season, 2):
+        raise ValueError(f"season must be 'daily', a whole number of rows >= 2 or None, got {season!r}.")
     return int(season)
 
 
@@ -362,6 +451,7 @@ class WindowDataset(Dataset):
         max_windows
             Use only this many windows: evenly spaced ones when not shuffling, a random subset otherwise.
         """
+        batch_size = _whole_number(batch_size, "batch_size")
         n = len(self)
         if shuffle:
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -423,7 +513,7 @@ class ForecastSplits:
 
 
 def make_splits(
-    name: str,
+    name: str | os.PathLike,
     seq_len: int = 96,
     horizon: int = 96,
     path: str | os.PathLike | None = None,
@@ -437,7 +527,9 @@ def make_splits(
     Parameters
     ----------
     name
-        ``ETTh1``, ``ETTh2``, ``ETTm1``, ``ETTm2``, ``weather`` (others use the 70/10/20 split).
+        ``ETTh1``, ``ETTh2``, ``ETTm1``, ``ETTm2``, ``weather`` (others use the 70/10/20 split). It picks the split
+        protocol, so a file read from ``path`` must be named after it; ``name`` may also be the file's path. The
+        stem of a file name or path counts (``"/data/ETTh1.csv.gz"`` is ``ETTh1``).
     seq_len
         Lookback (96 in the standard protocol).
     horizon
@@ -445,15 +537,17 @@ def make_splits(
     path
         Where to read the file (see :func:`load`).
     frame
-        An already loaded frame (skips reading).
+        An already loaded frame (skips reading; ``path`` is then ignored). It is checked as :func:`load` checks a
+        file: a ``date`` column becomes the index, every value must be numeric and finite, and timestamps must be in
+        ascending order (else ``ValueError``).
     ratios
         Train / validation / test fractions of all rows instead of the standard split (see :func:`split_borders`;
         the DF-Mamba paper's ETT protocol is ``(0.6, 0.2, 0.2)``).
     season
-        ``"daily"`` (or a period in rows): subtract a fixed :class:`Season` profile, the mean of the standardised
-        training rows at each time of day, from the series before cutting windows. Errors of forecasts of the
-        residual equal errors of forecasts of the series (the profile is added to forecast and target alike), so
-        metrics stay comparable. ``None``: the standardised series as it is.
+        ``"daily"`` (or a whole number of rows per period): subtract a fixed :class:`Season` profile, the mean of
+        the standardised training rows at each time of day, from the series before cutting windows. Errors of
+        forecasts of the residual equal errors of forecasts of the series (the profile is added to forecast and
+        target alike), so metrics stay comparable. ``None``: the standardised series as it is.
 
     Examples
     --------
@@ -464,10 +558,13 @@ def make_splits(
     >>> len(s.train), len(s.val), len(s.test)  # doctest: +SKIP
     (8449, 2785, 2785)
     """
-    df = load(name, path) if frame is None else frame
-    stem = name.removesuffix(".gz").removesuffix(".csv")
+    if frame is None:
+        file = _find_file(name, path)
+        df, stem = _load_file(file), _dataset_stem(file)
+    else:
+        df, stem = _validated(frame, "The frame"), _dataset_stem(name)
     raw = df.to_numpy(dtype=np.float64)
-    starts, ends = split_borders(name, len(raw), seq_len, ratios=ratios)
+    starts, ends = split_borders(stem, len(raw), seq_len, ratios=ratios)
     scaler = Scaler.fit(raw[starts[0] : ends[0]])
     values = scaler.transform(raw)
     fitted = None

@@ -26,18 +26,49 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ForecastSplits, WindowDataset
+from .data import ForecastSplits, WindowDataset, _whole_number
 
 __all__ = ["coarsened_windows", "evaluate", "predict", "zero_shot"]
+
+#: the splits :func:`coarsened_windows` takes forecast origins from, and their index in ``ForecastSplits.ends``
+_SPLITS = {"val": 1, "test": 2}
+
+
+def _check_forecast_shape(pred: torch.Tensor, y: torch.Tensor) -> None:
+    """A clear error when a forecast and its target differ in shape (instead of a broadcast or a size error)."""
+    if pred.shape != y.shape:
+        raise ValueError(
+            f"The model forecasts shape {tuple(pred.shape)} but the targets have shape {tuple(y.shape)} (batch, "
+            "horizon, variates): the model's horizon or number of variates does not match the data."
+        )
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Forecasts of ``model`` (in eval mode) for lookbacks ``x`` (n, L, C), batched; returns (n, H, C) on CPU."""
+    """Forecasts of ``model`` (in eval mode) for lookbacks ``x`` (n, L, C), batched; returns (n, H, C) on CPU.
+
+    An empty ``x`` gives an empty (0, H, C) tensor (``H``: ``model.horizon``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.ts import DLinear, predict
+    >>> model = DLinear(2, 16, 4)
+    >>> predict(model, torch.zeros(5, 16, 2), batch_size=2).shape
+    torch.Size([5, 4, 2])
+    >>> predict(model, torch.zeros(0, 16, 2)).shape
+    torch.Size([0, 4, 2])
+    """
+    batch_size = _whole_number(batch_size, "batch_size")
+    if x.ndim != 3:
+        raise ValueError(f"x must be lookbacks of shape (n, seq_len, variates), got shape {tuple(x.shape)}.")
     model.eval()
     device = next(model.parameters()).device
-    outs = [model(x[i : i + batch_size].to(device))[0].cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(outs) if outs else x.new_zeros((0,))
+    if len(x) == 0 and hasattr(model, "horizon"):
+        return x.new_zeros((0, model.horizon, x.shape[2]), device="cpu")
+    # max(len(x), 1): a model without a ``horizon`` gives the shape of an empty forecast from one empty batch
+    outs = [model(x[i : i + batch_size].to(device))[0].cpu() for i in range(0, max(len(x), 1), batch_size)]
+    return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -67,6 +98,12 @@ def evaluate(
     -------
     ``{"mse", "mae", "n_windows", "seconds"}`` (``seconds``: wall time of the forward passes and metrics).
 
+    Raises
+    ------
+    ValueError
+        When the forecasts (cut to ``n_outputs`` steps) and the targets differ in shape, e.g. a model built for
+        another horizon; when there is no window.
+
     Examples
     --------
     >>> import numpy as np
@@ -77,15 +114,17 @@ def evaluate(
     >>> evaluate(model, ds)["mse"]
     0.0
     """
+    batch_size = _whole_number(batch_size, "batch_size")
+    batches = data.batches(batch_size, max_windows=max_windows) if isinstance(data, WindowDataset) else data
     model.eval()
     device = next(model.parameters()).device
-    batches = data.batches(batch_size, max_windows=max_windows) if isinstance(data, WindowDataset) else data
     sq, ab, count, n_windows = 0.0, 0.0, 0, 0
     start = time.perf_counter()
     for x, y in batches:
         pred = model(x.to(device))[0].cpu()
         if n_outputs is not None:
             pred = pred[:, :n_outputs]
+        _check_forecast_shape(pred, y)
         diff = (pred - y).double()
         sq += float((diff**2).sum())
         ab += float(diff.abs().sum())
@@ -113,7 +152,7 @@ def coarsened_windows(
     splits
         The data set (its standardised ``values`` and split borders are used).
     factor
-        Coarsening factor ``f`` (1 = native).
+        Coarsening factor ``f`` (1 = native), a whole number.
     seq_len, horizon
         The model's lookback ``L`` and horizon ``H``.
     mode
@@ -122,7 +161,7 @@ def coarsened_windows(
     split
         Which split's forecast origins to use.
     stride
-        Step between forecast origins, in native rows.
+        Step between forecast origins, in native rows (>= 1).
 
     Returns
     -------
@@ -137,14 +176,15 @@ def coarsened_windows(
     >>> x.shape[1:], y.shape[1:], len(x) == len(s.test)
     (torch.Size([8, 1]), torch.Size([2, 1]), True)
     """
-    if factor < 1:
-        raise ValueError(f"factor must be >= 1, got {factor}.")
+    factor, stride = _whole_number(factor, "factor"), _whole_number(stride, "stride")
     if mode not in ("wallclock", "steps"):
         raise ValueError(f"mode={mode!r} is not 'wallclock' or 'steps'.")
+    if split not in _SPLITS:
+        raise ValueError(f"split={split!r} is not one of {', '.join(map(repr, _SPLITS))} (the forecast origins).")
     if mode == "wallclock" and horizon % factor:
         raise ValueError(f"mode='wallclock' needs the factor {factor} to divide the horizon {horizon}.")
     span = horizon if mode == "wallclock" else factor * horizon
-    idx = {"val": 1, "test": 2}[split]
+    idx = _SPLITS[split]
     first, end = splits.ends[idx - 1], splits.ends[idx]
     first = max(first, factor * seq_len)
     origins = np.arange(first, end - span + 1, stride)
@@ -177,7 +217,7 @@ def zero_shot(
     splits
         The data set it was trained on.
     factors
-        Coarsening factors; 1 is the native test set.
+        Coarsening factors, whole numbers; 1 is the native test set.
     mode
         See :func:`coarsened_windows`.
     stride
@@ -197,10 +237,11 @@ def zero_shot(
     >>> sorted(zero_shot(DLinear(1, 16, 8), s, factors=(1, 2)))
     [1, 2]
     """
+    batch_size = _whole_number(batch_size, "batch_size")
     results = {}
-    for f in factors:
+    for f in [_whole_number(f, "each factor") for f in factors]:
         x, y = coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride)
         n_out = y.shape[1]
         batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
-        results[int(f)] = evaluate(model, batches, n_outputs=n_out)
+        results[f] = evaluate(model, batches, n_outputs=n_out)
     return results

@@ -134,7 +134,7 @@ class DLinear(nn.Module):
     seq_len, horizon
         Lookback and forecast lengths.
     kernel_size
-        Moving-average window of the trend.
+        Moving-average window of the trend, odd (the replicate padding keeps the length only for an odd window).
     individual
         One pair of linear maps per variate.
 
@@ -151,6 +151,8 @@ class DLinear(nn.Module):
         self, n_variates: int, seq_len: int = 96, horizon: int = 96, kernel_size: int = 25, individual: bool = False
     ) -> None:
         super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1 (25 in DLinear), got {kernel_size}.")
         self.n_variates, self.seq_len, self.horizon, self.individual = n_variates, seq_len, horizon, individual
         self.decomp = _MovingAverage(kernel_size)
         n_maps = n_variates if individual else 1
@@ -260,8 +262,8 @@ class DFMambaTS(nn.Module):
         super().__init__()
         if tokens not in ("time", "patch", "mixed"):
             raise ValueError(f"tokens={tokens!r} is not one of ('time', 'patch', 'mixed').")
-        if tokens == "patch" and seq_len % patch_len:
-            raise ValueError(f"patch_len={patch_len} must divide seq_len={seq_len}.")
+        if tokens == "patch" and (patch_len < 1 or seq_len % patch_len):
+            raise ValueError(f"patch_len={patch_len} must be >= 1 and divide seq_len={seq_len}.")
         self.n_variates, self.seq_len, self.horizon = n_variates, seq_len, horizon
         self.tokens, self.patch_len, self.aux_weight = tokens, patch_len, aux_weight
         self.revin = RevIN(n_variates) if revin else None
@@ -392,7 +394,7 @@ class MSMamba(nn.Module):
     d_ff
         Hidden width of the MLP between layers.
     scales
-        Δ multipliers of the parallel blocks.
+        Δ multipliers of the parallel blocks (at least one).
     learnable_scales
         Learn the multipliers (initialised at ``scales``): the paper's learnable-Δ variant.
     share_base
@@ -437,8 +439,8 @@ class MSMamba(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be positive, got {scales}.")
+        if len(scales) == 0 or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be one or more positive Δ multipliers, got {scales}.")
         self.n_variates, self.seq_len, self.horizon = n_variates, seq_len, horizon
         self.revin = RevIN(n_variates, affine=False) if revin else None
         self.embed = nn.Linear(seq_len, d_model)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import TrainResult, fit
-from .data import ForecastSplits
+from ..core import TrainResult, fit, isolated_global_state
+from .data import ForecastSplits, _whole_number
+from .evaluate import _check_forecast_shape
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_TRAIN_LOSS", "forecast_loss", "train_forecaster"]
 
@@ -49,6 +50,7 @@ def forecast_loss(
     device = next(model.parameters()).device
     pred, aux = model(x.to(device))
     y = y.to(device)
+    _check_forecast_shape(pred, y)
     mse = F.mse_loss(pred, y)
     if not model.training:
         return mse
@@ -60,6 +62,18 @@ def forecast_loss(
     return point + aux, terms
 
 
+def _check_windows(model: nn.Module, splits: ForecastSplits) -> None:
+    """A clear error when ``model``'s lookback or horizon (when it has them) differs from the windows of ``splits``."""
+    for attr in ("seq_len", "horizon"):
+        have, need = getattr(model, attr, None), getattr(splits.train, attr)
+        if have is not None and have != need:
+            raise ValueError(
+                f"The model's {attr} is {have} but the windows of the splits have {attr} {need}; build the model with "
+                f"{attr}={need}, or the splits with make_splits(..., {attr}={have})."
+            )
+
+
+@isolated_global_state()
 def train_forecaster(
     model: nn.Module,
     splits: ForecastSplits,
@@ -71,7 +85,7 @@ def train_forecaster(
     max_train_windows: int | None = None,
     max_val_windows: int | None = None,
     patience: int | None = 3,
-    seed: int = 42,
+    seed: int | None = 42,
     progress: bool = False,
     description: str = "forecaster",
     **fit_kwargs: Any,
@@ -102,7 +116,8 @@ def train_forecaster(
     patience
         Early-stopping patience in epochs.
     seed
-        Seed of the training run and of the per-epoch shuffles.
+        Seed of the training run and of the per-epoch shuffles. ``None``: do not reseed; the shuffles and the
+        model's random draws (dropout) then follow the caller's torch random state.
     progress
         Show the progress bar of :func:`~dfmamba_st.core.fit`.
     description
@@ -113,6 +128,13 @@ def train_forecaster(
     Returns
     -------
     The :class:`~dfmamba_st.core.TrainResult`; the model holds the weights of the best validation epoch.
+
+    Notes
+    -----
+    The caller's global state is left as it was: the Python, NumPy and torch random states and torch's determinism
+    settings that :func:`~dfmamba_st.core.fit` changes when it seeds are put back afterwards
+    (:func:`~dfmamba_st.core.isolated_global_state`); with ``seed=None`` too, so two such calls from the same state
+    draw the same shuffles.
 
     Examples
     --------
@@ -128,11 +150,15 @@ def train_forecaster(
     """
     if train_loss not in _POINT_LOSSES:
         raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
+    batch_size = _whole_number(batch_size, "batch_size")
+    _check_windows(model, splits)
     n_train = len(splits.train) if max_train_windows is None else min(max_train_windows, len(splits.train))
     steps = math.ceil(n_train / batch_size)
+    # the shuffles' seed: a draw from the caller's torch random state when the run is not reseeded
+    shuffle_seed = seed if seed is not None else int(torch.randint(2**31 - 1, ()))
 
     def train_batches(epoch: int):
-        return splits.train.batches(batch_size, shuffle=True, seed=seed + epoch, max_windows=max_train_windows)
+        return splits.train.batches(batch_size, shuffle=True, seed=shuffle_seed + epoch, max_windows=max_train_windows)
 
     def val_batches(epoch: int):
         return splits.val.batches(256, max_windows=max_val_windows)

@@ -1,0 +1,226 @@
+"""Edge cases of dfmamba_st.ts: the caller's global state, file names and split protocols, headerless files, the
+checks of a frame given to ``make_splits`` and clear errors for invalid arguments (audit32_c, findings 2-5 and 11).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from _shared import shared_path
+
+from dfmamba_st import ts
+
+#: the standard (Informer) split ends of ETTh1 / ETTh2
+ETTH_ENDS = [8640, 11520, 14400]
+
+
+@pytest.fixture(scope="module")
+def toy() -> ts.ForecastSplits:
+    t = np.arange(2000, dtype=np.float32)
+    return ts.make_splits("toy", 32, 8, frame=pd.DataFrame({"a": np.sin(t / 10), "b": np.cos(t / 7)}))
+
+
+@pytest.fixture(scope="module")
+def etth1() -> pd.DataFrame:
+    return ts.load("ETTh1", path=shared_path("ts", "ETTh1.csv.gz"))
+
+
+def _global_state() -> tuple:
+    return (
+        random.getstate(),
+        np.random.get_state()[1].copy(),  # noqa: NPY002 - the caller's global NumPy state is what is checked
+        torch.random.get_rng_state(),
+        torch.are_deterministic_algorithms_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ global state
+
+
+@pytest.mark.parametrize("seed", [42, None])
+def test_train_forecaster_leaves_the_callers_global_state(toy, seed, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        random.seed(1)
+        np.random.seed(1)  # noqa: NPY002
+        torch.manual_seed(1)
+        model = ts.DLinear(2, 32, 8)
+        before = _global_state()
+        result = ts.train_forecaster(model, toy, epochs=1, max_train_windows=64, seed=seed)
+        after = _global_state()
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    assert len(result.history) == 1
+    assert after[0] == before[0]
+    np.testing.assert_array_equal(after[1], before[1])
+    assert torch.equal(after[2], before[2])
+    assert after[3:] == before[3:] == (False, None)
+
+
+def test_train_forecaster_without_seed_follows_the_torch_state(toy):
+    def run() -> list[dict]:
+        torch.manual_seed(3)
+        model = ts.DLinear(2, 32, 8)
+        return ts.train_forecaster(model, toy, epochs=1, max_train_windows=64, seed=None).history
+
+    assert run() == run()  # the caller's seed makes an unseeded run reproducible
+
+
+# ------------------------------------------------------------------------------------------------ names and files
+
+
+def test_make_splits_takes_the_protocol_from_the_file_name(etth1):
+    file = shared_path("ts", "ETTh1.csv.gz")
+    for splits in (ts.make_splits(str(file)), ts.make_splits(file), ts.make_splits("ETTh1", path=file)):
+        assert splits.name == "ETTh1"
+        assert splits.ends == ETTH_ENDS
+        assert (len(splits.train), len(splits.val), len(splits.test)) == (8449, 2785, 2785)
+    assert ts.split_borders(str(file), 17420, 96)[1] == ETTH_ENDS
+    pd.testing.assert_frame_equal(ts.load(str(file)), etth1)
+
+
+def test_a_file_named_after_another_data_set_is_refused():
+    file = shared_path("ts", "ETTh1.csv.gz")
+    with pytest.raises(ValueError, match=r"name='weather' does not match .*pass name='ETTh1'"):
+        ts.make_splits("weather", path=file)
+    with pytest.raises(ValueError, match="does not match"):
+        ts.load("ETTh2", path=file)
+    with pytest.raises(ValueError, match="give the file once"):
+        ts.make_splits(str(file), path=file.parent)
+
+
+def test_load_reads_a_headerless_file():
+    file = shared_path("ts", "exchange_rate_lstnet.txt.gz")
+    df = ts.load("exchange_rate_lstnet.txt", path=file)
+    assert df.shape == (7588, 8)
+    assert list(df.columns) == list(range(8))
+    assert df.iloc[0, 0] == np.float32(0.7855)
+    pd.testing.assert_frame_equal(ts.load("exchange_rate_lstnet", path=file.parent), df)  # found as .txt.gz
+    splits = ts.make_splits(str(file), 96, 96)
+    assert splits.name == "exchange_rate_lstnet"
+    assert splits.ends == [int(7588 * 0.7), 7588 - int(7588 * 0.2), 7588]  # any other file: 70 / 10 / 20
+    assert splits.columns == [str(c) for c in range(8)]
+
+
+def test_a_header_row_with_text_is_still_a_header(tmp_path):
+    pd.DataFrame({"x1": [1.0, 2.0], "2": [3.0, 4.0]}).to_csv(tmp_path / "mixed.csv", index=False)
+    df = ts.load("mixed", path=tmp_path)
+    assert list(df.columns) == ["x1", "2"] and len(df) == 2
+    (tmp_path / "numbers.csv").write_text("1,2\n3,4\n")
+    assert ts.load("numbers", path=tmp_path).to_numpy().tolist() == [[1, 2], [3, 4]]
+
+
+# ------------------------------------------------------------------------------------------------ frames
+
+
+def test_make_splits_moves_a_date_column_to_the_index(etth1):
+    raw = pd.read_csv(shared_path("ts", "ETTh1.csv.gz"))
+    from_frame = ts.make_splits("ETTh1", frame=raw, season="daily")
+    from_file = ts.make_splits("ETTh1", frame=etth1, season="daily")
+    assert from_frame.ends == ETTH_ENDS
+    np.testing.assert_allclose(from_frame.values, from_file.values, atol=1e-5)
+    np.testing.assert_array_equal(from_frame.season.phase, from_file.season.phase)
+    assert "date" in raw.columns  # the caller's frame is left as it was
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_make_splits_refuses_missing_or_infinite_values(etth1, bad):
+    frame = etth1.copy()
+    frame.iloc[5, 0] = bad
+    with pytest.raises(ValueError, match=re.escape("columns ['HUFL']")):
+        ts.make_splits("ETTh1", frame=frame)
+
+
+def test_make_splits_refuses_a_frame_out_of_time_order(etth1):
+    with pytest.raises(ValueError, match="ascending time order"):
+        ts.make_splits("ETTh1", frame=etth1.iloc[::-1], season="daily")
+
+
+def test_frame_and_file_get_the_same_checks(tmp_path):
+    frame = pd.DataFrame({"date": ["2020-01-01 01:00", "2020-01-01 00:00"], "a": [1.0, 2.0]})
+    frame.to_csv(tmp_path / "late.csv", index=False)
+    for call in (lambda: ts.load("late", path=tmp_path), lambda: ts.make_splits("late", frame=frame)):
+        with pytest.raises(ValueError, match="ascending time order"):
+            call()
+    frame = pd.DataFrame({"date": ["2020-01-01", "someday"], "a": [1.0, 2.0]})
+    frame.to_csv(tmp_path / "odd.csv", index=False)
+    for call in (lambda: ts.load("odd", path=tmp_path), lambda: ts.make_splits("odd", frame=frame)):
+        with pytest.raises(ValueError, match="'date' column does not parse"):
+            call()
+
+
+def test_make_splits_refuses_a_fractional_season(toy):
+    frame = pd.DataFrame({"a": toy.values[:, 0]})
+    with pytest.raises(ValueError, match="whole number"):
+        ts.make_splits("toy", 32, 8, frame=frame, season=24.7)
+    assert ts.make_splits("toy", 32, 8, frame=frame, season=24.0).season.period == 24
+
+
+# ------------------------------------------------------------------------------------------------ clear errors
+
+
+def _tiny_ms(**kw) -> ts.MSMamba:
+    return ts.MSMamba(2, 32, 8, d_model=8, d_ff=8, d_state=2, **kw)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: ts.DLinear(7, 96, 24, kernel_size=24), "kernel_size must be odd"),
+        (lambda: ts.DFMambaTS(7, patch_len=0), "patch_len=0 must be >= 1"),
+        (lambda: _tiny_ms(scales=()), "scales must be one or more"),
+    ],
+)
+def test_models_refuse_invalid_sizes_when_built(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda m, s: ts.zero_shot(m, s, factors=(2.5,)), "factor must be a whole number"),
+        (lambda m, s: ts.zero_shot(m, s, stride=0), "stride must be a whole number"),
+        (lambda m, s: ts.zero_shot(m, s, batch_size=0), "batch_size must be a whole number"),
+        (lambda m, s: ts.coarsened_windows(s, 1, 32, 8, split="train"), "split='train' is not one of"),
+        (lambda m, s: ts.evaluate(m, s.test, batch_size=0), "batch_size must be a whole number"),
+        (lambda m, s: ts.train_forecaster(m, s, batch_size=0), "batch_size must be a whole number"),
+        (lambda m, s: ts.predict(m, torch.zeros(4, 32, 2), batch_size=0), "batch_size must be a whole number"),
+        (lambda m, s: ts.train_forecaster(ts.DLinear(2, 32, 4), s), "model's horizon is 4 .* horizon 8"),
+        (lambda m, s: ts.train_forecaster(ts.DLinear(2, 16, 8), s), "model's seq_len is 16 .* seq_len 32"),
+        (lambda m, s: ts.evaluate(ts.DLinear(2, 32, 4), s.test), r"forecasts shape \(256, 4, 2\)"),
+    ],
+)
+def test_invalid_arguments_get_a_clear_error(toy, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(ts.DLinear(2, 32, 8), toy)
+
+
+def test_forecast_loss_refuses_a_forecast_of_another_shape():
+    with pytest.raises(ValueError, match="does not match the data"):
+        ts.forecast_loss(ts.DLinear(2, 8, 4), (torch.zeros(3, 8, 2), torch.zeros(3, 6, 2)))
+
+
+def test_zero_shot_takes_whole_float_factors(toy):
+    model = ts.DLinear(2, 32, 8)
+    got, want = ts.zero_shot(model, toy, factors=(2.0,)), ts.zero_shot(model, toy, factors=(2,))
+    assert list(got) == [2]
+    assert got[2]["mse"] == want[2]["mse"] and got[2]["n_windows"] == want[2]["n_windows"]
+
+
+def test_predict_on_no_lookback_gives_an_empty_forecast():
+    model = ts.DLinear(3, 16, 4)
+    for n in (0, 5):
+        assert ts.predict(model, torch.zeros(n, 16, 3), batch_size=2).shape == (n, 4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        ts.predict(model, torch.zeros(16, 3))
