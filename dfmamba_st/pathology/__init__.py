@@ -15,6 +15,9 @@ Examples
 torch.Size([1, 4])
 """
 
+import importlib
+from typing import Any
+
 from .data import (
     BACH_CLASSES,
     CropBatches,
@@ -27,19 +30,36 @@ from .data import (
     load_image_folder,
     random_dihedral,
     stratified_split,
+    to_unit_float,
 )
 from .model import DFMambaClassifier, count_parameters
 from .plot import gate_map, plot_saliency, saliency_map
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, make_synthetic_image
 from .tokens import PatchEmbedding, check_image_size, patch_order, patchify, token_cells, tokens_to_grid, unpatchify
-from .train import (
-    classification_loss,
-    evaluate,
-    evaluate_resolutions,
-    load_classifier,
-    save_classifier,
-    train_classifier,
+
+# The training API lives in .train, which is also the command line (`python -m dfmamba_st.pathology.train`). It is
+# imported on first use rather than here: importing it with the package makes runpy find it already in sys.modules
+# and warn (RuntimeWarning) before running a second copy as __main__.
+_TRAIN_API = (
+    "classification_loss",
+    "evaluate",
+    "evaluate_resolutions",
+    "load_classifier",
+    "save_classifier",
+    "train_classifier",
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "train" or name in _TRAIN_API:
+        module = importlib.import_module(f"{__name__}.train")
+        return module if name == "train" else getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_TRAIN_API, "train"})
+
 
 __all__ = [
     "BACH_CLASSES",
@@ -70,6 +90,7 @@ __all__ = [
     "saliency_map",
     "save_classifier",
     "stratified_split",
+    "to_unit_float",
     "token_cells",
     "tokens_to_grid",
     "train_classifier",

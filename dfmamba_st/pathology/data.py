@@ -11,6 +11,7 @@ fields, without augmentation.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "load_image_folder",
     "random_dihedral",
     "stratified_split",
+    "to_unit_float",
 ]
 
 BACH_CLASSES: tuple[str, ...] = ("Normal", "Benign", "InSitu", "Invasive")
@@ -50,7 +52,7 @@ class ImageSet:
     Attributes
     ----------
     images
-        (n, 3, H, W) uint8 RGB.
+        (n, 3, H, W) uint8 RGB (the loaders' output; floats in [0, 1] are accepted too, see :func:`to_unit_float`).
     labels
         (n,) int64 class indices.
     class_names
@@ -85,11 +87,13 @@ def list_image_folder(
         The directory holding the class folders.
     classes
         Class folder names in label order. By default the BACH order (Normal, Benign, InSitu, Invasive) when
-        those four folders exist, otherwise every sub-folder that holds images, sorted by name.
+        those four folders exist (other folders are then ignored, with a warning), otherwise every sub-folder that
+        holds images, sorted by name.
 
     Returns
     -------
-    ``(paths, labels, class_names)``, paths sorted within each class.
+    ``(paths, labels, class_names)``, paths sorted within each class. Hidden files and folders (names starting with
+    ``.``, such as the ``._name.tif`` sidecars that macOS copies leave) are skipped.
 
     Examples
     --------
@@ -109,12 +113,23 @@ def list_image_folder(
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder {str(root)!r} does not exist or is not a directory.")
 
+    def visible(folder: Path) -> list[Path]:
+        return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
     def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return sorted(p for p in visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
     if classes is None:
-        subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and images_in(p))
+        subdirs = sorted(p.name for p in visible(root) if p.is_dir() and images_in(p))
         classes = BACH_CLASSES if set(BACH_CLASSES) <= set(subdirs) else tuple(subdirs)
+        ignored = [name for name in subdirs if name not in classes]
+        if ignored:
+            warnings.warn(
+                f"Using the four BACH classes under {str(root)!r} and ignoring the other image folder(s) {ignored}; "
+                "pass classes=[...] to choose the classes.",
+                UserWarning,
+                stacklevel=2,
+            )
     classes = tuple(classes)
     if len(classes) < 2:
         raise ValueError(
@@ -138,6 +153,11 @@ def list_image_folder(
 def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` (side or ``(height, width)``) if given.
 
+    Raises
+    ------
+    ValueError
+        If the file exists but cannot be read as an image (the message names the file).
+
     Examples
     --------
     >>> import tempfile, os
@@ -151,13 +171,20 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> n
     """
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if size is not None:
-            height, width = (size, size) if isinstance(size, int) else size
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # reads the pixels
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(
+            f"Cannot read the image file {str(path)!r} ({type(err).__name__}: {err}); remove it from the folder or "
+            "save it again in a readable format."
+        ) from err
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
 
 def load_image_folder(
@@ -190,7 +217,8 @@ def stratified_split(
     """Split indices into parts with the given fractions, class by class (the paper: 70/15/15).
 
     Every class is shuffled with ``seed`` and cut at the rounded cumulative fractions, so each part holds about
-    the same class proportions and the split is repeatable.
+    the same class proportions and the split is repeatable. With few images per class a part with a non-zero
+    fraction can come out empty (e.g. 3 images per class at 70/15/15); this gives a warning.
 
     Examples
     --------
@@ -214,6 +242,15 @@ def stratified_split(
         for k, stop in enumerate(bounds):
             parts[k] += idx[start:stop].tolist()
             start = stop
+    empty = [k for k, (part, fraction) in enumerate(zip(parts, fractions)) if fraction > 0 and not part]
+    if empty and len(labels):
+        counts = np.unique(labels, return_counts=True)[1]
+        warnings.warn(
+            f"stratified_split: part(s) {empty} of fractions {fractions.tolist()} are empty ({len(labels)} labels, "
+            f"{len(counts)} classes, the smallest with {counts.min()}); use more images per class or larger fractions.",
+            UserWarning,
+            stacklevel=2,
+        )
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -224,6 +261,62 @@ def center_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | to
         raise ValueError(f"Crop size {size} is larger than the images ({height}×{width}).")
     top, left = (height - size) // 2, (width - size) // 2
     return images[..., top : top + size, left : left + size]
+
+
+def _check_pixels(images: np.ndarray | torch.Tensor) -> None:
+    """Raise unless ``images`` are uint8 (0–255) or floats in [0, 1] (the two encodings :func:`to_unit_float` takes)."""
+    if isinstance(images, torch.Tensor):
+        is_uint8, is_float, empty = images.dtype == torch.uint8, images.is_floating_point(), images.numel() == 0
+    else:
+        images = np.asarray(images)
+        is_uint8, is_float, empty = images.dtype == np.uint8, np.issubdtype(images.dtype, np.floating), images.size == 0
+    if is_uint8:
+        return
+    if not is_float:
+        raise TypeError(
+            f"Images must be uint8 (0–255) or floats in [0, 1], got dtype {images.dtype}; convert them first, "
+            "e.g. (x / 65535).astype(np.float32) for 16-bit images."
+        )
+    if not empty:
+        low, high = float(images.min()), float(images.max())
+        if not (low >= 0.0 and high <= 1.0):  # also false for NaN
+            raise ValueError(
+                f"Float images must hold values in [0, 1], got values from {low:g} to {high:g}; pass 0–255 images as "
+                "uint8 (they are divided by 255) or scale floats to [0, 1] yourself."
+            )
+
+
+def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images as a float32 tensor in [0, 1], the model's input: uint8 is divided by 255, floats in [0, 1] are kept.
+
+    Every other dtype (16-bit, integers, booleans) is a ``TypeError`` and floats outside [0, 1] (or NaN) a
+    ``ValueError``, so that neither 0–255 floats nor already scaled images are silently rescaled. Used by
+    :class:`CropBatches`, :func:`eval_batches` and the plots.
+
+    Parameters
+    ----------
+    images
+        Array or tensor of any shape, uint8 or floating point.
+
+    Returns
+    -------
+    A new float32 tensor (on the input's device for a tensor).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology.data import to_unit_float
+    >>> to_unit_float(np.array([0, 255], np.uint8)).tolist(), to_unit_float(np.array([0.0, 0.5])).tolist()
+    ([0.0, 1.0], [0.0, 0.5])
+    """
+    _check_pixels(images)
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -332,7 +425,7 @@ class CropBatches:
     Parameters
     ----------
     images
-        (n, 3, H, W) uint8.
+        (n, 3, H, W) uint8 (divided by 255) or floats in [0, 1] (used as they are); see :func:`to_unit_float`.
     labels
         (n,) class indices.
     crop
@@ -344,7 +437,8 @@ class CropBatches:
     hed_sigma, hed_bias, jitter
         Strength of the stain and colour jitter.
     seed
-        Seed of the crops, order and augmentation.
+        Seed of the crops, order and augmentation (``None``: drawn once from torch's global random state, so it
+        follows ``torch.manual_seed``); :attr:`seed` holds the seed used.
 
     Examples
     --------
@@ -366,14 +460,20 @@ class CropBatches:
         hed_sigma: float = 0.05,
         hed_bias: float = 0.02,
         jitter: float = 0.1,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (n, 3, H, W), got {images.shape}.")
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"Need as many labels as images (and at least one), got {len(images)} and {len(labels)}.")
-        if crop is not None and (crop > images.shape[2] or crop > images.shape[3]):
-            raise ValueError(f"crop={crop} is larger than the images ({images.shape[2]}×{images.shape[3]}).")
+        if crop is not None and not 1 <= crop <= min(images.shape[2], images.shape[3]):
+            raise ValueError(
+                f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
+            )
+        _check_batch_size(batch_size)
+        _check_pixels(images)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.crop = crop
@@ -403,7 +503,7 @@ class CropBatches:
                 batch = np.stack(
                     [self.images[i, :, t : t + self.crop, s : s + self.crop] for i, t, s in zip(idx, tops, lefts)]
                 )
-            x = torch.from_numpy(batch).float().div_(255.0)
+            x = to_unit_float(batch)
             if self.augment:
                 if x.shape[-1] == x.shape[-2]:
                     x = random_dihedral(x, gen)
@@ -417,7 +517,8 @@ def eval_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Evaluation batches without augmentation: full fields, or centre crops of side ``crop``.
 
-    Returns a generator of ``(images, labels)``, images float32 in [0, 1].
+    ``images`` are uint8 or floats in [0, 1] (see :func:`to_unit_float`). Returns a generator of
+    ``(images, labels)``, images float32 in [0, 1].
 
     Examples
     --------
@@ -427,11 +528,11 @@ def eval_batches(
     [(3, 3, 32, 32)]
     """
     labels = np.asarray(labels, dtype=np.int64)
+    _check_batch_size(batch_size)
+    if len(images) != len(labels):
+        raise ValueError(f"Need as many labels as images, got {len(images)} images and {len(labels)} labels.")
     for start in range(0, len(labels), batch_size):
         batch = images[start : start + batch_size]
         if crop is not None:
             batch = center_crop(batch, crop)
-        yield (
-            torch.from_numpy(np.ascontiguousarray(batch)).float().div_(255.0),
-            torch.from_numpy(labels[start : start + batch_size]),
-        )
+        yield to_unit_float(batch), torch.from_numpy(labels[start : start + batch_size])

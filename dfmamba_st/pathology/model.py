@@ -13,6 +13,12 @@ from .tokens import PatchEmbedding
 __all__ = ["DFMambaClassifier", "count_parameters"]
 
 
+def _config_value(value: float | tuple[float, ...] | torch.Tensor) -> float | list[float]:
+    """A per-channel setting (number, sequence, array or tensor) as a JSON-serialisable float or list of floats."""
+    values = torch.as_tensor(value, dtype=torch.float64)  # float64 holds a float32 value exactly
+    return float(values) if values.ndim == 0 else values.flatten().tolist()
+
+
 class DFMambaClassifier(nn.Module):
     """Patch embedding → DF-Mamba over the Hilbert-ordered token sequence → LayerNorm → mean pool → linear head.
 
@@ -38,7 +44,8 @@ class DFMambaClassifier(nn.Module):
     in_chans
         Image channels.
     pixel_mean, pixel_std
-        Images are expected as floats in [0, 1] and normalised inside the model with these values.
+        Images are expected as floats in [0, 1] and normalised inside the model with these values (one for all
+        channels, or one per channel); they are part of :attr:`config`, so a saved model keeps them.
     dropout
         Dropout before the head.
     embed_scale
@@ -87,6 +94,9 @@ class DFMambaClassifier(nn.Module):
             raise ValueError(f"n_classes must be >= 2, got {n_classes}.")
         self.n_classes = n_classes
         self.patch_size = patch_size
+        mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1, 1, 1)
+        std = torch.as_tensor(pixel_std, dtype=torch.float32).reshape(-1, 1, 1)
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
         self.config = dict(
             n_classes=n_classes,
             d_model=d_model,
@@ -98,6 +108,8 @@ class DFMambaClassifier(nn.Module):
             hidden=hidden,
             patch_size=patch_size,
             in_chans=in_chans,
+            pixel_mean=_config_value(pixel_mean),
+            pixel_std=_config_value(pixel_std),
             dropout=dropout,
             embed_scale=embed_scale,
             **dfmamba_kwargs,
@@ -116,8 +128,6 @@ class DFMambaClassifier(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(d_model, n_classes)
-        mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1, 1, 1)
-        std = torch.as_tensor(pixel_std, dtype=torch.float32).reshape(-1, 1, 1)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
 
@@ -135,6 +145,7 @@ class DFMambaClassifier(nn.Module):
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, FractalAux]:
         """Per-token features (batch, L, d_model) in Hilbert order, and DF-Mamba's auxiliary record."""
+        self.embed.check_input(images)  # before the normalisation, whose broadcasting hides a wrong layout
         x = self.embed((images - self.pixel_mean) / self.pixel_std)
         h, aux = self.backbone(x)
         return self.norm(h), aux

@@ -2,26 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from .data import to_unit_float
 from .tokens import check_image_size, tokens_to_grid
 
 __all__ = ["gate_map", "plot_saliency", "saliency_map"]
 
 Method = Literal["grad_input", "smoothgrad", "gate"]
+_GRADIENT_METHODS = ("grad_input", "smoothgrad")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode (no dropout), then put its train/eval mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _as_batch(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(3, H, W) uint8 / float in [0, 1] (array or tensor) → (1, 3, H, W) float32 on ``device``."""
-    x = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    x = image if isinstance(image, torch.Tensor) else np.asarray(image)
     if x.ndim != 3:
         raise ValueError(f"image must have shape (3, H, W), got {tuple(x.shape)}.")
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return x.unsqueeze(0).to(device)
+    return to_unit_float(x).unsqueeze(0).to(device)
+
+
+def _check_method(method: str, allowed: tuple[str, ...]) -> None:
+    if method not in allowed:
+        raise ValueError(f"method must be one of {', '.join(map(repr, allowed))}, got {method!r}.")
 
 
 def _display(image: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -54,7 +73,7 @@ def saliency_map(
     image
         (3, H, W) uint8 or float in [0, 1].
     target
-        Class whose logit is explained (default: the predicted class).
+        Class whose logit is explained, ``0 .. n_classes - 1`` (default: the predicted class).
     method
         ``"grad_input"``: ``Σ_c |∂logit/∂x_c · (x_c - mean_c)|`` on the normalised input;
         ``"smoothgrad"``: ``Σ_c |∂logit/∂x_c|`` averaged over ``n_samples`` copies with Gaussian noise of standard
@@ -75,30 +94,36 @@ def saliency_map(
     >>> sal.shape, bool(0.0 <= sal.min() <= sal.max() <= 1.0)
     ((32, 32), True)
     """
-    was_training = model.training
-    model.eval()
+    _check_method(method, _GRADIENT_METHODS)
     device = next(model.parameters()).device
     x = _as_batch(image, device)
+    with _eval_mode(model):
+        return _saliency(model, x, target, method, n_samples, noise, seed)
+
+
+def _saliency(
+    model: nn.Module, x: torch.Tensor, target: int | None, method: str, n_samples: int, noise: float, seed: int
+) -> tuple[np.ndarray, int]:
+    """:func:`saliency_map` on a (1, 3, H, W) batch, with the model already in eval mode."""
+    device = x.device
     with torch.no_grad():
-        pred = int(model(x).argmax(-1))
-    target = pred if target is None else int(target)
+        logits = model(x)[0]
+    n_classes = logits.shape[-1]
+    target = int(logits.argmax()) if target is None else int(target)
+    if not 0 <= target < n_classes:
+        raise ValueError(f"target must be a class index in 0..{n_classes - 1}, got {target}.")
     mean = getattr(model, "pixel_mean", torch.zeros(1, 1, 1)).to(device)
-    try:
-        if method == "grad_input":
-            xg = x.clone().requires_grad_(True)
-            (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
-            sal = (grad * (x - mean)).abs().sum(1)[0]
-        elif method == "smoothgrad":
-            gen = torch.Generator().manual_seed(seed)
-            sal = torch.zeros(x.shape[-2:], device=device)
-            for _ in range(n_samples):
-                xn = (x + noise * torch.randn(x.shape, generator=gen).to(device)).requires_grad_(True)
-                (grad,) = torch.autograd.grad(model(xn)[0, target], xn)
-                sal += grad.abs().sum(1)[0] / n_samples
-        else:
-            raise ValueError(f"method must be 'grad_input' or 'smoothgrad', got {method!r}.")
-    finally:
-        model.train(was_training)
+    if method == "grad_input":
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xg)[0, target], xg)
+        sal = (grad * (x - mean)).abs().sum(1)[0]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        sal = torch.zeros(x.shape[-2:], device=device)
+        for _ in range(n_samples):
+            xn = (x + noise * torch.randn(x.shape, generator=gen).to(device)).requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(xn)[0, target], xn)
+            sal += grad.abs().sum(1)[0] / n_samples
     return _normalise(sal.detach().cpu().numpy()), target
 
 
@@ -130,11 +155,9 @@ def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, depth: int = 0)
     >>> gate_map(model, torch.rand(3, 64, 64), depth=1).shape
     (4, 4)
     """
-    was_training = model.training
-    model.eval()
     x = _as_batch(image, next(model.parameters()).device)
-    _, aux = model.forward_with_aux(x)
-    model.train(was_training)
+    with _eval_mode(model):
+        _, aux = model.forward_with_aux(x)
     if not aux.gates:
         raise ValueError("This model has no fusion gates (depth 0, fusion='add', or a sequence shorter than min_len).")
     if not 0 <= depth < len(aux.gates):
@@ -207,20 +230,20 @@ def plot_saliency(
     """
     import matplotlib.pyplot as plt
 
-    device = next(model.parameters()).device
-    x = _as_batch(image, device)
-    with torch.no_grad():
+    _check_method(method, (*_GRADIENT_METHODS, "gate"))
+    if show is None:  # decided on the arguments, before ``ax`` gets a new figure's axes below
+        show = not return_fig and ax is None
+    x = _as_batch(image, next(model.parameters()).device)
+    with _eval_mode(model), torch.no_grad():  # the probability in the title, without dropout (as the maps)
         probs = torch.softmax(model(x), -1)[0].cpu().numpy()
     height, width = x.shape[-2:]
     if method == "gate":
         heat = gate_map(model, image, depth=depth)
         label = f"gate, depth {depth}"
         shown_class = int(probs.argmax())
-        vmin, vmax = 0.0, 1.0
     else:
         heat, shown_class = saliency_map(model, image, target=target, method=method, **saliency_kwargs)
         label = "gradient × input" if method == "grad_input" else "SmoothGrad"
-        vmin, vmax = 0.0, 1.0
     if ax is None:
         fig, ax = plt.subplots(figsize=(5, 5))
     else:
@@ -230,8 +253,8 @@ def plot_saliency(
         heat,
         cmap=cmap,
         alpha=alpha,
-        vmin=vmin,
-        vmax=vmax,
+        vmin=0.0,
+        vmax=1.0,
         extent=(-0.5, width - 0.5, height - 0.5, -0.5),
         interpolation="nearest",
     )
@@ -239,8 +262,6 @@ def plot_saliency(
     name = class_names[shown_class] if class_names is not None else f"class {shown_class}"
     ax.set_title(title if title is not None else f"{label}: {name} (p = {probs[shown_class]:.2f})", fontsize=9)
     ax.set_axis_off()
-    if show is None:
-        show = not return_fig and ax is None
     if show:
         plt.show()
     if return_fig:

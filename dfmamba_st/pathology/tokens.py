@@ -210,11 +210,28 @@ class PatchEmbedding(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         nn.init.constant_(self.norm.weight, init_scale)
 
+    def check_input(self, images: torch.Tensor) -> tuple[int, int]:
+        """Check that ``images`` are (batch, in_chans, H, W) with sides multiples of the patch; return the patch grid.
+
+        Raises
+        ------
+        ValueError
+            For another layout (channels last, no batch axis) or size; the message says how to fix it.
+        """
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            hint = (
+                " They look channels-last: use images.permute(0, 3, 1, 2)."
+                if images.ndim == 4 and images.shape[-1] == self.in_chans
+                else ""
+            )
+            raise ValueError(
+                f"Expected images of shape (batch, {self.in_chans}, H, W), got {tuple(images.shape)}.{hint}"
+            )
+        return check_image_size(images.shape[2], images.shape[3], self.patch_size)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(batch, in_chans, H, W) → (batch, L, d_model) in curve order."""
-        if images.ndim != 4 or images.shape[1] != self.in_chans:
-            raise ValueError(f"Expected images of shape (batch, {self.in_chans}, H, W), got {tuple(images.shape)}.")
-        rows, cols = check_image_size(images.shape[2], images.shape[3], self.patch_size)
+        rows, cols = self.check_input(images)
         x = self.proj(images).flatten(2).transpose(1, 2)  # (b, rows*cols, d), row-major
         order = torch.tensor(patch_order(rows, cols, self.curve), device=images.device)
         return self.norm(x.index_select(1, order))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import TrainResult, fit, resolve_device, seed_everything
-from .data import CropBatches, ImageSet, eval_batches, load_image_folder, stratified_split
+from ..core import TrainResult, fit, isolated_global_state, resolve_device, seed_everything
+from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 
@@ -65,6 +66,26 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     return loss, {"ce": float(ce.detach()), "aux": float(aux.loss.detach()), "acc": float(acc)}
 
 
+def _check_labels(labels: np.ndarray, model: nn.Module, what: str) -> None:
+    """Raise a clear error when ``labels`` are not class indices ``0 .. model.n_classes - 1``."""
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return
+    n_classes = getattr(model, "n_classes", None)
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (n_classes is not None and high >= n_classes):
+        valid = f"0..{n_classes - 1} (the model has n_classes={n_classes})" if n_classes is not None else ">= 0"
+        raise ValueError(
+            f"{what} labels must be class indices in {valid}, got values from {low} to {high}; re-index the labels "
+            "or build the model with as many classes as the data have."
+        )
+
+
+def _unpack(data: ImageSet | tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return (data.images, data.labels) if isinstance(data, ImageSet) else data
+
+
+@isolated_global_state()
 def train_classifier(
     model: DFMambaClassifier,
     train: ImageSet | tuple[np.ndarray, np.ndarray],
@@ -77,7 +98,7 @@ def train_classifier(
     weight_decay: float = 0.05,
     augment: bool = True,
     patience: int | None = 10,
-    seed: int = 42,
+    seed: int | None = 42,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     description: str = "pathology",
@@ -90,20 +111,30 @@ def train_classifier(
         The classifier (on its device).
     train
         Training images: an :class:`~dfmamba_st.pathology.data.ImageSet` or ``(images, labels)`` with images
-        (n, 3, H, W) uint8.
+        (n, 3, H, W) uint8 or floats in [0, 1], labels in ``0 .. model.n_classes - 1``.
     val
-        Validation images, evaluated on centre crops of side ``crop`` (the training size) for early stopping and
-        best-epoch selection, so that the full field stays unseen until the test.
+        Validation images (at least one), evaluated on centre crops of side ``crop`` (the training size) for early
+        stopping and best-epoch selection, so that the full field stays unseen until the test.
     crop
         Training crop side (``None``: whole images).
-    epochs, batch_size, lr, weight_decay, patience, seed, checkpoint_dir, progress, description
+    epochs, batch_size, lr, weight_decay, patience, checkpoint_dir, progress, description
         Passed to :func:`~dfmamba_st.core.fit` (``batch_size`` to the batches).
+    seed
+        Seed of the crops, augmentation, shuffling and of :func:`~dfmamba_st.core.fit`'s reseeding. ``None``: do not
+        reseed; the crops then take their seed from torch's current global random state (see
+        :class:`~dfmamba_st.pathology.data.CropBatches`), and so does training.
     augment
         Flips/rotations, HED stain jitter and colour jitter on the training crops.
 
     Returns
     -------
     The :class:`~dfmamba_st.core.TrainResult`; the model holds the best epoch's weights.
+
+    Notes
+    -----
+    The caller's Python, NumPy and torch random states and torch's determinism settings are put back afterwards
+    (:func:`dfmamba_st.core.isolated_global_state`), whatever ``seed`` is; with ``seed=None`` two calls from the same
+    global state therefore train on the same crops.
 
     Examples
     --------
@@ -114,11 +145,15 @@ def train_classifier(
     >>> len(result.history)
     1
     """
-    images, labels = (train.images, train.labels) if isinstance(train, ImageSet) else train
+    images, labels = _unpack(train)
+    _check_labels(labels, model, "Training")
     batches = CropBatches(images, labels, crop=crop, batch_size=batch_size, augment=augment, seed=seed)
     val_data = None
     if val is not None:
-        v_images, v_labels = (val.images, val.labels) if isinstance(val, ImageSet) else val
+        v_images, v_labels = _unpack(val)
+        if len(v_labels) == 0:
+            raise ValueError("val holds no image; pass val=None to train without validation (no early stopping).")
+        _check_labels(v_labels, model, "Validation")
 
         def val_data(epoch: int):
             return eval_batches(v_images, v_labels, batch_size=batch_size, crop=crop)
@@ -140,16 +175,29 @@ def train_classifier(
     )
 
 
+def _field(model: nn.Module, images: np.ndarray, crop: int | None) -> tuple[tuple[int, int], int]:
+    """The image size :func:`evaluate` sees at ``crop`` and its token count (checks the crop against the images)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape (n, 3, H, W), got {tuple(images.shape)}.")
+    view = images[:0] if crop is None else center_crop(images[:0], crop)
+    height, width = (int(side) for side in view.shape[-2:])
+    patch = int(getattr(model, "patch_size", 16))
+    return (height, width), (height // patch) * (width // patch)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, *, crop: int | None = None, batch_size: int = 16
 ) -> dict[str, object]:
     """Accuracy of ``model`` on full fields (``crop=None``) or centre crops of side ``crop``.
 
+    ``images`` are (n, 3, H, W) uint8 or floats in [0, 1], ``labels`` class indices below ``model.n_classes``.
+    The model is left in eval mode.
+
     Returns
     -------
     ``{"accuracy", "n_tokens", "image_size", "predictions", "confusion"}``; ``confusion[i, j]`` counts images of
-    class ``i`` predicted as ``j``.
+    class ``i`` predicted as ``j``. An empty set gives accuracy NaN and an all-zero confusion matrix.
 
     Examples
     --------
@@ -160,22 +208,24 @@ def evaluate(
     >>> out["n_tokens"], out["predictions"].shape
     (4, (2,))
     """
+    labels = np.asarray(labels, dtype=np.int64)
+    _check_labels(labels, model, "Evaluation")
+    side, n_tokens = _field(model, images, crop)
     model.eval()
     device = next(model.parameters()).device
-    preds = []
-    side = None
-    for x, _ in eval_batches(images, labels, batch_size=batch_size, crop=crop):
-        side = tuple(x.shape[-2:])
-        preds.append(model(x.to(device)).argmax(-1).cpu().numpy())
+    preds = [
+        model(x.to(device)).argmax(-1).cpu().numpy()
+        for x, _ in eval_batches(images, labels, batch_size=batch_size, crop=crop)
+    ]
     predictions = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-    labels = np.asarray(labels)
-    n_classes = int(getattr(model, "n_classes", max(int(labels.max()), int(predictions.max())) + 1))
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    n_classes = getattr(model, "n_classes", None)
+    if n_classes is None:
+        n_classes = max(int(labels.max(initial=-1)), int(predictions.max(initial=-1))) + 1
+    confusion = np.zeros((int(n_classes), int(n_classes)), dtype=np.int64)
     np.add.at(confusion, (labels, predictions), 1)
-    patch = int(getattr(model, "patch_size", 16))
     return {
         "accuracy": float((predictions == labels).mean()) if len(labels) else float("nan"),
-        "n_tokens": (side[0] // patch) * (side[1] // patch) if side else 0,
+        "n_tokens": n_tokens,
         "image_size": side,
         "predictions": predictions,
         "confusion": confusion,
@@ -185,16 +235,44 @@ def evaluate(
 def evaluate_resolutions(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, crops: Sequence[int | None] = (256, None), **kwargs
 ) -> dict[int, dict[str, object]]:
-    """:func:`evaluate` at several resolutions of the same images (``None`` = full field), keyed by token count."""
-    out = {}
+    """:func:`evaluate` at several resolutions of the same images (``None`` = full field), keyed by token count.
+
+    Crops that give the same token count give the same field (a square crop as large as the images and ``None``, or
+    a crop listed twice): it is evaluated once and stored once, under that count.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology import DFMambaClassifier, evaluate_resolutions
+    >>> model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    >>> images, labels = np.zeros((2, 3, 64, 64), np.uint8), np.array([0, 1])
+    >>> list(evaluate_resolutions(model, images, labels, crops=(32, 64, None)))
+    [4, 16]
+    """
+    out: dict[int, dict[str, object]] = {}
     for crop in crops:
-        res = evaluate(model, images, labels, crop=crop, **kwargs)
-        out[int(res["n_tokens"])] = res
+        n_tokens = _field(model, images, crop)[1]
+        if n_tokens not in out:  # a square crop with the field's token count is the whole field
+            out[n_tokens] = evaluate(model, images, labels, crop=crop, **kwargs)
     return out
 
 
 def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` (weights) and ``config.json`` (constructor arguments, plus ``extra``)."""
+    """Write ``model.safetensors`` (weights) and ``config.json`` (constructor arguments, plus ``extra``).
+
+    The constructor arguments (``model.config``) include ``pixel_mean`` and ``pixel_std``, so that
+    :func:`load_classifier` rebuilds a model that gives the same outputs.
+
+    Examples
+    --------
+    >>> import tempfile, torch
+    >>> from dfmamba_st.pathology import DFMambaClassifier, load_classifier, save_classifier
+    >>> model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2, pixel_mean=(0.7, 0.5, 0.6)).eval()
+    >>> again = load_classifier(save_classifier(model, tempfile.mkdtemp()))
+    >>> x = torch.rand(1, 3, 32, 32)
+    >>> torch.equal(model(x), again(x))
+    True
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -206,7 +284,11 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> DFMambaClassifier:
-    """Rebuild a classifier written by :func:`save_classifier`."""
+    """Rebuild a classifier written by :func:`save_classifier` (in eval mode, on ``device``).
+
+    A ``config.json`` written before ``pixel_mean`` / ``pixel_std`` were saved gets the constructor's defaults
+    (0.5 / 0.25), which is what such models used unless they were built with other values.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -244,9 +326,57 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse bad sizes and counts with an argparse error, before any image is read or generated."""
+    for flag, value in (("--image-size", args.image_size), ("--crop", args.crop)):
+        if value < 16 or value % 16:
+            parser.error(
+                f"{flag} must be a positive multiple of 16 (the patch size), got {value}; "
+                f"e.g. {max(16, value // 16 * 16)}."
+            )
+    if args.crop > args.image_size:
+        parser.error(f"--crop ({args.crop}) must not be larger than --image-size ({args.image_size}).")
+    try:
+        stratified_split(np.zeros(0, dtype=np.int64), args.split)  # checks the fractions only
+    except ValueError as err:
+        parser.error(f"--split: {err}")
+    for flag, value in (
+        ("--n-per-class", args.n_per_class),
+        ("--epochs", args.epochs),
+        ("--batch-size", args.batch_size),
+    ):
+        if value < 1:
+            parser.error(f"{flag} must be >= 1, got {value}.")
+
+
+def _split(parser: argparse.ArgumentParser, data: ImageSet, args: argparse.Namespace) -> list[ImageSet]:
+    """The train/val/test parts; an empty training or test part is an argparse error, an empty validation a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # empty parts are reported below, with the options to change
+        parts = [data.subset(idx) for idx in stratified_split(data.labels, args.split, seed=args.seed)]
+    counts = "/".join(str(len(part)) for part in parts)
+    more = "a larger --n-per-class" if args.synthetic else "more images per class"
+    for name, part in (("training", parts[0]), ("test", parts[2])):
+        if not len(part):
+            parser.error(
+                f"the {name} split is empty (train/val/test = {counts} of {len(data)} images with --split "
+                f"{' '.join(map(str, args.split))}); use {more} or a larger {name} fraction."
+            )
+    if not len(parts[1]) and args.split[1] > 0:
+        warnings.warn(
+            f"The validation split is empty (train/val/test = {counts}); training runs for --epochs {args.epochs} "
+            f"without early stopping or best-epoch selection. Use {more} or a larger validation fraction.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return parts
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point; returns the results dictionary it prints."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
@@ -255,10 +385,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         data = ImageSet(images, labels, SYNTHETIC_CLASSES)
     else:
         data = load_image_folder(args.data, image_size=args.image_size)
-    if args.image_size % 16 or args.crop % 16:
-        raise SystemExit(f"--image-size ({args.image_size}) and --crop ({args.crop}) must be multiples of 16.")
-    train_idx, val_idx, test_idx = stratified_split(data.labels, args.split, seed=args.seed)
-    train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
+    train, val, test = _split(parser, data, args)
     print(f"{len(data)} images, classes {list(data.class_names)}; train/val/test = {len(train)}/{len(val)}/{len(test)}")
 
     device = resolve_device(args.device)

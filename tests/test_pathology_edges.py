@@ -1,0 +1,355 @@
+"""Edge cases of dfmamba_st.pathology: save/load, global state, empty sets, float images, plots, folders, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfmamba_st import pathology
+from dfmamba_st.core import isolated_global_state
+from dfmamba_st.pathology import (
+    BACH_CLASSES,
+    CropBatches,
+    DFMambaClassifier,
+    eval_batches,
+    evaluate,
+    evaluate_resolutions,
+    load_classifier,
+    load_image_folder,
+    make_synthetic_dataset,
+    plot_saliency,
+    saliency_map,
+    save_classifier,
+    stratified_split,
+    to_unit_float,
+    train_classifier,
+)
+from dfmamba_st.pathology import train as train_module
+
+TINY = {"d_model": 8, "depth": 1, "d_state": 2}
+CLI_TINY = ["--epochs", "1", "--d-model", "8", "--depth", "1", "--d-state", "2", "--batch-size", "8"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(n_classes: int = 4, **kw) -> DFMambaClassifier:
+    torch.manual_seed(0)
+    return DFMambaClassifier(n_classes, **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> tuple[np.ndarray, np.ndarray]:
+    """Two 32-px uint8 images per class."""
+    return make_synthetic_dataset(2, 32, seed=0)
+
+
+# --- save / load ---------------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_keeps_pixel_normalisation(tmp_path):
+    model = tiny_model(pixel_mean=(0.7, 0.5, 0.6), pixel_std=np.array([0.2, 0.3, 0.1]), dropout=0.1).eval()
+    again = load_classifier(save_classifier(model, tmp_path))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert torch.equal(again.pixel_mean, model.pixel_mean) and torch.equal(again.pixel_std, model.pixel_std)
+    config = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert config["pixel_mean"] == pytest.approx([0.7, 0.5, 0.6])
+    assert config["pixel_std"] == pytest.approx([0.2, 0.3, 0.1])
+
+
+def test_load_classifier_reads_a_config_saved_without_pixel_statistics(tmp_path):
+    model = tiny_model().eval()  # default normalisation, as every model saved by the old version of the CLI
+    save_classifier(model, tmp_path)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("pixel_mean", "pixel_std"):
+        del saved["config"][key]
+    path.write_text(json.dumps(saved))
+    again = load_classifier(tmp_path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+# --- global state and seed=None ------------------------------------------------------------------------------------
+
+
+def _global_state() -> tuple:
+    return (
+        random.getstate(),
+        np.random.get_state()[1].tolist(),  # noqa: NPY002
+        torch.random.get_rng_state(),
+        torch.are_deterministic_algorithms_enabled(),
+        os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
+
+
+@pytest.mark.parametrize("seed", [42, None])
+def test_train_classifier_leaves_the_global_state_as_it_found_it(synthetic, seed):
+    with isolated_global_state():  # whatever happens, the test itself leaves the session as it was
+        torch.use_deterministic_algorithms(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        random.seed(1)
+        np.random.seed(1)  # noqa: NPY002 - the global state is what this test is about
+        torch.manual_seed(1)
+        before = _global_state()
+        model = tiny_model()
+        torch.manual_seed(1)
+        result = train_classifier(model, synthetic, crop=32, epochs=1, batch_size=4, seed=seed, progress=False)
+        after = _global_state()
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
+    assert before[0] == after[0] and before[1] == after[1] and torch.equal(before[2], after[2])
+    assert after[3:] == (False, None)
+
+
+def test_seed_none_crops_follow_torch_global_seed(synthetic):
+    seeds = []
+    for s in (0, 0, 1):
+        torch.manual_seed(s)
+        seeds.append(CropBatches(*synthetic, crop=32, seed=None).seed)
+    assert seeds[0] == seeds[1] != seeds[2]
+
+
+# --- empty sets ----------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_on_an_empty_set_gives_nan_accuracy():
+    out = evaluate(tiny_model(), np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
+    assert np.isnan(out["accuracy"])
+    assert out["predictions"].shape == (0,) and out["confusion"].shape == (4, 4) and out["confusion"].sum() == 0
+    assert out["n_tokens"] == 4 and out["image_size"] == (32, 32)
+
+
+def test_stratified_split_warns_about_an_empty_part_only_when_it_was_asked_for():
+    with pytest.warns(UserWarning, match=r"part\(s\) \[2\].*empty"):
+        parts = stratified_split(np.repeat([0, 1], 3), seed=0)
+    assert len(parts[2]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parts = stratified_split(np.repeat([0, 1], 4), (0.5, 0.0, 0.5), seed=0)
+    assert [len(p) for p in parts] == [4, 0, 4]
+
+
+def test_train_classifier_refuses_an_empty_validation_set(synthetic):
+    x, y = synthetic
+    with pytest.raises(ValueError, match="val=None"):
+        train_classifier(tiny_model(), (x, y), val=(x[:0], y[:0]), crop=32, epochs=1, progress=False)
+
+
+def test_cli_refuses_an_empty_test_split_before_training(monkeypatch, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training must not start when the test split is empty")
+
+    monkeypatch.setattr(train_module, "train_classifier", no_training)
+    args = ["--synthetic", "--n-per-class", "2", "--image-size", "32", "--crop", "32", *CLI_TINY]
+    with pytest.raises(SystemExit) as exc:
+        train_module.main(args)
+    assert exc.value.code == 2
+    assert "test split is empty" in capsys.readouterr().err
+
+
+def test_cli_warns_about_an_empty_validation_split_and_keeps_one_result_per_field():
+    args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
+    with pytest.warns(UserWarning, match="validation split is empty"):
+        summary = train_module.main(args)
+    assert list(summary["accuracy"]) == ["4"]  # the 32-px crop is the 32-px field
+
+
+# --- float images --------------------------------------------------------------------------------------------------
+
+
+def test_float_images_in_unit_range_are_used_as_they_are(synthetic):
+    x, y = synthetic
+    xf = x.astype(np.float32) / 255.0
+    assert float(next(eval_batches(np.ones((2, 3, 32, 32), np.float32), np.array([0, 1])))[0].max()) == 1.0
+    for a, b in zip(eval_batches(x, y, batch_size=3), eval_batches(xf, y, batch_size=3)):
+        assert torch.allclose(a[0], b[0], atol=1e-6)
+    for kind in (False, True):
+        crops_u8 = [b for b, _ in CropBatches(x, y, crop=16, batch_size=3, augment=kind, seed=1)(0)]
+        crops_f = [b for b, _ in CropBatches(xf, y, crop=16, batch_size=3, augment=kind, seed=1)(0)]
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(crops_u8, crops_f))
+    model = tiny_model()
+    assert np.array_equal(evaluate(model, x, y)["predictions"], evaluate(model, xf, y)["predictions"])
+
+
+def test_other_pixel_encodings_are_clear_errors(synthetic):
+    x, y = synthetic
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        next(eval_batches(x.astype(np.float32), y))  # 0-255 floats
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        CropBatches(x.astype(np.float64), y, crop=16)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        to_unit_float(np.full((2, 2), np.nan, np.float32))
+    with pytest.raises(TypeError, match="uint16"):
+        evaluate(model, x.astype(np.uint16), y)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # the plots use the same rule
+        saliency_map(model, x[0].astype(np.float32))
+
+
+# --- plots ---------------------------------------------------------------------------------------------------------
+
+
+def test_plot_saliency_shows_by_default_and_returns_none(monkeypatch):
+    import matplotlib.pyplot as plt
+
+    calls = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: calls.append(1))
+    model = tiny_model()
+    image = torch.rand(3, 32, 32)
+    assert plot_saliency(model, image) is None
+    assert calls == [1]
+    ax = plot_saliency(model, image, show=False)
+    assert ax is not None and calls == [1]
+    plt.close("all")
+
+
+def test_plot_saliency_title_probability_comes_from_eval_mode():
+    import matplotlib.pyplot as plt
+
+    model = tiny_model(dropout=0.5).train()
+    image = torch.rand(3, 64, 64)  # 16 tokens: enough for a gate at depth 0
+    with torch.no_grad():
+        model.eval()
+        p = torch.softmax(model(image[None]), -1)[0]
+        model.train()
+    titles = [plot_saliency(model, image, method="gate", show=False).get_title() for _ in range(4)]
+    assert titles == [f"gate, depth 0: class {int(p.argmax())} (p = {float(p.max()):.2f})"] * 4
+    assert model.training  # the model's mode is put back
+    plt.close("all")
+
+
+# --- image folders -------------------------------------------------------------------------------------------------
+
+
+def _write_bach(root) -> None:
+    for k, name in enumerate(BACH_CLASSES):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((20, 20, 3), 40 * k, np.uint8)).save(root / name / f"{name[0]}0.tif")
+
+
+def test_image_folder_skips_hidden_files_and_names_an_unreadable_image(tmp_path):
+    _write_bach(tmp_path)
+    (tmp_path / "Normal" / "._N0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble sidecar")
+    (tmp_path / ".hidden_class").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / ".hidden_class" / "x.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = load_image_folder(tmp_path, image_size=16)
+    assert data.labels.tolist() == [0, 1, 2, 3] and not any("._" in p for p in data.paths)
+
+    (tmp_path / "Benign" / "broken.tif").write_bytes(b"not a tiff")
+    with pytest.raises(ValueError, match=r"broken\.tif"):
+        load_image_folder(tmp_path, image_size=16)
+
+
+def test_image_folder_warns_about_a_folder_next_to_the_bach_classes(tmp_path):
+    _write_bach(tmp_path)
+    (tmp_path / "Unlabelled").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "Unlabelled" / "u.png")
+    with pytest.warns(UserWarning, match="Unlabelled"):
+        data = load_image_folder(tmp_path, image_size=16)
+    assert data.class_names == BACH_CLASSES
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        (["--image-size", "40", "--crop", "32"], "--image-size must be a positive multiple of 16"),
+        (["--image-size", "32", "--crop", "64"], "must not be larger than --image-size"),
+        (["--image-size", "64", "--crop", "0"], "--crop must be a positive multiple of 16"),
+    ],
+)
+def test_cli_checks_sizes_before_making_images(monkeypatch, capsys, sizes, message):
+    def no_images(*args, **kwargs):
+        raise AssertionError("no image may be generated before the arguments are checked")
+
+    monkeypatch.setattr(train_module, "make_synthetic_dataset", no_images)
+    with pytest.raises(SystemExit) as exc:
+        train_module.main(["--synthetic", *sizes, *CLI_TINY])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_running_the_cli_module_gives_no_runtime_warning():
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "dfmamba_st.pathology.train", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and "--image-size" in proc.stdout
+
+
+def test_training_api_is_still_reachable_from_the_package():
+    assert pathology.train_classifier is train_module.train_classifier
+    assert pathology.train is train_module
+    assert {"train_classifier", "evaluate", "load_classifier"} <= set(dir(pathology))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pathology.no_such_name  # noqa: B018
+
+
+# --- clear errors for invalid arguments ----------------------------------------------------------------------------
+
+
+def test_labels_outside_the_model_classes_are_clear_errors(synthetic):
+    x, y = synthetic  # labels 0..3
+    with pytest.raises(ValueError, match="n_classes=2"):
+        train_classifier(tiny_model(2), (x, y), crop=32, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="n_classes=4"):
+        evaluate(tiny_model(), x[:2], np.array([0, 7]))
+
+
+def test_bad_batch_size_layout_and_target_are_clear_errors(synthetic):
+    x, y = synthetic
+    with pytest.raises(ValueError, match="batch_size"):
+        CropBatches(x, y, crop=16, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        next(eval_batches(x, y, batch_size=0))
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"permute\(0, 3, 1, 2\)"):
+        model(torch.rand(1, 32, 32, 3))
+    with pytest.raises(ValueError, match=r"target must be a class index in 0\.\.3"):
+        saliency_map(model, x[0], target=9)
+    with pytest.raises(ValueError, match="'gate'"):
+        plot_saliency(model, x[0], method="bogus", show=False)
+
+
+def test_evaluate_resolutions_evaluates_one_field_once(synthetic, monkeypatch):
+    x, y = synthetic
+    calls = []
+    real = train_module.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("crop"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", counting)
+    out = evaluate_resolutions(tiny_model(), x, y, crops=(32, None))  # 32-px images: the crop is the field
+    assert list(out) == [4] and calls == [32]
+    assert out[4]["confusion"].sum() == len(y)
