@@ -20,3 +20,17 @@ def benchmark_module():
         return module
 
     return load
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, the caller's thread count afterwards.
+
+    The CI machine is small and shared: more threads than cores makes small models many times slower.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

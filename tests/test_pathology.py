@@ -35,14 +35,7 @@ from dfmamba_st.pathology import (
 )
 from dfmamba_st.pathology.train import main as train_main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the CI machine is small and shared: more threads than cores makes these tests many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(depth: int = 2, **kw) -> DFMambaClassifier:

@@ -43,12 +43,7 @@ TINY = {"d_model": 8, "depth": 1, "d_state": 2}
 CLI_TINY = ["--epochs", "1", "--d-model", "8", "--depth", "1", "--d-state", "2", "--batch-size", "8"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(n_classes: int = 4, **kw) -> DFMambaClassifier:
