@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from anndata import AnnData
 
@@ -10,10 +12,12 @@ __all__ = [
     "check_library_key",
     "embed_record_key",
     "h5ad_safe",
+    "is_whole_number",
     "library_indices",
     "recorded_param",
     "resolve_library_key",
     "versions",
+    "whole_number",
 ]
 
 
@@ -35,6 +39,28 @@ def check_library_key(adata: AnnData, library_key: str | None) -> None:
         )
     if adata.obs[library_key].isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values; every spot needs a library.")
+
+
+def is_whole_number(value: object, minimum: int) -> bool:
+    """Whether ``value`` is a whole number (an int, or a float such as ``2.0``; not a bool) of at least ``minimum``."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and float(value).is_integer()
+        and value >= minimum
+    )
+
+
+def whole_number(value: object, what: str, minimum: int = 1) -> int:
+    """``value`` as an ``int``, unless it is not a whole number ``>= minimum``: then an error naming ``what``.
+
+    A ``TypeError`` for what is not a number (a string, a bool), a ``ValueError`` for a number that is not whole
+    (``2.5``, NaN) or too small.
+    """
+    if not is_whole_number(value, minimum):
+        error = TypeError if isinstance(value, bool) or not isinstance(value, numbers.Real) else ValueError
+        raise error(f"{what} must be a whole number >= {minimum}, got {value!r}.")
+    return int(value)
 
 
 def embed_record_key(key_added: str) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._utils import whole_number
+
 __all__ = [
     "BACH_CLASSES",
     "IMAGE_EXTENSIONS",
@@ -314,11 +316,6 @@ def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
 
 
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-
-
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply one of the 8 flips/rotations by 90° to every image of a square batch (batch, C, S, S), independently.
 
@@ -470,7 +467,7 @@ class CropBatches:
             raise ValueError(
                 f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
             )
-        _check_batch_size(batch_size)
+        whole_number(batch_size, "batch_size")
         _check_pixels(images)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
@@ -528,7 +525,7 @@ def eval_batches(
     [(3, 3, 32, 32)]
     """
     labels = np.asarray(labels, dtype=np.int64)
-    _check_batch_size(batch_size)
+    whole_number(batch_size, "batch_size")
     if len(images) != len(labels):
         raise ValueError(f"Need as many labels as images, got {len(images)} images and {len(labels)} labels.")
     for start in range(0, len(labels), batch_size):

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
-from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
@@ -13,7 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key
+from .._utils import check_adata, check_library_key, is_whole_number, whole_number
 from ._serialize import library_layouts
 
 __all__ = ["coarsen"]
@@ -43,16 +41,9 @@ def _is_tool_record(value: object) -> bool:
 
 
 def _check_factor(factor: object) -> int:
-    if isinstance(factor, bool | np.bool_) or not isinstance(factor, Integral | Real):
-        raise TypeError(f"factor must be a whole number >= 2 (the bin side in grid cells), got {factor!r}.")
-    if not (isinstance(factor, Integral) or (math.isfinite(factor) and float(factor).is_integer())):
-        raise ValueError(f"factor must be a whole number >= 2 (the bin side in grid cells), got {factor!r}.")
-    if factor < 2:
-        raise ValueError(
-            f"factor must be >= 2 (the bin side in grid cells), got {factor!r}"
-            + ("; factor=1 would give back the slice itself, with its spots renamed." if factor == 1 else ".")
-        )
-    return int(factor)
+    if is_whole_number(factor, 1) and factor == 1:
+        raise ValueError("factor must be >= 2 (the bin side in grid cells): factor=1 would give back the slice itself.")
+    return whole_number(factor, "factor (the bin side in grid cells)", minimum=2)
 
 
 def coarsen(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 from typing import Literal
@@ -17,7 +16,15 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, recorded_param, resolve_library_key
+from .._utils import (
+    check_adata,
+    check_library_key,
+    embed_record_key,
+    h5ad_safe,
+    is_whole_number,
+    recorded_param,
+    resolve_library_key,
+)
 from ..pp._serialize import library_layouts
 
 __all__ = ["choose_n_clusters", "cluster", "refine_labels"]
@@ -305,8 +312,7 @@ def cluster(
     if method not in ("gmm", "kmeans", "leiden"):
         raise ValueError(f"Unknown method {method!r}; use 'gmm', 'kmeans' or 'leiden'.")
     if n_clusters is not None:
-        whole = isinstance(n_clusters, numbers.Real) and not isinstance(n_clusters, bool)
-        if not whole or int(n_clusters) != n_clusters or not 1 <= n_clusters <= adata.n_obs:
+        if not is_whole_number(n_clusters, 1) or n_clusters > adata.n_obs:
             raise ValueError(
                 f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs} (or None), got {n_clusters!r}."
             )

@@ -21,7 +21,6 @@ standard scale and comparable with runs without the profile.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .._utils import is_whole_number, whole_number
 
 __all__ = [
     "DATA_ENV",
@@ -338,23 +339,6 @@ class Season:
         return self.profile[self.phase[rows]]
 
 
-def _is_whole(value: object, minimum: int) -> bool:
-    """Whether ``value`` is a whole number (an int, or a float such as ``2.0``) of at least ``minimum``."""
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and float(value).is_integer()
-        and value >= minimum
-    )
-
-
-def _whole_number(value: object, what: str, minimum: int = 1) -> int:
-    """``value`` as an ``int``; a ``ValueError`` naming ``what`` unless it is a whole number ``>= minimum``."""
-    if not _is_whole(value, minimum):
-        raise ValueError(f"{what} must be a whole number >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def _sampling_step(index: pd.Index) -> pd.Timedelta | None:
     """The most common spacing of a timestamp index; ``None`` without timestamps."""
     if not isinstance(index, pd.DatetimeIndex) or len(index) < 2:
@@ -381,7 +365,7 @@ def _season_period(season: int | str, name: str, step: pd.Timedelta | None) -> i
         if period != int(period):
             raise ValueError(f"A day is not a whole number of sampling steps ({step}); pass season=<rows>.")
         return int(period)
-    if isinstance(season, str) or not _is_whole(season, 2):
+    if isinstance(season, str) or not is_whole_number(season, 2):
         raise ValueError(f"season must be 'daily', a whole number of rows >= 2 or None, got {season!r}.")
     return int(season)
 
@@ -451,7 +435,7 @@ class WindowDataset(Dataset):
         max_windows
             Use only this many windows: evenly spaced ones when not shuffling, a random subset otherwise.
         """
-        batch_size = _whole_number(batch_size, "batch_size")
+        batch_size = whole_number(batch_size, "batch_size")
         n = len(self)
         if shuffle:
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

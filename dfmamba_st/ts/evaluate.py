@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import ForecastSplits, WindowDataset, _whole_number
+from .._utils import whole_number
+from .data import ForecastSplits, WindowDataset
 
 __all__ = ["coarsened_windows", "evaluate", "predict", "zero_shot"]
 
@@ -59,7 +60,7 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.T
     >>> predict(model, torch.zeros(0, 16, 2)).shape
     torch.Size([0, 4, 2])
     """
-    batch_size = _whole_number(batch_size, "batch_size")
+    batch_size = whole_number(batch_size, "batch_size")
     if x.ndim != 3:
         raise ValueError(f"x must be lookbacks of shape (n, seq_len, variates), got shape {tuple(x.shape)}.")
     model.eval()
@@ -114,7 +115,7 @@ def evaluate(
     >>> evaluate(model, ds)["mse"]
     0.0
     """
-    batch_size = _whole_number(batch_size, "batch_size")
+    batch_size = whole_number(batch_size, "batch_size")
     batches = data.batches(batch_size, max_windows=max_windows) if isinstance(data, WindowDataset) else data
     model.eval()
     device = next(model.parameters()).device
@@ -176,7 +177,7 @@ def coarsened_windows(
     >>> x.shape[1:], y.shape[1:], len(x) == len(s.test)
     (torch.Size([8, 1]), torch.Size([2, 1]), True)
     """
-    factor, stride = _whole_number(factor, "factor"), _whole_number(stride, "stride")
+    factor, stride = whole_number(factor, "factor"), whole_number(stride, "stride")
     if mode not in ("wallclock", "steps"):
         raise ValueError(f"mode={mode!r} is not 'wallclock' or 'steps'.")
     if split not in _SPLITS:
@@ -237,9 +238,9 @@ def zero_shot(
     >>> sorted(zero_shot(DLinear(1, 16, 8), s, factors=(1, 2)))
     [1, 2]
     """
-    batch_size = _whole_number(batch_size, "batch_size")
+    batch_size = whole_number(batch_size, "batch_size")
     results = {}
-    for f in [_whole_number(f, "each factor") for f in factors]:
+    for f in [whole_number(f, "each factor") for f in factors]:
         x, y = coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride)
         n_out = y.shape[1]
         batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._utils import whole_number
 from ..core import TrainResult, fit, isolated_global_state
-from .data import ForecastSplits, _whole_number
+from .data import ForecastSplits
 from .evaluate import _check_forecast_shape
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_TRAIN_LOSS", "forecast_loss", "train_forecaster"]
@@ -150,7 +151,7 @@ def train_forecaster(
     """
     if train_loss not in _POINT_LOSSES:
         raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
-    batch_size = _whole_number(batch_size, "batch_size")
+    batch_size = whole_number(batch_size, "batch_size")
     _check_windows(model, splits)
     n_train = len(splits.train) if max_train_windows is None else min(max_train_windows, len(splits.train))
     steps = math.ceil(n_train / batch_size)
