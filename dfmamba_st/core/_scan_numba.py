@@ -192,6 +192,22 @@ def _forward_kernel(u, delta, AT, Bt, Ct, h0, y, h_last, ckpt, chunk):  # pragma
                 h_last[b, n, d0 + lane] = x[n, lane]
 
 
+@njit(inline="always", fastmath=_FM_KERNEL)
+def _lane_sum(v):  # pragma: no cover - compiled
+    """Sum of the ``LANES`` values of ``v`` (overwritten) in a fixed pairwise order.
+
+    A running sum over the lanes under ``reassoc`` is vectorised or not depending on run-time checks of the arrays'
+    addresses, so its rounding (and the gradient's last bits) changed between two identical calls; each level of
+    this tree adds independent pairs, in the same order on either path.
+    """
+    width = LANES // 2
+    while width >= 1:
+        for k in range(width):
+            v[k] += v[k + width]
+        width //= 2
+    return v[0]
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=_FM_KERNEL)
 def _backward_kernel(
     u, delta, AT, Bt, Ct, ckpt, chunk, dy, dh, n_groups, du_g, ddelta_g, dA_part, dB_part, dC_part
@@ -225,6 +241,8 @@ def _backward_kernel(
         gy = np.empty(LANES, np.float64)
         s_b = np.empty(LANES, np.float64)
         s_a = np.empty(LANES, np.float64)
+        p_c = np.empty(LANES, np.float64)  # per-lane terms of this step's dC and dB, summed by _lane_sum
+        p_b = np.empty(LANES, np.float64)
         for blk in range(blk_lo, blk_hi):
             for n in range(N):
                 for lane in range(LANES):
@@ -269,19 +287,17 @@ def _backward_kernel(
                     for n in range(N):
                         bn = np.float64(Bt[b, t, n])
                         cn = np.float64(Ct[b, t, n])
-                        sum_c = 0.0
-                        sum_b = 0.0
                         for lane in range(LANES):
                             gn = gx[n, lane] + gy[lane] * cn  # dL/dx[t]
-                            sum_c += gy[lane] * xs[m + N * LANES + lane]
-                            sum_b += gn * du[lane]
+                            p_c[lane] = gy[lane] * xs[m + N * LANES + lane]
+                            p_b[lane] = gn * du[lane]
                             s_b[lane] += gn * bn
                             gda = gn * dec[m + lane] * xs[m + lane]  # dL/d(delta * A) at t
                             s_a[lane] += gda * a_b[n, lane]
                             dA_acc[n, lane] += gda * dt[lane]
                             gx[n, lane] = gn * dec[m + lane]  # dL/dx[t-1] through x[t]
-                        dC_c[i * N + n] += sum_c
-                        dB_c[i * N + n] += sum_b
+                        dC_c[i * N + n] += _lane_sum(p_c)
+                        dB_c[i * N + n] += _lane_sum(p_b)
                         m += LANES
                     for lane in range(LANES):
                         du_g[b, t, d0 + lane] = s_b[lane] * dt[lane]
