@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 from anndata import AnnData
@@ -12,6 +13,7 @@ __all__ = [
     "check_library_key",
     "embed_record_key",
     "h5ad_safe",
+    "is_tool_record",
     "is_whole_number",
     "library_indices",
     "recorded_param",
@@ -72,10 +74,21 @@ def embed_record_key(key_added: str) -> str:
     return "dfm" if key_added == "X_dfm" else key_added
 
 
-def recorded_param(adata: AnnData, uns_key: str, name: str):
-    """``uns[uns_key]['params'][name]`` as a tool recorded it, or ``None`` (also for a stored ``"None"``)."""
-    record = adata.uns.get(uns_key, {})
-    value = record.get("params", {}).get(name) if isinstance(record, dict) else None
+def is_tool_record(value: object) -> bool:
+    """Whether ``value`` is a ``{'params': {...}, ...}`` record that a tool wrote in ``uns`` about the data it ran on.
+
+    Such records are written by ``pp.serialize``, ``tl.embed``, ``tl.cluster``, ``sc.pp.pca``, ``sc.pp.neighbors``, ….
+    """
+    return isinstance(value, Mapping) and isinstance(value.get("params"), Mapping)
+
+
+def recorded_param(adata: AnnData, uns_key: str | None, name: str):
+    """``uns[uns_key]['params'][name]`` as a tool recorded it.
+
+    ``None`` for a stored ``"None"``, a missing record or ``uns_key=None``.
+    """
+    record = adata.uns.get(uns_key) if uns_key is not None else None
+    value = record["params"].get(name) if is_tool_record(record) else None
     return None if value is None or (isinstance(value, str) and value == "None") else value
 
 

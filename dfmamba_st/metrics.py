@@ -21,6 +21,8 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
+from ._utils import resolve_library_key
+
 if TYPE_CHECKING:
     from anndata import AnnData
 
@@ -312,8 +314,7 @@ def evaluate(
     xy_all[keep] = _as_coords(np.asarray(adata.obsm[spatial_key])[keep, :2]) if keep.any() else 0.0
 
     # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
-    recorded = adata.uns.get(pred_key, {}).get("params", {}).get("library_key") if library_key is None else None
-    slice_key = library_key if library_key is not None else recorded if recorded in adata.obs else None
+    slice_key = resolve_library_key(adata, library_key, pred_key)
     slices = np.zeros(adata.n_obs) if slice_key is None else adata.obs[slice_key].astype(str).to_numpy()
     if library_key is None:
         groups = {"all": np.ones(adata.n_obs, dtype=bool)}

@@ -15,7 +15,7 @@ from matplotlib.colors import is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._utils import check_library_key, embed_record_key, recorded_param
+from .._utils import check_library_key, embed_record_key, is_tool_record, recorded_param
 from ..tl._cluster import WEAK_KNEE
 
 __all__ = ["bic", "domains", "gates", "training"]
@@ -61,7 +61,7 @@ def _embed_record(adata: AnnData, key: str) -> str | None:
     """
     for uns_key in dict.fromkeys((embed_record_key(key), "dfm")):
         record = adata.uns.get(uns_key)
-        if isinstance(record, Mapping) and "params" in record and str(record.get("key_added", "X_dfm")) == key:
+        if is_tool_record(record) and str(record.get("key_added", "X_dfm")) == key:
             return uns_key
     return None
 
@@ -94,7 +94,7 @@ def _require_domains(adata: AnnData, key: str) -> None:
         raise _missing(f"adata.obs[{key!r}]", _clusterings(adata), "dfm.tl.cluster")
 
 
-def _coordinates(adata: AnnData, *uns_keys: str) -> str:
+def _coordinates(adata: AnnData, *uns_keys: str | None) -> str:
     """The ``obsm`` key of the spots' coordinates: ``'spatial'``, else the one recorded in the first of ``uns_keys``."""
     if "spatial" in adata.obsm:
         return "spatial"
@@ -253,16 +253,16 @@ def _tissue(
 
 
 def _libraries(
-    adata: AnnData, library_key: str | None, library_id: str | None, recorded, *, ax: Axes | None
+    adata: AnnData, library_key: str | None, library_id: str | None, record: str | None, *, ax: Axes | None
 ) -> list[tuple[str | None, AnnData]]:
     """``(library, spots)`` to draw: the library ``library_id``, or every library, each in its own panels.
 
-    ``library_key=None`` takes the key recorded by the tool that wrote the plotted values (``recorded``). The
+    ``library_key=None`` takes the key recorded in ``uns[record]`` by the tool that wrote the plotted values. The
     libraries' coordinates overlap, so they are never drawn into one axes: with several and ``ax=``, ``library_id``
     must name one.
     """
-    if library_key is None and recorded not in (None, "None"):
-        library_key = str(recorded)
+    if library_key is None:
+        library_key = recorded_param(adata, record, "library_key")
     if library_key is None:
         if library_id is not None:
             raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
@@ -354,8 +354,7 @@ def _sequence_order(adata: AnnData, order_key: str | None, record: str | None, s
                 f"columns: {list(adata.obs.columns)}."
             )
         return order_key
-    recorded = recorded_param(adata, record, "order_key") if record is not None else None
-    candidate = str(recorded) if recorded is not None else "dfm_order"
+    candidate = str(recorded_param(adata, record, "order_key") or "dfm_order")
     if candidate in adata.obs:
         return candidate
     warnings.warn(
@@ -431,14 +430,13 @@ def gates(
     """
     _require_embedding(adata, key)
     record = _embed_record(adata, key)
-    recorded = recorded_param(adata, record, "library_key") if record is not None else None
-    libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
+    libraries = _libraries(adata, library_key, library_id, record, ax=ax)
     values = np.asarray(adata.obsm[f"{key}_gates"])
     available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=_coordinates(adata, *([record] if record else [])))
+    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=_coordinates(adata, record))
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
@@ -557,14 +555,13 @@ def domains(
             f"adata.obs[{truth_key!r}] not found: pass truth_key= the obs column of the annotation; "
             f"columns: {list(adata.obs.columns)}."
         )
-    recorded = recorded_param(adata, key, "library_key")
-    libraries = _libraries(adata, library_key, library_id, recorded, ax=ax)
+    libraries = _libraries(adata, library_key, library_id, key, ax=ax)
     # colours from every spot drawn, so that a domain has one colour in every library's panel
     shown = libraries[0][1] if len(libraries) == 1 else adata
     colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key)
     use_rep = recorded_param(adata, key, "use_rep")
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
-    coordinates = _coordinates(adata, *([embedding] if embedding is not None else []), "dfm_order")
+    coordinates = _coordinates(adata, embedding, "dfm_order")
 
     def column(spots: AnnData, name: str, categories) -> pd.Series:
         return pd.Series(pd.Categorical(spots.obs[name].to_numpy(), categories=categories), index=spots.obs_names)

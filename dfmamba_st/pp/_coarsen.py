@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -11,7 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, is_whole_number, whole_number
+from .._utils import check_adata, check_library_key, is_tool_record, is_whole_number, whole_number
 from ._serialize import library_layouts
 
 __all__ = ["coarsen"]
@@ -30,14 +29,6 @@ def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Series
 
 #: ``uns`` entries that describe the fine spots or their log-transformed ``X``, dropped besides the tool records
 _FINE_ONLY_UNS = ("log1p",)
-
-
-def _is_tool_record(value: object) -> bool:
-    """Whether ``value`` is a ``{'params': {...}, ...}`` record that a tool wrote about the data it ran on.
-
-    Such records are written by ``pp.serialize``, ``tl.embed``, ``tl.cluster``, ``sc.pp.pca``, ``sc.pp.neighbors``, ….
-    """
-    return isinstance(value, Mapping) and isinstance(value.get("params"), Mapping)
 
 
 def _check_factor(factor: object) -> int:
@@ -130,7 +121,7 @@ def coarsen(
             obs[col] = _majority(adata.obs[col], groups, n_bins)
         else:
             dropped_obs.append(col)
-    uns = {k: v for k, v in adata.uns.items() if not _is_tool_record(v) and k not in _FINE_ONLY_UNS}
+    uns = {k: v for k, v in adata.uns.items() if not is_tool_record(v) and k not in _FINE_ONLY_UNS}
     dropped_uns = [k for k in adata.uns if k not in uns]
     out = AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs, var=adata.var.copy(), uns=copy.deepcopy(uns))
     if spatial_key in adata.obsm:
