@@ -141,6 +141,22 @@ def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_no
         assert np.linalg.norm(rgb - np.asarray(to_rgb("lightgrey"))) > 0.1
 
 
+@pytest.mark.parametrize("ignore", [("undetermined",), "Undetermined"])
+def test_no_domain_takes_the_colour_of_an_ignored_label(embedded, ignore):
+    adata = embedded.copy()
+    largest = adata.obs["dfm_domain"].value_counts().index[0]
+    truth = adata.obs["layer"].astype(object)
+    truth[(adata.obs["dfm_domain"] == largest).to_numpy()] = "undetermined"  # as her2st marks unannotated spots
+    adata.obs["truth"] = pd.Categorical(truth)
+    fig = dfm.pl.domains(adata, truth_key="truth", ignore=ignore, return_fig=True, show=False)
+    truth_colours, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
+    assert truth_colours["undetermined"] not in domains.values(), (truth_colours, domains)
+    # with nothing ignored the label is matched like any other
+    fig = dfm.pl.domains(adata, truth_key="truth", ignore=None, return_fig=True, show=False)
+    truth_colours, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
+    assert domains[str(largest)] == truth_colours["undetermined"]
+
+
 def test_domains_keep_the_annotations_stored_colours(embedded):
     adata = embedded.copy()
     categories = list(adata.obs["layer"].cat.categories)

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .._utils import check_library_key, embed_record_key, is_tool_record, recorded_param
+from ..metrics import _is_missing
 from ..tl._cluster import WEAK_KNEE
 
 __all__ = ["bic", "domains", "gates", "training"]
@@ -476,14 +477,15 @@ def _gates_along_sequence(
 
 
 def _domain_palette(
-    adata: AnnData, shown: AnnData, key: str, truth_key: str | None
+    adata: AnnData, shown: AnnData, key: str, truth_key: str | None, ignore: str | Sequence[str] | None = ()
 ) -> tuple[list | None, dict | None, pd.Series, pd.Series | None]:
     """Colours of the domains (a list over their categories, or ``None``: scanpy's) and of the annotation.
 
     The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else tab10, tab20 or
     scanpy's 102 colours, by the number of categories). A domain takes the colour of the label it overlaps most
-    (each label once); the others get spare colours, distinct while any are left. Without ``truth_key``, the domains
-    keep ``uns[key + '_colors']`` when it fits.
+    (each label once; never a label in ``ignore``, which :func:`~dfmamba_st.metrics.evaluate` does not score); the
+    others get spare colours, distinct while any are left. Without ``truth_key``, the domains keep
+    ``uns[key + '_colors']`` when it fits.
     """
     pred = shown.obs[key].astype("category")
     if truth_key is None:
@@ -498,6 +500,7 @@ def _domain_palette(
     if truth_palette is None or not set(truth.cat.categories) <= set(truth_palette):
         truth_palette = dict(zip(truth.cat.categories, _default_colours(len(truth.cat.categories))))
     table = pd.crosstab(pred, truth)
+    table = table.loc[:, ~_is_missing(table.columns.to_series(), ignore)]
     palette, used = {}, set()
     for c in table.sum(axis=1).sort_values(ascending=False).index:
         best = next((t for t in table.loc[c].sort_values(ascending=False).index if t not in used), None)
@@ -515,6 +518,7 @@ def domains(
     key: str = "dfm_domain",
     *,
     truth_key: str | None = None,
+    ignore: str | Sequence[str] | None = ("undetermined",),
     library_key: str | None = None,
     library_id: str | None = None,
     ncols: int = 4,
@@ -536,6 +540,9 @@ def domains(
         ``obs`` column of the domains.
     truth_key
         ``obs`` column of a manual annotation to draw alongside.
+    ignore
+        Annotation labels that mean "not annotated", as in :func:`~dfmamba_st.metrics.evaluate` (e.g. her2st's
+        ``"undetermined"``): drawn in their own colour, which no domain takes.
     library_key
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
     library_id, ncols
@@ -558,7 +565,7 @@ def domains(
     libraries = _libraries(adata, library_key, library_id, key, ax=ax)
     # colours from every spot drawn, so that a domain has one colour in every library's panel
     shown = libraries[0][1] if len(libraries) == 1 else adata
-    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key)
+    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key, ignore)
     use_rep = recorded_param(adata, key, "use_rep")
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
     coordinates = _coordinates(adata, embedding, "dfm_order")
