@@ -126,6 +126,45 @@ def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled)
         dfm.tl.embed(train, model=model, progress=False)
 
 
+def log_normalised(adata, target_sum=None):
+    out = adata.copy()
+    sc.pp.normalize_total(out, target_sum=target_sum)
+    sc.pp.log1p(out)
+    return out
+
+
+@pytest.mark.parametrize("target_sum", [None, 1e6])
+def test_transfer_between_counts_and_log_normalised_input_gives_the_same_features(bundled, target_sum):
+    counts = crop(bundled)
+    dfm.pp.serialize(counts)
+    logged = log_normalised(counts, target_sum)
+    # a model trained on counts, given log-normalised values (normalised over all genes, to any total)
+    on_counts = dfm.tl.embed(counts, return_model=True, copy=True, **QUICK)[1]
+    expected, _ = on_counts.features.transform(counts)
+    with pytest.warns(UserWarning, match="trained on raw counts; adata holds log-normalised values"):
+        got, _ = on_counts.features.transform(logged)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # a model trained on log-normalised values, given the counts they came from
+    on_logs = dfm.tl.embed(logged, return_model=True, copy=True, **QUICK)[1]
+    expected, _ = on_logs.features.transform(logged)
+    with pytest.warns(UserWarning, match="trained on log-normalised; adata holds counts"):
+        got, _ = on_logs.features.transform(counts)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # the record names the input given, not the model's
+    with pytest.warns(UserWarning, match="trained on raw counts"):
+        dfm.tl.embed(logged, model=on_counts, progress=False)
+    assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
+
+
+def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_path):
+    adata = log_normalised(crop(bundled), 1e6)
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, return_model=True, **QUICK)
+    assert model.features.log_total == pytest.approx(1e6, rel=1e-3)
+    path = dfm.tl.save_model(model, tmp_path / "m")
+    assert dfm.tl.load_model(path).features.log_total == model.features.log_total
+
+
 def test_embed_puts_the_callers_random_state_and_torch_settings_back(bundled):
     adata = crop(bundled)
     dfm.pp.serialize(adata)

@@ -19,7 +19,7 @@ from scanpy import logging as logg
 from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, resolve_library_key, versions
 from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
 from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
-from ._features import FeatureTransform, smooth
+from ._features import FeatureTransform, expression_matrix, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
 
 __all__ = ["PRESETS", "embed"]
@@ -252,7 +252,9 @@ def embed(
         missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
         matches). The model's own settings apply: the training options (``n_top_genes``, ``n_pcs``, ``d_model``,
         ``depth``, ``preset``, ``epochs``, ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``,
-        ``checkpoint_dir``) are ignored, with a warning when one is given.
+        ``checkpoint_dir``) are ignored, with a warning when one is given. Raw counts and log-normalised input
+        can be mixed between training and transfer: the input is converted to the model's kind, with a warning
+        (exact when the log-normalised values come from ``sc.pp.normalize_total`` then ``sc.pp.log1p``).
     checkpoint_dir
         Save the training state every epoch and resume from it.
     tile_size
@@ -343,6 +345,7 @@ def embed(
             warnings.warn(
                 f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
             )
+        input_is_counts = expression_matrix(adata, layer)[1]
         features, missing = feature_tf.transform(adata, layer=layer)
         if missing:
             share = len(missing) / len(feature_tf.genes)
@@ -386,6 +389,7 @@ def embed(
             seed=seed,
             chosen=n_top_genes is not None,
         )
+        input_is_counts = feature_tf.log_normalize
         features, missing = feature_tf.transform(adata, layer=layer)
         config = SpatialConfig(
             n_features=feature_tf.n_features,
@@ -472,7 +476,7 @@ def embed(
         "readout": readout,
         "tile_size": tile_size,
         "world_size": world_size,
-        "input": "counts" if feature_tf.log_normalize else "log-normalised",
+        "input": "counts" if input_is_counts else "log-normalised",
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
     }

@@ -106,6 +106,9 @@ class FeatureTransform:
         (n_genes, n_components) PCA loadings, or ``None`` to use the standardised genes themselves.
     log_normalize
         Whether the training input was raw counts (normalised to 10^4 per spot and log1p-transformed).
+    log_total
+        For log-normalised training input: the median spot total it was normalised to (of ``expm1`` over all genes),
+        so that raw counts given later are normalised the same way; ``None`` for counts.
     """
 
     genes: list[str]
@@ -113,6 +116,7 @@ class FeatureTransform:
     scale: np.ndarray
     loadings: np.ndarray | None
     log_normalize: bool
+    log_total: float | None = None
 
     @property
     def n_features(self) -> int:
@@ -137,6 +141,7 @@ class FeatureTransform:
         ``n_top_genes`` all are used: a warning when the user ``chosen`` that number, a log message for a preset's.
         """
         X, is_counts = expression_matrix(adata, layer)
+        log_total = None if is_counts else float(np.median(_row_totals(X.expm1())))
         genes = list(adata.var_names)
         if n_top_genes >= adata.n_vars:
             if n_top_genes > adata.n_vars:
@@ -161,21 +166,18 @@ class FeatureTransform:
             del dense
             n_pcs = min(n_pcs, z.shape[0] - 1)
             loadings = sc.pp.pca(z, n_comps=n_pcs, random_state=seed, return_info=True)[1].T.astype(np.float32)
-        return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts)
+        return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts, log_total)
 
     def transform(self, adata: AnnData, *, layer: str | None = None) -> tuple[np.ndarray, list[str]]:
         """Features of every spot of ``adata``; returns ``(features, missing_genes)``.
 
         Genes are aligned by name; genes missing from ``adata`` are set to their training mean (0 after
-        standardisation) and reported.
+        standardisation) and reported. Input of the other kind than the training input (raw counts against
+        log-normalised values) is first brought to the training input's kind, with a warning (see
+        :meth:`as_training_input`).
         """
         X, is_counts = expression_matrix(adata, layer)
-        if is_counts != self.log_normalize:
-            kind = "raw counts" if self.log_normalize else "log-normalised values"
-            warnings.warn(
-                f"The model was trained on {kind}; this input looks different. Features may not match.",
-                stacklevel=STACKLEVEL,
-            )
+        X = self.as_training_input(X, is_counts)
         position = adata.var_names.get_indexer(self.genes)
         present = position >= 0
         missing = [g for g, ok in zip(self.genes, present) if not ok]
@@ -198,6 +200,35 @@ class FeatureTransform:
             out[begin : begin + CHUNK_SPOTS] = z if self.loadings is None else z @ self.loadings
         return out, missing
 
+    def as_training_input(self, X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
+        """``X`` (all genes) as the kind of input the transform was fitted on, raw counts or log-normalised values.
+
+        Log-normalised values given to a model trained on counts are mapped back with ``expm1``: the per-spot
+        scaling they carry is then undone by the normalisation over the model's genes, so the features equal the
+        counts' exactly when the values are ``sc.pp.normalize_total`` (any target) then ``sc.pp.log1p``. Raw counts
+        given to a model trained on log-normalised values are normalised to the training data's median spot total
+        (:attr:`log_total`) and log1p-transformed, what ``sc.pp.normalize_total`` + ``sc.pp.log1p`` did if the
+        training data were made that way. Both cases warn: other log transforms (e.g. log2) do not map exactly.
+        """
+        if is_counts == self.log_normalize:
+            return X
+        if self.log_normalize:
+            done = "mapped back with expm1 and normalised over the model's genes like the training counts"
+            X = X.expm1()
+        else:
+            target = self.log_total or 1e4
+            done = f"normalised to {target:.6g} per spot (the training data's median total) and log1p-transformed"
+            totals = _row_totals(X)
+            totals[totals == 0] = 1.0
+            X = sp.csr_matrix(sp.diags(target / totals) @ X).log1p()
+        trained, given = ("raw counts", "log-normalised values") if self.log_normalize else ("log-normalised", "counts")
+        warnings.warn(
+            f"The model was trained on {trained}; adata holds {given}: they were {done}. This matches the training "
+            "features when the log-normalised data are sc.pp.normalize_total then sc.pp.log1p (natural log).",
+            stacklevel=STACKLEVEL,
+        )
+        return X
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays to store in a model file."""
         out = {"mean": self.mean, "scale": self.scale}
@@ -207,13 +238,18 @@ class FeatureTransform:
 
     def config(self) -> dict:
         """JSON-serialisable settings to store in a model file."""
-        return {"genes": self.genes, "log_normalize": self.log_normalize}
+        return {"genes": self.genes, "log_normalize": self.log_normalize, "log_total": self.log_total}
 
     @classmethod
     def from_state(cls, config: dict, arrays: dict[str, np.ndarray]) -> FeatureTransform:
         """Rebuild from :meth:`config` and :meth:`state`."""
         return cls(
-            list(config["genes"]), arrays["mean"], arrays["scale"], arrays.get("loadings"), config["log_normalize"]
+            list(config["genes"]),
+            arrays["mean"],
+            arrays["scale"],
+            arrays.get("loadings"),
+            config["log_normalize"],
+            config.get("log_total"),  # None in files written before it was kept
         )
 
 
@@ -257,10 +293,14 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     return list(var_names[ranks.to_numpy() < n_top_genes])
 
 
+def _row_totals(X: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(X.sum(axis=1)).ravel()
+
+
 def _log_normalize(X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
     if not is_counts:
         return X
-    totals = np.asarray(X.sum(axis=1)).ravel()
+    totals = _row_totals(X)
     totals[totals == 0] = 1.0
     return sp.csr_matrix(sp.diags(1e4 / totals) @ X).log1p()
 
