@@ -348,3 +348,26 @@ def test_evaluate_resolutions_evaluates_one_field_once(synthetic, monkeypatch):
     out = evaluate_resolutions(tiny_model(), x, y, crops=(32, None))  # 32-px images: the crop is the field
     assert list(out) == [4] and calls == [32]
     assert out[4]["confusion"].sum() == len(y)
+
+
+def test_cli_defaults_are_the_functions_defaults():
+    import inspect
+
+    args = train_module._parser().parse_args(["--synthetic"])
+    for function, names in [
+        (train_classifier, ("crop", "epochs", "batch_size", "lr", "weight_decay", "patience", "seed")),
+        (DFMambaClassifier, ("d_model", "depth", "d_state")),
+    ]:
+        defaults = inspect.signature(function).parameters
+        for name in names:
+            assert getattr(args, name) == defaults[name].default, name
+
+
+def test_image_folder_at_native_size_names_images_of_another_size(tmp_path):
+    _write_bach(tmp_path)
+    native = load_image_folder(tmp_path, image_size=None)
+    assert native.images.shape[0] == 4 and len({img.shape for img in native.images}) == 1
+    Image.fromarray(np.zeros((24, 40, 3), np.uint8)).save(tmp_path / "Invasive" / "wide.png")
+    with pytest.raises(ValueError, match=r"differ in size.*24×40 in '.*wide\.png'.*image_size="):
+        load_image_folder(tmp_path, image_size=None)
+    assert load_image_folder(tmp_path, image_size=16).images.shape == (5, 3, 16, 16)

@@ -190,7 +190,7 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> n
 
 
 def load_image_folder(
-    root: str | Path, *, image_size: int | tuple[int, int] = 512, classes: Sequence[str] | None = None
+    root: str | Path, *, image_size: int | tuple[int, int] | None = 512, classes: Sequence[str] | None = None
 ) -> ImageSet:
     """Load every image of an ImageFolder-style directory into memory at one working resolution.
 
@@ -200,16 +200,30 @@ def load_image_folder(
         Directory with one sub-folder per class (BACH: ``.../ICIAR2018_BACH_Challenge/Photos``).
     image_size
         Side (or ``(height, width)``) every image is resized to; must be a multiple of the 16-px patch to be used
-        as a full field. The paper resizes BACH's 2048×1536 photographs to 512×512.
+        as a full field. The paper resizes BACH's 2048×1536 photographs to 512×512. ``None`` keeps every image at
+        its own size, which must then be the same for all.
     classes
         Class folder names in label order (default: see :func:`list_image_folder`).
 
     Returns
     -------
     An :class:`ImageSet`.
+
+    Raises
+    ------
+    ValueError
+        With ``image_size=None``, if the images differ in size (the message names two of them).
     """
     paths, labels, names = list_image_folder(root, classes)
-    images = np.stack([load_image(p, image_size) for p in paths])
+    loaded = [load_image(p, image_size) for p in paths]
+    sizes = {img.shape[1:]: p for img, p in zip(loaded, paths)}
+    if len(sizes) > 1:
+        (first, a), (second, b) = list(sizes.items())[:2]
+        raise ValueError(
+            f"The images differ in size ({len(sizes)} sizes, e.g. {first[0]}×{first[1]} in {str(a)!r} and "
+            f"{second[0]}×{second[1]} in {str(b)!r}); pass image_size= to resize them all to one size."
+        )
+    images = np.stack(loaded)
     return ImageSet(images, labels, names, [str(p) for p in paths])
 
 

@@ -21,6 +21,7 @@ before the test), and prints the test accuracy at the crop size and on the full 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import time
 import warnings
@@ -298,29 +299,46 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     return model.to(resolve_device(device)).eval()
 
 
+def _defaults(function) -> dict:
+    return {name: param.default for name, param in inspect.signature(function).parameters.items()}
+
+
+#: the command line's training and model defaults are the functions' own, so that both train alike
+_TRAIN_DEFAULTS, _MODEL_DEFAULTS = _defaults(train_classifier), _defaults(DFMambaClassifier)
+
+
 def _parser() -> argparse.ArgumentParser:
+    fn, net = _TRAIN_DEFAULTS, _MODEL_DEFAULTS
     p = argparse.ArgumentParser(
         prog="python -m dfmamba_st.pathology.train",
         description="Train DF-Mamba on crops of an image folder (BACH layout); test at the crop size and full field.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="folder with one sub-folder per class (BACH: .../Photos)")
     src.add_argument("--synthetic", action="store_true", help="use the synthetic arrangement task instead")
     p.add_argument("--image-size", type=int, default=512, help="working resolution of the full fields (px)")
-    p.add_argument("--crop", type=int, default=256, help="training crop side (px); 256 = 256 tokens")
-    p.add_argument("--split", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--crop", type=int, default=fn["crop"], help="training crop side (px); 256 = 256 tokens")
+    p.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=(0.7, 0.15, 0.15),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="shares of the images (stratified by class)",
+    )
     p.add_argument("--n-per-class", type=int, default=100, help="synthetic images per class")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--patience", type=int, default=15)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--d-model", type=int, default=net["d_model"], help="model width")
+    p.add_argument("--depth", type=int, default=net["depth"], help="fractal depth K (0: a flat Mamba block)")
+    p.add_argument("--d-state", type=int, default=net["d_state"], help="state size N of the scan")
+    p.add_argument("--epochs", type=int, default=fn["epochs"], help="most epochs (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int, default=fn["batch_size"], help="crops per step")
+    p.add_argument("--lr", type=float, default=fn["lr"], help="AdamW learning rate (cosine, 10%% warm-up)")
+    p.add_argument("--weight-decay", type=float, default=fn["weight_decay"], help="AdamW weight decay")
+    p.add_argument("--patience", type=int, default=fn["patience"], help="early-stopping patience (epochs)")
+    p.add_argument("--no-augment", action="store_true", help="no stain jitter or flips of the training crops")
+    p.add_argument("--seed", type=int, default=fn["seed"], help="split, initialisation and crops")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="write model.safetensors, config.json, results.json here")
     return p
