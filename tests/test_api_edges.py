@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
@@ -103,7 +104,12 @@ def test_cluster_refines_on_the_coordinates_serialize_was_given(her2st_a1):
     dfm.tl.embed(adata, order_key="ord", **QUICK)
     assert adata.uns["dfm"]["params"]["spatial_key"] == "xy"
     dfm.tl.cluster(adata, 4, n_init=2)  # the refinement graph is built on obsm['xy'], found through the records
-    assert adata.obs["dfm_domain"].cat.categories.size <= 4
+    usual = her2st_a1.copy()  # the same coordinates under the default keys
+    dfm.pp.serialize(usual)
+    dfm.tl.embed(usual, **QUICK)
+    dfm.tl.cluster(usual, 4, n_init=2)
+    np.testing.assert_array_equal(adata.obsm["X_dfm"], usual.obsm["X_dfm"])
+    assert (adata.obs["dfm_domain"].to_numpy() == usual.obs["dfm_domain"].to_numpy()).all()
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +169,108 @@ def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_
     assert model.features.log_total == pytest.approx(1e6, rel=1e-3)
     path = dfm.tl.save_model(model, tmp_path / "m")
     assert dfm.tl.load_model(path).features.log_total == model.features.log_total
+
+
+@pytest.fixture
+def top(bundled):
+    """The top-left of the bundled slice (a few hundred spots), a fresh copy per test."""
+    return crop(bundled, rows=(0, 20), cols=(0, 60))
+
+
+def test_embed_with_a_library_key_reads_each_library_on_its_own(top):
+    # a library's sequences and neighbours never hold another library's spots: a trained model gives a library the
+    # same embedding whether or not another library shares its AnnData and its coordinates
+    other = top.copy()
+    other.X = top.X[np.random.default_rng(0).permutation(top.n_obs)]  # other expression at the same positions
+    both = ad.concat({"a": top, "b": other}, label="lib", index_unique="-")
+    dfm.pp.serialize(top)
+    model = dfm.tl.embed(top, return_model=True, **QUICK)
+    dfm.tl.embed(top, model=model, readout="model", progress=False)
+    dfm.pp.serialize(both, library_key="lib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "same coordinates" warning: the libraries are apart
+        dfm.tl.embed(both, model=model, readout="model", progress=False)
+    in_a = (both.obs["lib"] == "a").to_numpy()
+    np.testing.assert_allclose(both.obsm["X_dfm"][in_a], top.obsm["X_dfm"], atol=1e-5)
+
+
+def test_the_seed_draws_the_training_masks(top, monkeypatch):
+    from dfmamba_st.tl._model import SpatialDFMamba
+
+    dfm.pp.serialize(top)
+    seen: dict[int, list] = {}
+    original = SpatialDFMamba.masked_loss
+
+    def spy(self, tokens, mask):
+        seen.setdefault(current, []).append(mask.clone())
+        return original(self, tokens, mask)
+
+    monkeypatch.setattr(SpatialDFMamba, "masked_loss", spy)
+    for current in (3, 4, 3):
+        dfm.tl.embed(top, seed=current, copy=True, **QUICK)
+    assert len(seen[3]) == 2 * len(seen[4])  # seed 3 ran twice
+    half = len(seen[4])
+    assert all(torch.equal(a, b) for a, b in zip(seen[3][:half], seen[3][half:]))  # the same seed, the same masks
+    assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
+
+
+def test_embed_takes_its_features_from_the_layer_it_is_given(top):
+    dfm.pp.serialize(top)
+    logged = top.copy()
+    logged.layers["counts"] = top.X.copy()
+    sc.pp.normalize_total(logged)
+    sc.pp.log1p(logged)
+    reference = dfm.tl.embed(top, seed=1, copy=True, **QUICK)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # X (log-normalised) is not read at all: nothing to convert
+        got = dfm.tl.embed(logged, layer="counts", seed=1, copy=True, **QUICK)
+    assert got.uns["dfm"]["params"]["layer"] == "counts"
+    np.testing.assert_array_equal(got.obsm["X_dfm"], reference.obsm["X_dfm"])
+
+
+def test_extra_curves_are_read_next_to_the_serialized_one(top):
+    dfm.pp.serialize(top)
+    default = dfm.tl.embed(top, copy=True, **QUICK)
+    one, model = dfm.tl.embed(top, extra_curves=(), copy=True, return_model=True, **QUICK)
+    assert list(default.uns["dfm"]["params"]["curves"]) == ["hilbert", "hilbert_t"]
+    assert list(one.uns["dfm"]["params"]["curves"]) == ["hilbert"] and model.config.curves == ("hilbert",)
+    three = dfm.tl.embed(top, extra_curves=("hilbert_t", "zorder"), copy=True, **QUICK)
+    assert list(three.uns["dfm"]["params"]["curves"]) == ["hilbert", "hilbert_t", "zorder"]
+    assert not np.allclose(default.obsm["X_dfm"], one.obsm["X_dfm"])
+
+
+def test_genes_missing_from_a_new_slice_are_set_to_their_training_mean(top):
+    from dfmamba_st.tl._features import FeatureTransform
+
+    tf = FeatureTransform.fit(top, layer=None, n_top_genes=300, n_pcs=None, seed=0)
+    dropped = tf.genes[:40]
+    fewer = top[:, [g for g in top.var_names if g not in set(dropped)]].copy()
+    features, missing = tf.transform(fewer)
+    assert missing == dropped
+    assert (tf.mean[:40] > 0).all()  # expressed genes: a zero count would not standardise to 0
+    assert np.all(features[:, :40] == 0.0)
+
+
+def test_masked_spots_do_not_see_their_own_tokens():
+    torch.manual_seed(0)
+    model = dfm.tl.SpatialDFMamba(dfm.tl.SpatialConfig(n_features=6, d_model=8, depth=2)).eval()
+    tokens = torch.randn(2, 32, 12)
+    mask = torch.zeros(2, 32, dtype=torch.bool)
+    mask[:, 5] = mask[:, 20] = True
+    changed = tokens.clone()
+    changed[mask] = torch.randn(int(mask.sum()), 12) * 10
+    with torch.no_grad():
+        out, _ = model(tokens, mask)
+        out_changed, _ = model(changed, mask)
+        unmasked, _ = model(changed)
+    torch.testing.assert_close(out, out_changed)  # what hides under the mask cannot reach the output
+    assert not torch.allclose(out, unmasked)
+
+
+def test_a_library_key_with_missing_values_is_refused(top):
+    top.obs["lib"] = pd.Categorical(["a"] * (top.n_obs - 3) + [np.nan] * 3)
+    with pytest.raises(ValueError, match=r"obs\['lib'\] has missing values"):
+        dfm.pp.serialize(top, library_key="lib")
 
 
 def test_embed_puts_the_callers_random_state_and_torch_settings_back(bundled):

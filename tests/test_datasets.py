@@ -313,6 +313,50 @@ def test_her2st_download_fetches_the_pinned_github_files_and_assembles_them(shar
     np.testing.assert_allclose(adata.obsm["spatial"], a.obsm["spatial"])
 
 
+def test_a_download_with_the_wrong_checksum_is_a_checksum_error_not_a_network_error(monkeypatch, tmp_path):
+    import requests
+
+    class Response:  # pooch really downloads these bytes, hashes them and rejects them
+        status_code = 200
+
+        def __init__(self):
+            self.headers: dict = {}
+
+        def raise_for_status(self):
+            pass
+
+        def iter_content(self, chunk_size=1024):
+            yield b"not the file that was published"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(requests, "get", lambda *args, **kwargs: Response())
+    monkeypatch.setattr(requests, "head", lambda *args, **kwargs: Response())
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path))
+    with pytest.raises(ValueError, match="hash"):
+        datasets.her2st("A1")
+
+
+def test_a_local_file_without_the_annotation_or_coordinates_is_refused(shared_151673, shared_a1, tmp_path):
+    adata = shared_151673[:50].copy()
+    del adata.obs["layer"]
+    adata.write_h5ad(tmp_path / "dlpfc_151673.h5ad")
+    with pytest.raises(ValueError, match=r"lacks obs\['layer'\]"):
+        datasets.dlpfc("151673", path=tmp_path)
+    section = shared_a1.copy()
+    del section.obsm["spatial"]
+    section.write_h5ad(tmp_path / "her2st_A1.h5ad")
+    with pytest.raises(ValueError, match=r"lacks obsm\['spatial'\]"):
+        datasets.her2st("A1", path=tmp_path)
+
+
 def test_unknown_sample_or_section_fails_before_any_download(monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("pooch.retrieve must not be called")

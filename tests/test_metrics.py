@@ -2,25 +2,19 @@
 
 from contextlib import nullcontext
 from math import sqrt
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _shared import shared_path
 from sklearn import metrics as skm
 
 from dfmamba_st import metrics
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-DLPFC = SHARED / "dlpfc"
-
 
 def _read(name: str) -> ad.AnnData:
-    path = DLPFC / name
-    if not path.is_file():
-        pytest.skip(f"shared data file {path} is not available")
-    return ad.read_h5ad(path)
+    return ad.read_h5ad(shared_path("dlpfc", name))
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +114,12 @@ def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlp
     """Two slices in one AnnData on the same coordinates (as after anndata.concat): CHAOS and PAS of the pooled row
     are the spot-weighted means of each slice's own, with the library key given or recorded by tl.cluster."""
     one = dlpfc_151673[:, :5].copy()
-    other = one.copy()
-    other.obs["pred"] = one.obs["layer"]  # a perfect labelling of the second slice, a perturbed one of the first
+    other = one[:1200].copy()  # slices of unequal size: a plain mean of the two would differ from the weighted one
+    other.obs["pred"] = other.obs["layer"]  # a perfect labelling of the second slice, a perturbed one of the first
     both = ad.concat({"a": one, "b": other}, label="library", index_unique="-")
     per_slice = metrics.evaluate(both, "layer", "pred", library_key="library")
     weights = per_slice["n_spots"] / per_slice["n_spots"].sum()
+    assert weights.min() < 0.3
     naive = metrics.evaluate(both, "layer", "pred").loc["all"]  # no key anywhere: coordinates pooled
     both.uns["pred"] = {"params": {"library_key": "library"}}  # what tl.cluster records
     pooled = metrics.evaluate(both, "layer", "pred").loc["all"]
@@ -133,6 +128,16 @@ def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlp
         # pooled coordinates pair each spot with its twin of the other slice: another (wrong) value
         assert naive[score] != pytest.approx(pooled[score], rel=1e-3)
     assert pooled["ari"] == naive["ari"]  # the label scores are over all spots either way
+
+
+def test_evaluate_scores_pas_with_the_k_it_is_given(dlpfc_151673):
+    keep = dlpfc_151673.obs["layer"].notna().to_numpy()
+    xy = dlpfc_151673.obsm["spatial"][keep]
+    pred = dlpfc_151673.obs["pred"].astype(str).to_numpy()[keep]
+    for k in (4, 20):
+        got = metrics.evaluate(dlpfc_151673, "layer", "pred", k=k).loc["all", "pas"]
+        assert got == pytest.approx(metrics.pas(pred, xy, k=k), rel=1e-12)
+    assert metrics.pas(pred, xy, k=4) != pytest.approx(metrics.pas(pred, xy, k=20))
 
 
 def test_evaluate_leaves_adata_unchanged(dlpfc_151673):

@@ -193,7 +193,12 @@ def test_gates_follow_the_order_embed_read_and_warn_without_one(bundled):
         _, recorded = along_curve(dfm.pl.gates(adata, return_fig=True, show=False))
     assert not [w for w in caught if "serialization order" in str(w.message)]  # the recorded order is found
     _, given = along_curve(dfm.pl.gates(adata, order_key="myorder", return_fig=True, show=False))
-    np.testing.assert_array_equal(recorded, given)
+    gates = adata.obsm["X_dfm_gates"]
+    along = gates[np.argsort(adata.obs["myorder"].to_numpy(), kind="stable"), 0]
+    expected = pd.Series(along).rolling(25, min_periods=1, center=True).mean().to_numpy()
+    assert not np.allclose(along, gates[:, 0])  # the curve's order is not the AnnData order
+    np.testing.assert_allclose(recorded, expected, rtol=1e-6)
+    np.testing.assert_allclose(given, expected, rtol=1e-6)
     del adata.obs["myorder"]
     with pytest.warns(UserWarning, match=r"No serialization order found.*AnnData order"):
         ax, _ = along_curve(dfm.pl.gates(adata, return_fig=True, show=False))
@@ -331,6 +336,49 @@ def test_training_legend_leaves_the_curves_uncovered(embedded):
     assert legend.x1 <= fig.bbox.width + 0.5  # and on the figure
 
 
+def test_each_gate_panel_draws_its_own_depth(embedded):
+    fig = dfm.pl.gates(embedded, sequence=False, return_fig=True, show=False)
+    panels = [a for a in fig.axes if a.get_title().startswith("gate, depth")]
+    gates = embedded.obsm["X_dfm_gates"]
+    assert len(panels) == gates.shape[1] >= 2
+    assert all(not np.allclose(gates[:, 0], gates[:, k], atol=0.02) for k in range(1, gates.shape[1]))
+    fig.canvas.draw()
+    magma = plt.get_cmap("magma")
+    for k, ax in enumerate(panels):
+        colours = max((c.get_facecolors() for c in ax.collections), key=len)
+        np.testing.assert_allclose(colours[:, :3], magma(gates[:, k])[:, :3], atol=0.02)
+
+
+def test_training_curves_are_labelled_by_the_loss_they_show(embedded):
+    ax = dfm.pl.training(embedded, return_fig=True, show=False).axes[0]
+    history = embedded.uns["dfm"]["history"]
+    names = {"total": "train_loss", "masked-spot reconstruction": "masked_mse", "auxiliary (DF-Mamba)": "aux"}
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == set(names)
+    assert not np.allclose(history["masked_mse"], history["aux"])
+    for label, key in names.items():
+        np.testing.assert_allclose(lines[label].get_ydata(), history[key])
+
+
+def test_plots_leave_adata_unchanged(embedded):
+    adata = embedded.copy()
+    dfm.tl.cluster(adata, None, k_range=range(2, 6), n_init=1)
+    before_uns, before_obs = sorted(adata.uns), adata.obs.copy()
+    before_obsm = {k: np.array(v, copy=True) for k, v in adata.obsm.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False)
+        dfm.pl.domains(adata, return_fig=True, show=False)
+        dfm.pl.gates(adata, return_fig=True, show=False)
+        dfm.pl.training(adata, return_fig=True, show=False)
+        dfm.pl.bic(adata, return_fig=True, show=False)
+    assert sorted(adata.uns) == before_uns
+    pd.testing.assert_frame_equal(adata.obs, before_obs)
+    assert sorted(adata.obsm) == sorted(before_obsm)
+    for k, v in before_obsm.items():
+        np.testing.assert_array_equal(adata.obsm[k], v)
+
+
 def test_gates_into_an_axes_of_another_figure_than_the_current_one(embedded):
     fig, (first, _) = plt.subplots(1, 2)
     other = plt.figure()  # e.g. another notebook cell's figure is current
@@ -430,3 +478,15 @@ def test_command_line_library_key_reaches_every_step(tmp_path):
     assert result.uns["dfm_domain"]["params"]["library_key"] == "lib"
     scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
     assert list(scores.index.astype(str)) == ["151673", "151674"]  # scored slice by slice
+
+
+def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path):
+    adata = crop(bundled, rows=(0, 10))
+    adata.write_h5ad(tmp_path / "slice.h5ad")
+    argv = ["--input", str(tmp_path / "slice.h5ad"), "--epochs", "1", "--seed", "7", "--n-clusters", "0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a weak knee on a small crop is not what is tested
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
+    assert result.uns["dfm"]["params"]["seed"] == 7
+    assert "bic" in result.uns["dfm_domain"]  # K chosen at the knee of the BIC curve

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 import dfmamba_st as dfm
-from dfmamba_st.core import Mamba
+from dfmamba_st.core import Mamba, curves
 from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _resolve_preset
 
 matplotlib.use("Agg")
@@ -54,6 +54,19 @@ def test_serialize_is_a_bijection_per_library_and_respects_library_key(small):
 
 
 @needs_data
+@pytest.mark.parametrize("curve", curves.CURVES)
+def test_serialize_orders_the_spots_along_the_curve_it_is_given(small, curve):
+    adata = crop(small, rows=(0, 20))
+    dfm.pp.serialize(adata, curve=curve)
+    cells, source = dfm.pp.spot_cells(adata)
+    assert source == "visium_grid"
+    index = curves.curve_index(cells[:, 0], cells[:, 1], curve)  # the cells of a Visium grid are unique
+    along = index[np.argsort(adata.obs["dfm_order"].to_numpy())]
+    assert np.all(np.diff(along) > 0)  # the curve's index rises along the recorded order
+    assert adata.uns["dfm_order"]["params"]["curve"] == curve
+
+
+@needs_data
 def test_serialized_neighbours_are_close_on_the_tissue(small):
     dfm.pp.serialize(small)
     xy = small.obsm["spatial"][np.argsort(small.obs["dfm_order"].to_numpy())]
@@ -73,15 +86,46 @@ def test_serialize_from_coordinates_only_on_her2st():
 
 @needs_data
 @pytest.mark.parametrize("factor", [2, 4])
-def test_coarsen_conserves_counts_and_keeps_majority_labels(slice_673, factor):
+def test_coarsen_conserves_counts_and_genes(slice_673, factor):
     coarse = dfm.pp.coarsen(slice_673, factor)
     assert coarse.X.sum() == pytest.approx(slice_673.X.sum(), rel=1e-6)
     assert coarse.obs["n_spots"].sum() == slice_673.n_obs
     assert slice_673.n_obs / coarse.n_obs > factor  # bins merge several spots
-    assert set(coarse.obs["layer"].dropna().unique()) <= set(slice_673.obs["layer"].cat.categories)
     assert list(coarse.var_names) == list(slice_673.var_names)
     dfm.pp.serialize(coarse)
     assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
+
+
+@needs_data
+def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and_majority_labels(small):
+    """Two libraries on the same coordinates whose counts are an identity matrix, so that ``coarse.X[b, s] = 1``
+    says that bin ``b`` merged spot ``s``."""
+    pooled = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    both = ad.AnnData(
+        X=sp.identity(pooled.n_obs, dtype=np.float32, format="csr"),
+        obs=pooled.obs,
+        var=pd.DataFrame(index=[f"g{i}" for i in range(pooled.n_obs)]),
+        obsm={"spatial": pooled.obsm["spatial"]},
+    )
+    coarse = dfm.pp.coarsen(both, 2, library_key="lib")
+    member = sp.csr_matrix(coarse.X)
+    assert np.array_equal(np.asarray(member.sum(axis=0)).ravel(), np.ones(both.n_obs))  # every spot in one bin
+    lib = both.obs["lib"].astype(str).to_numpy()
+    layer = both.obs["layer"].astype(object).to_numpy()
+    xy = np.asarray(both.obsm["spatial"], dtype=float)
+    majorities = 0
+    for b in range(coarse.n_obs):
+        spots = member[b].indices
+        assert len(set(lib[spots])) == 1 and coarse.obs["lib"].iloc[b] == lib[spots[0]]  # no bin mixes slices
+        np.testing.assert_allclose(coarse.obsm["spatial"][b], xy[spots].mean(axis=0))  # the mean position
+        counts = pd.Series(layer[spots]).dropna().value_counts()
+        if len(counts) > 1 and counts.iloc[0] > counts.iloc[1]:  # a bin on a layer border with a clear majority
+            assert coarse.obs["layer"].iloc[b] == counts.index[0]
+            majorities += 1
+    assert majorities > 10
+    # the bins' grid rows follow the tissue's y and their columns its x (obsm['spatial'] is [x, y])
+    assert np.corrcoef(coarse.obs["array_row"], coarse.obsm["spatial"][:, 1])[0, 1] > 0.95
+    assert np.corrcoef(coarse.obs["array_col"], coarse.obsm["spatial"][:, 0])[0, 1] > 0.95
 
 
 @needs_data
@@ -369,13 +413,35 @@ def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(benchmark_modu
 
 def test_refinement_flips_isolated_spots_only():
     # a 1-D chain: spot 2 is an island of label 1 inside label 0
-    rows = np.arange(5)
     graph = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")
     labels = np.array([0, 0, 1, 0, 0])
     assert dfm.tl.refine_labels(labels, graph).tolist() == [0, 0, 0, 0, 0]
     labels = np.array([0, 0, 1, 1, 1])
     assert dfm.tl.refine_labels(labels, graph).tolist() == labels.tolist()
-    assert rows.size == 5
+
+
+@needs_data
+def test_cluster_refine_is_the_majority_vote_of_each_spots_neighbours(slice_673):
+    adata = crop(slice_673, rows=(0, 30), cols=(0, 200))
+    dfm.pp.serialize(adata)
+    onehot = pd.get_dummies(adata.obs["layer"].astype(str)).to_numpy(float)
+    adata.obsm["X_rep"] = onehot * 2 + np.random.default_rng(0).normal(size=onehot.shape)  # noisy layers
+    dfm.tl.cluster(adata, 5, use_rep="X_rep", n_init=2, refine=False, key_added="raw")
+    dfm.tl.cluster(adata, 5, use_rep="X_rep", n_init=2, key_added="refined")
+    raw = adata.obs["raw"].astype(int).to_numpy()
+    refined = adata.obs["refined"].astype(int).to_numpy()
+    (layout,) = dfm.pp.library_layouts(adata)
+    assert np.array_equal(refined, dfm.tl.refine_labels(raw, layout.graph()))
+    assert (refined != raw).sum() > 10  # noisy labels: the vote changes some
+    xy = adata.obsm["spatial"]
+    assert dfm.metrics.pas(refined, xy) < dfm.metrics.pas(raw, xy)
+
+
+def test_libraries_below_ten_spots_per_domain_are_left_out_of_the_library_report():
+    # 30 spots of a library of their own: too few for 6 domains (10 per domain), though more than 10 in all
+    labels = np.array([str(i % 5) for i in range(6000)] + ["9"] * 30)
+    libraries = np.array(["a"] * 3000 + ["b"] * 3000 + ["fragment"] * 30)
+    assert dfm.tl.library_specific_domains(labels, libraries) == {}
 
 
 @needs_data
