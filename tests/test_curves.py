@@ -124,3 +124,12 @@ def test_pair_gaps_takes_the_closest_curve():
     # pair (0, 3): 3 on a, 2 on b; (0, 1): 1 and 1; (1, 2): 1 and 2; (2, 3): 1 and 1
     np.testing.assert_array_equal(curves.pair_gaps([a, b], first, second), [2, 1, 1, 1])
     np.testing.assert_array_equal(curves.pair_gaps([a], first, second), [3, 1, 1, 1])
+
+
+def test_curve_order_sorts_by_curve_index_first_and_tiebreak_second():
+    """C1: the tiebreak only orders points of one cell."""
+    coords = np.array([[1, 1], [0, 0], [0, 0], [1, 0]])
+    index = curves.curve_index(coords[:, 0], coords[:, 1])
+    order = curves.curve_order(coords, tiebreak=np.array([0, 5, 1, 9]))
+    assert np.all(np.diff(index[order]) >= 0)
+    assert order[:2].tolist() == [2, 1]

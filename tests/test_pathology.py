@@ -9,7 +9,9 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from dfmamba_st.pathology import (
     BACH_CLASSES,
@@ -33,6 +35,7 @@ from dfmamba_st.pathology import (
     train_classifier,
     unpatchify,
 )
+from dfmamba_st.pathology.train import classification_loss
 from dfmamba_st.pathology.train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -370,3 +373,111 @@ def test_gate_map_shape_and_range():
         gate_map(model, torch.rand(3, 64, 64), depth=5)
     with pytest.raises(ValueError, match="no fusion gates"):
         gate_map(tiny_model(depth=0), torch.rand(3, 64, 64))
+
+
+def test_crop_batches_apply_the_stain_jitter():
+    """P1: with flips and colour jitter neutralised, a flat image changes only through the HED jitter."""
+    flat = np.full((4, 3, 32, 32), 150, np.uint8)  # a uniform image is invariant under flips and rotations
+    labels = np.arange(4) % 2
+    out = next(iter(CropBatches(flat, labels, crop=None, batch_size=4, jitter=0.0, hed_sigma=0.2, seed=0)(0)))[0]
+    assert not torch.allclose(out, torch.full_like(out, 150 / 255), atol=1e-3)
+    none = CropBatches(flat, labels, crop=None, batch_size=4, jitter=0.0, hed_sigma=0.0, hed_bias=0.0, seed=0)
+    assert torch.allclose(next(iter(none(0)))[0], torch.full_like(out, 150 / 255), atol=1e-3)
+
+
+def test_crop_batches_use_rotations_as_well_as_flips():
+    """P6: some crops are rotated by 90 degrees (not reachable by the horizontal flip alone)."""
+    img = np.arange(3 * 16 * 16, dtype=np.float32).reshape(1, 3, 16, 16) / (3 * 16 * 16)
+    images = np.repeat(img, 32, 0)
+    batches = CropBatches(images, np.zeros(32), crop=None, batch_size=32, jitter=0.0, hed_sigma=0.0, hed_bias=0.0)
+    x = torch.from_numpy(img[0])
+    # no stain change at sigma = bias = 0 (up to the OD round trip)
+    out = next(iter(batches(0)))[0]
+    dihedral = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
+    dihedral += [v.flip(-1) for v in dihedral]
+    which = [int(np.argmin([float((o - v).abs().max()) for v in dihedral])) for o in out]
+    assert all(float((o - dihedral[w]).abs().max()) < 2e-3 for o, w in zip(out, which))
+    assert set(which) - {0, 4}, which
+
+
+def test_crop_offsets_cover_every_position():
+    """P2: random crops reach the first and the last row and column."""
+    h = w = 24
+    rows = np.repeat(np.arange(h, dtype=np.uint8)[:, None], w, 1)
+    cols = rows.T.copy()
+    img = np.stack([rows, cols, np.zeros_like(rows)])[None].repeat(8, 0)
+    batches = CropBatches(img, np.zeros(8), crop=16, batch_size=8, augment=False, seed=0)
+    tops, lefts = [], []
+    for epoch in range(10):
+        for x, _ in batches(epoch):
+            tops += (x[:, 0, 0, 0] * 255).round().long().tolist()
+            lefts += (x[:, 1, 0, 0] * 255).round().long().tolist()
+    assert min(tops) == 0 and max(tops) == h - 16
+    assert min(lefts) == 0 and max(lefts) == w - 16
+
+
+class _Recorder(nn.Module):
+    """A stand-in classifier that records what it is shown and predicts class 0."""
+
+    n_classes, patch_size = 2, 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return torch.zeros(len(x), 2) + self.w
+
+
+def test_evaluate_at_a_crop_scores_the_centre_crop():
+    """P3: the crop evaluated is the one whose token count is reported."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    model = _Recorder()
+    out = evaluate(model, images, np.zeros(3, np.int64), crop=32)
+    assert out["n_tokens"] == 4
+    shown = torch.cat(model.seen)
+    assert shown.shape == (3, 3, 32, 32)
+    assert torch.equal(shown, torch.from_numpy(images[:, :, 16:48, 16:48]).float() / 255)
+
+
+def test_validation_uses_centre_crops_of_the_training_size():
+    """P4: the full field stays unseen until the test."""
+    x, y = make_synthetic_dataset(2, 64, seed=0)
+    model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    sizes = []
+    model.embed.register_forward_hook(lambda m, inp, out: sizes.append((m.training, tuple(inp[0].shape[-2:]))))
+    train_classifier(model, (x, y), val=(x, y), crop=32, epochs=1, batch_size=8, progress=False)
+    assert {s for training, s in sizes if not training} == {(32, 32)}
+
+
+def test_classification_loss_validates_on_cross_entropy_alone():
+    """P5: fit's validation pass (eval mode) must not include the auxiliary terms."""
+    torch.manual_seed(0)
+    model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    x, y = torch.rand(2, 3, 64, 64), torch.tensor([0, 3])
+    model.eval()
+    loss, terms = classification_loss(model, (x, y))
+    logits, aux = model.forward_with_aux(x)
+    assert float(aux.loss) > 0
+    assert float(loss) == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-6)
+    model.train()
+    loss, terms = classification_loss(model, (x, y))
+    assert float(loss) == pytest.approx(terms["ce"] + terms["aux"], rel=1e-5)
+
+
+def test_gate_map_gives_each_patch_the_gate_of_its_coarse_token():
+    """P9: coarse token i at depth k holds the fine tokens i*2^k ... (i+1)*2^k - 1 of the Hilbert sequence."""
+    torch.manual_seed(0)
+    model = DFMambaClassifier(4, d_model=8, depth=2, d_state=2, min_len=2)
+    image = torch.rand(3, 64, 64)
+    _, aux = model.eval().forward_with_aux(image[None])
+    position = np.argsort(patch_order(4, 4))  # sequence position of every patch (row-major)
+    assert len(aux.gates) == 2
+    for depth in (0, 1):
+        g = aux.gates[depth][0].numpy()
+        grid = gate_map(model, image, depth=depth)
+        for r in range(4):
+            for c in range(4):
+                assert grid[r, c] == pytest.approx(g[position[r * 4 + c] // 2**depth], abs=1e-6)

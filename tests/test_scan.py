@@ -344,3 +344,18 @@ def test_torch_backend_on_cuda():
     torch.testing.assert_close(h.cpu(), h_ref, rtol=1e-10, atol=1e-10)
     for name in g_ref:
         torch.testing.assert_close(g[name].cpu(), g_ref[name], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_delta_bias_and_softplus_are_softplus_of_the_biased_delta(backend):
+    """S1/S2: the shared _prepare_delta feeds the reference too, so backend-vs-reference tests cannot see it."""
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 5, 3, 19
+    u, delta, z = (torch.randn(b, d, length, generator=g, dtype=torch.float64) for _ in range(3))
+    A = -(0.1 + torch.rand(d, n, generator=g, dtype=torch.float64))
+    B, C = (torch.randn(b, n, length, generator=g, dtype=torch.float64) for _ in range(2))
+    D, bias = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    got = selective_scan(u, delta, A, B, C, D, z, delta_bias=bias, delta_softplus=True, backend=backend)
+    prepared = torch.log1p(torch.exp(delta + bias[:, None]))  # softplus(delta + bias), written out
+    want = selective_scan(u, prepared, A, B, C, D, z, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -118,7 +118,8 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, d_inner, L)
         delta = self.time_step(dt, alpha)
-        A = -torch.exp(self.A_log.float()).to(x.dtype)
+        # A in float32 at least (half-precision inputs), in float64 for float64 inputs
+        A = -torch.exp(self.A_log.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
         y = selective_scan(
             x,
             delta,

@@ -64,8 +64,10 @@ def default_data_dir() -> Path:
 
     Examples
     --------
+    >>> import os
+    >>> from pathlib import Path
     >>> from dfmamba_st.ts import default_data_dir
-    >>> default_data_dir().name in {"ts"} or True
+    >>> default_data_dir() == Path(os.environ.get("DFMAMBA_TS_DATA", "~/.cache/dfmamba_st/ts")).expanduser()
     True
     """
     env = os.environ.get(DATA_ENV)

@@ -44,7 +44,9 @@ def forecast_loss(
     >>> loss, terms = forecast_loss(model, (torch.zeros(3, 8, 2), torch.zeros(3, 4, 2)))
     >>> loss.ndim, sorted(terms)
     (0, ['aux', 'mae', 'mse'])
-    >>> float(forecast_loss(model.eval(), (torch.zeros(3, 8, 2), torch.zeros(3, 4, 2)))) >= 0  # eval: MSE only
+    >>> x, y = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(0)), torch.ones(3, 4, 2)
+    >>> pred, _ = model.eval()(x)
+    >>> bool(forecast_loss(model, (x, y)) == ((pred - y) ** 2).mean())  # eval: the forecast MSE alone
     True
     """
     x, y = batch
