@@ -243,3 +243,37 @@ def test_dfmamba_matches_plain_algorithm_1_values_and_gradients(kw):
             a = torch.zeros_like(wrt[i]) if a is None else a
             b = torch.zeros_like(wrt[i]) if b is None else b
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize(("scaling", "alphas"), [("exp", [1, 2, 4, 8]), ("linear", [1, 2, 3, 4]), ("const", [1] * 4)])
+def test_dt_scaling_reaches_the_block_at_every_depth(scaling, alphas):
+    """M01: DFMamba.alpha(k) is tested on its own; forward must pass it to the Mamba block (not 2**k always)."""
+    torch.manual_seed(0)
+    model = DFMamba(4, depth=3, d_state=2, min_len=2, dt_scaling=scaling, backend="reference")
+    seen = []
+    model.scales[0].mamba.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["alpha"]), with_kwargs=True
+    )
+    model(torch.randn(1, 16, 4))
+    assert seen == alphas
+
+
+def test_fusion_add_is_the_sum_of_local_and_global_views():
+    """M02: fusion='add' is H_local + Upsample(H_deep), with no gate and no flow term."""
+    torch.manual_seed(0)
+    model = DFMamba(6, depth=1, d_state=2, min_len=2, fusion="add", backend="reference").double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    y, aux = model(x)
+    s = model.scales[0]
+    h_local = x + s.mamba(s.norm(x), alpha=1.0)
+    x_next = s.encoder(pair_concat(h_local))
+    h_deep = x_next + s.mamba(s.norm(x_next), alpha=2.0)
+    torch.testing.assert_close(y, h_local + upsample(h_deep, 9), rtol=1e-12, atol=1e-12)
+    assert aux.gates == [] and float(aux.terms["flow"]) == 0.0
+
+
+def test_hidden_sets_the_width_of_the_coarse_graining_mlps():
+    """M03: DFMamba(hidden=...) is the encoder/decoder hidden width (DFMambaClassifier passes d_model // 2)."""
+    s = DFMamba(8, depth=1, hidden=5).scales[0]
+    assert s.encoder[0].out_features == 5 and s.decoder[0].out_features == 5
+    assert DFMamba(8, depth=1).scales[0].encoder[0].out_features == 8

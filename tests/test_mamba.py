@@ -89,3 +89,16 @@ def test_parameter_names_and_shapes_follow_mamba_ssm():
     assert torch.allclose(-torch.exp(block.A_log[0]), -torch.arange(1, 17, dtype=torch.float32))
     dt0 = F.softplus(block.dt_proj.bias)
     assert float(dt0.min()) >= 1e-4 - 1e-7 and float(dt0.max()) <= 0.1 + 1e-6
+
+
+def test_mamba_initial_time_steps_are_log_uniform_and_dt_weights_bounded():
+    """M06/M07/M08: dt = exp(U(log dt_min, log dt_max_init)); dt_proj.weight ~ U(±dt_rank^-0.5); D = 1."""
+    torch.manual_seed(0)
+    block = Mamba(1024, d_state=2, expand=2)  # 2048 channels, dt_rank 64
+    dt = torch.nn.functional.softplus(block.dt_proj.bias.detach()).double()
+    log_dt = (dt.log() - math.log(1e-3)) / (math.log(0.1) - math.log(1e-3))  # U(0, 1) if log-uniform
+    assert abs(float(log_dt.mean()) - 0.5) < 0.03 and abs(float((log_dt < 0.25).double().mean()) - 0.25) < 0.03
+    bound = block.dt_rank**-0.5
+    w = block.dt_proj.weight.detach().abs()
+    assert float(w.max()) <= bound and float(w.max()) > 0.95 * bound
+    assert torch.equal(block.D.detach(), torch.ones(block.d_inner))

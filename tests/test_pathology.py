@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -481,3 +483,105 @@ def test_gate_map_gives_each_patch_the_gate_of_its_coarse_token():
         for r in range(4):
             for c in range(4):
                 assert grid[r, c] == pytest.approx(g[position[r * 4 + c] // 2**depth], abs=1e-6)
+
+
+def test_stratified_split_depends_on_the_seed():
+    """M27: the seed shuffles the classes (same seed same split, another seed another split)."""
+    from dfmamba_st.pathology import stratified_split
+
+    labels = np.repeat(np.arange(3), 20)
+    a, b, c = (stratified_split(labels, seed=s) for s in (0, 0, 1))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+class _Fixed(nn.Module):
+    """Predicts class 0 for every image (n_classes 3)."""
+
+    n_classes, patch_size = 3, 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.tensor([1.0, 0.0, 0.0]).expand(len(x), 3) + self.w
+
+
+def test_confusion_rows_are_true_classes():
+    """M28: confusion[i, j] counts images of class i predicted as j."""
+    from dfmamba_st.pathology import evaluate
+
+    out = evaluate(_Fixed(), np.zeros((3, 3, 16, 16), np.uint8), np.array([2, 2, 0]))
+    assert out["confusion"][2, 0] == 2 and out["confusion"][0, 0] == 1 and out["confusion"][0, 2] == 0
+
+
+def test_saliency_is_gradient_times_centred_input_and_explains_the_prediction():
+    """M29/M35: sum_c |d logit / d x_c * (x_c - mean_c)|, normalised; the default target is the predicted class."""
+    from dfmamba_st.pathology import DFMambaClassifier, saliency_map
+
+    torch.manual_seed(0)
+    model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2, pixel_mean=(0.7, 0.2, 0.4))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0]))  # class 2 predicted
+    image = torch.rand(3, 32, 32)
+    sal, target = saliency_map(model, image)
+    assert target == 2
+    x = image[None].clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model.eval()(x)[0, 2], x)
+    raw = (grad * (image[None] - model.pixel_mean)).abs().sum(1)[0].numpy()
+    np.testing.assert_allclose(sal, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+
+
+def test_to_unit_float_returns_a_new_tensor():
+    """M30: floats are copied ('a new float32 tensor'): writing to the result leaves the caller's images alone."""
+    from dfmamba_st.pathology import to_unit_float
+
+    arr = np.full((2, 2), 0.5, np.float32)
+    out = to_unit_float(arr)
+    out += 0.25
+    assert np.all(arr == 0.5)
+    t = torch.full((2, 2), 0.5)
+    assert to_unit_float(t) is not t and to_unit_float(t).data_ptr() != t.data_ptr()
+
+
+def test_check_image_size_refuses_empty_or_negative_sides():
+    """M31: sides must be positive multiples of the patch."""
+    from dfmamba_st.pathology import check_image_size
+
+    for h, w in ((0, 32), (32, 0), (-16, 32)):
+        with pytest.raises(ValueError, match="positive multiples"):
+            check_image_size(h, w)
+
+
+def test_save_load_keeps_every_config_field(tmp_path):
+    """M32/M36: min_len, hidden and the DF-Mamba options come back, so the loaded model computes the same."""
+    from dfmamba_st.pathology import DFMambaClassifier, load_classifier, save_classifier
+
+    torch.manual_seed(0)
+    kw = dict(min_len=2, hidden=6, dropout=0.1, embed_scale=0.5, bidirectional=True, dt_scaling="linear")
+    model = DFMambaClassifier(3, d_model=8, depth=2, d_state=2, **kw, lambdas=(0.5, 1.0, 0.0)).eval()
+    again = load_classifier(save_classifier(model, tmp_path))
+    assert again.config == json.loads(json.dumps(model.config))
+    x = torch.rand(2, 3, 32, 32)  # 4 tokens: min_len 2 recurses, the default 8 would not
+    with torch.no_grad():
+        y, aux = model.forward_with_aux(x)
+        y2, aux2 = again.forward_with_aux(x)
+    assert aux.lengths == aux2.lengths == [4, 2, 1]
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(aux2.loss, aux.loss, rtol=0, atol=0)
+
+
+def test_cli_writes_results_json_with_history_and_class_names(tmp_path):
+    """M33: results.json holds the summary and the per-epoch history; config.json the class names."""
+    from dfmamba_st.pathology import SYNTHETIC_CLASSES
+    from dfmamba_st.pathology.train import main
+
+    argv = ["--synthetic", "--n-per-class", "8", "--image-size", "32", "--crop", "16", "--epochs", "2"]
+    argv += ["--d-model", "8", "--depth", "1", "--d-state", "2", "--batch-size", "8", "--out", str(tmp_path)]
+    summary = main(argv)
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res) == {*summary, "history"}
+    assert {k: res[k] for k in summary} == json.loads(json.dumps(summary))
+    assert len(res["history"]) == res["epochs_run"] == 2 and set(res["accuracy"]) == {"1", "4"}
+    assert json.loads((tmp_path / "config.json").read_text())["class_names"] == list(SYNTHETIC_CLASSES)

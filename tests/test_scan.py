@@ -359,3 +359,25 @@ def test_delta_bias_and_softplus_are_softplus_of_the_biased_delta(backend):
     prepared = torch.log1p(torch.exp(delta + bias[:, None]))  # softplus(delta + bias), written out
     want = selective_scan(u, prepared, A, B, C, D, z, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_half_precision_input_is_scanned_in_float32(backend):
+    """M15: bfloat16 inputs are computed in float32 (the docstring's promise), not in bfloat16."""
+    from dfmamba_st.core import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} not available")
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 1, 4, 4, 256
+    u = torch.randn(b, d, length, generator=g)
+    delta = 0.01 + 0.02 * torch.rand(b, d, length, generator=g)  # slow decay: errors accumulate over many steps
+    A = -(0.1 + torch.rand(d, n, generator=g))
+    B, C = (torch.randn(b, n, length, generator=g) for _ in range(2))
+    half = [t.to(torch.bfloat16) for t in (u, delta, A, B, C)]
+    want = selective_scan_reference(*[t.double() for t in half]).to(torch.bfloat16).double()
+    got = selective_scan(*half, backend=backend)
+    assert got.dtype == torch.bfloat16
+    # float32 inside: the only error is the final rounding to bfloat16 (plus float32 noise)
+    err = ((got.double() - want).abs().max() / want.abs().max()).item()
+    assert err < 8e-3, err

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfmamba_st.core import cosine_with_warmup, fit, resolve_device
+from dfmamba_st.core import cosine_with_warmup, fit, isolated_global_state, resolve_device
+from dfmamba_st.core import training as training_mod
 
 
 def regression_data(n=64, seed=0):
@@ -213,3 +214,149 @@ def test_gradients_reach_the_optimiser_clipped(monkeypatch):
     norms.clear()
     fit(nn.Linear(4, 1), mse, big, epochs=1, grad_clip=None, progress=False)
     assert min(norms) > 1e3  # the same data unclipped: the check above can fail
+
+
+def _regression_batches():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 4, generator=g)
+    y = x.sum(1)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+
+
+def test_weight_decay_reaches_the_optimiser():
+    """M09: with a zero gradient, AdamW's decoupled decay alone shrinks a weight by prod(1 - lr_t * wd)."""
+    data = _regression_batches()
+    zero_grad_loss = lambda m, b: (m(b[0]) * 0.0).sum()
+    lr, epochs = 0.1, 2
+    for wd in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        w0 = model.weight.detach().clone()
+        fit(
+            model,
+            zero_grad_loss,
+            data,
+            epochs=epochs,
+            lr=lr,
+            weight_decay=wd,
+            patience=None,
+            restore_best=False,
+            progress=False,
+        )
+        f = cosine_with_warmup(epochs * len(data), 0.1)
+        shrink = math.prod(1 - lr * f(step) * wd for step in range(epochs * len(data)))
+        torch.testing.assert_close(model.weight.detach(), w0 * shrink, rtol=1e-6, atol=1e-7)
+
+
+def test_fit_with_seed_none_follows_the_callers_random_state():
+    """M10: seed=None leaves the random state alone (training with dropout then follows torch.manual_seed)."""
+
+    def run(global_seed):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+        torch.manual_seed(global_seed)
+        mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
+        fit(model, mse, _regression_batches(), epochs=2, lr=1e-2, seed=None, patience=None, progress=False)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    with isolated_global_state():
+        torch.use_deterministic_algorithms(False)
+        a, b, c = run(1), run(1), run(2)
+        assert not torch.are_deterministic_algorithms_enabled()  # seed_everything was not called either
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_resolve_device_refuses_a_gpu_index_past_the_last(monkeypatch):
+    """M11: with one GPU, 'cuda:1' is refused and 'cuda:0' accepted."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="1 CUDA GPU"):
+        resolve_device("cuda:1")
+
+
+def test_data_parallel_gradients_and_logged_losses_are_means_over_ranks(monkeypatch):
+    """M12: fit under a (faked) 2-rank group with identical ranks gives the optimiser the 1-rank gradients.
+
+    Adam is invariant to the gradient's scale, so a sum instead of a mean barely moves the weights and the gloo test
+    in test_scale.py cannot see it; the gradients reaching the optimiser can.
+    """
+    import torch.distributed as dist
+
+    grads = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        grads.append(torch.cat([p.grad.flatten().clone() for g in self.param_groups for p in g["params"]]))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
+
+    def run():
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        res = fit(model, mse, _regression_batches(), epochs=2, grad_clip=None, patience=None, progress=False)
+        return [row["train_loss"] for row in res.history]
+
+    single = run()
+    one_rank = grads[:]
+    grads.clear()
+    monkeypatch.setattr(training_mod, "distributed_context", lambda: (0, 2))
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: None)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))  # two ranks holding the same values
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    two = run()
+    assert len(grads) == len(one_rank) == 8
+    for a, b in zip(grads, one_rank):
+        torch.testing.assert_close(a, b)
+    assert two == pytest.approx(single, rel=1e-6)
+
+
+def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path):
+    """M13: the best loss, best weights and bad-epoch count come back from the checkpoint."""
+    vals = [1.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]
+
+    def run(ckpt, interrupt_epoch=None):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        state = {"epoch": 0}
+
+        def loss_fn(m, batch):
+            if m.training:
+                if state["epoch"] == interrupt_epoch:
+                    raise KeyboardInterrupt
+                x, y = batch
+                return (m(x).squeeze(-1) - y).pow(2).mean()
+            return torch.tensor(vals[batch])  # eval: the batch is the epoch number
+
+        def train_data(epoch):
+            state["epoch"] = epoch
+            return _regression_batches()
+
+        res = fit(
+            model, loss_fn, train_data, val_data=lambda e: [e], steps_per_epoch=4, epochs=8, patience=3,
+            lr=1e-2, checkpoint_dir=ckpt, progress=False,
+        )  # fmt: skip
+        return res, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    full, w_full = run(None)
+    assert full.best_epoch == 0 and len(full.history) == 4 and full.stopped_early
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, interrupt_epoch=2)  # epochs 0 and 1 are in the checkpoint
+    resumed, w_resumed = run(tmp_path)
+    assert resumed.best_epoch == 0 and len(resumed.history) == 4 and resumed.stopped_early
+    torch.testing.assert_close(w_resumed, w_full)
+
+
+def test_isolated_global_state_puts_back_warn_only():
+    """M14: the caller's (deterministic, warn_only) pair is restored, warn_only included."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for warn_only in (True, False):
+            torch.use_deterministic_algorithms(True, warn_only=warn_only)
+            with isolated_global_state():
+                torch.use_deterministic_algorithms(True, warn_only=not warn_only)
+            assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -433,3 +433,118 @@ def test_train_forecaster_draws_a_fresh_shuffle_every_epoch(monkeypatch):
     ts.train_forecaster(ts.DLinear(1, 16, 4), splits, epochs=3, max_train_windows=32, patience=None)
     assert len(epochs_seen) == 3
     assert not torch.equal(epochs_seen[0], epochs_seen[1]) and not torch.equal(epochs_seen[1], epochs_seen[2])
+
+
+def test_evaluate_averages_over_windows_not_over_batches():
+    """M17: MSE/MAE over every value, whatever the batch size (the last batch is smaller)."""
+    g = np.random.default_rng(0)
+    ds = ts.WindowDataset(g.normal(size=(40, 2)).astype(np.float32), seq_len=8, horizon=4)  # 29 windows
+    torch.manual_seed(0)
+    model = ts.DLinear(2, 8, 4)
+    whole = ts.evaluate(model, ds, batch_size=256)
+    for batch_size in (3, 7, 28):
+        part = ts.evaluate(model, ds, batch_size=batch_size)
+        assert part["mse"] == pytest.approx(whole["mse"], rel=1e-6)
+        assert part["mae"] == pytest.approx(whole["mae"], rel=1e-6)
+        assert part["n_windows"] == 29
+
+
+def test_zero_shot_passes_the_mode_on():
+    """M18: zero_shot(mode='steps') scores the f*H-row pooled targets of coarsened_windows(mode='steps')."""
+    t = np.arange(800, dtype=np.float32)
+    splits = ts.make_splits("toy", 16, 8, frame=pd.DataFrame({"a": np.sin(t / 5), "b": np.cos(t / 9)}))
+    torch.manual_seed(0)
+    model = ts.DLinear(2, 16, 8)
+    got = ts.zero_shot(model, splits, factors=(2,), mode="steps")[2]
+    x, y = ts.coarsened_windows(splits, 2, 16, 8, mode="steps")
+    assert y.shape[1] == 8
+    want = ts.evaluate(model, [(x, y)])
+    assert got["mse"] == pytest.approx(want["mse"], rel=1e-6) and got["n_windows"] == len(x)
+
+
+def test_shuffled_batches_take_max_windows_distinct_windows():
+    """M19: max_windows with shuffle is 'a random subset' of that many windows."""
+    ds = ts.WindowDataset(np.arange(300, dtype=np.float32)[:, None], seq_len=8, horizon=2)
+    xs = torch.cat([x for x, _ in ds.batches(16, shuffle=True, seed=3, max_windows=40)])
+    assert len(xs) == 40
+    starts = xs[:, 0, 0].long()
+    assert len(set(starts.tolist())) == 40 and int(starts.max()) < len(ds)
+
+
+def test_constant_variate_gets_unit_std():
+    """M20: a constant training variate is standardised with std 1 (finite values, not NaN/inf)."""
+    t = np.arange(400, dtype=np.float32)
+    splits = ts.make_splits("toy", 16, 4, frame=pd.DataFrame({"a": np.sin(t / 5), "flat": np.full(400, 3.0)}))
+    assert splits.scaler.std[1] == 1.0
+    assert np.isfinite(splits.values).all() and np.all(splits.values[:, 1] == 0.0)
+
+
+def test_msmamba_averages_the_blocks_each_at_its_own_scale():
+    """M21/M22: the multi-scale module is mean_i block_i(h, alpha=scale_i)."""
+    torch.manual_seed(0)
+    model = ts.MSMamba(3, 16, 4, d_model=8, d_ff=8, d_state=2, dropout=0.0, backend="reference").double().eval()
+    ms = model.layers[0].mamba
+    h = torch.randn(2, 3, 8, dtype=torch.float64)
+    want = torch.stack([blk(h, alpha=s) for blk, s in zip(ms.blocks, (1.0, 2.0, 4.0, 8.0))]).mean(0)
+    torch.testing.assert_close(ms(h), want, rtol=1e-8, atol=1e-10)  # exp(log 8) is 8 to rounding
+
+
+def test_dfmamba_ts_patch_tokens_recurse_to_length_two_by_default():
+    """M23: the documented 12 -> 6 -> 3 -> 2 of the default patch tokens (min_len 2)."""
+    torch.manual_seed(0)
+    model = ts.DFMambaTS(2, d_model=8, d_state=2).eval()
+    model(torch.randn(1, 96, 2))
+    assert model.last_aux.lengths == [12, 6, 3, 2]
+
+
+def test_dlinear_individual_uses_each_variates_own_maps():
+    """M24: individual=True: variate c goes through seasonal[c] and trend[c]."""
+    torch.manual_seed(0)
+    model = ts.DLinear(3, 20, 5, kernel_size=5, individual=True)
+    with torch.no_grad():
+        for lin in (*model.seasonal, *model.trend):
+            lin.weight.normal_()
+            lin.bias.normal_()
+    x = torch.randn(2, 20, 3)
+    trend = model.decomp(x)
+    want = torch.stack(
+        [model.seasonal[c](x[:, :, c] - trend[:, :, c]) + model.trend[c](trend[:, :, c]) for c in range(3)], -1
+    )
+    torch.testing.assert_close(model(x)[0], want)
+
+
+def _toy_splits():
+    t = np.arange(600, dtype=np.float32)
+    return ts.make_splits("toy", 16, 4, frame=pd.DataFrame({"a": np.sin(t / 5)}))
+
+
+def test_train_forecaster_schedule_counts_every_batch(monkeypatch):
+    """M25: steps_per_epoch handed to fit is the number of batches an epoch yields (the last one partial)."""
+    splits = _toy_splits()
+    seen = {}
+    real_fit = ts.train.fit
+
+    def spy(model, loss_fn, train_data, **kw):
+        seen["steps"] = kw["steps_per_epoch"]
+        seen["batches"] = len(list(train_data(0)))
+        return real_fit(model, loss_fn, train_data, **kw)
+
+    monkeypatch.setattr(ts.train, "fit", spy)
+    ts.train_forecaster(ts.DLinear(1, 16, 4), splits, epochs=1, batch_size=32, max_train_windows=100)
+    assert seen["batches"] == 4 and seen["steps"] == 4
+
+
+def test_train_forecaster_validates_on_max_val_windows(monkeypatch):
+    """M26: max_val_windows bounds the validation windows of every epoch."""
+    splits = _toy_splits()
+    counts = []
+    real = ts.train.forecast_loss
+
+    def counting(model, batch, **kw):
+        if not model.training:
+            counts.append(len(batch[0]))
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(ts.train, "forecast_loss", counting)
+    ts.train_forecaster(ts.DLinear(1, 16, 4), splits, epochs=2, max_train_windows=32, max_val_windows=10, patience=None)
+    assert counts == [10, 10]
