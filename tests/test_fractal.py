@@ -108,7 +108,8 @@ def test_consist_loss_treats_local_view_as_fixed_anchor():
     # (checked against a written-out Algorithm 1 in test_dfmamba_matches_plain_algorithm_1_values_and_gradients)
 
 
-def test_flow_loss_stops_gradient_into_the_next_depth_gate():
+def test_flow_loss_is_the_squared_difference_of_the_depths_gate_means():
+    # (its stop-gradient into the deeper gate is checked against a written-out Algorithm 1 below)
     model = small_model(depth=2, min_len=2)
     x = torch.randn(1, 32, D, dtype=torch.float64)
     _, aux = model(x)

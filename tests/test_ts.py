@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-import dfmamba_st as dfm
 from dfmamba_st import ts
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts"
@@ -380,11 +379,6 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
         bench.main([*argv, "--season", "weekly"])
     assert "use 'daily', 'none' or a period in rows" in capsys.readouterr().err
     assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
-
-
-def test_package_exposes_ts():
-    assert dfm.ts.DFMambaTS is ts.DFMambaTS
-    assert callable(dfm.ts.load)
 
 
 def test_dfmamba_ts_aux_weight_scales_the_returned_auxiliary_loss():

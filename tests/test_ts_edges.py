@@ -68,12 +68,13 @@ def test_train_forecaster_leaves_the_callers_global_state(toy, seed, monkeypatch
 
 
 def test_train_forecaster_without_seed_follows_the_torch_state(toy):
-    def run() -> list[dict]:
-        torch.manual_seed(3)
+    def run(caller_seed: int) -> list[dict]:
+        torch.manual_seed(caller_seed)
         model = ts.DLinear(2, 32, 8)
         return ts.train_forecaster(model, toy, epochs=1, max_train_windows=64, seed=None).history
 
-    assert run() == run()  # the caller's seed makes an unseeded run reproducible
+    assert run(3) == run(3)  # the caller's seed makes an unseeded run reproducible
+    assert run(3) != run(4)  # and it is the caller's seed that decides
 
 
 # ------------------------------------------------------------------------------------------------ names and files
