@@ -10,11 +10,11 @@ from dfmamba_st.core import cosine_with_warmup, fit, isolated_global_state, reso
 from dfmamba_st.core import training as training_mod
 
 
-def regression_data(n=64, seed=0):
+def regression_data(n=64, seed=0, batch=16):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g)
     y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.01 * torch.randn(n, generator=g)
-    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
 def mse(model, batch):
@@ -172,16 +172,18 @@ def _scripted_val(values):
     return loss_fn
 
 
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=g)
-    return [(x[:16], x[:16].sum(1)), (x[16:], x[16:].sum(1))]
-
-
 def test_patience_counts_epochs_since_the_last_improvement():
     """R1: an improvement resets the count of bad epochs."""
     vals = [5, 6, 4, 7, 3, 8, 9, 10, 11, 12]
-    result = fit(nn.Linear(4, 1), _scripted_val(vals), _data(), val_data=[None], epochs=10, patience=2, progress=False)
+    result = fit(
+        nn.Linear(4, 1),
+        _scripted_val(vals),
+        regression_data(32),
+        val_data=[None],
+        epochs=10,
+        patience=2,
+        progress=False,
+    )
     assert result.best_epoch == 4 and len(result.history) == 7 and result.stopped_early
 
 
@@ -190,8 +192,8 @@ def test_best_weights_kept_are_the_moving_average():
     kept, last = nn.Linear(4, 1), nn.Linear(4, 1)
     last.load_state_dict(kept.state_dict())
     common = dict(val_data=[None], epochs=4, patience=None, ema_decay=0.5, lr=5e-2, progress=False)
-    fit(kept, _scripted_val([4, 3, 2, 1]), _data(), restore_best=True, **common)
-    fit(last, _scripted_val([4, 3, 2, 1]), _data(), restore_best=False, **common)
+    fit(kept, _scripted_val([4, 3, 2, 1]), regression_data(32), restore_best=True, **common)
+    fit(last, _scripted_val([4, 3, 2, 1]), regression_data(32), restore_best=False, **common)
     for a, b in zip(kept.parameters(), last.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -216,16 +218,9 @@ def test_gradients_reach_the_optimiser_clipped(monkeypatch):
     assert min(norms) > 1e3  # the same data unclipped: the check above can fail
 
 
-def _regression_batches():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 4, generator=g)
-    y = x.sum(1)
-    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
-
-
 def test_weight_decay_reaches_the_optimiser():
     """M09: with a zero gradient, AdamW's decoupled decay alone shrinks a weight by prod(1 - lr_t * wd)."""
-    data = _regression_batches()
+    data = regression_data(32, batch=8)
     zero_grad_loss = lambda m, b: (m(b[0]) * 0.0).sum()
     lr, epochs = 0.1, 2
     for wd in (0.0, 0.5):
@@ -256,7 +251,7 @@ def test_fit_with_seed_none_follows_the_callers_random_state():
         model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
         torch.manual_seed(global_seed)
         mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
-        fit(model, mse, _regression_batches(), epochs=2, lr=1e-2, seed=None, patience=None, progress=False)
+        fit(model, mse, regression_data(32, batch=8), epochs=2, lr=1e-2, seed=None, patience=None, progress=False)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     with isolated_global_state():
@@ -296,7 +291,7 @@ def test_data_parallel_gradients_and_logged_losses_are_means_over_ranks(monkeypa
     def run():
         torch.manual_seed(0)
         model = nn.Linear(4, 1)
-        res = fit(model, mse, _regression_batches(), epochs=2, grad_clip=None, patience=None, progress=False)
+        res = fit(model, mse, regression_data(32, batch=8), epochs=2, grad_clip=None, patience=None, progress=False)
         return [row["train_loss"] for row in res.history]
 
     single = run()
@@ -332,7 +327,7 @@ def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path):
 
         def train_data(epoch):
             state["epoch"] = epoch
-            return _regression_batches()
+            return regression_data(32, batch=8)
 
         res = fit(
             model, loss_fn, train_data, val_data=lambda e: [e], steps_per_epoch=4, epochs=8, patience=3,
