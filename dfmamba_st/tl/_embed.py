@@ -345,8 +345,9 @@ def embed(
             warnings.warn(
                 f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
             )
-        input_is_counts = expression_matrix(adata, layer)[1]
-        features, missing = feature_tf.transform(adata, layer=layer)
+        X, input_is_counts = expression_matrix(adata, layer)
+        features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
+        del X  # the whole matrix is not needed past the features
         if missing:
             share = len(missing) / len(feature_tf.genes)
             naming = (

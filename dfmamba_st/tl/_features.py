@@ -22,6 +22,8 @@ __all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spa
 MAX_FIT_SPOTS = 50_000
 #: spots densified at a time when features are computed (the n_spots × n_genes matrix is never dense)
 CHUNK_SPOTS = 16_384
+#: raw counts are normalised to this total per spot before log1p
+COUNTS_TARGET = 1e4
 #: non-integer input above this is neither counts nor log-normalised (log1p of counts normalised to 10^4 per spot
 #: stays below 9.3, to 10^6 below 13.9); scanpy's dispersions would overflow in expm1 on it (above ~88)
 MAX_LOG_VALUE = 20.0
@@ -177,8 +179,12 @@ class FeatureTransform:
         :meth:`as_training_input`).
         """
         X, is_counts = expression_matrix(adata, layer)
+        return self.transform_matrix(X, is_counts, adata.var_names)
+
+    def transform_matrix(self, X: sp.csr_matrix, is_counts: bool, var_names: pd.Index) -> tuple[np.ndarray, list[str]]:
+        """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var_names``)."""
         X = self.as_training_input(X, is_counts)
-        position = adata.var_names.get_indexer(self.genes)
+        position = var_names.get_indexer(self.genes)
         present = position >= 0
         missing = [g for g, ok in zip(self.genes, present) if not ok]
         if not present.any():
@@ -188,12 +194,12 @@ class FeatureTransform:
             )
         columns = sp.csr_matrix(
             (np.ones(present.sum(), dtype=np.float32), (position[present], np.flatnonzero(present))),
-            shape=(adata.n_vars, len(self.genes)),
+            shape=(len(var_names), len(self.genes)),
         )
         X = sp.csr_matrix(X @ columns)  # the model's genes, in its order; missing genes are empty columns
         width = self.n_features
-        out = np.empty((adata.n_obs, width), dtype=np.float32)
-        for begin in range(0, adata.n_obs, CHUNK_SPOTS):
+        out = np.empty((X.shape[0], width), dtype=np.float32)
+        for begin in range(0, X.shape[0], CHUNK_SPOTS):
             chunk = _log_normalize(X[begin : begin + CHUNK_SPOTS], self.log_normalize).toarray()
             z = np.clip((chunk - self.mean) / self.scale, -10, 10)
             z[:, ~present] = 0.0
@@ -216,11 +222,9 @@ class FeatureTransform:
             done = "mapped back with expm1 and normalised over the model's genes like the training counts"
             X = X.expm1()
         else:
-            target = self.log_total or 1e4
+            target = self.log_total or COUNTS_TARGET
             done = f"normalised to {target:.6g} per spot (the training data's median total) and log1p-transformed"
-            totals = _row_totals(X)
-            totals[totals == 0] = 1.0
-            X = sp.csr_matrix(sp.diags(target / totals) @ X).log1p()
+            X = _log_normalize(X, True, target)
         trained, given = ("raw counts", "log-normalised values") if self.log_normalize else ("log-normalised", "counts")
         warnings.warn(
             f"The model was trained on {trained}; adata holds {given}: they were {done}. This matches the training "
@@ -297,12 +301,13 @@ def _row_totals(X: sp.csr_matrix) -> np.ndarray:
     return np.asarray(X.sum(axis=1)).ravel()
 
 
-def _log_normalize(X: sp.csr_matrix, is_counts: bool) -> sp.csr_matrix:
+def _log_normalize(X: sp.csr_matrix, is_counts: bool, target: float = COUNTS_TARGET) -> sp.csr_matrix:
+    """Counts normalised to ``target`` per spot and log1p-transformed; log-normalised values as they are."""
     if not is_counts:
         return X
     totals = _row_totals(X)
     totals[totals == 0] = 1.0
-    return sp.csr_matrix(sp.diags(1e4 / totals) @ X).log1p()
+    return sp.csr_matrix(sp.diags(target / totals) @ X).log1p()
 
 
 def spatial_graph(cells: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
