@@ -7,6 +7,9 @@ import pytest
 #: the project's real data, next to the repository (absent on a user's machine: tests that need it skip)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+#: ``tl.embed`` options for a model trained in about a second: the tests that check what it computes, not how well
+QUICK = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
+
 
 def shared_path(*parts: str) -> Path:
     """``DATA / parts``, or skip the calling test with the reason when it is not there."""

@@ -11,12 +11,10 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from _shared import crop, shared_path
+from _shared import QUICK, crop, shared_path
 
 import dfmamba_st as dfm
 from dfmamba_st.tl._embed import _sample_windows
-
-QUICK = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +324,21 @@ def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled):
     with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid"):
         dfm.pp.serialize(adata)
     assert adata.uns["dfm_order"]["params"]["grid"] == "grid"
+
+
+def test_a_recorded_library_key_no_longer_in_obs_is_not_used(top):
+    top.obs["slide"] = "s1"
+    dfm.pp.serialize(top, library_key="slide")
+    del top.obs["slide"]
+    dfm.tl.embed(top, **QUICK)
+    assert top.uns["dfm"]["params"]["library_key"] == "None"
+
+
+@pytest.mark.filterwarnings("ignore:.*lie almost only in one library")
+def test_cluster_takes_the_library_key_of_the_embedding_before_that_of_the_serialization(top):
+    top.obs["slide"] = "s1"
+    top.obs["half"] = np.where(top.obs["array_row"].to_numpy() < 10, "upper", "lower")
+    dfm.pp.serialize(top, library_key="slide")
+    dfm.tl.embed(top, library_key="half", **QUICK)
+    dfm.tl.cluster(top, 3, n_init=1)
+    assert top.uns["dfm_domain"]["params"]["library_key"] == "half"

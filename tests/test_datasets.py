@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import importlib
 import shutil
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -204,11 +205,29 @@ def test_read_dlpfc_raw_rebuilds_the_shared_layout(dlpfc_raw_files, shared_15167
         lowres_image=f["tissue_lowres_image.png"],
     )
     _assert_same_as_shared(adata, shared_151673)
+    # the reader's own per-spot totals are over the genes it read (the shared file's are over the whole transcriptome)
+    np.testing.assert_array_equal(adata.obs["sum_umi_all_genes"], np.asarray(adata.X.sum(axis=1)).ravel().round())
+    np.testing.assert_array_equal(adata.obs["sum_gene_all_genes"], np.diff(adata.X.indptr))
+
+
+def test_read_dlpfc_raw_makes_repeated_gene_symbols_unique(dlpfc_raw_files, shared_151673, tmp_path):
+    part = shared_151673[:, :50].copy()
+    names = part.var_names.to_numpy().copy()
+    names[1] = names[0]  # 10x references repeat some symbols
+    part.var_names = names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata's own note on the repeated name
+        _write_10x_h5(tmp_path / "dup.h5", part)
+        f = dlpfc_raw_files
+        adata = datasets.read_dlpfc_raw(tmp_path / "dup.h5", f["positions"], f["layers"], sample_id="151673")
+    assert adata.var_names.is_unique and adata.var_names[1] == f"{names[0]}-1"
+    assert list(adata.var["gene_ids"]) == list(part.var["gene_ids"])
 
 
 def _assert_same_as_shared(adata: ad.AnnData, shared: ad.AnnData) -> None:
     assert list(adata.obs_names) == list(shared.obs_names)
     assert list(adata.var_names) == list(shared.var_names)
+    assert list(adata.var["gene_ids"]) == list(shared.var["gene_ids"])
     assert adata.X.format == "csr" and adata.X.dtype == np.float32
     assert (adata.X != shared.X).nnz == 0
     pd.testing.assert_series_equal(adata.obs["layer"], shared.obs["layer"])

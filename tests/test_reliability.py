@@ -222,13 +222,17 @@ def test_model_file_from_a_newer_format(trained, tmp_path, monkeypatch):
 
 
 def test_model_file_holds_tensors_and_json_only(trained):
-    from safetensors import safe_open
-
-    with safe_open(str(trained[2]), framework="pt") as f:
-        meta = f.metadata()
-        assert meta["format"] == "dfmamba_st.spatial" and int(meta["format_version"]) >= 1
-        assert json.loads(meta["config"])["d_model"] == 16
-        assert all(isinstance(f.get_tensor(k), torch.Tensor) for k in f.keys())
+    _, model, path = trained
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])  # the whole file: this JSON header, then the tensors' bytes, nothing else
+    meta = header.pop("__metadata__")
+    assert meta["format"] == "dfmamba_st.spatial" and int(meta["format_version"]) >= 1
+    assert json.loads(meta["config"])["d_model"] == 16
+    expected = {f"model.{k}" for k in model.state_dict()} | {f"features.{k}" for k in model.features.state()}
+    assert set(header) == expected
+    spans = np.array(sorted(entry["data_offsets"] for entry in header.values()))
+    assert spans[0, 0] == 0 and np.array_equal(spans[1:, 0], spans[:-1, 1]) and spans[-1, 1] == len(raw) - 8 - size
 
 
 # --- devices and backends ------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 import dfmamba_st as dfm
+from dfmamba_st.core import curves
 from dfmamba_st.tl import _cluster, _embed, _features
 
 SMALL = dict(n_top_genes=300, d_model=16, epochs=2, progress=False, device="cpu")
@@ -36,8 +37,10 @@ def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align):
         assert 0 <= begin <= keep_begin < keep_end <= end <= n
         assert begin % align == 0 and keep_begin % align == 0
         assert end - begin <= tile + 2 * max(align, tile // 8)
-        if n > tile:  # context on both sides unless cut at an end
-            assert keep_begin - begin == min(keep_begin, max(align, tile // 8 // align * align))
+        overlap = max(align, tile // 8 // align * align)
+        # context on both sides unless cut at an end
+        assert keep_begin - begin == (min(keep_begin, overlap) if n > tile else 0)
+        assert end - keep_end == min(n - keep_end, overlap)
 
 
 def test_tiled_inference_matches_the_whole_sequence(trained):
@@ -111,10 +114,11 @@ def test_cluster_fits_on_a_subset_and_predicts_every_spot(monkeypatch, trained):
 def _as_cells(adata, per_spot=3, seed=0):
     """Single-cell-like data from the real slice: several points per spot, no grid, some on identical positions."""
     rng = np.random.default_rng(seed)
-    cells = adata[np.repeat(np.arange(adata.n_obs), per_spot)].copy()
-    cells.obs_names = [f"cell{i}" for i in range(cells.n_obs)]
-    cells.obs = cells.obs.drop(columns=["array_row", "array_col"])
-    cells.obsm["spatial"] = cells.obsm["spatial"] + rng.normal(scale=20.0, size=(cells.n_obs, 2))
+    rows = np.repeat(np.arange(adata.n_obs), per_spot)
+    obs = adata.obs.iloc[rows].drop(columns=["array_row", "array_col"])
+    obs.index = [f"cell{i}" for i in range(rows.size)]
+    spatial = adata.obsm["spatial"][rows] + rng.normal(scale=20.0, size=(rows.size, 2))
+    cells = ad.AnnData(adata.X[rows], obs=obs, var=adata.var, obsm={"spatial": spatial})
     cells.obsm["spatial"][1] = cells.obsm["spatial"][0]  # one exact tie
     return cells
 
@@ -138,6 +142,17 @@ def test_cells_without_a_grid_are_all_kept_in_a_deterministic_order(trained):
     step = np.linalg.norm(np.diff(xy, axis=0), axis=1)
     cell = np.sqrt(np.prod(np.ptp(xy, axis=0)) / cells.n_obs)
     assert np.median(step) < 1.5 * cell
+
+
+def test_cells_sharing_a_quantised_cell_follow_the_curve_on_a_finer_grid(trained):
+    (layout,) = dfm.pp.library_layouts(_as_cells(trained[0][:600]))
+    sub = np.floor((layout.points - layout.cells) * 16).clip(0, 15)
+    for curve in ("hilbert", "hilbert_t"):
+        order = layout.order(curve)
+        fine = curves.curve_index(sub[:, 0], sub[:, 1], curve)[order]
+        shared = np.all(layout.cells[order][1:] == layout.cells[order][:-1], axis=1)
+        assert shared.sum() > 100
+        assert np.all(np.diff(fine)[shared] >= 0)
 
 
 WORKER = textwrap.dedent(

@@ -13,6 +13,7 @@ import torch
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba, curves
+from dfmamba_st.tl import _cluster
 from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _resolve_preset
 
 matplotlib.use("Agg")
@@ -94,6 +95,15 @@ def test_coarsen_conserves_counts_and_genes(slice_673, factor):
     assert list(coarse.var_names) == list(slice_673.var_names)
     dfm.pp.serialize(coarse)
     assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
+
+
+@needs_data
+def test_a_few_spots_off_a_grid_of_odd_parity_are_reported(small):
+    adata = small.copy()
+    adata.obs["array_col"] = adata.obs["array_col"].to_numpy() + 1  # columns counted from 1: every row + col is odd
+    adata.obs.iloc[0, adata.obs.columns.get_loc("array_col")] += 1
+    with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid"):
+        dfm.pp.serialize(adata)
 
 
 @needs_data
@@ -274,6 +284,33 @@ def test_cluster_restarts_keep_the_best_likelihood(small):
     dfm.tl.cluster(small, 5, method="kmeans", key_added="dom_km")
     assert small.uns["dom_km"]["params"]["n_init"] == 10 and "log_likelihood" not in small.uns["dom_km"]
     assert small.uns["dom_km"]["params"]["tol"] == "None"  # h5ad-safe None: k-means has no EM
+
+
+@needs_data
+def test_n_init_reaches_the_kmeans_and_gmm_fits(small, monkeypatch):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    seen = []
+    fit = _cluster._fit_one_thread
+
+    def spy(estimator, rep):
+        seen.append((type(estimator).__name__, estimator.n_init))
+        return fit(estimator, rep)
+
+    monkeypatch.setattr(_cluster, "_fit_one_thread", spy)
+    dfm.tl.cluster(small, 4, method="kmeans", n_init=3, refine=False)
+    dfm.tl.cluster(small, 4, n_init=2, refine=False)
+    assert seen == [("KMeans", 3), ("GaussianMixture", 2)]
+
+
+@needs_data
+def test_domains_are_numbered_by_decreasing_size_in_numeric_order(small):
+    dfm.pp.serialize(small)
+    dfm.tl.embed(small, **FAST)
+    dfm.tl.cluster(small, 12, n_init=1, refine=False)
+    domains = small.obs["dfm_domain"]
+    assert list(domains.cat.categories) == [str(i) for i in range(12)]  # numeric, not lexicographic, order
+    assert np.all(np.diff(domains.value_counts(sort=False).to_numpy()) <= 0)
 
 
 @needs_data

@@ -1,0 +1,181 @@
+"""What ``tl.embed`` computes, checked against its definitions written out: the gene ranking, the standardisation and
+principal axes, the spatial graph, the tokens and the readout, the training masks, the record. Real data: crops of the
+bundled DLPFC 151673 slice."""
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from _shared import QUICK, crop
+from sklearn.decomposition import PCA
+
+import dfmamba_st as dfm
+from dfmamba_st.tl import _features, _model
+from dfmamba_st.tl._features import FeatureTransform, expression_matrix, gene_ranks
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return dfm.datasets.dlpfc_151673_hvg()
+
+
+@pytest.fixture
+def top(bundled):
+    """The top-left of the bundled slice (492 spots), a fresh copy per test."""
+    return crop(bundled, rows=(0, 20), cols=(0, 60))
+
+
+@pytest.fixture(scope="module")
+def trained(bundled):
+    adata = crop(bundled, rows=(0, 20), cols=(0, 60))
+    dfm.pp.serialize(adata)
+    model = dfm.tl.embed(adata, return_model=True, **QUICK)
+    return adata, model
+
+
+def _fit(adata, **options):
+    return FeatureTransform.fit(adata, **{"layer": None, "n_top_genes": 300, "n_pcs": None, "seed": 0, **options})
+
+
+def _centred_unit_variance(block):
+    block = block - block.mean(axis=0)
+    return block / np.sqrt((block**2).sum(axis=1).mean())
+
+
+# --- features -----------------------------------------------------------------------------------------------------
+
+
+def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
+    sc.pp.normalize_total(top)
+    sc.pp.log1p(top)
+    X, is_counts = expression_matrix(top, None)
+    ranks = gene_ranks(X, top.var_names, is_counts)
+    scanpy = sc.pp.highly_variable_genes(top, flavor="seurat", n_top_genes=300, inplace=False)
+    expected = set(top.var_names[scanpy["highly_variable"].to_numpy()])
+    assert len(expected & set(top.var_names[ranks.to_numpy() < 300])) >= 298
+
+
+def test_the_fit_subset_is_drawn_with_the_seed(top, monkeypatch):
+    monkeypatch.setattr(_features, "MAX_FIT_SPOTS", 200)
+    fits = [_fit(top, seed=s) for s in (0, 0, 1)]
+    np.testing.assert_array_equal(fits[0].mean, fits[1].mean)
+    assert not np.allclose(fits[0].mean, fits[2].mean)
+
+
+def test_standardised_genes_are_clipped_at_ten(top):
+    z, _ = _fit(top).transform(top)
+    assert np.abs(z).max() == pytest.approx(10.0) and (np.abs(z) > 9.999).sum() > 10
+
+
+def test_principal_axes_are_those_of_the_standardised_clipped_genes(top):
+    z, _ = _fit(top).transform(top)
+    axes = PCA(10, svd_solver="full").fit(z).components_
+    cosines = np.linalg.svd(axes @ _fit(top, n_pcs=10).loadings, compute_uv=False)
+    assert cosines.min() > 0.999
+
+
+def test_the_spatial_graph_holds_each_spot_and_its_nearest_spots_both_ways(top):
+    (layout,) = dfm.pp.library_layouts(top)
+    graph = layout.graph()
+    np.testing.assert_allclose(np.asarray(graph.sum(axis=1)).ravel(), 1.0, rtol=1e-5)
+    assert np.all(graph.diagonal() > 0)  # the spot itself
+    linked = (graph > 0).astype(np.int8)
+    assert (linked != linked.T).nnz == 0  # symmetric
+    assert np.diff(linked.indptr).min() >= 7  # itself and at least 6 neighbours
+
+
+@pytest.mark.filterwarnings("ignore:Some cells have zero counts")  # scanpy's note on the emptied spot
+def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
+    X = top.X.tolil()
+    X[0, :] = 0
+    top.X = X.tocsr()
+    top.X.eliminate_zeros()
+    sc.pp.normalize_total(top)
+    with pytest.raises(ValueError, match="normalised but not log-transformed"):
+        expression_matrix(top, None)
+
+
+def test_the_log_total_is_the_median_spot_total(top):
+    sc.pp.normalize_total(top, target_sum=1e4)
+    sc.pp.log1p(top)
+    subset = top[:, :1500].copy()  # normalised over all genes, then cut to some: the totals vary by spot
+    totals = np.asarray(subset.X.expm1().sum(axis=1)).ravel()
+    assert abs(np.mean(totals) - np.median(totals)) > 1e-3 * np.median(totals)  # mean and median differ
+    assert _fit(subset).log_total == pytest.approx(np.median(totals), rel=1e-5)
+
+
+# --- tokens and readout -------------------------------------------------------------------------------------------
+
+
+def test_concat_readout_is_the_two_ring_neighbourhood_features_next_to_the_centred_state(trained):
+    adata, model = trained
+    emb, n = adata.obsm["X_dfm"], model.config.n_features
+    features, _ = model.features.transform(adata)
+    (layout,) = dfm.pp.library_layouts(adata)
+    graph = layout.graph()
+    # the neighbourhood half of a token: the features averaged over two rings (hops=2), centred, unit total variance
+    np.testing.assert_allclose(emb[:, :n], _centred_unit_variance(graph @ (graph @ features)), atol=1e-4)
+    state = emb[:, n:]
+    np.testing.assert_allclose(state.mean(axis=0), 0.0, atol=1e-5)  # the state block is centred too
+    assert np.sqrt((state**2).sum(axis=1).mean()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_model_readout_is_the_mean_over_the_curves_averaged_over_readout_hops_rings(trained):
+    adata, model = trained
+    got = {
+        hops: dfm.tl.embed(adata, model=model, readout="model", readout_hops=hops, copy=True, progress=False).obsm[
+            "X_dfm"
+        ]
+        for hops in (0, 1, 2)
+    }
+    (layout,) = dfm.pp.library_layouts(adata)
+    graph = layout.graph()
+    features, _ = model.features.transform(adata)
+    tokens = np.hstack([features, graph @ (graph @ features)]) / model.config.extra["token_scale"]
+    model.eval()
+    per_curve = []
+    with torch.no_grad():
+        for curve in model.config.curves:
+            order = layout.order(curve)
+            out, _ = model(torch.from_numpy(tokens[order].astype(np.float32))[None])
+            state = np.empty((adata.n_obs, model.config.d_model), dtype=np.float32)
+            state[order] = out[0].numpy()
+            per_curve.append(state)
+    mean = np.mean(per_curve, axis=0)
+    np.testing.assert_allclose(got[0], mean, atol=1e-4)
+    np.testing.assert_allclose(got[1], graph @ mean, atol=1e-4)
+    np.testing.assert_allclose(got[2], graph @ (graph @ mean), atol=1e-4)
+
+
+def test_transfer_reads_the_tokens_and_curves_the_model_was_trained_with(top):
+    dfm.pp.serialize(top)
+    first, model = dfm.tl.embed(top, hops=1, extra_curves=(), readout="model", copy=True, return_model=True, **QUICK)
+    again = dfm.tl.embed(top, model=model, readout="model", copy=True, progress=False)
+    params = again.uns["dfm"]["params"]
+    assert params["hops"] == 1 and list(params["curves"]) == ["hilbert"]
+    np.testing.assert_allclose(again.obsm["X_dfm"], first.obsm["X_dfm"], atol=1e-5)
+
+
+# --- training and record ------------------------------------------------------------------------------------------
+
+
+def test_each_epoch_draws_new_training_masks(top, monkeypatch):
+    dfm.pp.serialize(top)
+    seen = []
+    original = _model.SpatialDFMamba.masked_loss
+
+    def spy(self, tokens, mask):
+        seen.append(mask.clone())
+        return original(self, tokens, mask)
+
+    monkeypatch.setattr(_model.SpatialDFMamba, "masked_loss", spy)
+    dfm.tl.embed(top, copy=True, **{**QUICK, "epochs": 2})
+    assert len(seen) == 20  # the CPU preset's 10 steps per epoch
+    assert not any(torch.equal(a, b) for a, b in zip(seen[:10], seen[10:]))
+
+
+def test_the_record_names_the_number_of_principal_components(trained):
+    adata, model = trained
+    params = adata.uns["dfm"]["params"]
+    assert params["n_pcs"] == model.features.loadings.shape[1] == 10
+    assert adata.obsm["X_dfm"].shape[1] == params["n_pcs"] + params["d_model"]
