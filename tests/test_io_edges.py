@@ -14,11 +14,9 @@ import pytest
 import requests
 import scanpy as sc
 import torch
-from _shared import shared_path
+from _shared import QUICK, shared_path
 
 import dfmamba_st as dfm
-
-FAST = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +34,7 @@ def crop(bundled) -> ad.AnnData:
 def trained(bundled):
     adata = bundled.copy()
     dfm.pp.serialize(adata)
-    model = dfm.tl.embed(adata, **FAST, return_model=True, device="cpu")
+    model = dfm.tl.embed(adata, **QUICK, return_model=True, device="cpu")
     return adata, model
 
 
@@ -93,6 +91,43 @@ def test_load_model_of_a_folder_names_the_folder_and_its_model_files(trained, tm
     dfm.tl.save_model(trained[1], tmp_path / "m")
     with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a folder") + r".*m\.safetensors"):
         dfm.tl.load_model(tmp_path)
+
+
+def test_a_model_file_keeps_every_setting_and_loads_ready_to_embed(crop, tmp_path):
+    dfm.pp.serialize(crop)
+    model = dfm.tl.embed(crop, hops=1, extra_curves=("zorder",), bidirectional=True, return_model=True, **QUICK)
+    loaded = dfm.tl.load_model(dfm.tl.save_model(model, tmp_path / "m"))
+    assert loaded.config == model.config and not loaded.training
+    tf, back = model.features, loaded.features
+    assert (back.genes, back.log_normalize, back.log_total) == (tf.genes, tf.log_normalize, tf.log_total)
+    for name in ("mean", "scale", "loadings"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(tf, name))
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_object_is_moved_to_the_device_it_is_applied_on(trained, monkeypatch):
+    adata, model = trained
+    moved = []
+    to = type(model).to
+
+    def spy(self, *args, **kwargs):
+        moved.append(args)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "to", spy)
+    dfm.tl.embed(adata.copy(), model=model, device="cpu", progress=False)
+    assert moved == [(torch.device("cpu"),)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: applies a CPU model on the GPU and back")
+def test_a_model_trained_on_one_device_embeds_on_another(trained):
+    adata, model = trained
+    on_gpu = dfm.tl.embed(adata, model=model, device="cuda", copy=True, progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    back = dfm.tl.embed(adata, model=model, device="cpu", copy=True, progress=False)
+    np.testing.assert_allclose(on_gpu.obsm["X_dfm"], adata.obsm["X_dfm"], atol=1e-4)
+    np.testing.assert_allclose(back.obsm["X_dfm"], adata.obsm["X_dfm"], atol=1e-5)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")

@@ -255,6 +255,7 @@ def embed(
         ``checkpoint_dir``) are ignored, with a warning when one is given. Raw counts and log-normalised input
         can be mixed between training and transfer: the input is converted to the model's kind, with a warning
         (exact when the log-normalised values come from ``sc.pp.normalize_total`` then ``sc.pp.log1p``).
+        A model object is moved to ``device`` first (in place, as :meth:`torch.nn.Module.to` does).
     checkpoint_dir
         Save the training state every epoch and resume from it.
     tile_size
@@ -296,8 +297,8 @@ def embed(
     >>> import dfmamba_st as dfm
     >>> adata = dfm.datasets.dlpfc_151673_hvg()
     >>> dfm.pp.serialize(adata)
-    >>> dfm.tl.embed(adata, epochs=1, progress=False)  # doctest: +SKIP
-    >>> adata.obsm["X_dfm"].shape  # doctest: +SKIP
+    >>> dfm.tl.embed(adata, epochs=1, progress=False)
+    >>> adata.obsm["X_dfm"].shape
     (3639, 114)
     """
     start = time.time()
@@ -321,6 +322,8 @@ def embed(
         torch_device = torch.device("cuda", local_rank)
     if isinstance(model, str | Path):
         model = load_model(model, device=torch_device)
+    elif model is not None:
+        model = model.to(torch_device)  # a model trained on another device, e.g. on a GPU then applied on the CPU
 
     if model is not None:
         preset_name = "model"
