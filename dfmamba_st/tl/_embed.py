@@ -325,6 +325,7 @@ def embed(
     elif model is not None:
         model = model.to(torch_device)  # a model trained on another device, e.g. on a GPU then applied on the CPU
 
+    X, input_is_counts = expression_matrix(adata, layer)
     if model is not None:
         preset_name = "model"
         feature_tf = model.features
@@ -348,21 +349,6 @@ def embed(
             warnings.warn(
                 f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
             )
-        X, input_is_counts = expression_matrix(adata, layer)
-        features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
-        del X  # the whole matrix is not needed past the features
-        if missing:
-            share = len(missing) / len(feature_tf.genes)
-            naming = (
-                " Over half of them: does adata name genes the way the training data did (symbols vs Ensembl IDs)?"
-                if share > 0.5
-                else ""
-            )
-            warnings.warn(
-                f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
-                f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
-                stacklevel=3,
-            )
         settings = {}
     else:
         preset_name = _resolve_preset(preset, torch_device)
@@ -385,16 +371,15 @@ def embed(
                 "use a number of processes that divides it."
             )
         seed_everything(seed)
-        feature_tf = FeatureTransform.fit(
-            adata,
-            layer=layer,
+        feature_tf = FeatureTransform.fit_matrix(
+            X,
+            input_is_counts,
+            adata.var_names,
             n_top_genes=settings["n_top_genes"],
             n_pcs=settings["n_pcs"],
             seed=seed,
             chosen=n_top_genes is not None,
         )
-        input_is_counts = feature_tf.log_normalize
-        features, missing = feature_tf.transform(adata, layer=layer)
         config = SpatialConfig(
             n_features=feature_tf.n_features,
             d_model=settings["d_model"],
@@ -408,6 +393,20 @@ def embed(
             logg.info("input looks like raw counts: normalised to 10,000 per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
+    features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
+    del X  # the whole matrix is not needed past the features
+    if missing:  # only a trained model's genes can be missing
+        share = len(missing) / len(feature_tf.genes)
+        naming = (
+            " Over half of them: does adata name genes the way the training data did (symbols vs Ensembl IDs)?"
+            if share > 0.5
+            else ""
+        )
+        warnings.warn(
+            f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
+            f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
+            stacklevel=3,
+        )
 
     align = 2**config.depth
     if tile_size < align or tile_size % align:

@@ -143,18 +143,36 @@ class FeatureTransform:
         ``n_top_genes`` all are used: a warning when the user ``chosen`` that number, a log message for a preset's.
         """
         X, is_counts = expression_matrix(adata, layer)
+        return cls.fit_matrix(
+            X, is_counts, adata.var_names, n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed, chosen=chosen
+        )
+
+    @classmethod
+    def fit_matrix(
+        cls,
+        X: sp.csr_matrix,
+        is_counts: bool,
+        var_names: pd.Index,
+        *,
+        n_top_genes: int,
+        n_pcs: int | None,
+        seed: int,
+        chosen: bool = True,
+    ) -> FeatureTransform:
+        """:meth:`fit` on an expression matrix already read by :func:`expression_matrix` (genes ``var_names``)."""
         log_total = None if is_counts else float(np.median(_row_totals(X.expm1())))
-        genes = list(adata.var_names)
-        if n_top_genes >= adata.n_vars:
-            if n_top_genes > adata.n_vars:
-                message = f"n_top_genes={n_top_genes} but the data has {adata.n_vars} genes: using all {adata.n_vars}."
+        n_vars = len(var_names)
+        genes = list(var_names)
+        if n_top_genes >= n_vars:
+            if n_top_genes > n_vars:
+                message = f"n_top_genes={n_top_genes} but the data has {n_vars} genes: using all {n_vars}."
                 if chosen:
                     warnings.warn(message, stacklevel=STACKLEVEL)
                 else:
                     logg.info(f"    {message}")
         else:
-            genes = top_genes(X, adata.var_names, n_top_genes, is_counts)
-        X = X[:, adata.var_names.get_indexer(genes)]
+            genes = top_genes(X, var_names, n_top_genes, is_counts)
+        X = X[:, var_names.get_indexer(genes)]
         if X.shape[0] > MAX_FIT_SPOTS:
             rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
             X = X[rows]
