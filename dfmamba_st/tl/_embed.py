@@ -246,7 +246,8 @@ def embed(
         Random seed (weights, masks); the same seed on the same machine gives the same embedding. The caller's
         random states and torch's determinism settings are put back afterwards.
     device
-        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        ``"auto"``, ``"cpu"`` or ``"cuda"``. On the CPU, torch's and numba's thread settings apply (one thread per core
+        unless set): next to other work that holds cores, fewer threads run faster (``torch.set_num_threads``).
     model
         A trained model (or the path of a saved one) to apply without training: genes are aligned by name and
         missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
