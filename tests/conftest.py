@@ -22,6 +22,22 @@ def benchmark_module():
     return load
 
 
+@pytest.fixture(scope="module")
+def bundled():
+    """The slice shipped in the package (DLPFC 151673 cut to 3,000 genes), read once per test module."""
+    import dfmamba_st as dfm
+
+    return dfm.datasets.dlpfc_151673_hvg()
+
+
+@pytest.fixture
+def top(bundled):
+    """The top-left of the bundled slice (492 spots), a fresh copy per test."""
+    from _shared import crop
+
+    return crop(bundled, rows=(0, 20), cols=(0, 60))
+
+
 @pytest.fixture
 def one_torch_thread():
     """torch on one thread for the test, the caller's thread count afterwards.

@@ -18,11 +18,6 @@ from dfmamba_st.tl._embed import _sample_windows
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return dfm.datasets.dlpfc_151673_hvg()
-
-
-@pytest.fixture(scope="module")
 def two_slices():
     slices = {s: crop(ad.read_h5ad(shared_path("dlpfc", f"dlpfc_{s}.h5ad"))) for s in ("151673", "151674")}
     return ad.concat(slices, label="lib", join="inner", index_unique="-")
@@ -167,12 +162,6 @@ def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_
     assert model.features.log_total == pytest.approx(1e6, rel=1e-3)
     path = dfm.tl.save_model(model, tmp_path / "m")
     assert dfm.tl.load_model(path).features.log_total == model.features.log_total
-
-
-@pytest.fixture
-def top(bundled):
-    """The top-left of the bundled slice (a few hundred spots), a fresh copy per test."""
-    return crop(bundled, rows=(0, 20), cols=(0, 60))
 
 
 def test_embed_with_a_library_key_reads_each_library_on_its_own(top):

@@ -15,17 +15,6 @@ from dfmamba_st.tl._features import FeatureTransform, expression_matrix, gene_ra
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return dfm.datasets.dlpfc_151673_hvg()
-
-
-@pytest.fixture
-def top(bundled):
-    """The top-left of the bundled slice (492 spots), a fresh copy per test."""
-    return crop(bundled, rows=(0, 20), cols=(0, 60))
-
-
-@pytest.fixture(scope="module")
 def trained(bundled):
     adata = crop(bundled, rows=(0, 20), cols=(0, 60))
     dfm.pp.serialize(adata)

@@ -20,19 +20,19 @@ import dfmamba_st as dfm
 
 
 @pytest.fixture(scope="module")
-def bundled() -> ad.AnnData:
-    adata = dfm.datasets.dlpfc_151673_hvg()
-    return adata[(adata.obs["array_row"] < 16).to_numpy()].copy()
+def strip(bundled) -> ad.AnnData:
+    """Rows 0–15 of the bundled slice."""
+    return bundled[(bundled.obs["array_row"] < 16).to_numpy()].copy()
 
 
 @pytest.fixture
-def crop(bundled) -> ad.AnnData:
-    return bundled.copy()
+def crop(strip) -> ad.AnnData:
+    return strip.copy()
 
 
 @pytest.fixture(scope="module")
-def trained(bundled):
-    adata = bundled.copy()
+def trained(strip):
+    adata = strip.copy()
     dfm.pp.serialize(adata)
     model = dfm.tl.embed(adata, **QUICK, return_model=True, device="cpu")
     return adata, model

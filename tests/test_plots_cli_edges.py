@@ -35,11 +35,6 @@ def close_figures():
 
 
 @pytest.fixture(scope="module")
-def bundled():
-    return dfm.datasets.dlpfc_151673_hvg()
-
-
-@pytest.fixture(scope="module")
 def embedded(bundled):
     """The top of the bundled slice (1,465 spots), serialized, embedded (one epoch) and clustered into 7 and 25."""
     adata = crop(bundled)
