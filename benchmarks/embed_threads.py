@@ -47,7 +47,8 @@ def _spin() -> None:
 
 def embed_seconds(threads: int) -> float:
     """Seconds of ``tl.embed`` (defaults, seed 0) in a fresh process with ``threads`` torch and numba threads."""
-    env = {**os.environ, **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    names = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    env = {**os.environ, **dict.fromkeys(names, str(threads))}  # numba refuses more threads than NUMBA_NUM_THREADS
     done = subprocess.run(
         [sys.executable, "-c", JOB, str(threads)], env=env, cwd=REPO, capture_output=True, text=True, check=True
     )
