@@ -671,14 +671,6 @@ def test_tissue_plots_do_not_pass_on_squidpys_import_warnings():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-@pytest.fixture
-def keep_torch_threads():
-    """A benchmark job run in-process sets torch's thread count; the tests after it get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @needs_data
 def test_dlpfc_benchmark_jobs_score_the_features_ablation_above_plain_pca(benchmark_module, keep_torch_threads):
     bench = benchmark_module("st_dlpfc")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import types
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +380,87 @@ def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
         bench.main([*argv, "--season", "weekly"])
     assert "use 'daily', 'none' or a period in rows" in capsys.readouterr().err
     assert config["epochs"] == ts.DEFAULT_EPOCHS == inspect.signature(ts.train_forecaster).parameters["epochs"].default
+
+
+@needs_data
+def test_ts_benchmark_hands_every_setting_and_seed_to_each_model_and_scores_the_test_split(
+    tmp_path, benchmark_module, monkeypatch, keep_torch_threads
+):
+    """What the script hands each model and scores: training, scoring and zero-shot replaced by recorders."""
+    bench = benchmark_module("ts_forecast")
+    from dfmamba_st import ts
+    from dfmamba_st.core import seed_everything
+
+    trained, scored, zero_shots = [], [], []
+
+    def fake_train(model, splits, **kw):
+        trained.append((model, splits, kw))
+        # the weights as built (before any training) and the torch random state right after the build
+        trained[-1] += ({k: v.detach().clone() for k, v in model.state_dict().items()},)
+        history = [{"train_loss": 0.9, "val_loss": 0.5}, {"train_loss": 0.8, "val_loss": 0.7}]
+        return types.SimpleNamespace(history=history, best_epoch=0)
+
+    def fake_evaluate(model, data, **kw):
+        scored.append((data, kw))
+        return {"mse": 1.25, "mae": 2.5, "n_windows": 8, "seconds": 0.1}
+
+    def fake_zero_shot(model, splits, factors, mode):
+        zero_shots.append((factors, mode))
+        return {f: {"mse": 3.0, "mae": 4.0} for f in factors}
+
+    monkeypatch.setattr(bench.ts, "train_forecaster", fake_train)
+    monkeypatch.setattr(bench.ts, "evaluate", fake_evaluate)
+    monkeypatch.setattr(bench.ts, "zero_shot", fake_zero_shot)
+    out = tmp_path / "res.json"
+    dfm_opts, ms_opts = dict(d_model=8, d_state=2), dict(d_model=8, d_ff=8, d_state=2, n_layers=1)
+    argv = ["--dataset", "ETTh2", "--seq-len", "48", "--horizon", "24", "--data-dir", str(DATA)]
+    argv += ["--models", "dfmamba_ts,msmamba,msmamba_learn,dlinear", "--epochs", "2", "--patience", "1"]
+    argv += ["--batch-size", "8", "--train-loss", "mse", "--ema-decay", "0.9", "--weight-decay", "0.1"]
+    argv += ["--max-train-windows", "16", "--max-val-windows", "8", "--max-test-windows", "4", "--seed", "7"]
+    argv += ["--zero-shot", "2", "--zero-shot-mode", "steps", "--json", str(out)]
+    argv += ["--dfm", *[f"{k}={v}" for k, v in dfm_opts.items()], "--ms", *[f"{k}={v}" for k, v in ms_opts.items()]]
+    bench.main(argv)
+
+    names = ["dfmamba_ts", "msmamba", "msmamba_learn", "dlinear"]
+    assert len(trained) == 4
+    splits = trained[0][1]
+    x, y = splits.train[0]
+    assert x.shape == (48, 7) and y.shape == (24, 7)  # lookback and horizon not swapped
+    references = {
+        "dfmamba_ts": lambda: ts.DFMambaTS(7, 48, 24, **dfm_opts),
+        "msmamba": lambda: ts.MSMamba(7, 48, 24, **ms_opts),
+        "msmamba_learn": lambda: ts.MSMamba(7, 48, 24, learnable_scales=True, **ms_opts),
+        "dlinear": lambda: ts.DLinear(7, 48, 24),
+    }
+    for name, (model, model_splits, kw, built) in zip(names, trained):
+        assert model_splits is splits
+        assert kw["seed"] == 7 and kw["epochs"] == 2 and kw["patience"] == 1 and kw["batch_size"] == 8
+        assert kw["train_loss"] == "mse" and kw["ema_decay"] == 0.9 and kw["weight_decay"] == 0.1
+        assert kw["max_train_windows"] == 16 and kw["max_val_windows"] == 8
+        assert kw["lr"] == bench.DEFAULT_LR[name]
+        # the model as the reference would build it after seed_everything(seed): same options, same initial weights
+        seed_everything(7)
+        reference = references[name]()
+        assert type(model) is type(reference)
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in reference.named_parameters()], name
+        ref_state = reference.state_dict()
+        assert built.keys() == ref_state.keys(), name
+        for key in ref_state:
+            torch.testing.assert_close(built[key], ref_state[key], msg=f"{name}: {key}")
+        with torch.no_grad():
+            assert model.eval()(torch.zeros(2, 48, 7))[0].shape == (2, 24, 7)
+    # the test split is scored, on the windows asked for, and MSE / MAE land in their own columns
+    assert len(scored) == 4 and all(data is splits.test for data, _ in scored)
+    assert all(kw.get("max_windows") == 4 for _, kw in scored)
+    assert zero_shots == [([1, 2], "steps")] * 4
+    res = json.loads(out.read_text())
+    for name in names:
+        row = res[name]
+        assert (row["mse"], row["mae"]) == (1.25, 2.5)
+        assert row["epochs_run"] == 2 and row["best_epoch"] == 0 and row["val_mse"] == [0.5, 0.7]
+        assert row["zero_shot"] == {"1": {"mse": 3.0, "mae": 4.0}, "2": {"mse": 3.0, "mae": 4.0}}
+        assert row["config"]["max_train_windows"] == 16 and row["config"]["dfm_opts"] == dfm_opts
+        assert row["config"]["ms_opts"] == ms_opts
 
 
 def test_dfmamba_ts_aux_weight_scales_the_returned_auxiliary_loss():
