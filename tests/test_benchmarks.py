@@ -1,24 +1,438 @@
-"""The benchmark scripts' own plumbing, for those whose tables are quoted (GMM restarts, curve adjacency, tiling seams,
-threads, pathology at scale, large tissues): which seeds and settings reach which step, and how each table is built.
+"""The benchmark scripts' own plumbing (DLPFC domains, several slices, GMM restarts, curve adjacency, tiling seams,
+threads, pathology at scale, large tissues): which seeds and settings reach which step, what is timed, which score
+lands in which column, and how each table is built.
 
 The expensive parts (training, ``tl.embed``, subprocesses, busy-loop processes) are replaced by recorders, so each test
 takes about a second; the real runs are the scripts themselves (``benchmarks/``).
 """
 
 import json
+import resource
 import sys
+import time
 import types
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-from _shared import QUICK
+from _shared import DATA, QUICK, crop
+from sklearn.metrics import adjusted_rand_score, completeness_score, normalized_mutual_info_score
+
+import dfmamba_st as dfm
 
 BUNDLED = Path(__file__).resolve().parents[1] / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"
+needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 
 
-# ------------------------------------------------------------------------------------------------ gmm_restarts
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor stand-in: runs the job here, at submit."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args, **kwargs):
+        return _Done(fn(*args, **kwargs))
+
+
+def _layer_labels(adata, merge=()):
+    """Predicted labels from the truth: missing truth → "x"; layers in ``merge`` become one label."""
+    lab = adata.obs["truth"].astype(object).where(adata.obs["truth"].notna(), "x").astype(str)
+    lab = lab.where(~lab.isin(list(merge)), "merged")
+    return pd.Categorical(lab.to_numpy())
+
+
+def _fake_cluster(record, merge=()):
+    def cluster(adata, n_clusters=None, **kwargs):
+        record.append({"n_clusters": n_clusters, "n_obs": adata.n_obs, "X_base": adata.obsm.get("X_base"), **kwargs})
+        adata.obs[kwargs.get("key_added", "dfm_domain")] = _layer_labels(adata, merge)
+
+    return cluster
+
+
+def _fake_embed(record):
+    def embed(adata, **kwargs):
+        record.append({"n_obs": adata.n_obs, **kwargs})
+        adata.uns["dfm"] = {"missing_genes": ["g1", "g2"] if kwargs.get("model") is not None else []}
+        return "MODEL" if kwargs.get("return_model") else None
+
+    return embed
+
+
+# --- benchmarks/st_dlpfc.py: _scores, _job --------------------------------------------------------------------------
+
+
+def test_benchmark_scores_are_the_named_sklearn_scores_and_k_found_counts_predicted_domains(benchmark_module):
+    bench = benchmark_module("st_dlpfc")
+    adata, k = bench.load_slice(bench.slice_path("bundled"))
+    adata.obs["pred"] = _layer_labels(adata, merge=("Layer1", "Layer2", "Layer3"))  # 5 layers + "x" (no truth)
+    row = bench._scores(adata, "pred")
+    scored = adata.obs["truth"].notna().to_numpy()
+    truth, pred = adata.obs["truth"].astype(str)[scored], adata.obs["pred"].astype(str)[scored]
+    assert row["k_found"] == 6 != k
+    assert row["ari"] == pytest.approx(adjusted_rand_score(truth, pred))
+    assert row["nmi"] == pytest.approx(normalized_mutual_info_score(truth, pred))
+    assert row["completeness"] == pytest.approx(completeness_score(truth, pred))
+    assert row["completeness"] == pytest.approx(1.0) and row["nmi"] < 0.99  # merged layers: complete, not homogeneous
+
+
+def test_benchmark_job_passes_seed_and_options_and_times_only_the_pipeline(
+    benchmark_module, monkeypatch, keep_torch_threads
+):
+    """dfmamba_st and the baselines: the seed and --embed options reach tl.embed, the seed tl.cluster's random_state
+    and baseline_rep; seconds exclude reading the slice and scoring; peak MB is this process's peak RSS in MB; the row
+    keeps the truth's K when tl.cluster chooses K."""
+    bench = benchmark_module("st_dlpfc")
+    embeds, clusters, reps = [], [], []
+    monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
+    monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster(clusters))
+
+    def fake_rep(adata, kind, seed, library_key=None):
+        reps.append((kind, seed, library_key))
+        return np.zeros((adata.n_obs, 3))
+
+    monkeypatch.setattr(bench, "baseline_rep", fake_rep)
+    load, evaluate = bench.load_slice, dfm.metrics.evaluate
+
+    def slow_load(path):
+        time.sleep(0.5)
+        return load(path)
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.5)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "load_slice", slow_load)
+    monkeypatch.setattr(dfm.metrics, "evaluate", slow_evaluate)
+    path = str(bench.slice_path("bundled"))
+    row = bench._job("dfmamba_st", path, "bundled", 3, 1, {"epochs": 2, "n_pcs": None}, {"n_clusters": None})
+    assert embeds[-1]["seed"] == 3 and embeds[-1]["epochs"] == 2 and embeds[-1]["n_pcs"] is None
+    assert embeds[-1].get("model") is None
+    assert clusters[-1]["random_state"] == 3 and clusters[-1]["n_clusters"] is None
+    assert row["method"] == "dfmamba_st" and row["slice"] == "bundled" and row["seed"] == 3 and row["k"] == 7
+    assert row["ari"] == pytest.approx(1.0) and row["k_found"] == 8  # the labels the fake clustering wrote
+    assert 0 < row["seconds"] < 0.5  # neither the reading nor the scoring is timed
+    rss_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    assert rss_now * 0.9 <= row["peak_mb"] <= rss_now * 1.1  # MB (Linux's ru_maxrss is in KiB)
+    for kind in ("pca_gmm", "pca_nbmean_gmm"):
+        row = bench._job(kind, path, "bundled", 4, 1, {}, {})
+        assert reps[-1][:2] == (kind, 4)
+        assert clusters[-1]["random_state"] == 4 and clusters[-1]["use_rep"] == "X_base"
+        assert clusters[-1]["n_clusters"] == 7 and clusters[-1]["refine"] is False
+        assert row["method"] == kind and row["seed"] == 4 and 0 < row["seconds"] < 0.5
+
+
+def test_baseline_rep_is_scaled_log_normalised_genes_to_30_pcs_and_the_mean_over_19_spots(benchmark_module):
+    """pca_gmm: normalize_total 1e4 → log1p → scale (max 10) → 30 PCs (seeded); pca_nbmean_gmm: the mean of those PCs
+    over each spot and its 18 nearest spots. The reference is computed here, step by step (bundled slice: 3,000
+    genes, no gene selection)."""
+    import scanpy as sc
+    from sklearn.neighbors import NearestNeighbors
+
+    bench = benchmark_module("st_dlpfc")
+    adata, _ = bench.load_slice(bench.slice_path("bundled"))
+    adata = adata[:1500].copy()  # a part of the slice: quicker
+    pcs = bench.baseline_rep(adata, "pca_gmm", 1)
+    work = adata.copy()
+    sc.pp.normalize_total(work, target_sum=1e4)
+    sc.pp.log1p(work)
+    sc.pp.scale(work, max_value=10)
+    ref = sc.pp.pca(work.X, n_comps=30, random_state=1)
+    assert pcs.shape == ref.shape == (adata.n_obs, 30)
+    signs = np.sign((pcs * ref).sum(0))
+    np.testing.assert_allclose(pcs * signs, ref, rtol=1e-4, atol=1e-4)
+    smoothed = bench.baseline_rep(adata, "pca_nbmean_gmm", 1)
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    _, nbrs = NearestNeighbors(n_neighbors=19).fit(xy).kneighbors(xy)
+    np.testing.assert_allclose(smoothed, pcs[nbrs].mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_features_ablation_clusters_the_neighbourhood_half_of_tl_embeds_tokens(
+    benchmark_module, monkeypatch, keep_torch_threads
+):
+    """dfm_features: the preset's spot features (3,000 HVGs → 50 PCs) averaged over tl.embed's default two rings of
+    the grid graph (the second half of the "concat" tokens), not the spot's own features, clustered with refinement."""
+    from dfmamba_st.pp import library_layouts
+    from dfmamba_st.tl._features import FeatureTransform, smooth
+
+    bench = benchmark_module("st_dlpfc")
+    seen = {}
+
+    def cluster(adata, n_clusters=None, **kwargs):
+        seen["X"] = np.asarray(adata.obsm[kwargs["use_rep"]]).copy()
+        seen["kwargs"] = kwargs
+        adata.obs[kwargs.get("key_added", "dfm_domain")] = _layer_labels(adata)
+
+    monkeypatch.setattr(dfm.tl, "cluster", cluster)
+    path = str(bench.slice_path("bundled"))
+    bench._job("dfm_features", path, "bundled", 0, 1, {}, {})
+    adata, _ = bench.load_slice(path)
+    transform = FeatureTransform.fit(adata, layer=None, n_top_genes=3000, n_pcs=50, seed=0, chosen=False)
+    features, _ = transform.transform(adata)
+    dfm.pp.serialize(adata)
+    (layout,) = library_layouts(adata)
+    expected = smooth(features, layout.graph(), 2)
+    assert seen["X"].shape == (adata.n_obs, 50)
+    np.testing.assert_allclose(seen["X"], expected, rtol=1e-5, atol=1e-5)
+    assert "refine" not in seen["kwargs"] and seen["kwargs"]["random_state"] == 0
+
+
+# --- benchmarks/st_dlpfc.py: main ---------------------------------------------------------------------------------
+
+
+def test_dlpfc_benchmark_tables_are_the_jobs_rows_and_their_means_over_seeds(
+    benchmark_module, monkeypatch, capsys, tmp_path
+):
+    bench = benchmark_module("st_dlpfc")
+    calls, extra_calls = [], []
+    ari = {0: 0.1, 1: 0.2, 5: 0.9}  # mean 0.4, median 0.2
+
+    def fake_job(kind, path, slice_id, seed, threads, embed_options, cluster_options=None):
+        calls.append((kind, path, slice_id, seed, threads, embed_options, cluster_options))
+        shift = {"pca_gmm": 0.0, "pca_nbmean_gmm": 0.01, "dfmamba_st": 0.02}[kind] + (slice_id == "151674") * 0.03
+        return {
+            "method": kind,
+            "slice": slice_id,
+            "k": 7,
+            "seed": seed,
+            "k_found": 6 + seed % 3,
+            "ari": ari[seed] + shift,
+            "nmi": ari[seed] / 2 + shift,
+            "completeness": ari[seed] / 3 + shift,
+            "seconds": 10.0 * (seed + 1) + shift,
+            "peak_mb": 100.0 * (seed + 1),
+            "gpu_peak_mb": float("nan"),
+        }
+
+    def fake_extra(data_dir, seed, threads, embed_options, cluster_options=None):
+        extra_calls.append((data_dir, seed, threads, embed_options, cluster_options))
+        return [{"test": "native 151673", "ari": 0.5}]
+
+    monkeypatch.setattr(bench, "_job", fake_job)
+    monkeypatch.setattr(bench, "_extra", fake_extra)
+    monkeypatch.setattr(bench.cf, "ProcessPoolExecutor", _InProcessPool)
+    argv = ["--data-dir", str(tmp_path), "--slices", "151673", "151674", "--seeds", "0", "1", "5", "--threads", "3"]
+    argv += ["--embed", "epochs=2", "--cluster", "tol=1e-6"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    methods = ["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"]
+    expected_calls = [
+        (m, str(tmp_path / bench.FILES[s]), s, seed, 3, {"epochs": 2}, {"tol": 1e-6})
+        for s in ("151673", "151674")
+        for m in methods
+        for seed in (0, 1, 5)
+    ]
+    assert calls == expected_calls
+    rows = pd.DataFrame([fake_job(*c) for c in expected_calls])
+    assert rows.round(3).to_string(index=False) in out  # the per-run table
+    summary = rows.groupby(["slice", "k", "method"]).agg(
+        k_found_min=("k_found", "min"),
+        k_found_max=("k_found", "max"),
+        ari_mean=("ari", "mean"),
+        ari_min=("ari", "min"),
+        ari_max=("ari", "max"),
+        nmi_mean=("nmi", "mean"),
+        completeness_mean=("completeness", "mean"),
+        seconds_mean=("seconds", "mean"),
+        peak_mb_max=("peak_mb", "max"),
+        gpu_peak_mb_max=("gpu_peak_mb", "max"),
+    )
+    assert summary.round(3).to_string() in out
+    assert summary.loc[("151673", 7, "pca_gmm"), "ari_mean"] == pytest.approx(0.4)  # the mean, not the median
+    assert extra_calls == [(str(tmp_path), 0, 3, {"epochs": 2}, {"tol": 1e-6})]
+
+
+@needs_data
+def test_dlpfc_extra_trains_on_151673_reuses_that_model_and_trains_151674_afresh(
+    benchmark_module, monkeypatch, keep_torch_threads, tmp_path
+):
+    """On crops written to a folder: 151674's crop with two layers merged, so its K (6) differs from 151673's (7)."""
+
+    bench = benchmark_module("st_dlpfc")
+    a = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151673.h5ad"), rows=(0, 80), cols=(0, 130))
+    b = crop(ad.read_h5ad(DATA / "dlpfc" / "dlpfc_151674.h5ad"), rows=(0, 80), cols=(0, 130))
+    b.obs["layer"] = b.obs["layer"].astype(object).replace("Layer1", "Layer2").astype("category")
+    a.write_h5ad(tmp_path / bench.FILES["151673"])
+    b.write_h5ad(tmp_path / bench.FILES["151674"])
+    embeds, clusters = [], []
+    monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
+    monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster(clusters))
+    rows = bench._extra(str(tmp_path), 2, 1, {"epochs": 3}, {"tol": 1e-6})
+    (n673, k673), (n674, k674) = ((x.n_obs, x.obs["layer"].nunique()) for x in (a, b))
+    assert (k673, k674) == (7, 6)
+    sizes = [e["n_obs"] for e in embeds]
+    assert sizes[0] == n673 and sizes[-2:] == [n674, n674]
+    assert embeds[0]["seed"] == 2 and embeds[0]["return_model"] is True and embeds[0].get("model") is None
+    assert [e.get("model") for e in embeds[1:4]] == ["MODEL"] * 3  # x2, x4 and the transfer: the 151673 model
+    assert embeds[4].get("model") is None and embeds[4]["seed"] == 2  # trained on 151674 itself
+    assert all(e["epochs"] == 3 for e in embeds)
+    assert [c["n_clusters"] for c in clusters] == [7, 7, 7, 6, 6]  # each slice's own K
+    assert all(c["random_state"] == 2 and c["tol"] == 1e-6 for c in clusters)
+    assert [r["test"].split(" (")[0] for r in rows] == [
+        "native 151673",
+        "zero-shot x2 151673",
+        "zero-shot x4 151673",
+        "transfer 151673 -> 151674",
+        "trained on 151674 itself",
+    ]
+    assert "(2 model genes missing)" in rows[3]["test"]
+    assert embeds[1]["n_obs"] < n673 and embeds[2]["n_obs"] < embeds[1]["n_obs"]  # coarsened x2, then x4
+
+
+# --- benchmarks/st_multislice.py ----------------------------------------------------------------------------------
+
+
+def _two_bundled(tmp_path):
+    one = dfm.datasets.dlpfc_151673_hvg()
+    other = one.copy()
+    other.obsm["spatial"] = np.asarray(other.obsm["spatial"], dtype=float) + 5.0  # near the first: same frame
+    path = tmp_path / "other.h5ad"
+    other.write_h5ad(path)
+    return path
+
+
+def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
+    benchmark_module, monkeypatch, tmp_path, keep_torch_threads
+):
+    ms = benchmark_module("st_multislice")
+    other = _two_bundled(tmp_path)
+    paths = {"a": str(ms.slice_path("bundled")), "b": str(other)}
+    embeds, clusters, reps = [], [], []
+    monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
+
+    def cluster(adata, n_clusters=None, **kwargs):  # slice a: the truth; slice b: three layers merged
+        clusters.append({"n_clusters": n_clusters, **kwargs})
+        lib = adata.obs["library"].to_numpy()
+        labels = np.asarray(_layer_labels(adata), dtype=object)
+        merged = np.asarray(_layer_labels(adata, merge=("Layer1", "Layer2", "Layer3")), dtype=object)
+        adata.obs[kwargs.get("key_added", "dfm_domain")] = pd.Categorical(np.where(lib == "b", merged, labels))
+
+    monkeypatch.setattr(dfm.tl, "cluster", cluster)
+
+    def fake_rep(adata, kind, seed, library_key=None):
+        reps.append((kind, seed, library_key))
+        return np.zeros((adata.n_obs, 3))
+
+    monkeypatch.setattr(ms, "baseline_rep", fake_rep)
+    row = ms._joint_job("dfmamba_st", paths, 3, 1, {"tol": 1e-6})
+    assert embeds[-1]["library_key"] == "library" and embeds[-1]["seed"] == 3
+    assert clusters[-1]["library_key"] == "library" and clusters[-1]["random_state"] == 3
+    assert clusters[-1]["n_clusters"] == 7 and clusters[-1]["tol"] == 1e-6
+    adata, _ = ms.load_slice(paths["a"])
+    scored = adata.obs["truth"].notna().to_numpy()
+    truth = adata.obs["truth"].astype(str).to_numpy()[scored]
+    merged = np.asarray(_layer_labels(adata, merge=("Layer1", "Layer2", "Layer3")), dtype=str)[scored]
+    assert row["ari a"] == pytest.approx(1.0)
+    assert row["ari b"] == pytest.approx(adjusted_rand_score(truth, merged))
+    assert row["ari pooled"] == pytest.approx(
+        adjusted_rand_score(np.concatenate([truth, truth]), np.concatenate([truth, merged]))
+    )
+    assert row["k_found a"] == 8 and row["k_found b"] == 6  # 7 layers + "x"; 5 layers + "x"
+    assert row["method"] == "dfmamba_st joint" and row["seed"] == 3
+    row = ms._joint_job("pca_nbmean_gmm", paths, 4, 1, {})
+    assert reps[-1] == ("pca_nbmean_gmm", 4, "library")  # each spot averaged within its own slice
+    assert clusters[-1]["refine"] is False and clusters[-1]["random_state"] == 4 and clusters[-1]["n_clusters"] == 7
+    assert row["method"] == "pca_nbmean_gmm joint"
+
+
+def test_multislice_timer_leaves_out_reading_the_slices(benchmark_module, monkeypatch, tmp_path, keep_torch_threads):
+    ms = benchmark_module("st_multislice")
+    paths = {"a": str(ms.slice_path("bundled")), "b": str(_two_bundled(tmp_path))}
+    monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster([]))
+    monkeypatch.setattr(ms, "baseline_rep", lambda adata, kind, seed, library_key=None: np.zeros((adata.n_obs, 3)))
+    load = ms.load_slice
+
+    def slow_load(path):
+        time.sleep(0.5)
+        return load(path)
+
+    monkeypatch.setattr(ms, "load_slice", slow_load)
+    row = ms._joint_job("pca_nbmean_gmm", paths, 0, 1)
+    assert 0 < row["seconds"] < 0.5
+
+
+def test_multislice_table_sums_seconds_takes_peak_max_and_averages_over_seeds(benchmark_module, monkeypatch, capsys):
+    ms = benchmark_module("st_multislice")
+    joint_calls, single_calls = [], []
+
+    def fake_joint(method, paths, seed, threads, cluster_options=None):
+        joint_calls.append((method, paths, seed, threads, cluster_options))
+        return {
+            "method": f"{method} joint",
+            "seed": seed,
+            "ari 151673": 0.1 * (seed + 1),
+            "ari 151674": 0.2,
+            "ari pooled": 0.3,
+            "k_found 151673": 7,
+            "k_found 151674": 7,
+            "seconds": 1.0,
+            "peak_mb": 50.0,
+        }
+
+    def fake_job(kind, path, slice_id, seed, threads, embed_options, cluster_options=None):
+        single_calls.append((kind, path, slice_id, seed, threads, embed_options, cluster_options))
+        return {
+            "method": kind,
+            "slice": slice_id,
+            "seed": seed,
+            "ari": {"151673": 0.4, "151674": 0.6}[slice_id] + seed / 100,
+            "k_found": {"151673": 6, "151674": 8}[slice_id],
+            "seconds": {"151673": 2.0, "151674": 3.0}[slice_id],
+            "peak_mb": {"151673": 100.0, "151674": 300.0}[slice_id],
+        }
+
+    monkeypatch.setattr(ms, "_joint_job", fake_joint)
+    monkeypatch.setattr(ms, "_job", fake_job)
+    monkeypatch.setattr(ms, "_run", lambda fn, *args: fn(*args))
+    argv = ["--data-dir", "/d", "--seeds", "0", "1", "4", "--threads", "1", "--cluster", "tol=1e-6"]
+    assert ms.main(argv) == 0  # joint ARI on 151673 over the seeds: 0.1, 0.2, 0.5 (mean 0.267, median 0.2)
+    out = capsys.readouterr().out
+    paths = {s: f"/d/dlpfc_{s}.h5ad" for s in ("151673", "151674")}
+    assert joint_calls == [(m, paths, seed, 1, {"tol": 1e-6}) for m in ms.METHODS for seed in (0, 1, 4)]
+    assert single_calls == [
+        (m, paths[s], s, seed, 1, {}, {"tol": 1e-6}) for m in ms.METHODS for seed in (0, 1, 4) for s in paths
+    ]
+    rows = []
+    for m in ms.METHODS:
+        for seed in (0, 1, 4):
+            rows.append(fake_joint(m, paths, seed, 1))
+            rows.append(
+                {
+                    "method": f"{m} per slice",
+                    "seed": seed,
+                    "ari 151673": 0.4 + seed / 100,
+                    "ari 151674": 0.6 + seed / 100,
+                    "ari pooled": np.nan,
+                    "k_found 151673": 6,
+                    "k_found 151674": 8,
+                    "seconds": 5.0,  # summed over the slices
+                    "peak_mb": 300.0,  # the larger of the two
+                }
+            )
+    table = pd.DataFrame(rows)
+    assert table.round(3).to_string(index=False) in out
+    means = table.drop(columns="seed").groupby("method", sort=False).mean()
+    assert means.round(3).to_string() in out
+    assert means.loc["dfmamba_st joint", "ari 151673"] == pytest.approx(0.8 / 3)  # the mean, not the median
+
+
+# --- benchmarks/gmm_restarts.py ---------------------------------------------------------------------------------------
 
 
 def test_gmm_restarts_summary_spreads_within_each_embedding(benchmark_module, monkeypatch, capsys, keep_torch_threads):
@@ -81,7 +495,7 @@ def test_gmm_restarts_rows_use_the_embedding_seed_the_restarts_and_the_clusterin
     assert all(r["ari"] == pytest.approx(1.0) for r in rows)
 
 
-# ------------------------------------------------------------------------------------------------ curve_adjacency
+# --- benchmarks/curve_adjacency.py ------------------------------------------------------------------------------------
 
 
 def test_curve_adjacency_shares_are_strictly_more_than_w_positions_apart(benchmark_module, monkeypatch):
@@ -112,7 +526,7 @@ def test_curve_adjacency_shares_are_strictly_more_than_w_positions_apart(benchma
     assert list(rows) == ["+".join(s) for s in bench.CURVE_SETS]
 
 
-# ------------------------------------------------------------------------------------------------ tiling_seams
+# --- benchmarks/tiling_seams.py ---------------------------------------------------------------------------------------
 
 
 def test_tiling_seams_table_compares_the_dfmamba_block_of_each_tiling_with_the_whole_reading(
@@ -154,7 +568,7 @@ def test_tiling_seams_table_compares_the_dfmamba_block_of_each_tiling_with_the_w
     assert rows["4096"][:2] == ["0.00e+00", "0.00e+00"] and float(rows["512"][1]) >= 10
 
 
-# ------------------------------------------------------------------------------------------------ embed_threads
+# --- benchmarks/embed_threads.py --------------------------------------------------------------------------------------
 
 
 def test_embed_threads_table_compares_each_condition_with_its_own_one_thread_median(benchmark_module, monkeypatch):
@@ -217,7 +631,7 @@ def test_embed_threads_runs_each_job_with_its_thread_count_everywhere(benchmark_
     assert all(seen["env"][k] == "3" for k in names)
 
 
-# ------------------------------------------------------------------------------------------------ pathology_scale
+# --- benchmarks/pathology_scale.py ------------------------------------------------------------------------------------
 
 
 def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
@@ -269,7 +683,7 @@ def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
     assert [(r["acc_256"], r["acc_1024"]) for r in rows] == [(0.5, 0.25)] * 3
 
 
-# ------------------------------------------------------------------------------------------------ scale
+# --- benchmarks/scale.py ----------------------------------------------------------------------------------------------
 
 
 def test_scale_tissue_gives_each_layer_its_own_markers(benchmark_module):

@@ -703,9 +703,21 @@ def test_benchmark_reads_her2st_sections_without_their_undetermined_spots(benchm
 def test_benchmark_options_parse_none_booleans_and_numbers(benchmark_module):
     options = benchmark_module("_options")
     parsed = options.parse_options(
-        ["n_pcs=none", "ema_fraction=None", "bidirectional=true", "tol=1e-6", "depth=4"], "--embed"
+        [
+            "n_pcs=none",
+            "ema_fraction=NONE",
+            "bidirectional=true",
+            "refine=FALSE",
+            "tol=1e-6",
+            "depth=4",
+            "k= 7 ",
+            "e= none",
+        ],
+        "--embed",
     )
-    assert parsed == {"n_pcs": None, "ema_fraction": None, "bidirectional": True, "tol": 1e-6, "depth": 4}
+    expected = {"n_pcs": None, "ema_fraction": None, "bidirectional": True, "refine": False, "tol": 1e-6, "depth": 4}
+    assert parsed == {**expected, "k": 7, "e": None}
+    assert type(parsed["depth"]) is int and type(parsed["k"]) is int  # 4 == 4.0: only the type tells them apart
     assert options.parse_value("hilbert_t") == "hilbert_t"
     with pytest.raises(SystemExit, match="key=value"):
         options.parse_options(["n_pcs"], "--embed")
