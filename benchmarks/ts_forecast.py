@@ -212,10 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             "ema_decay": args.ema_decay,
             "weight_decay": args.weight_decay,
             "epochs": args.epochs,
+            "patience": args.patience,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
             "threads": args.threads,
             "dfm_opts": dfm_opts,
             "ms_opts": ms_opts,
             "max_train_windows": args.max_train_windows,
+            "max_val_windows": args.max_val_windows,
             "max_test_windows": args.max_test_windows,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

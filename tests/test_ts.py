@@ -460,6 +460,8 @@ def test_ts_benchmark_hands_every_setting_and_seed_to_each_model_and_scores_the_
         assert row["epochs_run"] == 2 and row["best_epoch"] == 0 and row["val_mse"] == [0.5, 0.7]
         assert row["zero_shot"] == {"1": {"mse": 3.0, "mae": 4.0}, "2": {"mse": 3.0, "mae": 4.0}}
         assert row["config"]["max_train_windows"] == 16 and row["config"]["dfm_opts"] == dfm_opts
+        recorded = {k: row["config"][k] for k in ("seed", "patience", "batch_size", "max_val_windows")}
+        assert recorded == {"seed": 7, "patience": 1, "batch_size": 8, "max_val_windows": 8}
         assert row["config"]["ms_opts"] == ms_opts
 
 
