@@ -47,12 +47,16 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import add_options_flag, parse_options  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dlpfc"
 FILES = {"151673": "dlpfc_151673.h5ad", "151674": "dlpfc_151674.h5ad", "151510": "dlpfc_151510_500genes_drsc.h5ad"}
@@ -236,6 +240,23 @@ def _extra(
     return rows
 
 
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per slice and method: the seeds' mean, min and max ARI, mean NMI, completeness and seconds, K found,
+    and the peak memory."""
+    return table.groupby(["slice", "k", "method"]).agg(
+        k_found_min=("k_found", "min"),
+        k_found_max=("k_found", "max"),
+        ari_mean=("ari", "mean"),
+        ari_min=("ari", "min"),
+        ari_max=("ari", "max"),
+        nmi_mean=("nmi", "mean"),
+        completeness_mean=("completeness", "mean"),
+        seconds_mean=("seconds", "mean"),
+        peak_mb_max=("peak_mb", "max"),
+        gpu_peak_mb_max=("gpu_peak_mb", "max"),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
@@ -285,18 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 200)
     print("\nper run")
     print(table.round(3).to_string(index=False))
-    summary = table.groupby(["slice", "k", "method"]).agg(
-        k_found_min=("k_found", "min"),
-        k_found_max=("k_found", "max"),
-        ari_mean=("ari", "mean"),
-        ari_min=("ari", "min"),
-        ari_max=("ari", "max"),
-        nmi_mean=("nmi", "mean"),
-        completeness_mean=("completeness", "mean"),
-        seconds_mean=("seconds", "mean"),
-        peak_mb_max=("peak_mb", "max"),
-        gpu_peak_mb_max=("gpu_peak_mb", "max"),
-    )
+    summary = summarise(table)
     print(f"\nsummary over seeds {args.seeds}")
     print(summary.round(3).to_string())
     if not args.no_extra:

@@ -241,20 +241,15 @@ def test_dlpfc_benchmark_tables_are_the_jobs_rows_and_their_means_over_seeds(
     assert calls == expected_calls
     rows = pd.DataFrame([fake_job(*c) for c in expected_calls])
     assert rows.round(3).to_string(index=False) in out  # the per-run table
-    summary = rows.groupby(["slice", "k", "method"]).agg(
-        k_found_min=("k_found", "min"),
-        k_found_max=("k_found", "max"),
-        ari_mean=("ari", "mean"),
-        ari_min=("ari", "min"),
-        ari_max=("ari", "max"),
-        nmi_mean=("nmi", "mean"),
-        completeness_mean=("completeness", "mean"),
-        seconds_mean=("seconds", "mean"),
-        peak_mb_max=("peak_mb", "max"),
-        gpu_peak_mb_max=("gpu_peak_mb", "max"),
-    )
+    summary = bench.summarise(rows)
     assert summary.round(3).to_string() in out
-    assert summary.loc[("151673", 7, "pca_gmm"), "ari_mean"] == pytest.approx(0.4)  # the mean, not the median
+    # seeds 0, 1, 5: ARI 0.1 / 0.2 / 0.9 (mean 0.4, median 0.2), K found 6 / 7 / 8, seconds 10 / 20 / 60, 100-600 MB
+    got = summary.loc[("151673", 7, "pca_gmm")].drop("gpu_peak_mb_max").to_dict()
+    expected = dict(k_found_min=6, k_found_max=8, ari_mean=0.4, ari_min=0.1, ari_max=0.9, nmi_mean=0.2)
+    expected.update(completeness_mean=0.4 / 3, seconds_mean=30.0, peak_mb_max=600.0)
+    assert got == pytest.approx(expected)
+    assert summary.loc[("151674", 7, "dfmamba_st"), "ari_mean"] == pytest.approx(0.45)  # + 0.02 + 0.03
+    assert summary.shape[0] == 6  # two slices, three methods
     assert extra_calls == [(str(tmp_path), 0, 3, {"epochs": 2}, {"tol": 1e-6})]
 
 
