@@ -23,7 +23,6 @@ from sklearn.metrics import adjusted_rand_score, completeness_score, normalized_
 
 import dfmamba_st as dfm
 
-BUNDLED = Path(__file__).resolve().parents[1] / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"
 needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 
 
@@ -478,7 +477,7 @@ def test_gmm_restarts_rows_use_the_embedding_seed_the_restarts_and_the_clusterin
     monkeypatch.setattr(dfm.pp, "serialize", lambda adata: None)
     monkeypatch.setattr(dfm.tl, "embed", fake_embed)
     monkeypatch.setattr(dfm.tl, "cluster", fake_cluster)
-    rows = bench.rows_for_slice(BUNDLED, 5, [10, 30], [3, 4])
+    rows = bench.rows_for_slice(benchmark_module("st_dlpfc").slice_path("bundled"), 5, [10, 30], [3, 4])
     assert embeds == [5]
     assert clusters == [(7, 10, 3), (7, 30, 3), (7, 10, 4), (7, 30, 4)]
     assert [(r["seed"], r["cluster_seed"], r["restarts"], r["loglik"]) for r in rows] == [
