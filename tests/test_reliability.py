@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import dfmamba_st as dfm
-from dfmamba_st.tl import _model
+from dfmamba_st.tl import _embed, _model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
@@ -144,6 +144,21 @@ def test_unknown_curve_names_the_known_ones(crop):
     dfm.pp.serialize(crop)
     with pytest.raises(ValueError, match=r"Unknown curve in extra_curves 'spiral'.*'hilbert_ts'.*'zorder'"):
         dfm.tl.embed(crop, extra_curves=("hilbert_t", "spiral"), **FAST)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [({"epochs": 0}, "epochs must be >= 1"), ({"ema_fraction": 2.0}, "ema_fraction must be None or lie in")],
+)
+def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(top, monkeypatch, option, message):
+    dfm.pp.serialize(top)
+
+    def read(*args, **kwargs):
+        raise AssertionError("the expression matrix was read before the options were checked")
+
+    monkeypatch.setattr(_embed, "expression_matrix", read)
+    with pytest.raises(ValueError, match=message):
+        dfm.tl.embed(top, progress=False, **option)
 
 
 # --- clustering ----------------------------------------------------------------------------------------------------

@@ -326,7 +326,6 @@ def embed(
     elif model is not None:
         model = model.to(torch_device)  # a model trained on another device, e.g. on a GPU then applied on the CPU
 
-    X, input_is_counts = expression_matrix(adata, layer)
     if model is not None:
         preset_name = "model"
         feature_tf = model.features
@@ -371,6 +370,9 @@ def embed(
                 f"{settings['batch_windows']} windows per step cannot be shared out over {world_size} ranks; "
                 "use a number of processes that divides it."
             )
+
+    X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
+    if model is None:
         seed_everything(seed)
         feature_tf = FeatureTransform.fit_matrix(
             X,
