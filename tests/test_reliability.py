@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from _shared import DATA
 
 import dfmamba_st as dfm
 from dfmamba_st.tl import _embed, _model
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)
 

@@ -6,16 +6,16 @@ import inspect
 import json
 import re
 import types
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _shared import DATA as SHARED
 
 from dfmamba_st import ts
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ts"
+DATA = SHARED / "ts"
 needs_data = pytest.mark.skipif(not (DATA / "ETTh2.csv.gz").is_file(), reason=f"benchmark CSVs not found in {DATA}")
 
 
