@@ -164,8 +164,7 @@ def _scripted_val(values):
 
     def loss_fn(m, batch):
         if m.training:
-            x, y = batch
-            return (m(x).squeeze(-1) - y).pow(2).mean()
+            return mse(m, batch)
         calls["n"] += 1
         return torch.tensor(float(values[calls["n"] - 1]))
 
@@ -210,7 +209,6 @@ def test_gradients_reach_the_optimiser_clipped(monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     big = [(torch.full((8, 4), 1e3), torch.full((8,), -1e6))] * 3
-    mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
     fit(nn.Linear(4, 1), mse, big, epochs=1, grad_clip=1.0, progress=False)
     assert len(norms) == 3 and max(norms) <= 1.0 + 1e-5
     norms.clear()
@@ -250,7 +248,6 @@ def test_fit_with_seed_none_follows_the_callers_random_state():
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 1))
         torch.manual_seed(global_seed)
-        mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
         fit(model, mse, regression_data(32, batch=8), epochs=2, lr=1e-2, seed=None, patience=None, progress=False)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -286,7 +283,6 @@ def test_data_parallel_gradients_and_logged_losses_are_means_over_ranks(monkeypa
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    mse = lambda m, b: (m(b[0]).squeeze(-1) - b[1]).pow(2).mean()
 
     def run():
         torch.manual_seed(0)
@@ -321,8 +317,7 @@ def test_resume_keeps_the_best_epoch_and_the_patience_count(tmp_path):
             if m.training:
                 if state["epoch"] == interrupt_epoch:
                     raise KeyboardInterrupt
-                x, y = batch
-                return (m(x).squeeze(-1) - y).pow(2).mean()
+                return mse(m, batch)
             return torch.tensor(vals[batch])  # eval: the batch is the epoch number
 
         def train_data(epoch):
