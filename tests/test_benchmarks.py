@@ -65,6 +65,26 @@ def _fake_cluster(record, merge=()):
     return cluster
 
 
+def _fake_rep(record):
+    """``baseline_rep`` stand-in: records (kind, seed, library_key), returns zeros."""
+
+    def rep(adata, kind, seed, library_key=None):
+        record.append((kind, seed, library_key))
+        return np.zeros((adata.n_obs, 3))
+
+    return rep
+
+
+def _slowed(fn, seconds=0.5):
+    """``fn`` that first sleeps ``seconds``: a step the timer must leave out."""
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
 def _fake_embed(record):
     def embed(adata, **kwargs):
         record.append({"n_obs": adata.n_obs, **kwargs})
@@ -101,24 +121,9 @@ def test_benchmark_job_passes_seed_and_options_and_times_only_the_pipeline(
     embeds, clusters, reps = [], [], []
     monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
     monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster(clusters))
-
-    def fake_rep(adata, kind, seed, library_key=None):
-        reps.append((kind, seed, library_key))
-        return np.zeros((adata.n_obs, 3))
-
-    monkeypatch.setattr(bench, "baseline_rep", fake_rep)
-    load, evaluate = bench.load_slice, dfm.metrics.evaluate
-
-    def slow_load(path):
-        time.sleep(0.5)
-        return load(path)
-
-    def slow_evaluate(*args, **kwargs):
-        time.sleep(0.5)
-        return evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(bench, "load_slice", slow_load)
-    monkeypatch.setattr(dfm.metrics, "evaluate", slow_evaluate)
+    monkeypatch.setattr(bench, "baseline_rep", _fake_rep(reps))
+    monkeypatch.setattr(bench, "load_slice", _slowed(bench.load_slice))
+    monkeypatch.setattr(dfm.metrics, "evaluate", _slowed(dfm.metrics.evaluate))
     path = str(bench.slice_path("bundled"))
     row = bench._job("dfmamba_st", path, "bundled", 3, 1, {"epochs": 2, "n_pcs": None}, {"n_clusters": None})
     assert embeds[-1]["seed"] == 3 and embeds[-1]["epochs"] == 2 and embeds[-1]["n_pcs"] is None
@@ -318,12 +323,7 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
         adata.obs[kwargs.get("key_added", "dfm_domain")] = pd.Categorical(np.where(lib == "b", merged, labels))
 
     monkeypatch.setattr(dfm.tl, "cluster", cluster)
-
-    def fake_rep(adata, kind, seed, library_key=None):
-        reps.append((kind, seed, library_key))
-        return np.zeros((adata.n_obs, 3))
-
-    monkeypatch.setattr(ms, "baseline_rep", fake_rep)
+    monkeypatch.setattr(ms, "baseline_rep", _fake_rep(reps))
     row = ms._joint_job("dfmamba_st", paths, 3, 1, {"tol": 1e-6})
     assert embeds[-1]["library_key"] == "library" and embeds[-1]["seed"] == 3
     assert clusters[-1]["library_key"] == "library" and clusters[-1]["random_state"] == 3
@@ -349,14 +349,8 @@ def test_multislice_timer_leaves_out_reading_the_slices(benchmark_module, monkey
     ms = benchmark_module("st_multislice")
     paths = {"a": str(ms.slice_path("bundled")), "b": str(_two_bundled(tmp_path))}
     monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster([]))
-    monkeypatch.setattr(ms, "baseline_rep", lambda adata, kind, seed, library_key=None: np.zeros((adata.n_obs, 3)))
-    load = ms.load_slice
-
-    def slow_load(path):
-        time.sleep(0.5)
-        return load(path)
-
-    monkeypatch.setattr(ms, "load_slice", slow_load)
+    monkeypatch.setattr(ms, "baseline_rep", _fake_rep([]))
+    monkeypatch.setattr(ms, "load_slice", _slowed(ms.load_slice))
     row = ms._joint_job("pca_nbmean_gmm", paths, 0, 1)
     assert 0 < row["seconds"] < 0.5
 
@@ -462,8 +456,6 @@ def test_gmm_restarts_summary_spreads_within_each_embedding(benchmark_module, mo
 def test_gmm_restarts_rows_use_the_embedding_seed_the_restarts_and_the_clustering_seed(benchmark_module, monkeypatch):
     """Each seed reaches its own step (tl.embed / tl.cluster replaced by recorders)."""
     bench = benchmark_module("gmm_restarts")
-    import dfmamba_st as dfm
-
     embeds, clusters = [], []
 
     def fake_embed(adata, seed, progress):
@@ -528,8 +520,6 @@ def test_tiling_seams_table_compares_the_dfmamba_block_of_each_tiling_with_the_w
 ):
     """The printed differences, recomputed from the embeddings the script produced."""
     bench = benchmark_module("tiling_seams")
-    import dfmamba_st as dfm
-
     real_embed, runs = dfm.tl.embed, []
 
     def embed(adata, **kw):
@@ -713,13 +703,11 @@ def test_scale_table_sorts_the_sizes_and_prints_the_growth_per_4x(benchmark_modu
     assert all(env["OMP_NUM_THREADS"] == "3" and cmd[-1] == "3" for cmd, env in commands)
 
 
-def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers(benchmark_module, monkeypatch):
+def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers(
+    benchmark_module, monkeypatch, keep_torch_threads
+):
     """Seconds = serialize + embed + cluster; tl.cluster asked for the six layers."""
     bench = benchmark_module("scale")
-    import time
-
-    import dfmamba_st as dfm
-
     asked = []
 
     def fake_cluster(adata, k):
@@ -729,11 +717,7 @@ def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers
     monkeypatch.setattr(dfm.pp, "serialize", lambda adata: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "embed", lambda adata, progress, seed: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "cluster", fake_cluster)
-    threads = torch.get_num_threads()
-    try:
-        row = bench.run_one(2000, 0, threads)
-    finally:
-        torch.set_num_threads(threads)
+    row = bench.run_one(2000, 0, torch.get_num_threads())
     assert asked == [6]
     assert row["serialize_s"] >= 0.05 and row["embed_s"] >= 0.05
     assert row["seconds"] == pytest.approx(row["serialize_s"] + row["embed_s"] + row["cluster_s"], rel=1e-9)

@@ -388,7 +388,6 @@ def test_ts_benchmark_hands_every_setting_and_seed_to_each_model_and_scores_the_
 ):
     """What the script hands each model and scores: training, scoring and zero-shot replaced by recorders."""
     bench = benchmark_module("ts_forecast")
-    from dfmamba_st import ts
     from dfmamba_st.core import seed_everything
 
     trained, scored, zero_shots = [], [], []
