@@ -306,9 +306,11 @@ def test_a_handful_of_spots_in_a_library_is_not_a_library_specific_domain():
     assert dfm.tl.library_specific_domains(labels, libraries) == {"5": "a"}
 
 
-def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled):
+@pytest.mark.parametrize("shift", [0, 1], ids=["even grid", "odd grid"])
+def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled, shift):
     adata = crop(bundled)
-    adata.obs["array_col"] = adata.obs["array_col"].to_numpy().copy()
+    # shift 1: columns counted from 1, so every on-grid spot has an odd row + col
+    adata.obs["array_col"] = adata.obs["array_col"].to_numpy() + shift
     adata.obs.iloc[0, adata.obs.columns.get_loc("array_col")] += 1  # one spot off the lattice
     with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid"):
         dfm.pp.serialize(adata)

@@ -98,15 +98,6 @@ def test_coarsen_conserves_counts_and_genes(slice_673, factor):
 
 
 @needs_data
-def test_a_few_spots_off_a_grid_of_odd_parity_are_reported(small):
-    adata = small.copy()
-    adata.obs["array_col"] = adata.obs["array_col"].to_numpy() + 1  # columns counted from 1: every row + col is odd
-    adata.obs.iloc[0, adata.obs.columns.get_loc("array_col")] += 1
-    with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid"):
-        dfm.pp.serialize(adata)
-
-
-@needs_data
 def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and_majority_labels(small):
     """Two libraries on the same coordinates whose counts are an identity matrix, so that ``coarse.X[b, s] = 1``
     says that bin ``b`` merged spot ``s``."""
