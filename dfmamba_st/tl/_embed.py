@@ -19,7 +19,7 @@ from scanpy import logging as logg
 from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, resolve_library_key, versions
 from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
 from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
-from ._features import FeatureTransform, expression_matrix, smooth
+from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
 
 __all__ = ["PRESETS", "embed"]
@@ -393,7 +393,7 @@ def embed(
             bidirectional=bidirectional,
         )
         if feature_tf.log_normalize:
-            logg.info("input looks like raw counts: normalised to 10,000 per spot and log1p-transformed")
+            logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
     features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
