@@ -39,24 +39,21 @@ def top(bundled):
 
 
 @pytest.fixture
-def one_torch_thread():
+def keep_torch_threads():
+    """torch's thread count as the test found it, given back afterwards (a benchmark job run in-process sets it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread(keep_torch_threads):
     """torch on one thread for the test, the caller's thread count afterwards.
 
     The CI machine is small and shared: more threads than cores makes small models many times slower.
     """
     import torch
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def keep_torch_threads():
-    """A benchmark job run in-process sets torch's thread count; the tests after it get theirs back."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
