@@ -130,6 +130,22 @@ def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and
 
 
 @needs_data
+@pytest.mark.parametrize("kind", ["str", "int"])
+def test_coarse_bins_keep_a_library_column_that_is_not_categorical(small, kind):
+    """A plain column (strings or integer codes) gives each bin its library, as a categorical one does."""
+    both = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    both.obs["lib"] = both.obs["lib"].astype(str) if kind == "str" else both.obs["lib"].cat.codes.astype(np.int64)
+    coarse = dfm.pp.coarsen(both, 2, library_key="lib")
+    alone = dfm.pp.coarsen(small, 2).n_obs
+    assert coarse.obs["lib"].notna().all()
+    assert coarse.obs["lib"].value_counts().to_dict() == (
+        {"a": alone, "b": alone} if kind == "str" else {0: alone, 1: alone}
+    )
+    assert (coarse.obs["lib"].dtype == np.int64) == (kind == "int")
+    dfm.pp.serialize(coarse, library_key="lib")  # each library its own sequence again
+
+
+@needs_data
 def test_embed_writes_documented_keys_and_is_reproducible(small):
     dfm.pp.serialize(small)
     before = small.X.copy()

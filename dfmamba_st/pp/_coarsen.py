@@ -16,15 +16,18 @@ from ._serialize import library_layouts
 __all__ = ["coarsen"]
 
 
-def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Series:
-    """Most frequent non-missing value of ``values`` in each group (missing if the group has none)."""
+def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Categorical | np.ndarray:
+    """Most frequent non-missing value of ``values`` in each group (missing if the group has none).
+
+    Positional (an array, not a Series), so that it lands on the bins whatever their index.
+    """
     frame = pd.DataFrame({"g": groups, "v": values.to_numpy()}).dropna()
     top = frame.groupby("g")["v"].agg(lambda v: v.value_counts().index[0])
     out = pd.Series([np.nan] * n_groups, dtype=object)
     out.iloc[top.index.to_numpy()] = top.to_numpy()
     if isinstance(values.dtype, pd.CategoricalDtype):
         return pd.Categorical(out, categories=values.cat.categories)
-    return out
+    return out.infer_objects().to_numpy()  # e.g. integer library codes stay integers
 
 
 #: ``uns`` entries that describe the fine spots or their log-transformed ``X``, dropped besides the tool records
