@@ -6,10 +6,12 @@ download path runs pooch for real with ``requests`` replaced by a function that 
 
 import io
 import re
+import warnings
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import requests
 import scanpy as sc
@@ -104,6 +106,24 @@ def test_a_model_file_keeps_every_setting_and_loads_ready_to_embed(crop, tmp_pat
         np.testing.assert_array_equal(getattr(back, name), getattr(tf, name))
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_genes_named_by_numbers_are_recorded_as_text_and_survive_a_file_round_trip(crop, tmp_path):
+    """Integer var_names (anndata warns but keeps them): the record must be writable, and the model must find its
+    genes again in the same data read back from the file, where anndata has made the names text."""
+    crop.var_names = pd.Index(np.arange(crop.n_vars))
+    dfm.pp.serialize(crop)
+    model = dfm.tl.embed(crop, **QUICK, return_model=True, device="cpu")
+    assert all(isinstance(g, str) for g in crop.uns["dfm"]["genes"]) and model.features.genes == list(
+        crop.uns["dfm"]["genes"]
+    )
+    crop.write_h5ad(tmp_path / "numbered.h5ad")
+    back = ad.read_h5ad(tmp_path / "numbered.h5ad")
+    assert back.uns["dfm"]["genes"].tolist() == model.features.genes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no gene reported missing
+        dfm.tl.embed(back, model=model, progress=False, device="cpu")
+    np.testing.assert_allclose(back.obsm["X_dfm"], crop.obsm["X_dfm"], atol=1e-5)
 
 
 def test_a_model_object_is_moved_to_the_device_it_is_applied_on(trained, monkeypatch):
