@@ -23,12 +23,14 @@ __all__ = [
 ]
 
 
-def check_adata(adata: AnnData) -> None:
-    """Fail early on something that is not a usable AnnData."""
+def check_adata(adata: AnnData, *, min_spots: int = 1, caller: str = "") -> None:
+    """Fail early on something that is not a usable AnnData (or has fewer than ``min_spots`` spots for ``caller``)."""
     if not isinstance(adata, AnnData):
         raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
     if adata.n_obs == 0:
         raise ValueError("The AnnData has 0 spots; there is nothing to analyse.")
+    if adata.n_obs < min_spots:
+        raise ValueError(f"{caller} needs at least {min_spots} spots, got {adata.n_obs}.")
 
 
 def check_library_key(adata: AnnData, library_key: str | None) -> None:

@@ -296,6 +296,13 @@ def test_cluster_checks_its_arguments(bundled):
         dfm.tl.cluster(adata[:1].copy(), 1, use_rep="X_rep")
 
 
+def test_embed_needs_two_spots(top):
+    one = top[:1].copy()
+    dfm.pp.serialize(one)
+    with pytest.raises(ValueError, match=r"dfm\.tl\.embed needs at least 2 spots, got 1"):
+        dfm.tl.embed(one, **QUICK)
+
+
 def test_a_handful_of_spots_in_a_library_is_not_a_library_specific_domain():
     # two 3,000-spot libraries sharing 5 domains, and a 2-spot fragment whose two spots form a sixth: that domain is
     # 100 % of the fragment's spots and absent elsewhere, which says nothing with two spots

@@ -297,9 +297,7 @@ def cluster(
     7
     """
     start = time.time()
-    check_adata(adata)
-    if adata.n_obs < 2:
-        raise ValueError(f"dfm.tl.cluster needs at least 2 spots, got {adata.n_obs}.")
+    check_adata(adata, min_spots=2, caller="dfm.tl.cluster")
     record = embed_record_key(use_rep)
     order_key = recorded_param(adata, record, "order_key") or "dfm_order"
     library_key = resolve_library_key(adata, library_key, record, order_key)

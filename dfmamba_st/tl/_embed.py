@@ -303,7 +303,7 @@ def embed(
     (3639, 114)
     """
     start = time.time()
-    check_adata(adata)
+    check_adata(adata, min_spots=2, caller="dfm.tl.embed")
     if order_key not in adata.obs.columns:
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed.")
     library_key = resolve_library_key(adata, library_key, order_key)
