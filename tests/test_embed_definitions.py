@@ -2,7 +2,10 @@
 principal axes, the spatial graph, the tokens and the readout, the training masks, the record. Real data: crops of the
 bundled DLPFC 151673 slice."""
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
@@ -42,6 +45,38 @@ def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
     scanpy = sc.pp.highly_variable_genes(top, flavor="seurat", n_top_genes=300, inplace=False)
     expected = set(top.var_names[scanpy["highly_variable"].to_numpy()])
     assert len(expected & set(top.var_names[ranks.to_numpy() < 300])) >= 298
+
+
+def test_counts_of_too_few_spots_for_seurat_v3_are_ranked_by_the_seurat_dispersion_of_their_log_values(bundled):
+    """scikit-misc's loess (seurat_v3) fails on these 251 spots; tl.embed goes on with scanpy's other flavour."""
+    small = crop(bundled, rows=(0, 5), cols=(0, 200))
+    dfm.pp.serialize(small)
+    with pytest.warns(UserWarning, match="seurat_v3 .* failed on these 251 spots") as caught:
+        dfm.tl.embed(small, **QUICK)
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
+    logged = small.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    scanpy = sc.pp.highly_variable_genes(logged, flavor="seurat", n_top_genes=300, inplace=False)
+    expected = set(small.var_names[scanpy["highly_variable"].to_numpy()])
+    assert len(expected & set(small.uns["dfm"]["genes"])) >= 298
+
+
+def test_too_few_varying_genes_for_a_loess_fit_are_ranked_without_trying_it(top):
+    """scikit-misc's loess crashes the process on 3 points or fewer: with 3 varying genes it is not called."""
+    two = top[:2]
+    X, _ = expression_matrix(two, None)
+    dense = X.toarray()
+    varying = np.flatnonzero(dense[0] != dense[1])[:3]
+    constant = np.flatnonzero((dense[0] == 0) & (dense[1] == 0))[:9]
+    genes = two.var_names[np.sort(np.concatenate([varying, constant]))]
+    X, is_counts = expression_matrix(two[:, genes], None)
+    with pytest.warns(UserWarning, match=r"\(only 3 genes vary\)"):
+        ranks = gene_ranks(X, genes, is_counts)
+    logged = two[:, genes].copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    pd.testing.assert_series_equal(ranks, gene_ranks(expression_matrix(logged, None)[0], genes, False))
 
 
 def test_the_fit_subset_is_drawn_with_the_seed(top, monkeypatch):

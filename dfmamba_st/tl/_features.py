@@ -275,22 +275,55 @@ class FeatureTransform:
         )
 
 
+#: scikit-misc's loess (scanpy's seurat_v3 fit of variance on mean) crashes the process on 3 points or fewer
+#: (scikit-misc 0.5.3): with fewer varying genes than this the fit is not tried
+MIN_LOESS_GENES = 10
+
+
+def _scanpy_scores(X: sp.csr_matrix, var_names: pd.Index, flavor: str, column: str) -> pd.Series:
+    tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
+    with warnings.catch_warnings():
+        # every gene is ranked, so scanpy warns that n_top_genes reaches the number of scored genes: expected here
+        warnings.filterwarnings("ignore", message=".*n_top_genes.*", category=UserWarning)
+        return sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=len(var_names), inplace=False)[column]
+
+
+def _variance_scores(X: sp.csr_matrix, var_names: pd.Index) -> pd.Series:
+    """seurat_v3's standardised variances; ``ValueError`` when its loess fit fails (or would crash: too few genes)."""
+    mean = np.asarray(X.mean(axis=0)).ravel()
+    varying = int((np.asarray(X.multiply(X).mean(axis=0)).ravel() - mean**2 > 0).sum())
+    if varying < MIN_LOESS_GENES:
+        raise ValueError(f"only {varying} genes vary")
+    return _scanpy_scores(X, var_names, "seurat_v3", "variances_norm")
+
+
 def gene_ranks(X: sp.csr_matrix, var_names: pd.Index, is_counts: bool) -> pd.Series:
     """Rank of every gene by variability (0 = most variable), the same on every machine; :func:`top_genes` cuts it.
 
-    scanpy scores the genes (``flavor="seurat_v3"`` on counts, ``"seurat"`` on log-normalised values). Its own pick
+    scanpy scores the genes (``flavor="seurat_v3"`` on counts, ``"seurat"`` on log-normalised values). On counts of
+    too few spots for seurat_v3's loess fit of variance on mean (it failed below a few hundred spots on crops of
+    DLPFC slices), the counts are log-normalised and scored with ``"seurat"``, with a warning. Its own pick
     orders tied scores with NumPy's default sort, whose order of equal values depends on the CPU's vector extensions
     (on DLPFC 151673, 15 genes tie at the 3,000th place and a machine with AVX-512 keeps two others than one
     without). Here the scores are compared after rounding to float32, so that differences in the last bits of the
     float64 scores (as between machines) do not split a tie unless they straddle a float32 rounding step, and ties
     are broken by gene name.
     """
-    flavor, column = ("seurat_v3", "variances_norm") if is_counts else ("seurat", "dispersions_norm")
-    tmp = AnnData(X=X, var=pd.DataFrame(index=var_names))
-    with warnings.catch_warnings():
-        # every gene is ranked, so scanpy warns that n_top_genes reaches the number of scored genes: expected here
-        warnings.filterwarnings("ignore", message=".*n_top_genes.*", category=UserWarning)
-        scores = sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=len(var_names), inplace=False)[column]
+    if not is_counts:
+        scores = _scanpy_scores(X, var_names, "seurat", "dispersions_norm")
+    else:
+        try:
+            scores = _variance_scores(X, var_names)
+        except ValueError as err:  # scikit-misc's loess reports a singular fit as a ValueError (with bytes)
+            reason = err.args[0].decode() if err.args and isinstance(err.args[0], bytes) else str(err)
+            warnings.warn(
+                f"Ranking genes with scanpy's seurat_v3 (a loess fit of variance on mean) failed on these "
+                f"{X.shape[0]} spots ({reason}); they were ranked by scanpy's 'seurat' dispersion of the "
+                "log-normalised counts instead. seurat_v3 works with a few hundred spots or more; "
+                f"n_top_genes >= {len(var_names)} keeps every gene without ranking.",
+                stacklevel=STACKLEVEL + 2,
+            )
+            scores = _scanpy_scores(_log_normalize(X, True), var_names, "seurat", "dispersions_norm")
     score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
     order = np.lexsort((np.asarray(var_names, dtype=str), -score))  # by score, then by name
     ranks = np.empty(len(order), dtype=np.int64)
