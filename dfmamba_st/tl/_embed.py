@@ -183,7 +183,8 @@ def embed(
         Layer holding the expression (default ``X``).
     n_top_genes
         Number of highly variable genes (scanpy's ``seurat_v3`` scores on counts, ``seurat`` on log-normalised
-        input; ties at the cut broken by gene name, so the choice is the same on every CPU); the preset's value by
+        input, and on the log-normalised counts of a crop too small for ``seurat_v3``'s loess fit, with a warning;
+        ties at the cut broken by gene name, so the choice is the same on every CPU); the preset's value by
         default.
     n_pcs
         Principal components per spot (``None``: the standardised genes themselves; ``-1``: the preset's value).
