@@ -13,7 +13,7 @@ stays linear in the number of spots (the reference code computes one row of the 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import resolve_library_key
+from ._utils import check_library_key, resolve_library_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -193,16 +193,22 @@ def _knn_stable(xy: np.ndarray, k: int, pad: int = 8) -> np.ndarray:
 MISSING_STRINGS: frozenset[str] = frozenset({"", "nan", "none", "na", "<na>"})
 
 
-def _is_missing(values: pd.Series, ignore: str | Sequence[str] | None = ()) -> np.ndarray:
-    """Spots whose label is missing (NaN, None, one of :data:`MISSING_STRINGS`) or in ``ignore`` (any case)."""
+def _is_missing(values: pd.Series, ignore: Hashable | Sequence[Hashable] | None = ()) -> np.ndarray:
+    """Spots whose label is missing (NaN, None, one of :data:`MISSING_STRINGS`) or in ``ignore``.
+
+    Labels in ``ignore`` are text (compared as text, in any case) or numbers (compared by value, so that ``7``
+    matches a label ``7.0`` of a numeric column); one label may be given on its own.
+    """
     if ignore is None:
         ignore = ()
-    elif isinstance(ignore, str):
+    elif isinstance(ignore, str) or not isinstance(ignore, Iterable):
         ignore = (ignore,)
     # a copy: under pandas' copy-on-write (the default from pandas 3) to_numpy() gives a read-only view
     missing = values.isna().to_numpy().copy()
     as_str = values.astype(str).str.strip().str.lower()
-    missing |= as_str.isin(MISSING_STRINGS | {str(v).strip().lower() for v in ignore}).to_numpy()
+    texts = {v.strip().lower() for v in ignore if isinstance(v, str)}
+    missing |= as_str.isin(MISSING_STRINGS | texts).to_numpy()
+    missing |= values.isin([v for v in ignore if not isinstance(v, str)]).to_numpy()
     return missing
 
 
@@ -234,7 +240,7 @@ def evaluate(
     *,
     spatial_key: str = "spatial",
     library_key: str | None = None,
-    ignore: str | Sequence[str] | None = ("undetermined",),
+    ignore: Hashable | Sequence[Hashable] | None = ("undetermined",),
     k: int = 10,
 ) -> pd.DataFrame:
     """Score a spatial-domain labelling against a manual annotation.
@@ -262,6 +268,7 @@ def evaluate(
         Column of ``adata.obs`` naming the slice of each spot; when given, every slice is scored on its own.
     ignore
         Truth labels that mean "not annotated", besides missing values: one label or several; ``None`` for none.
+        Text is compared in any case, numbers by value (``7`` matches ``7.0`` in a numeric column).
     k
         Number of neighbours for :func:`pas` (10 in the reference definition).
 
@@ -289,8 +296,7 @@ def evaluate(
             raise KeyError(f"`adata.obs` has no column {key!r}; available columns: {list(adata.obs.columns)}.")
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
-    if library_key is not None and library_key not in adata.obs:
-        raise KeyError(f"`adata.obs` has no library column {library_key!r}.")
+    check_library_key(adata, library_key)
     truth_s = adata.obs[truth_key]
     pred_s = adata.obs[pred_key]
     keep = ~_is_missing(truth_s, ignore)

@@ -88,6 +88,18 @@ def test_ignore_takes_one_label_or_none_and_string_nans_count_as_missing(dlpfc_1
     assert metrics.evaluate(adata, "truth", "pred").loc["all", "ari"] == reference.loc["all", "ari"]
 
 
+def test_ignore_compares_numbers_by_value_on_a_numeric_annotation(dlpfc_151673):
+    """Layers exported as numbers (a float column, NaN where unannotated): ``7`` is the label ``7.0``."""
+    adata = dlpfc_151673.copy()
+    codes = {name: i + 1 for i, name in enumerate(adata.obs["layer"].cat.categories)}  # ..., WM -> 7
+    adata.obs["number"] = adata.obs["layer"].map(codes).astype(float)
+    white_matter = int((adata.obs["layer"] == "WM").sum())
+    assert codes["WM"] == 7 and white_matter > 100
+    for ignore in (7, [7], (7.0,), "7.0"):
+        assert metrics.evaluate(adata, "number", "pred", ignore=ignore).loc["all", "n_spots"] == 3611 - white_matter
+    assert metrics.evaluate(adata, "number", "pred", ignore=[8]).loc["all", "n_spots"] == 3611
+
+
 def test_unscored_spots_need_no_coordinates_and_an_empty_truth_warns(dlpfc_151673):
     adata = dlpfc_151673.copy()
     unlabelled = np.flatnonzero(adata.obs["layer"].isna().to_numpy())
@@ -152,6 +164,16 @@ def test_missing_keys_give_clear_errors(dlpfc_151673):
         metrics.evaluate(dlpfc_151673, "layer", "nope")
     with pytest.raises(KeyError, match="obsm"):
         metrics.evaluate(dlpfc_151673, "layer", "pred", spatial_key="X_nope")
+    with pytest.raises(KeyError, match="library_key='lib' is not a column"):
+        metrics.evaluate(dlpfc_151673, "layer", "pred", library_key="lib")
+
+
+def test_a_library_column_with_missing_values_is_refused_as_by_the_other_tools(dlpfc_151673):
+    """Spots without a library would be in no row: refused, as pp.serialize, tl.embed and tl.cluster refuse them."""
+    adata = dlpfc_151673.copy()
+    adata.obs["lib"] = np.where(np.arange(adata.n_obs) < 50, None, "a")
+    with pytest.raises(ValueError, match=r"obs\['lib'\] has missing values"):
+        metrics.evaluate(adata, "layer", "pred", library_key="lib")
 
 
 def test_multiple_libraries_give_one_row_each_equal_to_scoring_each_alone(dlpfc_151673):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -477,7 +477,7 @@ def _gates_along_sequence(
 
 
 def _domain_palette(
-    adata: AnnData, shown: AnnData, key: str, truth_key: str | None, ignore: str | Sequence[str] | None = ()
+    adata: AnnData, shown: AnnData, key: str, truth_key: str | None, ignore: Hashable | Sequence[Hashable] | None = ()
 ) -> tuple[list | None, dict | None, pd.Series, pd.Series | None]:
     """Colours of the domains (a list over their categories, or ``None``: scanpy's) and of the annotation.
 
@@ -518,7 +518,7 @@ def domains(
     key: str = "dfm_domain",
     *,
     truth_key: str | None = None,
-    ignore: str | Sequence[str] | None = ("undetermined",),
+    ignore: Hashable | Sequence[Hashable] | None = ("undetermined",),
     library_key: str | None = None,
     library_id: str | None = None,
     ncols: int = 4,
