@@ -67,13 +67,26 @@ def whole_number(value: object, what: str, minimum: int = 1) -> int:
     return int(value)
 
 
+#: the ``uns`` key of the record of the default embedding (``obsm['X_dfm']``)
+EMBED_RECORD = "dfm"
+
+
 def embed_record_key(key_added: str) -> str:
     """The ``uns`` key of the record of a :func:`~dfmamba_st.tl.embed` run that wrote ``obsm[key_added]``.
 
     ``"dfm"`` for the default ``"X_dfm"``, else ``key_added`` itself (scanpy's rule for ``sc.pp.pca``), so two
     embeddings of one AnnData keep their own records.
     """
-    return "dfm" if key_added == "X_dfm" else key_added
+    return EMBED_RECORD if key_added == "X_dfm" else key_added
+
+
+def check_key_added(key_added: str, caller: str) -> None:
+    """Refuse a ``key_added`` whose ``uns`` record would replace the default embedding's (``uns['dfm']``)."""
+    if key_added == EMBED_RECORD:
+        raise ValueError(
+            f"key_added={EMBED_RECORD!r} would write {caller}'s record over uns[{EMBED_RECORD!r}], the record of "
+            "the embedding obsm['X_dfm'] (its genes, settings and training history); choose another name."
+        )
 
 
 def is_tool_record(value: object) -> bool:

@@ -296,6 +296,21 @@ def test_cluster_checks_its_arguments(bundled):
         dfm.tl.cluster(adata[:1].copy(), 1, use_rep="X_rep")
 
 
+@pytest.mark.parametrize("tool", ["embed", "cluster"])
+def test_key_added_dfm_is_refused_because_it_would_replace_the_embeddings_record(top, tool):
+    dfm.pp.serialize(top)
+    dfm.tl.embed(top, **QUICK)
+    record = top.uns["dfm"]
+    call = (
+        (lambda: dfm.tl.embed(top, **QUICK, key_added="dfm"))
+        if tool == "embed"
+        else (lambda: dfm.tl.cluster(top, 3, key_added="dfm"))
+    )
+    with pytest.raises(ValueError, match=rf"key_added='dfm' would write dfm\.tl\.{tool}'s record over uns\['dfm'\]"):
+        call()
+    assert top.uns["dfm"] is record and "dfm" not in top.obsm and "dfm" not in top.obs
+
+
 def test_embed_needs_two_spots(top):
     one = top[:1].copy()
     dfm.pp.serialize(one)

@@ -15,7 +15,7 @@ from matplotlib.colors import is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._utils import check_library_key, embed_record_key, is_tool_record, recorded_param
+from .._utils import EMBED_RECORD, check_library_key, embed_record_key, is_tool_record, recorded_param
 from ..metrics import _is_missing
 from ..tl._cluster import WEAK_KNEE
 
@@ -60,7 +60,7 @@ def _embed_record(adata: AnnData, key: str) -> str | None:
     ``uns[embed_record_key(key)]``; files written before each embedding had its own record keep the last run's record
     in ``uns['dfm']``, which counts when its ``key_added`` is ``key``.
     """
-    for uns_key in dict.fromkeys((embed_record_key(key), "dfm")):
+    for uns_key in dict.fromkeys((embed_record_key(key), EMBED_RECORD)):
         record = adata.uns.get(uns_key)
         if is_tool_record(record) and str(record.get("key_added", "X_dfm")) == key:
             return uns_key

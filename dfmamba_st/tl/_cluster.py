@@ -18,6 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from .._utils import (
     check_adata,
+    check_key_added,
     check_library_key,
     embed_record_key,
     h5ad_safe,
@@ -266,7 +267,7 @@ def cluster(
         :func:`~dfmamba_st.tl.embed` run that wrote ``use_rep``, or else by :func:`~dfmamba_st.pp.serialize`; the
         refinement uses the coordinates they recorded too.
     key_added
-        ``obs`` column for the domains.
+        ``obs`` column for the domains (and ``uns`` key of the record); not ``"dfm"``, the embedding's record.
     random_state
         Seed of the clustering.
     copy
@@ -298,6 +299,7 @@ def cluster(
     """
     start = time.time()
     check_adata(adata, min_spots=2, caller="dfm.tl.cluster")
+    check_key_added(key_added, "dfm.tl.cluster")
     record = embed_record_key(use_rep)
     order_key = recorded_param(adata, record, "order_key") or "dfm_order"
     library_key = resolve_library_key(adata, library_key, record, order_key)

@@ -16,7 +16,15 @@ import torch
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, embed_record_key, h5ad_safe, resolve_library_key, versions
+from .._utils import (
+    check_adata,
+    check_key_added,
+    check_library_key,
+    embed_record_key,
+    h5ad_safe,
+    resolve_library_key,
+    versions,
+)
 from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
 from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
@@ -268,7 +276,8 @@ def embed(
         Show a progress bar.
     key_added
         Key of the embedding in ``obsm``. The run is recorded in ``uns['dfm']`` for the default ``"X_dfm"``, else in
-        ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records.
+        ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records
+        (``"dfm"`` itself is refused: its record would replace that of ``"X_dfm"``).
     return_model
         Also return the trained model (for :func:`~dfmamba_st.tl.save_model` or ``model=`` on another slice).
     copy
@@ -305,6 +314,7 @@ def embed(
     """
     start = time.time()
     check_adata(adata, min_spots=2, caller="dfm.tl.embed")
+    check_key_added(key_added, "dfm.tl.embed")
     if order_key not in adata.obs.columns:
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed.")
     library_key = resolve_library_key(adata, library_key, order_key)
