@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import check_library_key, resolve_library_key
+from ._utils import check_library_key, resolve_library_key, whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -157,8 +157,7 @@ def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, k: int = 
     xy = _as_coords(coords)
     codes = _as_labels(labels, n=xy.shape[0])
     n = xy.shape[0]
-    if k < 1:
-        raise ValueError(f"`k` must be at least 1, got {k}.")
+    k = whole_number(k, "`k`")
     kk = min(k, n - 1)
     if kk < 1:
         return 0.0

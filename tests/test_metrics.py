@@ -168,6 +168,12 @@ def test_missing_keys_give_clear_errors(dlpfc_151673):
         metrics.evaluate(dlpfc_151673, "layer", "pred", library_key="lib")
 
 
+@pytest.mark.parametrize("k", [0, 2.5])
+def test_pas_neighbours_must_be_a_whole_number(dlpfc_151673, k):
+    with pytest.raises(ValueError, match=rf"`k` must be a whole number >= 1, got {k}\."):
+        metrics.evaluate(dlpfc_151673, "layer", "pred", k=k)
+
+
 def test_a_library_column_with_missing_values_is_refused_as_by_the_other_tools(dlpfc_151673):
     """Spots without a library would be in no row: refused, as pp.serialize, tl.embed and tl.cluster refuse them."""
     adata = dlpfc_151673.copy()

@@ -147,18 +147,37 @@ def test_unknown_curve_names_the_known_ones(crop):
 
 
 @pytest.mark.parametrize(
-    ("option", "message"),
-    [({"epochs": 0}, "epochs must be >= 1"), ({"ema_fraction": 2.0}, "ema_fraction must be None or lie in")],
+    ("option", "error", "message"),
+    [
+        ({"epochs": 0}, ValueError, r"epochs must be a whole number >= 1, got 0\."),
+        ({"epochs": 1.5}, ValueError, r"epochs must be a whole number >= 1, got 1\.5\."),
+        ({"n_top_genes": 0}, ValueError, r"n_top_genes must be a whole number >= 1"),
+        ({"d_model": 2.5}, ValueError, r"d_model must be a whole number >= 1"),
+        ({"n_pcs": 0}, ValueError, r"n_pcs \(None: the standardised genes themselves\) must be a whole number >= 1"),
+        ({"n_pcs": 2.5}, ValueError, r"n_pcs .* got 2\.5\."),
+        ({"seed": None}, TypeError, r"seed must be a whole number >= 0, got None\."),
+        ({"seed": -1}, ValueError, r"seed must be a whole number >= 0, got -1\."),
+        ({"ema_fraction": 2.0}, ValueError, "ema_fraction must be None or lie in"),
+    ],
 )
-def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(top, monkeypatch, option, message):
+def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(
+    top, monkeypatch, option, error, message
+):
     dfm.pp.serialize(top)
 
     def read(*args, **kwargs):
         raise AssertionError("the expression matrix was read before the options were checked")
 
     monkeypatch.setattr(_embed, "expression_matrix", read)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         dfm.tl.embed(top, progress=False, **option)
+
+
+def test_one_extra_curve_may_be_named_on_its_own(top):
+    """A string is one curve's name, not a sequence of one-letter names."""
+    dfm.pp.serialize(top)
+    dfm.tl.embed(top, extra_curves="zorder", **FAST)
+    assert list(top.uns["dfm"]["params"]["curves"]) == ["hilbert", "zorder"]
 
 
 # --- clustering ----------------------------------------------------------------------------------------------------
@@ -180,6 +199,18 @@ def test_bad_number_of_clusters(trained, k):
 def test_bad_number_of_restarts(trained, n_init):
     with pytest.raises(ValueError, match=r"n_init must be a positive whole number"):
         dfm.tl.cluster(trained[0].copy(), 7, n_init=n_init)
+
+
+@pytest.mark.parametrize("n_comps", [0, -1, 2.5])
+def test_bad_number_of_components(trained, n_comps):
+    with pytest.raises(ValueError, match=r"n_comps \(None: every dimension of use_rep\) must be a whole number >= 1"):
+        dfm.tl.cluster(trained[0].copy(), 7, n_comps=n_comps)
+
+
+def test_a_k_range_above_the_number_of_spots_is_refused(trained):
+    few = trained[0][:5].copy()
+    with pytest.raises(ValueError, match=r"Every K of k_range=range\(6, 9\) exceeds the 5 spots"):
+        dfm.tl.cluster(few, None, k_range=range(6, 9))
 
 
 @pytest.mark.parametrize("tol", [0, -1e-3])

@@ -25,6 +25,7 @@ from .._utils import (
     is_whole_number,
     recorded_param,
     resolve_library_key,
+    whole_number,
 )
 from ..pp._serialize import library_layouts
 
@@ -146,7 +147,10 @@ def choose_n_clusters(
     ``(k, {k: bic}, depth)``: ``depth`` is how far the knee lies below that line (0 for a straight or flat curve, or
     fewer than three K); a shallow knee (below ``WEAK_KNEE``, 0.15) is a weak choice.
     """
-    k_range = [k for k in k_range if k <= rep.shape[0]]
+    within = [k for k in k_range if k <= rep.shape[0]]
+    if not within:
+        raise ValueError(f"Every K of k_range={k_range!r} exceeds the {rep.shape[0]} spots; give a lower k_range.")
+    k_range = within
     bic = {k: float(_gmm(rep, k, random_state, BIC_RESTARTS, tol).bic(rep)) for k in k_range}
     ks = np.array(list(bic), dtype=np.float64)
     values = np.array(list(bic.values()))
@@ -317,8 +321,10 @@ def cluster(
                 f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs} (or None), got {n_clusters!r}."
             )
         n_clusters = int(n_clusters)
-    if n_init is not None and (int(n_init) != n_init or n_init < 1):
+    if n_init is not None and not is_whole_number(n_init, 1):
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
+    if n_comps is not None:
+        n_comps = whole_number(n_comps, "n_comps (None: every dimension of use_rep)")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}.")
     if not isinstance(k_range, range) or len(k_range) == 0 or k_range.start < 1 or k_range.step < 1:

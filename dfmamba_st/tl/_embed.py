@@ -24,6 +24,7 @@ from .._utils import (
     h5ad_safe,
     resolve_library_key,
     versions,
+    whole_number,
 )
 from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
 from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
@@ -321,8 +322,11 @@ def embed(
     check_library_key(adata, library_key)
     if readout not in ("concat", "model"):
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
+    if isinstance(extra_curves, str):  # one curve's name, not a sequence of letters
+        extra_curves = (extra_curves,)
     for name in extra_curves:
         curves.check_curve(name, "curve in extra_curves")
+    seed = whole_number(seed, "seed", minimum=0)
     serialized = adata.uns.get(order_key, {}).get("params", {})
     primary = serialized.get("curve", "hilbert")
     spatial_key = serialized.get("spatial_key", "spatial")
@@ -371,8 +375,10 @@ def embed(
             settings["n_pcs"] = n_pcs
         if ema_fraction != -1:
             settings["ema_fraction"] = ema_fraction
-        if settings["n_top_genes"] < 1 or settings["epochs"] < 1:
-            raise ValueError("n_top_genes and epochs must be >= 1.")
+        for key in ("n_top_genes", "epochs", "d_model", "depth"):
+            settings[key] = whole_number(settings[key], key)
+        if settings["n_pcs"] is not None:
+            settings["n_pcs"] = whole_number(settings["n_pcs"], "n_pcs (None: the standardised genes themselves)")
         _check_paper_on_cpu(preset_name, torch_device, settings["d_model"])
         if settings["ema_fraction"] is not None and not 0.0 < settings["ema_fraction"] <= 1.0:
             raise ValueError(f"ema_fraction must be None or lie in (0, 1], got {settings['ema_fraction']}.")
