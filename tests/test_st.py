@@ -311,10 +311,12 @@ def test_n_init_reaches_the_kmeans_and_gmm_fits(small, monkeypatch):
 
 
 @needs_data
-def test_domains_are_numbered_by_decreasing_size_in_numeric_order(small):
+@pytest.mark.parametrize("refine", [False, True])
+def test_domains_are_numbered_by_decreasing_size_in_numeric_order(small, refine):
+    """Also after the spatial refinement, which moves spots between domains."""
     dfm.pp.serialize(small)
     dfm.tl.embed(small, **FAST)
-    dfm.tl.cluster(small, 12, n_init=1, refine=False)
+    dfm.tl.cluster(small, 12, n_init=1, refine=refine)
     domains = small.obs["dfm_domain"]
     assert list(domains.cat.categories) == [str(i) for i in range(12)]  # numeric, not lexicographic, order
     assert np.all(np.diff(domains.value_counts(sort=False).to_numpy()) <= 0)

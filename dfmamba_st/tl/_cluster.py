@@ -371,7 +371,7 @@ def cluster(
         refined = labels.copy()
         for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())
-        labels = refined
+        labels = _relabel(refined)  # numbered by size again; a domain the vote emptied keeps a last, empty category
 
     if library_key is not None:
         extra["library_specific"] = library_specific_domains(labels, adata.obs[library_key].to_numpy())
