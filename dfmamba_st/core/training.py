@@ -302,7 +302,9 @@ def fit(
     steps_per_epoch
         Number of optimiser steps per epoch, for the schedule; by default ``len(train_data)``.
     lr, weight_decay
-        AdamW settings.
+        AdamW settings. The decay applies to every parameter, also to ``A_log``, ``D``, biases and norm weights,
+        which mamba-ssm's convention exempts; exempting them changed no spatial or forecasting result beyond its
+        noise (``docs/spatial_log.md``, "Weight decay on every parameter").
     warmup_fraction
         Fraction of all steps spent in linear warm-up.
     grad_clip
