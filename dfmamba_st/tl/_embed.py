@@ -389,14 +389,12 @@ def embed(
             )
 
     X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
-    # genes are matched and recorded by name as text, as they are after a round trip through an .h5ad file
-    var_names = adata.var_names.astype(str)
     if model is None:
         seed_everything(seed)
         feature_tf = FeatureTransform.fit_matrix(
             X,
             input_is_counts,
-            var_names,
+            adata.var_names,
             n_top_genes=settings["n_top_genes"],
             n_pcs=settings["n_pcs"],
             seed=seed,
@@ -415,7 +413,7 @@ def embed(
             logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
-    features, missing = feature_tf.transform_matrix(X, input_is_counts, var_names)
+    features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
     del X  # the whole matrix is not needed past the features
     if missing:  # only a trained model's genes can be missing
         share = len(missing) / len(feature_tf.genes)

@@ -159,7 +159,11 @@ class FeatureTransform:
         seed: int,
         chosen: bool = True,
     ) -> FeatureTransform:
-        """:meth:`fit` on an expression matrix already read by :func:`expression_matrix` (genes ``var_names``)."""
+        """:meth:`fit` on an expression matrix already read by :func:`expression_matrix` (genes ``var_names``).
+
+        Genes are named as text (``var_names`` as ``str``), as they are after a round trip through an ``.h5ad`` file.
+        """
+        var_names = pd.Index(var_names).astype(str)
         log_total = None if is_counts else float(np.median(_row_totals(X.expm1())))
         n_vars = len(var_names)
         genes = list(var_names)
@@ -200,9 +204,12 @@ class FeatureTransform:
         return self.transform_matrix(X, is_counts, adata.var_names)
 
     def transform_matrix(self, X: sp.csr_matrix, is_counts: bool, var_names: pd.Index) -> tuple[np.ndarray, list[str]]:
-        """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var_names``)."""
+        """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var_names``).
+
+        Genes are matched by name as text, as in :meth:`fit_matrix`.
+        """
         X = self.as_training_input(X, is_counts)
-        position = var_names.get_indexer(self.genes)
+        position = pd.Index(var_names).astype(str).get_indexer(self.genes)
         present = position >= 0
         missing = [g for g, ok in zip(self.genes, present) if not ok]
         if not present.any():
