@@ -392,6 +392,24 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(crop, tmp_path, monkeyp
     np.testing.assert_allclose(resumed, full, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"seed": 7}, r"fit\.seed"),
+        ({"epochs": 3}, r"fit\.epochs"),
+        ({"d_model": 8}, r"parameters\..*run_key\.config"),
+        ({"other_spots": True}, r"run_key\.spots"),
+    ],
+)
+def test_a_checkpoint_of_another_run_is_refused_not_resumed(crop, tmp_path, change, named):
+    """A finished run's folder given to a run on other spots or with other settings: resuming would mix the two."""
+    dfm.pp.serialize(crop)
+    dfm.tl.embed(crop, **FAST, checkpoint_dir=tmp_path)
+    other = crop[: crop.n_obs - 10].copy() if change.pop("other_spots", False) else crop
+    with pytest.raises(ValueError, match=rf"another run \(differs in .*{named}"):
+        dfm.tl.embed(other, **{**FAST, **change}, checkpoint_dir=tmp_path)
+
+
 def test_same_seed_same_machine_gives_identical_results_and_records_versions(crop):
     dfm.pp.serialize(crop)
     a = dfm.tl.embed(crop, **FAST, seed=11, copy=True)

@@ -350,3 +350,25 @@ def test_isolated_global_state_puts_back_warn_only():
             assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_a_checkpoint_records_its_run_and_one_of_another_run_is_refused(tmp_path):
+    """Settings, parameter shapes and the caller's run_key must match to resume; a state with no record (written
+    before runs were recorded) is refused too."""
+    options = dict(epochs=2, lr=1e-2, progress=False, checkpoint_dir=tmp_path, run_key={"data": "a"})
+    fit(nn.Linear(4, 1), mse, regression_data(), **options)
+    fit(nn.Linear(4, 1), mse, regression_data(), **options)  # the same run: resumed (nothing left to do)
+    for change, named in [
+        ({"lr": 2e-2}, "fit.lr"),
+        ({"run_key": {"data": "b"}}, "run_key.data"),
+        ({"weight_decay": 0.0}, "fit.weight_decay"),
+    ]:
+        with pytest.raises(ValueError, match=rf"another run \(differs in {named}\)"):
+            fit(nn.Linear(4, 1), mse, regression_data(), **{**options, **change})
+    with pytest.raises(ValueError, match=r"differs in parameters\.bias, parameters\.weight"):
+        fit(nn.Linear(4, 2), mse, regression_data(), **options)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["run"]
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match="holds no record of its run"):
+        fit(nn.Linear(4, 1), mse, regression_data(), **options)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,6 +265,33 @@ def _progress_terms(row: dict[str, float]) -> dict[str, str]:
     return shown
 
 
+def _run_record(model: nn.Module, run_key: Mapping[str, Any] | None, **settings: Any) -> str:
+    """What identifies a training run, as JSON: ``fit``'s settings, the parameter shapes and the caller's key."""
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    return json.dumps({"fit": settings, "parameters": shapes, "run_key": run_key}, sort_keys=True, default=str)
+
+
+def _check_same_run(path: Path, stored: str | None, run: str) -> None:
+    """Refuse to resume from the checkpoint of another run."""
+    if stored == run:
+        return
+    if stored is None:
+        differs = "it holds no record of its run (an older version wrote it)"
+    else:
+        old, new = json.loads(stored), json.loads(run)
+        names = [
+            f"{group}.{k}"
+            for group in new
+            for k in sorted(set(old[group] or {}) | set(new[group] or {}))
+            if (old[group] or {}).get(k) != (new[group] or {}).get(k)
+        ]
+        differs = f"it was written by another run (differs in {', '.join(names)})"
+    raise ValueError(
+        f"checkpoint_dir holds {path}, but {differs}: resuming would mix two runs. Use an empty folder for this run, "
+        "or delete the file to start this run over."
+    )
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -283,6 +311,7 @@ def fit(
     description: str = "training",
     restore_best: bool = True,
     ema_decay: float | None = None,
+    run_key: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` with AdamW, a cosine schedule with warm-up, gradient clipping and early stopping.
 
@@ -314,7 +343,9 @@ def fit(
     seed
         Seed set before training (``None``: leave the random state alone).
     checkpoint_dir
-        Save the full training state there after every epoch and resume from it when it exists.
+        Save the full training state there after every epoch and resume from it when it exists. The state records
+        the run it belongs to (these settings, the model's parameter shapes and ``run_key``); a state of another
+        run is refused, not resumed.
     progress
         Show a tqdm progress bar.
     description
@@ -326,6 +357,9 @@ def fit(
         this decay (e.g. ``0.99``: an average over roughly the last 100 steps), and use it in place of the raw
         weights for validation, for the kept best weights and for the weights the model ends with. ``None``: no
         average.
+    run_key
+        What else identifies the run for ``checkpoint_dir`` (e.g. its data), JSON-serialisable: a checkpoint written
+        with another ``run_key`` is refused.
 
     Returns
     -------
@@ -366,8 +400,23 @@ def fit(
     judged = model if ema is None else ema.module
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
+    run = _run_record(
+        model,
+        run_key,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_fraction=warmup_fraction,
+        grad_clip=grad_clip,
+        patience=patience,
+        seed=seed,
+        restore_best=restore_best,
+        ema_decay=ema_decay,
+    )
     if ckpt_path is not None and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        _check_same_run(ckpt_path, state.get("run"), run)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -434,6 +483,7 @@ def fit(
                     "bad_epochs": bad_epochs,
                     "epoch": epoch,
                     "rng": _rng_state(),
+                    "run": run,
                     **({} if ema is None else {"ema": ema.state_dict()}),
                 },
                 tmp,

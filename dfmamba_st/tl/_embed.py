@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import time
@@ -118,6 +119,21 @@ def _unit_variance(block: np.ndarray) -> np.ndarray:
     block = block - block.mean(axis=0)
     total = float(np.sqrt((block**2).sum(axis=1).mean())) or 1.0
     return (block / total).astype(np.float32)
+
+
+def _run_key(adata: AnnData, feature_tf: FeatureTransform, config: SpatialConfig, settings: dict, library_key) -> dict:
+    """What identifies a training run besides ``fit``'s settings: its spots, genes, libraries and model settings."""
+
+    def digest(values) -> str:
+        return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()
+
+    return {
+        "spots": digest(adata.obs_names),
+        "genes": digest(feature_tf.genes),
+        "libraries": None if library_key is None else digest(adata.obs[library_key]),
+        "config": {k: v for k, v in asdict(config).items() if k != "extra"},
+        "settings": settings,
+    }
 
 
 def _ema_decay(fraction: float | None, steps: int) -> float | None:
@@ -268,7 +284,9 @@ def embed(
         (exact when the log-normalised values come from ``sc.pp.normalize_total`` then ``sc.pp.log1p``).
         A model object is moved to ``device`` first (in place, as :meth:`torch.nn.Module.to` does).
     checkpoint_dir
-        Save the training state every epoch and resume from it.
+        Save the training state every epoch and resume from it (the same call after an interruption gives the
+        embedding of an uninterrupted run). A folder holding the state of another run (other spots, genes, seed or
+        settings) is refused, not resumed.
     tile_size
         Inference reads sequences longer than this in tiles of ``tile_size`` spots, each with about ``tile_size // 8``
         spots of context on both sides that are run but not kept, so memory does not grow with the tissue
@@ -463,6 +481,7 @@ def embed(
             ema_decay=_ema_decay(settings["ema_fraction"], settings["epochs"] * settings["steps_per_epoch"]),
             seed=seed,
             checkpoint_dir=checkpoint_dir,
+            run_key=None if checkpoint_dir is None else _run_key(adata, feature_tf, config, settings, library_key),
             progress=progress,
             description="dfm.tl.embed",
             # a fixed self-supervised budget: no validation set, and the training loss is no model-selection
