@@ -311,6 +311,17 @@ def test_key_added_dfm_is_refused_because_it_would_replace_the_embeddings_record
     assert top.uns["dfm"] is record and "dfm" not in top.obsm and "dfm" not in top.obs
 
 
+def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
+    """sc.read_visium of the raw matrix keeps spots with in_tissue == 0; they would be analysed as tissue."""
+    top.obs["in_tissue"] = 1
+    dfm.pp.serialize(top)  # all in the tissue: no warning
+    assert not [w for w in recwarn if "in_tissue" in str(w.message)]
+    top.obs.iloc[:5, top.obs.columns.get_loc("in_tissue")] = 0
+    with pytest.warns(UserWarning, match=rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0") as caught:
+        dfm.pp.serialize(top)
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
+
+
 def test_embed_needs_two_spots(top):
     one = top[:1].copy()
     dfm.pp.serialize(one)

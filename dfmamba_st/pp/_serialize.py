@@ -166,6 +166,20 @@ def warn_identical_positions(n_identical: int, library_key: str | None, *, stack
     )
 
 
+def _warn_off_tissue(adata: AnnData) -> None:
+    """Warn when ``obs['in_tissue']`` marks spots outside the tissue (``sc.read_visium`` of the raw matrix has them)."""
+    if "in_tissue" not in adata.obs.columns:
+        return
+    off = int((pd.to_numeric(adata.obs["in_tissue"], errors="coerce") == 0).sum())
+    if off:
+        warnings.warn(
+            f"{off} of {adata.n_obs} spots have obs['in_tissue'] == 0 (outside the tissue); they are ordered, embedded "
+            "and clustered like the others. Keep the tissue first: adata = adata[adata.obs['in_tissue'] == 1].copy().",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def serialize(
     adata: AnnData,
     *,
@@ -181,7 +195,8 @@ def serialize(
     ----------
     adata
         Annotated data matrix with a Visium grid in ``obs['array_row'/'array_col']`` or coordinates in
-        ``obsm[spatial_key]``.
+        ``obsm[spatial_key]``. Every spot is a spot of the tissue: spots marked ``obs['in_tissue'] == 0`` are kept,
+        with a warning (filter them out first).
     curve
         ``"hilbert"`` (default), ``"hilbert_t"`` (Hilbert curve of the transposed grid), ``"hilbert_s"`` /
         ``"hilbert_ts"`` (the same two on the grid shifted by a third of its square, see
@@ -215,6 +230,7 @@ def serialize(
     check_adata(adata)
     check_library_key(adata, library_key)
     curves.check_curve(curve)
+    _warn_off_tissue(adata)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
     n_sharing = 0
