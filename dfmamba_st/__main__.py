@@ -15,6 +15,11 @@ from ._version import __version__
 DEFAULT_TRUTH_KEY = "layer"
 
 
+def _path(text: str) -> Path:
+    """A path given on the line, ``~`` expanded (the shell leaves it as is in ``--out=~/results``)."""
+    return Path(text).expanduser()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dfmamba_st",
@@ -22,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dfmamba_st {__version__}")
     parser.add_argument(
-        "--input", type=Path, help="an .h5ad file of spots × genes (default: the bundled DLPFC 151673 slice)"
+        "--input", type=_path, help="an .h5ad file of spots × genes (default: the bundled DLPFC 151673 slice)"
     )
     parser.add_argument(
         "--n-clusters",
@@ -63,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=_path,
         default=Path("dfmamba_st_results"),
         help="output folder for result.h5ad, domains.png, gates.png and scores.csv (default: dfmamba_st_results)",
     )
@@ -85,6 +90,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.input is not None and not args.input.is_file():
         what = "a folder, not a file" if args.input.is_dir() else "no such file"
         parser.error(f"--input {args.input}: {what}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder")
 
 
 def _check_columns(parser: argparse.ArgumentParser, args: argparse.Namespace, adata, name: str) -> str | None:
@@ -126,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import dfmamba_st as dfm
 
-    adata = ad.read_h5ad(args.input) if args.input else dfm.datasets.dlpfc_151673_hvg()
+    try:
+        adata = ad.read_h5ad(args.input) if args.input else dfm.datasets.dlpfc_151673_hvg()
+    except OSError as err:  # h5py's "file signature not found" and the like
+        parser.error(f"--input {args.input}: not an .h5ad file that anndata can read ({err})")
     name = args.input.stem if args.input else "dlpfc_151673 (bundled)"
     truth = _check_columns(parser, args, adata, name)
     if args.n_clusters > adata.n_obs:
@@ -156,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             "has ten seeds of this slice with the baselines)"
         )
         scores.to_csv(args.out / "scores.csv")
+    elif (args.out / "scores.csv").exists():  # an earlier run's scores must not pass for this run's
+        (args.out / "scores.csv").unlink()
+        print(f"removed {args.out}/scores.csv of an earlier run (this run is not scored)")
     # bbox_inches="tight": nothing drawn outside the figure (a legend of many domains) is cut off
     figure = dfm.pl.domains(adata, truth_key=truth, return_fig=True, show=False)
     figure.savefig(args.out / "domains.png", dpi=120, bbox_inches="tight")

@@ -421,6 +421,24 @@ def test_command_line_rejects_bad_arguments_before_any_work(no_work, capsys, arg
     assert re.search(message, err), err
 
 
+def test_command_line_rejects_an_output_file_and_an_input_that_is_not_h5ad_before_any_work(no_work, capsys, tmp_path):
+    (tmp_path / "results").write_text("")
+    (tmp_path / "table.csv").write_text("gene,count\n")
+    for argv, message in [
+        (["--out", str(tmp_path / "results")], rf"--out {tmp_path / 'results'}: a file, not a folder"),
+        (["--input", str(tmp_path / "table.csv")], rf"--input {tmp_path / 'table.csv'}: not an \.h5ad file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_command_line_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = _parser().parse_args(["--out=~/results", "--input", "~/slice.h5ad"])
+    assert args.out == tmp_path / "results" and args.input == tmp_path / "slice.h5ad"
+
+
 def test_command_line_rejects_cuda_without_a_gpu(no_work, capsys):
     import torch
 
@@ -452,10 +470,13 @@ def test_command_line_without_the_default_annotation_says_it_does_not_score(bund
         saved.append(kwargs)
         return original(self, *args, **kwargs)
 
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "scores.csv").write_text("an earlier run's scores\n")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(matplotlib.figure.Figure, "savefig", savefig)
         assert main(["--input", str(tmp_path / "slice.h5ad"), "--epochs", "1", "--out", str(tmp_path / "out")]) == 0
-    assert "no obs['layer']: not scoring" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no obs['layer']: not scoring" in out and "removed" in out and "scores.csv of an earlier run" in out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"result.h5ad", "domains.png", "gates.png"}
     assert len(saved) == 2 and all(kw.get("bbox_inches") == "tight" for kw in saved)  # legends are not cut off
 
