@@ -1,6 +1,7 @@
 """Bad input fails early and clearly; the user's AnnData is never changed unasked; runs repeat; model files are safe."""
 
 import json
+import re
 from pathlib import Path
 
 import anndata as ad
@@ -257,6 +258,44 @@ def test_truncated_model_file(trained, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"truncated"):
         dfm.tl.load_model(cut)
+
+
+def _edited(path, tmp_path, meta=None, drop=()):
+    """A copy of a model file with its header entries replaced (``None`` removes one) and some tensors left out."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}
+    for key, value in (meta or {}).items():
+        header.pop(key) if value is None else header.__setitem__(key, value)
+    out = tmp_path / "edited.safetensors"
+    save_file(tensors, str(out), metadata=header)
+    return out
+
+
+def test_an_edited_or_damaged_model_file_is_refused_with_the_file_named(trained, tmp_path):
+    from safetensors import safe_open
+
+    path = trained[2]
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, model_key = f.metadata(), next(k for k in f.keys() if k.startswith("model."))
+    extra_field = json.dumps({**json.loads(meta["config"]), "new_field": 1})
+    cases = [
+        ({"meta": {"config": extra_field}}, r"TypeError: .*new_field"),
+        ({"meta": {"config": None}}, r"KeyError: 'config'"),
+        ({"meta": {"config": meta["config"][:20]}}, r"JSONDecodeError"),
+        ({"meta": {"format_version": "1.0"}}, r"model format '1\.0' is not a whole number"),
+        ({"drop": (model_key,)}, r"RuntimeError: .*Missing key"),
+        ({"drop": ("features.loadings",)}, r"the feature transform gives 300 features, the model takes 10"),
+    ]
+    for edit, message in cases:
+        edited = _edited(path, tmp_path, **edit)
+        with pytest.raises(ValueError, match=rf"(?s){re.escape(str(edited))} is damaged.*{message}"):
+            dfm.tl.load_model(edited)
+    dfm.tl.load_model(_edited(path, tmp_path))  # the copy itself, unedited, loads
 
 
 def test_model_file_from_a_newer_format(trained, tmp_path, monkeypatch):

@@ -197,19 +197,41 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
         ) from err
     if header.get("format") != "dfmamba_st.spatial":
         raise ValueError(f"{path} is a safetensors file but not a dfmamba_st spatial model (no dfmamba_st header).")
-    version = int(header.get("format_version", "0"))
-    if version > MODEL_FORMAT:
+    written_by = f"dfmamba_st {header.get('dfmamba_st_version')} (model format {header.get('format_version')})"
+    version = header.get("format_version", "0")
+    if not version.isdigit():
+        raise ValueError(f"{path} is damaged: its model format {version!r} is not a whole number ({written_by}).")
+    if int(version) > MODEL_FORMAT:
         raise ValueError(
-            f"{path} was written by dfmamba_st {header.get('dfmamba_st_version')} (model format {version}); this is "
-            f"dfmamba_st {__version__} reading format <= {MODEL_FORMAT}. Upgrade dfmamba_st to load it."
+            f"{path} was written by {written_by}; this is dfmamba_st {__version__} reading format <= {MODEL_FORMAT}. "
+            "Upgrade dfmamba_st to load it."
         )
+    try:
+        model = _model_from_file(header, tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a header or tensors that do not fit together
+        raise ValueError(
+            f"{path} is damaged or was edited: its header and tensors do not make a model of this dfmamba_st "
+            f"{__version__} (written by {written_by}): {type(err).__name__}: {err}"
+        ) from err
+    return model.to(torch_device).eval()
+
+
+def _model_from_file(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> SpatialDFMamba:
+    """The model a file's header and tensors describe.
+
+    ``KeyError``, ``TypeError``, ``ValueError`` or ``RuntimeError`` when they do not fit together.
+    """
     config_dict = json.loads(header["config"])
     config_dict["lambdas"] = tuple(config_dict["lambdas"])
     config_dict["curves"] = tuple(config_dict["curves"])
     config = SpatialConfig(**config_dict)
     arrays = {k.removeprefix("features."): v.numpy() for k, v in tensors.items() if k.startswith("features.")}
     features = FeatureTransform.from_state(json.loads(header["features"]), arrays)
+    if features.n_features != config.n_features:
+        raise ValueError(
+            f"the feature transform gives {features.n_features} features, the model takes {config.n_features}"
+        )
     model = SpatialDFMamba(config, features)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.to(torch_device).eval()
+    return model
