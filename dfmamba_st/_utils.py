@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 from anndata import AnnData
@@ -18,9 +20,22 @@ __all__ = [
     "library_indices",
     "recorded_param",
     "resolve_library_key",
+    "user_stacklevel",
     "versions",
     "whole_number",
 ]
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` for a ``warnings.warn`` in the calling function that names the first frame outside the package.
+
+    For warnings raised in helpers that several public functions reach at different depths.
+    """
+    package = Path(__file__).resolve().parent
+    frame, level = sys._getframe(1), 1
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_adata(adata: AnnData, *, min_spots: int = 1, caller: str = "") -> None:

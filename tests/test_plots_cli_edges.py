@@ -3,6 +3,7 @@ depth argument, spot sizes and zoom, legends, and the command line's checks befo
 
 import re
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -282,21 +283,58 @@ def test_bic_says_why_there_is_no_curve(embedded):
 # --- 14, 15: spot size without an image, zoom with one ---------------------------------------------------------------
 
 
-def test_spots_without_an_image_are_sized_by_their_number(bundled):
+def _circle_widths(ax):
+    """Widths (data units) of the spots drawn as circles: squidpy's patches, the collection with the most."""
+    spots = max(ax.collections, key=lambda c: len(c.get_paths()))
+    return np.array([path.get_extents().width for path in spots.get_paths()])
+
+
+def _nearest_spot_distance(xy):
+    from scipy.spatial import cKDTree
+
+    return np.median(cKDTree(xy).query(xy, 2)[0][:, 1])
+
+
+def test_spots_without_an_image_are_circles_as_wide_as_they_lie_apart_whatever_the_crop(bundled):
+    """A strip of 8 rows and a block of 30 rows: the same spots, the same circles (sized by scanpy's rule for
+    embeddings, 120000 / n_obs points², the strip's spots merged into blobs)."""
+    widths = []
     for rows in ((0, 30), (0, 8)):
         adata = crop(bundled, rows=rows)
         del adata.uns["spatial"]
         adata.obs["dfm_domain"] = adata.obs["layer"]
         ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
         assert not ax.images
-        np.testing.assert_allclose(scatter(ax).get_sizes(), 120000 / adata.n_obs)  # scanpy's rule
+        width = _circle_widths(ax)
+        assert len(width) == adata.n_obs
+        np.testing.assert_allclose(width, _nearest_spot_distance(np.asarray(adata.obsm["spatial"], float)), rtol=1e-6)
+        widths.append(width[0])
+    assert widths[0] == pytest.approx(widths[1])
 
 
-def test_spots_of_her2st_without_an_image_are_sized_by_their_number():
+def test_spots_of_her2st_without_an_image_are_circles_as_wide_as_they_lie_apart():
     adata = ad.read_h5ad(shared("her2st", "her2st_A1.h5ad"))
     adata.obs["dfm_domain"] = adata.obs["label"]
     ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
-    np.testing.assert_allclose(scatter(ax).get_sizes(), 120000 / adata.n_obs)  # 347 pt² on 346 spots, not 12
+    np.testing.assert_allclose(_circle_widths(ax), _nearest_spot_distance(adata.obsm["spatial"]), rtol=1e-6)
+
+
+def test_an_image_kept_under_another_name_or_without_scale_factors_is_named_in_a_warning(bundled):
+    adata = crop(bundled, rows=(0, 30))
+    adata.obs["dfm_domain"] = adata.obs["layer"]
+    two = ad.concat({"L": adata, "R": adata}, label="lib", index_unique="-")
+    image = adata.uns["spatial"]["151673"]
+    two.uns["spatial"] = {"V1_L": image, "R": image}  # Space Ranger's name for one library, the label for the other
+    with pytest.warns(UserWarning, match=r"holds no image for library 'L' \(it holds \['V1_L', 'R'\]\)") as caught:
+        left, right = dfm.pl.domains(two, library_key="lib", return_fig=True, show=False).axes[:2]
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
+    assert not left.images and right.images
+    plt.close("all")
+    factors = {k: v for k, v in image["scalefactors"].items() if k != "tissue_lowres_scalef"}
+    adata.uns["spatial"] = {"151673": {**image, "scalefactors": factors}}
+    with pytest.warns(UserWarning, match=r"a lowres image but its scalefactors lack \['tissue_lowres_scalef'\]"):
+        ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
+    assert not ax.images  # drawn without the image, not with spots off it
 
 
 @pytest.mark.parametrize("rows", [(0, 30), (0, 100)])  # a crop and the whole slice

@@ -15,7 +15,7 @@ from matplotlib.colors import is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._utils import EMBED_RECORD, check_library_key, embed_record_key, is_tool_record, recorded_param
+from .._utils import EMBED_RECORD, check_library_key, embed_record_key, is_tool_record, recorded_param, user_stacklevel
 from ..metrics import _is_missing
 from ..tl._cluster import WEAK_KNEE
 
@@ -183,6 +183,57 @@ def _fit_legends(fig: Figure, pad: float = 0.1) -> None:
         fig.tight_layout()
 
 
+def _image_of(images_of: Mapping, library_id: str | None) -> tuple[str | None, str | None]:
+    """``(library, resolution)`` of the H&E image to draw under a library's spots, or ``(None, None)``.
+
+    The image of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there (never another
+    library's); hires before lowres. A warning names the library when ``uns['spatial']`` holds images but not its
+    own, or when its image lacks the scale factors that place the spots on it.
+    """
+    if library_id is None:
+        lib = next(iter(images_of)) if len(images_of) == 1 else None
+    elif library_id in images_of:
+        lib = library_id
+    else:
+        if images_of:
+            warnings.warn(
+                f"uns['spatial'] holds no image for library {library_id!r} (it holds {list(images_of)[:5]}): drawn "
+                "without one. uns['spatial'] is keyed by library name, as the library column names them.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+        return None, None
+    if lib is None:
+        return None, None
+    images = images_of[lib].get("images", {})
+    res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
+    if res is None:
+        return None, None
+    factors = images_of[lib].get("scalefactors", {})
+    missing = [k for k in (f"tissue_{res}_scalef", "spot_diameter_fullres") if k not in factors]
+    if missing:
+        warnings.warn(
+            f"uns['spatial'][{lib!r}] has a {res} image but its scalefactors lack {missing}, which place the spots on "
+            "it: drawn without the image.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return None, None
+    return lib, res
+
+
+def _spot_spacing(xy: np.ndarray) -> float:
+    """Median distance from a spot to its nearest other spot (0 with fewer than two distinct positions)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    if len(xy) < 2:
+        return 0.0
+    distance = cKDTree(xy).query(xy, 2)[0][:, 1]
+    return float(np.median(distance))
+
+
 def _tissue(
     adata: AnnData,
     values: pd.Series | np.ndarray,
@@ -198,9 +249,8 @@ def _tissue(
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
-    The image is that of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there; the
-    panel is zoomed to the spots. Without an image, the points' size follows scanpy's rule for embeddings
-    (``120000 / n_spots``).
+    The image is :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
+    wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
     """
     _make_current(ax)
     with warnings.catch_warnings():
@@ -214,24 +264,21 @@ def _tissue(
     view.obsm["spatial"] = np.asarray(adata.obsm[spatial_key])
     # images go with the coordinates in obsm['spatial'] (their scale factors are for those)
     images_of = adata.uns.get("spatial", {}) if spatial_key == "spatial" else {}
-    if library_id is not None:
-        lib = library_id if library_id in images_of else None  # never another library's image
-    else:
-        lib = next(iter(images_of)) if len(images_of) == 1 else None
+    lib, res = _image_of(images_of, library_id)
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
     kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
-    points = 120000 / max(adata.n_obs, 1)  # scanpy's default size (points²) for an embedding of n_obs spots
-    res = None
-    if lib is not None:
+    if res is not None:
         view.uns["spatial"] = {lib: images_of[lib]}
-        images = images_of[lib].get("images", {})
-        res = "hires" if "hires" in images else ("lowres" if "lowres" in images else None)
-        kwargs.update(img_res_key=res, img=res is not None, img_alpha=0.5)
-        if res is None:
-            kwargs.update(shape=None, size=points, library_id=lib)
+        kwargs.update(library_id=lib, img_res_key=res, img=True, img_alpha=0.5)
     else:
-        # points without an image: naming the (absent) library keeps squidpy from asking for one
-        kwargs.update(shape=None, img=False, size=points, library_id="")
+        spacing = _spot_spacing(view.obsm["spatial"])
+        if spacing > 0:  # circles as wide as the spots lie apart, in the data's units, whatever the panel's size
+            view.uns["spatial"] = {
+                "spots": {"scalefactors": {"spot_diameter_fullres": spacing, "tissue_hires_scalef": 1.0}}
+            }
+            kwargs.update(library_id="spots", img_res_key="hires", img=False)
+        else:  # a single spot, or all at one position: scanpy's size (points²) for an embedding of n_obs spots
+            kwargs.update(shape=None, img=False, size=120000 / max(adata.n_obs, 1), library_id="")
     if cmap is not None:
         kwargs.update(cmap=cmap, norm=plt.Normalize(vmin, vmax))
     if palette is not None:
@@ -246,9 +293,9 @@ def _tissue(
         sq.pl.spatial_scatter(view, **kwargs)
     ax.set_title(title)
     if res is not None:
-        factors = images_of[lib].get("scalefactors", {})
-        scale = float(factors.get(f"tissue_{res}_scalef", 1.0))
-        diameter = float(factors.get("spot_diameter_fullres", 0.0)) * scale
+        factors = images_of[lib]["scalefactors"]
+        scale = float(factors[f"tissue_{res}_scalef"])
+        diameter = float(factors["spot_diameter_fullres"]) * scale
         xy = np.asarray(view.obsm["spatial"], dtype=np.float64)[:, :2] * scale
         _zoom(ax, xy, np.shape(images_of[lib]["images"][res]), diameter)
 
