@@ -196,6 +196,18 @@ def test_coarsen_factor_must_be_a_whole_number_of_at_least_two(crop, factor, err
         dfm.pp.coarsen(crop, factor)
 
 
+@pytest.mark.parametrize("factor", [2, 4])
+def test_coarse_bins_are_drawn_as_wide_as_they_are(crop, factor):
+    fine = crop.uns["spatial"]["151673"]["scalefactors"]["spot_diameter_fullres"]
+    coarse = dfm.pp.coarsen(crop, factor)
+    assert coarse.uns["spatial"]["151673"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(factor * fine)
+    assert crop.uns["spatial"]["151673"]["scalefactors"]["spot_diameter_fullres"] == fine  # the input untouched
+    assert (
+        coarse.uns["spatial"]["151673"]["images"]["lowres"].shape
+        == crop.uns["spatial"]["151673"]["images"]["lowres"].shape
+    )
+
+
 def test_coarsen_deep_copies_uns_without_the_records_of_the_fine_spots(trained, info_log):
     adata = trained[0].copy()
     dfm.tl.cluster(adata, n_clusters=3)

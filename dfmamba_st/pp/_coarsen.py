@@ -72,7 +72,8 @@ def coarsen(
     ``obs[library_key]`` and the other categorical ``obs`` columns as the majority label of the merged spots (a
     clustering such as ``obs['dfm_domain']`` too, though not its record; other ``obs`` columns are dropped, and
     listed in an info message); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
-    tissue images still plot) **without** the records of tools run on the fine spots, since they describe the fine
+    tissue images still plot, each spot diameter in ``uns['spatial']`` multiplied by ``factor``: a bin is drawn as
+    wide as it is) **without** the records of tools run on the fine spots, since they describe the fine
     data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
     ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of :func:`~dfmamba_st.tl.cluster`,
     scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``; ``uns['dfm_coarsen']['params']`` the
@@ -127,6 +128,10 @@ def coarsen(
     uns = {k: v for k, v in adata.uns.items() if not is_tool_record(v) and k not in _FINE_ONLY_UNS}
     dropped_uns = [k for k in adata.uns if k not in uns]
     out = AnnData(X=sp.csr_matrix(X, dtype=np.float32), obs=obs, var=adata.var.copy(), uns=copy.deepcopy(uns))
+    for library in out.uns.get("spatial", {}).values():  # a bin spans factor spots a side: drawn that wide
+        factors = library.get("scalefactors", {}) if isinstance(library, dict) else {}
+        if "spot_diameter_fullres" in factors:
+            factors["spot_diameter_fullres"] = float(factors["spot_diameter_fullres"]) * factor
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
         out.obsm[spatial_key] = (member @ xy) / n_spots[:, None]
