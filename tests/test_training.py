@@ -372,3 +372,35 @@ def test_a_checkpoint_records_its_run_and_one_of_another_run_is_refused(tmp_path
     torch.save(state, tmp_path / "last.pt")
     with pytest.raises(ValueError, match="holds no record of its run"):
         fit(nn.Linear(4, 1), mse, regression_data(), **options)
+
+
+def test_the_validation_loss_is_a_mean_over_samples_not_over_batches_of_unequal_size():
+    """9 validation samples in batches of 8 and 1: the monitored loss is their mean (the mean of the two batch means
+    weighed the last sample as much as the other eight)."""
+    x, y = regression_data(n=9, batch=9)[0]
+    val = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def loss_fn(model, batch):
+        return mse(model, batch) if model.training else batch[1].abs().mean()
+
+    result = fit(nn.Linear(4, 1), loss_fn, regression_data(), epochs=1, val_data=val, progress=False)
+    assert result.history[0]["val_loss"] == pytest.approx(float(y.abs().mean()))
+    assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
+    with pytest.raises(ValueError, match="val_data yielded no batch in epoch 0"):
+        fit(nn.Linear(4, 1), mse, regression_data(), epochs=1, val_data=[], progress=False)
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
+    def loss_fn(model, batch):  # a validation loss that only grows: stops after epoch 0 + patience 2
+        if model.training:
+            return mse(model, batch)
+        loss_fn.calls += 1
+        return torch.tensor(float(loss_fn.calls))
+
+    loss_fn.calls = 0
+    options = dict(epochs=10, patience=2, val_data=regression_data(batch=64), checkpoint_dir=tmp_path, progress=False)
+    first = fit(nn.Linear(4, 1), loss_fn, regression_data(), **options)
+    assert first.stopped_early and len(first.history) == 3
+    model = nn.Linear(4, 1)
+    again = fit(model, loss_fn, regression_data(), **options)
+    assert len(again.history) == 3 and again.stopped_early and loss_fn.calls == 3  # no epoch run, nothing validated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ __all__ = [
     "TrainResult",
     "cosine_with_warmup",
     "distributed_context",
+    "fingerprint",
     "fit",
     "isolated_global_state",
     "resolve_device",
@@ -265,6 +267,25 @@ def _progress_terms(row: dict[str, float]) -> dict[str, str]:
     return shown
 
 
+def fingerprint(*arrays: Any) -> str:
+    """SHA-256 of arrays' shapes, types and values (texts too): names a run's data in ``fit(run_key=...)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fingerprint(np.arange(3)) == fingerprint(np.arange(3)) != fingerprint(np.arange(4))
+    True
+    """
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(np.asarray(array))
+        if array.dtype == object:
+            array = array.astype(str)
+        digest.update(f"{array.shape}{array.dtype.str}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def _run_record(model: nn.Module, run_key: Mapping[str, Any] | None, **settings: Any) -> str:
     """What identifies a training run, as JSON: ``fit``'s settings, the parameter shapes and the caller's key."""
     shapes = {name: list(p.shape) for name, p in model.named_parameters()}
@@ -424,14 +445,15 @@ def fit(
             ema.load_state_dict(state["ema"])
         result = TrainResult(**state["result"])
         best_loss, best_state, bad_epochs = state["best_loss"], state["best_state"], state["bad_epochs"]
-        start_epoch = state["epoch"] + 1
+        # a run that stopped early is finished: resuming it trains no further epochs
+        start_epoch = epochs if result.stopped_early else state["epoch"] + 1
         _set_rng_state(state["rng"])
 
     bar = tqdm(range(start_epoch, epochs), desc=description, disable=not progress or rank > 0, leave=False)
     for epoch in bar:
         model.train()
         sums: dict[str, float] = {}
-        n_batches = 0
+        n_samples = 0
         for batch in _batches(train_data, epoch):
             loss, extra = _split_loss(loss_fn(model, batch))
             if not torch.isfinite(loss):
@@ -448,12 +470,13 @@ def fit(
             scheduler.step()
             if ema is not None:
                 ema.update_parameters(model)
-            n_batches += 1
+            weight = _n_samples(batch)
+            n_samples += weight
             for name, value in {"train_loss": float(loss.detach()), **extra}.items():
-                sums[name] = sums.get(name, 0.0) + float(value)
-        if n_batches == 0:
+                sums[name] = sums.get(name, 0.0) + float(value) * weight
+        if n_samples == 0:
             raise ValueError(f"train_data yielded no batch in epoch {epoch}.")
-        row = {k: v / n_batches for k, v in sums.items()}
+        row = {k: v / n_samples for k, v in sums.items()}  # means over samples, not over batches of unequal size
         row["val_loss"] = _evaluate(judged, loss_fn, val_data, epoch) if val_data is not None else math.nan
         if world_size > 1:
             row = _average_values(row, device)
@@ -501,12 +524,26 @@ def fit(
 
 
 @torch.no_grad()
+def _n_samples(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (the batch, or the first in a tuple, list or dict); 1 else.
+
+    Losses are means over a batch, so an epoch's loss weighs each batch by this (a last, smaller batch counts less).
+    """
+    while isinstance(batch, tuple | list | Mapping) and len(batch):
+        batch = next(iter(batch.values())) if isinstance(batch, Mapping) else batch[0]
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.ndim else 1
+
+
 def _evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable | Callable[[int], Iterable], epoch: int) -> float:
+    """Mean loss over the samples of ``data``."""
     model.eval()
     total, n = 0.0, 0
     for batch in _batches(data, epoch):
         loss, _ = _split_loss(loss_fn(model, batch))
-        total += float(loss)
-        n += 1
+        weight = _n_samples(batch)
+        total += float(loss) * weight
+        n += weight
     model.train()
-    return total / max(n, 1)
+    if n == 0:
+        raise ValueError(f"val_data yielded no batch in epoch {epoch}.")
+    return total / n
