@@ -371,3 +371,13 @@ def test_image_folder_at_native_size_names_images_of_another_size(tmp_path):
     with pytest.raises(ValueError, match=r"differ in size.*24×40 in '.*wide\.png'.*image_size="):
         load_image_folder(tmp_path, image_size=None)
     assert load_image_folder(tmp_path, image_size=16).images.shape == (5, 3, 16, 16)
+
+
+def test_a_checkpoint_of_other_images_is_refused(synthetic, tmp_path):
+    x, y = synthetic
+    options = dict(crop=32, epochs=1, batch_size=4, progress=False, checkpoint_dir=tmp_path)
+    train_classifier(tiny_model(), (x[:4], y[:4]), **options)
+    with pytest.raises(ValueError, match=r"another run \(differs in run_key\.train\)"):
+        train_classifier(tiny_model(), (x[4:], y[4:]), **options)
+    with pytest.raises(ValueError, match=r"differs in run_key\.augment"):
+        train_classifier(tiny_model(), (x[:4], y[:4]), **options, augment=False)

@@ -196,6 +196,8 @@ def test_models_refuse_invalid_sizes_when_built(build, match):
         (lambda m, s: ts.coarsened_windows(s, 1, 32, 8, split="train"), "split='train' is not one of"),
         (lambda m, s: ts.evaluate(m, s.test, batch_size=0), "batch_size must be a whole number"),
         (lambda m, s: ts.train_forecaster(m, s, batch_size=0), "batch_size must be a whole number"),
+        (lambda m, s: ts.train_forecaster(m, s, max_val_windows=0), r"max_val_windows \(None: every validation"),
+        (lambda m, s: ts.train_forecaster(m, s, max_train_windows=-5), r"max_train_windows .* >= 1, got -5"),
         (lambda m, s: ts.predict(m, torch.zeros(4, 32, 2), batch_size=0), "batch_size must be a whole number"),
         (lambda m, s: ts.train_forecaster(ts.DLinear(2, 32, 4), s), "model's horizon is 4 .* horizon 8"),
         (lambda m, s: ts.train_forecaster(ts.DLinear(2, 16, 8), s), "model's seq_len is 16 .* seq_len 32"),
@@ -225,3 +227,16 @@ def test_predict_on_no_lookback_gives_an_empty_forecast():
         assert ts.predict(model, torch.zeros(n, 16, 3), batch_size=2).shape == (n, 4, 3)
     with pytest.raises(ValueError, match="shape"):
         ts.predict(model, torch.zeros(16, 3))
+
+
+def test_a_checkpoint_of_another_series_is_refused(toy, tmp_path):
+    """Same model and settings, other data: the folder's state must not come back as this run's model."""
+    options = dict(epochs=1, max_train_windows=64, max_val_windows=64, checkpoint_dir=tmp_path)
+    ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **options)
+    ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **options)  # the same run: resumed
+    t = np.arange(2000, dtype=np.float32)
+    other = ts.make_splits("other", 32, 8, frame=pd.DataFrame({"a": np.cos(t / 10), "b": np.sin(t / 7)}))
+    with pytest.raises(ValueError, match=r"another run \(differs in run_key\.data\)"):
+        ts.train_forecaster(ts.DLinear(2, 32, 8), other, **options)
+    with pytest.raises(ValueError, match=r"differs in run_key\.train_loss"):
+        ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **options, train_loss="mse")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..core import TrainResult, fit, isolated_global_state, resolve_device, seed_everything
+from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
@@ -171,6 +171,16 @@ def train_classifier(
         patience=patience,
         seed=seed,
         checkpoint_dir=checkpoint_dir,
+        # what names the run besides fit's own settings: its images, labels and crops
+        run_key=None
+        if checkpoint_dir is None
+        else {
+            "train": fingerprint(images, labels),
+            "val": None if val is None else fingerprint(v_images, v_labels),
+            "crop": crop,
+            "batch_size": batch_size,
+            "augment": augment,
+        },
         progress=progress,
         description=description,
     )

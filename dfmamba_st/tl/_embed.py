@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import time
@@ -27,7 +26,15 @@ from .._utils import (
     versions,
     whole_number,
 )
-from ..core import curves, distributed_context, fit, isolated_global_state, resolve_device, seed_everything
+from ..core import (
+    curves,
+    distributed_context,
+    fingerprint,
+    fit,
+    isolated_global_state,
+    resolve_device,
+    seed_everything,
+)
 from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
@@ -123,14 +130,10 @@ def _unit_variance(block: np.ndarray) -> np.ndarray:
 
 def _run_key(adata: AnnData, feature_tf: FeatureTransform, config: SpatialConfig, settings: dict, library_key) -> dict:
     """What identifies a training run besides ``fit``'s settings: its spots, genes, libraries and model settings."""
-
-    def digest(values) -> str:
-        return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()
-
     return {
-        "spots": digest(adata.obs_names),
-        "genes": digest(feature_tf.genes),
-        "libraries": None if library_key is None else digest(adata.obs[library_key]),
+        "spots": fingerprint(adata.obs_names),
+        "genes": fingerprint(feature_tf.genes),
+        "libraries": None if library_key is None else fingerprint(adata.obs[library_key].astype(str)),
         "config": {k: v for k, v in asdict(config).items() if k != "extra"},
         "settings": settings,
     }

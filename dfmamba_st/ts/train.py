@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import whole_number
-from ..core import TrainResult, fit, isolated_global_state
+from ..core import TrainResult, fingerprint, fit, isolated_global_state
 from .data import ForecastSplits
 from .evaluate import _check_forecast_shape
 
@@ -154,6 +154,10 @@ def train_forecaster(
     if train_loss not in _POINT_LOSSES:
         raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
     batch_size = whole_number(batch_size, "batch_size")
+    if max_train_windows is not None:
+        max_train_windows = whole_number(max_train_windows, "max_train_windows (None: every training window)")
+    if max_val_windows is not None:
+        max_val_windows = whole_number(max_val_windows, "max_val_windows (None: every validation window)")
     _check_windows(model, splits)
     n_train = len(splits.train) if max_train_windows is None else min(max_train_windows, len(splits.train))
     steps = math.ceil(n_train / batch_size)
@@ -166,6 +170,16 @@ def train_forecaster(
     def val_batches(epoch: int):
         return splits.val.batches(256, max_windows=max_val_windows)
 
+    if fit_kwargs.get("checkpoint_dir") is not None:  # what names the run besides fit's own settings
+        fit_kwargs.setdefault(
+            "run_key",
+            {
+                "data": fingerprint(splits.values, splits.starts, splits.ends),
+                "windows": [len(splits.train), len(splits.val), max_train_windows, max_val_windows],
+                "batch_size": batch_size,
+                "train_loss": train_loss,
+            },
+        )
     return fit(
         model,
         functools.partial(forecast_loss, train_loss=train_loss),
