@@ -142,6 +142,13 @@ def test_make_splits_refuses_missing_or_infinite_values(etth1, bad):
         ts.make_splits("ETTh1", frame=frame)
 
 
+def test_a_time_column_not_named_date_is_refused_not_taken_for_a_variate(etth1):
+    frame = etth1.reset_index().rename(columns={"date": "timestamp"})  # datetime64, not a variate
+    with pytest.raises(ValueError, match=r"date/time columns \['timestamp'\], which are not variates"):
+        ts.make_splits("ETTh1", 96, 96, frame=frame)
+    ts.make_splits("ETTh1", 96, 96, frame=frame.set_index("timestamp"))  # as the index: fine
+
+
 def test_make_splits_refuses_a_frame_out_of_time_order(etth1):
     with pytest.raises(ValueError, match="ascending time order"):
         ts.make_splits("ETTh1", frame=etth1.iloc[::-1], season="daily")

@@ -153,6 +153,14 @@ def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
         df = df.assign(date=dates).set_index("date")
     if df.shape[1] == 0:
         raise ValueError(f"{source} has no value columns.")
+    times = [
+        c for c in df.columns if pd.api.types.is_datetime64_any_dtype(df[c]) or pd.api.types.is_timedelta64_dtype(df[c])
+    ]
+    if times:  # to_numeric would turn them into nanoseconds, a variate
+        raise ValueError(
+            f"{source} has date/time columns {times}, which are not variates: name the timestamps 'date' or make them "
+            "the index (frame.set_index(...))."
+        )
     values = df.apply(pd.to_numeric, errors="coerce")
     bad = values.columns[~np.isfinite(values.to_numpy(dtype=np.float64)).all(axis=0)].tolist()
     if bad:
