@@ -267,6 +267,21 @@ def test_image_folder_warns_about_a_folder_next_to_the_bach_classes(tmp_path):
     assert data.class_names == BACH_CLASSES
 
 
+def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warning(tmp_path):
+    """An empty InSitu/ (an unzip that stopped part-way) must not turn BACH into three classes in another order."""
+    _write_bach(tmp_path / "bach")
+    (tmp_path / "bach" / "InSitu" / "I0.tif").unlink()
+    with pytest.raises(ValueError, match=r"InSitu' is missing or holds no image"):
+        load_image_folder(tmp_path / "bach", image_size=16)
+    for name in ("tumour", "stroma"):
+        (tmp_path / "mine" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "mine" / name / "a.png")
+    (tmp_path / "mine" / "necrosis").mkdir()
+    with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image"):
+        data = load_image_folder(tmp_path / "mine", image_size=16)
+    assert data.class_names == ("stroma", "tumour")
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 

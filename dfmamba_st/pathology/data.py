@@ -89,8 +89,8 @@ def list_image_folder(
         The directory holding the class folders.
     classes
         Class folder names in label order. By default the BACH order (Normal, Benign, InSitu, Invasive) when
-        those four folders exist (other folders are then ignored, with a warning), otherwise every sub-folder that
-        holds images, sorted by name.
+        those four folders exist (other folders are then ignored, with a warning; an empty one is an error),
+        otherwise every sub-folder that holds images, sorted by name (empty ones are skipped with a warning).
 
     Returns
     -------
@@ -122,8 +122,19 @@ def list_image_folder(
         return sorted(p for p in visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
     if classes is None:
-        subdirs = sorted(p.name for p in visible(root) if p.is_dir() and images_in(p))
-        classes = BACH_CLASSES if set(BACH_CLASSES) <= set(subdirs) else tuple(subdirs)
+        folders = sorted(p.name for p in visible(root) if p.is_dir())
+        subdirs = [name for name in folders if images_in(root / name)]
+        # BACH's four folders fix the classes and their order even when one is empty (an error below, not a
+        # silent three-class set in another order)
+        classes = BACH_CLASSES if set(BACH_CLASSES) <= set(folders) else tuple(subdirs)
+        empty = [name for name in folders if name not in subdirs and name not in classes]
+        if empty:
+            warnings.warn(
+                f"Folder(s) {empty} under {str(root)!r} hold no image ({'/'.join(IMAGE_EXTENSIONS)}) and are not "
+                "classes here; pass classes=[...] to name the classes.",
+                UserWarning,
+                stacklevel=2,
+            )
         ignored = [name for name in subdirs if name not in classes]
         if ignored:
             warnings.warn(
