@@ -381,10 +381,15 @@ def test_the_validation_loss_is_a_mean_over_samples_not_over_batches_of_unequal_
     val = [(x[:8], y[:8]), (x[8:], y[8:])]
 
     def loss_fn(model, batch):
-        return mse(model, batch) if model.training else batch[1].abs().mean()
+        if model.training:
+            return mse(model, batch)
+        grad_enabled.append(torch.is_grad_enabled())
+        return batch[1].abs().mean()
 
+    grad_enabled = []
     result = fit(nn.Linear(4, 1), loss_fn, regression_data(), epochs=1, val_data=val, progress=False)
     assert result.history[0]["val_loss"] == pytest.approx(float(y.abs().mean()))
+    assert grad_enabled == [False, False]  # validation builds no graph
     assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
     with pytest.raises(ValueError, match="val_data yielded no batch in epoch 0"):
         fit(nn.Linear(4, 1), mse, regression_data(), epochs=1, val_data=[], progress=False)

@@ -523,7 +523,6 @@ def fit(
     return result
 
 
-@torch.no_grad()
 def _n_samples(batch: Any) -> int:
     """Samples in a batch: the length of its first tensor (the batch, or the first in a tuple, list or dict); 1 else.
 
@@ -534,6 +533,7 @@ def _n_samples(batch: Any) -> int:
     return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.ndim else 1
 
 
+@torch.no_grad()
 def _evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable | Callable[[int], Iterable], epoch: int) -> float:
     """Mean loss over the samples of ``data``."""
     model.eval()
