@@ -28,6 +28,7 @@ from dfmamba_st.pathology import (
     evaluate,
     evaluate_resolutions,
     load_classifier,
+    load_image,
     load_image_folder,
     make_synthetic_dataset,
     plot_saliency,
@@ -280,6 +281,20 @@ def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warnin
     with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image"):
         data = load_image_folder(tmp_path / "mine", image_size=16)
     assert data.class_names == ("stroma", "tumour")
+
+
+def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 1, 64), (8, 1))
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    eight_bit = np.round(ramp * 255)
+    for name in ("deep.png", "float.tif"):
+        image = load_image(tmp_path / name)
+        assert image.shape == (3, 8, 64)
+        np.testing.assert_allclose(image[0], eight_bit, atol=1)  # grey levels kept (PIL alone: 255s, or 0s and 1s)
+    Image.fromarray((ramp * 2).astype(np.float32)).save(tmp_path / "bright.tif")
+    with pytest.raises(ValueError, match=r"bright\.tif' \(PIL mode F\) has values outside 0–1"):
+        load_image(tmp_path / "bright.tif")
 
 
 # --- command line --------------------------------------------------------------------------------------------------

@@ -163,6 +163,25 @@ def list_image_folder(
     return paths, np.asarray(labels, dtype=np.int64), classes
 
 
+def _as_rgb(img, path: str | Path):
+    """``img`` as 8-bit RGB.
+
+    16-bit integer images are scaled from 0–65535 and float images from 0–1 (PIL's own conversion clips them to
+    0–255: a 16-bit image came out nearly white, a float one black).
+    """
+    from PIL import Image
+
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        array = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" else 65535.0
+        if not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= top):
+            raise ValueError(
+                f"The image {str(path)!r} (PIL mode {img.mode}) has values outside 0–{top:g}; save it as 8- or 16-bit."
+            )
+        img = Image.fromarray(np.round(array * (255 / top)).astype(np.uint8))
+    return img.convert("RGB")
+
+
 def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` (side or ``(height, width)``) if given.
 
@@ -186,7 +205,7 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> n
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")  # reads the pixels
+            img = _as_rgb(img, path)  # reads the pixels
     except FileNotFoundError:
         raise
     except OSError as err:  # PIL.UnidentifiedImageError and truncated files are OSErrors
