@@ -306,6 +306,14 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
         (["--image-size", "40", "--crop", "32"], "--image-size must be a positive multiple of 16"),
         (["--image-size", "32", "--crop", "64"], "must not be larger than --image-size"),
         (["--image-size", "64", "--crop", "0"], "--crop must be a positive multiple of 16"),
+        (["--d-model", "0"], "--d-model must be >= 1, got 0"),
+        (["--d-state", "0"], "--d-state must be >= 1, got 0"),
+        (["--depth", "-1"], "--depth must be >= 0, got -1"),
+        (["--threads", "-2"], "--threads must be >= 1, got -2"),
+        (["--patience", "-1"], "--patience must be >= 0, got -1"),
+        (["--lr", "-1"], "--lr must be > 0 and --weight-decay >= 0, got -1.0 and"),
+        (["--device", "tpu"], "--device tpu: Unknown device 'tpu'"),
+        (["--out", "/dev/null"], "--out /dev/null: a file, not a folder"),
     ],
 )
 def test_cli_checks_sizes_before_making_images(monkeypatch, capsys, sizes, message):
@@ -314,9 +322,31 @@ def test_cli_checks_sizes_before_making_images(monkeypatch, capsys, sizes, messa
 
     monkeypatch.setattr(train_module, "make_synthetic_dataset", no_images)
     with pytest.raises(SystemExit) as exc:
-        train_module.main(["--synthetic", *sizes, *CLI_TINY])
+        train_module.main(["--synthetic", *CLI_TINY, *sizes])  # the flags tested last: they win
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_names_the_data_folder_when_it_cannot_be_used(capsys, tmp_path):
+    (tmp_path / "only" / "tumour").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "only" / "tumour" / "a.png")
+    for folder, message in [(tmp_path / "absent", "does not exist"), (tmp_path / "only", "Found 1 class folder")]:
+        with pytest.raises(SystemExit) as exc:
+            train_module.main(["--data", str(folder), *CLI_TINY])
+        assert exc.value.code == 2 and f"--data {folder}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_cli_patience_0_trains_every_epoch(monkeypatch):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train_classifier", record)
+    with pytest.raises(SystemExit):
+        train_module.main(["--synthetic", "--n-per-class", "4", "--patience", "0", *CLI_TINY])
+    assert seen["patience"] is None
 
 
 def test_running_the_cli_module_gives_no_runtime_warning():

@@ -409,3 +409,10 @@ def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
     model = nn.Linear(4, 1)
     again = fit(model, loss_fn, regression_data(), **options)
     assert len(again.history) == 3 and again.stopped_early and loss_fn.calls == 3  # no epoch run, nothing validated
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_patience_must_be_a_whole_number_of_at_least_one(patience):
+    """patience=0 stopped every run after its first epoch."""
+    with pytest.raises(ValueError, match=r"patience must be a whole number >= 1 or None"):
+        fit(nn.Linear(4, 1), mse, regression_data(), epochs=2, patience=patience, progress=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -360,7 +361,7 @@ def fit(
     grad_clip
         Maximum gradient norm (``None``: no clipping).
     patience
-        Stop after this many epochs without improvement (``None``: never stop early).
+        Stop after this many epochs without improvement, at least 1 (``None``: never stop early).
     seed
         Seed set before training (``None``: leave the random state alone).
     checkpoint_dir
@@ -397,6 +398,10 @@ def fit(
         raise ValueError(f"epochs must be >= 1, got {epochs}.")
     if ema_decay is not None and not 0.0 < ema_decay < 1.0:
         raise ValueError(f"ema_decay must lie in (0, 1), got {ema_decay}.")
+    if patience is not None and (
+        isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1
+    ):
+        raise ValueError(f"patience must be a whole number >= 1 or None (never stop early), got {patience!r}.")
     if seed is not None:
         seed_everything(seed)
     if steps_per_epoch is None:

@@ -345,12 +345,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=fn["batch_size"], help="crops per step")
     p.add_argument("--lr", type=float, default=fn["lr"], help="AdamW learning rate (cosine, 10%% warm-up)")
     p.add_argument("--weight-decay", type=float, default=fn["weight_decay"], help="AdamW weight decay")
-    p.add_argument("--patience", type=int, default=fn["patience"], help="early-stopping patience (epochs)")
+    p.add_argument(
+        "--patience", type=int, default=fn["patience"], help="early-stopping patience (epochs; 0: never stop early)"
+    )
     p.add_argument("--no-augment", action="store_true", help="no stain jitter or flips of the training crops")
     p.add_argument("--seed", type=int, default=fn["seed"], help="split, initialisation and crops")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=None, help="write model.safetensors, config.json, results.json here")
+    p.add_argument(
+        "--out",
+        type=lambda t: Path(t).expanduser(),
+        default=None,
+        help="write model.safetensors, config.json, results.json here",
+    )
     return p
 
 
@@ -372,9 +379,26 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         ("--n-per-class", args.n_per_class),
         ("--epochs", args.epochs),
         ("--batch-size", args.batch_size),
+        ("--d-model", args.d_model),
+        ("--d-state", args.d_state),
     ):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}.")
+    for flag, value, minimum in (
+        ("--depth", args.depth, 0),
+        ("--threads", args.threads or 1, 1),
+        ("--patience", args.patience, 0),
+    ):
+        if value < minimum:
+            parser.error(f"{flag} must be >= {minimum}, got {value}.")
+    if not args.lr > 0 or not args.weight_decay >= 0:
+        parser.error(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}.")
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        parser.error(f"--device {args.device}: {err}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder.")
 
 
 def _split(parser: argparse.ArgumentParser, data: ImageSet, args: argparse.Namespace) -> list[ImageSet]:
@@ -412,7 +436,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         images, labels = make_synthetic_dataset(args.n_per_class, args.image_size, seed=args.seed)
         data = ImageSet(images, labels, SYNTHETIC_CLASSES)
     else:
-        data = load_image_folder(args.data, image_size=args.image_size)
+        try:
+            data = load_image_folder(args.data, image_size=args.image_size)
+        except (FileNotFoundError, ValueError) as err:  # no folder, one class, an unreadable image: the user's data
+            parser.error(f"--data {args.data}: {err}")
     train, val, test = _split(parser, data, args)
     print(f"{len(data)} images, classes {list(data.class_names)}; train/val/test = {len(train)}/{len(val)}/{len(test)}")
 
@@ -431,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lr=args.lr,
         weight_decay=args.weight_decay,
         augment=not args.no_augment,
-        patience=args.patience,
+        patience=args.patience or None,  # 0: never stop early
         seed=args.seed,
     )
     seconds = time.perf_counter() - t0
