@@ -297,6 +297,18 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
         load_image(tmp_path / "bright.tif")
 
 
+def test_loader_and_labels_refuse_what_they_cannot_use_with_clear_errors(tmp_path, synthetic):
+    _write_bach(tmp_path)
+    for size in (0, -5, 40.5, (32,)):
+        with pytest.raises(ValueError, match=r"image_size must be a whole number >= 1"):
+            load_image_folder(tmp_path, image_size=size)
+    with pytest.raises(ValueError, match=r"classes names \['Normal'\] more than once"):
+        load_image_folder(tmp_path, image_size=16, classes=["Normal", "Normal"])
+    x, y = synthetic
+    with pytest.raises(ValueError, match=r"Training labels must be class indices \(whole numbers\), got <U"):
+        train_classifier(tiny_model(), (x, np.array(["a", "b"] * (len(y) // 2))), crop=32, epochs=1, progress=False)
+
+
 # --- command line --------------------------------------------------------------------------------------------------
 
 

@@ -247,3 +247,18 @@ def test_a_checkpoint_of_another_series_is_refused(toy, tmp_path):
         ts.train_forecaster(ts.DLinear(2, 32, 8), other, **options)
     with pytest.raises(ValueError, match=r"differs in run_key\.train_loss"):
         ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **options, train_loss="mse")
+
+
+def test_make_splits_and_train_forecaster_name_what_to_change(etth1, toy):
+    short = etth1.iloc[:600]  # as a data set of its own: 70/10/20 of 600 rows
+    with pytest.raises(ValueError, match=r"The validation segment of mine .* fewer than seq_len \+ horizon = 192"):
+        ts.make_splits("mine", 96, 96, frame=short)
+    for bad, error in ((96.5, ValueError), ("96", TypeError)):
+        with pytest.raises(error, match="seq_len must be a whole number >= 1"):
+            ts.make_splits("mine", bad, 24, frame=short)
+    with pytest.raises(TypeError, match=r"frame must be a pandas DataFrame .* got Series"):
+        ts.make_splits("mine", 24, 24, frame=short["OT"])
+    with pytest.raises(ValueError, match=r"epochs must be a whole number >= 1, got 1\.5"):
+        ts.train_forecaster(ts.DLinear(2, 32, 8), toy, epochs=1.5)
+    with pytest.raises(TypeError, match=r"no device option: .* model\.to\('cuda'\)"):
+        ts.train_forecaster(ts.DLinear(2, 32, 8), toy, device="cuda")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._utils import whole_number
+from .._utils import is_whole_number, whole_number
 
 __all__ = [
     "BACH_CLASSES",
@@ -144,6 +144,9 @@ def list_image_folder(
                 stacklevel=2,
             )
     classes = tuple(classes)
+    repeated = sorted({name for name in classes if classes.count(name) > 1})
+    if repeated:
+        raise ValueError(f"classes names {repeated} more than once; each class folder is one class.")
     if len(classes) < 2:
         raise ValueError(
             f"Found {len(classes)} class folder(s) with images under {str(root)!r}; expected one sub-folder per class "
@@ -244,6 +247,10 @@ def load_image_folder(
     ValueError
         With ``image_size=None``, if the images differ in size (the message names two of them).
     """
+    if image_size is not None:
+        sides = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
+        if len(sides) != 2 or not all(is_whole_number(side, 1) for side in sides):
+            raise ValueError(f"image_size must be a whole number >= 1 or (height, width) of them, got {image_size!r}.")
     paths, labels, names = list_image_folder(root, classes)
     loaded = [load_image(p, image_size) for p in paths]
     sizes = {img.shape[1:]: p for img, p in zip(loaded, paths)}

@@ -72,6 +72,11 @@ def _check_labels(labels: np.ndarray, model: nn.Module, what: str) -> None:
     labels = np.asarray(labels)
     if labels.size == 0:
         return
+    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+        raise ValueError(
+            f"{what} labels must be class indices (whole numbers), got {labels.dtype} values such as "
+            f"{labels.flat[0]!r}; map class names to 0, 1, ... first (e.g. pd.factorize)."
+        )
     n_classes = getattr(model, "n_classes", None)
     low, high = int(labels.min()), int(labels.max())
     if low < 0 or (n_classes is not None and high >= n_classes):

@@ -552,13 +552,26 @@ def make_splits(
     >>> len(s.train), len(s.val), len(s.test)  # doctest: +SKIP
     (8449, 2785, 2785)
     """
+    seq_len, horizon = whole_number(seq_len, "seq_len"), whole_number(horizon, "horizon")
     if frame is None:
         file = _find_file(name, path)
         df, stem = _load_file(file), _dataset_stem(file)
     else:
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(
+                f"frame must be a pandas DataFrame (one column per variate), got {type(frame).__name__}; "
+                "e.g. series.to_frame() or pd.DataFrame(array)."
+            )
         df, stem = _validated(frame, "The frame"), _dataset_stem(name)
     raw = df.to_numpy(dtype=np.float64)
     starts, ends = split_borders(stem, len(raw), seq_len, ratios=ratios)
+    for part, start, end in zip(("training", "validation", "test"), starts, ends):
+        if end - start < seq_len + horizon:
+            raise ValueError(
+                f"The {part} segment of {stem} (rows {start}-{end}, lookback included) holds {end - start} rows, fewer "
+                f"than seq_len + horizon = {seq_len + horizon}: use a shorter seq_len or horizon, other ratios, or a "
+                f"longer series ({len(raw)} rows)."
+            )
     scaler = Scaler.fit(raw[starts[0] : ends[0]])
     values = scaler.transform(raw)
     fitted = None

@@ -154,6 +154,12 @@ def train_forecaster(
     if train_loss not in _POINT_LOSSES:
         raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
     batch_size = whole_number(batch_size, "batch_size")
+    epochs = whole_number(epochs, "epochs")
+    if "device" in fit_kwargs:
+        raise TypeError(
+            "train_forecaster has no device option: it trains where the model is; move it first, "
+            "e.g. model.to('cuda'), and the batches follow it."
+        )
     if max_train_windows is not None:
         max_train_windows = whole_number(max_train_windows, "max_train_windows (None: every training window)")
     if max_val_windows is not None:
