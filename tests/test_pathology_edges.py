@@ -146,6 +146,16 @@ def test_stratified_split_warns_about_an_empty_part_only_when_it_was_asked_for()
     assert [len(p) for p in parts] == [4, 0, 4]
 
 
+def test_without_validation_every_epoch_runs_and_the_last_weights_are_kept(synthetic, tmp_path):
+    """fit would otherwise stop early and pick the best epoch by the training loss, which the docs do not say."""
+    model = tiny_model()
+    options = dict(crop=32, epochs=6, batch_size=4, patience=1, lr=5e-2, progress=False, checkpoint_dir=tmp_path)
+    result = train_classifier(model, synthetic, **options)
+    assert len(result.history) == 6 and not result.stopped_early
+    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]  # the weights after the last epoch
+    assert all(torch.equal(value, last[name]) for name, value in model.state_dict().items())
+
+
 def test_train_classifier_refuses_an_empty_validation_set(synthetic):
     x, y = synthetic
     with pytest.raises(ValueError, match="val=None"):

@@ -120,7 +120,8 @@ def train_classifier(
         (n, 3, H, W) uint8 or floats in [0, 1], labels in ``0 .. model.n_classes - 1``.
     val
         Validation images (at least one), evaluated on centre crops of side ``crop`` (the training size) for early
-        stopping and best-epoch selection, so that the full field stays unseen until the test.
+        stopping and best-epoch selection, so that the full field stays unseen until the test. ``None``: every epoch
+        runs and the last weights are kept (``patience`` is not used).
     crop
         Training crop side (``None``: whole images).
     epochs, batch_size, lr, weight_decay, patience, checkpoint_dir, progress, description
@@ -173,7 +174,9 @@ def train_classifier(
         steps_per_epoch=len(batches),
         lr=lr,
         weight_decay=weight_decay,
-        patience=patience,
+        # without validation every epoch runs and the last weights are kept (fit would judge by the training loss)
+        patience=patience if val_data is not None else None,
+        restore_best=val_data is not None,
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         # what names the run besides fit's own settings: its images, labels and crops
