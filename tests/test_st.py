@@ -146,6 +146,16 @@ def test_coarse_bins_keep_a_library_column_that_is_not_categorical(small, kind):
 
 
 @needs_data
+def test_coarsen_takes_the_library_key_recorded_by_serialize(small):
+    """Two copies of one crop on the same grid: pooled, their spots would share bins."""
+    both = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    dfm.pp.serialize(both, library_key="lib")
+    coarse = dfm.pp.coarsen(both, 2)
+    assert coarse.uns["dfm_coarsen"]["params"]["library_key"] == "lib"
+    assert coarse.n_obs == 2 * dfm.pp.coarsen(small, 2).n_obs
+
+
+@needs_data
 def test_embed_writes_documented_keys_and_is_reproducible(small):
     dfm.pp.serialize(small)
     before = small.X.copy()

@@ -10,7 +10,15 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import check_adata, check_library_key, is_tool_record, is_whole_number, whole_number
+from .._utils import (
+    EMBED_RECORD,
+    check_adata,
+    check_library_key,
+    is_tool_record,
+    is_whole_number,
+    resolve_library_key,
+    whole_number,
+)
 from ._serialize import library_layouts
 
 __all__ = ["coarsen"]
@@ -61,7 +69,8 @@ def coarsen(
     layer
         Counts to sum (default ``X``).
     library_key
-        Column of ``obs`` naming the slice; bins never mix slices.
+        Column of ``obs`` naming the slice; bins never mix slices. By default the key recorded by
+        :func:`~dfmamba_st.pp.serialize` (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, if any.
     spatial_key
         Key of the coordinates in ``obsm``.
 
@@ -89,6 +98,7 @@ def coarsen(
     True
     """
     check_adata(adata)
+    library_key = resolve_library_key(adata, library_key, "dfm_order", EMBED_RECORD)
     check_library_key(adata, library_key)
     factor = _check_factor(factor)
     from ..tl._features import expression_matrix  # here, not at the top: tl imports pp
