@@ -44,8 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--library-key",
         default=None,
-        help="obs column naming each spot's slice, for an input of several slices: each is serialized, embedded and "
-        "refined on its own, and scored per slice (default: none, one slice)",
+        help="obs column naming each spot's slice, for an input of several slices: each is its own sequence and is "
+        "refined and scored on its own; one model and one mixture cover all, so a domain has one label in every "
+        "slice (default: none, one slice)",
     )
     parser.add_argument(
         "--preset",
