@@ -97,11 +97,16 @@ def test_coarsen_conserves_counts_and_genes(slice_673, factor):
     assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
 
 
+def _twice(adata: ad.AnnData) -> ad.AnnData:
+    """Two copies of a crop as libraries ``a`` and ``b`` of ``obs['lib']``, on the same grid positions."""
+    return ad.concat({"a": adata, "b": adata}, label="lib", index_unique="-")
+
+
 @needs_data
 def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and_majority_labels(small):
     """Two libraries on the same coordinates whose counts are an identity matrix, so that ``coarse.X[b, s] = 1``
     says that bin ``b`` merged spot ``s``."""
-    pooled = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    pooled = _twice(small)
     both = ad.AnnData(
         X=sp.identity(pooled.n_obs, dtype=np.float32, format="csr"),
         obs=pooled.obs,
@@ -133,7 +138,7 @@ def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and
 @pytest.mark.parametrize("kind", ["str", "int"])
 def test_coarse_bins_keep_a_library_column_that_is_not_categorical(small, kind):
     """A plain column (strings or integer codes) gives each bin its library, as a categorical one does."""
-    both = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    both = _twice(small)
     both.obs["lib"] = both.obs["lib"].astype(str) if kind == "str" else both.obs["lib"].cat.codes.astype(np.int64)
     coarse = dfm.pp.coarsen(both, 2, library_key="lib")
     alone = dfm.pp.coarsen(small, 2).n_obs
@@ -148,7 +153,7 @@ def test_coarse_bins_keep_a_library_column_that_is_not_categorical(small, kind):
 @needs_data
 def test_coarsen_takes_the_library_key_recorded_by_serialize(small):
     """Two copies of one crop on the same grid: pooled, their spots would share bins."""
-    both = ad.concat({"a": small, "b": small}, label="lib", index_unique="-")
+    both = _twice(small)
     dfm.pp.serialize(both, library_key="lib")
     coarse = dfm.pp.coarsen(both, 2)
     assert coarse.uns["dfm_coarsen"]["params"]["library_key"] == "lib"
