@@ -9,15 +9,11 @@ import argparse
 import time
 from pathlib import Path
 
+from ._cli import check_device_and_output, path_argument
 from ._version import __version__
 
 #: the annotation scored against when ``--truth-key`` is not given (DLPFC's cortical layers)
 DEFAULT_TRUTH_KEY = "layer"
-
-
-def _path(text: str) -> Path:
-    """A path given on the line, ``~`` expanded (the shell leaves it as is in ``--out=~/results``)."""
-    return Path(text).expanduser()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dfmamba_st {__version__}")
     parser.add_argument(
-        "--input", type=_path, help="an .h5ad file of spots × genes (default: the bundled DLPFC 151673 slice)"
+        "--input", type=path_argument, help="an .h5ad file of spots × genes (default: the bundled DLPFC 151673 slice)"
     )
     parser.add_argument(
         "--n-clusters",
@@ -69,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        type=_path,
+        type=path_argument,
         default=Path("dfmamba_st_results"),
         help="output folder for result.h5ad, domains.png, gates.png and scores.csv (default: dfmamba_st_results)",
     )
@@ -82,17 +78,10 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--n-clusters must be at least 1 (or 0 to choose it automatically), got {args.n_clusters}")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    from .core import resolve_device
-
-    try:
-        resolve_device(args.device)
-    except ValueError as err:
-        parser.error(f"--device {args.device}: {err}")
+    check_device_and_output(parser, args.device, args.out)
     if args.input is not None and not args.input.is_file():
         what = "a folder, not a file" if args.input.is_dir() else "no such file"
         parser.error(f"--input {args.input}: {what}")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: a file, not a folder")
 
 
 def _check_columns(parser: argparse.ArgumentParser, args: argparse.Namespace, adata, name: str) -> str | None:

@@ -463,3 +463,9 @@ def test_a_checkpoint_of_other_images_is_refused(synthetic, tmp_path):
         train_classifier(tiny_model(), (x[4:], y[4:]), **options)
     with pytest.raises(ValueError, match=r"differs in run_key\.augment"):
         train_classifier(tiny_model(), (x[:4], y[:4]), **options, augment=False)
+
+
+def test_cli_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = train_module._parser().parse_args(["--data=~/photos", "--out", "~/runs"])
+    assert args.data == tmp_path / "photos" and args.out == tmp_path / "runs"

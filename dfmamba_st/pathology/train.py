@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._cli import check_device_and_output, path_argument
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
@@ -333,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, help="folder with one sub-folder per class (BACH: .../Photos)")
+    src.add_argument("--data", type=path_argument, help="folder with one sub-folder per class (BACH: .../Photos)")
     src.add_argument("--synthetic", action="store_true", help="use the synthetic arrangement task instead")
     p.add_argument("--image-size", type=int, default=512, help="working resolution of the full fields (px)")
     p.add_argument("--crop", type=int, default=fn["crop"], help="training crop side (px); 256 = 256 tokens")
@@ -362,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--out",
-        type=lambda t: Path(t).expanduser(),
+        type=path_argument,
         default=None,
         help="write model.safetensors, config.json, results.json here",
     )
@@ -401,12 +402,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"{flag} must be >= {minimum}, got {value}.")
     if not args.lr > 0 or not args.weight_decay >= 0:
         parser.error(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}.")
-    try:
-        resolve_device(args.device)
-    except ValueError as err:
-        parser.error(f"--device {args.device}: {err}")
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out}: a file, not a folder.")
+    check_device_and_output(parser, args.device, args.out)
 
 
 def _split(parser: argparse.ArgumentParser, data: ImageSet, args: argparse.Namespace) -> list[ImageSet]:
