@@ -185,6 +185,14 @@ def _as_rgb(img, path: str | Path):
     return img.convert("RGB")
 
 
+def _sides(size: int | tuple[int, int], what: str = "size") -> tuple[int, int]:
+    """``(height, width)`` of an image size given as a side or as ``(height, width)``, each a whole number >= 1."""
+    sides = (size, size) if np.isscalar(size) else tuple(size)
+    if len(sides) != 2 or not all(is_whole_number(side, 1) for side in sides):
+        raise ValueError(f"{what} must be a whole number >= 1 or (height, width) of them, got {size!r}.")
+    return int(sides[0]), int(sides[1])
+
+
 def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` (side or ``(height, width)``) if given.
 
@@ -217,7 +225,7 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> n
             "save it again in a readable format."
         ) from err
     if size is not None:
-        height, width = (size, size) if isinstance(size, int) else size
+        height, width = _sides(size)
         img = img.resize((width, height), Image.Resampling.BILINEAR)
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
 
@@ -248,9 +256,7 @@ def load_image_folder(
         With ``image_size=None``, if the images differ in size (the message names two of them).
     """
     if image_size is not None:
-        sides = (image_size, image_size) if np.isscalar(image_size) else tuple(image_size)
-        if len(sides) != 2 or not all(is_whole_number(side, 1) for side in sides):
-            raise ValueError(f"image_size must be a whole number >= 1 or (height, width) of them, got {image_size!r}.")
+        _sides(image_size, "image_size")  # checked before any file is read
     paths, labels, names = list_image_folder(root, classes)
     loaded = [load_image(p, image_size) for p in paths]
     sizes = {img.shape[1:]: p for img, p in zip(loaded, paths)}
