@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import sys
 from collections.abc import Mapping
@@ -29,11 +30,16 @@ __all__ = [
 def user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the calling function that names the first frame outside the package.
 
-    For warnings raised in helpers that several public functions reach at different depths.
+    For warnings raised in helpers that several public functions reach at different depths. Frames of
+    :mod:`contextlib` are passed over too: ``tl.embed`` is wrapped by a context manager used as a decorator.
     """
     package = Path(__file__).resolve().parent
+    wrapper = Path(contextlib.__file__).resolve()
     frame, level = sys._getframe(1), 1
-    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
+    while frame is not None:
+        file = Path(frame.f_code.co_filename).resolve()
+        if not (file.is_relative_to(package) or file == wrapper):
+            break
         frame, level = frame.f_back, level + 1
     return level
 

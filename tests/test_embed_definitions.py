@@ -79,6 +79,17 @@ def test_too_few_varying_genes_for_a_loess_fit_are_ranked_without_trying_it(top)
     pd.testing.assert_series_equal(ranks, gene_ranks(expression_matrix(logged, None)[0], genes, False))
 
 
+def test_a_direct_fit_warns_at_its_caller_as_tl_embed_does(top):
+    """The warnings of the feature transform name the first frame outside the package, however deep they start."""
+    with pytest.warns(UserWarning, match=r"n_top_genes=5000 but the data has 3000 genes") as caught:
+        FeatureTransform.fit(top, layer=None, n_top_genes=5000, n_pcs=None, seed=0)  # called here, not by a helper
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()
+    dfm.pp.serialize(top)
+    with pytest.warns(UserWarning, match=r"n_top_genes=5000 but the data has 3000 genes") as caught:
+        dfm.tl.embed(top, **{**QUICK, "n_top_genes": 5000})
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()
+
+
 def test_the_fit_subset_is_drawn_with_the_seed(top, monkeypatch):
     monkeypatch.setattr(_features, "MAX_FIT_SPOTS", 200)
     fits = [_fit(top, seed=s) for s in (0, 0, 1)]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_adata, check_library_key, h5ad_safe, library_indices
+from .._utils import check_adata, check_library_key, h5ad_safe, library_indices, user_stacklevel
 from ..core import curves
 
 __all__ = ["LibraryLayout", "library_layouts", "serialize", "spot_cells"]
@@ -176,7 +176,7 @@ def _warn_off_tissue(adata: AnnData) -> None:
             f"{off} of {adata.n_obs} spots have obs['in_tissue'] == 0 (outside the tissue); they are ordered, embedded "
             "and clustered like the others. Keep the tissue first: adata = adata[adata.obs['in_tissue'] == 1].copy().",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

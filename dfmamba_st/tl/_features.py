@@ -16,6 +16,8 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
+from .._utils import user_stacklevel
+
 __all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spatial_graph", "top_genes"]
 
 #: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
@@ -29,9 +31,6 @@ COUNTS_TARGET = 1e4
 MAX_LOG_VALUE = 20.0
 #: non-integer input whose spot totals vary by less than this (coefficient of variation) was normalised, not logged
 CONSTANT_TOTAL_CV = 1e-3
-#: warnings raised for the user's call: expression_matrix / FeatureTransform are called from tl.embed, behind
-#: its isolated_global_state wrapper
-STACKLEVEL = 4
 
 
 def expression_matrix(
@@ -171,7 +170,7 @@ class FeatureTransform:
             if n_top_genes > n_vars:
                 message = f"n_top_genes={n_top_genes} but the data has {n_vars} genes: using all {n_vars}."
                 if chosen:
-                    warnings.warn(message, stacklevel=STACKLEVEL)
+                    warnings.warn(message, stacklevel=user_stacklevel())
                 else:
                     logg.info(f"    {message}")
         else:
@@ -254,7 +253,7 @@ class FeatureTransform:
         warnings.warn(
             f"The model was trained on {trained}; adata holds {given}: they were {done}. This matches the training "
             "features when the log-normalised data are sc.pp.normalize_total then sc.pp.log1p (natural log).",
-            stacklevel=STACKLEVEL,
+            stacklevel=user_stacklevel(),
         )
         return X
 
@@ -328,7 +327,7 @@ def gene_ranks(X: sp.csr_matrix, var_names: pd.Index, is_counts: bool) -> pd.Ser
                 f"{X.shape[0]} spots ({reason}); they were ranked by scanpy's 'seurat' dispersion of the "
                 "log-normalised counts instead. seurat_v3 works with a few hundred spots or more; "
                 f"n_top_genes >= {len(var_names)} keeps every gene without ranking.",
-                stacklevel=STACKLEVEL + 2,
+                stacklevel=user_stacklevel(),
             )
             scores = _scanpy_scores(_log_normalize(X, True), var_names, "seurat", "dispersions_norm")
     score = np.nan_to_num(scores.to_numpy(np.float32), nan=-np.inf)
