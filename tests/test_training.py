@@ -416,3 +416,25 @@ def test_patience_must_be_a_whole_number_of_at_least_one(patience):
     """patience=0 stopped every run after its first epoch."""
     with pytest.raises(ValueError, match=r"patience must be a whole number >= 1 or None"):
         fit(nn.Linear(4, 1), mse, regression_data(), epochs=2, patience=patience, progress=False)
+
+
+def test_fingerprint_hashes_a_large_array_without_copying_it():
+    """The run key of a pathology checkpoint hashes the whole image stack: its bytes are read in place (a copy held
+    a second stack in memory), and strided or object arrays hash as their contiguous / text form."""
+    import tracemalloc
+
+    import numpy as np
+
+    from dfmamba_st.core import fingerprint
+
+    images = np.zeros((8, 3, 512, 512), dtype=np.uint8)  # 6 MiB
+    tracemalloc.start()
+    try:
+        fingerprint(images)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < images.nbytes / 10
+    grid = np.arange(12).reshape(3, 4)
+    assert fingerprint(grid[:, ::2]) == fingerprint(np.ascontiguousarray(grid[:, ::2])) != fingerprint(grid)
+    assert fingerprint(np.array(["a", "bc"], dtype=object)) == fingerprint(np.array(["a", "bc"]))
