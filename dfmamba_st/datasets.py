@@ -45,6 +45,8 @@ import pandas as pd
 import pooch
 from scipy import sparse
 
+from ._utils import user_stacklevel
+
 __all__ = [
     "DLPFC_SAMPLES",
     "HER2ST_SECTIONS",
@@ -656,7 +658,7 @@ def _warn_other_sample(adata: ad.AnnData, file: Path, requested: str, what: str,
             f"{file} holds {what} {', '.join(sorted(ids))} (from {where}), not the requested {what} {requested!r}. "
             f"Pass {arg}={sorted(ids)[0]!r} (to silence this) or the file of {what} {requested}.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

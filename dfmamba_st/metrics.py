@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import check_library_key, resolve_library_key, whole_number
+from ._utils import check_library_key, resolve_library_key, user_stacklevel, whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -303,14 +303,14 @@ def evaluate(
         warnings.warn(
             f"No spot has a truth label in obs[{truth_key!r}] (all missing or in `ignore`); nothing is scored.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     no_pred = _is_missing(pred_s) & keep
     if no_pred.any():
         warnings.warn(
             f"{int(no_pred.sum())} annotated spots have no prediction in obs[{pred_key!r}]; they are not scored.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         keep &= ~no_pred
     truth = truth_s.astype(str).to_numpy()

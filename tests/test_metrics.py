@@ -2,6 +2,7 @@
 
 from contextlib import nullcontext
 from math import sqrt
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -108,8 +109,9 @@ def test_unscored_spots_need_no_coordinates_and_an_empty_truth_warns(dlpfc_15167
     table = metrics.evaluate(adata, "layer", "pred")
     assert table.loc["all", "n_spots"] == 3611 and np.isfinite(table.loc["all", "chaos"])
     adata.obs["none"] = pd.Categorical([np.nan] * adata.n_obs, categories=["Layer1"])
-    with pytest.warns(UserWarning, match="No spot has a truth label"):
+    with pytest.warns(UserWarning, match="No spot has a truth label") as caught:
         assert metrics.evaluate(adata, "none", "pred").loc["all", "n_spots"] == 0
+    assert [Path(w.filename).resolve() for w in caught if "truth label" in str(w.message)] == [Path(__file__).resolve()]
 
 
 def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
@@ -117,8 +119,11 @@ def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
     pred = adata.obs["pred"].astype(object).to_numpy().copy()
     pred[np.flatnonzero(adata.obs["layer"].notna().to_numpy())[:5]] = np.nan
     adata.obs["pred"] = pred
-    with pytest.warns(UserWarning, match="5 annotated spots have no prediction"):
+    with pytest.warns(UserWarning, match="5 annotated spots have no prediction") as caught:
         table = metrics.evaluate(adata, "layer", "pred")
+    assert [Path(w.filename).resolve() for w in caught if "no prediction" in str(w.message)] == [
+        Path(__file__).resolve()
+    ]
     assert table.loc["all", "n_spots"] == 3611 - 5
 
 

@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import matplotlib
 
@@ -27,6 +28,7 @@ from dfmamba_st.pathology import (
     eval_batches,
     evaluate,
     evaluate_resolutions,
+    list_image_folder,
     load_classifier,
     load_image,
     load_image_folder,
@@ -176,8 +178,9 @@ def test_cli_refuses_an_empty_test_split_before_training(monkeypatch, capsys):
 
 def test_cli_warns_about_an_empty_validation_split_and_keeps_one_result_per_field():
     args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
-    with pytest.warns(UserWarning, match="validation split is empty"):
+    with pytest.warns(UserWarning, match="validation split is empty") as caught:
         summary = train_module.main(args)
+    assert _warned_here(caught, "validation split is empty")  # points at the call of main, not into train.py
     assert list(summary["accuracy"]) == ["4"]  # the 32-px crop is the 32-px field
 
 
@@ -273,9 +276,19 @@ def test_image_folder_warns_about_a_folder_next_to_the_bach_classes(tmp_path):
     _write_bach(tmp_path)
     (tmp_path / "Unlabelled").mkdir()
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "Unlabelled" / "u.png")
-    with pytest.warns(UserWarning, match="Unlabelled"):
+    with pytest.warns(UserWarning, match="Unlabelled") as caught:
         data = load_image_folder(tmp_path, image_size=16)
     assert data.class_names == BACH_CLASSES
+    assert _warned_here(caught, "Unlabelled")  # points at the user's call, not into load_image_folder
+    with pytest.warns(UserWarning, match="Unlabelled") as caught:
+        list_image_folder(tmp_path)
+    assert _warned_here(caught, "Unlabelled")
+
+
+def _warned_here(caught, text: str) -> bool:
+    """Whether every warning of ``caught`` whose message holds ``text`` names this file (the user's call)."""
+    matching = [w for w in caught if text in str(w.message)]
+    return bool(matching) and all(Path(w.filename).resolve() == Path(__file__).resolve() for w in matching)
 
 
 def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warning(tmp_path):
@@ -288,9 +301,13 @@ def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warnin
         (tmp_path / "mine" / name).mkdir(parents=True)
         Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "mine" / name / "a.png")
     (tmp_path / "mine" / "necrosis").mkdir()
-    with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image"):
+    with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image") as caught:
         data = load_image_folder(tmp_path / "mine", image_size=16)
     assert data.class_names == ("stroma", "tumour")
+    assert _warned_here(caught, "hold no image")  # points at the user's call, not into load_image_folder
+    with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image") as caught:
+        list_image_folder(tmp_path / "mine")
+    assert _warned_here(caught, "hold no image")
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):

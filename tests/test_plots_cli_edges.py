@@ -196,8 +196,12 @@ def test_gates_follow_the_order_embed_read_and_warn_without_one(bundled):
     np.testing.assert_allclose(recorded, expected, rtol=1e-6)
     np.testing.assert_allclose(given, expected, rtol=1e-6)
     del adata.obs["myorder"]
-    with pytest.warns(UserWarning, match=r"No serialization order found.*AnnData order"):
-        ax, _ = along_curve(dfm.pl.gates(adata, return_fig=True, show=False))
+    with pytest.warns(UserWarning, match=r"No serialization order found.*AnnData order") as caught:
+        figure = dfm.pl.gates(adata, return_fig=True, show=False)
+    assert [Path(w.filename).resolve() for w in caught if "serialization order" in str(w.message)] == [
+        Path(__file__).resolve()
+    ]  # points at the user's call
+    ax, _ = along_curve(figure)
     assert "AnnData order" in ax.get_xlabel()
     with pytest.raises(KeyError, match=r"order_key='myorder' is not a column"):
         dfm.pl.gates(adata, order_key="myorder", show=False)
@@ -532,6 +536,21 @@ def test_command_line_library_key_reaches_every_step(tmp_path):
     assert result.uns["dfm_domain"]["params"]["library_key"] == "lib"
     scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
     assert list(scores.index.astype(str)) == ["151673", "151674"]  # scored slice by slice
+
+
+def test_command_line_warnings_point_at_the_call_of_main_not_into_the_package(tmp_path):
+    """tl.cluster's and metrics.evaluate's warnings, reached through the command line's main, name its caller."""
+    slices = {s: crop(ad.read_h5ad(shared("dlpfc", f"dlpfc_{s}.h5ad")), rows=(0, 10)) for s in ("151673", "151674")}
+    joined = ad.concat(slices, label="lib", join="inner", uns_merge="unique", index_unique="-")
+    joined.obs["unscored"] = pd.Categorical([np.nan] * joined.n_obs, categories=["Layer1"])  # no truth label at all
+    joined.write_h5ad(tmp_path / "two.h5ad")
+    argv = ["--input", str(tmp_path / "two.h5ad"), "--library-key", "lib", "--truth-key", "unscored"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "--epochs", "1", "--n-clusters", "5", "--out", str(tmp_path / "out")]) == 0
+    for text in ("lie almost only in one library", "No spot has a truth label"):  # two crops of two sections
+        where = [Path(w.filename).resolve() for w in caught if text in str(w.message)]
+        assert where and set(where) == {Path(__file__).resolve()}, (text, where)
 
 
 def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path):

@@ -2,6 +2,7 @@
 
 import functools
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import matplotlib
@@ -212,8 +213,11 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     with pytest.warns(UserWarning, match=r"preset='paper' .* is meant for a GPU: .*451 s"):
         _check_paper_on_cpu("paper", torch.device("cpu"), 3000)
     monkeypatch.setitem(PRESETS["paper"], "d_model", 16)  # "full width" made small enough to run here
-    with pytest.warns(UserWarning, match="meant for a GPU"):
+    with pytest.warns(UserWarning, match="meant for a GPU") as caught:
         dfm.tl.embed(small, preset="paper", n_top_genes=200, device="cpu", **quick)
+    assert [Path(w.filename).resolve() for w in caught if "meant for a GPU" in str(w.message)] == [
+        Path(__file__).resolve()
+    ]  # points at the user's call, behind embed's wrapper
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_paper_on_cpu("paper", torch.device("cuda"), 3000)
@@ -401,10 +405,21 @@ def test_cluster_warns_when_domains_split_by_library():
     assert both.uns["dfm_domain"]["library_specific"] == {}  # no library-specific domain: no warning
     assert not [w for w in caught if "one library" in str(w.message)]
     both.obsm["X_rep"] = np.vstack([rep, rep + 30.0])
-    with pytest.warns(UserWarning, match=r"domains lie almost only in one library \(.*in 'a'.*batch effect"):
+    with pytest.warns(UserWarning, match=r"domains lie almost only in one library \(.*in 'a'.*batch effect") as caught:
         dfm.tl.cluster(both, 7, use_rep="X_rep", library_key="library", n_init=3)
+    assert {Path(w.filename).resolve() for w in caught if "one library" in str(w.message)} == {Path(__file__).resolve()}
     specific = both.uns["dfm_domain"]["library_specific"]
     assert set(specific.values()) == {"a", "b"} and len(specific) >= 6
+
+
+def test_leiden_says_at_the_users_call_when_it_cannot_reach_the_number_of_domains(bundled):
+    adata = crop(bundled, rows=(0, 20), cols=(0, 60))  # 492 spots
+    adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray(), dtype=float)
+    with pytest.warns(UserWarning, match=r"Leiden found \d+ clusters at best \(asked for 400\)") as caught:
+        dfm.tl.cluster(adata, 400, method="leiden", use_rep="X_rep", refine=False)
+    assert [Path(w.filename).resolve() for w in caught if "Leiden found" in str(w.message)] == [
+        Path(__file__).resolve()
+    ]
 
 
 def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
@@ -440,8 +455,11 @@ def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
     adata = small.copy()
     adata.obsm["X_rand"] = np.random.default_rng(0).normal(size=(adata.n_obs, 5))
     dfm.pp.serialize(adata)
-    with pytest.warns(UserWarning, match=r"no clear knee .*dfm.pl.bic\(adata, key='dfm_domain'\)"):  # noise: no K
+    with pytest.warns(UserWarning, match=r"no clear knee .*dfm.pl.bic\(adata, key='dfm_domain'\)") as caught:  # noise
         dfm.tl.cluster(adata, None, use_rep="X_rand", k_range=range(2, 7))
+    assert [Path(w.filename).resolve() for w in caught if "no clear knee" in str(w.message)] == [
+        Path(__file__).resolve()
+    ]  # points at the user's call
     record, chosen_k = adata.uns["dfm_domain"], adata.uns["dfm_domain"]["params"]["n_clusters"]
     assert 0 <= record["knee"] < 0.15
     ax = dfm.pl.bic(adata, return_fig=True, show=False).axes[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._utils import is_whole_number, whole_number
+from .._utils import is_whole_number, user_stacklevel, whole_number
 
 __all__ = [
     "BACH_CLASSES",
@@ -133,7 +133,7 @@ def list_image_folder(
                 f"Folder(s) {empty} under {str(root)!r} hold no image ({'/'.join(IMAGE_EXTENSIONS)}) and are not "
                 "classes here; pass classes=[...] to name the classes.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         ignored = [name for name in subdirs if name not in classes]
         if ignored:
@@ -141,7 +141,7 @@ def list_image_folder(
                 f"Using the four BACH classes under {str(root)!r} and ignoring the other image folder(s) {ignored}; "
                 "pass classes=[...] to choose the classes.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
     classes = tuple(classes)
     repeated = sorted({name for name in classes if classes.count(name) > 1})

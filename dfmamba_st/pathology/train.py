@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._cli import check_device_and_output, path_argument
+from .._utils import user_stacklevel
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
@@ -423,7 +424,7 @@ def _split(parser: argparse.ArgumentParser, data: ImageSet, args: argparse.Names
             f"The validation split is empty (train/val/test = {counts}); training runs for --epochs {args.epochs} "
             f"without early stopping or best-epoch selection. Use {more} or a larger validation fraction.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return parts
 

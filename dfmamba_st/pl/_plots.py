@@ -409,7 +409,7 @@ def _sequence_order(adata: AnnData, order_key: str | None, record: str | None, s
         f"No serialization order found (obs[{candidate!r}] is missing): the panel along the sequence shows the spots "
         "in AnnData order, not along the curve. Pass order_key= (the key_added of dfm.pp.serialize).",
         UserWarning,
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     return None
 

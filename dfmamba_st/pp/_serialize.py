@@ -140,7 +140,7 @@ def _warn_off_lattice(adata: AnnData) -> None:
             f"{odd} of {parity.size} spots break the Visium hexagonal grid (array_row + array_col of one parity), "
             "so the grid is read as a square one, which orders the spots differently. Check those spots' "
             "obs['array_row'/'array_col'].",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -149,7 +149,7 @@ def identical_positions(layouts: list[LibraryLayout]) -> int:
     return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
 
 
-def warn_identical_positions(n_identical: int, library_key: str | None, *, stacklevel: int) -> None:
+def warn_identical_positions(n_identical: int, library_key: str | None) -> None:
     """Warn about spots on the same position; without a library key, suggest that several slices were pooled."""
     if not n_identical:
         return
@@ -162,7 +162,7 @@ def warn_identical_positions(n_identical: int, library_key: str | None, *, stack
     warnings.warn(
         f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, in input order."
         + hint,
-        stacklevel=stacklevel + 1,
+        stacklevel=user_stacklevel(),
     )
 
 
@@ -256,5 +256,5 @@ def serialize(
     }
     # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
     # are odd
-    warn_identical_positions(n_identical, library_key, stacklevel=2)
+    warn_identical_positions(n_identical, library_key)
     return adata if copy else None

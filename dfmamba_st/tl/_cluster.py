@@ -25,6 +25,7 @@ from .._utils import (
     is_whole_number,
     recorded_param,
     resolve_library_key,
+    user_stacklevel,
     whole_number,
 )
 from ..pp._serialize import library_layouts
@@ -189,7 +190,7 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
     if labels.max() + 1 != n_clusters:
         warnings.warn(
             f"Leiden found {labels.max() + 1} clusters at best (asked for {n_clusters}), resolution {res:.3g}.",
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
     return labels, res
 
@@ -353,7 +354,7 @@ def cluster(
                     f"n_clusters=None chose {n_clusters} domains, but the BIC curve has no clear knee (the choice lies "
                     f"{knee:.2f} below the chord, under {WEAK_KNEE}): the number of domains is uncertain. Draw the "
                     f"curve with dfm.pl.bic(adata, key={key_added!r}) and pass n_clusters= if you know it.",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
         if method == "gmm":
             gmm = _gmm(sample, n_clusters, random_state, n_init, tol)
@@ -383,7 +384,7 @@ def cluster(
                 "one section only gives such a domain; so does a batch effect between libraries (other donors, gene "
                 "panels or protocols), which dfmamba_st does not correct. If the sections are of one tissue, look at "
                 "the domains with dfm.pl.domains, and cluster each library on its own or correct the batch first.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     adata = adata.copy() if copy else adata

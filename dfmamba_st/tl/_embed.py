@@ -23,6 +23,7 @@ from .._utils import (
     embed_record_key,
     h5ad_safe,
     resolve_library_key,
+    user_stacklevel,
     versions,
     whole_number,
 )
@@ -87,7 +88,7 @@ def _library_sequences(
     as :func:`~dfmamba_st.pp.serialize` does, when spots share a position (slices pooled without a library key).
     """
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
-    warn_identical_positions(identical_positions(layouts), library_key, stacklevel=4)  # embed's caller
+    warn_identical_positions(identical_positions(layouts), library_key)
     return [(layout.idx, np.stack([layout.order(c) for c in curve_names]), layout.graph()) for layout in layouts]
 
 
@@ -153,7 +154,7 @@ def _check_paper_on_cpu(preset: str, device: torch.device, d_model: int) -> None
             "preset='paper' (d_model 3,000 over 3,000-gene tokens) is meant for a GPU: on a 2-core CPU one of its 30 "
             "epochs over DLPFC 151673 (3,639 spots) took 451 s, at 7.7 GB (docs/spatial.md). preset='cpu' is the "
             "configuration measured on CPUs.",
-            stacklevel=4,  # the user's call: embed's caller, behind its isolated_global_state wrapper
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -383,7 +384,9 @@ def embed(
         ignored = {k: v for k, v in training_options.items() if v != defaults[k].default}
         if ignored:
             warnings.warn(
-                f"model= applies a trained model with its own settings; ignored: {ignored}.", UserWarning, stacklevel=3
+                f"model= applies a trained model with its own settings; ignored: {ignored}.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
             )
         settings = {}
     else:
@@ -446,7 +449,7 @@ def embed(
         warnings.warn(
             f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
             f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
     align = 2**config.depth
