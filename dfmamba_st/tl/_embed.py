@@ -51,7 +51,8 @@ PRESETS: dict[str, dict] = {
         d_model=64,
         depth=3,
         d_state=16,
-        # 20 × 10 steps: 17-31 s per DLPFC slice (serialize + embed + cluster, one CPU thread; docs/spatial_log.md)
+        # 20 × 10 steps: 28.6-33.9 s per DLPFC slice (serialize + embed + cluster, one CPU thread, the other core busy;
+        # docs/spatial.md, "Current defaults")
         epochs=20,
         steps_per_epoch=10,
         lr=3e-3,
@@ -152,7 +153,8 @@ def _check_paper_on_cpu(preset: str, device: torch.device, d_model: int) -> None
     if preset == "paper" and device.type != "cuda" and d_model == PRESETS["paper"]["d_model"]:
         warnings.warn(
             "preset='paper' (d_model 3,000 over 3,000-gene tokens) is meant for a GPU: on a 2-core CPU one of its 30 "
-            "epochs over DLPFC 151673 (3,639 spots) took 451 s, at 7.7 GB (docs/spatial.md). preset='cpu' is the "
+            "epochs and the inference over DLPFC 151673 (3,639 spots) took 451 s, at 7.7 GB (docs/spatial.md). "
+            "preset='cpu' is the "
             "configuration measured on CPUs.",
             stacklevel=user_stacklevel(),
         )
@@ -226,7 +228,7 @@ def embed(
         or ``"auto"`` (``"paper"`` on a CUDA device, else ``"cpu"``). The choice is recorded in ``uns['dfm']``.
         The ``"paper"`` preset's accuracy is not measured yet, and at its full width it warns before training
         without a GPU (hours on a CPU); ``"cpu"`` on a GPU gave the same ARI as on a CPU (DLPFC 151673, seeds 0–2,
-        15–18 s; ``docs/spatial.md``, "On a GPU").
+        15–18 s, with the gene choice before the tie-break by name; ``docs/spatial.md``, "On a GPU").
     epochs
         Training epochs (each of the preset's ``steps_per_epoch`` steps). All are run: with no held-out data, the
         training loss is no model-selection criterion (its auxiliary multi-scale terms grow while the masked-spot
