@@ -43,15 +43,22 @@ def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align):
         assert end - keep_end == min(n - keep_end, overlap)
 
 
-def test_tiled_inference_matches_the_whole_sequence(trained):
+def test_tiled_inference_matches_the_whole_sequence(trained, monkeypatch):
+    """3,639 spots in tiles of 256 with 32 spots of context: 14 seams per curve, and the error stays small (measured:
+    0.0035 relative, gates 0.0006 apart), well below that of the same tiles without their context (0.011, 0.008)."""
     adata, model = trained
     token_t, libraries = _inputs(adata, model)
-    whole, whole_gates = _embed._infer(model, token_t, libraries, adata.n_obs, torch.device("cpu"), tile_size=8192)
-    tiled, tiled_gates = _embed._infer(model, token_t, libraries, adata.n_obs, torch.device("cpu"), tile_size=256)
-    # 3,639 spots in tiles of 256 with 32 spots of context: 14 seams per curve, and the error stays small
-    assert np.linalg.norm(tiled - whole) / np.linalg.norm(whole) < 0.05
-    assert np.nanmax(np.abs(tiled_gates - whole_gates)) < 0.05
+    cpu = torch.device("cpu")
+    whole, whole_gates = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=8192)
+    tiled, tiled_gates = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=256)
+    error = np.linalg.norm(tiled - whole) / np.linalg.norm(whole)
+    assert error < 0.007
+    assert np.nanmax(np.abs(tiled_gates - whole_gates)) < 0.004
     assert np.isfinite(tiled).all() and not np.isnan(tiled_gates).any()
+    tiles = _embed._tiles
+    monkeypatch.setattr(_embed, "_tiles", lambda *a: [(kb, ke, kb, ke) for _, _, kb, ke in tiles(*a)])
+    bare, _ = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=256)
+    assert error < 0.5 * np.linalg.norm(bare - whole) / np.linalg.norm(whole)
 
 
 def test_embed_tile_size_keeps_the_domains(trained):

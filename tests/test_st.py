@@ -525,9 +525,14 @@ def test_libraries_below_ten_spots_per_domain_are_left_out_of_the_library_report
 
 @needs_data
 def test_short_training_on_151673_clearly_beats_random_labels(slice_673):
+    """The default embedding's domains, and the model's state alone (the default embedding puts the neighbourhood
+    expression next to it, which clusters well by itself), score far above random labels; and training has taught
+    the model: on windows and masks it never saw, its masked-spot reconstruction error is below that of the same
+    model with its initial weights (after these 30 steps 0.905-0.928 of it on 151673, seeds 0-2; 0.75 after the
+    default 200; docs/spatial_log.md, "What training adds")."""
     adata = slice_673.copy()
     dfm.pp.serialize(adata)
-    dfm.tl.embed(adata, epochs=3, progress=False)
+    model = dfm.tl.embed(adata, epochs=3, progress=False, return_model=True)
     dfm.tl.cluster(adata, 7)
     scores = dfm.metrics.evaluate(adata, "layer")
     rng = np.random.default_rng(0)
@@ -535,6 +540,26 @@ def test_short_training_on_151673_clearly_beats_random_labels(slice_673):
     random_scores = dfm.metrics.evaluate(adata, "layer", pred_key="random")
     assert float(random_scores["ari"].iloc[0]) < 0.01
     assert float(scores["ari"].iloc[0]) > 0.3
+    dfm.tl.embed(adata, model=model, readout="model", progress=False, key_added="X_state")
+    dfm.tl.cluster(adata, 7, use_rep="X_state", key_added="state_domain")
+    assert float(dfm.metrics.evaluate(adata, "layer", pred_key="state_domain")["ari"].iloc[0]) > 0.3
+
+    from dfmamba_st.tl._embed import MASK_RATIO, _library_sequences, _sample_windows, _tokens
+    from dfmamba_st.tl._model import SpatialDFMamba
+
+    config = model.config
+    features, _ = model.features.transform(adata)
+    libraries = _library_sequences(adata, None, "spatial", config.curves)
+    tokens = torch.from_numpy((_tokens(features, libraries, config.hops) / config.extra["token_scale"]).astype("f4"))
+    gen = torch.Generator().manual_seed(12345)  # not a seed of training's windows or masks
+    windows = _sample_windows(tokens, libraries, 512, 8, gen)
+    mask = torch.rand(windows.shape[:2], generator=gen) < MASK_RATIO
+    torch.manual_seed(42)
+    initial = SpatialDFMamba(config, model.features)
+    with torch.no_grad():
+        trained_mse = model.eval().masked_loss(windows, mask)[1]["masked_mse"]
+        initial_mse = initial.eval().masked_loss(windows, mask)[1]["masked_mse"]
+    assert trained_mse < 0.95 * initial_mse
 
 
 @needs_data
@@ -888,6 +913,9 @@ def test_command_line_main_job_on_the_bundled_slice(tmp_path, capsys):
     assert "dlpfc_151673 (bundled), 3639 spots" in printed and "--seed 42" in printed
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"result.h5ad", "domains.png", "gates.png", "scores.csv"}
     scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
-    assert 0.0 < scores["ari"].iloc[0] <= 1.0 and scores["n_spots"].iloc[0] == 3611
+    # one epoch still finds layers (random labels score about 0), and the file scores the domains it wrote
+    assert scores["ari"].iloc[0] > 0.3 and scores["n_spots"].iloc[0] == 3611
     result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
     assert result.obs["dfm_domain"].nunique() == 7 and "X_dfm" in result.obsm
+    again = dfm.metrics.evaluate(result, "layer")
+    assert np.allclose(again[["ari", "nmi"]].to_numpy(), scores[["ari", "nmi"]].to_numpy())
