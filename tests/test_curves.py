@@ -31,8 +31,11 @@ def test_zorder_is_bit_interleaving_and_not_adjacent():
 
 def test_hilbert_order_one_and_two_known_values():
     assert curves.hilbert_index([0, 0, 1, 1], [0, 1, 1, 0], 1).tolist() == [0, 1, 2, 3]
+    # order 2 by hand from order 1: the lower-left quadrant transposed, (0,0) (1,0) (1,1) (0,1); the upper-left and
+    # upper-right as order 1, (0,2) (0,3) (1,3) (1,2) and (2,2) (2,3) (3,3) (3,2); the lower-right reflected on the
+    # other diagonal, (3,1) (2,1) (2,0) (3,0). Listed here by x, then y:
     d = curves.hilbert_index(np.arange(4).repeat(4), np.tile(np.arange(4), 4), 2)
-    assert sorted(d.tolist()) == list(range(16))
+    assert d.tolist() == [0, 3, 4, 5, 1, 2, 7, 6, 14, 13, 8, 9, 15, 12, 11, 10]
 
 
 def test_transposed_curve_is_the_hilbert_curve_of_swapped_axes():

@@ -105,7 +105,6 @@ def test_bundled_slice_is_small_and_each_call_returns_a_new_object():
 
 
 def test_bundled_slice_is_the_shared_slice_cut_to_tl_embeds_genes(shared_151673):
-    pytest.importorskip("skmisc")
     from dfmamba_st.tl._features import FeatureTransform, expression_matrix, top_genes
 
     bundled = datasets.dlpfc_151673_hvg()
