@@ -36,9 +36,9 @@ Method = Literal["gmm", "kmeans", "leiden"]
 #: clusterings are fitted on at most this many spots (a seeded random subset) and then predicted for all
 MAX_FIT_SPOTS = 50_000
 #: random restarts of the final GMM fit (the best likelihood is kept). The tied GMM on DLPFC embeddings has many
-#: local optima: with 3 restarts the ARI moved by up to 0.2 with the number of components. With 10, the same DLPFC
-#: embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart on average (9 embeddings), with 30 0.027 (4 of
-#: the 9 within 0.003), and a higher mean ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial_log.md``)
+#: local optima. With 10 restarts, the same DLPFC embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart
+#: on average (9 embeddings), with 30 0.027 (4 of the 9 within 0.003), and a higher mean ARI
+#: (``benchmarks/gmm_restarts.py``, ``docs/spatial_log.md``)
 GMM_RESTARTS = 30
 #: EM of each GMM restart stops when the mean log-likelihood per spot rises by less than this (scikit-learn's default).
 #: That can be short of convergence: on the default embeddings of 151673 and 151510 (seed 0) the best of 30 restarts
@@ -54,8 +54,9 @@ KMEANS_RESTARTS = 10
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
 BIC_RESTARTS = 3
 #: below this depth of the knee (the chosen point under the chord of the [0, 1]-scaled BIC curve) the choice of K
-#: is reported as weak: on the default embeddings the DLPFC curves' knees lay 0.19-0.29 deep (K 6-9 for 7 layers),
-#: the HER2+ sections' 0.05-0.15 (K 5-12 for 3-5 regions; docs/spatial.md, "Choosing K")
+#: is reported as weak: on the default embeddings (seeds 0-2) the DLPFC curves' knees lay 0.19-0.29 deep (K 6-9 for
+#: 7 layers), the HER2+ sections' 0.05-0.15 (K 5-12 for 3-5 regions; docs/spatial.md, "Choosing K"; remeasured in
+#: docs/spatial_log.md, "The clustering's settings on the current embeddings")
 WEAK_KNEE = 0.15
 #: a domain with at least this share of its spots in one library, once the libraries are weighted equally, is reported
 #: as found in that library only. Measured (docs/spatial.md, "Several slices together"): on two adjacent sections of
@@ -68,8 +69,10 @@ MIN_SPOTS_PER_DOMAIN = 10
 
 
 def _prepare(rep: np.ndarray, n_comps: int | None, fit_rows: np.ndarray, random_state: int) -> np.ndarray:
-    # Centred, not standardised: scaling every dimension to unit variance lifts the noise directions to the level of
-    # the signal (measured on DLPFC 151673/151674: ARI 0.54/0.58 centred vs 0.18/0.08 standardised).
+    # Centred, not standardised: scaling every dimension to unit variance lifts the low-variance directions to the
+    # level of the leading ones. On the default embeddings (seeds 0-2) standardising lowered the HER2+ sections by
+    # 0.054 (paired SE 0.025, 12 pairs) and DLPFC by 0.015 (SE 0.027, 9 pairs; docs/spatial_log.md, "The
+    # clustering's settings on the current embeddings").
     rep = np.asarray(rep, dtype=np.float64)
     rep = rep - rep[fit_rows].mean(axis=0)
     if n_comps is not None and n_comps < min(rep.shape):
@@ -249,8 +252,9 @@ def cluster(
     use_rep
         Embedding in ``obsm``.
     n_comps
-        Centre the embedding and keep this many principal components before clustering (``None``: all). With
-        10 GMM restarts the DLPFC scores were flat over 15-40 components; 20 is in the middle of that range.
+        Centre the embedding and keep this many principal components before clustering (``None``: all). On the
+        default embeddings (seeds 0-2) the mean ARI was flat within noise over 10-40 components (3 DLPFC slices:
+        0.553-0.566; 4 HER2+ sections: 0.225-0.257) and lower with all of them (0.500, 0.209); 20 is in that range.
     n_init
         Random restarts of the GMM or k-means fit; the best (highest likelihood, lowest inertia) is kept.
         ``None``: ``GMM_RESTARTS`` (30) for ``"gmm"``, 10 for ``"kmeans"``. Not used by ``"leiden"``.

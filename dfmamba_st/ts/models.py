@@ -190,8 +190,9 @@ class DFMambaTS(nn.Module):
       tokens, one per non-overlapping patch of ``patch_len`` steps (linear map → ``d_model`` plus a learned position
       embedding); the head flattens the tokens of a variate and maps them linearly to its ``horizon`` values
       (PatchTST's flatten head). With 12 tokens ``min_len`` defaults to 2 so that all ``K = 3`` coarsenings run
-      (12 → 6 → 3 → 2). Chosen by measurement (``docs/ts.md``, "Why patch tokens"): on ETTh2-96 the same test MSE
-      within noise as time-step tokens for 2.1× less training CPU time and 5× less inference time.
+      (12 → 6 → 3 → 2). Chosen by measurement (``docs/ts.md``, "Why patch tokens"): on ETTh2-96 (one epoch, one seed)
+      a test MSE of 0.296 against 0.306 for time-step tokens, with 5.5× less training CPU time, 4× less inference
+      time and half the memory.
     * ``"time"``: channel-independent, one token per time step (value → ``d_model``). With the paper's sizes
       this has 0.662M parameters at ``horizon=96`` on 7 variates, close to the 0.658M reported for ETTm2, which
       suggests it is the paper's layout.
