@@ -25,15 +25,15 @@ broken by name; scanpy's own pick breaks them in an order that depends on the CP
 Ablation (not run by default, ``--methods dfm_features``): ``tl.embed``'s own spot features (HVGs → 50 PCs, the
 preset's) averaged over two rings of grid neighbours — the expression half of the default ``"concat"`` readout —
 clustered by ``tl.cluster`` with its defaults (refinement on), no DF-Mamba: what the model adds to its own input.
-Ablation ``--methods dfm_untrained``: ``dfmamba_st``'s workflow with the model left at the initial weights its
-training starts from (the same seed, feature transform and token scale): what training adds.
+Ablation ``--methods dfmamba_st --embed epochs=0``: the workflow with the model left at the initial weights its
+training starts from: what training adds.
 
 Usage::
 
     python benchmarks/st_dlpfc.py                       # 3 slices x 3 seeds + zero-shot + transfer
     python benchmarks/st_dlpfc.py --seeds 0 --slices 151673 --no-extra   # quick
     python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed readout_hops=0   # an ablation
-    python benchmarks/st_dlpfc.py --methods dfm_features dfm_untrained dfmamba_st --no-extra   # model, training
+    python benchmarks/st_dlpfc.py --methods dfmamba_st --no-extra --embed epochs=0   # the model untrained
     python benchmarks/st_dlpfc.py --no-extra --cluster tol=1e-6   # EM of every method's GMM run to convergence
     python benchmarks/st_dlpfc.py --no-extra --cluster n_clusters=none   # K chosen by tl.cluster, not the truth
     python benchmarks/st_dlpfc.py --slices A1 B1 C1 D1 --no-extra   # the HER2ST sections (held-out tissue)
@@ -190,19 +190,6 @@ def _job(
         adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
         dfm.tl.cluster(adata, n_clusters, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
-    elif kind == "dfm_untrained":
-        from dfmamba_st.core import seed_everything
-        from dfmamba_st.tl._model import SpatialDFMamba
-
-        dfm.pp.serialize(adata)
-        # one epoch only to fit the feature transform and the token scale, which are set before training starts
-        trained = dfm.tl.embed(adata, seed=seed, progress=False, return_model=True, **{**embed_options, "epochs": 1})
-        seed_everything(seed)  # as tl.embed does before it builds the model it trains
-        initial = SpatialDFMamba(trained.config, trained.features)
-        readout = {k: v for k, v in embed_options.items() if k in ("readout", "readout_hops", "tile_size")}
-        dfm.tl.embed(adata, model=initial, progress=False, **readout)
-        dfm.tl.cluster(adata, n_clusters, random_state=seed, **cluster)
-        key = "dfm_domain"
     else:
         adata.obsm["X_base"] = baseline_rep(adata, kind, seed)
         options = {"refine": False, **cluster}

@@ -23,3 +23,16 @@ def crop(adata, rows=(0, 30), cols=(0, 60)):
     """The spots of a Visium slice within a window of its grid (``array_row``, ``array_col``), as a new AnnData."""
     keep = adata.obs["array_row"].between(*rows) & adata.obs["array_col"].between(*cols)
     return adata[keep.to_numpy()].copy()
+
+
+def model_tokens(adata, model):
+    """The tokens ``tl.embed`` feeds ``model`` for ``adata`` (scaled as in training) and the libraries' sequences."""
+    import numpy as np
+    import torch
+
+    from dfmamba_st.tl import _embed
+
+    libraries = _embed._library_sequences(adata, None, "spatial", model.config.curves)
+    features, _ = model.features.transform(adata)
+    tokens = _embed._tokens(features, libraries, model.config.hops) / model.config.extra["token_scale"]
+    return torch.from_numpy(tokens.astype(np.float32)), libraries

@@ -197,43 +197,6 @@ def test_features_ablation_clusters_the_neighbourhood_half_of_tl_embeds_tokens(
     assert "refine" not in seen["kwargs"] and seen["kwargs"]["random_state"] == 0
 
 
-def test_untrained_ablation_embeds_with_the_initial_weights_training_starts_from(
-    benchmark_module, monkeypatch, keep_torch_threads
-):
-    """dfm_untrained: the model handed to tl.embed holds the weights training starts from (seeded as tl.embed seeds
-    it), not trained ones; the readout options of --embed reach that embedding; tl.cluster gets the seed."""
-    from dfmamba_st.core import seed_everything
-    from dfmamba_st.tl._model import SpatialDFMamba
-
-    bench = benchmark_module("st_dlpfc")
-    calls, seen = [], {}
-    real_embed = dfm.tl.embed
-
-    def embed(adata, **kwargs):
-        out = real_embed(adata, **kwargs)
-        calls.append((kwargs, out))
-        return out
-
-    def cluster(adata, n_clusters=None, **kwargs):
-        seen["X"] = np.asarray(adata.obsm["X_dfm"]).copy()
-        seen["kwargs"] = kwargs
-        adata.obs["dfm_domain"] = _layer_labels(adata)
-
-    monkeypatch.setattr(dfm.tl, "embed", embed)
-    monkeypatch.setattr(dfm.tl, "cluster", cluster)
-    options = dict(d_model=16, depth=2, n_top_genes=300, n_pcs=10, readout="model")
-    bench._job("dfm_untrained", str(bench.slice_path("bundled")), "bundled", 3, 1, options, {})
-    (first, trained), (second, _) = calls
-    assert first["epochs"] == 1 and first["seed"] == 3 and first["return_model"]
-    initial = second["model"]
-    assert second["readout"] == "model" and seen["X"].shape[1] == 16 and seen["kwargs"]["random_state"] == 3
-    seed_everything(3)
-    expected = SpatialDFMamba(trained.config, trained.features).state_dict()
-    weights = initial.state_dict()
-    assert all(torch.equal(weights[name], expected[name]) for name in expected)
-    assert not all(torch.equal(weights[name], value) for name, value in trained.state_dict().items())
-
-
 # --- benchmarks/st_dlpfc.py: main ---------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from _shared import model_tokens
 from sklearn.metrics import adjusted_rand_score
 
 import dfmamba_st as dfm
@@ -47,7 +48,7 @@ def test_tiled_inference_matches_the_whole_sequence(trained, monkeypatch):
     """3,639 spots in tiles of 256 with 32 spots of context: 14 seams per curve, and the error stays small (measured:
     0.0035 relative, gates 0.0006 apart), well below that of the same tiles without their context (0.011, 0.008)."""
     adata, model = trained
-    token_t, libraries = _inputs(adata, model)
+    token_t, libraries = model_tokens(adata, model)
     cpu = torch.device("cpu")
     whole, whole_gates = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=8192)
     tiled, tiled_gates = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=256)
@@ -74,13 +75,6 @@ def test_embed_tile_size_keeps_the_domains(trained):
     assert adjusted_rand_score(ref.obs["dfm_domain"], tiled.obs["dfm_domain"]) > 0.95
     with pytest.raises(ValueError, match="multiple of 2"):
         dfm.tl.embed(adata.copy(), model=model, tile_size=100, progress=False)
-
-
-def _inputs(adata, model):
-    libraries = _embed._library_sequences(adata, None, "spatial", model.config.curves)
-    features, _ = model.features.transform(adata)
-    tokens = _embed._tokens(features, libraries, model.config.hops) / model.config.extra["token_scale"]
-    return torch.from_numpy(tokens.astype(np.float32)), libraries
 
 
 def test_features_are_computed_in_chunks_and_fitted_on_a_subset(monkeypatch, trained):

@@ -19,7 +19,7 @@ from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _reso
 
 matplotlib.use("Agg")
 
-from _shared import DATA, crop
+from _shared import DATA, crop, model_tokens
 
 needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=20, n_top_genes=500, progress=False)
@@ -544,22 +544,45 @@ def test_short_training_on_151673_clearly_beats_random_labels(bundled):
     dfm.tl.cluster(adata, 7, use_rep="X_state", key_added="state_domain")
     assert float(dfm.metrics.evaluate(adata, "layer", pred_key="state_domain")["ari"].iloc[0]) > 0.3
 
-    from dfmamba_st.tl._embed import MASK_RATIO, _library_sequences, _sample_windows, _tokens
-    from dfmamba_st.tl._model import SpatialDFMamba
+    from dfmamba_st.tl._embed import MASK_RATIO, _sample_windows
 
-    config = model.config
-    features, _ = model.features.transform(adata)
-    libraries = _library_sequences(adata, None, "spatial", config.curves)
-    tokens = torch.from_numpy((_tokens(features, libraries, config.hops) / config.extra["token_scale"]).astype("f4"))
+    tokens, libraries = model_tokens(adata, model)
     gen = torch.Generator().manual_seed(12345)  # not a seed of training's windows or masks
     windows = _sample_windows(tokens, libraries, 512, 8, gen)
     mask = torch.rand(windows.shape[:2], generator=gen) < MASK_RATIO
-    torch.manual_seed(42)
-    initial = SpatialDFMamba(config, model.features)
+    initial = dfm.tl.embed(adata.copy(), epochs=0, progress=False, return_model=True)  # the same seed, 42
     with torch.no_grad():
         trained_mse = model.eval().masked_loss(windows, mask)[1]["masked_mse"]
         initial_mse = initial.eval().masked_loss(windows, mask)[1]["masked_mse"]
     assert trained_mse < 0.95 * initial_mse
+
+
+def test_epochs_zero_keeps_the_initial_weights_that_training_starts_from(top, monkeypatch):
+    """epochs=0 (the control for what training adds): no training, no history; the model holds exactly the weights
+    a training run of the same seed hands to core.fit, and those differ from the trained ones."""
+    import dfmamba_st.tl._embed as embed_module
+
+    started = {}
+    real_fit = embed_module.fit
+
+    def fit(model, *args, **kwargs):
+        started.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "fit", fit)
+    options = dict(d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False, seed=3, return_model=True)
+    dfm.pp.serialize(top)
+    untrained = dfm.tl.embed(top, epochs=0, **options)
+    assert not started and top.uns["dfm"]["params"]["epochs"] == 0 and not len(top.uns["dfm"]["history"])
+    with pytest.raises(ValueError, match=r"no training history .*epochs=0"):
+        dfm.pl.training(top, show=False)
+    trained = dfm.tl.embed(top.copy(), epochs=1, **options)
+    weights = untrained.state_dict()
+    assert started.keys() == weights.keys()
+    assert all(torch.equal(weights[name], started[name]) for name in weights)
+    assert not all(torch.equal(weights[name], value) for name, value in trained.state_dict().items())
+    with pytest.raises(ValueError, match="epochs must be a whole number >= 0"):
+        dfm.tl.embed(top, epochs=-1, progress=False)
 
 
 @needs_data

@@ -767,7 +767,10 @@ def training(
         )
     history = adata.uns[record].get("history", {})
     if not len(history) or "train_loss" not in history:
-        raise ValueError(f"uns[{record!r}] holds no training history (the embedding came from a pre-trained model).")
+        raise ValueError(
+            f"uns[{record!r}] holds no training history (the embedding came from a pre-trained model, or from "
+            "epochs=0: no training)."
+        )
     given = ax is not None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.8, 3.4))
