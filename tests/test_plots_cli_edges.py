@@ -563,3 +563,22 @@ def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, t
     result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
     assert result.uns["dfm"]["params"]["seed"] == 7
     assert "bic" in result.uns["dfm_domain"]  # K chosen at the knee of the BIC curve
+
+
+def test_axes_of_a_figure_made_without_pyplot_are_drawn_into_and_pyplot_opens_nothing(embedded):
+    """``ax=`` on a ``matplotlib.figure.Figure()`` (as in a GUI or a report): the panels and the colour bar land there,
+    and pyplot opens no figure (``plt.sca`` registered the user's figure, and squidpy's ``plt.colorbar`` opened an
+    empty one when pyplot had none)."""
+    from matplotlib.figure import Figure
+
+    before = plt.get_fignums()
+    fig = Figure()
+    ax = fig.add_subplot()
+    dfm.pl.domains(embedded, ax=ax, show=False)
+    assert ax.collections or ax.images
+    fig2 = Figure()
+    ax2 = fig2.add_subplot()
+    dfm.pl.gates(embedded, depth=1, ax=ax2, show=False)
+    assert ax2.collections or ax2.images
+    assert len(fig2.axes) == 2  # the gate's colour bar, next to the panel in the same figure
+    assert plt.get_fignums() == before

@@ -44,14 +44,14 @@ def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given:
 
 
 def _make_current(ax: Axes) -> None:
-    """Make ``ax`` (and its figure) pyplot's current axes, so that colour bars are added to its figure.
+    """Make ``ax`` (and its figure) pyplot's current axes when pyplot manages that figure.
 
-    A figure not made by pyplot cannot be made current; squidpy then draws into ``ax`` all the same.
+    squidpy adds colour bars with ``plt.colorbar(..., ax=ax)``, which asks pyplot for its current figure (the bar
+    itself goes next to ``ax``, in ``ax``'s figure). ``plt.sca`` would register a figure made without pyplot
+    (``matplotlib.figure.Figure()``) with pyplot, which then keeps it open, so such a figure is left alone.
     """
-    try:
+    if getattr(ax.figure.canvas, "manager", None) is not None:
         plt.sca(ax)
-    except ValueError:
-        pass
 
 
 def _embed_record(adata: AnnData, key: str) -> str | None:
@@ -290,7 +290,10 @@ def _tissue(
         # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
         warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
+        before = set(plt.get_fignums())
         sq.pl.spatial_scatter(view, **kwargs)
+    for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
+        plt.close(number)
     ax.set_title(title)
     if res is not None:
         factors = images_of[lib]["scalefactors"]
