@@ -379,3 +379,14 @@ def test_cluster_takes_the_library_key_of_the_embedding_before_that_of_the_seria
     dfm.tl.embed(top, library_key="half", **QUICK)
     dfm.tl.cluster(top, 3, n_init=1)
     assert top.uns["dfm_domain"]["params"]["library_key"] == "half"
+
+
+def test_embed_without_the_default_order_names_the_orders_serialize_wrote(top):
+    with pytest.raises(KeyError, match=r"run dfm.pp.serialize\(adata\) before dfm.tl.embed\.\W*$"):
+        dfm.tl.embed(top, **QUICK)
+    dfm.pp.serialize(top, key_added="ord2")
+    top.obs["other"] = 0  # a column with no serialize record is not offered
+    with pytest.raises(KeyError, match=r"or pass order_key= one of \['ord2'\] \(written by dfm.pp.serialize\)"):
+        dfm.tl.embed(top, **QUICK)
+    dfm.tl.embed(top, order_key="ord2", **QUICK)
+    assert "X_dfm" in top.obsm

@@ -497,6 +497,14 @@ def test_refinement_flips_isolated_spots_only():
     assert dfm.tl.refine_labels(labels, graph).tolist() == [0, 0, 0, 0, 0]
     labels = np.array([0, 0, 1, 1, 1])
     assert dfm.tl.refine_labels(labels, graph).tolist() == labels.tolist()
+    # the labels of obs (strings, a categorical, codes that skip a value) come back as they were given
+    words = pd.Categorical(["L1", "L1", "WM", "L1", "L1"])
+    assert dfm.tl.refine_labels(words, graph).tolist() == ["L1"] * 5
+    assert dfm.tl.refine_labels(np.array([3, 3, 7, 3, 3]), graph).tolist() == [3] * 5
+    with pytest.raises(ValueError, match="missing values"):
+        dfm.tl.refine_labels(pd.Categorical(["L1", None, "WM", "L1", "L1"]), graph)
+    with pytest.raises(ValueError, match=r"sparse \(5, 5\) matrix"):
+        dfm.tl.refine_labels(labels, graph.toarray())
 
 
 @needs_data

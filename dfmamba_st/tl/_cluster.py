@@ -198,26 +198,59 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
     return labels, res
 
 
-def refine_labels(labels: np.ndarray, graph: sp.csr_matrix) -> np.ndarray:
+def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     """Majority vote on the spatial graph.
 
     A spot takes the most common label of its neighbourhood when more than half of its neighbours disagree with its
-    own label (the refinement of SpaGCN/GraphST, on a sparse graph).
+    own label (the refinement of SpaGCN/GraphST, on a sparse graph). All spots vote at once, on the labels given; a
+    tie between labels goes to the first in sorted order. :func:`cluster` runs it on each library's grid graph
+    (``refine=True``).
+
+    Parameters
+    ----------
+    labels
+        One label per spot: integers, strings or a categorical, with no missing value.
+    graph
+        Sparse (n_spots, n_spots) spatial neighbour graph, e.g. ``adata.obsp['spatial_connectivities']`` from
+        squidpy's ``sq.gr.spatial_neighbors``. Any stored entry off the diagonal makes two spots neighbours (weights
+        and the diagonal are ignored).
+
+    Returns
+    -------
+    The refined labels, as a NumPy array of the labels' values.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import scipy.sparse as sp
+    >>> from dfmamba_st.tl import refine_labels
+    >>> row = sp.csr_matrix(np.eye(5, k=1) + np.eye(5, k=-1))  # five spots in a row
+    >>> refine_labels(np.array(["a", "a", "b", "a", "a"]), row).tolist()  # the lone "b" joins its neighbours
+    ['a', 'a', 'a', 'a', 'a']
     """
-    labels = np.asarray(labels)
-    n_labels = int(labels.max()) + 1
-    adjacency = graph.copy().tocsr()
+    values = np.asarray(labels)
+    if values.ndim != 1:
+        raise ValueError(f"labels must be one label per spot (1-D), got shape {values.shape}.")
+    if pd.isna(values).any():
+        raise ValueError("labels hold missing values: refine the labelled spots only (select or fill them first).")
+    if not sp.issparse(graph) or graph.shape != (values.size, values.size):
+        raise ValueError(
+            f"graph must be a sparse ({values.size}, {values.size}) matrix, one row and column per label; "
+            f"got {type(graph).__name__} of shape {getattr(graph, 'shape', None)}."
+        )
+    kinds, codes = np.unique(values, return_inverse=True)
+    adjacency = sp.csr_matrix(graph, copy=True)
     adjacency.setdiag(0)
     adjacency.eliminate_zeros()
     adjacency.data[:] = 1.0
-    onehot = sp.csr_matrix((np.ones(labels.size), (np.arange(labels.size), labels)), shape=(labels.size, n_labels))
+    onehot = sp.csr_matrix((np.ones(codes.size), (np.arange(codes.size), codes)), shape=(codes.size, kinds.size))
     votes = (adjacency @ onehot).toarray()
     n_neighbours = votes.sum(axis=1)
-    own = votes[np.arange(labels.size), labels]
-    out = labels.copy()
+    own = votes[np.arange(codes.size), codes]
+    out = codes.copy()
     switch = (n_neighbours - own) > 0.5 * n_neighbours
     out[switch] = votes[switch].argmax(axis=1)
-    return out
+    return kinds[out]
 
 
 def cluster(
