@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import check_library_key, resolve_library_key, user_stacklevel, whole_number
+from ._utils import check_library_key, recorded_param, resolve_library_key, user_stacklevel, whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -237,7 +237,7 @@ def evaluate(
     truth_key: str,
     pred_key: str = "dfm_domain",
     *,
-    spatial_key: str = "spatial",
+    spatial_key: str | None = None,
     library_key: str | None = None,
     ignore: Hashable | Sequence[Hashable] | None = ("undetermined",),
     k: int = 10,
@@ -262,7 +262,8 @@ def evaluate(
     pred_key
         Column of ``adata.obs`` with the predicted domains (``dfm.tl.cluster`` writes ``"dfm_domain"``).
     spatial_key
-        Key of ``adata.obsm`` with the spot coordinates.
+        Key of ``adata.obsm`` with the spot coordinates. By default the one ``tl.cluster`` recorded in
+        ``uns[pred_key]`` (the coordinates the spots were serialized on), else ``"spatial"``.
     library_key
         Column of ``adata.obs`` naming the slice of each spot; when given, every slice is scored on its own.
     ignore
@@ -293,6 +294,7 @@ def evaluate(
     for key in (truth_key, pred_key):
         if key not in adata.obs:
             raise KeyError(f"`adata.obs` has no column {key!r}; available columns: {list(adata.obs.columns)}.")
+    spatial_key = spatial_key or recorded_param(adata, pred_key, "spatial_key") or "spatial"
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
     check_library_key(adata, library_key)

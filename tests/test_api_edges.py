@@ -390,3 +390,20 @@ def test_embed_without_the_default_order_names_the_orders_serialize_wrote(top):
         dfm.tl.embed(top, **QUICK)
     dfm.tl.embed(top, order_key="ord2", **QUICK)
     assert "X_dfm" in top.obsm
+
+
+def test_evaluate_scores_space_on_the_coordinates_the_domains_were_made_on(top):
+    """tl.cluster records the coordinates the spots were serialized on; evaluate's spatial scores use them by
+    default (obsm['spatial'] may be another frame, or stale), and obsm['spatial'] for a labelling without a record."""
+    top.obsm["xy"] = top.obsm["spatial"] * 2.0 + 100.0
+    top.obsm["spatial"] = top.obsm["spatial"][np.random.default_rng(0).permutation(top.n_obs)]  # other spots'
+    dfm.pp.serialize(top, spatial_key="xy")
+    dfm.tl.embed(top, **QUICK)
+    dfm.tl.cluster(top, 5, n_init=2)
+    assert top.uns["dfm_domain"]["params"]["spatial_key"] == "xy"
+    default = dfm.metrics.evaluate(top, "layer")
+    stale = dfm.metrics.evaluate(top, "layer", spatial_key="spatial")
+    assert default.equals(dfm.metrics.evaluate(top, "layer", spatial_key="xy"))
+    assert default["chaos"].iloc[0] < stale["chaos"].iloc[0]
+    top.obs["copied"] = top.obs["dfm_domain"]  # the same labels with no tl.cluster record
+    assert dfm.metrics.evaluate(top, "layer", pred_key="copied").equals(stale)

@@ -150,8 +150,8 @@ def test_unknown_curve_names_the_known_ones(crop):
 @pytest.mark.parametrize(
     ("option", "error", "message"),
     [
-        ({"epochs": 0}, ValueError, r"epochs must be a whole number >= 1, got 0\."),
-        ({"epochs": 1.5}, ValueError, r"epochs must be a whole number >= 1, got 1\.5\."),
+        ({"epochs": -1}, ValueError, r"epochs must be a whole number >= 0, got -1\."),  # 0: untrained, a control
+        ({"epochs": 1.5}, ValueError, r"epochs must be a whole number >= 0, got 1\.5\."),
         ({"n_top_genes": 0}, ValueError, r"n_top_genes must be a whole number >= 1"),
         ({"d_model": 2.5}, ValueError, r"d_model must be a whole number >= 1"),
         ({"n_pcs": 0}, ValueError, r"n_pcs \(None: the standardised genes themselves\) must be a whole number >= 1"),

@@ -402,10 +402,11 @@ def cluster(
             labels = _fit_one_thread(kmeans, sample).predict(rep)
     labels = _relabel(labels)
     n_found = int(labels.max()) + 1
+    # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores)
+    spatial_key = (
+        recorded_param(adata, record, "spatial_key") or recorded_param(adata, order_key, "spatial_key") or "spatial"
+    )
     if refine:
-        spatial_key = (
-            recorded_param(adata, record, "spatial_key") or recorded_param(adata, order_key, "spatial_key") or "spatial"
-        )
         refined = labels.copy()
         for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())
@@ -438,6 +439,7 @@ def cluster(
                 "tol": tol if method == "gmm" or "bic" in extra else None,  # whenever a GMM was fitted
                 "refine": refine,
                 "library_key": library_key,
+                "spatial_key": spatial_key,
                 "random_state": random_state,
             }
         ),
