@@ -96,6 +96,9 @@ def test_coarsen_conserves_counts_and_genes(slice_673, factor):
     assert list(coarse.var_names) == list(slice_673.var_names)
     dfm.pp.serialize(coarse)
     assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
+    # the settings are stored as pp.serialize stores its own: None as "None" (h5ad_safe)
+    assert coarse.uns["dfm_coarsen"]["params"] == {"factor": factor, "layer": "None", "library_key": "None"}
+    assert coarse.uns["dfm_coarsen"]["params"]["library_key"] == coarse.uns["dfm_order"]["params"]["library_key"]
 
 
 def _twice(adata: ad.AnnData) -> ad.AnnData:

@@ -430,7 +430,7 @@ def gates(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | list[Axes] | None:
     """The fractal gate of each depth on the tissue (0 = local view, 1 = coarse global view) and along the sequence.
 
     Parameters
@@ -464,7 +464,9 @@ def gates(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes (a list, library by library) when ``show=False``, else ``None``.
+    With ``ax``: the figure of ``ax`` if ``return_fig``, else ``None`` if ``show=True``, else ``ax`` itself (``show``
+    defaults to ``False`` there). Without ``ax``: the figure if ``return_fig``, else a flat list of every panel's axes
+    (library by library, each library's panels left to right) when ``show=False``, else ``None``.
 
     Examples
     --------
@@ -575,7 +577,7 @@ def domains(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | list[Axes] | None:
     """Spatial domains on the tissue, next to a reference annotation when ``truth_key`` is given.
 
     Domains are coloured to match the annotation they overlap most (so a correct domain has its layer's colour);
@@ -604,7 +606,28 @@ def domains(
 
     Returns
     -------
-    The figure if ``return_fig``, else the axes (a list, library by library) when ``show=False``, else ``None``.
+    With ``ax``: the figure of ``ax`` if ``return_fig``, else ``None`` if ``show=True``, else ``ax`` itself (``show``
+    defaults to ``False`` there). Without ``ax``: the figure if ``return_fig``, else a flat list of every panel's axes
+    (library by library, each library's panels left to right) when ``show=False``, else ``None``.
+
+    Examples
+    --------
+    >>> import matplotlib.pyplot as plt
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> dfm.pp.serialize(adata)
+    >>> dfm.tl.embed(adata, epochs=1, progress=False)  # a short run; the default trains 20 epochs
+    >>> dfm.tl.cluster(adata, n_clusters=7)
+    >>> axes = dfm.pl.domains(adata, truth_key="layer", show=False)
+    >>> [ax.get_title() for ax in axes]
+    ['layer', 'dfm_domain']
+
+    The annotation next to the domains, each domain in the colour of the layer it overlaps most. Into axes of your
+    own (the domains only), the axes come back:
+
+    >>> fig, ax = plt.subplots()
+    >>> dfm.pl.domains(adata, ax=ax) is ax
+    True
     """
     _require_domains(adata, key)
     if truth_key is not None and truth_key not in adata.obs:
@@ -658,7 +681,7 @@ def bic(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | list[Axes] | None:
     """The BIC curve from which ``tl.cluster(n_clusters=None)`` chose the number of domains, and its choice.
 
     The chosen K is the knee: with K and BIC scaled to [0, 1], the point furthest below the straight line from the
@@ -743,7 +766,7 @@ def training(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
-):
+) -> Figure | Axes | list[Axes] | None:
     """Loss curves of :func:`dfmamba_st.tl.embed` (total, masked-spot reconstruction, auxiliary) per epoch.
 
     Parameters
@@ -759,6 +782,19 @@ def training(
     Returns
     -------
     The figure if ``return_fig``, else the axes when ``show=False``, else ``None``.
+
+    Examples
+    --------
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> dfm.pp.serialize(adata)
+    >>> dfm.tl.embed(adata, epochs=1, progress=False)  # a short run: one point per curve
+    >>> fig = dfm.pl.training(adata, return_fig=True)
+    >>> ax = fig.axes[0]
+    >>> ax.get_title(), ax.get_xlabel()
+    ('dfm.tl.embed training', 'epoch')
+    >>> [line.get_label() for line in ax.get_lines()]
+    ['total', 'masked-spot reconstruction', 'auxiliary (DF-Mamba)']
     """
     record = _embed_record(adata, key)
     if record is None:

@@ -14,6 +14,7 @@ from .._utils import (
     EMBED_RECORD,
     check_adata,
     check_library_key,
+    h5ad_safe,
     is_tool_record,
     is_whole_number,
     resolve_library_key,
@@ -86,8 +87,9 @@ def coarsen(
     data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
     ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of :func:`~dfmamba_st.tl.cluster`,
     scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``; ``uns['dfm_coarsen']['params']`` the
-    settings. Other layers, ``obsm`` entries and ``obsp`` are not carried over. Run
-    :func:`~dfmamba_st.pp.serialize` on the result before :func:`~dfmamba_st.tl.embed`.
+    settings (``None`` stored as ``"None"``, as the other tools store it). Other layers, ``obsm`` entries and
+    ``obsp`` are not carried over. Run :func:`~dfmamba_st.pp.serialize` on the result before
+    :func:`~dfmamba_st.tl.embed`.
 
     Examples
     --------
@@ -145,7 +147,7 @@ def coarsen(
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
         out.obsm[spatial_key] = (member @ xy) / n_spots[:, None]
-    out.uns["dfm_coarsen"] = {"params": {"factor": factor, "layer": layer, "library_key": library_key}}
+    out.uns["dfm_coarsen"] = {"params": h5ad_safe({"factor": factor, "layer": layer, "library_key": library_key})}
     not_carried = []
     if dropped_obs:
         not_carried.append(f"obs columns that are not categorical {dropped_obs}")

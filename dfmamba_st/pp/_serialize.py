@@ -29,9 +29,29 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
     ``(array_row, array_col // 2)``, a square grid in which hex neighbours stay neighbours. Without a grid,
     ``obsm[spatial_key]`` is quantised (about one spot per cell; spots sharing a cell are all kept).
 
+    Parameters
+    ----------
+    adata
+        Spots with a grid in ``obs['array_row'/'array_col']`` (used when both hold whole numbers) or coordinates in
+        ``obsm[spatial_key]``. All spots are taken together, as one library: :func:`library_layouts` gives the cells
+        of each library.
+    spatial_key
+        Key of the (x, y) coordinates in ``obsm``, used when there is no grid.
+
     Returns
     -------
     ``(cells, source)`` with ``cells`` (n_obs, 2) int64 and ``source`` ``"visium_grid"``, ``"grid"`` or ``"quantized"``.
+    A grid is shifted to start at 0; ``"grid"`` is a grid whose ``row + col`` has both parities, taken as square.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> from anndata import AnnData
+    >>> import dfmamba_st as dfm
+    >>> rows_cols = pd.DataFrame({"array_row": [0, 0, 1], "array_col": [0, 2, 1]}, index=["s0", "s1", "s2"])
+    >>> cells, source = dfm.pp.spot_cells(AnnData(obs=rows_cols))  # three touching spots of a hexagonal grid
+    >>> cells.tolist(), source
+    ([[0, 0], [0, 1], [1, 0]], 'visium_grid')
     """
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
@@ -71,6 +91,20 @@ class LibraryLayout:
         coordinates when they were quantised (cells then share no distance ties).
     source
         How the cells were obtained: ``"visium_grid"``, ``"grid"`` or ``"quantized"`` (see :func:`spot_cells`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> (layout,) = dfm.pp.library_layouts(adata)  # one library
+    >>> layout.source, layout.quantized, layout.cells.shape
+    ('visium_grid', False, (3639, 2))
+    >>> order = layout.order("hilbert")  # positions within layout.idx, in curve order
+    >>> bool(np.array_equal(np.sort(order), np.arange(layout.idx.size)))
+    True
+    >>> layout.graph().shape  # the 6-nearest-spot graph
+    (3639, 3639)
     """
 
     idx: np.ndarray
@@ -113,6 +147,33 @@ def library_layouts(
 
     Each library is quantised on its own (its own bounding box and cell size), so slices stored in different
     coordinate frames each get about one spot per cell.
+
+    Parameters
+    ----------
+    adata
+        Spots with a grid in ``obs['array_row'/'array_col']`` or coordinates in ``obsm[spatial_key]`` (see
+        :func:`spot_cells`).
+    library_key
+        Column of ``obs`` naming the library of each spot; ``None``: all spots form one library.
+    spatial_key
+        Key of the coordinates in ``obsm``, used when there is no grid.
+
+    Returns
+    -------
+    One :class:`LibraryLayout` per library, in the order of the library column's categories (sorted values when it
+    is not categorical), each with its cells shifted to start at 0.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> adata.obs["half"] = np.where(adata.obs["array_row"] < 40, "top", "bottom")
+    >>> layouts = dfm.pp.library_layouts(adata, library_key="half")
+    >>> [(layout.source, layout.idx.size, layout.cells.min(axis=0).tolist()) for layout in layouts]
+    [('visium_grid', 1638, [0, 0]), ('visium_grid', 2001, [0, 0])]
+
+    ``"bottom"`` comes first; each half starts at cell ``(0, 0)``.
     """
     cells, source = spot_cells(adata, spatial_key=spatial_key)
     quantized = source == "quantized"

@@ -120,7 +120,29 @@ def library_specific_domains(labels: np.ndarray, libraries: np.ndarray) -> dict[
     A domain's share in a library is its fraction of that library's spots, divided by the sum of those fractions
     over the libraries (so a library with more spots does not weigh more); a domain is library-specific when one
     share reaches ``LIBRARY_SPECIFIC``. Libraries with fewer than ``MIN_SPOTS_PER_DOMAIN`` spots per domain are left
-    out. Labels and libraries are compared as strings.
+    out. Labels and libraries are compared as strings. Works on arrays, not on an AnnData: :func:`cluster` runs it
+    with ``library_key`` and stores the result in ``uns[key_added]['library_specific']``.
+
+    Parameters
+    ----------
+    labels
+        One domain label per spot (integers, strings or a categorical).
+    libraries
+        The library of each spot, in the same order (e.g. ``adata.obs[library_key].to_numpy()``).
+
+    Returns
+    -------
+    ``{domain: library}`` for every library-specific domain, both as strings; empty when there is none, or fewer
+    than two libraries are left with at least ``MIN_SPOTS_PER_DOMAIN`` (10) spots per domain.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.tl import library_specific_domains
+    >>> labels = np.array(["0"] * 30 + ["1"] * 30 + ["0"] * 30 + ["2"] * 30)
+    >>> libraries = np.repeat(["a", "b"], 60)  # domain "0" in both libraries, "1" only in "a", "2" only in "b"
+    >>> library_specific_domains(labels, libraries)
+    {'1': 'a', '2': 'b'}
     """
     table = pd.crosstab(pd.Series(labels).astype(str), pd.Series(libraries).astype(str))
     table = table.loc[:, table.sum(axis=0) >= MIN_SPOTS_PER_DOMAIN * table.shape[0]]
@@ -144,12 +166,38 @@ def choose_n_clusters(
     falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from
     the first to the last point (the "kneedle" rule of Satopää et al., 2011). It depends on the range searched.
     Measured on the default embeddings (``docs/spatial.md``, "Choosing K"): K = 6–9 on DLPFC, 5–12 on the HER2+
-    sections. ``tol`` stops each fit's EM, as in :func:`cluster`.
+    sections. Works on an array, not on an AnnData: :func:`cluster` with ``n_clusters=None`` (``"gmm"`` or
+    ``"kmeans"``) runs it on the embedding it clusters (centred, reduced to ``n_comps`` principal components) and
+    records the curve in ``uns[key_added]``.
+
+    Parameters
+    ----------
+    rep
+        (n_spots, n_dims) embedding to cluster, used as given (no centring, scaling or PCA here).
+    k_range
+        The numbers of clusters tried (2 to 15). Those above the number of spots are skipped; a ``ValueError`` when
+        none is left.
+    random_state
+        Seed of the GMM fits (``BIC_RESTARTS``, 3, restarts per K).
+    tol
+        EM of each fit stops when the mean log-likelihood per spot rises by less than this, as in :func:`cluster`.
 
     Returns
     -------
     ``(k, {k: bic}, depth)``: ``depth`` is how far the knee lies below that line (0 for a straight or flat curve, or
-    fewer than three K); a shallow knee (below ``WEAK_KNEE``, 0.15) is a weak choice.
+    fewer than three K, where ``k`` is the K of the lowest BIC); a shallow knee (below ``WEAK_KNEE``, 0.15) is a weak
+    choice.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.tl import choose_n_clusters
+    >>> rng = np.random.default_rng(0)
+    >>> centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]])
+    >>> rep = np.repeat(centres, 50, axis=0) + rng.normal(size=(200, 2))  # four well-separated blobs
+    >>> k, bic, depth = choose_n_clusters(rep, k_range=range(2, 9))
+    >>> k, sorted(bic), round(depth, 1)
+    (4, [2, 3, 4, 5, 6, 7, 8], 0.7)
     """
     within = [k for k in k_range if k <= rep.shape[0]]
     if not within:

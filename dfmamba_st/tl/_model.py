@@ -22,7 +22,38 @@ MODEL_FORMAT = 1
 
 @dataclass
 class SpatialConfig:
-    """Everything that defines a spatial DF-Mamba model (stored as JSON in the model file)."""
+    """Everything that defines a spatial DF-Mamba model (stored as JSON in the model file).
+
+    :func:`~dfmamba_st.tl.embed` fills it from its arguments and preset; ``expand``, ``d_conv``, ``min_len`` and
+    ``lambdas`` keep their defaults there. A model applied with ``tl.embed(model=...)`` keeps its own settings.
+
+    Parameters
+    ----------
+    n_features
+        Width of a spot's feature vector: its principal components, or its standardised genes with ``n_pcs=None``. A
+        token is twice as wide (the spot's features next to their mean over its neighbourhood).
+    d_model
+        Width of the model: tokens are projected to it before DF-Mamba.
+    depth
+        Fractal depth ``K`` of DF-Mamba (:class:`~dfmamba_st.core.DFMamba`).
+    d_state, expand, d_conv
+        Sizes of the Mamba blocks: state size ``N``, expansion ``E`` and convolution width.
+    min_len
+        DF-Mamba stops recursing once a sequence is shorter than this.
+    lambdas
+        Weights ``(λ1, λ2, λ3)`` of DF-Mamba's auxiliary losses (``L_recon``, ``L_consist``, ``L_flow``), added to
+        the masked-spot reconstruction loss in training.
+    bidirectional
+        Also scan every curve backwards, with the same weights.
+    hops
+        Rings of neighbours averaged into the neighbourhood half of a token.
+    curves
+        The curves the spots are read along: the one :func:`~dfmamba_st.pp.serialize` used for the training data,
+        then ``tl.embed``'s ``extra_curves``. A new slice is read along these same curves.
+    extra
+        Further settings. ``tl.embed`` stores ``'token_scale'`` here: the root mean square of the training tokens,
+        by which every token is divided (on a new slice too).
+    """
 
     n_features: int
     d_model: int = 64
@@ -119,6 +150,29 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
         ``path`` (or ``path`` + ``.safetensors``) is an existing folder.
     ValueError
         The model has no fitted feature transform.
+
+    Examples
+    --------
+    Train on a small crop with tiny settings, save the model, and apply the file to the same spots:
+
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> adata = adata[adata.obs["array_row"] < 20].copy()  # a small crop
+    >>> dfm.pp.serialize(adata)
+    >>> model = dfm.tl.embed(
+    ...     adata, epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False, return_model=True
+    ... )
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = dfm.tl.save_model(model, f"{folder}/small")
+    ...     dfm.tl.embed(adata, model=path, key_added="X_loaded")
+    >>> path.name
+    'small.safetensors'
+    >>> bool(np.allclose(adata.obsm["X_loaded"], adata.obsm["X_dfm"]))
+    True
+
+    The saved model gives the embedding of the model that was trained.
     """
     from safetensors.torch import save_file
 
@@ -171,6 +225,27 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
     ValueError
         The file is not a dfmamba_st model, is truncated or corrupt, or comes from a newer, incompatible version;
         or ``device`` is unknown or absent (e.g. ``"cuda"`` without a GPU).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import dfmamba_st as dfm
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> adata = adata[adata.obs["array_row"] < 20].copy()  # a small crop
+    >>> dfm.pp.serialize(adata)
+    >>> model = dfm.tl.embed(
+    ...     adata, epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False, return_model=True
+    ... )
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = dfm.tl.save_model(model, f"{folder}/small")
+    ...     loaded = dfm.tl.load_model(path)
+    ...     dfm.tl.embed(adata, model=path, key_added="X_loaded")  # tl.embed reads the file itself
+    >>> loaded.config == model.config, loaded.training
+    (True, False)
+    >>> dfm.tl.embed(adata, model=loaded, key_added="X_again")
+    >>> bool(np.allclose(adata.obsm["X_again"], adata.obsm["X_loaded"]))
+    True
     """
     from safetensors import SafetensorError, safe_open
 
