@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_adata, check_library_key, h5ad_safe, library_indices, user_stacklevel
+from .._utils import check_adata, check_library_key, h5ad_safe, is_tool_record, library_indices, user_stacklevel
 from ..core import curves
 
 __all__ = ["LibraryLayout", "library_layouts", "serialize", "spot_cells"]
@@ -203,6 +203,15 @@ def _warn_off_lattice(adata: AnnData) -> None:
             "obs['array_row'/'array_col'].",
             stacklevel=user_stacklevel(),
         )
+
+
+def serialized_orders(adata: AnnData) -> list[str]:
+    """The ``obs`` keys that hold an order :func:`serialize` wrote (its record in ``uns`` names the curve and grid)."""
+    return [
+        key
+        for key, record in adata.uns.items()
+        if key in adata.obs.columns and is_tool_record(record) and {"curve", "grid"} <= set(record["params"])
+    ]
 
 
 def identical_positions(layouts: list[LibraryLayout]) -> int:

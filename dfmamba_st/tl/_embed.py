@@ -22,7 +22,6 @@ from .._utils import (
     check_library_key,
     embed_record_key,
     h5ad_safe,
-    is_tool_record,
     resolve_library_key,
     user_stacklevel,
     versions,
@@ -37,7 +36,7 @@ from ..core import (
     resolve_device,
     seed_everything,
 )
-from ..pp._serialize import identical_positions, library_layouts, warn_identical_positions
+from ..pp._serialize import identical_positions, library_layouts, serialized_orders, warn_identical_positions
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model
 
@@ -344,12 +343,7 @@ def embed(
     check_adata(adata, min_spots=2, caller="dfm.tl.embed")
     check_key_added(key_added, "dfm.tl.embed")
     if order_key not in adata.obs.columns:
-        # orders pp.serialize wrote under another key_added: its record has the curve and the grid it used
-        others = [
-            k
-            for k, v in adata.uns.items()
-            if k in adata.obs.columns and is_tool_record(v) and {"curve", "grid"} <= set(v["params"])
-        ]
+        others = serialized_orders(adata)
         hint = f" or pass order_key= one of {others} (written by dfm.pp.serialize)" if others else ""
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed{hint}.")
     library_key = resolve_library_key(adata, library_key, order_key)
