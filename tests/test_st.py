@@ -594,6 +594,9 @@ def test_epochs_zero_keeps_the_initial_weights_that_training_starts_from(top, mo
     assert not all(torch.equal(weights[name], value) for name, value in trained.state_dict().items())
     with pytest.raises(ValueError, match="epochs must be a whole number >= 0"):
         dfm.tl.embed(top, epochs=-1, progress=False)
+    with pytest.warns(UserWarning, match="checkpoint_dir='ckpt' is not used: epochs=0 trains nothing") as caught:
+        dfm.tl.embed(top, epochs=0, checkpoint_dir="ckpt", **{**options, "return_model": False})
+    assert Path(caught[0].filename).resolve() == Path(__file__).resolve()
 
 
 @needs_data

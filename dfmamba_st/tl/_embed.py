@@ -294,7 +294,7 @@ def embed(
     checkpoint_dir
         Save the training state every epoch and resume from it (the same call after an interruption gives the
         embedding of an uninterrupted run). A folder holding the state of another run (other spots, genes, seed or
-        settings) is refused, not resumed.
+        settings) is refused, not resumed. Not used with ``epochs=0`` (a warning says so).
     tile_size
         Inference reads sequences longer than this in tiles of ``tile_size`` spots, each with about ``tile_size // 8``
         spots of context on both sides that are run but not kept, so memory does not grow with the tissue
@@ -408,6 +408,13 @@ def embed(
         for key in ("n_top_genes", "d_model", "depth"):
             settings[key] = whole_number(settings[key], key)
         settings["epochs"] = whole_number(settings["epochs"], "epochs", minimum=0)
+        if not settings["epochs"] and checkpoint_dir is not None:
+            warnings.warn(
+                f"checkpoint_dir={str(checkpoint_dir)!r} is not used: epochs=0 trains nothing (the model keeps its "
+                "initial weights).",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         if settings["n_pcs"] is not None:
             settings["n_pcs"] = whole_number(settings["n_pcs"], "n_pcs (None: the standardised genes themselves)")
         _check_paper_on_cpu(preset_name, torch_device, settings["d_model"])
