@@ -153,7 +153,8 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
 
     Examples
     --------
-    Train on a small crop with tiny settings, save the model, and apply the file to the same spots:
+    Train on a small crop with tiny settings, save the model, load it back and apply it (or the file) to the same
+    spots:
 
     >>> import tempfile
     >>> import numpy as np
@@ -166,10 +167,14 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     ... )
     >>> with tempfile.TemporaryDirectory() as folder:
     ...     path = dfm.tl.save_model(model, f"{folder}/small")
-    ...     dfm.tl.embed(adata, model=path, key_added="X_loaded")
-    >>> path.name
-    'small.safetensors'
+    ...     loaded = dfm.tl.load_model(path)
+    ...     dfm.tl.embed(adata, model=path, key_added="X_loaded")  # tl.embed reads the file itself
+    >>> path.name, loaded.config == model.config, loaded.training
+    ('small.safetensors', True, False)
     >>> bool(np.allclose(adata.obsm["X_loaded"], adata.obsm["X_dfm"]))
+    True
+    >>> dfm.tl.embed(adata, model=loaded, key_added="X_again")
+    >>> bool(np.allclose(adata.obsm["X_again"], adata.obsm["X_loaded"]))
     True
 
     The saved model gives the embedding of the model that was trained.
@@ -228,24 +233,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
 
     Examples
     --------
-    >>> import tempfile
-    >>> import numpy as np
-    >>> import dfmamba_st as dfm
-    >>> adata = dfm.datasets.dlpfc_151673_hvg()
-    >>> adata = adata[adata.obs["array_row"] < 20].copy()  # a small crop
-    >>> dfm.pp.serialize(adata)
-    >>> model = dfm.tl.embed(
-    ...     adata, epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False, return_model=True
-    ... )
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = dfm.tl.save_model(model, f"{folder}/small")
-    ...     loaded = dfm.tl.load_model(path)
-    ...     dfm.tl.embed(adata, model=path, key_added="X_loaded")  # tl.embed reads the file itself
-    >>> loaded.config == model.config, loaded.training
-    (True, False)
-    >>> dfm.tl.embed(adata, model=loaded, key_added="X_again")
-    >>> bool(np.allclose(adata.obsm["X_again"], adata.obsm["X_loaded"]))
-    True
+    The example of :func:`save_model` saves a trained model, loads it back with this function and applies it.
     """
     from safetensors import SafetensorError, safe_open
 
