@@ -36,3 +36,11 @@ def model_tokens(adata, model):
     features, _ = model.features.transform(adata)
     tokens = _embed._tokens(features, libraries, model.config.hops) / model.config.extra["token_scale"]
     return torch.from_numpy(tokens.astype(np.float32)), libraries
+
+
+def warned_at(caught, text: str, file: str) -> bool:
+    """Whether some warning of ``caught`` holds ``text`` and every one that does names ``file`` (the user's call)."""
+    from pathlib import Path
+
+    matching = [w for w in caught if text in str(w.message)]
+    return bool(matching) and all(Path(w.filename).resolve() == Path(file).resolve() for w in matching)

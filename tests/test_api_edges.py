@@ -11,7 +11,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 import torch
-from _shared import QUICK, crop, shared_path
+from _shared import QUICK, crop, shared_path, warned_at
 
 import dfmamba_st as dfm
 from dfmamba_st.tl._embed import _sample_windows
@@ -45,16 +45,10 @@ def test_embed_warns_when_slices_are_pooled_without_a_key(two_slices):
     pooled = ad.concat(parts)  # serialized one by one, then joined: no key recorded anywhere
     with pytest.warns(UserWarning, match="same coordinates.*Several slices in one AnnData") as caught:
         dfm.tl.embed(pooled, **QUICK)
-    assert _warned_here(caught, "same coordinates")  # points at the user's call, behind embed's wrapper
+    assert warned_at(caught, "same coordinates", __file__)  # points at the user's call, behind embed's wrapper
     with pytest.warns(UserWarning, match="same coordinates.*Several slices in one AnnData") as caught:
         dfm.pp.serialize(pooled, copy=True)  # serialize says so too, at its caller
-    assert _warned_here(caught, "same coordinates")
-
-
-def _warned_here(caught, text: str) -> bool:
-    """Whether every warning of ``caught`` whose message holds ``text`` names this file (the user's call)."""
-    matching = [w for w in caught if text in str(w.message)]
-    return bool(matching) and all(Path(w.filename).resolve() == Path(__file__).resolve() for w in matching)
+    assert warned_at(caught, "same coordinates", __file__)
 
 
 def test_one_small_library_does_not_shorten_the_windows_of_the_others():
@@ -128,10 +122,10 @@ def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled)
     renamed.var_names = [f"ENSG{i:011d}" if i % 4 else g for i, g in enumerate(train.var_names)]  # 3 in 4 renamed
     with pytest.warns(UserWarning, match=r"\(\d+%\) are missing.*symbols vs Ensembl IDs") as caught:
         dfm.tl.embed(renamed, model=model, progress=False)
-    assert _warned_here(caught, "are missing")  # points at the user's call
+    assert warned_at(caught, "are missing", __file__)  # points at the user's call
     with pytest.warns(UserWarning, match=r"ignored: \{'d_model': 8, 'epochs': 50\}") as caught:
         dfm.tl.embed(train, model=model, epochs=50, d_model=8, progress=False)
-    assert _warned_here(caught, "ignored:")
+    assert warned_at(caught, "ignored:", __file__)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing given that the model overrides, all genes present: no warning
         dfm.tl.embed(train, model=model, progress=False)
@@ -359,7 +353,7 @@ def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled, shift):
     adata.obs.iloc[0, adata.obs.columns.get_loc("array_col")] += 1  # one spot off the lattice
     with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid") as caught:
         dfm.pp.serialize(adata)
-    assert _warned_here(caught, "hexagonal grid")  # points at the user's call
+    assert warned_at(caught, "hexagonal grid", __file__)  # points at the user's call
     assert adata.uns["dfm_order"]["params"]["grid"] == "grid"
 
 

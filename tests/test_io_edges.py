@@ -16,7 +16,7 @@ import pytest
 import requests
 import scanpy as sc
 import torch
-from _shared import QUICK, shared_path
+from _shared import QUICK, shared_path, warned_at
 
 import dfmamba_st as dfm
 
@@ -242,17 +242,11 @@ def test_dlpfc_warns_when_the_file_holds_another_sample(tmp_path):
         UserWarning, match=r"holds DLPFC sample 151673 \(from obs\['sample_id'\]\), not .*'151674'"
     ) as caught:
         adata = dfm.datasets.dlpfc("151674", path=tmp_path)
-    assert _warned_here(caught, "holds DLPFC sample")  # points at the user's call
+    assert warned_at(caught, "holds DLPFC sample", __file__)  # points at the user's call
     assert adata.n_obs == 3639
     with pytest.warns(UserWarning, match=r"not the requested DLPFC sample '151674'") as caught:
         dfm.datasets.dlpfc(151674, path=file)
-    assert _warned_here(caught, "holds DLPFC sample")
-
-
-def _warned_here(caught, text: str) -> bool:
-    """Whether every warning of ``caught`` whose message holds ``text`` names this file (the user's call)."""
-    matching = [w for w in caught if text in str(w.message)]
-    return bool(matching) and all(Path(w.filename).resolve() == Path(__file__).resolve() for w in matching)
+    assert warned_at(caught, "holds DLPFC sample", __file__)
 
 
 def test_dlpfc_reads_the_right_sample_without_a_warning(tmp_path, recwarn):
@@ -267,7 +261,7 @@ def test_her2st_warns_when_the_file_holds_another_section():
     b1 = shared_path("her2st", "her2st_B1.h5ad")
     with pytest.warns(UserWarning, match=r"holds her2st section B1 \(from uns\['source'\]\), not .*'A1'") as caught:
         dfm.datasets.her2st("A1", path=b1)
-    assert _warned_here(caught, "holds her2st section")  # points at the user's call
+    assert warned_at(caught, "holds her2st section", __file__)  # points at the user's call
 
 
 def test_a_wrong_id_in_a_folder_lists_the_files_and_the_valid_ids(tmp_path):

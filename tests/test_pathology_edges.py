@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import matplotlib
 
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
+from _shared import warned_at
 from PIL import Image
 
 from dfmamba_st import pathology
@@ -180,7 +180,7 @@ def test_cli_warns_about_an_empty_validation_split_and_keeps_one_result_per_fiel
     args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
     with pytest.warns(UserWarning, match="validation split is empty") as caught:
         summary = train_module.main(args)
-    assert _warned_here(caught, "validation split is empty")  # points at the call of main, not into train.py
+    assert warned_at(caught, "validation split is empty", __file__)  # points at the call of main, not into train.py
     assert list(summary["accuracy"]) == ["4"]  # the 32-px crop is the 32-px field
 
 
@@ -279,16 +279,10 @@ def test_image_folder_warns_about_a_folder_next_to_the_bach_classes(tmp_path):
     with pytest.warns(UserWarning, match="Unlabelled") as caught:
         data = load_image_folder(tmp_path, image_size=16)
     assert data.class_names == BACH_CLASSES
-    assert _warned_here(caught, "Unlabelled")  # points at the user's call, not into load_image_folder
+    assert warned_at(caught, "Unlabelled", __file__)  # points at the user's call, not into load_image_folder
     with pytest.warns(UserWarning, match="Unlabelled") as caught:
         list_image_folder(tmp_path)
-    assert _warned_here(caught, "Unlabelled")
-
-
-def _warned_here(caught, text: str) -> bool:
-    """Whether every warning of ``caught`` whose message holds ``text`` names this file (the user's call)."""
-    matching = [w for w in caught if text in str(w.message)]
-    return bool(matching) and all(Path(w.filename).resolve() == Path(__file__).resolve() for w in matching)
+    assert warned_at(caught, "Unlabelled", __file__)
 
 
 def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warning(tmp_path):
@@ -304,10 +298,10 @@ def test_an_empty_bach_folder_is_an_error_and_an_empty_folder_elsewhere_a_warnin
     with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image") as caught:
         data = load_image_folder(tmp_path / "mine", image_size=16)
     assert data.class_names == ("stroma", "tumour")
-    assert _warned_here(caught, "hold no image")  # points at the user's call, not into load_image_folder
+    assert warned_at(caught, "hold no image", __file__)  # points at the user's call, not into load_image_folder
     with pytest.warns(UserWarning, match=r"\['necrosis'\] .* hold no image") as caught:
         list_image_folder(tmp_path / "mine")
-    assert _warned_here(caught, "hold no image")
+    assert warned_at(caught, "hold no image", __file__)
 
 
 def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
