@@ -20,6 +20,7 @@ __all__ = [
     "is_whole_number",
     "library_indices",
     "recorded_param",
+    "recorded_spatial_key",
     "resolve_library_key",
     "user_stacklevel",
     "versions",
@@ -126,6 +127,18 @@ def recorded_param(adata: AnnData, uns_key: str | None, name: str):
     record = adata.uns.get(uns_key) if uns_key is not None else None
     value = record["params"].get(name) if is_tool_record(record) else None
     return None if value is None or (isinstance(value, str) and value == "None") else value
+
+
+def recorded_spatial_key(adata: AnnData, *uns_keys: str | None) -> str:
+    """The ``obsm`` key of the coordinates recorded in the first of ``uns_keys`` that records one, else ``"spatial"``.
+
+    ``pp.serialize`` records the coordinates it ordered the spots on; ``tl.embed`` and ``tl.cluster`` pass it on.
+    """
+    for uns_key in uns_keys:
+        recorded = recorded_param(adata, uns_key, "spatial_key")
+        if recorded:
+            return str(recorded)
+    return "spatial"
 
 
 def resolve_library_key(adata: AnnData, library_key: str | None, *uns_keys: str) -> str | None:

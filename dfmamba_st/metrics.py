@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import check_library_key, recorded_param, resolve_library_key, user_stacklevel, whole_number
+from ._utils import check_library_key, recorded_spatial_key, resolve_library_key, user_stacklevel, whole_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -294,7 +294,7 @@ def evaluate(
     for key in (truth_key, pred_key):
         if key not in adata.obs:
             raise KeyError(f"`adata.obs` has no column {key!r}; available columns: {list(adata.obs.columns)}.")
-    spatial_key = spatial_key or recorded_param(adata, pred_key, "spatial_key") or "spatial"
+    spatial_key = spatial_key or recorded_spatial_key(adata, pred_key)
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
     check_library_key(adata, library_key)

@@ -24,6 +24,7 @@ from .._utils import (
     h5ad_safe,
     is_whole_number,
     recorded_param,
+    recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
     whole_number,
@@ -451,9 +452,7 @@ def cluster(
     labels = _relabel(labels)
     n_found = int(labels.max()) + 1
     # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores)
-    spatial_key = (
-        recorded_param(adata, record, "spatial_key") or recorded_param(adata, order_key, "spatial_key") or "spatial"
-    )
+    spatial_key = recorded_spatial_key(adata, record, order_key)
     if refine:
         refined = labels.copy()
         for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
