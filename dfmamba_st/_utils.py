@@ -14,6 +14,7 @@ from anndata import AnnData
 __all__ = [
     "check_adata",
     "check_library_key",
+    "check_outputs",
     "embed_record_key",
     "h5ad_safe",
     "is_tool_record",
@@ -25,6 +26,7 @@ __all__ = [
     "user_stacklevel",
     "versions",
     "whole_number",
+    "written_by",
 ]
 
 
@@ -108,6 +110,45 @@ def check_key_added(key_added: str, caller: str) -> None:
         raise ValueError(
             f"key_added={EMBED_RECORD!r} would write {caller}'s record over uns[{EMBED_RECORD!r}], the record of "
             "the embedding obsm['X_dfm'] (its genes, settings and training history); choose another name."
+        )
+
+
+#: the params every record of a tool holds: how its record in ``uns`` is told from another tool's or the user's
+RECORD_PARAMS = {
+    "dfm.pp.serialize": frozenset({"curve", "grid"}),
+    "dfm.tl.embed": frozenset({"token_scale", "d_model", "readout"}),
+    "dfm.tl.cluster": frozenset({"use_rep", "method", "n_clusters"}),
+}
+
+
+def written_by(record: object, caller: str) -> bool:
+    """Whether ``record`` (an ``uns`` value) is a record that ``caller`` (a key of :data:`RECORD_PARAMS`) wrote."""
+    return is_tool_record(record) and RECORD_PARAMS[caller] <= set(record["params"])
+
+
+#: the ``key_added`` of each tool by default: names of dfmamba_st's own, which a call may always write over
+DEFAULT_KEYS = {"dfm.pp.serialize": "dfm_order", "dfm.tl.embed": "X_dfm", "dfm.tl.cluster": "dfm_domain"}
+
+
+def check_outputs(adata: AnnData, caller: str, key_added: str, uns_key: str, **slots: tuple[str, ...]) -> None:
+    """Refuse to overwrite what another tool (or the user) stored where ``caller`` would write its output.
+
+    ``caller`` writes its record to ``uns[uns_key]`` and its results to the keys of ``slots``
+    (``obs=("dfm_domain",)``, ``obsm=("X_dfm", "X_dfm_gates")``), named after ``key_added``. The default names
+    (:data:`DEFAULT_KEYS`) are the package's own and are written over (slices joined by ``ad.concat`` keep their
+    ``obs['dfm_order']`` but lose its record). Under another name, a call whose ``uns[uns_key]`` is a record of
+    ``caller`` itself is a re-run and replaces its own output; otherwise any of these keys that exists already
+    (truth labels in ``obs``, coordinates in ``obsm``, the images in ``uns['spatial']``, ...) is an error naming it.
+    """
+    if key_added == DEFAULT_KEYS[caller] or written_by(adata.uns.get(uns_key), caller):
+        return
+    taken = [f"uns[{uns_key!r}]"] if uns_key in adata.uns else []
+    for attr, keys in slots.items():
+        taken += [f"{attr}[{key!r}]" for key in keys if key in getattr(adata, attr)]
+    if taken:
+        raise ValueError(
+            f"{caller} would overwrite {', '.join(taken)}, which {caller} did not write (no record of it in "
+            f"uns[{uns_key!r}]); choose another key_added=, or delete {' and '.join(taken)} first."
         )
 
 

@@ -317,6 +317,33 @@ def test_key_added_dfm_is_refused_because_it_would_replace_the_embeddings_record
     assert top.uns["dfm"] is record and "dfm" not in top.obsm and "dfm" not in top.obs
 
 
+def test_key_added_never_overwrites_what_another_tool_or_the_user_stored(top):
+    """Truth labels, coordinates and images live in the same obs/obsm/uns; only a tool's own output is replaced."""
+    adata = top.copy()
+    adata.uns["spatial"] = {"lib": {"images": {"hires": np.zeros((2, 2, 3))}}}  # where sc.read_visium keeps images
+    adata.obs["truth"] = "L1"
+    dfm.pp.serialize(adata, key_added="order")
+    dfm.pp.serialize(adata, curve="zorder", key_added="order")  # a re-run replaces its own order
+    assert adata.uns["order"]["params"]["curve"] == "zorder"
+    with pytest.raises(ValueError, match=r"dfm\.pp\.serialize would overwrite obs\['truth'\]"):
+        dfm.pp.serialize(adata, key_added="truth")
+    with pytest.raises(ValueError, match=r"overwrite uns\['spatial'\], obsm\['spatial'\]"):
+        dfm.tl.embed(adata, **QUICK, order_key="order", key_added="spatial")
+    for _ in range(2):  # the second call is a re-run
+        dfm.tl.embed(adata, **QUICK, order_key="order", key_added="X_b")
+    with pytest.raises(ValueError, match=r"overwrite obs\['truth'\].*delete obs\['truth'\] first"):
+        dfm.tl.cluster(adata, 3, n_init=1, use_rep="X_b", key_added="truth")
+    with pytest.raises(ValueError, match=r"overwrite uns\['order'\], obs\['order'\]"):
+        dfm.tl.cluster(adata, 3, n_init=1, use_rep="X_b", key_added="order")
+    for k in (3, 4):  # the second call is a re-run
+        dfm.tl.cluster(adata, k, n_init=1, use_rep="X_b", key_added="domains")
+    assert adata.obs["domains"].nunique() == 4
+    assert (adata.obs["truth"] == "L1").all() and adata.uns["spatial"]["lib"]["images"]["hires"].shape == (2, 2, 3)
+    assert adata.obs["order"].is_unique and adata.obsm["spatial"].shape == (adata.n_obs, 2)
+    del adata.obs["domains"]  # its record alone still marks the name as tl.cluster's own
+    dfm.tl.cluster(adata, 3, n_init=1, use_rep="X_b", key_added="domains")
+
+
 def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
     """sc.read_visium of the raw matrix keeps spots with in_tissue == 0; they would be analysed as tissue."""
     top.obs["in_tissue"] = 1

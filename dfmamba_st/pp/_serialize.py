@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._utils import check_adata, check_library_key, h5ad_safe, is_tool_record, library_indices, user_stacklevel
+from .._utils import (
+    check_adata,
+    check_library_key,
+    check_outputs,
+    h5ad_safe,
+    library_indices,
+    user_stacklevel,
+    written_by,
+)
 from ..core import curves
 
 __all__ = ["LibraryLayout", "library_layouts", "serialize", "spot_cells"]
@@ -205,13 +213,12 @@ def _warn_off_lattice(adata: AnnData) -> None:
         )
 
 
+CALLER = "dfm.pp.serialize"
+
+
 def serialized_orders(adata: AnnData) -> list[str]:
     """The ``obs`` keys that hold an order :func:`serialize` wrote (its record in ``uns`` names the curve and grid)."""
-    return [
-        key
-        for key, record in adata.uns.items()
-        if key in adata.obs.columns and is_tool_record(record) and {"curve", "grid"} <= set(record["params"])
-    ]
+    return [key for key, record in adata.uns.items() if key in adata.obs.columns and written_by(record, CALLER)]
 
 
 def identical_positions(layouts: list[LibraryLayout]) -> int:
@@ -276,7 +283,9 @@ def serialize(
     spatial_key
         Key of the coordinates in ``obsm``, used when there is no grid.
     key_added
-        Name of the ``obs`` column that receives the position along the curve.
+        Name of the ``obs`` column that receives the position along the curve (and of the ``uns`` record). An
+        ``obs`` column or ``uns`` entry of that name that :func:`serialize` did not write is not overwritten: an
+        error asks for another name.
     copy
         Return a copy instead of writing to ``adata``.
 
@@ -298,6 +307,7 @@ def serialize(
     True
     """
     check_adata(adata)
+    check_outputs(adata, CALLER, key_added, key_added, obs=(key_added,))
     check_library_key(adata, library_key)
     curves.check_curve(curve)
     _warn_off_tissue(adata)

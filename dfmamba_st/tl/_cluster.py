@@ -20,6 +20,7 @@ from .._utils import (
     check_adata,
     check_key_added,
     check_library_key,
+    check_outputs,
     embed_record_key,
     h5ad_safe,
     is_whole_number,
@@ -358,7 +359,9 @@ def cluster(
         :func:`~dfmamba_st.tl.embed` run that wrote ``use_rep``, or else by :func:`~dfmamba_st.pp.serialize`; the
         refinement uses the coordinates they recorded too.
     key_added
-        ``obs`` column for the domains (and ``uns`` key of the record); not ``"dfm"``, the embedding's record.
+        ``obs`` column for the domains (and ``uns`` key of the record); not ``"dfm"``, the embedding's record. An
+        ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
+        tool's result) is not overwritten: an error asks for another name.
     random_state
         Seed of the clustering.
     copy
@@ -391,6 +394,7 @@ def cluster(
     start = time.time()
     check_adata(adata, min_spots=2, caller="dfm.tl.cluster")
     check_key_added(key_added, "dfm.tl.cluster")
+    check_outputs(adata, "dfm.tl.cluster", key_added, key_added, obs=(key_added,))
     record = embed_record_key(use_rep)
     order_key = recorded_param(adata, record, "order_key") or "dfm_order"
     library_key = resolve_library_key(adata, library_key, record, order_key)

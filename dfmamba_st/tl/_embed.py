@@ -20,6 +20,7 @@ from .._utils import (
     check_adata,
     check_key_added,
     check_library_key,
+    check_outputs,
     embed_record_key,
     h5ad_safe,
     resolve_library_key,
@@ -304,7 +305,9 @@ def embed(
     key_added
         Key of the embedding in ``obsm``. The run is recorded in ``uns['dfm']`` for the default ``"X_dfm"``, else in
         ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records
-        (``"dfm"`` itself is refused: its record would replace that of ``"X_dfm"``).
+        (``"dfm"`` itself is refused: its record would replace that of ``"X_dfm"``). Entries of these names that
+        :func:`embed` did not write (coordinates in ``obsm``, the images in ``uns['spatial']``, ...) are not
+        overwritten: an error asks for another name.
     return_model
         Also return the trained model (for :func:`~dfmamba_st.tl.save_model` or ``model=`` on another slice).
     copy
@@ -342,6 +345,7 @@ def embed(
     start = time.time()
     check_adata(adata, min_spots=2, caller="dfm.tl.embed")
     check_key_added(key_added, "dfm.tl.embed")
+    check_outputs(adata, "dfm.tl.embed", key_added, embed_record_key(key_added), obsm=(key_added, f"{key_added}_gates"))
     if order_key not in adata.obs.columns:
         others = serialized_orders(adata)
         hint = f" or pass order_key= one of {others} (written by dfm.pp.serialize)" if others else ""
