@@ -169,6 +169,55 @@ def _resolve_preset(preset: str, device: torch.device) -> str:
     return preset
 
 
+def _settings(
+    preset_name: str,
+    device: torch.device,
+    world_size: int,
+    *,
+    n_top_genes: int | None,
+    n_pcs: int | None,
+    d_model: int | None,
+    depth: int | None,
+    epochs: int | None,
+    ema_fraction: float | None,
+    checkpoint_dir: str | Path | None,
+) -> dict:
+    """The training settings of a run: the preset's, with the options :func:`embed` was given, checked.
+
+    ``None`` takes the preset's value, except for ``n_pcs`` and ``ema_fraction``, where ``None`` is a setting and
+    ``-1`` takes the preset's value.
+    """
+    settings = dict(PRESETS[preset_name])
+    for key, value in dict(n_top_genes=n_top_genes, d_model=d_model, depth=depth, epochs=epochs).items():
+        if value is not None:
+            settings[key] = value
+    if n_pcs != -1:
+        settings["n_pcs"] = n_pcs
+    if ema_fraction != -1:
+        settings["ema_fraction"] = ema_fraction
+    for key in ("n_top_genes", "d_model", "depth"):
+        settings[key] = whole_number(settings[key], key)
+    settings["epochs"] = whole_number(settings["epochs"], "epochs", minimum=0)
+    if not settings["epochs"] and checkpoint_dir is not None:
+        warnings.warn(
+            f"checkpoint_dir={str(checkpoint_dir)!r} is not used: epochs=0 trains nothing (the model keeps its "
+            "initial weights).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    if settings["n_pcs"] is not None:
+        settings["n_pcs"] = whole_number(settings["n_pcs"], "n_pcs (None: the standardised genes themselves)")
+    _check_paper_on_cpu(preset_name, device, settings["d_model"])
+    if settings["ema_fraction"] is not None and not 0.0 < settings["ema_fraction"] <= 1.0:
+        raise ValueError(f"ema_fraction must be None or lie in (0, 1], got {settings['ema_fraction']}.")
+    if settings["batch_windows"] % world_size:
+        raise ValueError(
+            f"{settings['batch_windows']} windows per step cannot be shared out over {world_size} ranks; "
+            "use a number of processes that divides it."
+        )
+    return settings
+
+
 @isolated_global_state()
 def embed(
     adata: AnnData,
@@ -401,34 +450,18 @@ def embed(
         settings = {}
     else:
         preset_name = _resolve_preset(preset, torch_device)
-        settings = dict(PRESETS[preset_name])
-        for key, value in dict(n_top_genes=n_top_genes, d_model=d_model, depth=depth, epochs=epochs).items():
-            if value is not None:
-                settings[key] = value
-        if n_pcs != -1:
-            settings["n_pcs"] = n_pcs
-        if ema_fraction != -1:
-            settings["ema_fraction"] = ema_fraction
-        for key in ("n_top_genes", "d_model", "depth"):
-            settings[key] = whole_number(settings[key], key)
-        settings["epochs"] = whole_number(settings["epochs"], "epochs", minimum=0)
-        if not settings["epochs"] and checkpoint_dir is not None:
-            warnings.warn(
-                f"checkpoint_dir={str(checkpoint_dir)!r} is not used: epochs=0 trains nothing (the model keeps its "
-                "initial weights).",
-                UserWarning,
-                stacklevel=user_stacklevel(),
-            )
-        if settings["n_pcs"] is not None:
-            settings["n_pcs"] = whole_number(settings["n_pcs"], "n_pcs (None: the standardised genes themselves)")
-        _check_paper_on_cpu(preset_name, torch_device, settings["d_model"])
-        if settings["ema_fraction"] is not None and not 0.0 < settings["ema_fraction"] <= 1.0:
-            raise ValueError(f"ema_fraction must be None or lie in (0, 1], got {settings['ema_fraction']}.")
-        if settings["batch_windows"] % world_size:
-            raise ValueError(
-                f"{settings['batch_windows']} windows per step cannot be shared out over {world_size} ranks; "
-                "use a number of processes that divides it."
-            )
+        settings = _settings(
+            preset_name,
+            torch_device,
+            world_size,
+            n_top_genes=n_top_genes,
+            n_pcs=n_pcs,
+            d_model=d_model,
+            depth=depth,
+            epochs=epochs,
+            ema_fraction=ema_fraction,
+            checkpoint_dir=checkpoint_dir,
+        )
 
     X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
     if model is None:
@@ -486,36 +519,17 @@ def embed(
         seed_everything(seed)
         model = SpatialDFMamba(config, feature_tf).to(torch_device)
         if settings["epochs"]:  # epochs=0 keeps the initial weights: a control for what training adds
-
-            def batches(epoch: int):
-                # windows and masks depend only on (seed, epoch): a run resumed from a checkpoint sees the same data
-                gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-                for _ in range(settings["steps_per_epoch"]):
-                    seqs = _sample_windows(token_t, libraries, settings["window"], settings["batch_windows"], gen)
-                    mask = torch.rand(seqs.shape[:2], generator=gen) < MASK_RATIO
-                    # every rank draws the same windows and keeps its share of them
-                    yield seqs[rank::world_size].to(torch_device), mask[rank::world_size].to(torch_device)
-
-            result = fit(
+            history = _train(
                 model,
-                lambda m, batch: m.masked_loss(*batch),
-                batches,
-                epochs=settings["epochs"],
-                steps_per_epoch=settings["steps_per_epoch"],
-                lr=settings["lr"],
-                ema_decay=_ema_decay(settings["ema_fraction"], settings["epochs"] * settings["steps_per_epoch"]),
+                token_t,
+                libraries,
+                settings,
                 seed=seed,
+                device=torch_device,
                 checkpoint_dir=checkpoint_dir,
                 run_key=None if checkpoint_dir is None else _run_key(adata, feature_tf, config, settings, library_key),
                 progress=progress,
-                description="dfm.tl.embed",
-                # a fixed self-supervised budget: no validation set, and the training loss is no model-selection
-                # criterion (its auxiliary terms grow as the multi-scale features grow), so keep the last weights
-                # (or their moving average)
-                patience=None,
-                restore_best=False,
             )
-            history = result.history
 
     embedding, gates = _infer(model, token_t, libraries, adata.n_obs, torch_device, tile_size=tile_size)
     if readout_hops:
@@ -560,6 +574,51 @@ def embed(
     if return_model:
         return (adata, model) if copy else model
     return adata if copy else None
+
+
+def _train(
+    model: SpatialDFMamba,
+    tokens: torch.Tensor,
+    libraries,
+    settings: dict,
+    *,
+    seed: int,
+    device: torch.device,
+    checkpoint_dir: str | Path | None,
+    run_key: dict | None,
+    progress: bool,
+) -> list[dict]:
+    """Train ``model`` in place to reconstruct masked spots in windows along the curves; the per-epoch history."""
+    rank, world_size = distributed_context()
+
+    def batches(epoch: int):
+        # windows and masks depend only on (seed, epoch): a run resumed from a checkpoint sees the same data
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        for _ in range(settings["steps_per_epoch"]):
+            seqs = _sample_windows(tokens, libraries, settings["window"], settings["batch_windows"], gen)
+            mask = torch.rand(seqs.shape[:2], generator=gen) < MASK_RATIO
+            # every rank draws the same windows and keeps its share of them
+            yield seqs[rank::world_size].to(device), mask[rank::world_size].to(device)
+
+    return fit(
+        model,
+        lambda m, batch: m.masked_loss(*batch),
+        batches,
+        epochs=settings["epochs"],
+        steps_per_epoch=settings["steps_per_epoch"],
+        lr=settings["lr"],
+        ema_decay=_ema_decay(settings["ema_fraction"], settings["epochs"] * settings["steps_per_epoch"]),
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        run_key=run_key,
+        progress=progress,
+        description="dfm.tl.embed",
+        # a fixed self-supervised budget: no validation set, and the training loss is no model-selection criterion
+        # (its auxiliary terms grow as the multi-scale features grow), so keep the last weights (or their moving
+        # average)
+        patience=None,
+        restore_best=False,
+    ).history
 
 
 def _tiles(n: int, tile_size: int, align: int) -> list[tuple[int, int, int, int]]:
