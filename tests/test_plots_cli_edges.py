@@ -373,6 +373,21 @@ def test_training_legend_leaves_the_curves_uncovered(embedded):
     assert legend.x1 <= fig.bbox.width + 0.5  # and on the figure
 
 
+@pytest.mark.parametrize("plot", ["training", "domains"])
+def test_figure_and_legend_sizes_follow_rcparams(embedded, plot):
+    """sc.set_figure_params(figsize=..., fontsize=...) sets rcParams: our figures scale with them, as scanpy's do."""
+
+    def draw(figsize, font):
+        with plt.rc_context({"figure.figsize": figsize, "font.size": font}):
+            fig = getattr(dfm.pl, plot)(embedded, return_fig=True, show=False)
+            legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend() is not None)
+            return fig.get_size_inches(), legend.get_texts()[0].get_fontsize()
+
+    (size, font), (half, small) = draw((6.4, 4.8), 10.0), draw((3.2, 2.4), 5.0)
+    assert half[1] == pytest.approx(size[1] / 2)  # (the width grows to fit the legend beside the panels)
+    assert small == pytest.approx(font / 2) and font < 10.0  # a smaller size than the text's, relative to it
+
+
 def test_each_gate_panel_draws_its_own_depth(embedded):
     fig = dfm.pl.gates(embedded, sequence=False, return_fig=True, show=False)
     panels = [a for a in fig.axes if a.get_title().startswith("gate, depth")]

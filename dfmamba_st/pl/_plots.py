@@ -6,6 +6,7 @@ import numbers
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -266,7 +267,9 @@ def _tissue(
     images_of = adata.uns.get("spatial", {}) if spatial_key == "spatial" else {}
     lib, res = _image_of(images_of, library_id)
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
-    kwargs: dict = dict(color="value", ax=ax, title=title, frameon=False, legend_fontsize=7, na_color="lightgrey")
+    kwargs: dict = dict(
+        color="value", ax=ax, title=title, frameon=False, legend_fontsize="x-small", na_color="lightgrey"
+    )
     if res is not None:
         view.uns["spatial"] = {lib: images_of[lib]}
         kwargs.update(library_id=lib, img_res_key=res, img=True, img_alpha=0.5)
@@ -336,6 +339,16 @@ def _libraries(
     return [(str(lib), adata[(adata.obs[library_key] == lib).to_numpy()]) for lib in chosen]
 
 
+def _figsize(width: float, height: float) -> tuple[float, float]:
+    """A figure size in inches, scaled with ``rcParams['figure.figsize']`` (``sc.set_figure_params(figsize=...)``).
+
+    ``(width, height)`` is the size under matplotlib's default figure size; both scale with its height, so the
+    panels keep their shape.
+    """
+    scale = mpl.rcParams["figure.figsize"][1] / mpl.rcParamsDefault["figure.figsize"][1]
+    return width * scale, height * scale
+
+
 def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
     """A figure of ``per_library`` panels per library; returns it and each library's list of panels.
 
@@ -346,7 +359,7 @@ def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, f
     side = min(max(1, int(ncols) // per_library), n_libraries)
     rows = -(-n_libraries // side)
     fig, axes = plt.subplots(
-        rows, side * per_library, figsize=(size[0] * side * per_library, size[1] * rows), squeeze=False
+        rows, side * per_library, figsize=_figsize(size[0] * side * per_library, size[1] * rows), squeeze=False
     )
     flat = axes.ravel()  # library i has panels i * per_library ... in row-major order
     groups = [list(flat[i * per_library : (i + 1) * per_library]) for i in range(n_libraries)]
@@ -525,7 +538,7 @@ def _gates_along_sequence(
     ax.set_ylabel("gate (rolling mean)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize="small")
 
 
 def _domain_palette(
@@ -740,7 +753,7 @@ def bic(
     chosen = int(record["params"]["n_clusters"])
     given = ax is not None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 3.4))
+        fig, ax = plt.subplots(figsize=_figsize(5, 3.4))
     fig = ax.figure
     ax.plot(ks, values, marker="o", ms=4, lw=1.2, color="C0", label="BIC")
     ax.plot(ks[[0, -1]], values[[0, -1]], ls="--", lw=1, color="grey", label="chord (first to last K)")
@@ -753,7 +766,7 @@ def bic(
         knee = float(record["knee"])
         title += f"\n(depth {knee:.2f}{', weak' if knee < WEAK_KNEE else ''})"
     ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize="small")
     if not given:
         fig.tight_layout()
     return _finish(fig, ax, show=show, return_fig=return_fig, ax_given=given)
@@ -812,7 +825,7 @@ def training(
         )
     given = ax is not None
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.8, 3.4))
+        fig, ax = plt.subplots(figsize=_figsize(6.8, 3.4))
     fig = ax.figure
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     labels = {"train_loss": "total", "masked_mse": "masked-spot reconstruction", "aux": "auxiliary (DF-Mamba)"}
@@ -824,7 +837,7 @@ def training(
     ax.set_ylabel("loss")
     ax.set_title("dfm.tl.embed training" + (f" ({key})" if key != "X_dfm" else ""))
     # beside the axes, never over the curves
-    ax.legend(frameon=False, fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     if not given:
         fig.tight_layout()
         _fit_legends(fig)
