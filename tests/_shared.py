@@ -38,9 +38,14 @@ def model_tokens(adata, model):
     return torch.from_numpy(tokens.astype(np.float32)), libraries
 
 
-def warned_at(caught, text: str, file: str) -> bool:
-    """Whether some warning of ``caught`` holds ``text`` and every one that does names ``file`` (the user's call)."""
+def warned_at(caught, text: str, file: str, *, once: bool = False) -> bool:
+    """Whether some warning of ``caught`` holds ``text`` and every one that does names ``file`` (the user's call).
+
+    ``once``: and exactly one warning holds ``text``.
+    """
     from pathlib import Path
 
     matching = [w for w in caught if text in str(w.message)]
-    return bool(matching) and all(Path(w.filename).resolve() == Path(file).resolve() for w in matching)
+    return (len(matching) == 1 if once else bool(matching)) and all(
+        Path(w.filename).resolve() == Path(file).resolve() for w in matching
+    )

@@ -2,13 +2,12 @@
 
 from contextlib import nullcontext
 from math import sqrt
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _shared import shared_path
+from _shared import shared_path, warned_at
 from sklearn import metrics as skm
 
 from dfmamba_st import metrics
@@ -111,7 +110,7 @@ def test_unscored_spots_need_no_coordinates_and_an_empty_truth_warns(dlpfc_15167
     adata.obs["none"] = pd.Categorical([np.nan] * adata.n_obs, categories=["Layer1"])
     with pytest.warns(UserWarning, match="No spot has a truth label") as caught:
         assert metrics.evaluate(adata, "none", "pred").loc["all", "n_spots"] == 0
-    assert [Path(w.filename).resolve() for w in caught if "truth label" in str(w.message)] == [Path(__file__).resolve()]
+    assert warned_at(caught, "truth label", __file__, once=True)
 
 
 def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
@@ -121,9 +120,7 @@ def test_spots_without_prediction_are_dropped_with_a_warning(dlpfc_151673):
     adata.obs["pred"] = pred
     with pytest.warns(UserWarning, match="5 annotated spots have no prediction") as caught:
         table = metrics.evaluate(adata, "layer", "pred")
-    assert [Path(w.filename).resolve() for w in caught if "no prediction" in str(w.message)] == [
-        Path(__file__).resolve()
-    ]
+    assert warned_at(caught, "no prediction", __file__, once=True)
     assert table.loc["all", "n_spots"] == 3611 - 5
 
 

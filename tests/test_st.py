@@ -19,7 +19,7 @@ from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _reso
 
 matplotlib.use("Agg")
 
-from _shared import DATA, crop, model_tokens
+from _shared import DATA, crop, model_tokens, warned_at
 
 needs_data = pytest.mark.skipif(not (DATA / "dlpfc").exists(), reason="needs ../shared/data (real DLPFC slices)")
 FAST = dict(epochs=2, d_model=16, depth=2, n_pcs=20, n_top_genes=500, progress=False)
@@ -218,9 +218,8 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     monkeypatch.setitem(PRESETS["paper"], "d_model", 16)  # "full width" made small enough to run here
     with pytest.warns(UserWarning, match="meant for a GPU") as caught:
         dfm.tl.embed(small, preset="paper", n_top_genes=200, device="cpu", **quick)
-    assert [Path(w.filename).resolve() for w in caught if "meant for a GPU" in str(w.message)] == [
-        Path(__file__).resolve()
-    ]  # points at the user's call, behind embed's wrapper
+    # points at the user's call, behind embed's wrapper
+    assert warned_at(caught, "meant for a GPU", __file__, once=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_paper_on_cpu("paper", torch.device("cuda"), 3000)
@@ -410,7 +409,7 @@ def test_cluster_warns_when_domains_split_by_library():
     both.obsm["X_rep"] = np.vstack([rep, rep + 30.0])
     with pytest.warns(UserWarning, match=r"domains lie almost only in one library \(.*in 'a'.*batch effect") as caught:
         dfm.tl.cluster(both, 7, use_rep="X_rep", library_key="library", n_init=3)
-    assert {Path(w.filename).resolve() for w in caught if "one library" in str(w.message)} == {Path(__file__).resolve()}
+    assert warned_at(caught, "one library", __file__)
     specific = both.uns["dfm_domain"]["library_specific"]
     assert set(specific.values()) == {"a", "b"} and len(specific) >= 6
 
@@ -420,9 +419,7 @@ def test_leiden_says_at_the_users_call_when_it_cannot_reach_the_number_of_domain
     adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray(), dtype=float)
     with pytest.warns(UserWarning, match=r"Leiden found \d+ clusters at best \(asked for 400\)") as caught:
         dfm.tl.cluster(adata, 400, method="leiden", use_rep="X_rep", refine=False)
-    assert [Path(w.filename).resolve() for w in caught if "Leiden found" in str(w.message)] == [
-        Path(__file__).resolve()
-    ]
+    assert warned_at(caught, "Leiden found", __file__, once=True)
 
 
 def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
@@ -460,9 +457,7 @@ def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
     dfm.pp.serialize(adata)
     with pytest.warns(UserWarning, match=r"no clear knee .*dfm.pl.bic\(adata, key='dfm_domain'\)") as caught:  # noise
         dfm.tl.cluster(adata, None, use_rep="X_rand", k_range=range(2, 7))
-    assert [Path(w.filename).resolve() for w in caught if "no clear knee" in str(w.message)] == [
-        Path(__file__).resolve()
-    ]  # points at the user's call
+    assert warned_at(caught, "no clear knee", __file__, once=True)  # points at the user's call
     record, chosen_k = adata.uns["dfm_domain"], adata.uns["dfm_domain"]["params"]["n_clusters"]
     assert 0 <= record["knee"] < 0.15
     ax = dfm.pl.bic(adata, return_fig=True, show=False).axes[0]
