@@ -344,6 +344,24 @@ def test_key_added_never_overwrites_what_another_tool_or_the_user_stored(top):
     dfm.tl.cluster(adata, 3, n_init=1, use_rep="X_b", key_added="domains")
 
 
+def test_the_order_of_the_spots_in_the_anndata_does_not_change_the_domains(top):
+    """Slices joined in another order, or obs sorted, give the same domains (the seed fixed)."""
+    perm = np.random.default_rng(0).permutation(top.n_obs)
+    runs = [top.copy(), top[perm].copy()]
+    for adata in runs:
+        dfm.pp.serialize(adata)
+        dfm.tl.embed(adata, **QUICK)
+        dfm.tl.cluster(adata, 7, n_init=3)
+    first, shuffled = runs[0], runs[1][top.obs_names]
+    np.testing.assert_array_equal(shuffled.obs["dfm_order"], first.obs["dfm_order"])
+    # the same up to float sums taken in another order (e.g. the PCA of the genes), which can move a spot or two
+    np.testing.assert_allclose(shuffled.obsm["X_dfm"], first.obsm["X_dfm"], atol=0.01)
+    assert (shuffled.obs["dfm_domain"] == first.obs["dfm_domain"]).mean() > 0.99
+    again = first[perm].copy()
+    dfm.tl.cluster(again, 7, n_init=3)  # the same embedding, rows in another order
+    np.testing.assert_array_equal(again[top.obs_names].obs["dfm_domain"], first.obs["dfm_domain"])
+
+
 def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
     """sc.read_visium of the raw matrix keeps spots with in_tissue == 0; they would be analysed as tissue."""
     top.obs["in_tissue"] = 1

@@ -119,6 +119,27 @@ def test_the_spatial_graph_holds_each_spot_and_its_nearest_spots_both_ways(top):
     assert np.diff(linked.indptr).min() >= 7  # itself and at least 6 neighbours
 
 
+def test_an_inner_visium_spot_is_linked_to_its_six_touching_spots_whatever_the_order_of_the_spots(top):
+    """The Visium grid is hexagonal: touching spots are two array_col apart in a row, one apart in the next row."""
+    (layout,) = dfm.pp.library_layouts(top)
+    linked = (layout.graph() > 0).tocsr()
+    rc = top.obs[["array_row", "array_col"]].to_numpy()
+    occupied = set(map(tuple, rc))
+    touching = [(0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+    complete = {(r, c) for r, c in occupied if all((r + dr, c + dc) in occupied for dr, dc in touching)}
+    # the next rings (√3 and 2 spot distances) complete too: a spot at the edge links to its whole second ring
+    ring2 = [(-2, 0), (2, 0), (-1, -3), (-1, 3), (1, -3), (1, 3), (0, -4), (0, 4), (-2, -2), (-2, 2), (2, -2), (2, 2)]
+    inner = [i for i, (r, c) in enumerate(rc) if all((r + dr, c + dc) in complete for dr, dc in touching + ring2)]
+    assert len(inner) > 150  # of 492
+    for i in inner:
+        found = {tuple(rc[j] - rc[i]) for j in linked.indices[linked.indptr[i] : linked.indptr[i + 1]] if j != i}
+        assert found == set(touching), (i, found)
+    perm = np.random.default_rng(0).permutation(top.n_obs)  # (6 nearest cells of the old square grid: ties)
+    (shuffled,) = dfm.pp.library_layouts(top[perm].copy())
+    back = np.argsort(perm)
+    assert (shuffled.graph()[back][:, back] != layout.graph()).nnz == 0
+
+
 @pytest.mark.filterwarnings("ignore:Some cells have zero counts")  # scanpy's note on the emptied spot
 def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
     X = top.X.tolil()

@@ -84,6 +84,17 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
     )
 
 
+def _hexagonal_positions(adata: AnnData) -> np.ndarray:
+    """(row, column) positions of Visium spots on their hexagonal grid, touching spots one unit apart.
+
+    Neighbours along a row are two ``array_col`` apart, neighbours in the next row one ``array_col`` to either side
+    and one ``array_row`` down, which is √3/2 of the distance between touching spots.
+    """
+    rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
+    rc = rc - rc.min(axis=0)
+    return np.stack([rc[:, 0] * np.sqrt(3) / 2, rc[:, 1] / 2], axis=1)
+
+
 @dataclass
 class LibraryLayout:
     """The spots of one library laid out for serialization.
@@ -95,8 +106,9 @@ class LibraryLayout:
     cells
         (n, 2) integer grid cells, shifted to start at 0.
     points
-        (n, 2) float coordinates in cell units, for neighbour graphs: the cells themselves on a grid, the real
-        coordinates when they were quantised (cells then share no distance ties).
+        (n, 2) float coordinates in cell units, for neighbour graphs: on the Visium grid the spots' hexagonal
+        positions (touching spots one unit apart, six around an inner spot), on another grid the cells themselves,
+        the real coordinates when they were quantised.
     source
         How the cells were obtained: ``"visium_grid"``, ``"grid"`` or ``"quantized"`` (see :func:`spot_cells`).
 
@@ -195,7 +207,7 @@ def library_layouts(
             lib_cells = np.floor(points).astype(np.int64)
         else:
             lib_cells = cells[idx] - cells[idx].min(axis=0)
-            points = lib_cells.astype(np.float64)
+            points = _hexagonal_positions(adata[idx]) if source == "visium_grid" else lib_cells.astype(np.float64)
         out.append(LibraryLayout(idx, lib_cells, points, source))
     return out
 

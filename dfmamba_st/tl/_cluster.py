@@ -426,6 +426,9 @@ def cluster(
     rep = np.asarray(adata.obsm[use_rep])
     if not np.all(np.isfinite(rep)):
         raise ValueError(f"obsm[{use_rep!r}] contains NaN or inf; re-run dfm.tl.embed.")
+    # the restarts' starts depend on the order of the rows: fit in the order of the curve, not of the AnnData
+    rows = _serialized_rows(adata, order_key, library_key)
+    rep = rep[rows]
     fit_rows = _fit_rows(rep.shape[0], random_state)
     rep = _prepare(rep, n_comps, fit_rows, random_state)
     sample = rep[fit_rows]
@@ -453,7 +456,7 @@ def cluster(
         else:
             kmeans = KMeans(n_clusters, n_init=n_init, random_state=random_state)
             labels = _fit_one_thread(kmeans, sample).predict(rep)
-    labels = _relabel(labels)
+    labels = _relabel(labels)[np.argsort(rows)]  # back in the AnnData's order
     n_found = int(labels.max()) + 1
     # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores)
     spatial_key = recorded_spatial_key(adata, record, order_key)
@@ -498,6 +501,19 @@ def cluster(
     }
     logg.info(f"    finished dfm.tl.cluster: {n_found} domains ({time.time() - start:.1f}s)")
     return adata if copy else None
+
+
+def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) -> np.ndarray:
+    """The rows by library, then along the serialization curve: an order that does not depend on the AnnData's.
+
+    The AnnData's own order when there is no ``obs[order_key]`` (or it has missing values).
+    """
+    if order_key not in adata.obs.columns or adata.obs[order_key].isna().any():
+        return np.arange(adata.n_obs)
+    keys = [adata.obs[order_key].to_numpy()]
+    if library_key is not None:  # categories: declared, or the sorted values; either way not the rows' order
+        keys.append(pd.Categorical(adata.obs[library_key]).codes)
+    return np.lexsort(keys)
 
 
 def _extend_labels(sample: np.ndarray, sample_labels: np.ndarray, rep: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:

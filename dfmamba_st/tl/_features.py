@@ -367,18 +367,26 @@ def _log_normalize(X: sp.csr_matrix, is_counts: bool, target: float = COUNTS_TAR
     return sp.csr_matrix(sp.diags(target / totals) @ X).log1p()
 
 
-def spatial_graph(cells: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
+def spatial_graph(points: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
     """Row-normalised sparse graph of each spot, itself included, and its ``n_neighbors`` nearest spots.
 
-    Built with scikit-learn's k-nearest-neighbour graph on the grid cells, symmetrised (never an N×N dense matrix).
+    Spots as far as the ``n_neighbors``-th nearest one are all kept (up to a relative 1e-6), so ties on a grid do
+    not leave the choice to the order of the spots: the graph is the same whatever the order of ``points``.
+    Symmetrised, built with a k-d tree (never an N×N dense matrix). On the Visium grid's hexagonal positions
+    (:class:`~dfmamba_st.pp.LibraryLayout` ``.points``) an inner spot's six touching spots are its neighbours.
     """
-    from sklearn.neighbors import kneighbors_graph
+    from scipy.spatial import cKDTree
 
-    n = cells.shape[0]
+    n = points.shape[0]
     if n == 1:
         return sp.csr_matrix(np.ones((1, 1), dtype=np.float32))
-    graph = kneighbors_graph(cells.astype(np.float64), min(n_neighbors, n - 1), include_self=False)
+    tree = cKDTree(np.asarray(points, dtype=np.float64))
+    dist, _ = tree.query(points, k=min(n_neighbors, n - 1) + 1)  # the spot itself (distance 0) first
+    near = tree.query_ball_point(points, dist[:, -1] * (1 + 1e-6))
+    rows = np.repeat(np.arange(n), [len(found) for found in near])
+    graph = sp.csr_matrix((np.ones(rows.size), (rows, np.concatenate(near))), shape=(n, n))
     graph = (graph + graph.T).sign() + sp.identity(n, format="csr")
+    graph = graph.sign()  # the spot itself once
     degree = np.asarray(graph.sum(axis=1)).ravel()
     return sp.csr_matrix(sp.diags(1.0 / degree) @ graph, dtype=np.float32)
 
