@@ -84,13 +84,13 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
     )
 
 
-def _hexagonal_positions(adata: AnnData) -> np.ndarray:
-    """(row, column) positions of Visium spots on their hexagonal grid, touching spots one unit apart.
+def _hexagonal_positions(obs: pd.DataFrame) -> np.ndarray:
+    """(row, column) positions of Visium spots (``obs`` rows) on their hexagonal grid, touching spots one unit apart.
 
     Neighbours along a row are two ``array_col`` apart, neighbours in the next row one ``array_col`` to either side
     and one ``array_row`` down, which is √3/2 of the distance between touching spots.
     """
-    rc = adata.obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
+    rc = obs[["array_row", "array_col"]].to_numpy(dtype=np.float64)
     rc = rc - rc.min(axis=0)
     return np.stack([rc[:, 0] * np.sqrt(3) / 2, rc[:, 1] / 2], axis=1)
 
@@ -207,7 +207,8 @@ def library_layouts(
             lib_cells = np.floor(points).astype(np.int64)
         else:
             lib_cells = cells[idx] - cells[idx].min(axis=0)
-            points = _hexagonal_positions(adata[idx]) if source == "visium_grid" else lib_cells.astype(np.float64)
+            on_hexagons = source == "visium_grid"
+            points = _hexagonal_positions(adata.obs.iloc[idx]) if on_hexagons else lib_cells.astype(np.float64)
         out.append(LibraryLayout(idx, lib_cells, points, source))
     return out
 
