@@ -318,7 +318,13 @@ def evaluate(
     truth = truth_s.astype(str).to_numpy()
     pred = pred_s.astype(str).to_numpy()
     xy_all = np.full((adata.n_obs, 2), np.nan)  # coordinates of the scored spots only: an unscored spot may lack them
-    xy_all[keep] = _as_coords(np.asarray(adata.obsm[spatial_key])[keep, :2]) if keep.any() else 0.0
+    xy_all[keep] = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[keep, :2]
+    unplaced = int((~np.isfinite(xy_all[keep])).any(axis=1).sum())
+    if unplaced:
+        raise ValueError(
+            f"obsm[{spatial_key!r}] has NaN or inf coordinates for {unplaced} scored spots, which CHAOS and PAS need: "
+            f"fix them, drop those spots, or pass spatial_key= other coordinates."
+        )
 
     # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
     slice_key = resolve_library_key(adata, library_key, pred_key)

@@ -291,6 +291,7 @@ def test_a_preset_gene_count_above_the_panel_is_not_a_warning_but_a_chosen_one_i
     assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
 
 
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # scikit-learn's own note on the flat input
 def test_cluster_checks_its_arguments(bundled):
     adata = crop(bundled)
     adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray())
@@ -300,6 +301,11 @@ def test_cluster_checks_its_arguments(bundled):
         dfm.tl.cluster(adata, True, use_rep="X_rep")
     with pytest.raises(ValueError, match="at least 2 spots"):
         dfm.tl.cluster(adata[:1].copy(), 1, use_rep="X_rep")
+    adata.obsm["X_flat"] = np.zeros((adata.n_obs, 3))
+    adata.obsm["X_flat"][0] = 1e-3  # one spot apart from the rest: 2 domains at most
+    with pytest.warns(UserWarning, match=r"Asked for 5 domains, the kmeans assigned spots to 2 only") as caught:
+        dfm.tl.cluster(adata, 5, method="kmeans", use_rep="X_flat", n_init=1)
+    assert warned_at(caught, "Asked for 5 domains", __file__, once=True)
 
 
 @pytest.mark.parametrize("tool", ["embed", "cluster"])

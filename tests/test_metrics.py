@@ -107,6 +107,10 @@ def test_unscored_spots_need_no_coordinates_and_an_empty_truth_warns(dlpfc_15167
     adata.obsm["spatial"][unlabelled[:3]] = np.nan  # spots outside the annotation, e.g. off the tissue
     table = metrics.evaluate(adata, "layer", "pred")
     assert table.loc["all", "n_spots"] == 3611 and np.isfinite(table.loc["all", "chaos"])
+    labelled = adata.copy()
+    labelled.obsm["spatial"][np.flatnonzero(labelled.obs["layer"].notna().to_numpy())[:2]] = np.inf
+    with pytest.raises(ValueError, match=r"obsm\['spatial'\] has NaN or inf coordinates for 2 scored spots"):
+        metrics.evaluate(labelled, "layer", "pred")
     adata.obs["none"] = pd.Categorical([np.nan] * adata.n_obs, categories=["Layer1"])
     with pytest.warns(UserWarning, match="No spot has a truth label") as caught:
         assert metrics.evaluate(adata, "none", "pred").loc["all", "n_spots"] == 0

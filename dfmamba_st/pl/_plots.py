@@ -613,7 +613,8 @@ def domains(
     library_id, ncols
         As in :func:`gates`.
     ax
-        Draw the domains (only) into this axes.
+        Draw the domains (only) into this axes; with ``truth_key`` they keep the colours matched to the annotation,
+        which is not drawn (draw it into another axes with ``key=truth_key``).
     show, return_fig
         As in :func:`gates`.
 

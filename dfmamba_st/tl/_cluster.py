@@ -458,6 +458,12 @@ def cluster(
             labels = _fit_one_thread(kmeans, sample).predict(rep)
     labels = _relabel(labels)[np.argsort(rows)]  # back in the AnnData's order
     n_found = int(labels.max()) + 1
+    if method != "leiden" and n_found < n_clusters:  # (Leiden says so itself)
+        warnings.warn(
+            f"Asked for {n_clusters} domains, the {method} assigned spots to {n_found} only: obsm[{use_rep!r}] may "
+            "vary too little to tell more apart (is it the embedding?).",
+            stacklevel=user_stacklevel(),
+        )
     # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores)
     spatial_key = recorded_spatial_key(adata, record, order_key)
     if refine:
