@@ -123,7 +123,7 @@ class LibraryLayout:
     >>> order = layout.order("hilbert")  # positions within layout.idx, in curve order
     >>> bool(np.array_equal(np.sort(order), np.arange(layout.idx.size)))
     True
-    >>> layout.graph().shape  # the 6-nearest-spot graph
+    >>> layout.graph().shape  # each spot and its touching spots
     (3639, 3639)
     """
 

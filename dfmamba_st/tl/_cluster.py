@@ -351,7 +351,8 @@ def cluster(
         The numbers of domains ``n_clusters=None`` chooses from (2 to 15). The knee depends on the range: widen it
         for tissues with more domains than 15.
     refine
-        Smooth the labels by a majority vote over each spot's 6 nearest spots (sparse graph).
+        Smooth the labels by a majority vote over each spot's neighbours (its six touching spots on the Visium
+        grid; a sparse graph).
     library_key
         Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
         mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
