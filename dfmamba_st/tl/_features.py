@@ -385,8 +385,7 @@ def spatial_graph(points: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
     near = tree.query_ball_point(points, dist[:, -1] * (1 + 1e-6))
     rows = np.repeat(np.arange(n), [len(found) for found in near])
     graph = sp.csr_matrix((np.ones(rows.size), (rows, np.concatenate(near))), shape=(n, n))
-    graph = (graph + graph.T).sign() + sp.identity(n, format="csr")
-    graph = graph.sign()  # the spot itself once
+    graph = (graph + graph.T).sign()  # each spot is its own neighbour (distance 0) once
     degree = np.asarray(graph.sum(axis=1)).ravel()
     return sp.csr_matrix(sp.diags(1.0 / degree) @ graph, dtype=np.float32)
 
