@@ -44,12 +44,14 @@ def _as_labels(labels: Sequence | np.ndarray | pd.Series, n: int | None = None, 
     return pd.factorize(lab)[0]
 
 
-def _as_coords(coords: np.ndarray) -> np.ndarray:
+def _as_coords(coords: np.ndarray, what: str = "`coords`", spots: str = "spots", fix: str = "") -> np.ndarray:
+    """``coords`` as a float array, refused when empty or not finite; the error names ``what`` and suggests ``fix``."""
     xy = np.asarray(coords, dtype=np.float64)
     if xy.ndim != 2 or xy.shape[0] == 0:
-        raise ValueError(f"`coords` must be a non-empty (n_spots, n_dims) array, got shape {xy.shape}.")
-    if not np.isfinite(xy).all():
-        raise ValueError("`coords` contains NaN or infinite values.")
+        raise ValueError(f"{what} must be a non-empty (n_spots, n_dims) array, got shape {xy.shape}.")
+    unplaced = int((~np.isfinite(xy)).any(axis=1).sum())
+    if unplaced:
+        raise ValueError(f"{what} has NaN or inf coordinates for {unplaced} {spots}: fix them, drop those spots{fix}.")
     return xy
 
 
@@ -318,12 +320,12 @@ def evaluate(
     truth = truth_s.astype(str).to_numpy()
     pred = pred_s.astype(str).to_numpy()
     xy_all = np.full((adata.n_obs, 2), np.nan)  # coordinates of the scored spots only: an unscored spot may lack them
-    xy_all[keep] = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[keep, :2]
-    unplaced = int((~np.isfinite(xy_all[keep])).any(axis=1).sum())
-    if unplaced:
-        raise ValueError(
-            f"obsm[{spatial_key!r}] has NaN or inf coordinates for {unplaced} scored spots, which CHAOS and PAS need: "
-            f"fix them, drop those spots, or pass spatial_key= other coordinates."
+    if keep.any():
+        xy_all[keep] = _as_coords(
+            np.asarray(adata.obsm[spatial_key])[keep, :2],
+            what=f"obsm[{spatial_key!r}]",
+            spots="scored spots, which CHAOS and PAS need",
+            fix=", or pass spatial_key= other coordinates",
         )
 
     # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
