@@ -30,6 +30,8 @@ __all__ = ["COLUMNS", "chaos", "evaluate", "pas"]
 
 #: Columns of the table returned by :func:`evaluate`, in order.
 COLUMNS: tuple[str, ...] = ("ari", "nmi", "homogeneity", "completeness", "chaos", "pas", "n_spots")
+#: Index of :func:`evaluate`'s row over all scored spots (after the rows of the libraries, when there are any).
+POOLED = "all"
 
 
 def _as_labels(labels: Sequence | np.ndarray | pd.Series, n: int | None = None, name: str = "labels") -> np.ndarray:
@@ -267,7 +269,9 @@ def evaluate(
         Key of ``adata.obsm`` with the spot coordinates. By default the one ``tl.cluster`` recorded in
         ``uns[pred_key]`` (the coordinates the spots were serialized on), else ``"spatial"``.
     library_key
-        Column of ``adata.obs`` naming the slice of each spot; when given, every slice is scored on its own.
+        Column of ``adata.obs`` naming the slice of each spot: every slice is scored on its own as well. By default
+        the one ``tl.cluster`` recorded in ``uns[pred_key]`` (``pp.serialize``'s ``library_key``), as the other
+        steps take it.
     ignore
         Truth labels that mean "not annotated", besides missing values: one label or several; ``None`` for none.
         Text is compared in any case, numbers by value (``7`` matches ``7.0`` in a numeric column).
@@ -279,8 +283,9 @@ def evaluate(
     A tidy :class:`pandas.DataFrame` with columns ``ari``, ``nmi``, ``homogeneity``, ``completeness``
     (scikit-learn's ``adjusted_rand_score``, ``normalized_mutual_info_score``, ``homogeneity_score``,
     ``completeness_score``; higher is better), ``chaos``, ``pas`` (lower is better) and ``n_spots`` (spots
-    scored). One row per library, indexed by library name (index name ``library_key``), or a single row
-    indexed ``"all"`` (index name ``"library"``) without ``library_key``.
+    scored). With a library key (given or recorded), one row per library, indexed by library name, then a row
+    ``"all"`` over the spots of every library (the index named after the key); without one, the row ``"all"`` alone
+    (index name ``"library"``). ``table.loc["all"]`` is always the whole AnnData's score.
 
     Examples
     --------
@@ -299,7 +304,8 @@ def evaluate(
     spatial_key = spatial_key or recorded_spatial_key(adata, pred_key)
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
-    check_library_key(adata, library_key)
+    slice_key = resolve_library_key(adata, library_key, pred_key)
+    check_library_key(adata, slice_key)
     truth_s = adata.obs[truth_key]
     pred_s = adata.obs[pred_key]
     keep = ~_is_missing(truth_s, ignore)
@@ -328,22 +334,25 @@ def evaluate(
             fix=", or pass spatial_key= other coordinates",
         )
 
-    # the slices of a multi-slice clustering (recorded by tl.cluster): spatial scores within each, even in one row
-    slice_key = resolve_library_key(adata, library_key, pred_key)
-    slices = np.zeros(adata.n_obs) if slice_key is None else adata.obs[slice_key].astype(str).to_numpy()
-    if library_key is None:
-        groups = {"all": np.ones(adata.n_obs, dtype=bool)}
-        index_name = "library"
-    else:
-        lib = adata.obs[library_key]
-        cats = lib.cat.categories if isinstance(lib.dtype, pd.CategoricalDtype) else pd.unique(lib.dropna())
+    # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
+    groups: dict[Hashable, np.ndarray] = {}
+    slices = np.zeros(adata.n_obs)
+    if slice_key is not None:
+        lib = adata.obs[slice_key]
+        slices = lib.astype(str).to_numpy()
+        cats = lib.cat.categories if isinstance(lib.dtype, pd.CategoricalDtype) else pd.unique(lib)
         groups = {c: (lib == c).to_numpy() for c in cats}
-        index_name = library_key
+        if POOLED in groups:
+            raise ValueError(
+                f"obs[{slice_key!r}] names a library {POOLED!r}, the name of the row pooled over all libraries; "
+                "rename that library."
+            )
+    groups[POOLED] = np.ones(adata.n_obs, dtype=bool)
     rows = {}
     for name, in_lib in groups.items():
         m = in_lib & keep
         rows[name] = _score(truth[m], pred[m], xy_all[m], k, slices[m])
     out = pd.DataFrame.from_dict(rows, orient="index", columns=list(COLUMNS))
     out["n_spots"] = out["n_spots"].astype(int)
-    out.index.name = index_name
+    out.index.name = slice_key or "library"
     return out

@@ -135,12 +135,15 @@ def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlp
     other = one[:1200].copy()  # slices of unequal size: a plain mean of the two would differ from the weighted one
     other.obs["pred"] = other.obs["layer"]  # a perfect labelling of the second slice, a perturbed one of the first
     both = ad.concat({"a": one, "b": other}, label="library", index_unique="-")
-    per_slice = metrics.evaluate(both, "layer", "pred", library_key="library")
+    table = metrics.evaluate(both, "layer", "pred", library_key="library")
+    per_slice = table.drop(index="all")
     weights = per_slice["n_spots"] / per_slice["n_spots"].sum()
     assert weights.min() < 0.3
     naive = metrics.evaluate(both, "layer", "pred").loc["all"]  # no key anywhere: coordinates pooled
     both.uns["pred"] = {"params": {"library_key": "library"}}  # what tl.cluster records
-    pooled = metrics.evaluate(both, "layer", "pred").loc["all"]
+    recorded = metrics.evaluate(both, "layer", "pred")
+    pd.testing.assert_frame_equal(recorded, table)  # the recorded key is taken as if given
+    pooled = recorded.loc["all"]
     for score in ("chaos", "pas"):
         assert pooled[score] == pytest.approx((per_slice[score] * weights).sum(), rel=1e-12)
         # pooled coordinates pair each spot with its twin of the other slice: another (wrong) value
@@ -197,11 +200,22 @@ def test_multiple_libraries_give_one_row_each_equal_to_scoring_each_alone(dlpfc_
     both.obs["sample_id"] = both.obs["sample_id"].astype("category")
     table = metrics.evaluate(both, "layer", "pred", library_key="sample_id")
     assert table.index.name == "sample_id"
-    assert list(table.index) == ["151673", "151674"]
+    assert list(table.index) == ["151673", "151674", "all"]
     alone = metrics.evaluate(first, "layer", "pred").loc["all"]
     pd.testing.assert_series_equal(table.loc["151673"], alone, check_names=False)
     assert table.loc["151674", "n_spots"] == 3635
     assert table.loc["151674", "ari"] == pytest.approx(1.0)
+    assert table.loc["all", "n_spots"] == table.loc["151673", "n_spots"] + 3635
+    truth, pred = (both.obs[key].astype(str).to_numpy() for key in ("layer", "pred"))
+    scored = both.obs["layer"].notna().to_numpy()
+    assert table.loc["all", "ari"] == pytest.approx(skm.adjusted_rand_score(truth[scored], pred[scored]), rel=1e-12)
+
+
+def test_a_library_named_like_the_pooled_row_is_refused(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    adata.obs["lib"] = np.where(np.arange(adata.n_obs) < 1000, "all", "b")
+    with pytest.raises(ValueError, match="names a library 'all', the name of the row pooled"):
+        metrics.evaluate(adata, "layer", "pred", library_key="lib")
 
 
 # ---------------------------------------------------------------------------------------------------------------
