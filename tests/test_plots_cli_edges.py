@@ -400,6 +400,15 @@ def test_each_gate_panel_draws_its_own_depth(embedded):
         np.testing.assert_allclose(colours[:, :3], magma(gates[:, k])[:, :3], atol=0.02)
 
 
+def test_the_epoch_axis_ticks_whole_epochs_only(embedded):
+    """A one-epoch run is one point a curve: matplotlib's padding alone leaves ticks such as 0.945, 0.960, ..."""
+    assert len(embedded.uns["dfm"]["history"]["train_loss"]) == 1
+    ax = dfm.pl.training(embedded, return_fig=True, show=False).axes[0]
+    ax.figure.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert 1 in ticks and all(float(t).is_integer() for t in ticks)
+
+
 def test_training_curves_are_labelled_by_the_loss_they_show(embedded):
     ax = dfm.pl.training(embedded, return_fig=True, show=False).axes[0]
     history = embedded.uns["dfm"]["history"]

@@ -834,6 +834,8 @@ def training(
         if name in history:
             ax.plot(epochs, np.asarray(history[name]), marker="o", ms=3, lw=1.2, label=label)
     ax.set_xlabel("epoch")
+    if len(epochs) == 1:  # matplotlib pads a single point by 5 %, a range without two whole epochs to tick
+        ax.set_xlim(0, 2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.set_title("dfm.tl.embed training" + (f" ({key})" if key != "X_dfm" else ""))
