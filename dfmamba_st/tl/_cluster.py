@@ -58,7 +58,8 @@ BIC_RESTARTS = 3
 #: below this depth of the knee (the chosen point under the chord of the [0, 1]-scaled BIC curve) the choice of K
 #: is reported as weak: on the default embeddings (seeds 0-2) the DLPFC curves' knees lay 0.19-0.29 deep (K 6-9 for
 #: 7 layers), the HER2+ sections' 0.05-0.15 (K 5-12 for 3-5 regions; docs/spatial.md, "Choosing K"; remeasured in
-#: docs/spatial_log.md, "The clustering's settings on the current embeddings")
+#: docs/spatial_log.md, "The clustering's settings on the current embeddings"); with the graph of 2026-12-06 still no
+#: DLPFC curve and most HER2+ curves below it (docs/spatial.md, "Current defaults")
 WEAK_KNEE = 0.15
 #: a domain with at least this share of its spots in one library, once the libraries are weighted equally, is reported
 #: as found in that library only. Measured (docs/spatial.md, "Several slices together"): on two adjacent sections of
@@ -167,8 +168,8 @@ def choose_n_clusters(
     each) it lay at K = 14 or 15 of 2–15, against 7 and 3–5 annotated domains. The knee is where the curve stops
     falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from
     the first to the last point (the "kneedle" rule of Satopää et al., 2011). It depends on the range searched.
-    Measured on the default embeddings (``docs/spatial.md``, "Choosing K"): K = 6–9 on DLPFC, 5–12 on the HER2+
-    sections. Works on an array, not on an AnnData: :func:`cluster` with ``n_clusters=None`` (``"gmm"`` or
+    Measured on the default embeddings (``docs/spatial.md``, "Current defaults", seeds 0–2): K = 6–9 on DLPFC, 6–14
+    on the HER2+ sections. Works on an array, not on an AnnData: :func:`cluster` with ``n_clusters=None`` (``"gmm"`` or
     ``"kmeans"``) runs it on the embedding it clusters (centred, reduced to ``n_comps`` principal components) and
     records the curve in ``uns[key_added]``.
 
