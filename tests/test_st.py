@@ -56,6 +56,19 @@ def test_serialize_is_a_bijection_per_library_and_respects_library_key(small):
 
 
 @needs_data
+def test_a_librarys_order_does_not_depend_on_the_other_libraries(slice_673):
+    """A slice whose first column is odd, alone and next to one whose first column is even: the same order."""
+    obs = slice_673.obs
+    odd = slice_673[(obs["array_row"] < 30) & (obs["array_col"] >= 41) & (obs["array_col"] < 90)].copy()
+    even = slice_673[(obs["array_row"] >= 40) & (obs["array_col"] >= 40) & (obs["array_col"] < 90)].copy()
+    assert (odd.obs["array_col"].min(), even.obs["array_col"].min()) == (41, 40)
+    alone = dfm.pp.serialize(odd, copy=True).obs["dfm_order"].to_numpy()
+    both = ad.concat({"odd": odd, "even": even}, label="lib", index_unique="-")
+    dfm.pp.serialize(both, library_key="lib")
+    np.testing.assert_array_equal(both.obs["dfm_order"].to_numpy()[: odd.n_obs], alone)
+
+
+@needs_data
 @pytest.mark.parametrize("curve", curves.CURVES)
 def test_serialize_orders_the_spots_along_the_curve_it_is_given(small, curve):
     adata = crop(small, rows=(0, 20))

@@ -49,7 +49,8 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
     Returns
     -------
     ``(cells, source)`` with ``cells`` (n_obs, 2) int64 and ``source`` ``"visium_grid"``, ``"grid"`` or ``"quantized"``.
-    A grid is shifted to start at 0; ``"grid"`` is a grid whose ``row + col`` has both parities, taken as square.
+    A grid is shifted to start at 0 (a Visium grid's columns by an even number, so that a spot's cell does not depend on
+    the other spots); ``"grid"`` is a grid whose ``row + col`` has both parities, taken as square.
 
     Examples
     --------
@@ -69,10 +70,13 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
                 "or delete the columns to serialize from obsm['spatial']."
             )
         if np.all(rc == np.round(rc)):
-            rc = rc.astype(np.int64) - rc.min(axis=0).astype(np.int64)
+            rc = rc.astype(np.int64)
             if np.all((rc[:, 0] + rc[:, 1]) % 2 == (rc[0, 0] + rc[0, 1]) % 2):
+                # columns shifted by an even number, so a spot's cell does not depend on the other spots present
+                # (another slice, where a crop starts): an odd shift would pair the columns of alternate rows anew
+                rc -= np.array([rc[:, 0].min(), 2 * (rc[:, 1].min() // 2)])
                 return np.stack([rc[:, 0], rc[:, 1] // 2], axis=1), "visium_grid"
-            return rc, "grid"
+            return rc - rc.min(axis=0), "grid"
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         if not np.all(np.isfinite(xy)):
