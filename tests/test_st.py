@@ -463,6 +463,19 @@ def test_k_is_chosen_at_the_knee_of_the_bic_curve_not_its_minimum(monkeypatch):
     assert _cluster.choose_n_clusters(np.zeros((100, 3)))[::2] == (2, 0.0)  # a flat curve: the fewest domains
 
 
+def test_k_is_never_chosen_beyond_the_lowest_bic():
+    """Two separated groups: the BIC rises from K = 2; its distances below the chord are noise (K = 10 was chosen)."""
+    from dfmamba_st.tl import choose_n_clusters
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=20, size=(3, 5))
+    for n_groups in (2, 3):
+        rep = np.repeat(centres[:n_groups], 300, axis=0) + rng.normal(size=(300 * n_groups, 5))
+        k, bic, depth = choose_n_clusters(rep)
+        assert k == n_groups == min(bic, key=bic.get)
+        assert (depth == 0.0) if n_groups == 2 else (depth > 0.5)  # at the first K: reported as a weak choice
+
+
 @needs_data
 def test_bic_plot_draws_the_curve_the_choice_was_made_on(small):
     import matplotlib.pyplot as plt

@@ -167,7 +167,9 @@ def choose_n_clusters(
     Gaussians), so its minimum over-splits: on the default embeddings of the DLPFC slices and HER2+ sections (3 seeds
     each) it lay at K = 14 or 15 of 2–15, against 7 and 3–5 annotated domains. The knee is where the curve stops
     falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from
-    the first to the last point (the "kneedle" rule of Satopää et al., 2011). It depends on the range searched.
+    the first to the last point (the "kneedle" rule of Satopää et al., 2011), among the K up to the one of the
+    lowest BIC (a curve that rises from the first K gives that K, with depth 0: a weak choice). It depends on the
+    range searched.
     Measured on the default embeddings (``docs/spatial.md``, "Current defaults", seeds 0–2): K = 6–9 on DLPFC, 6–14
     on the HER2+ sections. Works on an array, not on an AnnData: :func:`cluster` with ``n_clusters=None`` (``"gmm"`` or
     ``"kmeans"``) runs it on the embedding it clusters (centred, reduced to ``n_comps`` principal components) and
@@ -215,7 +217,9 @@ def choose_n_clusters(
     x = (ks - ks[0]) / (ks[-1] - ks[0])
     y = (values - values.min()) / spread
     below_chord = y[0] + (y[-1] - y[0]) * x - y
-    best = int(np.argmax(below_chord))
+    # never beyond the BIC's minimum: on a curve that rises from the first K (as few domains as that, or noise) the
+    # distances below the chord are noise, and a K where the BIC has turned up again is no knee
+    best = int(np.argmax(below_chord[: int(np.argmin(values)) + 1]))
     return int(ks[best]), bic, max(float(below_chord[best]), 0.0)
 
 
