@@ -152,6 +152,26 @@ def test_coarse_bins_keep_libraries_apart_with_mean_positions_grid_positions_and
 
 
 @needs_data
+@pytest.mark.parametrize("factor", [2, 4])
+def test_coarse_labels_do_not_depend_on_the_order_of_the_spots(slice_673, factor):
+    """A bin with tied labels (2 - 2 spots, 8 - 8) takes the first category, not the label of its first row."""
+    shuffled = slice_673[np.random.default_rng(0).permutation(slice_673.n_obs)].copy()
+    bins = [dfm.pp.coarsen(a, factor).obs.set_index(["array_row", "array_col"]) for a in (slice_673, shuffled)]
+    layer, again = bins[0]["layer"], bins[1]["layer"].reindex(bins[0].index)
+    pd.testing.assert_series_equal(layer, again)
+    categories = list(layer.cat.categories)
+    (layout,) = dfm.pp.library_layouts(slice_673)
+    spot_bins = pd.MultiIndex.from_arrays((layout.cells // factor).T)  # the bin of each spot (the layout's cells)
+    tied = 0
+    for (r, c), label in layer.dropna().items():  # ties go to the first category
+        counts = slice_673.obs["layer"][spot_bins == (r, c)].value_counts()
+        if (counts == counts.max()).sum() > 1:
+            tied += 1
+            assert label == min(counts[counts == counts.max()].index, key=categories.index)
+    assert tied > 0
+
+
+@needs_data
 @pytest.mark.parametrize("kind", ["str", "int"])
 def test_coarse_bins_keep_a_library_column_that_is_not_categorical(small, kind):
     """A plain column (strings or integer codes) gives each bin its library, as a categorical one does."""

@@ -28,12 +28,16 @@ __all__ = ["coarsen"]
 def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Categorical | np.ndarray:
     """Most frequent non-missing value of ``values`` in each group (missing if the group has none).
 
-    Positional (an array, not a Series), so that it lands on the bins whatever their index.
+    A tie goes to the first category (or the lowest value), whatever the order of the rows. Positional (an array, not
+    a Series), so that it lands on the bins whatever their index.
     """
     frame = pd.DataFrame({"g": groups, "v": values.to_numpy()}).dropna()
-    top = frame.groupby("g")["v"].agg(lambda v: v.value_counts().index[0])
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        frame["v"] = pd.Categorical(frame["v"], categories=values.cat.categories)
+    counts = frame.groupby(["g", "v"], observed=True, sort=True).size().rename("n").reset_index()
+    top = counts.sort_values(["g", "n"], ascending=[True, False], kind="stable").drop_duplicates("g")
     out = pd.Series([np.nan] * n_groups, dtype=object)
-    out.iloc[top.index.to_numpy()] = top.to_numpy()
+    out.iloc[top["g"].to_numpy()] = top["v"].to_numpy()
     if isinstance(values.dtype, pd.CategoricalDtype):
         return pd.Categorical(out, categories=values.cat.categories)
     return out.infer_objects().to_numpy()  # e.g. integer library codes stay integers
