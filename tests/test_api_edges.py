@@ -79,8 +79,8 @@ def test_non_integer_values_that_are_not_log_normalised_are_refused(bundled):
         dfm.tl.embed(halved, **QUICK)
     logged = normalised.copy()
     sc.pp.log1p(logged)
-    dfm.tl.embed(logged, **QUICK)  # the proper log-normalised input is still taken
-    assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
+    dfm.tl.embed(logged, **QUICK)  # the proper log-normalised input is still taken (its counts recovered)
+    assert logged.uns["dfm"]["params"]["input"] == "counts"
 
 
 def test_each_embedding_keeps_its_own_record(bundled):
@@ -138,9 +138,41 @@ def log_normalised(adata, target_sum=None):
     return out
 
 
+def without_single_counts(adata):
+    """Counts whose first spot has no gene counted once (its 1s become 2s): log-normalised, they cannot be taken back
+    to counts (that spot's values over its smallest are not whole), as other transforms cannot."""
+    out = adata.copy()
+    out.X = sp.csr_matrix(out.X, dtype=np.float32)
+    first = out.X.data[: out.X.indptr[1]]
+    assert (first == 1).any() and ((first > 2) & (first % 2 == 1)).any()
+    first[first == 1] = 2
+    return out
+
+
+@pytest.mark.parametrize("target_sum", [None, 1e6])
+def test_log_normalised_counts_give_the_embedding_of_the_counts(bundled, target_sum):
+    """sc.pp.normalize_total + sc.pp.log1p (any target): the counts are recovered, the embedding is the counts' one."""
+    counts = crop(bundled)
+    dfm.pp.serialize(counts)
+    reference = dfm.tl.embed(counts, copy=True, **QUICK)
+    logged = log_normalised(counts, target_sum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing lost: nothing to warn about
+        got = dfm.tl.embed(logged, copy=True, **QUICK)
+    np.testing.assert_array_equal(got.obsm["X_dfm"], reference.obsm["X_dfm"])
+    assert list(got.uns["dfm"]["genes"]) == list(reference.uns["dfm"]["genes"])
+    assert got.uns["dfm"]["params"]["input"] == "counts"
+    rounded = logged.copy()
+    rounded.X.data = np.round(rounded.X.data, 2)  # as written to a text file: the counts are lost
+    with pytest.warns(UserWarning, match="raw counts cannot be recovered .* 'seurat' dispersion") as caught:
+        dfm.tl.embed(rounded, **QUICK)
+    assert warned_at(caught, "cannot be recovered", __file__)
+    assert rounded.uns["dfm"]["params"]["input"] == "log-normalised"
+
+
 @pytest.mark.parametrize("target_sum", [None, 1e6])
 def test_transfer_between_counts_and_log_normalised_input_gives_the_same_features(bundled, target_sum):
-    counts = crop(bundled)
+    counts = without_single_counts(crop(bundled))
     dfm.pp.serialize(counts)
     logged = log_normalised(counts, target_sum)
     # a model trained on counts, given log-normalised values (normalised over all genes, to any total)
@@ -162,7 +194,7 @@ def test_transfer_between_counts_and_log_normalised_input_gives_the_same_feature
 
 
 def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_path):
-    adata = log_normalised(crop(bundled), 1e6)
+    adata = log_normalised(without_single_counts(crop(bundled)), 1e6)
     dfm.pp.serialize(adata)
     model = dfm.tl.embed(adata, return_model=True, **QUICK)
     assert model.features.log_total == pytest.approx(1e6, rel=1e-3)

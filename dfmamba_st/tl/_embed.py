@@ -258,13 +258,17 @@ def embed(
     Parameters
     ----------
     adata
-        Spots × genes, raw counts (``X`` or ``layers[layer]``) or log-normalised values (detected and logged),
-        serialized by :func:`dfmamba_st.pp.serialize`.
+        Spots × genes, raw counts (``X`` or ``layers[layer]``) or log-normalised values, serialized by
+        :func:`dfmamba_st.pp.serialize`. Log-normalised counts (``sc.pp.normalize_total`` then ``sc.pp.log1p``, any
+        target) are taken back to their raw counts, exactly, so they give the embedding of the counts; other
+        log-normalised values are used as they are, with a warning (see ``n_top_genes``).
     layer
         Layer holding the expression (default ``X``).
     n_top_genes
         Number of highly variable genes (scanpy's ``seurat_v3`` scores on counts, ``seurat`` on log-normalised
-        input, and on the log-normalised counts of a crop too small for ``seurat_v3``'s loess fit, with a warning;
+        values whose counts cannot be recovered, and on the log-normalised counts of a crop too small for
+        ``seurat_v3``'s loess fit, with a warning; ``var['highly_variable']`` of an earlier scanpy call is not used:
+        subset the AnnData to those genes to embed them;
         ties at the cut broken by gene name, so the choice is the same on every CPU); the preset's value by
         default.
     n_pcs

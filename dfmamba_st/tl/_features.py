@@ -18,7 +18,15 @@ from scanpy import logging as logg
 
 from .._utils import user_stacklevel
 
-__all__ = ["FeatureTransform", "expression_matrix", "gene_ranks", "smooth", "spatial_graph", "top_genes"]
+__all__ = [
+    "FeatureTransform",
+    "expression_matrix",
+    "gene_ranks",
+    "recovered_counts",
+    "smooth",
+    "spatial_graph",
+    "top_genes",
+]
 
 #: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
 MAX_FIT_SPOTS = 50_000
@@ -31,6 +39,8 @@ COUNTS_TARGET = 1e4
 MAX_LOG_VALUE = 20.0
 #: non-integer input whose spot totals vary by less than this (coefficient of variation) was normalised, not logged
 CONSTANT_TOTAL_CV = 1e-3
+#: log-normalised values are taken back to counts (:func:`recovered_counts`) when all lie this close to whole numbers
+RECOVERY_TOLERANCE = 1e-2
 
 
 def expression_matrix(
@@ -90,7 +100,60 @@ def expression_matrix(
                 f"{where} holds non-integer values up to {X.data.max():.4g}: neither raw counts nor log-normalised "
                 f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
             )
+        counts = recovered_counts(X)
+        if counts is not None:
+            logg.info(
+                f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
+                "recovered exactly and are used"
+            )
+            return counts, True
+        warnings.warn(
+            f"{where} holds log-normalised values whose raw counts cannot be recovered (not sc.pp.normalize_total "
+            "then sc.pp.log1p of whole counts): they are used as they are, and the genes are ranked by scanpy's "
+            "'seurat' dispersion instead of 'seurat_v3' on counts. The accuracy in the docs was measured on raw "
+            f"counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
+            stacklevel=user_stacklevel(),
+        )
     return X, is_counts
+
+
+def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
+    """The raw counts behind log-normalised values, or ``None`` when they cannot be recovered exactly.
+
+    ``sc.pp.normalize_total`` scales each spot's counts by one factor (any target, genes removed afterwards or not)
+    and ``sc.pp.log1p`` takes ``log(1 + x)``: ``expm1`` undoes the log, and dividing each spot by its smallest
+    non-zero value gives back its counts when some gene of the spot was counted once (every spot of the DLPFC slices
+    151673 and 151674 has one). The result is kept only if every value lies within ``RECOVERY_TOLERANCE`` of a whole
+    number (within 1.5e-4 on those slices, from float32 values); other transforms (log2, scaled or corrected values)
+    give fractions and ``None``.
+
+    Examples
+    --------
+    >>> import numpy as np, scanpy as sc, scipy.sparse as sp
+    >>> import dfmamba_st as dfm
+    >>> from dfmamba_st.tl._features import recovered_counts
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()
+    >>> counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    >>> sc.pp.normalize_total(adata)
+    >>> sc.pp.log1p(adata)
+    >>> bool(np.array_equal(recovered_counts(sp.csr_matrix(adata.X)).toarray(), counts.toarray()))
+    True
+    >>> recovered_counts(sp.csr_matrix(adata.X / np.log(2))) is None  # log2: not counts
+    True
+    """
+    values = sp.csr_matrix(X, dtype=np.float64)
+    values.eliminate_zeros()
+    values.data = np.expm1(values.data)
+    n_values = np.diff(values.indptr)
+    filled = n_values > 0
+    smallest = np.ones(values.shape[0])
+    smallest[filled] = np.minimum.reduceat(values.data, values.indptr[:-1][filled])
+    values.data /= np.repeat(smallest, n_values)
+    whole = np.round(values.data)
+    if not np.all(np.abs(values.data - whole) <= RECOVERY_TOLERANCE):
+        return None
+    values.data = whole
+    return sp.csr_matrix(values, dtype=np.float32)
 
 
 @dataclass
