@@ -340,7 +340,8 @@ def evaluate(
     if slice_key is not None:
         lib = adata.obs[slice_key]
         slices = lib.astype(str).to_numpy()
-        cats = lib.cat.categories if isinstance(lib.dtype, pd.CategoricalDtype) else pd.unique(lib)
+        categorical = isinstance(lib.dtype, pd.CategoricalDtype)
+        cats = lib.cat.remove_unused_categories().cat.categories if categorical else pd.unique(lib)  # with spots
         groups = {c: (lib == c).to_numpy() for c in cats}
         if POOLED in groups:
             raise ValueError(

@@ -211,6 +211,13 @@ def test_multiple_libraries_give_one_row_each_equal_to_scoring_each_alone(dlpfc_
     assert table.loc["all", "ari"] == pytest.approx(skm.adjusted_rand_score(truth[scored], pred[scored]), rel=1e-12)
 
 
+def test_a_library_category_without_spots_gets_no_row(dlpfc_151673):
+    adata = dlpfc_151673.copy()
+    adata.obs["lib"] = pd.Categorical(np.where(np.arange(adata.n_obs) < 1000, "a", "b"), categories=["a", "b", "c"])
+    table = metrics.evaluate(adata, "layer", "pred", library_key="lib")
+    assert list(table.index) == ["a", "b", "all"] and table.notna().all().all()
+
+
 def test_a_library_named_like_the_pooled_row_is_refused(dlpfc_151673):
     adata = dlpfc_151673.copy()
     adata.obs["lib"] = np.where(np.arange(adata.n_obs) < 1000, "all", "b")

@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
-from _shared import DATA
+from _shared import DATA, warned_at
 
 import dfmamba_st as dfm
 from dfmamba_st.tl import _embed, _model
@@ -159,6 +160,8 @@ def test_unknown_curve_names_the_known_ones(crop):
         ({"seed": None}, TypeError, r"seed must be a whole number >= 0, got None\."),
         ({"seed": -1}, ValueError, r"seed must be a whole number >= 0, got -1\."),
         ({"ema_fraction": 2.0}, ValueError, "ema_fraction must be None or lie in"),
+        ({"hops": -1}, ValueError, r"hops \(rings of neighbours in the tokens\) must be a whole number >= 0, got -1"),
+        ({"readout_hops": 1.5}, ValueError, r"readout_hops .* must be a whole number >= 0, got 1\.5"),
     ],
 )
 def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(
@@ -187,6 +190,51 @@ def test_one_extra_curve_may_be_named_on_its_own(top):
 def test_cluster_before_embed(crop):
     with pytest.raises(KeyError, match=r"run dfm.tl.embed"):
         dfm.tl.cluster(crop, 7)
+
+
+def test_use_rep_must_name_one_embedding(trained):
+    with pytest.raises(TypeError, match=r"use_rep must name one obsm entry \(a str\), got \['X_dfm'\]"):
+        dfm.tl.cluster(trained[0].copy(), 7, use_rep=["X_dfm"])
+
+
+def test_a_backed_anndata_is_asked_to_be_loaded(crop, tmp_path):
+    crop.write_h5ad(tmp_path / "crop.h5ad")
+    backed = ad.read_h5ad(tmp_path / "crop.h5ad", backed="r")
+    dfm.pp.serialize(backed)
+    with pytest.raises(ValueError, match=r"backed mode .* adata\.to_memory\(\)"):
+        dfm.tl.embed(backed, **FAST)
+
+
+def test_serialize_refuses_a_spatial_key_the_later_steps_would_not_find(crop):
+    with pytest.raises(KeyError, match=r"spatial_key='nope' is not in adata\.obsm; available keys: \['spatial'\]"):
+        dfm.pp.serialize(crop, spatial_key="nope")
+
+
+def test_grid_columns_that_are_not_whole_numbers_are_named_when_nothing_else_is_there(crop):
+    crop.obs["array_col"] = crop.obs["array_col"] + 0.5
+    del crop.obsm["spatial"]
+    with pytest.raises(ValueError, match=r"obs\['array_row'/'array_col'\] are not whole numbers"):
+        dfm.pp.serialize(crop)
+
+
+@pytest.mark.parametrize("sign", ["column", "images"])
+def test_slices_pooled_without_a_key_and_without_a_grid_are_named(crop, sign):
+    """Coordinates that overlap without coinciding (no Visium grid): the pooled-positions warning cannot fire."""
+    del crop.obs["array_row"], crop.obs["array_col"]
+    other = crop.copy()
+    other.obsm["spatial"] = crop.obsm["spatial"] + 37.0  # the second slice, a third of a spot off the first
+    pooled = ad.concat({"s1": crop, "s2": other}, label="library_id" if sign == "column" else None, index_unique="-")
+    if sign == "images":
+        pooled.uns["spatial"] = {"s1": {}, "s2": {}}
+    message = r"obs\['library_id'\] holds 2 values" if sign == "column" else r"uns\['spatial'\] holds 2 libraries"
+    with pytest.warns(UserWarning, match=message + " but no library_key was given") as caught:
+        dfm.pp.serialize(pooled)
+    assert warned_at(caught, "no library_key", __file__, once=True)
+    assert pooled.uns["dfm_order"]["params"]["n_spots_with_identical_coordinates"] == 0
+    if sign == "column":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            dfm.pp.serialize(pooled, library_key="library_id")
 
 
 @pytest.mark.parametrize("k", [0, -3, 10**7, 2.5])

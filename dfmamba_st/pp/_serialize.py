@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,11 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
         if not np.all(np.isfinite(xy)):
             raise ValueError(f"obsm[{spatial_key!r}] contains NaN or inf coordinates; fix or drop those spots.")
         return curves.quantize(xy), "quantized"
+    if {"array_row", "array_col"} <= set(adata.obs.columns):
+        raise ValueError(
+            f"obs['array_row'/'array_col'] are not whole numbers, so they are no Visium grid, and there is no "
+            f"obsm[{spatial_key!r}] (x, y) to serialize from instead: fix the grid columns or add the coordinates."
+        )
     raise KeyError(
         "No spatial coordinates: expected obs['array_row'] and obs['array_col'] (Visium grid) "
         f"or obsm[{spatial_key!r}] (x, y). Add one of them, e.g. from squidpy.read.visium."
@@ -327,6 +333,8 @@ def serialize(
     check_outputs(adata, CALLER, key_added, key_added, obs=(key_added,))
     check_library_key(adata, library_key)
     curves.check_curve(curve)
+    if spatial_key != "spatial" and spatial_key not in adata.obsm:  # a key given that the later steps would miss
+        raise KeyError(f"spatial_key={spatial_key!r} is not in adata.obsm; available keys: {list(adata.obsm)}.")
     _warn_off_tissue(adata)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
@@ -354,4 +362,35 @@ def serialize(
     # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
     # are odd
     warn_identical_positions(n_identical, library_key)
+    if library_key is None and not n_identical:
+        _warn_unnamed_libraries(adata)
     return adata if copy else None
+
+
+#: ``obs`` columns that usually name the slice of each spot (``anndata.concat(label=...)``, squidpy, spatialLIBD)
+LIBRARY_COLUMNS = ("library_id", "library", "sample_id", "sample", "section", "slice", "batch")
+
+
+def _warn_unnamed_libraries(adata: AnnData) -> None:
+    """Warn when several slices seem pooled without a library key although no two spots share a position.
+
+    Slices whose coordinates overlap without coinciding (coordinates of another platform than the Visium grid) are
+    not caught by :func:`warn_identical_positions`; several images in ``uns['spatial']`` or a column such as
+    ``obs['library_id']`` with several values are the sign.
+    """
+    images = adata.uns.get("spatial", {})
+    named = [c for c in LIBRARY_COLUMNS if c in adata.obs.columns and adata.obs[c].nunique() > 1]
+    if not named and not (isinstance(images, Mapping) and len(images) > 1):
+        return
+    sign = (
+        f"obs[{named[0]!r}] holds {adata.obs[named[0]].nunique()} values"
+        if named
+        else f"uns['spatial'] holds {len(images)} libraries"
+    )
+    warnings.warn(
+        f"{sign} but no library_key was given: several slices in one AnnData are read as one tissue, their spots "
+        f"linked as neighbours. Pass library_key= (e.g. library_key={(named or ['<the obs column>'])[0]!r}) to "
+        "dfm.pp.serialize if they are several slices.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )

@@ -401,6 +401,8 @@ def cluster(
     check_adata(adata, min_spots=2, caller="dfm.tl.cluster")
     check_key_added(key_added, "dfm.tl.cluster")
     check_outputs(adata, "dfm.tl.cluster", key_added, key_added, obs=(key_added,))
+    if not isinstance(use_rep, str):
+        raise TypeError(f"use_rep must name one obsm entry (a str), got {use_rep!r}; available: {list(adata.obsm)}.")
     record = embed_record_key(use_rep)
     order_key = recorded_param(adata, record, "order_key") or "dfm_order"
     library_key = resolve_library_key(adata, library_key, record, order_key)

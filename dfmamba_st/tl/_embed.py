@@ -412,6 +412,8 @@ def embed(
     for name in extra_curves:
         curves.check_curve(name, "curve in extra_curves")
     seed = whole_number(seed, "seed", minimum=0)
+    hops = whole_number(hops, "hops (rings of neighbours in the tokens)", minimum=0)
+    readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
     serialized = adata.uns.get(order_key, {}).get("params", {})
     primary = serialized.get("curve", "hilbert")
     spatial_key = serialized.get("spatial_key", "spatial")

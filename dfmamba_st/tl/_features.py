@@ -59,6 +59,11 @@ def expression_matrix(
             f"adata.var_names are not unique ({len(repeated)} repeated, e.g. {list(repeated[:3])}); genes are matched "
             "by name, so make them unique first: adata.var_names_make_unique() (as scanpy suggests after read_visium)."
         )
+    if adata.isbacked:
+        raise ValueError(
+            "adata is opened in backed mode (read_h5ad(..., backed='r')), whose expression is not in memory: load "
+            "it first with adata = adata.to_memory()."
+        )
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"layer={layer!r} is not in adata.layers; available layers: {list(adata.layers)}.")
     X = adata.X if layer is None else adata.layers[layer]
