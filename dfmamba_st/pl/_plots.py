@@ -473,7 +473,8 @@ def gates(
     show
         Show the figure (default: when neither ``ax`` nor ``return_fig`` is given).
     return_fig
-        Return the figure.
+        Return the figure. There is no ``save=``: save the figure returned (``fig.savefig("gates.png", dpi=150,
+        bbox_inches="tight")``).
 
     Returns
     -------

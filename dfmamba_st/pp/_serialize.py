@@ -304,7 +304,8 @@ def serialize(
     library_key
         Column of ``obs`` naming the slice of each spot; each slice becomes its own sequence.
     spatial_key
-        Key of the coordinates in ``obsm``, used when there is no grid.
+        Key of the coordinates in ``obsm``: serialized on when there is no grid, and recorded for the later steps
+        (the plots, the metrics). A key other than ``"spatial"`` must be in ``obsm``.
     key_added
         Name of the ``obs`` column that receives the position along the curve (and of the ``uns`` record). An
         ``obs`` column or ``uns`` entry of that name that :func:`serialize` did not write is not overwritten: an
