@@ -114,9 +114,9 @@ def expression_matrix(
             return counts, True
         warnings.warn(
             f"{where} holds log-normalised values whose raw counts cannot be recovered (not sc.pp.normalize_total "
-            "then sc.pp.log1p of whole counts): they are used as they are, and the genes are ranked by scanpy's "
-            "'seurat' dispersion instead of 'seurat_v3' on counts. The accuracy in the docs was measured on raw "
-            f"counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
+            "then sc.pp.log1p of whole counts): they are used as they are (a model trained on them ranks its genes "
+            "by scanpy's 'seurat' dispersion instead of 'seurat_v3' on counts). The accuracy in the docs was "
+            f"measured on raw counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
             stacklevel=user_stacklevel(),
         )
     return X, is_counts
