@@ -107,7 +107,7 @@ def _gpu_peak_mb() -> float:
 def _scores(adata, key: str) -> dict:
     import dfmamba_st as dfm
 
-    row = dfm.metrics.evaluate(adata, "truth", pred_key=key).iloc[0]
+    row = dfm.metrics.evaluate(adata, "truth", pred_key=key).loc["all"]
     return {
         "k_found": int(adata.obs[key].nunique()),
         "ari": float(row["ari"]),

@@ -30,7 +30,7 @@ __all__ = ["COLUMNS", "chaos", "evaluate", "pas"]
 
 #: Columns of the table returned by :func:`evaluate`, in order.
 COLUMNS: tuple[str, ...] = ("ari", "nmi", "homogeneity", "completeness", "chaos", "pas", "n_spots")
-#: Index of :func:`evaluate`'s row over all scored spots (after the rows of the libraries, when there are any).
+#: Index of :func:`evaluate`'s first row, over all scored spots (the rows of the libraries, when any, follow it).
 POOLED = "all"
 
 
@@ -284,9 +284,8 @@ def evaluate(
     A tidy :class:`pandas.DataFrame` with columns ``ari``, ``nmi``, ``homogeneity``, ``completeness``
     (scikit-learn's ``adjusted_rand_score``, ``normalized_mutual_info_score``, ``homogeneity_score``,
     ``completeness_score``; higher is better), ``chaos``, ``pas`` (lower is better) and ``n_spots`` (spots
-    scored). With a library key (given or recorded), one row per library, indexed by library name, then a row
-    ``"all"`` over the spots of every library (the index named after the key); without one, the row ``"all"`` alone
-    (index name ``"library"``). ``table.loc["all"]`` is always the whole AnnData's score.
+    scored). The first row, ``"all"``, scores the whole AnnData; with a library key (given or recorded) one row per
+    library follows, indexed by library name (the index named after the key, else ``"library"``).
 
     Examples
     --------
@@ -336,20 +335,19 @@ def evaluate(
         )
 
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
-    groups: dict[Hashable, np.ndarray] = {}
+    groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key
     slices = np.zeros(adata.n_obs)
     if slice_key is not None:
         lib = adata.obs[slice_key]
         slices = lib.astype(str).to_numpy()
         categorical = isinstance(lib.dtype, pd.CategoricalDtype)
         cats = lib.cat.remove_unused_categories().cat.categories if categorical else pd.unique(lib)  # with spots
-        groups = {c: (lib == c).to_numpy() for c in cats}
-        if POOLED in groups:
+        if POOLED in set(cats):
             raise ValueError(
                 f"obs[{slice_key!r}] names a library {POOLED!r}, the name of the row pooled over all libraries; "
                 "rename that library."
             )
-    groups[POOLED] = np.ones(adata.n_obs, dtype=bool)
+        groups.update({c: (lib == c).to_numpy() for c in cats})
     rows = {}
     for name, in_lib in groups.items():
         m = in_lib & keep

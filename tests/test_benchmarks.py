@@ -320,7 +320,9 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
         lib = adata.obs["library"].to_numpy()
         labels = np.asarray(_layer_labels(adata), dtype=object)
         merged = np.asarray(_layer_labels(adata, merge=("Layer1", "Layer2", "Layer3")), dtype=object)
-        adata.obs[kwargs.get("key_added", "dfm_domain")] = pd.Categorical(np.where(lib == "b", merged, labels))
+        key = kwargs.get("key_added", "dfm_domain")
+        adata.obs[key] = pd.Categorical(np.where(lib == "b", merged, labels))
+        adata.uns[key] = {"params": {"library_key": kwargs.get("library_key")}}  # as tl.cluster records it
 
     monkeypatch.setattr(dfm.tl, "cluster", cluster)
     monkeypatch.setattr(ms, "baseline_rep", _fake_rep(reps))

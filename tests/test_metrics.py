@@ -200,7 +200,7 @@ def test_multiple_libraries_give_one_row_each_equal_to_scoring_each_alone(dlpfc_
     both.obs["sample_id"] = both.obs["sample_id"].astype("category")
     table = metrics.evaluate(both, "layer", "pred", library_key="sample_id")
     assert table.index.name == "sample_id"
-    assert list(table.index) == ["151673", "151674", "all"]
+    assert list(table.index) == ["all", "151673", "151674"]
     alone = metrics.evaluate(first, "layer", "pred").loc["all"]
     pd.testing.assert_series_equal(table.loc["151673"], alone, check_names=False)
     assert table.loc["151674", "n_spots"] == 3635
@@ -215,7 +215,7 @@ def test_a_library_category_without_spots_gets_no_row(dlpfc_151673):
     adata = dlpfc_151673.copy()
     adata.obs["lib"] = pd.Categorical(np.where(np.arange(adata.n_obs) < 1000, "a", "b"), categories=["a", "b", "c"])
     table = metrics.evaluate(adata, "layer", "pred", library_key="lib")
-    assert list(table.index) == ["a", "b", "all"] and table.notna().all().all()
+    assert list(table.index) == ["all", "a", "b"] and table.notna().all().all()
 
 
 def test_a_library_named_like_the_pooled_row_is_refused(dlpfc_151673):

@@ -558,7 +558,7 @@ def test_command_line_library_key_reaches_every_step(tmp_path):
     assert result.uns["dfm"]["params"]["library_key"] == "lib"
     assert result.uns["dfm_domain"]["params"]["library_key"] == "lib"
     scores = pd.read_csv(tmp_path / "out" / "scores.csv", index_col=0)
-    assert list(scores.index.astype(str)) == ["151673", "151674", "all"]  # scored slice by slice, then together
+    assert list(scores.index.astype(str)) == ["all", "151673", "151674"]  # together, then slice by slice
 
 
 def test_command_line_warnings_point_at_the_call_of_main_not_into_the_package(tmp_path):
