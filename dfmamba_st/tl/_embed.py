@@ -289,7 +289,7 @@ def embed(
         training loss is no model-selection criterion (its auxiliary multi-scale terms grow while the masked-spot
         error falls). ``0`` trains nothing: the model keeps the (seeded) initial weights its training would start
         from, a control for what training adds to the domains (on DLPFC, seeds 0-9 of three slices: the trained
-        default 0.007 ARI higher, standard error 0.005; ``docs/spatial.md``, "Current defaults").
+        default 0.004 ARI higher, standard error 0.006; ``docs/spatial.md``, "Current defaults").
     ema_fraction
         The model kept is an exponential moving average of the weights over about this fraction of the training
         steps (decay ``1 - 1 / (ema_fraction * steps)``, updated after every step; the CPU preset's 0.5 of its
