@@ -67,8 +67,10 @@ def coarsen(
     ----------
     adata
         Spots with a Visium grid or coordinates (see :func:`dfmamba_st.pp.serialize`), raw counts in ``X`` or
-        ``layers[layer]``. Counts are summed, so they must be whole numbers: log-normalised or scaled data are
-        refused (keep the counts in a layer, e.g. ``adata.layers['counts']``, and pass ``layer='counts'``).
+        ``layers[layer]``. Counts are summed, so they must be whole numbers: log-normalised counts
+        (``sc.pp.normalize_total`` then ``sc.pp.log1p``) are taken back to their counts, exactly, and summed (the
+        bins hold counts); other non-integer data are refused (keep the counts in a layer, e.g.
+        ``adata.layers['counts']``, and pass ``layer='counts'``).
     factor
         Bin side in grid cells, a whole number >= 2 (2 → ×2 coarser, 4 → ×4).
     layer

@@ -46,12 +46,14 @@ RECOVERY_TOLERANCE = 1e-2
 def expression_matrix(
     adata: AnnData, layer: str | None, *, counts_for: str | None = None
 ) -> tuple[sp.csr_matrix, bool]:
-    """The expression to use (sparse float32) and whether it looks like raw counts.
+    """The expression to use (sparse float32) and whether it is raw counts.
 
-    Raises a clear error for a missing layer, NaN/inf or negative values, no expression at all, fewer than 2 genes,
-    gene names that are not unique (genes are chosen and aligned by name), and non-integer values that are not
-    log-normalised: above ``MAX_LOG_VALUE``, or spot totals all equal (normalised but not log-transformed).
-    ``counts_for`` (e.g. ``"dfm.pp.coarsen sums counts"``) refuses every non-integer value: the caller needs counts.
+    Log-normalised counts are returned as the raw counts :func:`recovered_counts` takes them back to (logged). Raises
+    a clear error for a missing layer, NaN/inf or negative values, no expression at all, fewer than 2 genes, gene
+    names that are not unique (genes are chosen and aligned by name), and non-integer values that are not
+    log-normalised: above ``MAX_LOG_VALUE``, or spot totals all equal (normalised but not log-transformed). Other
+    log-normalised values are returned as they are, with a warning; ``counts_for`` (e.g. ``"dfm.pp.coarsen sums
+    counts"``) refuses them instead: the caller needs counts.
     """
     if not adata.var_names.is_unique:
         repeated = adata.var_names[adata.var_names.duplicated()].unique()
@@ -81,45 +83,45 @@ def expression_matrix(
         )
     if not X.data.any():
         raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
-    is_counts = bool(np.all(X.data == np.round(X.data)))
-    if not is_counts and counts_for is not None:
+    if np.all(X.data == np.round(X.data)):
+        return X, True
+    counts = recovered_counts(X) if X.data.max() <= MAX_LOG_VALUE else None
+    if counts is not None:
+        logg.info(
+            f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
+            "recovered exactly and are used"
+        )
+        return counts, True
+    if counts_for is not None:
         raise ValueError(
-            f"{where} holds non-integer values, but {counts_for} (log-normalised values cannot be summed). Pass the "
-            "raw counts: keep them in a layer before normalising (adata.layers['counts'] = adata.X.copy()) and pass "
-            "layer='counts'."
+            f"{where} holds non-integer values, but {counts_for} (log-normalised values whose counts cannot be "
+            "recovered cannot be summed). Pass the raw counts: keep them in a layer before normalising "
+            "(adata.layers['counts'] = adata.X.copy()) and pass layer='counts'."
         )
-    if not is_counts:
-        fix = (
-            "Pass raw counts (whole numbers; e.g. layer='counts'), or log-normalised values (sc.pp.normalize_total "
-            "then sc.pp.log1p). Corrected counts that are not whole numbers (ambient-RNA removal) can be rounded."
+    fix = (
+        "Pass raw counts (whole numbers; e.g. layer='counts'), or log-normalised values (sc.pp.normalize_total "
+        "then sc.pp.log1p). Corrected counts that are not whole numbers (ambient-RNA removal) can be rounded."
+    )
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    totals = totals[totals > 0]
+    if totals.size > 1 and totals.std() < CONSTANT_TOTAL_CV * totals.mean():
+        raise ValueError(
+            f"{where} looks normalised but not log-transformed (every spot sums to {totals.mean():.4g}): run "
+            f"sc.pp.log1p on it first. {fix}"
         )
-        totals = np.asarray(X.sum(axis=1)).ravel()
-        totals = totals[totals > 0]
-        if totals.size > 1 and totals.std() < CONSTANT_TOTAL_CV * totals.mean():
-            raise ValueError(
-                f"{where} looks normalised but not log-transformed (every spot sums to {totals.mean():.4g}): run "
-                f"sc.pp.log1p on it first. {fix}"
-            )
-        if X.data.max() > MAX_LOG_VALUE:
-            raise ValueError(
-                f"{where} holds non-integer values up to {X.data.max():.4g}: neither raw counts nor log-normalised "
-                f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
-            )
-        counts = recovered_counts(X)
-        if counts is not None:
-            logg.info(
-                f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
-                "recovered exactly and are used"
-            )
-            return counts, True
-        warnings.warn(
-            f"{where} holds log-normalised values whose raw counts cannot be recovered (not sc.pp.normalize_total "
-            "then sc.pp.log1p of whole counts): they are used as they are (a model trained on them ranks its genes "
-            "by scanpy's 'seurat' dispersion instead of 'seurat_v3' on counts). The accuracy in the docs was "
-            f"measured on raw counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
-            stacklevel=user_stacklevel(),
+    if X.data.max() > MAX_LOG_VALUE:
+        raise ValueError(
+            f"{where} holds non-integer values up to {X.data.max():.4g}: neither raw counts nor log-normalised "
+            f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
         )
-    return X, is_counts
+    warnings.warn(
+        f"{where} holds log-normalised values whose raw counts cannot be recovered (not sc.pp.normalize_total "
+        "then sc.pp.log1p of whole counts): they are used as they are (a model trained on them ranks its genes "
+        "by scanpy's 'seurat' dispersion instead of 'seurat_v3' on counts). The accuracy in the docs was "
+        f"measured on raw counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
+        stacklevel=user_stacklevel(),
+    )
+    return X, False
 
 
 def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
