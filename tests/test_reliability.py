@@ -140,6 +140,18 @@ def test_embed_before_serialize(crop):
         dfm.tl.embed(crop, **FAST)
 
 
+def test_embed_refuses_an_order_whose_record_was_lost(crop):
+    """anndata.concat keeps obs['dfm_order'] and drops uns['dfm_order']: the curve and keys serialize used are lost."""
+    dfm.pp.serialize(crop, curve="zorder")
+    other = crop.copy()
+    both = ad.concat({"a": crop, "b": other}, label="lib", index_unique="-")
+    assert "dfm_order" in both.obs and "dfm_order" not in both.uns
+    with pytest.raises(
+        KeyError, match=r"no record of dfm.pp.serialize in uns\['dfm_order'\].*serialize\(adata\) again"
+    ):
+        dfm.tl.embed(both, **FAST)
+
+
 def test_unknown_curve_names_the_known_ones(crop):
     with pytest.raises(ValueError, match=r"Unknown curve 'peano'.*'hilbert_s'"):
         dfm.pp.serialize(crop, curve="peano")
@@ -214,6 +226,19 @@ def test_grid_columns_that_are_not_whole_numbers_are_named_when_nothing_else_is_
     crop.obs["array_col"] = crop.obs["array_col"] + 0.5
     del crop.obsm["spatial"]
     with pytest.raises(ValueError, match=r"obs\['array_row'/'array_col'\] are not whole numbers"):
+        dfm.pp.serialize(crop)
+
+
+def test_a_varying_third_coordinate_is_named(crop):
+    del crop.obs["array_row"], crop.obs["array_col"]
+    xy = np.asarray(crop.obsm["spatial"], dtype=float)
+    crop.obsm["spatial"] = np.column_stack([xy, np.arange(crop.n_obs) % 2])  # (x, y, section)
+    with pytest.warns(UserWarning, match=r"obsm\['spatial'\] has 3 columns; only the first two") as caught:
+        dfm.pp.serialize(crop)
+    assert warned_at(caught, "3 columns", __file__, once=True)
+    crop.obsm["spatial"] = np.column_stack([xy, np.zeros(crop.n_obs)])  # a constant z: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         dfm.pp.serialize(crop)
 
 

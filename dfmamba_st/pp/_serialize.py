@@ -266,6 +266,18 @@ def warn_identical_positions(n_identical: int, library_key: str | None) -> None:
     )
 
 
+def _warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
+    """Warn when ``obsm[spatial_key]`` has more columns than (x, y) and they vary (a z or section index is dropped)."""
+    xy = np.asarray(adata.obsm[spatial_key])
+    if xy.ndim == 2 and xy.shape[1] > 2 and np.ptp(xy[:, 2:], axis=0).max() > 0:
+        warnings.warn(
+            f"obsm[{spatial_key!r}] has {xy.shape[1]} columns; only the first two (x, y) are used, the others vary. "
+            "Sections stacked along a third axis are read as one tissue: give each its own library (library_key=).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def _warn_off_tissue(adata: AnnData) -> None:
     """Warn when ``obs['in_tissue']`` marks spots outside the tissue (``sc.read_visium`` of the raw matrix has them)."""
     if "in_tissue" not in adata.obs.columns:
@@ -346,6 +358,8 @@ def serialize(
     n_identical = identical_positions(layouts)
     if layouts[0].source == "grid":
         _warn_off_lattice(adata)
+    if layouts[0].quantized:
+        _warn_extra_coordinates(adata, spatial_key)
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {

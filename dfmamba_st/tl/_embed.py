@@ -27,6 +27,7 @@ from .._utils import (
     user_stacklevel,
     versions,
     whole_number,
+    written_by,
 )
 from ..core import (
     curves,
@@ -408,6 +409,11 @@ def embed(
         others = serialized_orders(adata)
         hint = f" or pass order_key= one of {others} (written by dfm.pp.serialize)" if others else ""
         raise KeyError(f"obs[{order_key!r}] not found: run dfm.pp.serialize(adata) before dfm.tl.embed{hint}.")
+    if not written_by(adata.uns.get(order_key), "dfm.pp.serialize"):  # its curve, grid and keys are unknown
+        raise KeyError(
+            f"obs[{order_key!r}] has no record of dfm.pp.serialize in uns[{order_key!r}] (anndata.concat keeps the "
+            "column but drops the record): run dfm.pp.serialize(adata) again before dfm.tl.embed."
+        )
     library_key = resolve_library_key(adata, library_key, order_key)
     check_library_key(adata, library_key)
     if readout not in ("concat", "model"):
