@@ -42,7 +42,8 @@ def test_embed_warns_when_slices_are_pooled_without_a_key(two_slices):
     parts = [two_slices[(two_slices.obs["lib"] == s).to_numpy()].copy() for s in ("151673", "151674")]
     for part in parts:
         dfm.pp.serialize(part)
-    pooled = ad.concat(parts)  # serialized one by one, then joined: no key recorded anywhere
+    pooled = ad.concat(parts, uns_merge="same")  # serialized one by one, then joined: no key recorded anywhere
+    assert "dfm_order" in pooled.uns  # the same record in both parts is kept (a plain concat drops it: refused)
     with pytest.warns(UserWarning, match="same coordinates.*Several slices in one AnnData") as caught:
         dfm.tl.embed(pooled, **QUICK)
     assert warned_at(caught, "same coordinates", __file__)  # points at the user's call, behind embed's wrapper
