@@ -31,15 +31,16 @@ def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Catego
     A tie goes to the first category (or the lowest value), whatever the order of the rows. Positional (an array, not
     a Series), so that it lands on the bins whatever their index.
     """
+    categories = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else None
     frame = pd.DataFrame({"g": groups, "v": values.to_numpy()}).dropna()
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        frame["v"] = pd.Categorical(frame["v"], categories=values.cat.categories)
+    if categories is not None:
+        frame["v"] = pd.Categorical(frame["v"], categories=categories)
     counts = frame.groupby(["g", "v"], observed=True, sort=True).size().rename("n").reset_index()
     top = counts.sort_values(["g", "n"], ascending=[True, False], kind="stable").drop_duplicates("g")
     out = pd.Series([np.nan] * n_groups, dtype=object)
     out.iloc[top["g"].to_numpy()] = top["v"].to_numpy()
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        return pd.Categorical(out, categories=values.cat.categories)
+    if categories is not None:
+        return pd.Categorical(out, categories=categories)
     return out.infer_objects().to_numpy()  # e.g. integer library codes stay integers
 
 

@@ -425,9 +425,9 @@ def embed(
     seed = whole_number(seed, "seed", minimum=0)
     hops = whole_number(hops, "hops (rings of neighbours in the tokens)", minimum=0)
     readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
-    serialized = adata.uns.get(order_key, {}).get("params", {})
-    primary = serialized.get("curve", "hilbert")
-    spatial_key = serialized.get("spatial_key", "spatial")
+    serialized = adata.uns[order_key]["params"]  # its record, checked above
+    primary = serialized["curve"]
+    spatial_key = serialized.get("spatial_key", "spatial")  # not among the params a record is recognised by
     curve_names = tuple(dict.fromkeys((primary, *extra_curves)))
     rank, world_size = distributed_context()
     torch_device = resolve_device(device)
