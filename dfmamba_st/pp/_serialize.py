@@ -394,11 +394,12 @@ def _warn_unnamed_libraries(adata: AnnData) -> None:
     ``obs['library_id']`` with several values are the sign.
     """
     images = adata.uns.get("spatial", {})
-    named = [c for c in LIBRARY_COLUMNS if c in adata.obs.columns and adata.obs[c].nunique() > 1]
+    counts = {c: adata.obs[c].nunique() for c in LIBRARY_COLUMNS if c in adata.obs.columns}
+    named = [c for c, n in counts.items() if n > 1]
     if not named and not (isinstance(images, Mapping) and len(images) > 1):
         return
     sign = (
-        f"obs[{named[0]!r}] holds {adata.obs[named[0]].nunique()} values"
+        f"obs[{named[0]!r}] holds {counts[named[0]]} values"
         if named
         else f"uns['spatial'] holds {len(images)} libraries"
     )

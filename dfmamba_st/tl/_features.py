@@ -85,7 +85,8 @@ def expression_matrix(
         raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
     if np.all(X.data == np.round(X.data)):
         return X, True
-    counts = recovered_counts(X) if X.data.max() <= MAX_LOG_VALUE else None
+    largest = float(X.data.max())
+    counts = recovered_counts(X) if largest <= MAX_LOG_VALUE else None
     if counts is not None:
         logg.info(
             f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
@@ -109,9 +110,9 @@ def expression_matrix(
             f"{where} looks normalised but not log-transformed (every spot sums to {totals.mean():.4g}): run "
             f"sc.pp.log1p on it first. {fix}"
         )
-    if X.data.max() > MAX_LOG_VALUE:
+    if largest > MAX_LOG_VALUE:
         raise ValueError(
-            f"{where} holds non-integer values up to {X.data.max():.4g}: neither raw counts nor log-normalised "
+            f"{where} holds non-integer values up to {largest:.4g}: neither raw counts nor log-normalised "
             f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
         )
     warnings.warn(
