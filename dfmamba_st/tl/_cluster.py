@@ -39,17 +39,18 @@ Method = Literal["gmm", "kmeans", "leiden"]
 MAX_FIT_SPOTS = 50_000
 #: random restarts of the final GMM fit (the best likelihood is kept). The tied GMM on DLPFC embeddings has many
 #: local optima. With 10 restarts, the same DLPFC embedding clustered with 5 ``random_state``s gave ARIs 0.054 apart
-#: on average (9 embeddings), with 30 0.027 (4 of the 9 within 0.003), and a higher mean ARI
-#: (``benchmarks/gmm_restarts.py``, ``docs/spatial_log.md``)
+#: on average (9 embeddings of the defaults of 2026-12-02), with 30 0.027 (4 of the 9 within 0.003), and a higher mean
+#: ARI (``benchmarks/gmm_restarts.py``, ``docs/spatial_log.md``)
 GMM_RESTARTS = 30
 #: EM of each GMM restart stops when the mean log-likelihood per spot rises by less than this (scikit-learn's default).
-#: That can be short of convergence: on the default embeddings of 151673 and 151510 (seed 0) the best of 30 restarts
-#: is the converged optimum all the same, on 151674 (seed 0) it is not. mclust, whose EEE model the tied GMM imitates,
-#: stops at a relative change of 1e-5. ``tol=1e-6`` (:func:`cluster`) runs EM to convergence; measured, not adopted
-#: as the default: higher on DLPFC, lower on the HER2+ sections (``docs/spatial_log.md``, "EM run to convergence
+#: That can be short of convergence: on the default embeddings of 2026-12-04 of 151673 and 151510 (seed 0) the best of
+#: 30 restarts is the converged optimum all the same, on 151674 (seed 0) it is not. mclust, whose EEE model the tied GMM
+#: imitates, stops at a relative change of 1e-5. ``tol=1e-6`` (:func:`cluster`) runs EM to convergence; measured, not
+#: adopted as the default: higher on DLPFC, lower on the HER2+ sections (``docs/spatial_log.md``, "EM run to convergence
 #: in the clustering").
 GMM_TOL = 1e-3
-#: cap on EM iterations per restart, high enough never to bind (at most 226 were needed at ``tol=1e-8`` on DLPFC)
+#: cap on EM iterations per restart, high enough never to bind (at most 226 were needed at ``tol=1e-8`` on DLPFC
+#: embeddings of 2026-12-04)
 GMM_MAX_ITER = 10_000
 #: restarts of the k-means fit
 KMEANS_RESTARTS = 10
@@ -73,9 +74,9 @@ MIN_SPOTS_PER_DOMAIN = 10
 
 def _prepare(rep: np.ndarray, n_comps: int | None, fit_rows: np.ndarray, random_state: int) -> np.ndarray:
     # Centred, not standardised: scaling every dimension to unit variance lifts the low-variance directions to the
-    # level of the leading ones. On the default embeddings (seeds 0-2) standardising lowered the HER2+ sections by
-    # 0.054 (paired SE 0.025, 12 pairs) and DLPFC by 0.015 (SE 0.027, 9 pairs; docs/spatial_log.md, "The
-    # clustering's settings on the current embeddings").
+    # level of the leading ones. On the default embeddings (seeds 0-2, 2026-12-06) standardising lowered the HER2+
+    # sections by 0.029 (paired SE 0.024, 12 pairs) and DLPFC by 0.003 (SE 0.010, 9 pairs; docs/spatial_log.md, "The
+    # clustering's settings, again on the current embeddings").
     rep = np.asarray(rep, dtype=np.float64)
     rep = rep - rep[fit_rows].mean(axis=0)
     if n_comps is not None and n_comps < min(rep.shape):
@@ -94,8 +95,8 @@ def _fit_one_thread(estimator, rep: np.ndarray):
     """``estimator.fit(rep)`` on one BLAS / OpenMP thread.
 
     The clustering fits are small matrix products, for which threads cost more than they give (measured on a 2-core
-    machine: 30 GMM restarts on 3,639 spots 8.5 s with two threads, 1.5 s with one; 3 restarts on 51,000 spots 5.3 s
-    against 2.4 s).
+    machine, 2026-12-02: 30 GMM restarts on 3,639 spots 8.5 s with two threads, 1.5 s with one; 3 restarts on 51,000
+    spots 5.3 s against 2.4 s).
     """
     with threadpool_limits(1):
         return estimator.fit(rep)
@@ -164,12 +165,12 @@ def choose_n_clusters(
     """Pick the number of domains at the knee of the BIC curve of a tied-covariance GMM.
 
     On spatial embeddings the BIC keeps falling as K grows (the tissue's gradients fill with ever more overlapping
-    Gaussians), so its minimum over-splits: on the default embeddings of the DLPFC slices and HER2+ sections (3 seeds
-    each) it lay at K = 14 or 15 of 2–15, against 7 and 3–5 annotated domains. The knee is where the curve stops
-    falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight line from
-    the first to the last point (the "kneedle" rule of Satopää et al., 2011), among the K up to the one of the
-    lowest BIC (a curve that rises from the first K gives that K, with depth 0: a weak choice). It depends on the
-    range searched.
+    Gaussians), so its minimum over-splits: on the default embeddings of 2026-12-05 of the DLPFC slices and HER2+
+    sections (3 seeds each) it lay at K = 14 or 15 of 2–15, against 7 and 3–5 annotated domains. The knee is where the
+    curve stops falling steeply: with K and BIC scaled to [0, 1] over ``k_range``, the K furthest below the straight
+    line from the first to the last point (the "kneedle" rule of Satopää et al., 2011), among the K up to the one of the
+    lowest BIC (a curve that rises from the first K gives that K, with depth 0: a weak choice). It depends on the range
+    searched.
     Measured on the default embeddings (``docs/spatial.md``, "Current defaults", seeds 0–2): K = 6–9 on DLPFC, 6–14
     on the HER2+ sections. Works on an array, not on an AnnData: :func:`cluster` with ``n_clusters=None`` (``"gmm"`` or
     ``"kmeans"``) runs it on the embedding it clusters (centred, reduced to ``n_comps`` principal components) and
@@ -341,8 +342,9 @@ def cluster(
         Embedding in ``obsm``.
     n_comps
         Centre the embedding and keep this many principal components before clustering (``None``: all). On the
-        default embeddings (seeds 0-2) the mean ARI was flat within noise over 10-40 components (3 DLPFC slices:
-        0.553-0.566; 4 HER2+ sections: 0.225-0.257) and lower with all of them (0.500, 0.209); 20 is in that range.
+        default embeddings (seeds 0-2, 2026-12-06) the mean ARI was flat within noise over 10-40 components (3 DLPFC
+        slices: 0.557-0.571; 4 HER2+ sections: 0.197-0.242) and lower with all of them (0.496, 0.199); 20 is in
+        that range.
     n_init
         Random restarts of the GMM or k-means fit; the best (highest likelihood, lowest inertia) is kept.
         ``None``: ``GMM_RESTARTS`` (30) for ``"gmm"``, 10 for ``"kmeans"``. Not used by ``"leiden"``.

@@ -53,8 +53,8 @@ PRESETS: dict[str, dict] = {
         d_model=64,
         depth=3,
         d_state=16,
-        # 20 × 10 steps: 28.6-33.9 s per DLPFC slice (serialize + embed + cluster, one CPU thread, the other core busy;
-        # docs/spatial.md, "Current defaults")
+        # 20 × 10 steps: 30.3-31.0 s per DLPFC slice (serialize + embed + cluster of the bundled 151673, one CPU
+        # thread, alone on the machine; docs/spatial.md, "Current defaults")
         epochs=20,
         steps_per_epoch=10,
         lr=3e-3,
@@ -321,11 +321,12 @@ def embed(
         restores part of it: measured as above, ``()`` (one curve) gives
         0.544 / 0.481 / 0.508. The shifted curves keep far more neighbour pairs close
         (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
-        0.521 against 0.567 / 0.589 / 0.523 for the default, seeds 0–5 (``docs/spatial_log.md``, shifted curves).
+        0.521 against 0.567 / 0.589 / 0.523 for the default of 2026-12-02, seeds 0–5 (``docs/spatial_log.md``, shifted
+        curves).
     bidirectional
         Also scan every curve backwards (one set of weights, both outputs averaged), in nearly twice the time.
-        Off by default: measured with ``benchmarks/st_dlpfc.py`` (``--embed bidirectional=true``, seeds 0–2, ARI
-        151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
+        Off by default: measured with ``benchmarks/st_dlpfc.py`` (2026-12-02, ``--embed bidirectional=true``, seeds
+        0–2, ARI 151673 / 151674 / 151510) both directions gave 0.564 / 0.575 / 0.538 and one direction 0.561 / 0.580 /
         0.547 (``docs/spatial_log.md``). Ignored with ``model=`` (the model's own setting).
     library_key
         Column of ``obs`` naming each spot's slice; every slice is its own set of sequences. By default the one given
@@ -334,7 +335,8 @@ def embed(
         Where :func:`~dfmamba_st.pp.serialize` stored the order.
     seed
         Random seed (weights, masks); the same seed on the same machine with the same number of threads gives the
-        same embedding (one thread against two moved values by up to 2.5e-4 on a crop of 151673, domains unchanged).
+        same embedding (one thread against two, for torch, BLAS and numba alike, moved values by up to 1.4e-4 on the
+        bundled slice, seed 0, domains unchanged; ``docs/spatial_log.md``, 2026-12-06).
         The orientation of the tissue acts much like another seed: the curves, and so the sequences, follow the grid.
         The caller's random states and torch's determinism settings are put back afterwards.
     device
