@@ -17,7 +17,7 @@ what was allocated before it (the same things, counted by PyTorch's allocator).
 Usage::
 
     python benchmarks/scan_speed.py            # L in {1024, 4096, 16384}, d_inner in {256, 1024}
-    python benchmarks/scan_speed.py --quick    # small sizes, a minute or so
+    python benchmarks/scan_speed.py --quick    # small sizes (36 s on one thread, 2026-12-06)
     python benchmarks/scan_speed.py --full     # also the reference loop at the longest length
     python benchmarks/scan_speed.py --device cuda --backends torch cuda   # a GPU: PyTorch against mamba-ssm
 """
@@ -198,6 +198,30 @@ def print_table(results: dict, backends: list[str], lengths: list[int], dims: li
                 print("| " + " | ".join(cells) + " |")
 
 
+def _numba_max_threads() -> int | None:
+    """The most threads numba can run (fixed by ``NUMBA_NUM_THREADS`` when it starts); ``None`` without numba."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def _resolve_threads(parser: argparse.ArgumentParser, threads: int | None, backends: list[str]) -> int:
+    """``--threads``, by default the cores; numba refuses more threads than it started with, so that is the cap."""
+    cap = _numba_max_threads() if "numba" in backends else None
+    if threads is None:
+        return min(os.cpu_count() or 1, cap or os.cpu_count() or 1)
+    if threads < 1:
+        parser.error(f"--threads {threads}: at least 1.")
+    if cap is not None and threads > cap:
+        parser.error(
+            f"--threads {threads}: numba was started with at most {cap} thread(s) (NUMBA_NUM_THREADS={cap}); pass "
+            f"--threads {cap} or leave out numba (--backends), or raise NUMBA_NUM_THREADS."
+        )
+    return threads
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: L in {256, 1024}, d_inner 64")
@@ -211,7 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     parser.add_argument("--reference-reps", type=int, default=2, help="at most this many for the slow loop")
     parser.add_argument("--reference-max-length", type=int, default=4096, help="longest L for the loop (no --full)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and numba threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch and numba threads (default: the cores, at most numba's NUMBA_NUM_THREADS when numba is timed)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--table-from", type=Path, help="print the table of a --json file and exit")
@@ -231,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         print_table(results, backends, lengths, dims)
         return
 
+    args.threads = _resolve_threads(parser, args.threads, args.backends)
     lengths = args.lengths or ([256, 1024] if args.quick else [1024, 4096, 16384])
     dims = args.d_inner or ([64] if args.quick else [256, 1024])
     ref_max = max(lengths) if args.full else args.reference_max_length

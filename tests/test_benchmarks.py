@@ -724,3 +724,24 @@ def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers
     assert row["serialize_s"] >= 0.05 and row["embed_s"] >= 0.05
     assert row["seconds"] == pytest.approx(row["serialize_s"] + row["embed_s"] + row["cluster_s"], rel=1e-9)
     assert row["ari"] == pytest.approx(1.0) and row["spots"] == 2000
+
+
+def test_scan_speed_threads_default_to_the_cores_within_numbas_cap_and_more_are_refused(
+    benchmark_module, monkeypatch, capsys
+):
+    # numba cannot run more threads than NUMBA_NUM_THREADS allowed at its start: with NUMBA_NUM_THREADS=1 the default
+    # (every core) made every numba configuration fail with "The number of threads must be between 1 and 1"
+    module = benchmark_module("scan_speed")
+    monkeypatch.setattr(module, "_numba_max_threads", lambda: 1)
+    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
+    seen = []
+    monkeypatch.setattr(module, "run_config", lambda args, *_: seen.append(args.threads) or {"error": "not run"})
+    monkeypatch.setattr(module, "print_table", lambda *args: None)
+    module.main(["--quick", "--backends", "numba", "torch"])
+    assert set(seen) == {1}
+    seen.clear()
+    module.main(["--quick", "--backends", "torch"])  # numba not timed: every core
+    assert set(seen) == {4}
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--threads", "2", "--backends", "numba"])
+    assert "NUMBA_NUM_THREADS=1" in capsys.readouterr().err
