@@ -53,9 +53,9 @@ class DFMambaClassifier(nn.Module):
         stream. With a gain of 1 the embedded tokens are much larger than the Mamba block's output at
         initialisation (about 20× at d_model 32); the mean over tokens of the embedding carries no information about
         the arrangement of patches, so the contextual part of the pooled features is drowned and training sits on a
-        plateau at chance (measured on the synthetic task, see ``docs/pathology.md``). A small start (0.02) puts
-        both at a comparable size; the gain is learned. The Mamba block normalises its own input, so this only
-        changes the residual stream.
+        plateau at chance (probes on the synthetic task on 2026-11-23, not logged; ``docs/pathology.md``). A small
+        start (0.02) puts both at a comparable size; the gain is learned. The Mamba block normalises its own input,
+        so this only changes the residual stream.
     **dfmamba_kwargs
         Any other :class:`~dfmamba_st.core.DFMamba` option (``bidirectional``, ``lambdas``, ``dt_scaling``,
         ``coarsen``, ``fusion``, ``aux``, ``share_weights``, ``backend``...).

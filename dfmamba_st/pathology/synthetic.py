@@ -20,8 +20,9 @@ cells and textures come from the same distributions, so neither a single cell, a
 composition of the image says anything about the class: a model that pools local texture is at chance (25 %).
 The lattice offset is a multiple of the patch size (``align``), so a patch token never shows parts of two blobs:
 with a free offset, a patch on a cell corner shows slivers of up to four blobs, and how often two textures meet
-inside one patch reveals the arrangement to a purely local model (measured: 55 % with 32-px cells and 79 % with
-16-px cells for a logistic regression on per-patch colour statistics, against 21–23 % with aligned cells). What
+inside one patch reveals the arrangement to a purely local model (a one-off diagnosis of 2026-11-23, not logged: 55 %
+with 32-px cells and 79 % with 16-px cells for a logistic regression on per-patch colour statistics, against 21–23 %
+with aligned cells; the tests assert ≤ 45 % aligned and ≥ 50 % with a free offset). What
 differs between classes is how homogeneous the texture is over growing neighbourhoods — a correlation length, a
 statistic of the relations between many patches (from neighbouring patches for classes 0–2 up to domains of
 100–160 px for class 3).
