@@ -211,7 +211,8 @@ def _resolve_threads(parser: argparse.ArgumentParser, threads: int | None, backe
     """``--threads``, by default the cores; numba refuses more threads than it started with, so that is the cap."""
     cap = _numba_max_threads() if "numba" in backends else None
     if threads is None:
-        return min(os.cpu_count() or 1, cap or os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        return cores if cap is None else min(cores, cap)
     if threads < 1:
         parser.error(f"--threads {threads}: at least 1.")
     if cap is not None and threads > cap:
