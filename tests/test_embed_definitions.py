@@ -15,7 +15,7 @@ from sklearn.decomposition import PCA
 
 import dfmamba_st as dfm
 from dfmamba_st.tl import _features, _model
-from dfmamba_st.tl._features import FeatureTransform, expression_matrix, gene_ranks
+from dfmamba_st.tl._features import FeatureTransform, expression_matrix, gene_ranks, spatial_graph
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +141,23 @@ def test_an_inner_visium_spot_is_linked_to_its_six_touching_spots_whatever_the_o
     (shuffled,) = dfm.pp.library_layouts(top[perm].copy())
     back = np.argsort(perm)
     assert (shuffled.graph()[back][:, back] != layout.graph()).nnz == 0
+
+
+@pytest.mark.parametrize("n_neighbors", [2, 6])
+def test_the_spatial_graph_is_every_spot_as_near_as_the_kth_nearest_even_with_many_ties(n_neighbors):
+    """Against all pairwise distances: a lattice (ties at every ring), spots stacked 20 deep (20 ties at distance 0),
+    scattered spots; symmetrised and row-normalised."""
+    rng = np.random.default_rng(0)
+    lattice = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
+    points = np.vstack([lattice, np.repeat([[30.0, 30.0]], 20, axis=0), rng.uniform(20, 40, (60, 2))])
+    dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
+    kth = np.sort(dist, axis=1)[:, n_neighbors]  # column 0 is the spot itself
+    linked = (dist <= kth[:, None] * (1 + 1e-6)).astype(float)
+    linked = np.sign(linked + linked.T)
+    expected = linked / linked.sum(axis=1, keepdims=True)
+    graph = spatial_graph(points, n_neighbors=n_neighbors)
+    np.testing.assert_allclose(graph.toarray(), expected, rtol=1e-6)
+    assert graph[120].nnz >= 20  # a stacked spot: all 20 at distance 0, more than k + 1
 
 
 @pytest.mark.filterwarnings("ignore:Some cells have zero counts")  # scanpy's note on the emptied spot
