@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -230,6 +233,29 @@ def test_gradcheck_full_signature(backend):
         return selective_scan(**call, return_last_state=True, backend=backend)
 
     assert torch.autograd.gradcheck(f, tuple(kw[n] for n in names))
+
+
+KEEPS_TORCH_THREADS = """
+import torch
+torch.set_num_threads(1)
+torch.get_num_threads()
+from dfmamba_st.core._scan_numba import scan_core_numba
+u, delta = torch.randn(1, 4, 8), torch.rand(1, 4, 8)
+A, B, C, h0 = -torch.rand(4, 2), torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.zeros(1, 4, 2)
+scan_core_numba(u.requires_grad_(), delta, A, B, C, h0)[0].sum().backward()
+print(torch.get_num_threads())
+"""
+
+
+@needs_numba
+def test_numba_scan_leaves_torchs_thread_count_as_the_caller_set_it():
+    # numba's OpenMP pool, started by the first kernel, set the OpenMP thread count torch shares to NUMBA_NUM_THREADS
+    # (a user's torch.set_num_threads(1) became 2 after tl.embed). A fresh process: the pool starts once per process
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "omp"}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", KEEPS_TORCH_THREADS], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"
 
 
 @needs_numba

@@ -30,6 +30,7 @@ Kernels are compiled with ``cache=True`` (one compilation per input dtype, reuse
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -325,6 +326,20 @@ def _state_major(x: torch.Tensor, d_pad: int) -> np.ndarray:
     return _time_major(x.to(torch.float64), d_pad)
 
 
+@functools.cache
+def _start_thread_pool() -> None:
+    """Start numba's thread pool once, keeping torch's thread count.
+
+    numba's OpenMP threading layer, when its pool starts (at the first parallel kernel), sets the OpenMP thread
+    count of the calling thread, which torch's CPU operations share, to ``NUMBA_NUM_THREADS``: a caller's
+    ``torch.set_num_threads(1)`` became one thread per core for the rest of the session.
+    """
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool if no one has
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _n_groups(batch: int, n_blocks: int) -> int:
     threads = numba.get_num_threads()
     return max(1, min(n_blocks, math.ceil(2 * threads / batch)))
@@ -335,6 +350,7 @@ class ScanCoreNumba(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0, chunk):
+        _start_thread_pool()
         batch, d_inner, length = u.shape
         N = A.shape[1]
         d_pad = -d_inner % LANES
