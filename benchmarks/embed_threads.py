@@ -24,6 +24,10 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._threads import thread_env  # noqa: E402
 
 JOB = """
 import sys, time
@@ -47,10 +51,13 @@ def _spin() -> None:
 
 def embed_seconds(threads: int) -> float:
     """Seconds of ``tl.embed`` (defaults, seed 0) in a fresh process with ``threads`` torch and numba threads."""
-    names = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    env = {**os.environ, **dict.fromkeys(names, str(threads))}  # numba refuses more threads than NUMBA_NUM_THREADS
     done = subprocess.run(
-        [sys.executable, "-c", JOB, str(threads)], env=env, cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, "-c", JOB, str(threads)],
+        env=thread_env(threads),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return float(done.stdout.strip().splitlines()[-1])
 

@@ -98,10 +98,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    numba_threads = "none (no numba)"
     try:
         import numba
 
+        # numba cannot run more threads than NUMBA_NUM_THREADS at its start: capped, and the count printed below
         numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+        numba_threads = numba.get_num_threads()
     except ImportError:
         pass
     seed_everything(args.seed)
@@ -114,7 +117,8 @@ def main(argv=None) -> list[dict]:
     print(
         f"synthetic organisation task: {len(train[1])} training images {args.crop}px, {len(val[1])} validation "
         f"images {args.crop}px, {len(test[1])} test fields {args.field}px; data {time.perf_counter() - t0:.0f} s; "
-        f"scan backends {available_backends()}; torch threads {torch.get_num_threads()}",
+        f"scan backends {available_backends()}; torch threads {torch.get_num_threads()}, "
+        f"numba threads {numba_threads}",
         flush=True,
     )
     builders = {

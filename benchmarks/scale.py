@@ -24,13 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._threads import thread_env  # noqa: E402
 
 N_GENES = 200
 N_LAYERS = 6
@@ -116,9 +122,7 @@ def main() -> None:
     rows = []
     for n in sizes:
         cmd = [sys.executable, __file__, "--worker", str(n), "--seed", str(args.seed), "--threads", str(args.threads)]
-        threads = str(args.threads)
-        env = {**os.environ, "OMP_NUM_THREADS": threads, "NUMBA_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=thread_env(args.threads))
         if done.returncode != 0:
             print(f"{n} spots failed:\n{done.stderr[-2000:]}", file=sys.stderr)
             break

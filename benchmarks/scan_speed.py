@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._threads import thread_env  # noqa: E402
 
 
 def _rss_kib(field: str) -> int:
@@ -149,7 +153,7 @@ def run_config(args: argparse.Namespace, backend: str, length: int, d_inner: int
         json.dumps([backend, length, d_inner, args.N, args.batch, reps, args.threads, args.device]),
     ]
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=path)
+    env = thread_env(args.threads, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=path)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True)
     except subprocess.TimeoutExpired:
@@ -198,31 +202,6 @@ def print_table(results: dict, backends: list[str], lengths: list[int], dims: li
                 print("| " + " | ".join(cells) + " |")
 
 
-def _numba_max_threads() -> int | None:
-    """The most threads numba can run (fixed by ``NUMBA_NUM_THREADS`` when it starts); ``None`` without numba."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    return int(numba.config.NUMBA_NUM_THREADS)
-
-
-def _resolve_threads(parser: argparse.ArgumentParser, threads: int | None, backends: list[str]) -> int:
-    """``--threads``, by default the cores; numba refuses more threads than it started with, so that is the cap."""
-    cap = _numba_max_threads() if "numba" in backends else None
-    if threads is None:
-        cores = os.cpu_count() or 1
-        return cores if cap is None else min(cores, cap)
-    if threads < 1:
-        parser.error(f"--threads {threads}: at least 1.")
-    if cap is not None and threads > cap:
-        parser.error(
-            f"--threads {threads}: numba was started with at most {cap} thread(s) (NUMBA_NUM_THREADS={cap}); pass "
-            f"--threads {cap} or leave out numba (--backends), or raise NUMBA_NUM_THREADS."
-        )
-    return threads
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: L in {256, 1024}, d_inner 64")
@@ -239,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="torch and numba threads (default: the cores, at most numba's NUMBA_NUM_THREADS when numba is timed)",
+        default=os.cpu_count() or 1,
+        help="torch, numba and BLAS threads of each timed process (default: the cores)",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -261,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         print_table(results, backends, lengths, dims)
         return
 
-    args.threads = _resolve_threads(parser, args.threads, args.backends)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: at least 1.")
     lengths = args.lengths or ([256, 1024] if args.quick else [1024, 4096, 16384])
     dims = args.d_inner or ([64] if args.quick else [256, 1024])
     ref_max = max(lengths) if args.full else args.reference_max_length

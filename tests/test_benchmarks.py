@@ -7,6 +7,7 @@ takes about a second; the real runs are the scripts themselves (``benchmarks/``)
 """
 
 import json
+import os
 import resource
 import sys
 import time
@@ -621,7 +622,7 @@ def test_embed_threads_runs_each_job_with_its_thread_count_everywhere(benchmark_
 
 
 def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
-    benchmark_module, monkeypatch, keep_torch_threads
+    benchmark_module, monkeypatch, keep_torch_threads, capsys
 ):
     """Data sets, models and columns, with training and scoring replaced by recorders."""
     bench = benchmark_module("pathology_scale")
@@ -646,6 +647,7 @@ def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
     monkeypatch.setattr(bench, "train_classifier", fake_train)
     monkeypatch.setattr(bench, "evaluate_resolutions", fake_resolutions)
     rows = bench.main(["--quick", "--seed", "3"])
+    assert "torch threads 1, numba threads 1" in capsys.readouterr().out  # both counts shown (numba's may be capped)
     # train and validation images: 256 px, each its own seed; test fields: 512 px, a third seed
     assert made == [(8, 256, 3, 16), (2, 256, 4, 16), (4, 512, 5, 16)]
     assert len(trained) == 3 and len(scored) == 3
@@ -726,22 +728,25 @@ def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers
     assert row["ari"] == pytest.approx(1.0) and row["spots"] == 2000
 
 
-def test_scan_speed_threads_default_to_the_cores_within_numbas_cap_and_more_are_refused(
-    benchmark_module, monkeypatch, capsys
-):
-    # numba cannot run more threads than NUMBA_NUM_THREADS allowed at its start: with NUMBA_NUM_THREADS=1 the default
-    # (every core) made every numba configuration fail with "The number of threads must be between 1 and 1"
+def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmark_module, monkeypatch):
+    # numba cannot run more threads than NUMBA_NUM_THREADS allowed at its start: under NUMBA_NUM_THREADS=1 the default
+    # (every core) made every numba configuration fail with "The number of threads must be between 1 and 1". Each
+    # timed process now starts with its own count in every pool, whatever the caller's environment
     module = benchmark_module("scan_speed")
-    monkeypatch.setattr(module, "_numba_max_threads", lambda: 1)
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
     monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
     seen = []
-    monkeypatch.setattr(module, "run_config", lambda args, *_: seen.append(args.threads) or {"error": "not run"})
+
+    def fake_run(cmd, capture_output, text, env, timeout, check):
+        seen.append((json.loads(cmd[cmd.index("--worker") + 1])[6], env))
+        return types.SimpleNamespace(stdout=json.dumps({"error": "not run"}) + "\n")
+
+    monkeypatch.setattr(module.subprocess, "run", fake_run)
     monkeypatch.setattr(module, "print_table", lambda *args: None)
-    module.main(["--quick", "--backends", "numba", "torch"])
-    assert set(seen) == {1}
-    seen.clear()
-    module.main(["--quick", "--backends", "torch"])  # numba not timed: every core
-    assert set(seen) == {4}
-    with pytest.raises(SystemExit):
-        module.main(["--quick", "--threads", "2", "--backends", "numba"])
-    assert "NUMBA_NUM_THREADS=1" in capsys.readouterr().err
+    names = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    for argv, threads in ((["--quick"], 4), (["--quick", "--threads", "2"], 2)):  # default: the cores
+        seen.clear()
+        module.main([*argv, "--backends", "numba", "torch"])
+        assert len(seen) == 4
+        assert all(count == threads and all(env[k] == str(threads) for k in names) for count, env in seen)
+        assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(module.REPO) for _, env in seen)
