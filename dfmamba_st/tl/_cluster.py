@@ -436,7 +436,8 @@ def cluster(
     rep = np.asarray(adata.obsm[use_rep])
     if not np.all(np.isfinite(rep)):
         raise ValueError(f"obsm[{use_rep!r}] contains NaN or inf; re-run dfm.tl.embed.")
-    # the restarts' starts depend on the order of the rows: fit in the order of the curve, not of the AnnData
+    # the restarts' starts depend on the order of the rows: fit in the order of the curve (or of the spots' names),
+    # not of the AnnData
     rows = _serialized_rows(adata, order_key, library_key)
     rep = rep[rows]
     fit_rows = _fit_rows(rep.shape[0], random_state)
@@ -522,11 +523,13 @@ def cluster(
 def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) -> np.ndarray:
     """The rows by library, then along the serialization curve: an order that does not depend on the AnnData's.
 
-    The AnnData's own order when there is no ``obs[order_key]`` (or it has missing values).
+    Without ``obs[order_key]`` (or with missing values in it) the spots' names take the curve's place, which do not
+    depend on the AnnData's order either (repeated names keep it among themselves).
     """
-    if order_key not in adata.obs.columns or adata.obs[order_key].isna().any():
-        return np.arange(adata.n_obs)
-    keys = [adata.obs[order_key].to_numpy()]
+    if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
+        keys = [adata.obs[order_key].to_numpy()]
+    else:
+        keys = [pd.factorize(adata.obs_names, sort=True)[0]]
     if library_key is not None:  # categories: declared, or the sorted values; either way not the rows' order
         keys.append(pd.Categorical(adata.obs[library_key]).codes)
     return np.lexsort(keys)
