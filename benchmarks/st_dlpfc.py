@@ -17,8 +17,9 @@ dfmamba_st`` runs), so the benchmark also runs on a machine without ``../shared`
 of its slice.
 
 Baselines (same clustering as ``tl.cluster``, a tied-covariance GMM with K clusters on the 20 leading PCs, no
-refinement), on the genes ``tl.embed`` uses (the 3,000 with the highest scanpy ``seurat_v3`` scores, ties at the cut
-broken by name; scanpy's own pick breaks them in an order that depends on the CPU):
+refinement; the spots serialized first, so every method's GMM fits them in the curve's order), on the genes
+``tl.embed`` uses (the 3,000 with the highest scanpy ``seurat_v3`` scores, ties at the cut broken by name; scanpy's
+own pick breaks them in an order that depends on the CPU):
 - ``pca_gmm``: log-normalised HVGs → 30 PCs → GMM;
 - ``pca_nbmean_gmm``: the same PCs averaged over each spot and its 18 nearest spots → GMM.
 
@@ -192,6 +193,7 @@ def _job(
         key = "base"
     else:
         adata.obsm["X_base"] = baseline_rep(adata, kind, seed)
+        dfm.pp.serialize(adata)  # the GMM fits the spots in curve order, as for the other methods
         options = {"refine": False, **cluster}
         dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
         key = "base"

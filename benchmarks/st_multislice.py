@@ -82,6 +82,7 @@ def _joint_job(
         key = "dfm_domain"
     else:
         adata.obsm["X_base"] = baseline_rep(adata, method, seed, library_key="library")
+        dfm.pp.serialize(adata, library_key="library")  # the GMM fits the spots in curve order, as for dfmamba_st
         options = {"refine": False, **cluster}
         dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
         key = "base"
