@@ -122,7 +122,7 @@ def test_cluster_holds_no_reordered_copy_of_the_embedding(trained):
     import tracemalloc
 
     adata, _ = trained
-    cells = _as_cells(adata, per_spot=12)  # 43,668 cells, more than MAX_FIT_SPOTS would need: the whole path
+    cells = _as_cells(adata, per_spot=12)  # 43,668 cells (below MAX_FIT_SPOTS: every cell in the fit)
     rows = np.repeat(np.arange(adata.n_obs), 12)
     noise = np.random.default_rng(0).normal(scale=0.1, size=(rows.size, adata.obsm["X_dfm"].shape[1]))
     cells.obsm["X_dfm"] = (adata.obsm["X_dfm"][rows] + noise).astype(np.float32)

@@ -251,7 +251,7 @@ print(torch.get_num_threads())
 def test_numba_scan_leaves_torchs_thread_count_as_the_caller_set_it():
     # numba's OpenMP pool, started by the first kernel, set the OpenMP thread count torch shares to NUMBA_NUM_THREADS
     # (a user's torch.set_num_threads(1) became 2 after tl.embed). A fresh process: the pool starts once per process
-    env = {**os.environ, "NUMBA_NUM_THREADS": "2", "NUMBA_THREADING_LAYER": "omp"}
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}  # numba's default layer, as a user gets it (omp here)
     env.pop("OMP_NUM_THREADS", None)
     done = subprocess.run([sys.executable, "-c", KEEPS_TORCH_THREADS], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
