@@ -60,7 +60,16 @@ def _layer_labels(adata, merge=()):
 
 def _fake_cluster(record, merge=()):
     def cluster(adata, n_clusters=None, **kwargs):
-        record.append({"n_clusters": n_clusters, "n_obs": adata.n_obs, "X_base": adata.obsm.get("X_base"), **kwargs})
+        ordered = "dfm_order" in adata.obs  # serialized first: the GMM fits in curve order
+        record.append(
+            {
+                "n_clusters": n_clusters,
+                "n_obs": adata.n_obs,
+                "X_base": adata.obsm.get("X_base"),
+                "ordered": ordered,
+                **kwargs,
+            }
+        )
         adata.obs[kwargs.get("key_added", "dfm_domain")] = _layer_labels(adata, merge)
 
     return cluster
@@ -140,6 +149,7 @@ def test_benchmark_job_passes_seed_and_options_and_times_only_the_pipeline(
         assert reps[-1][:2] == (kind, 4)
         assert clusters[-1]["random_state"] == 4 and clusters[-1]["use_rep"] == "X_base"
         assert clusters[-1]["n_clusters"] == 7 and clusters[-1]["refine"] is False
+        assert clusters[-1]["ordered"]  # every method's GMM fits in curve order
         assert row["method"] == kind and row["seed"] == 4 and 0 < row["seconds"] < 0.5
 
 
@@ -317,7 +327,8 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
     monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
 
     def cluster(adata, n_clusters=None, **kwargs):  # slice a: the truth; slice b: three layers merged
-        clusters.append({"n_clusters": n_clusters, **kwargs})
+        serialized = adata.uns.get("dfm_order", {}).get("params", {})
+        clusters.append({"n_clusters": n_clusters, "serialized_by": serialized.get("library_key"), **kwargs})
         lib = adata.obs["library"].to_numpy()
         labels = np.asarray(_layer_labels(adata), dtype=object)
         merged = np.asarray(_layer_labels(adata, merge=("Layer1", "Layer2", "Layer3")), dtype=object)
@@ -345,6 +356,7 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
     row = ms._joint_job("pca_nbmean_gmm", paths, 4, 1, {})
     assert reps[-1] == ("pca_nbmean_gmm", 4, "library")  # each spot averaged within its own slice
     assert clusters[-1]["refine"] is False and clusters[-1]["random_state"] == 4 and clusters[-1]["n_clusters"] == 7
+    assert clusters[-1]["serialized_by"] == "library"  # fitted in curve order, each slice its own sequence
     assert row["method"] == "pca_nbmean_gmm joint"
 
 
