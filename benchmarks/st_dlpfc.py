@@ -153,6 +153,21 @@ def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
     return smoothed
 
 
+def cluster_baseline(
+    adata, kind: str, n_clusters: int | None, seed: int, cluster: dict, library_key: str | None = None
+) -> str:
+    """A baseline's domains: its representation (:func:`baseline_rep`) in ``obsm['X_base']``, the spots serialized
+    (each library its own sequence) so that the GMM fits them in curve order as for the other methods, then
+    ``tl.cluster`` without refinement. Returns the key of the domains in ``obs``."""
+    import dfmamba_st as dfm
+
+    adata.obsm["X_base"] = baseline_rep(adata, kind, seed, library_key=library_key)
+    dfm.pp.serialize(adata, library_key=library_key)
+    options = {"refine": False, **cluster}
+    dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
+    return "base"
+
+
 def _job(
     kind: str,
     path: str,
@@ -192,11 +207,7 @@ def _job(
         dfm.tl.cluster(adata, n_clusters, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
     else:
-        adata.obsm["X_base"] = baseline_rep(adata, kind, seed)
-        dfm.pp.serialize(adata)  # the GMM fits the spots in curve order, as for the other methods
-        options = {"refine": False, **cluster}
-        dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
-        key = "base"
+        key = cluster_baseline(adata, kind, n_clusters, seed, cluster)
     seconds = time.time() - start
     return {
         "method": kind,

@@ -46,7 +46,7 @@ from benchmarks.st_dlpfc import (  # noqa: E402
     _job,
     _peak_mb,
     _scores,
-    baseline_rep,
+    cluster_baseline,
     load_slice,
     slice_path,
 )
@@ -80,12 +80,8 @@ def _joint_job(
         dfm.tl.embed(adata, library_key="library", seed=seed, progress=False)
         dfm.tl.cluster(adata, n_clusters, library_key="library", random_state=seed, **cluster)
         key = "dfm_domain"
-    else:
-        adata.obsm["X_base"] = baseline_rep(adata, method, seed, library_key="library")
-        dfm.pp.serialize(adata, library_key="library")  # the GMM fits the spots in curve order, as for dfmamba_st
-        options = {"refine": False, **cluster}
-        dfm.tl.cluster(adata, n_clusters, use_rep="X_base", random_state=seed, key_added="base", **options)
-        key = "base"
+    else:  # each spot averaged within its own slice; the GMM fits each slice's curve in turn
+        key = cluster_baseline(adata, method, n_clusters, seed, cluster, library_key="library")
     seconds = time.time() - start
     library = adata.obs["library"].to_numpy()
     return {

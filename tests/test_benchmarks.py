@@ -85,6 +85,11 @@ def _fake_rep(record):
     return rep
 
 
+def _stand_in_baseline_rep(monkeypatch, ms, record) -> None:
+    """Replace ``baseline_rep`` where the baseline clustering of ``st_multislice`` (``cluster_baseline``) calls it."""
+    monkeypatch.setattr(sys.modules[ms.cluster_baseline.__module__], "baseline_rep", _fake_rep(record))
+
+
 def _slowed(fn, seconds=0.5):
     """``fn`` that first sleeps ``seconds``: a step the timer must leave out."""
 
@@ -337,7 +342,7 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
         adata.uns[key] = {"params": {"library_key": kwargs.get("library_key")}}  # as tl.cluster records it
 
     monkeypatch.setattr(dfm.tl, "cluster", cluster)
-    monkeypatch.setattr(ms, "baseline_rep", _fake_rep(reps))
+    _stand_in_baseline_rep(monkeypatch, ms, reps)
     row = ms._joint_job("dfmamba_st", paths, 3, 1, {"tol": 1e-6})
     assert embeds[-1]["library_key"] == "library" and embeds[-1]["seed"] == 3
     assert clusters[-1]["library_key"] == "library" and clusters[-1]["random_state"] == 3
@@ -364,7 +369,7 @@ def test_multislice_timer_leaves_out_reading_the_slices(benchmark_module, monkey
     ms = benchmark_module("st_multislice")
     paths = {"a": str(ms.slice_path("bundled")), "b": str(_two_bundled(tmp_path))}
     monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster([]))
-    monkeypatch.setattr(ms, "baseline_rep", _fake_rep([]))
+    _stand_in_baseline_rep(monkeypatch, ms, [])
     monkeypatch.setattr(ms, "load_slice", _slowed(ms.load_slice))
     row = ms._joint_job("pca_nbmean_gmm", paths, 0, 1)
     assert 0 < row["seconds"] < 0.5
