@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,6 +68,29 @@ def check_library_key(adata: AnnData, library_key: str | None) -> None:
         )
     if adata.obs[library_key].isna().any():
         raise ValueError(f"obs[{library_key!r}] has missing values; every spot needs a library.")
+
+
+POOLED_SLICES_HINT = (
+    "Several slices in one AnnData (e.g. after anndata.concat)? Pass library_key= (the obs column naming them)"
+)
+
+
+def warn_shared_positions(xy: np.ndarray, consequence: str) -> None:
+    """Warn when spots share coordinates while no library key is in effect: likely several slices pooled.
+
+    ``anndata.concat`` drops ``uns``, and with it the library key the steps recorded, so slices processed one at a
+    time and joined afterwards reach a later step without one. ``consequence`` says what pooling does there.
+    """
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    n_shared = xy.shape[0] - np.unique(xy, axis=0).shape[0]
+    if n_shared:
+        warnings.warn(
+            f"{n_shared} spots share their coordinates with another spot and no library_key is given or recorded: "
+            f"{consequence} {POOLED_SLICES_HINT}.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 def is_whole_number(value: object, minimum: int) -> bool:

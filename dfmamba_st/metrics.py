@@ -21,7 +21,14 @@ import pandas as pd
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
-from ._utils import check_library_key, recorded_spatial_key, resolve_library_key, user_stacklevel, whole_number
+from ._utils import (
+    check_library_key,
+    recorded_spatial_key,
+    resolve_library_key,
+    user_stacklevel,
+    warn_shared_positions,
+    whole_number,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -300,7 +307,8 @@ def evaluate(
     """
     for key in (truth_key, pred_key):
         if key not in adata.obs:
-            raise KeyError(f"`adata.obs` has no column {key!r}; available columns: {list(adata.obs.columns)}.")
+            step = " Run dfm.tl.cluster(adata) first." if key == pred_key else ""
+            raise KeyError(f"`adata.obs` has no column {key!r}; available columns: {list(adata.obs.columns)}.{step}")
     spatial_key = spatial_key or recorded_spatial_key(adata, pred_key)
     if spatial_key not in adata.obsm:
         raise KeyError(f"`adata.obsm` has no {spatial_key!r}; available keys: {list(adata.obsm.keys())}.")
@@ -334,6 +342,8 @@ def evaluate(
             fix=", or pass spatial_key= other coordinates",
         )
 
+    if slice_key is None:
+        warn_shared_positions(xy_all[keep], "CHAOS and PAS are computed as if they were one tissue (wrong: lower).")
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
     groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key
     slices = np.zeros(adata.n_obs)

@@ -1,5 +1,6 @@
 """Clustering and spatial-coherence scores: agreement with scikit-learn, label handling, CHAOS and PAS."""
 
+import warnings
 from contextlib import nullcontext
 from math import sqrt
 
@@ -135,13 +136,19 @@ def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlp
     other = one[:1200].copy()  # slices of unequal size: a plain mean of the two would differ from the weighted one
     other.obs["pred"] = other.obs["layer"]  # a perfect labelling of the second slice, a perturbed one of the first
     both = ad.concat({"a": one, "b": other}, label="library", index_unique="-")
-    table = metrics.evaluate(both, "layer", "pred", library_key="library")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with a key, shared coordinates are expected: no warning
+        table = metrics.evaluate(both, "layer", "pred", library_key="library")
     per_slice = table.drop(index="all")
     weights = per_slice["n_spots"] / per_slice["n_spots"].sum()
     assert weights.min() < 0.3
-    naive = metrics.evaluate(both, "layer", "pred").loc["all"]  # no key anywhere: coordinates pooled
+    # no key anywhere (anndata.concat drops the recorded one): coordinates pooled, and said so
+    with pytest.warns(UserWarning, match=r"spots share their coordinates with another spot .* Pass library_key="):
+        naive = metrics.evaluate(both, "layer", "pred").loc["all"]
     both.uns["pred"] = {"params": {"library_key": "library"}}  # what tl.cluster records
-    recorded = metrics.evaluate(both, "layer", "pred")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recorded = metrics.evaluate(both, "layer", "pred")
     pd.testing.assert_frame_equal(recorded, table)  # the recorded key is taken as if given
     pooled = recorded.loc["all"]
     for score in ("chaos", "pas"):
@@ -169,8 +176,11 @@ def test_evaluate_leaves_adata_unchanged(dlpfc_151673):
 
 
 def test_missing_keys_give_clear_errors(dlpfc_151673):
-    with pytest.raises(KeyError, match="no column 'nope'"):
+    with pytest.raises(KeyError, match=r"no column 'nope'.* Run dfm\.tl\.cluster"):  # the predictions: say how
         metrics.evaluate(dlpfc_151673, "layer", "nope")
+    with pytest.raises(KeyError, match="no column 'nope'") as missing_truth:  # the annotation: no such advice
+        metrics.evaluate(dlpfc_151673, "nope", "pred")
+    assert "tl.cluster" not in str(missing_truth.value)
     with pytest.raises(KeyError, match="obsm"):
         metrics.evaluate(dlpfc_151673, "layer", "pred", spatial_key="X_nope")
     with pytest.raises(KeyError, match="library_key='lib' is not a column"):

@@ -165,11 +165,58 @@ def test_domains_keep_the_annotations_stored_colours(embedded):
     assert {c: truth[c] for c in categories if c in present} == {
         c: s for c, s in zip(categories, stored) if c in present
     }
-    assert len(set(domains.values()) & set(stored)) >= 4  # matched domains take the stored colours
+    # matched domains take the stored colours: one per label that is some domain's largest
+    largest = set(pd.crosstab(adata.obs["dfm_domain"], adata.obs["layer"]).idxmax(axis=1))
+    assert set(domains.values()) & set(stored) == {s for c, s in zip(categories, stored) if c in largest}
+    assert len(largest) >= 3
     assert "layer_colors" in adata.uns and list(adata.uns["layer_colors"]) == stored  # left as it was
     adata.uns["layer_colors"] = np.array(stored[:2], dtype=object)  # one colour per category or none: scanpy's rule
     truth = legend_colours(dfm.pl.domains(adata, truth_key="layer", return_fig=True, show=False).axes[0])
     assert not set(truth.values()) & set(stored[:2])
+
+
+def test_a_domain_never_takes_the_colour_of_a_label_it_barely_overlaps(bundled):
+    """A domain whose largest label another domain holds more of gets a spare colour, not its second label's."""
+    adata = bundled.copy()
+    layer = adata.obs["layer"].astype(object).to_numpy()
+    domain = layer.copy()
+    in3, in4 = np.flatnonzero(layer == "Layer3"), np.flatnonzero(layer == "Layer4")
+    domain[in4] = "Layer5"  # no domain of Layer4 itself: its colour is free
+    domain[in3[:100]] = domain[in4[:20]] = "split"  # 100 Layer3 spots and 20 Layer4 spots
+    adata.obs["domain"] = pd.Categorical(domain)
+    fig = dfm.pl.domains(adata, "domain", truth_key="layer", return_fig=True, show=False)
+    truth, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
+    assert domains["Layer3"] == truth["Layer3"] and domains["Layer5"] == truth["Layer5"]
+    assert domains["split"] not in truth.values(), (domains, truth)  # a spare colour: it is mostly Layer3
+
+
+def test_store_colors_writes_the_matched_colours_where_scanpy_reads_them(embedded):
+    adata = embedded.copy()
+    with pytest.raises(ValueError, match="store_colors=True needs truth_key="):
+        dfm.pl.domains(adata, store_colors=True, show=False)
+    assert "dfm_domain_colors" not in adata.uns
+    fig = dfm.pl.domains(adata, truth_key="layer", store_colors=True, return_fig=True, show=False)
+    matched = legend_colours(fig.axes[1])
+    categories = list(adata.obs["dfm_domain"].cat.categories)
+    assert [to_hex(c) for c in adata.uns["dfm_domain_colors"]] == [matched[c] for c in categories]
+    # a later plot without the annotation, and scanpy's own, take the same colours
+    assert legend_colours(dfm.pl.domains(adata, return_fig=True, show=False).axes[0]) == matched
+    import scanpy as sc
+
+    ax = sc.pl.embedding(adata, basis="spatial", color="dfm_domain", show=False)
+    assert legend_colours(ax) == matched
+
+
+def test_slices_pooled_without_a_library_key_are_warned_about(embedded):
+    """After anndata.concat (which drops the recorded key) the slices' coordinates overlap: say so, or take the key."""
+    both = ad.concat({"a": embedded, "b": embedded}, label="library", index_unique="-", uns_merge="same")
+    for draw in (dfm.pl.domains, dfm.pl.gates):
+        with pytest.warns(UserWarning, match=r"share their coordinates .* drawn into the same panel"):
+            draw(both, return_fig=True, show=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            warnings.filterwarnings("ignore", message="uns..spatial.. holds no image")  # the libraries renamed
+            draw(both, library_key="library", return_fig=True, show=False)
 
 
 # --- 10: the serialization order ------------------------------------------------------------------------------------

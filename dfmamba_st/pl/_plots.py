@@ -16,7 +16,15 @@ from matplotlib.colors import is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .._utils import EMBED_RECORD, check_library_key, embed_record_key, is_tool_record, recorded_param, user_stacklevel
+from .._utils import (
+    EMBED_RECORD,
+    check_library_key,
+    embed_record_key,
+    is_tool_record,
+    recorded_param,
+    user_stacklevel,
+    warn_shared_positions,
+)
 from ..metrics import _is_missing
 from ..tl._cluster import WEAK_KNEE
 
@@ -307,19 +315,26 @@ def _tissue(
 
 
 def _libraries(
-    adata: AnnData, library_key: str | None, library_id: str | None, record: str | None, *, ax: Axes | None
+    adata: AnnData,
+    library_key: str | None,
+    library_id: str | None,
+    record: str | None,
+    *,
+    ax: Axes | None,
+    spatial_key: str,
 ) -> list[tuple[str | None, AnnData]]:
     """``(library, spots)`` to draw: the library ``library_id``, or every library, each in its own panels.
 
     ``library_key=None`` takes the key recorded in ``uns[record]`` by the tool that wrote the plotted values. The
     libraries' coordinates overlap, so they are never drawn into one axes: with several and ``ax=``, ``library_id``
-    must name one.
+    must name one. Without a key, spots that share coordinates (``obsm[spatial_key]``) are warned about.
     """
     if library_key is None:
         library_key = recorded_param(adata, record, "library_key")
     if library_key is None:
         if library_id is not None:
             raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
+        warn_shared_positions(adata.obsm[spatial_key], "they are drawn into the same panel, one over the other.")
         return [(None, adata)]
     check_library_key(adata, library_key)
     libraries = list(adata.obs[library_key].astype("category").cat.remove_unused_categories().cat.categories)
@@ -497,13 +512,14 @@ def gates(
     """
     _require_embedding(adata, key)
     record = _embed_record(adata, key)
-    libraries = _libraries(adata, library_key, library_id, record, ax=ax)
+    coordinates = _coordinates(adata, record)
+    libraries = _libraries(adata, library_key, library_id, record, ax=ax, spatial_key=coordinates)
     values = np.asarray(adata.obsm[f"{key}_gates"])
     available = [k for k in range(values.shape[1]) if np.isfinite(values[:, k]).any()]
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=_coordinates(adata, record))
+    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=coordinates)
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
@@ -549,9 +565,9 @@ def _domain_palette(
 
     The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else tab10, tab20 or
     scanpy's 102 colours, by the number of categories). A domain takes the colour of the label it overlaps most
-    (each label once; never a label in ``ignore``, which :func:`~dfmamba_st.metrics.evaluate` does not score); the
-    others get spare colours, distinct while any are left. Without ``truth_key``, the domains keep
-    ``uns[key + '_colors']`` when it fits.
+    (never a label in ``ignore``, which :func:`~dfmamba_st.metrics.evaluate` does not score), unless another domain
+    holds more spots of that label; the others get spare colours, distinct while any are left. Without
+    ``truth_key``, the domains keep ``uns[key + '_colors']`` when it fits.
     """
     pred = shown.obs[key].astype("category")
     if truth_key is None:
@@ -567,16 +583,29 @@ def _domain_palette(
         truth_palette = dict(zip(truth.cat.categories, _default_colours(len(truth.cat.categories))))
     table = pd.crosstab(pred, truth)
     table = table.loc[:, ~_is_missing(table.columns.to_series(), ignore)]
-    palette, used = {}, set()
-    for c in table.sum(axis=1).sort_values(ascending=False).index:
-        best = next((t for t in table.loc[c].sort_values(ascending=False).index if t not in used), None)
-        if best is not None and table.loc[c, best] > 0:
-            palette[c] = truth_palette[best]
-            used.add(best)
+    palette = {}
+    if table.shape[1]:
+        # a domain can take only the label it overlaps most; of the domains whose largest label is the same, the
+        # one with the most spots of it takes it, the others get spare colours (never a label they barely touch)
+        overlap = table.max(axis=1)
+        largest = table.idxmax(axis=1)[overlap > 0].astype(object)
+        for label, domains in overlap[overlap > 0].groupby(largest, sort=False):
+            palette[domains.idxmax()] = truth_palette[label]
     unmatched = [c for c in pred.cat.categories if c not in palette]
     taken = [truth_palette[t] for t in truth.cat.categories] + ["lightgrey"]
     palette.update(zip(unmatched, _spare_colours(len(unmatched), taken)))
     return [palette[c] for c in pred.cat.categories], truth_palette, pred, truth
+
+
+def _store_colours(adata: AnnData, key: str, colours: dict | None) -> None:
+    """Write the domains' colours to ``uns[key + '_colors']``, in the order of the whole column's categories."""
+    if colours is None:
+        raise ValueError("store_colors=True needs truth_key= (the colours are those matched to the annotation).")
+    categories = adata.obs[key].astype("category").cat.categories
+    missing = [c for c in categories if c not in colours]
+    if missing:  # domains not among the spots drawn (library_id=): scanpy needs a colour for every category
+        colours = {**colours, **dict(zip(missing, _spare_colours(len(missing), list(colours.values()))))}
+    adata.uns[f"{key}_colors"] = np.asarray([colours[c] for c in categories], dtype=object)
 
 
 def domains(
@@ -588,13 +617,15 @@ def domains(
     library_key: str | None = None,
     library_id: str | None = None,
     ncols: int = 4,
+    store_colors: bool = False,
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
 ) -> Figure | Axes | list[Axes] | None:
     """Spatial domains on the tissue, next to a reference annotation when ``truth_key`` is given.
 
-    Domains are coloured to match the annotation they overlap most (so a correct domain has its layer's colour);
+    A domain takes the colour of the annotated label it overlaps most (so a correct domain has its layer's colour),
+    unless another domain holds more spots of that label, as when a layer is split;
     the annotation keeps its ``uns[truth_key + '_colors']`` when it has one colour per category, as in scanpy.
     Domains that match no label get colours of their own (no greys, no near-whites, none twice while any is left).
 
@@ -613,6 +644,10 @@ def domains(
         ``obs`` column of the libraries (default: the one given to :func:`~dfmamba_st.tl.cluster`).
     library_id, ncols
         As in :func:`gates`.
+    store_colors
+        With ``truth_key``: write the domains' matched colours to ``uns[key + '_colors']``, where scanpy's plots
+        (``sc.pl.umap``, ``sc.pl.spatial``) and later calls without ``truth_key`` find them. Off by default: the
+        plots leave ``adata`` as it was.
     ax
         Draw the domains (only) into this axes; with ``truth_key`` they keep the colours matched to the annotation,
         which is not drawn (draw it into another axes with ``key=truth_key``).
@@ -650,13 +685,15 @@ def domains(
             f"adata.obs[{truth_key!r}] not found: pass truth_key= the obs column of the annotation; "
             f"columns: {list(adata.obs.columns)}."
         )
-    libraries = _libraries(adata, library_key, library_id, key, ax=ax)
-    # colours from every spot drawn, so that a domain has one colour in every library's panel
-    shown = libraries[0][1] if len(libraries) == 1 else adata
-    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key, ignore)
     use_rep = recorded_param(adata, key, "use_rep")
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
     coordinates = _coordinates(adata, embedding, "dfm_order")
+    libraries = _libraries(adata, library_key, library_id, key, ax=ax, spatial_key=coordinates)
+    # colours from every spot drawn, so that a domain has one colour in every library's panel
+    shown = libraries[0][1] if len(libraries) == 1 else adata
+    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key, ignore)
+    if store_colors:
+        _store_colours(adata, key, dict(zip(pred.cat.categories, colours)) if truth is not None else None)
 
     def column(spots: AnnData, name: str, categories) -> pd.Series:
         return pd.Series(pd.Categorical(spots.obs[name].to_numpy(), categories=categories), index=spots.obs_names)

@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import (
+    POOLED_SLICES_HINT,
     check_adata,
     check_library_key,
     check_outputs,
@@ -253,12 +254,7 @@ def warn_identical_positions(n_identical: int, library_key: str | None) -> None:
     """Warn about spots on the same position; without a library key, suggest that several slices were pooled."""
     if not n_identical:
         return
-    hint = (
-        " Several slices in one AnnData (e.g. after anndata.concat)? Pass library_key= (the obs column naming them) "
-        "to dfm.pp.serialize, which the later steps then use."
-        if library_key is None
-        else ""
-    )
+    hint = f" {POOLED_SLICES_HINT} to dfm.pp.serialize, which the later steps then use." if library_key is None else ""
     warnings.warn(
         f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, in input order."
         + hint,
