@@ -16,6 +16,13 @@ from _shared import QUICK, crop, shared_path, warned_at
 import dfmamba_st as dfm
 from dfmamba_st.tl._embed import _sample_windows
 
+DLPFC_FILES = {
+    "151673": "dlpfc_151673.h5ad",
+    "151674": "dlpfc_151674.h5ad",
+    "151510": "dlpfc_151510_500genes_drsc.h5ad",
+}
+ARI_LEIDEN_EXPRESSION_ONLY = 0.2  # Leiden on 10 PCs of expression alone, no space: 0.27 measured, random labels ~0
+
 
 @pytest.fixture(scope="module")
 def two_slices():
@@ -339,6 +346,33 @@ def test_cluster_checks_its_arguments(bundled):
     with pytest.warns(UserWarning, match=r"Asked for 5 domains, the kmeans assigned spots to 2 only") as caught:
         dfm.tl.cluster(adata, 5, method="kmeans", use_rep="X_flat", n_init=1)
     assert warned_at(caught, "Asked for 5 domains", __file__, once=True)
+
+
+def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_store(bundled, tmp_path):
+    adata = crop(bundled)
+    adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray(), dtype=float)
+    for bad in (np.random.RandomState(0), np.random.default_rng(0), -1, 2.5):
+        with pytest.raises((TypeError, ValueError), match="random_state"):
+            dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=bad, n_init=1)
+    assert "dfm_domain" not in adata.obs
+    dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=np.int64(3), n_init=1, key_added="seeded")
+    dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=None, n_init=1, key_added="fresh")
+    assert adata.obs["fresh"].cat.categories.size == 3
+    adata.write_h5ad(tmp_path / "clustered.h5ad")  # every record h5ad-safe
+    assert ad.read_h5ad(tmp_path / "clustered.h5ad").uns["seeded"]["params"]["random_state"] == 3
+
+
+def test_leiden_clusters_three_slices_of_over_10000_spots():
+    """scanpy's approximate neighbours (pynndescent) failed there with scanpy 1.11 and scipy 1.17."""
+    slices = {s: ad.read_h5ad(shared_path("dlpfc", f)) for s, f in DLPFC_FILES.items()}
+    adata = ad.concat(slices, label="library", join="inner", index_unique="-")  # the 500 genes of 151510
+    assert adata.n_obs > 10_000
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    sc.pp.pca(adata, n_comps=10, random_state=0)
+    dfm.tl.cluster(adata, 7, method="leiden", use_rep="X_pca", library_key="library", refine=False)
+    assert adata.obs["dfm_domain"].cat.categories.size == 7
+    assert dfm.metrics.evaluate(adata, "layer").loc["all", "ari"] > ARI_LEIDEN_EXPRESSION_ONLY
 
 
 @pytest.mark.parametrize("tool", ["embed", "cluster"])

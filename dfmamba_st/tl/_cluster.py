@@ -229,7 +229,9 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
     import scanpy as sc
 
     tmp = AnnData(obsm={"X_rep": rep.astype(np.float32)}, shape=(rep.shape[0], 0))
-    sc.pp.neighbors(tmp, use_rep="X_rep", n_neighbors=15, random_state=random_state)
+    # exact neighbours (scikit-learn) at every size: scanpy's approximate ones (pynndescent, from about 4,000 spots)
+    # depend on its versions, and scanpy 1.11 with scipy 1.17 fails on them from about 10,000 spots
+    sc.pp.neighbors(tmp, use_rep="X_rep", n_neighbors=15, random_state=random_state, transformer="sklearn")
 
     def run(res: float) -> np.ndarray:
         sc.tl.leiden(tmp, resolution=res, random_state=random_state, flavor="igraph", n_iterations=2, directed=False)
@@ -322,7 +324,7 @@ def cluster(
     refine: bool = True,
     library_key: str | None = None,
     key_added: str = "dfm_domain",
-    random_state: int = 0,
+    random_state: int | None = 0,
     copy: bool = False,
 ) -> AnnData | None:
     """Cluster the spot embedding into spatial domains.
@@ -371,7 +373,8 @@ def cluster(
         ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
         tool's result) is not overwritten: an error asks for another name.
     random_state
-        Seed of the clustering.
+        Seed of the clustering: a whole number ≥ 0, or ``None`` for a fresh one each call (not a
+        :class:`numpy.random.RandomState`, which the record in ``uns`` could not store).
     copy
         Work on a copy and return it.
 
@@ -422,6 +425,8 @@ def cluster(
                 f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs} (or None), got {n_clusters!r}."
             )
         n_clusters = int(n_clusters)
+    if random_state is not None:
+        random_state = whole_number(random_state, "random_state (a seed; None for a fresh one)", minimum=0)
     if n_init is not None and not is_whole_number(n_init, 1):
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
     if n_comps is not None:
