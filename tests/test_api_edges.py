@@ -210,6 +210,22 @@ def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_
     assert dfm.tl.load_model(path).features.log_total == model.features.log_total
 
 
+def test_a_saved_model_applies_the_readout_it_was_trained_with_unless_told_otherwise(top, tmp_path):
+    dfm.pp.serialize(top)
+    model = dfm.tl.embed(top, readout="model", readout_hops=0, return_model=True, **QUICK)
+    path = dfm.tl.save_model(model, tmp_path / "state_only")
+    again = dfm.tl.embed(top, model=path, copy=True, progress=False)
+    np.testing.assert_array_equal(again.obsm["X_dfm"], top.obsm["X_dfm"])  # the DF-Mamba state, no ring average
+    assert (again.uns["dfm"]["params"]["readout"], again.uns["dfm"]["params"]["readout_hops"]) == ("model", 0)
+    told = dfm.tl.embed(top, model=path, readout="concat", copy=True, progress=False)  # the call's choice wins
+    assert told.obsm["X_dfm"].shape[1] == model.config.n_features + model.config.d_model
+    assert told.uns["dfm"]["params"]["readout_hops"] == 0
+    for key in ("readout", "readout_hops"):  # a file written before the readout was stored: the defaults
+        del model.config.extra[key]
+    old = dfm.tl.embed(top, model=model, copy=True, progress=False)
+    assert (old.uns["dfm"]["params"]["readout"], old.uns["dfm"]["params"]["readout_hops"]) == ("concat", 1)
+
+
 def test_embed_with_a_library_key_reads_each_library_on_its_own(top):
     # a library's sequences and neighbours never hold another library's spots: a trained model gives a library the
     # same embedding whether or not another library shares its AnnData and its coordinates

@@ -126,6 +126,10 @@ def _sample_windows(tokens: torch.Tensor, libraries, window: int, n_windows: int
     return torch.stack(out)
 
 
+#: The readout when neither the call nor a trained model (``model=``) sets it.
+READOUT_DEFAULTS = {"readout": "concat", "readout_hops": 1}
+
+
 def _unit_variance(block: np.ndarray) -> np.ndarray:
     """Centre a block of features and scale it to unit total variance (so blocks of any width weigh the same)."""
     block = block - block.mean(axis=0)
@@ -233,8 +237,8 @@ def embed(
     epochs: int | None = None,
     ema_fraction: float | None = -1,
     hops: int = 2,
-    readout_hops: int = 1,
-    readout: Literal["concat", "model"] = "concat",
+    readout_hops: int | None = None,
+    readout: Literal["concat", "model"] | None = None,
     extra_curves: tuple[str, ...] = ("hilbert_t",),
     bidirectional: bool = False,
     library_key: str | None = None,
@@ -301,7 +305,8 @@ def embed(
     hops
         Rings of neighbours averaged into the neighbourhood half of a token.
     readout_hops
-        The embedding of a spot is averaged over this many rings of neighbours (0: none). Each curve passes only
+        The embedding of a spot is averaged over this many rings of neighbours (0: none); ``None``: 1, or with
+        ``model=`` the setting the model was trained with (stored with it). Each curve passes only
         some of a spot's 2-D neighbours; the average merges what the passes through the neighbourhood saw.
         Measured on DLPFC (ARI, mean of seeds 0/1, 151673 / 151674 / 151510; both scan directions and 10 GMM restarts,
         the defaults then): 0.589 / 0.561 / 0.525 with one ring, 0.612 / 0.580 / 0.510 without; not a clear winner,
@@ -310,7 +315,8 @@ def embed(
         HER2ST sections (``docs/spatial_log.md``, "Eleven more changes for 151510").
     readout
         ``"concat"``: the embedding is the spot's neighbourhood expression (the second half of its token) next to
-        the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone.
+        the DF-Mamba state, each block scaled to unit total variance; ``"model"``: the DF-Mamba state alone;
+        ``None``: ``"concat"``, or with ``model=`` the readout the model was trained with (stored with it).
         Measured as above: ``"concat"`` 0.589 / 0.561 / 0.525, ``"model"`` 0.541 / 0.598 / 0.499 (and the
         larger seed spread). The expression block alone (no model; ``--methods dfm_features`` of
         ``benchmarks/st_dlpfc.py``) scored 0.534 / 0.576 / 0.570 then, and 0.589 / 0.576 / 0.570 with 30 GMM restarts
@@ -420,15 +426,12 @@ def embed(
         )
     library_key = resolve_library_key(adata, library_key, order_key)
     check_library_key(adata, library_key)
-    if readout not in ("concat", "model"):
-        raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     if isinstance(extra_curves, str):  # one curve's name, not a sequence of letters
         extra_curves = (extra_curves,)
     for name in extra_curves:
         curves.check_curve(name, "curve in extra_curves")
     seed = whole_number(seed, "seed", minimum=0)
     hops = whole_number(hops, "hops (rings of neighbours in the tokens)", minimum=0)
-    readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
     serialized = adata.uns[order_key]["params"]  # its record, checked above
     primary = serialized["curve"]
     spatial_key = serialized.get("spatial_key", "spatial")  # not among the params a record is recognised by
@@ -484,6 +487,15 @@ def embed(
             checkpoint_dir=checkpoint_dir,
         )
 
+    # the readout: as given, else the trained model's (a model file keeps it), else the default
+    trained_with = {} if model is None else model.config.extra
+    readout = readout if readout is not None else trained_with.get("readout", READOUT_DEFAULTS["readout"])
+    if readout not in ("concat", "model"):
+        raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
+    if readout_hops is None:
+        readout_hops = trained_with.get("readout_hops", READOUT_DEFAULTS["readout_hops"])
+    readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
+
     X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
     if model is None:
         seed_everything(seed)
@@ -504,6 +516,7 @@ def embed(
             hops=hops,
             curves=curve_names,
             bidirectional=bidirectional,
+            extra={"readout": readout, "readout_hops": readout_hops},  # what model= applies again by default
         )
         if feature_tf.log_normalize:
             logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")

@@ -52,7 +52,8 @@ class SpatialConfig:
         then ``tl.embed``'s ``extra_curves``. A new slice is read along these same curves.
     extra
         Further settings. ``tl.embed`` stores ``'token_scale'`` here: the root mean square of the training tokens,
-        by which every token is divided (on a new slice too).
+        by which every token is divided (on a new slice too); and ``'readout'`` and ``'readout_hops'``, the readout it
+        was trained with, which ``tl.embed(model=...)`` applies unless told otherwise.
     """
 
     n_features: int
