@@ -542,3 +542,44 @@ def test_evaluate_scores_space_on_the_coordinates_the_domains_were_made_on(top):
     assert default["chaos"].iloc[0] < stale["chaos"].iloc[0]
     top.obs["copied"] = top.obs["dfm_domain"]  # the same labels with no tl.cluster record
     assert dfm.metrics.evaluate(top, "layer", pred_key="copied").equals(stale)
+
+
+def test_coarsen_takes_the_coordinates_serialize_recorded_and_serialize_the_key_coarsen_recorded(top):
+    own = top.copy()
+    own.obsm["xy"] = own.obsm.pop("spatial")
+    del own.obs["array_row"], own.obs["array_col"]
+    dfm.pp.serialize(own, spatial_key="xy")
+    coarse = dfm.pp.coarsen(own, 2)  # no obsm['spatial']: the recorded key, as the other steps take it
+    assert coarse.uns["dfm_coarsen"]["params"]["spatial_key"] == "xy" and "xy" in coarse.obsm
+    dfm.pp.serialize(coarse)
+    assert coarse.uns["dfm_order"]["params"]["spatial_key"] == "xy"  # where the plots and metrics find the bins
+
+    halves = top.copy()
+    halves.obs["lib"] = pd.Categorical(np.where(halves.obs["array_col"] < 30, "L", "R"))
+    dfm.pp.serialize(halves, library_key="lib")
+    coarse = dfm.pp.coarsen(halves, 2)  # the library key serialize recorded
+    assert coarse.uns["dfm_coarsen"]["params"]["library_key"] == "lib"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # each library its own sequence: no "same coordinates"
+        dfm.pp.serialize(coarse)
+    assert coarse.uns["dfm_order"]["params"]["library_key"] == "lib"
+
+
+def test_grid_columns_that_are_not_whole_numbers_are_said_to_be_ignored(top):
+    top.obs["array_row"] = top.obs["array_row"] + 0.5
+    with pytest.warns(UserWarning, match=r"array_col'\] are not whole numbers.*ordered on obsm\['spatial'\]"):
+        dfm.pp.serialize(top)
+    assert top.uns["dfm_order"]["params"]["grid"] == "quantized"
+
+
+def test_scaled_expression_is_refused_with_where_the_usable_data_are(top):
+    sc.pp.normalize_total(top)
+    sc.pp.log1p(top)
+    top.raw = top
+    sc.pp.scale(top)
+    dfm.pp.serialize(top)
+    with pytest.raises(ValueError, match=r"negative values .* adata\.raw\.to_adata\(\)"):
+        dfm.tl.embed(top, **QUICK)
+    top.layers["counts"] = top.X.copy()  # a layer as unusable, named all the same: the user picks
+    with pytest.raises(ValueError, match=r"layer= one of \['counts'\]; or adata\.raw"):
+        dfm.pp.coarsen(top, 2)

@@ -17,6 +17,7 @@ from .._utils import (
     h5ad_safe,
     is_tool_record,
     is_whole_number,
+    recorded_spatial_key,
     resolve_library_key,
     whole_number,
 )
@@ -60,7 +61,7 @@ def coarsen(
     *,
     layer: str | None = None,
     library_key: str | None = None,
-    spatial_key: str = "spatial",
+    spatial_key: str | None = None,
 ) -> AnnData:
     """Merge spots into ``factor × factor`` bins of the spot grid, summing their counts.
 
@@ -80,12 +81,15 @@ def coarsen(
         Column of ``obs`` naming the slice; bins never mix slices. By default the key recorded by
         :func:`~dfmamba_st.pp.serialize` (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, if any.
     spatial_key
-        Key of the coordinates in ``obsm``.
+        Key of the coordinates in ``obsm``. By default the one :func:`~dfmamba_st.pp.serialize` recorded
+        (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, else ``"spatial"``.
 
     Returns
     -------
     A new :class:`~anndata.AnnData` with one observation per bin: ``X`` the summed counts (CSR float32);
-    ``obs['array_row'/'array_col']`` the bin's grid position; ``obs['n_spots']`` how many spots it merged;
+    ``obs['array_row'/'array_col']`` the bin's grid position (on a Visium grid its row and column; from coordinates
+    its bins of x and of y, in that order, as :func:`~dfmamba_st.pp.serialize` reads them: not Visium's row = y);
+    ``obs['n_spots']`` how many spots it merged;
     ``obs[library_key]`` and the other categorical ``obs`` columns as the majority label of the merged spots (a
     clustering such as ``obs['dfm_domain']`` too, though not its record; other ``obs`` columns are dropped, and
     listed in an info message); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
@@ -94,7 +98,8 @@ def coarsen(
     data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
     ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of :func:`~dfmamba_st.tl.cluster`,
     scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``; ``uns['dfm_coarsen']['params']`` the
-    settings (``None`` stored as ``"None"``, as the other tools store it). Other layers, ``obsm`` entries and
+    settings (``None`` stored as ``"None"``, as the other tools store it; :func:`~dfmamba_st.pp.serialize` takes
+    its ``library_key``). Other layers, ``obsm`` entries and
     ``obsp`` are not carried over. Run :func:`~dfmamba_st.pp.serialize` on the result before
     :func:`~dfmamba_st.tl.embed`.
 
@@ -108,6 +113,7 @@ def coarsen(
     """
     check_adata(adata)
     library_key = resolve_library_key(adata, library_key, "dfm_order", EMBED_RECORD)
+    spatial_key = spatial_key or recorded_spatial_key(adata, "dfm_order", EMBED_RECORD)
     check_library_key(adata, library_key)
     factor = _check_factor(factor)
     from ..tl._features import expression_matrix  # here, not at the top: tl imports pp
@@ -154,7 +160,9 @@ def coarsen(
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
         out.obsm[spatial_key] = (member @ xy) / n_spots[:, None]
-    out.uns["dfm_coarsen"] = {"params": h5ad_safe({"factor": factor, "layer": layer, "library_key": library_key})}
+    out.uns["dfm_coarsen"] = {
+        "params": h5ad_safe({"factor": factor, "layer": layer, "library_key": library_key, "spatial_key": spatial_key})
+    }
     not_carried = []
     if dropped_obs:
         not_carried.append(f"obs columns that are not categorical {dropped_obs}")

@@ -17,6 +17,8 @@ from .._utils import (
     check_outputs,
     h5ad_safe,
     library_indices,
+    recorded_spatial_key,
+    resolve_library_key,
     user_stacklevel,
     written_by,
 )
@@ -293,7 +295,7 @@ def serialize(
     *,
     curve: curves.Curve = "hilbert",
     library_key: str | None = None,
-    spatial_key: str = "spatial",
+    spatial_key: str | None = None,
     key_added: str = "dfm_order",
     copy: bool = False,
 ) -> AnnData | None:
@@ -310,10 +312,12 @@ def serialize(
         ``"hilbert_ts"`` (the same two on the grid shifted by a third of its square, see
         :func:`dfmamba_st.core.curves.curve_index`) or ``"zorder"``.
     library_key
-        Column of ``obs`` naming the slice of each spot; each slice becomes its own sequence.
+        Column of ``obs`` naming the slice of each spot; each slice becomes its own sequence. By default the key
+        :func:`~dfmamba_st.pp.coarsen` recorded when ``adata`` is its result (its bins never mix slices), else none.
     spatial_key
         Key of the coordinates in ``obsm``: serialized on when there is no grid, and recorded for the later steps
-        (the plots, the metrics). A key other than ``"spatial"`` must be in ``obsm``.
+        (the plots, the metrics). A key other than ``"spatial"`` must be in ``obsm``. By default the key
+        :func:`~dfmamba_st.pp.coarsen` recorded when ``adata`` is its result, else ``"spatial"``.
     key_added
         Name of the ``obs`` column that receives the position along the curve (and of the ``uns`` record). An
         ``obs`` column or ``uns`` entry of that name that :func:`serialize` did not write is not overwritten: an
@@ -340,7 +344,9 @@ def serialize(
     """
     check_adata(adata)
     check_outputs(adata, CALLER, key_added, key_added, obs=(key_added,))
+    library_key = resolve_library_key(adata, library_key, "dfm_coarsen")
     check_library_key(adata, library_key)
+    spatial_key = spatial_key or recorded_spatial_key(adata, "dfm_coarsen")
     curves.check_curve(curve)
     if spatial_key != "spatial" and spatial_key not in adata.obsm:  # a key given that the later steps would miss
         raise KeyError(f"spatial_key={spatial_key!r} is not in adata.obsm; available keys: {list(adata.obsm)}.")
@@ -356,6 +362,13 @@ def serialize(
         _warn_off_lattice(adata)
     if layouts[0].quantized:
         _warn_extra_coordinates(adata, spatial_key)
+        if {"array_row", "array_col"} <= set(adata.obs.columns):
+            warnings.warn(
+                f"obs['array_row'/'array_col'] are not whole numbers, so they are no Visium grid: the spots are "
+                f"ordered on obsm[{spatial_key!r}] instead. Fix the grid columns (whole numbers) to order on the grid.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
     adata = adata.copy() if copy else adata
     adata.obs[key_added] = pd.Series(position, index=adata.obs_names)
     adata.uns[key_added] = {

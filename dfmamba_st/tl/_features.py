@@ -43,6 +43,15 @@ CONSTANT_TOTAL_CV = 1e-3
 RECOVERY_TOLERANCE = 1e-2
 
 
+def _where_else(adata: AnnData, layer: str | None) -> str:
+    """Where else ``adata`` may keep its expression: its other layers and ``adata.raw`` (ends the sentence)."""
+    others = [name for name in adata.layers if name != layer]
+    options = [f"layer= one of {others}"] if others else []
+    if adata.raw is not None:
+        options.append("adata.raw.to_adata() (scanpy keeps the log-normalised data there before sc.pp.scale)")
+    return f": e.g. {'; or '.join(options)}." if options else "."
+
+
 def expression_matrix(
     adata: AnnData, layer: str | None, *, counts_for: str | None = None
 ) -> tuple[sp.csr_matrix, bool]:
@@ -79,7 +88,8 @@ def expression_matrix(
         raise ValueError(f"{where} contains NaN or inf values; fix or remove them before embedding.")
     if X.nnz and X.data.min() < 0:
         raise ValueError(
-            f"{where} contains negative values (is it already scaled?). Pass raw counts or log-normalised data."
+            f"{where} contains negative values (is it already scaled?). Pass raw counts or log-normalised data"
+            + _where_else(adata, layer)
         )
     if not X.data.any():
         raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
