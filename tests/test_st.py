@@ -110,7 +110,8 @@ def test_coarsen_conserves_counts_and_genes(slice_673, factor):
     dfm.pp.serialize(coarse)
     assert coarse.uns["dfm_order"]["params"]["grid"] == "grid"
     # the settings are stored as pp.serialize stores its own: None as "None" (h5ad_safe)
-    assert coarse.uns["dfm_coarsen"]["params"] == {"factor": factor, "layer": "None", "library_key": "None"}
+    expected = {"factor": factor, "layer": "None", "library_key": "None", "spatial_key": "spatial"}
+    assert coarse.uns["dfm_coarsen"]["params"] == expected
     assert coarse.uns["dfm_coarsen"]["params"]["library_key"] == coarse.uns["dfm_order"]["params"]["library_key"]
 
 
