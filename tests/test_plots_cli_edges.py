@@ -219,6 +219,23 @@ def test_slices_pooled_without_a_library_key_are_warned_about(embedded):
             draw(both, library_key="library", return_fig=True, show=False)
 
 
+def test_plots_pass_their_other_options_on_to_squidpy_for_every_tissue_panel(embedded):
+    default = dfm.pl.domains(embedded, truth_key="layer", return_fig=True, show=False)
+    fig = dfm.pl.domains(embedded, truth_key="layer", size=0.5, legend_fontsize=11, return_fig=True, show=False)
+    for before, after in zip(default.axes, fig.axes):  # both panels: the annotation and the domains
+        assert {t.get_fontsize() for t in after.get_legend().get_texts()} == {11}
+        width = [scatter(a).get_paths()[0].get_extents().width for a in (before, after)]  # a spot's circle
+        assert width[1] == pytest.approx(0.5 * width[0])
+    own = dfm.pl.domains(embedded, truth_key="layer", palette="Set1", return_fig=True, show=False)
+    assert legend_colours(own.axes[0]) == legend_colours(default.axes[0])  # the annotation keeps its colours
+    assert legend_colours(own.axes[1])["0"] == to_hex(plt.get_cmap("Set1").colors[0])
+    fig = dfm.pl.gates(embedded, cmap="viridis", sequence=False, return_fig=True, show=False)
+    assert scatter(fig.axes[0]).get_cmap().name == "viridis"
+    for plot in (dfm.pl.domains, dfm.pl.gates):
+        with pytest.raises(TypeError, match=r"\['title'\] cannot be passed on to squidpy"):
+            plot(embedded, title="mine", show=False)
+
+
 # --- 10: the serialization order ------------------------------------------------------------------------------------
 
 

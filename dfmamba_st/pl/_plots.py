@@ -243,6 +243,21 @@ def _spot_spacing(xy: np.ndarray) -> float:
     return float(np.median(distance))
 
 
+#: ``spatial_scatter`` options each tissue panel sets itself, so a plot's ``**kwargs`` cannot
+_PANEL_OPTIONS = ("color", "ax", "title")
+
+
+def _scatter_options(kwargs: dict) -> dict:
+    """A plot's ``**kwargs`` for squidpy's ``spatial_scatter``, refusing the options each panel sets itself."""
+    taken = sorted(set(kwargs) & set(_PANEL_OPTIONS))
+    if taken:
+        raise TypeError(
+            f"{taken} cannot be passed on to squidpy.pl.spatial_scatter: every panel sets {list(_PANEL_OPTIONS)} "
+            "itself (draw into your own axes with ax=, set titles on the axes returned)."
+        )
+    return kwargs
+
+
 def _tissue(
     adata: AnnData,
     values: pd.Series | np.ndarray,
@@ -255,10 +270,12 @@ def _tissue(
     vmax=None,
     library_id: str | None = None,
     spatial_key: str = "spatial",
+    scatter: Mapping | None = None,
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
-    The image is :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
+    ``scatter``: the caller's options for ``spatial_scatter``, over this function's own. The image is
+    :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
     """
     _make_current(ax)
@@ -296,6 +313,7 @@ def _tissue(
         from matplotlib.colors import ListedColormap
 
         kwargs.update(palette=ListedColormap(list(palette)))
+    kwargs.update(scatter or {})
     with warnings.catch_warnings():
         # squidpy hands matplotlib a colour map along with the colours it already computed (matplotlib then warns
         # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
@@ -458,6 +476,7 @@ def gates(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    **kwargs,
 ) -> Figure | Axes | list[Axes] | None:
     """The fractal gate of each depth on the tissue (0 = local view, 1 = coarse global view) and along the sequence.
 
@@ -490,6 +509,10 @@ def gates(
     return_fig
         Return the figure. There is no ``save=``: save the figure returned (``fig.savefig("gates.png", dpi=150,
         bbox_inches="tight")``).
+    **kwargs
+        Passed on to :func:`squidpy.pl.spatial_scatter` for every tissue panel, over this function's own settings:
+        e.g. ``size=`` (spot size, a factor), ``cmap=``, ``img_alpha=``, ``legend_fontsize=``, ``frameon=``. Not
+        ``color``, ``ax`` or ``title``, which each panel sets.
 
     Returns
     -------
@@ -519,7 +542,7 @@ def gates(
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=coordinates)
+    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=coordinates, scatter=_scatter_options(kwargs))
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
@@ -621,6 +644,7 @@ def domains(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    **kwargs,
 ) -> Figure | Axes | list[Axes] | None:
     """Spatial domains on the tissue, next to a reference annotation when ``truth_key`` is given.
 
@@ -653,6 +677,10 @@ def domains(
         which is not drawn (draw it into another axes with ``key=truth_key``).
     show, return_fig
         As in :func:`gates`.
+    **kwargs
+        Passed on to :func:`squidpy.pl.spatial_scatter` for every tissue panel, as in :func:`gates` (e.g.
+        ``size=``, ``legend_fontsize=``, ``legend_loc="on data"``; ``palette=`` replaces the domains' matched colours,
+        not the annotation's).
 
     Returns
     -------
@@ -685,6 +713,7 @@ def domains(
             f"adata.obs[{truth_key!r}] not found: pass truth_key= the obs column of the annotation; "
             f"columns: {list(adata.obs.columns)}."
         )
+    scatter = _scatter_options(kwargs)
     use_rep = recorded_param(adata, key, "use_rep")
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
     coordinates = _coordinates(adata, embedding, "dfm_order")
@@ -701,7 +730,8 @@ def domains(
     if ax is not None:
         ((lib, spots),) = libraries
         values = column(spots, key, pred.cat.categories)
-        _tissue(spots, values, ax=ax, title=key, palette=colours, library_id=lib, spatial_key=coordinates)
+        style = dict(palette=colours, library_id=lib, spatial_key=coordinates, scatter=scatter)
+        _tissue(spots, values, ax=ax, title=key, **style)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
     fig, groups = _panels(len(libraries), n, ncols, (5.2, 4.6))
@@ -718,9 +748,19 @@ def domains(
                 palette=truth_colours,
                 library_id=lib,
                 spatial_key=coordinates,
+                scatter={k: v for k, v in scatter.items() if k != "palette"},  # a palette= is the domains'
             )
         values = column(spots, key, pred.cat.categories)
-        _tissue(spots, values, ax=row[-1], title=prefix + key, palette=colours, library_id=lib, spatial_key=coordinates)
+        _tissue(
+            spots,
+            values,
+            ax=row[-1],
+            title=prefix + key,
+            palette=colours,
+            library_id=lib,
+            spatial_key=coordinates,
+            scatter=scatter,
+        )
     fig.tight_layout()
     _fit_legends(fig)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
