@@ -700,7 +700,8 @@ def domains(
     >>> [ax.get_title() for ax in axes]
     ['layer', 'dfm_domain']
 
-    The annotation next to the domains, each domain in the colour of the layer it overlaps most. Into axes of your
+    The annotation next to the domains, each domain in the colour of the layer it overlaps
+    most (a split layer's smaller part in a colour of its own). Into axes of your
     own (the domains only), the axes come back:
 
     >>> fig, ax = plt.subplots()
