@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._cli import check_device_and_output, path_argument
+from ._cli import check_shared_arguments, path_argument
 from ._version import __version__
 
 #: the annotation scored against when ``--truth-key`` is not given (DLPFC's cortical layers)
@@ -78,7 +78,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--n-clusters must be at least 1 (or 0 to choose it automatically), got {args.n_clusters}")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    check_device_and_output(parser, args.device, args.out)
+    check_shared_arguments(parser, args.device, args.out, args.seed)
     if args.input is not None and not args.input.is_file():
         what = "a folder, not a file" if args.input.is_dir() else "no such file"
         parser.error(f"--input {args.input}: {what}")
@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     if truth:
         scores = dfm.metrics.evaluate(adata, truth, library_key=library_key)
         print(scores.round(3).to_string())
-        print(
-            f"(one training run, --seed {args.seed}; scores move with the seed: docs/spatial.md, 'Current defaults', "
-            "has ten seeds of this slice (the 151673 row) with the baselines)"
-        )
+        if args.input is None:  # the bundled slice: where its other seeds are
+            print(
+                f"(one training run, --seed {args.seed}; scores move with the seed: docs/spatial.md, 'Current "
+                "defaults', has ten seeds of this slice (the 151673 row) with the baselines)"
+            )
         scores.to_csv(args.out / "scores.csv")
     elif (args.out / "scores.csv").exists():  # an earlier run's scores must not pass for this run's
         (args.out / "scores.csv").unlink()

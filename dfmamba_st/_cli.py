@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -11,13 +12,26 @@ def path_argument(text: str) -> Path:
     return Path(text).expanduser()
 
 
-def check_device_and_output(parser: argparse.ArgumentParser, device: str, out: Path | None) -> None:
-    """Argparse errors, before any work, for a ``--device`` torch cannot use and an ``--out`` that is a file."""
+def check_shared_arguments(parser: argparse.ArgumentParser, device: str, out: Path | None, seed: int) -> None:
+    """Argparse errors, before any work, for the options both command lines have.
+
+    A ``--device`` torch cannot use, an ``--out`` folder that cannot be written (a file, or under one; not
+    writable) and a ``--seed`` numpy cannot take. Nothing is created here.
+    """
     from .core import resolve_device  # here, not at the top: --help stays quick
 
     try:
         resolve_device(device)
     except ValueError as err:
         parser.error(f"--device {device}: {err}")
-    if out is not None and out.exists() and not out.is_dir():
+    if not 0 <= seed < 2**32:
+        parser.error(f"--seed must be between 0 and 2**32 - 1, got {seed}")
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
         parser.error(f"--out {out}: a file, not a folder")
+    made_in = out if out.exists() else next(p for p in out.absolute().parents if p.exists())  # the root exists
+    if not made_in.is_dir():
+        parser.error(f"--out {out}: {made_in} is a file, so the folder cannot be made")
+    if not os.access(made_in, os.W_OK | os.X_OK):
+        parser.error(f"--out {out}: {made_in} is not writable")

@@ -131,6 +131,28 @@ def test_seed_none_crops_follow_torch_global_seed(synthetic):
 # --- empty sets ----------------------------------------------------------------------------------------------------
 
 
+def test_evaluate_checks_labels_before_casting_them_as_training_does(synthetic):
+    images, labels = synthetic
+    for bad, message in (
+        (labels + 0.7, "class indices \\(whole numbers\\), got float64"),  # 2.7 was read as class 2
+        (np.array(["a", "b"] * (len(labels) // 2)), "class indices \\(whole numbers\\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluate(tiny_model(), images, bad)
+    whole = evaluate(tiny_model(), images, labels.astype(np.float64))  # whole numbers as floats are fine
+    assert whole["confusion"].sum() == len(labels)
+
+
+def test_the_model_refuses_uint8_images_and_takes_float64_in_its_precision(synthetic):
+    images = torch.from_numpy(synthetic[0][:2])  # uint8, as the loaders give them
+    model = tiny_model().eval()
+    with pytest.raises(TypeError, match=r"floats in \[0, 1\], got torch.uint8.*to_unit_float"):
+        model(images)
+    unit = pathology.to_unit_float(images)
+    with torch.no_grad():
+        torch.testing.assert_close(model(unit.double()), model(unit))
+
+
 def test_evaluate_on_an_empty_set_gives_nan_accuracy():
     out = evaluate(tiny_model(), np.zeros((0, 3, 32, 32), np.uint8), np.zeros(0, np.int64))
     assert np.isnan(out["accuracy"])
@@ -343,6 +365,9 @@ def test_loader_and_labels_refuse_what_they_cannot_use_with_clear_errors(tmp_pat
         (["--d-state", "0"], "--d-state must be >= 1, got 0"),
         (["--depth", "-1"], "--depth must be >= 0, got -1"),
         (["--threads", "-2"], "--threads must be >= 1, got -2"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**32 - 1, got -1"),
+        (["--out", "/dev/null/run1"], "--out /dev/null/run1: /dev/null is a file, so the folder cannot be made"),
         (["--patience", "-1"], "--patience must be >= 0, got -1"),
         (["--lr", "-1"], "--lr must be > 0 and --weight-decay >= 0, got -1.0 and"),
         (["--device", "tpu"], "--device tpu: Unknown device 'tpu'"),

@@ -539,6 +539,8 @@ def no_work(monkeypatch):
         (["--truth-key", "layr"], r"--truth-key 'layr': dlpfc_151673 \(bundled\) has no such obs column"),
         (["--library-key", "slice"], r"--library-key 'slice': dlpfc_151673 \(bundled\) has no such obs column"),
         (["--n-clusters", "5000"], "more domains than the 3639 spots"),
+        (["--seed", "-1"], r"--seed must be between 0 and 2\*\*32 - 1, got -1"),
+        (["--seed", str(2**32)], r"--seed must be between 0 and 2\*\*32 - 1, got 4294967296"),
     ],
 )
 def test_command_line_rejects_bad_arguments_before_any_work(no_work, capsys, argv, message):
@@ -555,6 +557,10 @@ def test_command_line_rejects_an_output_file_and_an_input_that_is_not_h5ad_befor
     (tmp_path / "table.csv").write_text("gene,count\n")
     for argv, message in [
         (["--out", str(tmp_path / "results")], rf"--out {tmp_path / 'results'}: a file, not a folder"),
+        (  # a folder that cannot be made: said before the work, not after it
+            ["--out", str(tmp_path / "results" / "run1")],
+            rf"--out {tmp_path / 'results' / 'run1'}: {tmp_path / 'results'} is a file, so the folder cannot be made",
+        ),
         (["--input", str(tmp_path / "table.csv")], rf"--input {tmp_path / 'table.csv'}: not an \.h5ad file"),
     ]:
         with pytest.raises(SystemExit) as exit_:
@@ -639,14 +645,16 @@ def test_command_line_warnings_point_at_the_call_of_main_not_into_the_package(tm
         assert warned_at(caught, text, __file__), text
 
 
-def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path):
+def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path, capsys):
     adata = crop(bundled, rows=(0, 10))
     adata.write_h5ad(tmp_path / "slice.h5ad")
     argv = ["--input", str(tmp_path / "slice.h5ad"), "--epochs", "1", "--seed", "7", "--n-clusters", "0"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a weak knee on a small crop is not what is tested
-        assert main([*argv, "--out", str(tmp_path / "out")]) == 0
-    result = ad.read_h5ad(tmp_path / "out" / "result.h5ad")
+        assert main([*argv, "--out", str(tmp_path / "out" / "run")]) == 0  # folders made as needed
+    out = capsys.readouterr().out
+    assert "ari" in out and "the 151673 row" not in out  # the bundled slice's pointer is not about user data
+    result = ad.read_h5ad(tmp_path / "out" / "run" / "result.h5ad")
     assert result.uns["dfm"]["params"]["seed"] == 7
     assert "bic" in result.uns["dfm_domain"]  # K chosen at the knee of the BIC curve
 

@@ -228,6 +228,31 @@ def test_zero_shot_takes_whole_float_factors(toy):
     assert got[2]["mse"] == want[2]["mse"] and got[2]["n_windows"] == want[2]["n_windows"]
 
 
+def test_predict_takes_arrays_and_float64_in_the_models_precision(toy):
+    lookbacks = np.stack([toy.values[i : i + 32] for i in range(5)]).astype(np.float64)  # as numpy / pandas give
+    for model in (ts.DLinear(2, 32, 8), ts.DFMambaTS(2, 32, 8, d_model=8, d_state=2, depth=1)):
+        want = ts.predict(model, torch.from_numpy(lookbacks.astype(np.float32)))
+        for given in (lookbacks, torch.from_numpy(lookbacks)):
+            got = ts.predict(model, given)
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want)
+
+
+def test_the_season_continues_past_the_end_of_the_series(etth1):
+    splits = ts.make_splits("ETTh1", 96, 24, frame=etth1, season="daily")
+    n, period = len(splits.values), splits.season.period
+    future = np.arange(n, n + 3 * period)  # the next three days, which the file does not hold
+    np.testing.assert_array_equal(splits.season.at(future), splits.season.at(future - 7 * period))  # a week before
+    assert splits.season.at(future).shape == (3 * period, splits.values.shape[1])
+
+
+def test_season_daily_refuses_repeated_timestamps_clearly():
+    index = pd.DatetimeIndex(["2020-01-01"] * 1000)
+    frame = pd.DataFrame({"a": np.arange(1000.0)}, index=index)
+    with pytest.raises(ValueError, match=r"most common spacing is 0 days.*drop repeated rows"):
+        ts.make_splits("toy", 8, 4, frame=frame, season="daily")
+
+
 def test_predict_on_no_lookback_gives_an_empty_forecast():
     model = ts.DLinear(3, 16, 4)
     for n in (0, 5):

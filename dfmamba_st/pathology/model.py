@@ -146,6 +146,12 @@ class DFMambaClassifier(nn.Module):
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, FractalAux]:
         """Per-token features (batch, L, d_model) in Hilbert order, and DF-Mamba's auxiliary record."""
         self.embed.check_input(images)  # before the normalisation, whose broadcasting hides a wrong layout
+        if not images.is_floating_point():  # uint8 0-255 would be normalised as if in [0, 1]
+            raise TypeError(
+                f"Expected images as floats in [0, 1], got {images.dtype}: convert them first with "
+                "dfmamba_st.pathology.to_unit_float(images) (uint8 is divided by 255)."
+            )
+        images = images.to(self.pixel_mean.dtype)  # float64 (or half) input in the model's precision
         x = self.embed((images - self.pixel_mean) / self.pixel_std)
         h, aux = self.backbone(x)
         return self.norm(h), aux

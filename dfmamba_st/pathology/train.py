@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._cli import check_device_and_output, path_argument
+from .._cli import check_shared_arguments, path_argument
 from .._utils import user_stacklevel
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
@@ -229,8 +229,8 @@ def evaluate(
     >>> out["n_tokens"], out["predictions"].shape
     (4, (2,))
     """
+    _check_labels(np.asarray(labels), model, "Evaluation")  # before the cast, which would truncate 2.9 to 2
     labels = np.asarray(labels, dtype=np.int64)
-    _check_labels(labels, model, "Evaluation")
     side, n_tokens = _field(model, images, crop)
     model.eval()
     device = next(model.parameters()).device
@@ -396,14 +396,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"{flag} must be >= 1, got {value}.")
     for flag, value, minimum in (
         ("--depth", args.depth, 0),
-        ("--threads", args.threads or 1, 1),
+        ("--threads", 1 if args.threads is None else args.threads, 1),
         ("--patience", args.patience, 0),
     ):
         if value < minimum:
             parser.error(f"{flag} must be >= {minimum}, got {value}.")
     if not args.lr > 0 or not args.weight_decay >= 0:
         parser.error(f"--lr must be > 0 and --weight-decay >= 0, got {args.lr} and {args.weight_decay}.")
-    check_device_and_output(parser, args.device, args.out)
+    check_shared_arguments(parser, args.device, args.out, args.seed)
 
 
 def _split(parser: argparse.ArgumentParser, data: ImageSet, args: argparse.Namespace) -> list[ImageSet]:
@@ -434,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     if args.synthetic:

@@ -345,8 +345,23 @@ class Season:
         return cls(period=period, profile=(sums / counts[:, None]).astype(np.float32), phase=phase)
 
     def at(self, rows: np.ndarray) -> np.ndarray:
-        """The profile at file rows ``rows`` (any shape), shape ``rows.shape + (variates,)``."""
-        return self.profile[self.phase[rows]]
+        """The profile at file rows ``rows`` (any shape), shape ``rows.shape + (variates,)``.
+
+        Rows past the end of the file (a forecast of the future) continue the last row's phase, one step per row.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> s = Season(period=3, profile=np.arange(3.0)[:, None], phase=np.array([0, 1, 2, 0]))
+        >>> s.at(np.arange(2, 7))[:, 0].tolist()  # rows 4, 5, 6 lie after the file's last row (phase 0)
+        [2.0, 0.0, 1.0, 2.0, 0.0]
+        """
+        rows = np.asarray(rows)
+        last = len(self.phase) - 1
+        past = rows > last
+        phase = self.phase[np.where(past, last, rows)]
+        phase = np.where(past, (self.phase[last] + rows - last) % self.period, phase)
+        return self.profile[phase]
 
 
 def _sampling_step(index: pd.Index) -> pd.Timedelta | None:
@@ -371,6 +386,11 @@ def _season_period(season: int | str, name: str, step: pd.Timedelta | None) -> i
             step = pd.Timedelta(minutes=KNOWN_DATASETS[name])
         if step is None:
             raise ValueError(f"season='daily' needs timestamps (a DatetimeIndex) or a known data set, not {name!r}.")
+        if step <= pd.Timedelta(0):
+            raise ValueError(
+                f"The timestamps' most common spacing is {step}: sort them and drop repeated rows, or pass "
+                "season=<rows>."
+            )
         period = pd.Timedelta(days=1) / step
         if period != int(period):
             raise ValueError(f"A day is not a whole number of sampling steps ({step}); pass season=<rows>.")

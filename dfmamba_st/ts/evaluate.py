@@ -45,10 +45,12 @@ def _check_forecast_shape(pred: torch.Tensor, y: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """Forecasts of ``model`` (in eval mode) for lookbacks ``x`` (n, L, C), batched; returns (n, H, C) on CPU.
 
-    An empty ``x`` gives an empty (0, H, C) tensor (``H``: ``model.horizon``).
+    ``x`` may be a tensor or an array of any float type (e.g. ``splits.scaler.transform(...)`` of a pandas frame,
+    float64); it is given to the model in the model's own precision. An empty ``x`` gives an empty (0, H, C)
+    tensor (``H``: ``model.horizon``).
 
     Examples
     --------
@@ -61,10 +63,13 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.T
     torch.Size([0, 4, 2])
     """
     batch_size = whole_number(batch_size, "batch_size")
+    x = torch.as_tensor(x)
     if x.ndim != 3:
         raise ValueError(f"x must be lookbacks of shape (n, seq_len, variates), got shape {tuple(x.shape)}.")
     model.eval()
-    device = next(model.parameters()).device
+    weights = next(model.parameters())
+    device = weights.device
+    x = x.to(weights.dtype)  # float64 arrays from numpy / pandas in the model's precision
     if len(x) == 0 and hasattr(model, "horizon"):
         return x.new_zeros((0, model.horizon, x.shape[2]), device="cpu")
     # max(len(x), 1): a model without a ``horizon`` gives the shape of an empty forecast from one empty batch
