@@ -253,6 +253,28 @@ def test_season_daily_refuses_repeated_timestamps_clearly():
         ts.make_splits("toy", 8, 4, frame=frame, season="daily")
 
 
+@pytest.mark.parametrize("model", [ts.DLinear, ts.MSMamba, ts.DFMambaTS])
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ((0, 16, 4), "n_variates must be a whole number >= 1, got 0"),
+        ((2, 0, 4), r"seq_len \(lookback length\)"),
+        ((2, 16, 0), r"horizon \(forecast length\) must be a whole number >= 1, got 0"),
+        ((2, 4.5, 4), "got 4.5"),
+    ],
+)
+def test_forecasters_refuse_sizes_that_are_not_whole_numbers_at_construction(model, sizes, message):
+    with pytest.raises(ValueError, match=message):
+        model(*sizes)
+
+
+def test_window_datasets_refuse_lengths_that_are_not_whole_numbers():
+    values = np.zeros((40, 2), np.float32)
+    for seq_len, horizon in ((4.5, 4), (0, 4), (8, -1)):
+        with pytest.raises(ValueError, match="must be a whole number >= 1"):
+            ts.WindowDataset(values, seq_len, horizon)
+
+
 def test_predict_on_no_lookback_gives_an_empty_forecast():
     model = ts.DLinear(3, 16, 4)
     for n in (0, 5):

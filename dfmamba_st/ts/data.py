@@ -425,8 +425,8 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, values: np.ndarray, seq_len: int, horizon: int, offset: int = 0) -> None:
-        if seq_len < 1 or horizon < 1:
-            raise ValueError(f"seq_len and horizon must be >= 1, got {seq_len}, {horizon}.")
+        seq_len = whole_number(seq_len, "seq_len (lookback length)")
+        horizon = whole_number(horizon, "horizon (forecast length)")
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim != 2:
             raise ValueError(f"values must be (time, variates), got shape {values.shape}.")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._utils import whole_number
 from ..core import DFMamba, Mamba, count_parameters
 from ..core.scan import resolve_backend
 
@@ -23,6 +24,15 @@ __all__ = ["DFMambaTS", "DLinear", "MSMamba", "RevIN", "count_parameters", "scan
 def _check_input(x: torch.Tensor, seq_len: int, n_variates: int) -> None:
     if x.ndim != 3 or x.shape[1] != seq_len or x.shape[2] != n_variates:
         raise ValueError(f"Expected a lookback of shape (batch, {seq_len}, {n_variates}), got {tuple(x.shape)}.")
+
+
+def _sizes(n_variates: int, seq_len: int, horizon: int) -> tuple[int, int, int]:
+    """The three sizes every forecaster takes, as whole numbers >= 1 (a clear error at construction, not later)."""
+    return (
+        whole_number(n_variates, "n_variates"),
+        whole_number(seq_len, "seq_len (lookback length)"),
+        whole_number(horizon, "horizon (forecast length)"),
+    )
 
 
 class RevIN(nn.Module):
@@ -151,6 +161,7 @@ class DLinear(nn.Module):
         self, n_variates: int, seq_len: int = 96, horizon: int = 96, kernel_size: int = 25, individual: bool = False
     ) -> None:
         super().__init__()
+        n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1 (25 in DLinear), got {kernel_size}.")
         self.n_variates, self.seq_len, self.horizon, self.individual = n_variates, seq_len, horizon, individual
@@ -262,6 +273,7 @@ class DFMambaTS(nn.Module):
         **dfmamba_kwargs,
     ) -> None:
         super().__init__()
+        n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if tokens not in ("time", "patch", "mixed"):
             raise ValueError(f"tokens={tokens!r} is not one of ('time', 'patch', 'mixed').")
         if tokens == "patch" and (patch_len < 1 or seq_len % patch_len):
@@ -441,6 +453,7 @@ class MSMamba(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if len(scales) == 0 or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be one or more positive Δ multipliers, got {scales}.")
         self.n_variates, self.seq_len, self.horizon = n_variates, seq_len, horizon
