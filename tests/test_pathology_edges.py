@@ -75,6 +75,19 @@ def test_save_load_round_trip_keeps_pixel_normalisation(tmp_path):
     assert config["pixel_std"] == pytest.approx([0.2, 0.3, 0.1])
 
 
+def test_save_classifier_writes_nothing_when_its_extra_cannot_be_stored(tmp_path):
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        save_classifier(tiny_model(), tmp_path / "model", extra={"counts": np.array([1])})
+    assert not (tmp_path / "model").exists()  # no weights without their config
+
+
+def test_pixel_statistics_of_the_wrong_length_are_refused_at_construction():
+    for kw in ({"pixel_mean": (0.5, 0.5)}, {"pixel_std": (0.2, 0.2, 0.2, 0.2)}):
+        with pytest.raises(ValueError, match=r"must be one value or one per channel \(in_chans=3\)"):
+            tiny_model(**kw)
+    assert tiny_model(in_chans=1, pixel_mean=(0.4,)).pixel_mean.shape == (1, 1, 1)
+
+
 def test_load_classifier_reads_a_config_saved_without_pixel_statistics(tmp_path):
     model = tiny_model().eval()  # default normalisation, as every model saved by the old version of the CLI
     save_classifier(model, tmp_path)

@@ -96,6 +96,11 @@ class DFMambaClassifier(nn.Module):
         self.patch_size = patch_size
         mean = torch.as_tensor(pixel_mean, dtype=torch.float32).reshape(-1, 1, 1)
         std = torch.as_tensor(pixel_std, dtype=torch.float32).reshape(-1, 1, 1)
+        for name, value in (("pixel_mean", mean), ("pixel_std", std)):
+            if len(value) not in (1, in_chans):  # else forward fails on its first batch, far from here
+                raise ValueError(
+                    f"{name} must be one value or one per channel (in_chans={in_chans}), got {len(value)} values."
+                )
         #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
         self.config = dict(
             n_classes=n_classes,

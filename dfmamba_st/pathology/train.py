@@ -297,10 +297,11 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    config = json.dumps({"config": model.config, **(extra or {})}, indent=2)  # first: nothing written if it fails
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, directory / "model.safetensors")
-    (directory / "config.json").write_text(json.dumps({"config": model.config, **(extra or {})}, indent=2))
+    (directory / "config.json").write_text(config)
     return directory
 
 
