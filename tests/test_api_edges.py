@@ -16,11 +16,6 @@ from _shared import QUICK, crop, shared_path, warned_at
 import dfmamba_st as dfm
 from dfmamba_st.tl._embed import _sample_windows
 
-DLPFC_FILES = {
-    "151673": "dlpfc_151673.h5ad",
-    "151674": "dlpfc_151674.h5ad",
-    "151510": "dlpfc_151510_500genes_drsc.h5ad",
-}
 ARI_LEIDEN_EXPRESSION_ONLY = 0.2  # Leiden on 10 PCs of expression alone, no space: 0.27 measured, random labels ~0
 
 
@@ -380,7 +375,7 @@ def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_sto
 
 def test_leiden_clusters_three_slices_of_over_10000_spots():
     """scanpy's approximate neighbours (pynndescent) failed there with scanpy 1.11 and scipy 1.17."""
-    slices = {s: ad.read_h5ad(shared_path("dlpfc", f)) for s, f in DLPFC_FILES.items()}
+    slices = {s: dfm.datasets.dlpfc(s, path=shared_path("dlpfc")) for s in ("151673", "151674", "151510")}
     adata = ad.concat(slices, label="library", join="inner", index_unique="-")  # the 500 genes of 151510
     assert adata.n_obs > 10_000
     sc.pp.normalize_total(adata)
