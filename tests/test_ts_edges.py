@@ -258,8 +258,8 @@ def test_season_daily_refuses_repeated_timestamps_clearly():
     ("sizes", "message"),
     [
         ((0, 16, 4), "n_variates must be a whole number >= 1, got 0"),
-        ((2, 0, 4), r"seq_len \(lookback length\)"),
-        ((2, 16, 0), r"horizon \(forecast length\) must be a whole number >= 1, got 0"),
+        ((2, 0, 4), "seq_len must be a whole number >= 1, got 0"),
+        ((2, 16, 0), "horizon must be a whole number >= 1, got 0"),
         ((2, 4.5, 4), "got 4.5"),
     ],
 )

@@ -400,6 +400,11 @@ def _season_period(season: int | str, name: str, step: pd.Timedelta | None) -> i
     return int(season)
 
 
+def window_lengths(seq_len: int, horizon: int) -> tuple[int, int]:
+    """``seq_len`` (lookback) and ``horizon`` (forecast) as whole numbers >= 1, else an error naming the one."""
+    return whole_number(seq_len, "seq_len"), whole_number(horizon, "horizon")
+
+
 class WindowDataset(Dataset):
     """Sliding windows ``(x, y)`` over one standardised segment: ``x`` = ``seq_len`` rows, ``y`` = the next ``horizon``.
 
@@ -425,8 +430,7 @@ class WindowDataset(Dataset):
     """
 
     def __init__(self, values: np.ndarray, seq_len: int, horizon: int, offset: int = 0) -> None:
-        seq_len = whole_number(seq_len, "seq_len (lookback length)")
-        horizon = whole_number(horizon, "horizon (forecast length)")
+        seq_len, horizon = window_lengths(seq_len, horizon)
         values = np.ascontiguousarray(values, dtype=np.float32)
         if values.ndim != 2:
             raise ValueError(f"values must be (time, variates), got shape {values.shape}.")
@@ -572,7 +576,7 @@ def make_splits(
     >>> len(s.train), len(s.val), len(s.test)  # doctest: +SKIP
     (8449, 2785, 2785)
     """
-    seq_len, horizon = whole_number(seq_len, "seq_len"), whole_number(horizon, "horizon")
+    seq_len, horizon = window_lengths(seq_len, horizon)
     if frame is None:
         file = _find_file(name, path)
         df, stem = _load_file(file), _dataset_stem(file)

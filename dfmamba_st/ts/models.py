@@ -17,6 +17,7 @@ from torch import nn
 from .._utils import whole_number
 from ..core import DFMamba, Mamba, count_parameters
 from ..core.scan import resolve_backend
+from .data import window_lengths
 
 __all__ = ["DFMambaTS", "DLinear", "MSMamba", "RevIN", "count_parameters", "scan_backends"]
 
@@ -28,11 +29,7 @@ def _check_input(x: torch.Tensor, seq_len: int, n_variates: int) -> None:
 
 def _sizes(n_variates: int, seq_len: int, horizon: int) -> tuple[int, int, int]:
     """The three sizes every forecaster takes, as whole numbers >= 1 (a clear error at construction, not later)."""
-    return (
-        whole_number(n_variates, "n_variates"),
-        whole_number(seq_len, "seq_len (lookback length)"),
-        whole_number(horizon, "horizon (forecast length)"),
-    )
+    return (whole_number(n_variates, "n_variates"), *window_lengths(seq_len, horizon))
 
 
 class RevIN(nn.Module):
