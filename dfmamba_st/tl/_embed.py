@@ -488,12 +488,11 @@ def embed(
         )
 
     # the readout: as given, else the trained model's (a model file keeps it), else the default
-    trained_with = {} if model is None else model.config.extra
-    readout = readout if readout is not None else trained_with.get("readout", READOUT_DEFAULTS["readout"])
+    trained_with = {**READOUT_DEFAULTS, **({} if model is None else model.config.extra)}
+    readout = trained_with["readout"] if readout is None else readout
+    readout_hops = trained_with["readout_hops"] if readout_hops is None else readout_hops
     if readout not in ("concat", "model"):
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
-    if readout_hops is None:
-        readout_hops = trained_with.get("readout_hops", READOUT_DEFAULTS["readout_hops"])
     readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
 
     X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
