@@ -102,6 +102,21 @@ def test_load_classifier_reads_a_config_saved_without_pixel_statistics(tmp_path)
         assert torch.equal(model(x), again(x))
 
 
+def test_grey_images_train_evaluate_and_save_without_the_rgb_augmentation(synthetic, tmp_path):
+    images, labels = synthetic
+    grey = images.mean(axis=1, keepdims=True).round().astype(np.uint8)  # (n, 1, H, W)
+    model = tiny_model(in_chans=1)
+    with pytest.raises(ValueError, match=r"need RGB images .* got 1 channel\(s\)\. Pass augment=False"):
+        train_classifier(model, (grey, labels), crop=16, epochs=1, progress=False)
+    result = train_classifier(model, (grey, labels), crop=16, epochs=1, augment=False, progress=False)
+    assert len(result.history) == 1
+    assert evaluate(model, grey, labels)["confusion"].sum() == len(labels)
+    again = load_classifier(save_classifier(model.eval(), tmp_path))
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
 # --- global state and seed=None ------------------------------------------------------------------------------------
 
 

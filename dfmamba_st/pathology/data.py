@@ -471,7 +471,7 @@ def colour_jitter(
 class CropBatches:
     """Training batches: random square crops of in-memory images, with augmentation, reshuffled every epoch.
 
-    ``CropBatches(...)(epoch)`` yields ``(images, labels)`` with images (batch, 3, crop, crop) float32 in [0, 1];
+    ``CropBatches(...)(epoch)`` yields ``(images, labels)`` with images (batch, C, crop, crop) float32 in [0, 1];
     every image is used once per epoch (the last batch may be smaller). The crops and augmentation of an epoch
     depend only on ``seed`` and ``epoch``, so training is repeatable and resumable. Pass the instance as
     ``train_data`` to :func:`dfmamba_st.core.fit` with ``steps_per_epoch=len(batches)``.
@@ -479,7 +479,8 @@ class CropBatches:
     Parameters
     ----------
     images
-        (n, 3, H, W) uint8 (divided by 255) or floats in [0, 1] (used as they are); see :func:`to_unit_float`.
+        (n, 3, H, W) RGB, uint8 (divided by 255) or floats in [0, 1] (used as they are); see :func:`to_unit_float`.
+        Other channel counts (grey, multiplexed) need ``augment=False``.
     labels
         (n,) class indices.
     crop
@@ -487,7 +488,7 @@ class CropBatches:
     batch_size
         Images per batch.
     augment
-        Flips/rotations by 90°, HED stain jitter and colour jitter.
+        Flips/rotations by 90°, HED stain jitter and colour jitter (RGB images only).
     hed_sigma, hed_bias, jitter
         Strength of the stain and colour jitter.
     seed
@@ -516,8 +517,13 @@ class CropBatches:
         jitter: float = 0.1,
         seed: int | None = 0,
     ) -> None:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (n, 3, H, W), got {images.shape}.")
+        if images.ndim != 4:
+            raise ValueError(f"images must have shape (n, channels, H, W), got {images.shape}.")
+        if augment and images.shape[1] != 3:
+            raise ValueError(
+                f"augment=True applies stain (HED) and colour jitter, which need RGB images (n, 3, H, W); got "
+                f"{images.shape[1]} channel(s). Pass augment=False to train on other images."
+            )
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"Need as many labels as images (and at least one), got {len(images)} and {len(labels)}.")
         if crop is not None and not 1 <= crop <= min(images.shape[2], images.shape[3]):

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._weights import constructor_config
 from ..core import DFMamba, FractalAux, count_parameters
 from .tokens import PatchEmbedding
 
@@ -42,7 +43,8 @@ class DFMambaClassifier(nn.Module):
     patch_size
         Patch side in pixels.
     in_chans
-        Image channels.
+        Image channels (3: RGB; other counts train with ``train_classifier(..., augment=False)``, since the stain
+        and colour jitter need RGB).
     pixel_mean, pixel_std
         Images are expected as floats in [0, 1] and normalised inside the model with these values (one for all
         channels, or one per channel); they are part of :attr:`config`, so a saved model keeps them.
@@ -90,6 +92,7 @@ class DFMambaClassifier(nn.Module):
         **dfmamba_kwargs: Any,
     ) -> None:
         super().__init__()
+        config = constructor_config(locals())
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}.")
         self.n_classes = n_classes
@@ -102,23 +105,7 @@ class DFMambaClassifier(nn.Module):
                     f"{name} must be one value or one per channel (in_chans={in_chans}), got {len(value)} values."
                 )
         #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
-        self.config = dict(
-            n_classes=n_classes,
-            d_model=d_model,
-            depth=depth,
-            d_state=d_state,
-            expand=expand,
-            d_conv=d_conv,
-            min_len=min_len,
-            hidden=hidden,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            pixel_mean=_config_value(pixel_mean),
-            pixel_std=_config_value(pixel_std),
-            dropout=dropout,
-            embed_scale=embed_scale,
-            **dfmamba_kwargs,
-        )
+        self.config = {**config, "pixel_mean": _config_value(pixel_mean), "pixel_std": _config_value(pixel_std)}
         self.embed = PatchEmbedding(d_model, patch_size=patch_size, in_chans=in_chans, init_scale=embed_scale)
         self.backbone = DFMamba(
             d_model,

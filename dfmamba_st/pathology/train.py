@@ -35,6 +35,7 @@ from torch.nn import functional as F
 
 from .._cli import check_shared_arguments, path_argument
 from .._utils import user_stacklevel
+from .._weights import read_model_folder, write_model_folder
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
@@ -119,7 +120,8 @@ def train_classifier(
         The classifier (on its device).
     train
         Training images: an :class:`~dfmamba_st.pathology.data.ImageSet` or ``(images, labels)`` with images
-        (n, 3, H, W) uint8 or floats in [0, 1], labels in ``0 .. model.n_classes - 1``.
+        (n, 3, H, W) uint8 or floats in [0, 1], labels in ``0 .. model.n_classes - 1``. Images of another channel
+        count (grey, multiplexed; the model built with that ``in_chans``) train with ``augment=False``.
     val
         Validation images (at least one), evaluated on centre crops of side ``crop`` (the training size) for early
         stopping and best-epoch selection, so that the full field stays unseen until the test. ``None``: every epoch
@@ -133,7 +135,7 @@ def train_classifier(
         reseed; the crops then take their seed from torch's current global random state (see
         :class:`~dfmamba_st.pathology.data.CropBatches`), and so does training.
     augment
-        Flips/rotations, HED stain jitter and colour jitter on the training crops.
+        Flips/rotations, HED stain jitter and colour jitter on the training crops (RGB images only).
 
     Returns
     -------
@@ -284,6 +286,20 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
     The constructor arguments (``model.config``) include ``pixel_mean`` and ``pixel_std``, so that
     :func:`load_classifier` rebuilds a model that gives the same outputs.
 
+    Parameters
+    ----------
+    model
+        The classifier.
+    directory
+        Folder to write (made if missing; ``~`` is expanded); existing files of the same names are replaced.
+    extra
+        More JSON-serialisable entries for ``config.json`` (e.g. ``{"class_names": [...]}``, as the command line
+        writes). Nothing is written when they cannot be stored.
+
+    Returns
+    -------
+    The folder.
+
     Examples
     --------
     >>> import tempfile, torch
@@ -294,15 +310,8 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
     >>> torch.equal(model(x), again(x))
     True
     """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    config = json.dumps({"config": model.config, **(extra or {})}, indent=2)  # first: nothing written if it fails
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, directory / "model.safetensors")
-    (directory / "config.json").write_text(config)
-    return directory
+    tensors = model.state_dict()
+    return write_model_folder(directory, tensors, {"config": model.config, **(extra or {})})
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> DFMambaClassifier:
@@ -310,13 +319,30 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
 
     A ``config.json`` written before ``pixel_mean`` / ``pixel_std`` were saved gets the constructor's defaults
     (0.5 / 0.25), which is what such models used unless they were built with other values.
-    """
-    from safetensors.torch import load_file
 
-    directory = Path(directory)
-    config = json.loads((directory / "config.json").read_text())["config"]
-    model = DFMambaClassifier(**config)
-    model.load_state_dict(load_file(directory / "model.safetensors"))
+    Parameters
+    ----------
+    directory
+        The folder :func:`save_classifier` wrote (``model.safetensors`` and ``config.json``).
+    device
+        Where to put the model (``"cpu"``, ``"cuda"``, ``"auto"``, a :class:`torch.device`).
+
+    Returns
+    -------
+    The classifier, in eval mode. Its ``config.json``'s other entries (``extra``) are not read; load them with
+    :mod:`json` when needed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from dfmamba_st.pathology import DFMambaClassifier, load_classifier, save_classifier
+    >>> folder = save_classifier(DFMambaClassifier(4, d_model=8, depth=1, d_state=2), tempfile.mkdtemp())
+    >>> load_classifier(folder).config["d_model"]
+    8
+    """
+    config, tensors = read_model_folder(directory, "dfm.pathology.save_classifier")
+    model = DFMambaClassifier(**config["config"])
+    model.load_state_dict(tensors)
     return model.to(resolve_device(device)).eval()
 
 

@@ -21,6 +21,7 @@ from .data import (
     split_borders,
 )
 from .evaluate import coarsened_windows, evaluate, predict, zero_shot
+from .forecaster import Forecaster, load_forecaster, save_forecaster
 from .models import DFMambaTS, DLinear, MSMamba, RevIN, count_parameters, scan_backends
 from .train import DEFAULT_EPOCHS, DEFAULT_TRAIN_LOSS, forecast_loss, train_forecaster
 
@@ -32,6 +33,7 @@ __all__ = [
     "DFMambaTS",
     "DLinear",
     "ForecastSplits",
+    "Forecaster",
     "MSMamba",
     "RevIN",
     "Scaler",
@@ -43,8 +45,10 @@ __all__ = [
     "evaluate",
     "forecast_loss",
     "load",
+    "load_forecaster",
     "make_splits",
     "predict",
+    "save_forecaster",
     "scan_backends",
     "split_borders",
     "train_forecaster",

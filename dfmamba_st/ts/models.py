@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import whole_number
+from .._weights import constructor_config
 from ..core import DFMamba, Mamba, count_parameters
 from ..core.scan import resolve_backend
 from .data import window_lengths
@@ -158,6 +159,8 @@ class DLinear(nn.Module):
         self, n_variates: int, seq_len: int = 96, horizon: int = 96, kernel_size: int = 25, individual: bool = False
     ) -> None:
         super().__init__()
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1 (25 in DLinear), got {kernel_size}.")
@@ -270,6 +273,8 @@ class DFMambaTS(nn.Module):
         **dfmamba_kwargs,
     ) -> None:
         super().__init__()
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if tokens not in ("time", "patch", "mixed"):
             raise ValueError(f"tokens={tokens!r} is not one of ('time', 'patch', 'mixed').")
@@ -450,6 +455,8 @@ class MSMamba(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if len(scales) == 0 or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be one or more positive Δ multipliers, got {scales}.")

@@ -1,0 +1,118 @@
+"""A trained forecaster in the data's units (``ts.Forecaster``) and its folder (``ts.save_forecaster`` /
+``ts.load_forecaster``), on the real ETTh1 series with its daily profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from _shared import shared_path
+
+from dfmamba_st import pathology, ts
+
+SEQ_LEN, HORIZON = 96, 24
+
+
+@pytest.fixture(scope="module")
+def etth1() -> pd.DataFrame:
+    return ts.load("ETTh1", path=shared_path("ts", "ETTh1.csv.gz"))
+
+
+@pytest.fixture(scope="module")
+def splits(etth1) -> ts.ForecastSplits:
+    return ts.make_splits("ETTh1", SEQ_LEN, HORIZON, frame=etth1, season="daily")
+
+
+def _models() -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [
+        ts.DLinear(7, SEQ_LEN, HORIZON, individual=True),
+        ts.DFMambaTS(7, SEQ_LEN, HORIZON, d_model=8, d_state=2, depth=2, tokens="time", share_weights=True),
+        ts.MSMamba(7, SEQ_LEN, HORIZON, d_model=8, d_ff=8, d_state=2, scales=(1.0, 3.0)),
+    ]
+
+
+def test_forecast_in_the_data_units_is_the_documented_recipe(etth1, splits):
+    """scaler.transform − season → model → + season → scaler.inverse, for raw rows anywhere in the file."""
+    model = _models()[1]
+    forecaster = ts.Forecaster.from_splits(model, splits)
+    starts = np.array([0, 9000, len(etth1) - SEQ_LEN - HORIZON])
+    lookbacks = np.stack([splits.values[s : s + SEQ_LEN] for s in starts])
+    future = starts[:, None] + SEQ_LEN + np.arange(HORIZON)
+    standardised = ts.predict(model, lookbacks).numpy() + splits.season.at(future)
+    want = splits.scaler.inverse(standardised.reshape(-1, 7)).reshape(standardised.shape)
+    raw = np.stack([etth1.to_numpy()[s : s + SEQ_LEN] for s in starts])
+    got = forecaster.forecast(raw, first_row=starts)
+    assert got.shape == (3, HORIZON, 7) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # one lookback, as a frame with its columns in another order: the same forecast
+    frame = etth1.iloc[9000 : 9000 + SEQ_LEN, ::-1]
+    np.testing.assert_allclose(forecaster.forecast(frame, first_row=9000), got[1], rtol=1e-6, atol=1e-5)
+    # and the forecast is in the data's units: the oil temperature's scale, not a standardised one
+    assert abs(got[..., -1].mean() - etth1["OT"].iloc[future.ravel()].mean()) < 3 * etth1["OT"].std()
+
+
+def test_the_latest_lookback_forecasts_past_the_end_of_the_file(etth1, splits):
+    forecaster = ts.Forecaster.from_splits(_models()[0], splits)
+    n = len(etth1)
+    got = forecaster.forecast(etth1.iloc[-SEQ_LEN:], first_row=n - SEQ_LEN)
+    future = splits.season.at(np.arange(n, n + HORIZON))
+    lookback = splits.values[None, -SEQ_LEN:]
+    want = splits.scaler.inverse(ts.predict(forecaster.model, lookback)[0].numpy() + future)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["DLinear", "DFMambaTS", "MSMamba"])
+def test_a_saved_forecaster_is_read_back_exactly(etth1, splits, index, tmp_path):
+    model = _models()[index]
+    folder = ts.save_forecaster(model, tmp_path / "run", splits=splits)
+    again = ts.load_forecaster(folder)
+    assert type(again.model) is type(model) and not again.model.training
+    assert again.model.config == json.loads(json.dumps(model.config))
+    assert again.columns == list(etth1.columns) and again.name == "ETTh1"
+    np.testing.assert_array_equal(again.scaler.mean, splits.scaler.mean)
+    np.testing.assert_array_equal(again.scaler.std, splits.scaler.std)
+    assert again.season.period == splits.season.period == 24
+    np.testing.assert_array_equal(again.season.profile, splits.season.profile)
+    np.testing.assert_array_equal(again.season.phase, splits.season.phase)
+    raw, start = etth1.to_numpy()[12000 : 12000 + SEQ_LEN], 12000
+    want = ts.Forecaster.from_splits(model.eval(), splits).forecast(raw, first_row=start)
+    np.testing.assert_array_equal(again.forecast(raw, first_row=start), want)
+    # a Forecaster is saved as it is (here the one just read), and reads back the same
+    twice = ts.load_forecaster(ts.save_forecaster(again, tmp_path / "again"))
+    np.testing.assert_array_equal(twice.forecast(raw, first_row=start), want)
+
+
+def test_a_model_saved_alone_forecasts_the_values_it_is_given(splits, tmp_path):
+    model = _models()[0]
+    again = ts.load_forecaster(ts.save_forecaster(model, tmp_path))
+    assert again.scaler is None and again.season is None and again.columns is None
+    lookback = splits.values[:SEQ_LEN]
+    np.testing.assert_array_equal(again.forecast(lookback), ts.predict(model, lookback[None])[0].numpy())
+
+
+def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
+    forecaster = ts.Forecaster.from_splits(_models()[0], splits)
+    with pytest.raises(ValueError, match="pass first_row="):
+        forecaster.forecast(etth1.iloc[:SEQ_LEN])
+    with pytest.raises(ValueError, match="first_row must be whole numbers >= 0"):
+        forecaster.forecast(etth1.iloc[:SEQ_LEN], first_row=-1)
+    with pytest.raises(ValueError, match=r"shape \(96, 7\) or \(n, 96, 7\), got \(95, 7\)"):
+        forecaster.forecast(etth1.to_numpy()[:95], first_row=0)
+    with pytest.raises(ValueError, match=r"no column \['OT'\]"):
+        forecaster.forecast(etth1.iloc[:SEQ_LEN].drop(columns="OT"), first_row=0)
+    with pytest.raises(TypeError, match="saves the package's forecasters"):
+        ts.save_forecaster(torch.nn.Linear(2, 2), tmp_path / "linear")
+    with pytest.raises(ValueError, match="not both"):
+        ts.save_forecaster(forecaster, tmp_path / "both", splits=splits)
+    with pytest.raises(ValueError, match="is a file"):
+        (tmp_path / "file").write_text("")
+        ts.save_forecaster(forecaster, tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or config\.json"):
+        ts.load_forecaster(tmp_path / "nothing")
+    classifier = pathology.save_classifier(pathology.DFMambaClassifier(4, d_model=8, depth=1), tmp_path / "path")
+    with pytest.raises(ValueError, match="holds no forecaster"):
+        ts.load_forecaster(classifier)
