@@ -125,7 +125,7 @@ def test_an_annotation_of_25_labels_has_25_colours(embedded):
     assert [colours[c] for c in embedded.obs["dom25"].cat.categories] == [to_hex(c) for c in default_102[:25]]
 
 
-def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_nor_near_white(embedded):
+def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_nor_pastel(embedded):
     fig = dfm.pl.domains(embedded, "dom25", truth_key="layer", return_fig=True, show=False)
     truth, domains = legend_colours(fig.axes[0]), legend_colours(fig.axes[1])
     assert len(domains) == 25 and len(set(domains.values())) == 25  # no colour twice
@@ -133,9 +133,10 @@ def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_no
     assert len(spare) >= 25 - len(truth)
     for colour in spare:
         rgb = np.asarray(to_rgb(colour))
-        assert rgb.max() - rgb.min() >= 0.1, colour  # not a grey like the NA colour, lightgrey
-        assert (rgb.max() + rgb.min()) / 2 <= 0.8, colour  # not a near-white, invisible over the H&E image
+        assert rgb.max() - rgb.min() >= 0.3, colour  # not a grey like the NA colour (lightgrey), nor a pastel
+        assert (rgb.max() + rgb.min()) / 2 <= 0.7, colour  # not a pastel or near-white, faint over the H&E image
         assert np.linalg.norm(rgb - np.asarray(to_rgb("lightgrey"))) > 0.1
+        assert min(np.linalg.norm(rgb - np.asarray(to_rgb(t))) for t in truth.values()) >= 0.1, colour
 
 
 @pytest.mark.parametrize("ignore", [("undetermined",), "Undetermined"])

@@ -30,12 +30,14 @@ from ..tl._cluster import WEAK_KNEE
 
 __all__ = ["bic", "domains", "gates", "training"]
 
-#: spare colours closer than this (RGB distance, 0-1 per channel) to a colour in use are left out
-_MIN_COLOUR_DISTANCE = 0.1
-#: colours with less chroma (max - min channel) than this are greys, too close to the NA colour ``lightgrey``
-_MIN_CHROMA = 0.1
-#: colours lighter than this (HLS lightness) are near-white, barely visible over the H&E image
-_MAX_LIGHTNESS = 0.8
+#: spare colours closer than this (RGB distance, 0-1 per channel) to a colour in use are left out; the second
+#: value is used for the colours still missing once the first leaves none
+_MIN_COLOUR_DISTANCES = (0.25, 0.1)
+#: spare colours with less chroma (max - min channel) than this are greys or pastels, faint over the H&E image
+#: and close to the NA colour ``lightgrey``
+_MIN_CHROMA = 0.3
+#: spare colours lighter than this (HLS lightness) are pastels or near-whites, barely visible over the H&E image
+_MAX_LIGHTNESS = 0.7
 #: how far the tissue panels reach beyond the spots: this fraction of their extent (at least one spot diameter)
 _ZOOM_MARGIN = 0.05
 
@@ -115,8 +117,8 @@ def _coordinates(adata: AnnData, *uns_keys: str | None) -> str:
     raise KeyError(f"adata.obsm['spatial'] not found (the spots' coordinates); obsm holds {list(adata.obsm)}.")
 
 
-def _is_muted(colour) -> bool:
-    """A grey (too close to the NA colour ``lightgrey``) or a near-white (barely visible over the H&E image)."""
+def _is_faint(colour) -> bool:
+    """A grey, pastel or near-white: too close to the NA colour ``lightgrey`` or barely visible over the H&E image."""
     rgb = np.asarray(to_rgb(colour))
     return bool(rgb.max() - rgb.min() < _MIN_CHROMA or (rgb.max() + rgb.min()) / 2 > _MAX_LIGHTNESS)
 
@@ -146,22 +148,25 @@ def _category_colours(adata: AnnData, key: str, categories: pd.Index) -> dict | 
 def _spare_colours(n: int, taken: Sequence) -> list[str]:
     """``n`` colours for domains that match no annotated label: distinct from ``taken`` and from each other.
 
-    From Set3, then scanpy's 102 colours, leaving out greys and near-whites; they repeat only when none is left.
+    From tab10, Dark2, then scanpy's 102 colours, leaving out greys, pastels and near-whites (Set3's pastels, the
+    spare colours until 2026-12-06, were faint over the H&E image); they repeat only when none is left.
     """
     from scanpy.plotting.palettes import default_102
 
+    candidates = [to_hex(c) for name in ("tab10", "Dark2") for c in plt.get_cmap(name).colors]
+    candidates = [c for c in dict.fromkeys(candidates + [to_hex(c) for c in default_102]) if not _is_faint(c)]
     used = [np.asarray(to_rgb(c)) for c in taken]
     out: list[str] = []
-    for colour in [to_hex(c) for c in plt.get_cmap("Set3").colors] + [to_hex(c) for c in default_102]:
-        if len(out) == n:
-            break
-        rgb = np.asarray(to_rgb(colour))
-        if _is_muted(colour) or any(np.linalg.norm(rgb - u) < _MIN_COLOUR_DISTANCE for u in used):
-            continue
-        out.append(colour)
-        used.append(rgb)
+    for distance in _MIN_COLOUR_DISTANCES:
+        for colour in candidates:
+            rgb = np.asarray(to_rgb(colour))
+            if len(out) == n:
+                break
+            if colour not in out and all(np.linalg.norm(rgb - u) >= distance for u in used):
+                out.append(colour)
+                used.append(rgb)
     if not out:  # every candidate is in use already: take them anyway
-        out = [to_hex(c) for c in plt.get_cmap("Set3").colors if not _is_muted(c)]
+        out = candidates
     return [out[i % len(out)] for i in range(n)]
 
 
