@@ -44,6 +44,16 @@ class FractalAux:
         Channel-mean gate of every fusing depth ``k = 0, 1, ...``, each (batch, L_k), detached; 0 = local, 1 = global.
     lengths
         Sequence length at every depth that ran the Mamba block (the last one is the base case).
+
+    Examples
+    --------
+    Depth 2 on 20 tokens: the Mamba block runs on 20, 10 and 5 tokens and the two upper depths fuse through a gate:
+
+    >>> import torch
+    >>> from dfmamba_st.core import DFMamba
+    >>> y, aux = DFMamba(8, depth=2, d_state=4)(torch.randn(3, 20, 8))
+    >>> aux.lengths, sorted(aux.terms), [tuple(g.shape) for g in aux.gates], aux.loss.ndim
+    ([20, 10, 5], ['consist', 'flow', 'recon'], [(3, 20), (3, 10)], 0)
     """
 
     loss: torch.Tensor

@@ -83,6 +83,52 @@ def selective_scan_reference(
     """Plain sequential loop (slow; the ground truth the other backends are tested against).
 
     Arguments and return value as :func:`selective_scan`.
+
+    Parameters
+    ----------
+    u, delta
+        Input and time step, (batch, d_inner, L).
+    A
+        State matrix (diagonal, real), (d_inner, N).
+    B, C
+        Input-dependent input and output matrices, (batch, N, L).
+    D
+        Skip connection, (d_inner,); adds ``D[d] * u[t]`` to the output.
+    z
+        Output gate, (batch, d_inner, L); the output is multiplied by ``silu(z)``.
+    delta_bias
+        Added to ``delta`` before the optional softplus, (d_inner,).
+    delta_softplus
+        Apply softplus to ``delta``.
+    return_last_state
+        Also return the final state, (batch, d_inner, N).
+    initial_state
+        State to start from, (batch, d_inner, N); ``None``: zeros.
+
+    Returns
+    -------
+    ``y`` of shape (batch, d_inner, L), or ``(y, last_state)`` with ``return_last_state``. With ``L = 0``, ``y`` is
+    empty and the last state is the initial one.
+
+    Notes
+    -----
+    Unlike the other backends, this loop checks no shapes, and it computes in the dtype of the inputs (the
+    ``"torch"`` and ``"numba"`` backends compute half precision in float32). It runs on any device and is
+    differentiable through ordinary autograd; it loops over time in Python, so it is meant for short sequences.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.core import selective_scan, selective_scan_reference
+    >>> g = torch.Generator().manual_seed(0)
+    >>> u, delta = torch.randn(2, 4, 10, generator=g), torch.rand(2, 4, 10, generator=g)
+    >>> A = -torch.rand(4, 3, generator=g)
+    >>> B, C = torch.randn(2, 3, 10, generator=g), torch.randn(2, 3, 10, generator=g)
+    >>> y, last = selective_scan_reference(u, delta, A, B, C, D=torch.ones(4), return_last_state=True)
+    >>> y.shape, last.shape
+    (torch.Size([2, 4, 10]), torch.Size([2, 4, 3]))
+    >>> torch.allclose(y, selective_scan(u, delta, A, B, C, D=torch.ones(4), backend="torch"), atol=1e-5)
+    True
     """
     delta = _prepare_delta(delta, delta_bias, delta_softplus)
     batch, d_inner, length = u.shape
@@ -288,7 +334,19 @@ _BACKENDS: dict[str, Callable] = {
 
 
 def available_backends() -> list[str]:
-    """Names of the scan backends usable in this environment (``"cuda"`` needs a GPU and mamba-ssm)."""
+    """Names of the scan backends usable in this environment (``"cuda"`` needs a GPU and mamba-ssm).
+
+    Returns
+    -------
+    The sorted names: always ``"reference"`` and ``"torch"``, ``"numba"`` when numba imports, ``"cuda"`` when torch
+    sees a CUDA device and mamba-ssm imports. ``"auto"`` is not listed (see :func:`resolve_backend`).
+
+    Examples
+    --------
+    >>> from dfmamba_st.core import available_backends
+    >>> {"reference", "torch"} <= set(available_backends())
+    True
+    """
     names = ["reference", "torch"]
     if _numba_available():
         names.append("numba")
@@ -309,7 +367,17 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
 
     Returns
     -------
-    The concrete backend name.
+    The concrete backend name. For ``"auto"``: ``"cuda"`` on a CUDA device when mamba-ssm imports, else ``"torch"``
+    there; ``"numba"`` on the CPU when numba imports, else ``"torch"``; ``"torch"`` on any other device type. Names
+    other than ``"auto"`` are not checked (:func:`selective_scan` rejects unknown ones).
+
+    Examples
+    --------
+    >>> from dfmamba_st.core import resolve_backend
+    >>> resolve_backend("torch", "cpu")
+    'torch'
+    >>> resolve_backend("auto", "cpu") in ("numba", "torch")  # "numba" where numba imports
+    True
     """
     if backend != "auto":
         return backend

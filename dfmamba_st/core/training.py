@@ -37,6 +37,19 @@ def distributed_context() -> tuple[int, int]:
 
     Start one with ``torchrun`` and ``torch.distributed.init_process_group("gloo")`` (CPU) or ``"nccl"`` (GPUs);
     :func:`fit` then trains data-parallel.
+
+    Returns
+    -------
+    ``(rank, world_size)`` of the initialised default process group; ``(0, 1)`` when ``torch.distributed`` is not
+    available or no process group is initialised.
+
+    Examples
+    --------
+    A single process (no process group):
+
+    >>> from dfmamba_st.core import distributed_context
+    >>> distributed_context()
+    (0, 1)
     """
     import torch.distributed as dist
 
@@ -89,7 +102,27 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     seed
         The seed.
     deterministic
-        Use deterministic algorithms where torch has them (warns, instead of failing, where it has none).
+        Use deterministic algorithms where torch has them (warns, instead of failing, where it has none). This
+        calls ``torch.use_deterministic_algorithms(True, warn_only=True)``, turns off ``torch.backends.cudnn.benchmark``
+        and sets the environment variable ``CUBLAS_WORKSPACE_CONFIG`` to ``":4096:8"`` unless it is already set.
+        ``False`` leaves these settings as they are (it does not turn deterministic algorithms off).
+
+    Notes
+    -----
+    The seeds and settings are global: they stay in force after the call. Wrap the call in
+    :func:`isolated_global_state` to put the caller's state back afterwards.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.core import isolated_global_state, seed_everything
+    >>> with isolated_global_state():  # the caller's random states are put back after the block
+    ...     seed_everything(0)
+    ...     first = torch.rand(3)
+    ...     seed_everything(0)
+    ...     second = torch.rand(3)
+    >>> torch.equal(first, second)
+    True
     """
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - user code and scanpy draw from the global NumPy state
@@ -143,6 +176,15 @@ def isolated_global_state() -> Iterator[None]:
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters of ``model`` (a tensor shared by several modules counted once).
 
+    Parameters
+    ----------
+    model
+        Any module; its parameters with ``requires_grad`` set are counted (frozen ones and buffers are not).
+
+    Returns
+    -------
+    The total number of elements of those parameters.
+
     Examples
     --------
     >>> from torch import nn
@@ -155,6 +197,22 @@ def count_parameters(model: nn.Module) -> int:
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a device, failing clearly if it is absent.
+
+    Parameters
+    ----------
+    device
+        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+        :class:`torch.device` of type ``cpu`` or ``cuda`` (checked as its string form).
+
+    Returns
+    -------
+    The :class:`torch.device`. ``"cuda"`` stays without an index (the current CUDA device).
+
+    Raises
+    ------
+    ValueError
+        For a CUDA device when torch sees no CUDA GPU, for a GPU index torch does not see, for a name torch does not
+        parse, and for any device type other than ``cpu`` and ``cuda`` (e.g. ``"mps"``, ``"meta"``).
 
     Examples
     --------
@@ -183,7 +241,31 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def cosine_with_warmup(total_steps: int, warmup_fraction: float = 0.1) -> Callable[[int], float]:
-    """Learning-rate multiplier: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0."""
+    """Learning-rate multiplier: linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to 0.
+
+    Parameters
+    ----------
+    total_steps
+        Number of optimiser steps of the whole run.
+    warmup_fraction
+        Fraction of ``total_steps`` spent in the linear warm-up. The number of warm-up steps is
+        ``max(1, round(warmup_fraction * total_steps))`` (at least one; Python's :func:`round`, halves to even).
+
+    Returns
+    -------
+    ``factor(step)``, the multiplier of the peak learning rate at step ``step`` (counted from 0), the form
+    :class:`torch.optim.lr_scheduler.LambdaLR` takes: ``(step + 1) / warmup`` during the ``warmup`` warm-up steps,
+    then ``0.5 * (1 + cos(pi * progress))`` with ``progress = (step - warmup) / max(1, total_steps - warmup)``
+    capped at 1: the multiplier is 1 right after the warm-up and, when the warm-up is shorter than the run, 0 from
+    ``step = total_steps`` on.
+
+    Examples
+    --------
+    >>> from dfmamba_st.core import cosine_with_warmup
+    >>> factor = cosine_with_warmup(10, warmup_fraction=0.2)  # two warm-up steps
+    >>> [round(factor(step), 3) for step in (0, 1, 2, 6, 10, 20)]
+    [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]
+    """
     warmup = max(1, round(warmup_fraction * total_steps))
 
     def factor(step: int) -> float:
@@ -208,6 +290,14 @@ class TrainResult:
         Epoch whose weights the model holds at the end (lowest monitored loss).
     stopped_early
         Whether early stopping ended the run.
+
+    Examples
+    --------
+    :func:`fit` fills it; an empty one:
+
+    >>> from dfmamba_st.core import TrainResult
+    >>> TrainResult()
+    TrainResult(history=[], best_epoch=-1, stopped_early=False)
     """
 
     history: list[dict[str, float]] = field(default_factory=list)
@@ -270,6 +360,18 @@ def _progress_terms(row: dict[str, float]) -> dict[str, str]:
 
 def fingerprint(*arrays: Any) -> str:
     """SHA-256 of arrays' shapes, types and values (texts too): names a run's data in ``fit(run_key=...)``.
+
+    Parameters
+    ----------
+    *arrays
+        Arrays or anything :func:`numpy.asarray` takes (lists, numbers, CPU tensors that need no gradient). Each
+        one's shape, dtype and values (its C-ordered bytes) enter the digest, in the order given; an object array
+        (e.g. of strings) is first converted to a string array.
+
+    Returns
+    -------
+    The digest as a string of 64 hexadecimal digits. It changes with the shape or dtype even when the values are
+    equal (``np.arange(3)`` in int32 and in int64 differ).
 
     Examples
     --------
@@ -393,6 +495,27 @@ def fit(
     initial weights are broadcast, every rank computes the loss on its own share of each batch, gradients are
     averaged over the ranks before clipping and the optimiser step (what ``DistributedDataParallel`` does, for any
     ``loss_fn``), logged losses are averaged, only rank 0 shows progress and writes checkpoints.
+
+    Examples
+    --------
+    Fit ``y = 3x`` with a linear model (started at zero, so that the run is the same every time) for five epochs of
+    four batches:
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from dfmamba_st.core import fit
+    >>> x = torch.linspace(-1, 1, 32)[:, None]
+    >>> batches = [(x[i : i + 8], 3 * x[i : i + 8]) for i in range(0, 32, 8)]
+    >>> def loss_fn(model, batch):
+    ...     inputs, targets = batch
+    ...     return nn.functional.mse_loss(model(inputs), targets)
+    >>> model = nn.Linear(1, 1)
+    >>> _ = nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    >>> result = fit(model, loss_fn, batches, epochs=5, lr=0.1, seed=None, progress=False)  # seed=None: no reseeding
+    >>> len(result.history), sorted(result.history[0]), result.best_epoch
+    (5, ['epoch', 'lr', 'train_loss', 'val_loss'], 4)
+    >>> result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    True
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}.")

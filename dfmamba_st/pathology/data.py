@@ -61,6 +61,14 @@ class ImageSet:
         Name of every class index.
     paths
         Source file of every image (empty for generated images).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology import ImageSet
+    >>> data = ImageSet(np.zeros((4, 3, 32, 32), np.uint8), np.array([0, 1, 0, 1]), ("Normal", "Benign"))
+    >>> len(data), data.subset(np.array([1, 3])).labels.tolist()
+    (4, [1, 1])
     """
 
     images: np.ndarray
@@ -72,7 +80,11 @@ class ImageSet:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> ImageSet:
-        """The images at ``index`` (a new :class:`ImageSet`; arrays are copied)."""
+        """The images at ``index`` (a new :class:`ImageSet`; arrays are copied).
+
+        ``index`` holds integer positions; a boolean mask works only for a set without ``paths`` (with paths it
+        raises ``TypeError``).
+        """
         index = np.asarray(index)
         paths = [self.paths[i] for i in index] if self.paths else []
         return ImageSet(self.images[index], self.labels[index], self.class_names, paths)
@@ -196,10 +208,27 @@ def _sides(size: int | tuple[int, int], what: str = "size") -> tuple[int, int]:
 def load_image(path: str | Path, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as (3, H, W) uint8 RGB, resized (bilinear) to ``size`` (side or ``(height, width)``) if given.
 
+    Parameters
+    ----------
+    path
+        The image file, in any format PIL reads. Grey, palette and RGBA images are converted to RGB (the alpha
+        channel is dropped); 16- and 32-bit integer images (PIL modes ``I;16`` and ``I``) are scaled from 0–65535
+        and 32-bit float images (mode ``F``) from 0–1.
+    size
+        Side of the square to resize to, or ``(height, width)``, whole numbers >= 1. ``None``: the image's own size.
+
+    Returns
+    -------
+    A C-contiguous (3, H, W) uint8 array.
+
     Raises
     ------
+    FileNotFoundError
+        If the file does not exist.
     ValueError
-        If the file exists but cannot be read as an image (the message names the file).
+        If the file exists but cannot be read as an image (the message names the file); if a 32-bit integer or
+        float image holds values outside 0–65535 or 0–1 (or non-finite ones); if ``size`` is not a side or
+        ``(height, width)`` of whole numbers >= 1 (checked after reading the file).
 
     Examples
     --------
@@ -252,8 +281,32 @@ def load_image_folder(
 
     Raises
     ------
+    FileNotFoundError
+        If ``root`` is not a directory.
     ValueError
-        With ``image_size=None``, if the images differ in size (the message names two of them).
+        With ``image_size=None``, if the images differ in size (the message names two of them); if ``image_size`` is
+        not a side or ``(height, width)`` of whole numbers >= 1 (checked before any file is read); if there are
+        fewer than two classes, a class folder is missing or empty, or an image cannot be read (see
+        :func:`list_image_folder` and :func:`load_image`).
+
+    Examples
+    --------
+    A tiny folder with two classes of two images each, 30×40 pixels (height × width), resized to 32×32:
+
+    >>> import tempfile, pathlib
+    >>> import numpy as np
+    >>> from PIL import Image
+    >>> from dfmamba_st.pathology import load_image_folder
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("tumour", "stroma"):
+    ...     (root / name).mkdir()
+    ...     for i in range(2):
+    ...         Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).save(root / name / f"{i}.png")
+    >>> data = load_image_folder(root, image_size=32)
+    >>> data.images.shape, data.images.dtype, data.labels.tolist(), data.class_names
+    ((4, 3, 32, 32), dtype('uint8'), [0, 0, 1, 1], ('stroma', 'tumour'))
+    >>> [pathlib.Path(p).relative_to(root).as_posix() for p in data.paths]
+    ['stroma/0.png', 'stroma/1.png', 'tumour/0.png', 'tumour/1.png']
     """
     if image_size is not None:
         _sides(image_size, "image_size")  # checked before any file is read
@@ -278,6 +331,31 @@ def stratified_split(
     Every class is shuffled with ``seed`` and cut at the rounded cumulative fractions, so each part holds about
     the same class proportions and the split is repeatable. With few images per class a part with a non-zero
     fraction can come out empty (e.g. 3 images per class at 70/15/15); this gives a warning.
+
+    Parameters
+    ----------
+    labels
+        (n,) class label of every item (any values :func:`numpy.unique` sorts: integers, strings).
+    fractions
+        Share of every part, non-negative and summing to 1 (within 1e-6); any number of parts.
+    seed
+        Seed of the shuffles (:func:`numpy.random.default_rng`); the global random state is not used.
+
+    Returns
+    -------
+    One sorted int64 index array per fraction. The parts are disjoint and together hold every index. A class of
+    ``m`` items gives part ``k`` the items from position ``round(cumsum(fractions)[k - 1] * m)`` (0 for the first
+    part) up to ``round(cumsum(fractions)[k] * m)`` of its shuffled order.
+
+    Raises
+    ------
+    ValueError
+        If a fraction is negative or the fractions do not sum to 1.
+
+    Warns
+    -----
+    UserWarning
+        If a part with a non-zero fraction comes out empty (and there are labels).
 
     Examples
     --------
@@ -376,6 +454,23 @@ def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Apply one of the 8 flips/rotations by 90° to every image of a square batch (batch, C, S, S), independently.
 
+    Parameters
+    ----------
+    x
+        (batch, C, S, S) images, any dtype and device; at least one image.
+    generator
+        CPU random generator of the draws (``None``: torch's global random state). One draw per image from
+        ``0..7``: a rotation by ``(draw % 4) × 90°`` counter-clockwise, then a left-right flip when ``draw >= 4``.
+
+    Returns
+    -------
+    A new tensor of the shape, dtype and device of ``x``.
+
+    Raises
+    ------
+    ValueError
+        If the images are not square.
+
     Examples
     --------
     >>> import torch
@@ -446,6 +541,26 @@ def colour_jitter(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random brightness, contrast and saturation factors ``U(1 - s, 1 + s)`` per image; (batch, 3, H, W) in [0, 1].
+
+    Parameters
+    ----------
+    x
+        (batch, 3, H, W) RGB floats in [0, 1].
+    brightness
+        Strength ``s`` of the brightness change: every image is multiplied by its factor.
+    contrast
+        Strength of the contrast change: the distance of every value from the image's mean (over its channels and
+        pixels, after the brightness change) is multiplied by the factor.
+    saturation
+        Strength of the saturation change: the distance of every channel from the pixel's grey level
+        (``0.299 R + 0.587 G + 0.114 B``) is multiplied by the factor.
+    generator
+        Random generator of the factors (``None``: torch's global random state); one draw per image for each of
+        the three changes, in this order.
+
+    Returns
+    -------
+    The jittered batch, clipped to [0, 1] (a new tensor). Strengths of 0 give the input back (up to rounding).
 
     Examples
     --------
@@ -579,6 +694,31 @@ def eval_batches(
 
     ``images`` are uint8 or floats in [0, 1] (see :func:`to_unit_float`). Returns a generator of
     ``(images, labels)``, images float32 in [0, 1].
+
+    Parameters
+    ----------
+    images
+        (n, C, H, W) images, uint8 or floats in [0, 1].
+    labels
+        (n,) class indices (cast to int64).
+    batch_size
+        Images per batch, in the given order (the last batch may be smaller); a whole number >= 1.
+    crop
+        Side of the central square crop; ``None``: whole images.
+
+    Yields
+    ------
+    ``(images, labels)``: (batch, C, crop, crop) or (batch, C, H, W) float32 images in [0, 1] and (batch,) int64
+    labels.
+
+    Raises
+    ------
+    ValueError
+        If ``images`` and ``labels`` differ in length, ``crop`` is larger than the images, float images hold values
+        outside [0, 1], or ``batch_size`` is below 1. As in any generator, the checks run when the first batch is
+        requested, not at the call.
+    TypeError
+        If the images are neither uint8 nor floating point, or ``batch_size`` is not a number.
 
     Examples
     --------

@@ -80,6 +80,22 @@ def patch_order(rows: int, cols: int, curve: curves.Curve = "hilbert") -> np.nda
 
     ``patch_order(r, c)[i]`` is the row-major index (``row * cols + col``) of the ``i``-th token.
 
+    Parameters
+    ----------
+    rows, cols
+        Size of the patch grid (converted with ``int``), each >= 1.
+    curve
+        Token order, one of :data:`dfmamba_st.core.curves.CURVES` (see :func:`dfmamba_st.core.curves.grid_curve`).
+
+    Returns
+    -------
+    A (rows·cols,) int64 permutation of ``0 .. rows·cols - 1`` (a fresh, writable copy of a cached result).
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` or ``cols`` is below 1, or ``curve`` is unknown.
+
     Examples
     --------
     >>> from dfmamba_st.pathology.tokens import patch_order
@@ -91,6 +107,23 @@ def patch_order(rows: int, cols: int, curve: curves.Curve = "hilbert") -> np.nda
 
 def token_cells(rows: int, cols: int, curve: curves.Curve = "hilbert") -> np.ndarray:
     """(rows·cols, 2) ``(row, col)`` patch position of every token, in sequence order.
+
+    Parameters
+    ----------
+    rows, cols
+        Size of the patch grid (converted with ``int``), each >= 1.
+    curve
+        Token order, one of :data:`dfmamba_st.core.curves.CURVES`.
+
+    Returns
+    -------
+    A (rows·cols, 2) int64 array (a fresh, writable copy of a cached result); row ``i`` is the patch of token
+    ``i``, so ``cells[:, 0] * cols + cells[:, 1]`` is :func:`patch_order`.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` or ``cols`` is below 1, or ``curve`` is unknown.
 
     Examples
     --------
@@ -142,7 +175,43 @@ def patchify(images: torch.Tensor, patch_size: int = 16, curve: curves.Curve = "
 def unpatchify(
     tokens: torch.Tensor, height: int, width: int, patch_size: int = 16, curve: curves.Curve = "hilbert"
 ) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (batch, L, channels · p²) tokens in curve order → (batch, channels, H, W)."""
+    """Inverse of :func:`patchify`: (batch, L, channels · p²) tokens in curve order → (batch, channels, H, W).
+
+    Parameters
+    ----------
+    tokens
+        (batch, L, channels · patch_size²) tokens in curve order, each a patch's pixels flattened channel-first,
+        ``L = (height / patch_size) · (width / patch_size)``.
+    height, width
+        Image size in pixels, multiples of ``patch_size``.
+    patch_size
+        Patch side in pixels.
+    curve
+        Token order used by :func:`patchify`.
+
+    Returns
+    -------
+    (batch, channels, height, width) images, with the dtype and device of ``tokens``; the number of channels is
+    the token width divided by ``patch_size²``.
+
+    Raises
+    ------
+    ValueError
+        If a side is not a positive multiple of ``patch_size``, or the tokens do not fit the image (wrong ``L``, or
+        a width that is not a multiple of ``patch_size²``). A ``tokens`` tensor that is not 3-D also raises a
+        ``ValueError``, from unpacking its shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology import patchify, unpatchify
+    >>> images = torch.arange(2 * 1 * 4 * 8, dtype=torch.float32).reshape(2, 1, 4, 8)
+    >>> tokens = patchify(images, patch_size=2)
+    >>> tokens.shape
+    torch.Size([2, 8, 4])
+    >>> torch.equal(unpatchify(tokens, 4, 8, patch_size=2), images)
+    True
+    """
     rows, cols = check_image_size(height, width, patch_size)
     b, length, dim = tokens.shape
     p = patch_size
@@ -157,7 +226,36 @@ def unpatchify(
 
 
 def tokens_to_grid(values: torch.Tensor | np.ndarray, rows: int, cols: int, curve: curves.Curve = "hilbert"):
-    """Put per-token values (..., L) in curve order back onto the ``rows × cols`` patch grid (..., rows, cols)."""
+    """Put per-token values (..., L) in curve order back onto the ``rows × cols`` patch grid (..., rows, cols).
+
+    Used to draw per-token maps (saliency, gates) as images.
+
+    Parameters
+    ----------
+    values
+        (..., L) values in curve order, a tensor or an array (anything :func:`numpy.asarray` takes), with
+        ``L = rows · cols``. The length is not checked: a shorter last axis raises an ``IndexError``, and with a
+        longer one the values past ``rows · cols`` are silently dropped.
+    rows, cols
+        Size of the patch grid.
+    curve
+        Token order the values are in.
+
+    Returns
+    -------
+    (..., rows, cols) values: a tensor on the device of ``values`` for a tensor, a NumPy array otherwise.
+    ``grid[..., r, c]`` is the value of the token of patch ``(r, c)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from dfmamba_st.pathology import patch_order, tokens_to_grid
+    >>> tokens_to_grid(np.array([10, 11, 12, 13]), 2, 2).tolist()  # tokens visit (0, 0), (0, 1), (1, 1), (1, 0)
+    [[10, 11], [13, 12]]
+    >>> grid = tokens_to_grid(np.arange(8), 2, 4)
+    >>> bool((grid.ravel()[patch_order(2, 4)] == np.arange(8)).all())
+    True
+    """
     inverse = curves.inverse_permutation(patch_order(rows, cols, curve))
     if isinstance(values, torch.Tensor):
         out = values.index_select(-1, torch.as_tensor(inverse, device=values.device))

@@ -59,6 +59,35 @@ def classification_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tenso
     best epoch are chosen on classification, not on the auxiliary terms.
 
     Returns ``(loss, {"ce": ..., "aux": ..., "acc": ...})``.
+
+    Parameters
+    ----------
+    model
+        A classifier with ``forward_with_aux(images) -> (logits, aux)``, ``aux`` a
+        :class:`~dfmamba_st.core.FractalAux` (:class:`~dfmamba_st.pathology.DFMambaClassifier`). Its ``training``
+        flag chooses the loss.
+    batch
+        ``(images, labels)``: (batch, C, H, W) float images in [0, 1] and (batch,) int64 class indices, both moved
+        to the device of the model's first parameter.
+
+    Returns
+    -------
+    ``(loss, terms)``: ``loss`` is the scalar mean cross-entropy plus ``aux.loss`` in training mode, the mean
+    cross-entropy alone in eval mode; ``terms`` holds the floats ``"ce"`` (mean cross-entropy), ``"aux"``
+    (``aux.loss``, reported in both modes) and ``"acc"`` (the batch's accuracy of the arg-max predictions).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from dfmamba_st.pathology import DFMambaClassifier, classification_loss
+    >>> model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2)
+    >>> batch = (torch.rand(2, 3, 32, 32), torch.tensor([0, 3]))
+    >>> loss, terms = classification_loss(model, batch)  # a new model is in training mode
+    >>> loss.ndim, sorted(terms)
+    (0, ['acc', 'aux', 'ce'])
+    >>> loss, terms = classification_loss(model.eval(), batch)
+    >>> loss.item() == terms["ce"]  # eval mode: the cross-entropy alone
+    True
     """
     x, y = batch
     device = next(model.parameters()).device
@@ -217,10 +246,35 @@ def evaluate(
     ``images`` are (n, 3, H, W) uint8 or floats in [0, 1], ``labels`` class indices below ``model.n_classes``.
     The model is left in eval mode.
 
+    Parameters
+    ----------
+    model
+        A classifier returning logits (batch, n_classes) (:class:`~dfmamba_st.pathology.DFMambaClassifier`). Its
+        ``n_classes`` sizes the confusion matrix and bounds the labels, its ``patch_size`` (16 without one) gives
+        ``n_tokens``; the images go to the device of its first parameter.
+    images
+        (n, C, H, W) images, uint8 or floats in [0, 1].
+    labels
+        (n,) class indices: integers, or floats with whole values.
+    crop
+        Side of the central square crop evaluated; ``None``: the full field. The evaluated sides must be multiples
+        of the model's patch size.
+    batch_size
+        Images per forward pass (see :func:`~dfmamba_st.pathology.eval_batches`).
+
     Returns
     -------
     ``{"accuracy", "n_tokens", "image_size", "predictions", "confusion"}``; ``confusion[i, j]`` counts images of
     class ``i`` predicted as ``j``. An empty set gives accuracy NaN and an all-zero confusion matrix.
+    ``n_tokens`` is the token count of the evaluated field, ``image_size`` its ``(height, width)`` and
+    ``predictions`` the (n,) int64 arg-max classes.
+
+    Raises
+    ------
+    ValueError
+        If the labels are not whole numbers or lie outside ``0 .. model.n_classes - 1``, ``images`` is not 4-D,
+        ``crop`` is larger than the images, or images and labels differ in number; the model's own errors (e.g. a
+        side that is not a multiple of the patch) pass through.
 
     Examples
     --------
@@ -262,6 +316,24 @@ def evaluate_resolutions(
 
     Crops that give the same token count give the same field (a square crop as large as the images and ``None``, or
     a crop listed twice): it is evaluated once and stored once, under that count.
+
+    Parameters
+    ----------
+    model
+        The classifier (see :func:`evaluate`).
+    images
+        (n, C, H, W) images, uint8 or floats in [0, 1].
+    labels
+        (n,) class indices.
+    crops
+        Sides of the central square crops to evaluate, multiples of the model's patch size; ``None``: the full
+        field.
+    **kwargs
+        Passed on to :func:`evaluate` (``batch_size``).
+
+    Returns
+    -------
+    ``{n_tokens: evaluate(...)}``, in the order of ``crops`` (first occurrence of every token count).
 
     Examples
     --------

@@ -54,6 +54,13 @@ class SpatialConfig:
         Further settings. ``tl.embed`` stores ``'token_scale'`` here: the root mean square of the training tokens,
         by which every token is divided (on a new slice too); and ``'readout'`` and ``'readout_hops'``, the readout it
         was trained with, which ``tl.embed(model=...)`` applies unless told otherwise.
+
+    Examples
+    --------
+    >>> from dfmamba_st.tl import SpatialConfig
+    >>> config = SpatialConfig(n_features=30, d_model=32)
+    >>> config.depth, config.curves, config.lambdas
+    (3, ('hilbert', 'hilbert_t'), (1.0, 1.0, 0.1))
     """
 
     n_features: int
@@ -80,7 +87,25 @@ class SpatialDFMamba(nn.Module):
     config
         The model sizes and settings.
     features
-        The fitted feature transform (kept with the model so a new slice gets the same features).
+        The fitted feature transform (kept with the model so a new slice gets the same features). ``None`` builds a
+        model that runs but cannot be saved (:func:`save_model` needs the transform).
+
+    Examples
+    --------
+    A small model on random tokens (``tl.embed`` builds and trains one from an AnnData):
+
+    >>> import torch
+    >>> from dfmamba_st.tl import SpatialConfig, SpatialDFMamba
+    >>> model = SpatialDFMamba(SpatialConfig(n_features=5, d_model=8, depth=2, d_state=4))
+    >>> tokens = torch.randn(2, 30, 10)  # (batch, L, 2 * n_features)
+    >>> hidden, aux = model(tokens)
+    >>> hidden.shape
+    torch.Size([2, 30, 8])
+    >>> mask = torch.zeros(2, 30, dtype=torch.bool)
+    >>> mask[:, ::3] = True  # every third spot is masked
+    >>> loss, terms = model.masked_loss(tokens, mask)
+    >>> loss.ndim, sorted(terms)
+    (0, ['aux', 'masked_mse'])
     """
 
     def __init__(self, config: SpatialConfig, features: FeatureTransform | None = None) -> None:

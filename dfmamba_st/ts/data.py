@@ -275,6 +275,13 @@ def split_borders(
 class Scaler:
     """Per-variate standardisation ``(x - mean) / std`` fitted on the training rows.
 
+    Attributes
+    ----------
+    mean
+        (variates,) float64 mean of every variate over the rows it was fitted on.
+    std
+        (variates,) float64 standard deviation (population, ``ddof=0``) of every variate; 1 for a constant variate.
+
     Examples
     --------
     >>> import numpy as np
@@ -289,18 +296,67 @@ class Scaler:
 
     @classmethod
     def fit(cls, rows: np.ndarray) -> Scaler:
-        """Fit on ``rows`` (time, variates); a constant variate gets std 1."""
+        """Fit on ``rows`` (time, variates); a constant variate gets std 1.
+
+        Parameters
+        ----------
+        rows
+            (time, variates) values, any numeric type (computed in float64).
+
+        Returns
+        -------
+        A :class:`Scaler` with the float64 mean and standard deviation (``ddof=0``) of every column.
+        """
         rows = np.asarray(rows, dtype=np.float64)
         std = rows.std(axis=0)
         std = np.where(std > 0, std, 1.0)
         return cls(mean=rows.mean(axis=0), std=std)
 
     def transform(self, rows: np.ndarray) -> np.ndarray:
-        """Standardise ``rows`` (time, variates)."""
+        """Standardise ``rows`` (time, variates).
+
+        Parameters
+        ----------
+        rows
+            (time, variates) values, or anything that broadcasts against ``mean`` (its last axis holds the
+            variates); computed in float64.
+
+        Returns
+        -------
+        ``(rows - mean) / std`` as float32, shaped like ``rows``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from dfmamba_st.ts import Scaler
+        >>> s = Scaler(mean=np.array([1.0, 10.0]), std=np.array([2.0, 5.0]))
+        >>> z = s.transform([[3.0, 20.0], [1.0, 5.0]])
+        >>> z.tolist(), z.dtype
+        ([[1.0, 2.0], [0.0, -1.0]], dtype('float32'))
+        """
         return ((np.asarray(rows, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
 
     def inverse(self, rows: np.ndarray) -> np.ndarray:
-        """Undo :meth:`transform`."""
+        """Undo :meth:`transform`.
+
+        Parameters
+        ----------
+        rows
+            Standardised (time, variates) values, or anything that broadcasts against ``std`` (its last axis holds
+            the variates), e.g. forecasts (batch, horizon, variates); computed in float64.
+
+        Returns
+        -------
+        ``rows * std + mean`` as float32, shaped like ``rows``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from dfmamba_st.ts import Scaler
+        >>> s = Scaler(mean=np.array([1.0, 10.0]), std=np.array([2.0, 5.0]))
+        >>> s.inverse([[1.0, 2.0], [0.0, -1.0]]).tolist()
+        [[3.0, 20.0], [1.0, 5.0]]
+        """
         return (np.asarray(rows, dtype=np.float64) * self.std + self.mean).astype(np.float32)
 
 
@@ -445,7 +501,26 @@ class WindowDataset(Dataset):
         return len(self.values) - self.seq_len - self.horizon + 1
 
     def rows(self, i: int) -> tuple[range, range]:
-        """File rows of the lookback and of the target of window ``i``."""
+        """File rows of the lookback and of the target of window ``i``.
+
+        Parameters
+        ----------
+        i
+            Window index, ``0 <= i < len(self)``. It is not checked: unlike indexing the data set, a negative index
+            does not count from the end.
+
+        Returns
+        -------
+        ``(lookback, target)``: ``range(offset + i, offset + i + seq_len)`` and the ``horizon`` rows after it.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from dfmamba_st.ts import WindowDataset
+        >>> ds = WindowDataset(np.zeros((20, 1), np.float32), seq_len=4, horizon=2, offset=100)
+        >>> ds.rows(0)
+        (range(100, 104), range(104, 106))
+        """
         start = self.offset + i
         return range(start, start + self.seq_len), range(start + self.seq_len, start + self.seq_len + self.horizon)
 
@@ -466,8 +541,35 @@ class WindowDataset(Dataset):
             Windows per batch (the last batch may be smaller).
         shuffle
             Shuffle the window order (seeded by ``seed``).
+        seed
+            Seed of the shuffle (a fresh :class:`torch.Generator`; the global random state is not used). Ignored
+            without ``shuffle``.
         max_windows
-            Use only this many windows: evenly spaced ones when not shuffling, a random subset otherwise.
+            Use only this many windows: evenly spaced ones when not shuffling (the first and the last included), a
+            random subset otherwise (the first ``max_windows`` of the shuffled order). ``None``, or a number at least
+            ``len(self)``: every window.
+
+        Yields
+        ------
+        ``(x, y)`` float32 tensors, (batch, seq_len, C) and (batch, horizon, C), in the window order (ascending
+        without ``shuffle``).
+
+        Notes
+        -----
+        This is a generator function: ``batch_size`` is checked (a ``TypeError`` or ``ValueError`` unless it is a
+        whole number >= 1) when the first batch is requested, not when it is called.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> from dfmamba_st.ts import WindowDataset
+        >>> ds = WindowDataset(np.arange(20, dtype=np.float32)[:, None], seq_len=4, horizon=2)
+        >>> [tuple(x.shape) for x, y in ds.batches(6)]
+        [(6, 4, 1), (6, 4, 1), (3, 4, 1)]
+        >>> [x[:, 0, 0].tolist() for x, y in ds.batches(4, max_windows=3)]  # windows 0, 7 and 14
+        [[0.0, 7.0, 14.0]]
+        >>> sum(len(x) for x, y in ds.batches(4, shuffle=True, seed=1, max_windows=10))
+        10
         """
         batch_size = whole_number(batch_size, "batch_size")
         n = len(self)
@@ -511,6 +613,20 @@ class ForecastSplits:
     season
         The :class:`Season` removed from ``values`` (fitted on the training rows only), or ``None``. A forecast of
         the series is the model's forecast plus ``season.at(rows)`` of the forecast rows.
+
+    Examples
+    --------
+    :func:`make_splits` builds it; here from a frame of 200 rows (70/10/20 split, lookback 8, horizon 4):
+
+    >>> import numpy as np, pandas as pd
+    >>> from dfmamba_st.ts import make_splits
+    >>> s = make_splits("toy", 8, 4, frame=pd.DataFrame({"a": np.arange(200.0), "b": np.ones(200)}))
+    >>> s.starts, s.ends, s.n_variates, s.columns
+    ([0, 132, 152], [140, 160, 200], 2, ['a', 'b'])
+    >>> len(s.train), len(s.val), len(s.test), s.values.shape
+    (129, 17, 37, (200, 2))
+    >>> s.test.rows(0)[1]  # the first test target starts at the test boundary
+    range(160, 164)
     """
 
     name: str

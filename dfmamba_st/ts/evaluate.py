@@ -52,6 +52,27 @@ def predict(model: nn.Module, x: torch.Tensor | np.ndarray, batch_size: int = 25
     float64); it is given to the model in the model's own precision. An empty ``x`` gives an empty (0, H, C)
     tensor (``H``: ``model.horizon``).
 
+    Parameters
+    ----------
+    model
+        A forecaster returning ``(forecast, aux)`` for a lookback batch (DFMambaTS, MSMamba, DLinear). It is put in
+        eval mode (and left there); the lookbacks are cast to the dtype of its first parameter and moved to that
+        parameter's device.
+    x
+        (n, seq_len, variates) lookbacks, a tensor or an array.
+    batch_size
+        Lookbacks per forward pass, a whole number >= 1.
+
+    Returns
+    -------
+    (n, H, C) forecasts on the CPU, in the dtype the model outputs, computed without gradients.
+
+    Raises
+    ------
+    ValueError
+        When ``x`` is not 3-D, or ``batch_size`` is a number that is not whole or is below 1 (a ``TypeError`` when
+        it is not a number).
+
     Examples
     --------
     >>> import torch

@@ -36,6 +36,33 @@ def forecast_loss(
     task metric alone, whatever ``train_loss`` the model is trained with (``"mse"``, ``"mae"`` or ``"huber"``
     with δ = 1 on the standardised scale).
 
+    Parameters
+    ----------
+    model
+        A forecaster returning ``(forecast, aux_loss)`` with ``aux_loss`` a scalar tensor (DFMambaTS, MSMamba,
+        DLinear). Its ``training`` flag chooses between the two losses.
+    batch
+        ``(x, y)``: lookbacks (batch, seq_len, C) and targets (batch, horizon, C), moved to the device of the
+        model's first parameter.
+    train_loss
+        Point loss in training mode: ``"mse"``, ``"mae"`` (the default, ``DEFAULT_TRAIN_LOSS``) or ``"huber"``.
+        Not used in evaluation mode.
+
+    Returns
+    -------
+    In training mode ``(point_loss + aux_loss, terms)``: ``terms`` holds the floats ``"mse"`` and ``"aux"``, and
+    the point loss under its own name when it is not the MSE. In evaluation mode the forecast MSE alone, a scalar
+    tensor.
+
+    Raises
+    ------
+    ValueError
+        When the forecast and the targets differ in shape (a model built for another horizon or number of
+        variates).
+    KeyError
+        In training mode, for a ``train_loss`` other than the three names (:func:`train_forecaster` checks it
+        before training).
+
     Examples
     --------
     >>> import torch
