@@ -25,6 +25,7 @@ from dfmamba_st.pathology import (
     BACH_CLASSES,
     CropBatches,
     DFMambaClassifier,
+    ImageSet,
     eval_batches,
     evaluate,
     evaluate_resolutions,
@@ -34,11 +35,14 @@ from dfmamba_st.pathology import (
     load_image_folder,
     make_synthetic_dataset,
     plot_saliency,
+    random_dihedral,
     saliency_map,
     save_classifier,
     stratified_split,
     to_unit_float,
+    tokens_to_grid,
     train_classifier,
+    unpatchify,
 )
 from dfmamba_st.pathology import train as train_module
 
@@ -115,6 +119,48 @@ def test_grey_images_train_evaluate_and_save_without_the_rgb_augmentation(synthe
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
+
+
+def test_batch_sizes_given_as_whole_floats_work_and_eval_batches_checks_at_the_call(synthetic):
+    images, labels = synthetic
+    assert [len(y) for _, y in eval_batches(images, labels, batch_size=4.0)] == [4, 4]
+    assert [len(y) for _, y in CropBatches(images, labels, crop=16, batch_size=4.0)(0)] == [4, 4]
+    with pytest.raises(ValueError, match="as many labels as images"):
+        eval_batches(images, labels[:2])  # at the call, not at the first batch
+    with pytest.raises(ValueError, match="larger than the images"):
+        eval_batches(images, labels, crop=64)
+
+
+def test_tokens_to_grid_refuses_values_of_another_length():
+    assert tokens_to_grid(np.arange(4), 2, 2).tolist() == [[0, 1], [3, 2]]
+    for n in (3, 6):  # six values were cut to four silently, three raised a bare IndexError
+        with pytest.raises(ValueError, match=r"one value per token \(2×2 = 4\), got shape \(" + str(n)):
+            tokens_to_grid(np.arange(n), 2, 2)
+    with pytest.raises(ValueError, match=r"tokens must have shape \(batch, L"):
+        unpatchify(torch.zeros(4, 768), 32, 32)
+
+
+def test_image_set_subset_takes_a_boolean_mask_with_paths():
+    images = np.arange(3 * 3 * 4 * 4, dtype=np.uint8).reshape(3, 3, 4, 4)
+    data = ImageSet(images, np.arange(3), ("a", "b", "c"), ["p0", "p1", "p2"])
+    got = data.subset(np.array([True, False, True]))
+    want = data.subset(np.array([0, 2]))
+    assert got.paths == want.paths == ["p0", "p2"]
+    np.testing.assert_array_equal(got.images, want.images)
+    with pytest.raises(ValueError, match=r"one value per image \(3\)"):
+        data.subset(np.array([True, False]))
+
+
+def test_evaluate_resolutions_refuses_a_crop_the_model_cannot_take_instead_of_skipping_it(synthetic):
+    images, labels = synthetic
+    big = np.concatenate([images, images[:, :, :16]], axis=2)  # 48 px high
+    big = np.concatenate([big, big[:, :, :, :16]], axis=3)  # 48 × 48
+    with pytest.raises(ValueError, match="multiple"):
+        evaluate_resolutions(tiny_model(), big, labels, crops=(32, 40))
+
+
+def test_random_dihedral_of_no_image_is_no_image():
+    assert random_dihedral(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
 
 
 # --- global state and seed=None ------------------------------------------------------------------------------------

@@ -154,8 +154,14 @@ def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in {"cpu", "cuda"}
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA GPU"):
-            resolve_device("cuda")
+        for device in ("cuda", 0):  # an index is a CUDA device, as torch.device reads it
+            with pytest.raises(ValueError, match="no CUDA GPU"):
+                resolve_device(device)
+    else:
+        assert resolve_device(0) == torch.device("cuda:0")
+    for device in (1.5, None, -1, True):
+        with pytest.raises(TypeError, match="device must be 'auto', 'cpu'"):
+            resolve_device(device)
 
 
 def _scripted_val(values):

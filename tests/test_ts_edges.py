@@ -309,3 +309,26 @@ def test_make_splits_and_train_forecaster_name_what_to_change(etth1, toy):
         ts.train_forecaster(ts.DLinear(2, 32, 8), toy, epochs=1.5)
     with pytest.raises(TypeError, match=r"no device option: .* model\.to\('cuda'\)"):
         ts.train_forecaster(ts.DLinear(2, 32, 8), toy, device="cuda")
+
+
+def test_window_rows_are_checked_and_count_from_the_end_as_indexing_does():
+    ds = ts.WindowDataset(np.zeros((20, 1), np.float32), seq_len=4, horizon=2, offset=100)
+    assert ds.rows(-1) == ds.rows(len(ds) - 1) == (range(114, 118), range(118, 120))
+    for i in (len(ds), -len(ds) - 1):
+        with pytest.raises(IndexError, match="out of range"):
+            ds.rows(i)
+
+
+def test_window_batches_check_their_sizes_at_the_call():
+    ds = ts.WindowDataset(np.zeros((20, 1), np.float32), seq_len=4, horizon=2)
+    with pytest.raises(ValueError, match="batch_size must be a whole number"):
+        ds.batches(0)  # not iterated: the call itself refuses it
+    with pytest.raises(ValueError, match=r"max_windows \(None: every window\) must be a whole number"):
+        ds.batches(4, max_windows=-1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forecast_loss_refuses_an_unknown_loss_in_either_mode(training):
+    model = ts.DLinear(2, 8, 4).train(training)
+    with pytest.raises(ValueError, match="Unknown train_loss 'foo'"):
+        ts.forecast_loss(model, (torch.zeros(3, 8, 2), torch.zeros(3, 4, 2)), train_loss="foo")

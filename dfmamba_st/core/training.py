@@ -195,14 +195,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
+def resolve_device(device: str | int | torch.device = "auto") -> torch.device:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a device, failing clearly if it is absent.
 
     Parameters
     ----------
     device
-        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
-        :class:`torch.device` of type ``cpu`` or ``cuda`` (checked as its string form).
+        ``"auto"`` (a CUDA GPU when torch sees one, else the CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a GPU index
+        ``N`` (``"cuda:N"``, as :class:`torch.device` reads it) or a :class:`torch.device` of type ``cpu`` or
+        ``cuda`` (checked as its string form).
 
     Returns
     -------
@@ -213,6 +214,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     ValueError
         For a CUDA device when torch sees no CUDA GPU, for a GPU index torch does not see, for a name torch does not
         parse, and for any device type other than ``cpu`` and ``cuda`` (e.g. ``"mps"``, ``"meta"``).
+    TypeError
+        For anything else (a float, a negative index, ``None``).
 
     Examples
     --------
@@ -222,6 +225,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
+    elif isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+        device = f"cuda:{device}"  # as torch.device(0) reads an index
+    elif not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', an index or a torch.device, got {device!r}.")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -82,10 +82,13 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> ImageSet:
         """The images at ``index`` (a new :class:`ImageSet`; arrays are copied).
 
-        ``index`` holds integer positions; a boolean mask works only for a set without ``paths`` (with paths it
-        raises ``TypeError``).
+        ``index`` holds integer positions or is a boolean mask over the images.
         """
         index = np.asarray(index)
+        if index.dtype == bool:
+            if index.shape != (len(self.labels),):
+                raise ValueError(f"A boolean mask needs one value per image ({len(self.labels)}), got {index.shape}.")
+            index = np.flatnonzero(index)
         paths = [self.paths[i] for i in index] if self.paths else []
         return ImageSet(self.images[index], self.labels[index], self.class_names, paths)
 
@@ -480,6 +483,8 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     """
     if x.shape[-1] != x.shape[-2]:
         raise ValueError("random_dihedral needs square images (rotations by 90° change the shape otherwise).")
+    if len(x) == 0:
+        return x.clone()
     ops = torch.randint(0, 8, (x.shape[0],), generator=generator).tolist()
     out = []
     for img, op in zip(x, ops):
@@ -645,7 +650,7 @@ class CropBatches:
             raise ValueError(
                 f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
             )
-        whole_number(batch_size, "batch_size")
+        batch_size = whole_number(batch_size, "batch_size")
         _check_pixels(images)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
@@ -706,17 +711,16 @@ def eval_batches(
     crop
         Side of the central square crop; ``None``: whole images.
 
-    Yields
-    ------
-    ``(images, labels)``: (batch, C, crop, crop) or (batch, C, H, W) float32 images in [0, 1] and (batch,) int64
-    labels.
+    Returns
+    -------
+    A generator of ``(images, labels)``: (batch, C, crop, crop) or (batch, C, H, W) float32 images in [0, 1] and
+    (batch,) int64 labels.
 
     Raises
     ------
     ValueError
-        If ``images`` and ``labels`` differ in length, ``crop`` is larger than the images, float images hold values
-        outside [0, 1], or ``batch_size`` is below 1. As in any generator, the checks run when the first batch is
-        requested, not at the call.
+        If ``images`` and ``labels`` differ in length, ``crop`` is larger than the images or ``batch_size`` is below
+        1 (at the call), or float images hold values outside [0, 1] (when their batch is made).
     TypeError
         If the images are neither uint8 nor floating point, or ``batch_size`` is not a number.
 
@@ -728,9 +732,17 @@ def eval_batches(
     [(3, 3, 32, 32)]
     """
     labels = np.asarray(labels, dtype=np.int64)
-    whole_number(batch_size, "batch_size")
+    batch_size = whole_number(batch_size, "batch_size")
     if len(images) != len(labels):
         raise ValueError(f"Need as many labels as images, got {len(images)} images and {len(labels)} labels.")
+    if crop is not None:
+        center_crop(images[:0], crop)  # the crop checked against the images now, not at the first batch
+    return _eval_batches(images, labels, batch_size, crop)
+
+
+def _eval_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, crop: int | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(labels), batch_size):
         batch = images[start : start + batch_size]
         if crop is not None:

@@ -213,6 +213,8 @@ def unpatchify(
     True
     """
     rows, cols = check_image_size(height, width, patch_size)
+    if tokens.ndim != 3:
+        raise ValueError(f"tokens must have shape (batch, L, channels · patch_size²), got {tuple(tokens.shape)}.")
     b, length, dim = tokens.shape
     p = patch_size
     if length != rows * cols or dim % (p * p):
@@ -234,8 +236,7 @@ def tokens_to_grid(values: torch.Tensor | np.ndarray, rows: int, cols: int, curv
     ----------
     values
         (..., L) values in curve order, a tensor or an array (anything :func:`numpy.asarray` takes), with
-        ``L = rows · cols``. The length is not checked: a shorter last axis raises an ``IndexError``, and with a
-        longer one the values past ``rows · cols`` are silently dropped.
+        ``L = rows · cols`` (another length is a ``ValueError``).
     rows, cols
         Size of the patch grid.
     curve
@@ -256,11 +257,17 @@ def tokens_to_grid(values: torch.Tensor | np.ndarray, rows: int, cols: int, curv
     >>> bool((grid.ravel()[patch_order(2, 4)] == np.arange(8)).all())
     True
     """
+    if not isinstance(values, torch.Tensor):
+        values = np.asarray(values)
+    if values.ndim == 0 or values.shape[-1] != rows * cols:
+        raise ValueError(
+            f"values must end in one value per token ({rows}×{cols} = {rows * cols}), got shape {tuple(values.shape)}."
+        )
     inverse = curves.inverse_permutation(patch_order(rows, cols, curve))
     if isinstance(values, torch.Tensor):
         out = values.index_select(-1, torch.as_tensor(inverse, device=values.device))
     else:
-        out = np.take(np.asarray(values), inverse, axis=-1)
+        out = np.take(values, inverse, axis=-1)
     return out.reshape(*out.shape[:-1], rows, cols)
 
 

@@ -40,6 +40,7 @@ from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
+from .tokens import check_image_size
 
 __all__ = [
     "classification_loss",
@@ -233,8 +234,10 @@ def _field(model: nn.Module, images: np.ndarray, crop: int | None) -> tuple[tupl
         raise ValueError(f"images must have shape (n, 3, H, W), got {tuple(images.shape)}.")
     view = images[:0] if crop is None else center_crop(images[:0], crop)
     height, width = (int(side) for side in view.shape[-2:])
-    patch = int(getattr(model, "patch_size", 16))
-    return (height, width), (height // patch) * (width // patch)
+    if hasattr(model, "patch_size"):  # a patch model takes whole patches only: the error it would give, here
+        rows, cols = check_image_size(height, width, int(model.patch_size))
+        return (height, width), rows * cols
+    return (height, width), (height // 16) * (width // 16)
 
 
 @torch.no_grad()
@@ -344,9 +347,9 @@ def evaluate_resolutions(
     >>> list(evaluate_resolutions(model, images, labels, crops=(32, 64, None)))
     [4, 16]
     """
+    fields = {crop: _field(model, images, crop)[1] for crop in crops}  # every crop checked before any work
     out: dict[int, dict[str, object]] = {}
-    for crop in crops:
-        n_tokens = _field(model, images, crop)[1]
+    for crop, n_tokens in fields.items():
         if n_tokens not in out:  # a square crop with the field's token count is the whole field
             out[n_tokens] = evaluate(model, images, labels, crop=crop, **kwargs)
     return out

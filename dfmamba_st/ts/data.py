@@ -506,8 +506,8 @@ class WindowDataset(Dataset):
         Parameters
         ----------
         i
-            Window index, ``0 <= i < len(self)``. It is not checked: unlike indexing the data set, a negative index
-            does not count from the end.
+            Window index, as for indexing the data set: ``-len(self) <= i < len(self)``, a negative one counting
+            from the end (``IndexError`` otherwise).
 
         Returns
         -------
@@ -520,14 +520,20 @@ class WindowDataset(Dataset):
         >>> ds = WindowDataset(np.zeros((20, 1), np.float32), seq_len=4, horizon=2, offset=100)
         >>> ds.rows(0)
         (range(100, 104), range(104, 106))
+        >>> ds.rows(-1) == ds.rows(len(ds) - 1)
+        True
         """
-        start = self.offset + i
+        start = self.offset + self._window(i)
         return range(start, start + self.seq_len), range(start + self.seq_len, start + self.seq_len + self.horizon)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, i: int) -> int:
+        """Window ``i`` counted from the start (a negative one from the end), checked."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"window {i} out of range for {len(self)} windows")
-        i = i % len(self)
+        return i % len(self)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self._window(i)
         x = self.values[i : i + self.seq_len]
         y = self.values[i + self.seq_len : i + self.seq_len + self.horizon]
         return x, y
@@ -549,15 +555,16 @@ class WindowDataset(Dataset):
             random subset otherwise (the first ``max_windows`` of the shuffled order). ``None``, or a number at least
             ``len(self)``: every window.
 
-        Yields
-        ------
-        ``(x, y)`` float32 tensors, (batch, seq_len, C) and (batch, horizon, C), in the window order (ascending
-        without ``shuffle``).
+        Returns
+        -------
+        A generator of ``(x, y)`` float32 tensors, (batch, seq_len, C) and (batch, horizon, C), in the window order
+        (ascending without ``shuffle``).
 
-        Notes
-        -----
-        This is a generator function: ``batch_size`` is checked (a ``TypeError`` or ``ValueError`` unless it is a
-        whole number >= 1) when the first batch is requested, not when it is called.
+        Raises
+        ------
+        ValueError
+            When ``batch_size`` or ``max_windows`` is not a whole number >= 1 (at the call; a ``TypeError`` for a
+            value that is not a number).
 
         Examples
         --------
@@ -572,6 +579,8 @@ class WindowDataset(Dataset):
         10
         """
         batch_size = whole_number(batch_size, "batch_size")
+        if max_windows is not None:
+            max_windows = whole_number(max_windows, "max_windows (None: every window)")
         n = len(self)
         if shuffle:
             idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -581,6 +590,9 @@ class WindowDataset(Dataset):
             idx = torch.linspace(0, n - 1, max_windows).round().long()
         else:
             idx = torch.arange(n)
+        return self._batches(idx, batch_size)
+
+    def _batches(self, idx: torch.Tensor, batch_size: int):
         steps = torch.arange(self.seq_len + self.horizon)
         for start in range(0, len(idx), batch_size):
             win = self.values[idx[start : start + batch_size, None] + steps]  # (b, seq_len + horizon, C)

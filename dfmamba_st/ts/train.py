@@ -59,9 +59,7 @@ def forecast_loss(
     ValueError
         When the forecast and the targets differ in shape (a model built for another horizon or number of
         variates).
-    KeyError
-        In training mode, for a ``train_loss`` other than the three names (:func:`train_forecaster` checks it
-        before training).
+        For a ``train_loss`` other than the three names (in either mode).
 
     Examples
     --------
@@ -76,6 +74,7 @@ def forecast_loss(
     >>> bool(forecast_loss(model, (x, y)) == ((pred - y) ** 2).mean())  # eval: the forecast MSE alone
     True
     """
+    _check_train_loss(train_loss)
     x, y = batch
     device = next(model.parameters()).device
     pred, aux = model(x.to(device))
@@ -90,6 +89,11 @@ def forecast_loss(
     point = _POINT_LOSSES[train_loss](pred, y)
     terms[train_loss] = float(point.detach())
     return point + aux, terms
+
+
+def _check_train_loss(train_loss: str) -> None:
+    if train_loss not in _POINT_LOSSES:
+        raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
 
 
 def _check_windows(model: nn.Module, splits: ForecastSplits) -> None:
@@ -178,8 +182,7 @@ def train_forecaster(
     >>> len(result.history)
     2
     """
-    if train_loss not in _POINT_LOSSES:
-        raise ValueError(f"Unknown train_loss {train_loss!r}; use {', '.join(map(repr, _POINT_LOSSES))}.")
+    _check_train_loss(train_loss)
     batch_size = whole_number(batch_size, "batch_size")
     epochs = whole_number(epochs, "epochs")
     if "device" in fit_kwargs:
