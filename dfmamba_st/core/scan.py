@@ -82,28 +82,10 @@ def selective_scan_reference(
 ):
     """Plain sequential loop (slow; the ground truth the other backends are tested against).
 
-    Arguments and return value as :func:`selective_scan`.
-
     Parameters
     ----------
-    u, delta
-        Input and time step, (batch, d_inner, L).
-    A
-        State matrix (diagonal, real), (d_inner, N).
-    B, C
-        Input-dependent input and output matrices, (batch, N, L).
-    D
-        Skip connection, (d_inner,); adds ``D[d] * u[t]`` to the output.
-    z
-        Output gate, (batch, d_inner, L); the output is multiplied by ``silu(z)``.
-    delta_bias
-        Added to ``delta`` before the optional softplus, (d_inner,).
-    delta_softplus
-        Apply softplus to ``delta``.
-    return_last_state
-        Also return the final state, (batch, d_inner, N).
-    initial_state
-        State to start from, (batch, d_inner, N); ``None``: zeros.
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
+        As for :func:`selective_scan` (without ``backend``).
 
     Returns
     -------
