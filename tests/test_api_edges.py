@@ -141,14 +141,15 @@ def log_normalised(adata, target_sum=None):
     return out
 
 
-def without_single_counts(adata):
-    """Counts whose first spot has no gene counted once (its 1s become 2s): log-normalised, they cannot be taken back
-    to counts (that spot's values over its smallest are not whole), as other transforms cannot."""
+def with_a_deep_spot(adata):
+    """Counts whose first spot is deep: 100 more of each of its genes, so its smallest count is 101 and its counts
+    share no factor. Log-normalised, they cannot be taken back to counts (that spot's values over its smallest need a
+    multiplier of 101 to be whole, above MAX_SMALLEST_COUNT), as other transforms cannot."""
     out = adata.copy()
     out.X = sp.csr_matrix(out.X, dtype=np.float32)
     first = out.X.data[: out.X.indptr[1]]
-    assert (first == 1).any() and ((first > 2) & (first % 2 == 1)).any()
-    first[first == 1] = 2
+    assert first.min() == 1 and (first == 2).any()
+    first += 100
     return out
 
 
@@ -175,7 +176,7 @@ def test_log_normalised_counts_give_the_embedding_of_the_counts(bundled, target_
 
 @pytest.mark.parametrize("target_sum", [None, 1e6])
 def test_transfer_between_counts_and_log_normalised_input_gives_the_same_features(bundled, target_sum):
-    counts = without_single_counts(crop(bundled))
+    counts = with_a_deep_spot(crop(bundled))
     dfm.pp.serialize(counts)
     logged = log_normalised(counts, target_sum)
     # a model trained on counts, given log-normalised values (normalised over all genes, to any total)
@@ -197,7 +198,7 @@ def test_transfer_between_counts_and_log_normalised_input_gives_the_same_feature
 
 
 def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_path):
-    adata = log_normalised(without_single_counts(crop(bundled)), 1e6)
+    adata = log_normalised(with_a_deep_spot(crop(bundled)), 1e6)
     dfm.pp.serialize(adata)
     model = dfm.tl.embed(adata, return_model=True, **QUICK)
     assert model.features.log_total == pytest.approx(1e6, rel=1e-3)

@@ -4,6 +4,7 @@ bundled DLPFC 151673 slice."""
 
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -48,6 +49,28 @@ def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
     scanpy = sc.pp.highly_variable_genes(top, flavor="seurat", n_top_genes=300, inplace=False)
     expected = set(top.var_names[scanpy["highly_variable"].to_numpy()])
     assert len(expected & set(top.var_names[ranks.to_numpy() < 300])) >= 298
+
+
+@pytest.mark.parametrize("n_genes", [20, 50])
+def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bundled, n_genes):
+    """On a small panel few spots have a gene counted once; their counts over their smallest are then fractions
+    (counts 2 and 3: 1 and 1.5), made whole by the smallest multiplier. Only a factor all counts of a spot share
+    (a single gene, or 2 and 4) is lost: every spot comes back as its counts over their greatest common divisor."""
+    genes = np.random.default_rng(0).choice(bundled.n_vars, n_genes, replace=False)
+    panel = bundled[:, genes].copy()
+    panel = panel[np.asarray(panel.X.sum(axis=1)).ravel() > 0].copy()
+    truth = sp.csr_matrix(panel.X).toarray().astype(np.int64)
+    sc.pp.normalize_total(panel)
+    sc.pp.log1p(panel)
+    got = _features.recovered_counts(sp.csr_matrix(panel.X))
+    assert got is not None  # refused before: a spot without a gene counted once gave fractions
+    common = np.gcd.reduce(truth, axis=1)[:, None]
+    np.testing.assert_array_equal(got.toarray(), truth // common)
+    assert (common == 1).mean() > 0.8  # most spots exactly
+    toy = ad.AnnData(sp.csr_matrix(np.array([[2, 3, 0], [0, 2, 0], [0, 5, 15]], dtype=np.float32)))
+    sc.pp.normalize_total(toy)
+    sc.pp.log1p(toy)
+    assert _features.recovered_counts(toy.X).toarray().tolist() == [[2, 3, 0], [0, 1, 0], [0, 1, 3]]
 
 
 def test_counts_of_too_few_spots_for_seurat_v3_are_ranked_by_the_seurat_dispersion_of_their_log_values(bundled):

@@ -182,6 +182,29 @@ def test_coarsen_refuses_what_is_not_counts_and_sums_a_counts_layer(crop, kind):
     assert coarse.layers.keys() == set() and np.array_equal(coarse.X.data, np.round(coarse.X.data))
 
 
+def test_coarsen_warns_about_slices_pooled_without_a_key(crop):
+    """Two slices joined by anndata.concat share grid cells: without library_key their counts go into one bin."""
+    pooled = ad.concat({"a": crop, "b": crop}, label="library", index_unique="-")
+    with pytest.warns(UserWarning, match=r"same coordinates .* summed into the same bins.*to dfm\.pp\.coarsen") as w:
+        mixed = dfm.pp.coarsen(pooled, 2)
+    assert warned_at(w, "summed into the same bins", __file__)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        apart = dfm.pp.coarsen(pooled, 2, library_key="library")
+    assert apart.n_obs == 2 * mixed.n_obs == 2 * dfm.pp.coarsen(crop, 2).n_obs
+
+
+def test_coarsen_of_log_normalised_counts_names_the_spots_whose_counts_were_lost(crop):
+    panel = crop[:, :20].copy()  # 20 genes: some spots express one of them only
+    panel = panel[np.asarray(panel.X.sum(axis=1)).ravel() > 0].copy()
+    single = int((np.diff(panel.X.tocsr().indptr) == 1).sum())
+    assert single > 0
+    sc.pp.normalize_total(panel)
+    sc.pp.log1p(panel)
+    with pytest.warns(UserWarning, match=f"{single} spots express a single gene.*layer='counts'"):
+        dfm.pp.coarsen(panel, 2)
+
+
 def test_coarsen_names_the_available_layers_for_a_missing_one(crop):
     crop.layers["raw"] = crop.X.copy()
     with pytest.raises(KeyError, match=r"layer='counts' is not in adata\.layers; available layers: \['raw'\]"):

@@ -21,7 +21,7 @@ from .._utils import (
     resolve_library_key,
     whole_number,
 )
-from ._serialize import library_layouts
+from ._serialize import identical_positions, library_layouts, warn_identical_positions, warn_unnamed_libraries
 
 __all__ = ["coarsen"]
 
@@ -122,7 +122,16 @@ def coarsen(
     counts, _ = expression_matrix(adata, layer, counts_for="dfm.pp.coarsen sums counts")
     cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
-    for code, layout in enumerate(library_layouts(adata, library_key=library_key, spatial_key=spatial_key)):
+    layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
+    n_identical = identical_positions(layouts)  # slices pooled without a key would be summed into one another's bins
+    warn_identical_positions(
+        n_identical, library_key, consequence="their counts are summed into the same bins", caller="dfm.pp.coarsen"
+    )
+    if library_key is None and not n_identical:
+        warn_unnamed_libraries(
+            adata, caller="dfm.pp.coarsen", consequence="spots of several slices summed into one bin"
+        )
+    for code, layout in enumerate(layouts):
         lib_codes[layout.idx] = code
         cells[layout.idx] = layout.cells
     bins = cells // factor

@@ -252,14 +252,22 @@ def identical_positions(layouts: list[LibraryLayout]) -> int:
     return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
 
 
-def warn_identical_positions(n_identical: int, library_key: str | None) -> None:
-    """Warn about spots on the same position; without a library key, suggest that several slices were pooled."""
+def warn_identical_positions(
+    n_identical: int,
+    library_key: str | None,
+    *,
+    consequence: str = "all are kept, in input order",
+    caller: str = "dfm.pp.serialize",
+) -> None:
+    """Warn about spots on the same position; without a library key, suggest that several slices were pooled.
+
+    ``consequence`` says what the step does with them, ``caller`` which step the hint names.
+    """
     if not n_identical:
         return
-    hint = f" {POOLED_SLICES_HINT} to dfm.pp.serialize, which the later steps then use." if library_key is None else ""
+    hint = f" {POOLED_SLICES_HINT} to {caller}, which the later steps then use." if library_key is None else ""
     warnings.warn(
-        f"{n_identical} spots have the same coordinates (or grid cell) as another spot; all are kept, in input order."
-        + hint,
+        f"{n_identical} spots have the same coordinates (or grid cell) as another spot; {consequence}." + hint,
         stacklevel=user_stacklevel(),
     )
 
@@ -387,7 +395,7 @@ def serialize(
     # are odd
     warn_identical_positions(n_identical, library_key)
     if library_key is None and not n_identical:
-        _warn_unnamed_libraries(adata)
+        warn_unnamed_libraries(adata)
     return adata if copy else None
 
 
@@ -395,7 +403,9 @@ def serialize(
 LIBRARY_COLUMNS = ("library_id", "library", "sample_id", "sample", "section", "slice", "batch")
 
 
-def _warn_unnamed_libraries(adata: AnnData) -> None:
+def warn_unnamed_libraries(
+    adata: AnnData, caller: str = "dfm.pp.serialize", consequence: str = "their spots linked as neighbours"
+) -> None:
     """Warn when several slices seem pooled without a library key although no two spots share a position.
 
     Slices whose coordinates overlap without coinciding (coordinates of another platform than the Visium grid) are
@@ -413,9 +423,9 @@ def _warn_unnamed_libraries(adata: AnnData) -> None:
         else f"uns['spatial'] holds {len(images)} libraries"
     )
     warnings.warn(
-        f"{sign} but no library_key was given: several slices in one AnnData are read as one tissue, their spots "
-        f"linked as neighbours. Pass library_key= (e.g. library_key={(named or ['<the obs column>'])[0]!r}) to "
-        "dfm.pp.serialize if they are several slices.",
+        f"{sign} but no library_key was given: several slices in one AnnData are read as one tissue, {consequence}. "
+        f"Pass library_key= (e.g. library_key={(named or ['<the obs column>'])[0]!r}) to "
+        f"{caller} if they are several slices.",
         UserWarning,
         stacklevel=user_stacklevel(),
     )

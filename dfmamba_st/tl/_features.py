@@ -41,6 +41,8 @@ MAX_LOG_VALUE = 20.0
 CONSTANT_TOTAL_CV = 1e-3
 #: log-normalised values are taken back to counts (:func:`recovered_counts`) when all lie this close to whole numbers
 RECOVERY_TOLERANCE = 1e-2
+#: a spot without a gene counted once is scaled by the smallest whole number up to this that makes its values whole
+MAX_SMALLEST_COUNT = 100
 
 
 def _where_else(adata: AnnData, layer: str | None) -> str:
@@ -100,8 +102,18 @@ def expression_matrix(
     if counts is not None:
         logg.info(
             f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
-            "recovered exactly and are used"
+            "recovered and are used"
         )
+        single = int(np.sum(np.diff(counts.indptr) == 1))
+        if counts_for is not None and single:
+            warnings.warn(
+                f"{where} holds log-normalised counts, taken back to raw counts, but {single} spots express a single "
+                "gene, whose count the normalisation erased (taken as 1; so are spots whose counts share a factor, "
+                f"e.g. 2 and 4 taken as 1 and 2): {counts_for}, and their sums are low. Pass the raw counts "
+                "(layer='counts') for exact sums.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         return counts, True
     if counts_for is not None:
         raise ValueError(
@@ -141,9 +153,15 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     ``sc.pp.normalize_total`` scales each spot's counts by one factor (any target, genes removed afterwards or not)
     and ``sc.pp.log1p`` takes ``log(1 + x)``: ``expm1`` undoes the log, and dividing each spot by its smallest
     non-zero value gives back its counts when some gene of the spot was counted once (every spot of the DLPFC slices
-    151673 and 151674 has one). The result is kept only if every value lies within ``RECOVERY_TOLERANCE`` of a whole
-    number (within 1.5e-4 on those slices, from float32 values); other transforms (log2, scaled or corrected values)
-    give fractions and ``None``.
+    151673 and 151674 has one); a spot whose smallest count is larger (a small panel) is then multiplied by the
+    smallest whole number up to ``MAX_SMALLEST_COUNT`` that makes its values whole (counts 2 and 3: ratios 1 and 1.5,
+    times 2). The result is kept only if every value lies within ``RECOVERY_TOLERANCE`` of a whole number (within
+    1.5e-4 on those slices, from float32 values); other transforms (log2, scaled or corrected values) give fractions
+    and ``None``.
+
+    A spot's counts are known only up to a common factor: a spot whose counts share one (a single expressed gene,
+    or counts 2 and 4) comes back divided by it (1; 1 and 2). The per-spot normalisation of ``tl.embed`` does not
+    see that factor; sums over spots (``pp.coarsen``) do.
 
     Examples
     --------
@@ -167,10 +185,15 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     smallest = np.ones(values.shape[0])
     smallest[filled] = np.minimum.reduceat(values.data, values.indptr[:-1][filled])
     values.data /= np.repeat(smallest, n_values)
-    whole = np.round(values.data)
-    if not np.all(np.abs(values.data - whole) <= RECOVERY_TOLERANCE):
-        return None
-    values.data = whole
+    off = np.abs(values.data - np.round(values.data)) > RECOVERY_TOLERANCE
+    for spot in np.unique(np.repeat(np.arange(values.shape[0]), n_values)[off]):
+        ratios = values.data[values.indptr[spot] : values.indptr[spot + 1]]
+        scaled = ratios[None, :] * np.arange(2, MAX_SMALLEST_COUNT + 1)[:, None]  # (multiplier, gene)
+        fits = np.flatnonzero(np.all(np.abs(scaled - np.round(scaled)) <= RECOVERY_TOLERANCE, axis=1))
+        if not fits.size:
+            return None
+        ratios[:] = scaled[fits[0]]
+    values.data = np.round(values.data)
     return sp.csr_matrix(values, dtype=np.float32)
 
 
