@@ -158,6 +158,34 @@ def test_load_model_on_an_absent_gpu_says_so_like_embed(trained, tmp_path):
     assert next(dfm.tl.load_model(path, device="auto").parameters()).device.type == "cpu"
 
 
+def test_the_record_of_a_transfer_names_the_model_and_no_training_settings(trained, tmp_path):
+    adata, model = trained
+    file = dfm.tl.save_model(model, tmp_path / "m73")
+    again = adata.copy()
+    dfm.tl.embed(again, model=file)
+    params = again.uns["dfm"]["params"]
+    assert params["preset"] == "model" and params["model_file"] == str(file.resolve())
+    assert params["model_fingerprint"] == adata.uns["dfm"]["params"]["model_fingerprint"]  # the model trained there
+    assert len(params["model_fingerprint"]) == 64
+    # nothing drawn, nothing trained ("None": the record is written as write_h5ad stores it)
+    assert params["seed"] == "None" and params["mask_ratio"] == "None"
+    assert adata.uns["dfm"]["params"]["model_file"] == "None" and adata.uns["dfm"]["params"]["seed"] != "None"
+    dfm.tl.embed(again, model=model, key_added="X_object")  # a model object: no file, the same fingerprint
+    assert again.uns["X_object"]["params"]["model_file"] == "None"
+    assert again.uns["X_object"]["params"]["model_fingerprint"] == params["model_fingerprint"]
+    other = dfm.tl.embed(adata.copy(), **{**QUICK, "d_model": 8}, return_model=True, copy=True)[0]
+    assert other.uns["dfm"]["params"]["model_fingerprint"] != params["model_fingerprint"]
+
+
+def test_model_arguments_of_another_type_are_refused_clearly(trained, tmp_path):
+    adata, _ = trained
+    for wrong in (3, {"weights": 1}):
+        with pytest.raises(TypeError, match=r"model= takes a trained model .* got (int|dict)"):
+            dfm.tl.embed(adata.copy(), model=wrong)
+    with pytest.raises(TypeError, match=r"save_model saves a model of dfm\.tl\.embed .* got str"):
+        dfm.tl.save_model("hello", tmp_path / "m")
+
+
 # --- pp.coarsen -------------------------------------------------------------------------------------------------------
 
 

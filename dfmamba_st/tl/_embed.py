@@ -40,7 +40,7 @@ from ..core import (
 )
 from ..pp._serialize import identical_positions, library_layouts, serialized_orders, warn_identical_positions
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
-from ._model import SpatialConfig, SpatialDFMamba, load_model
+from ._model import SpatialConfig, SpatialDFMamba, load_model, model_fingerprint
 
 __all__ = ["PRESETS", "embed"]
 
@@ -391,8 +391,11 @@ def embed(
         (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for :func:`dfm.pl.gates`;
         NaN at the depths a library's sequence is too short to reach (fewer than about 29 spots).
     ``adata.uns['dfm']`` (``adata.uns[key_added]`` for another ``key_added``)
-        ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys), ``genes``,
-        ``missing_genes``, ``history`` (per-epoch losses), ``versions``.
+        ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys; with
+        ``model=``, ``preset`` is ``"model"``, ``model_file`` the file's path when one was given, and the training
+        settings ``seed`` and ``mask_ratio`` are ``None``; ``model_fingerprint``, a SHA-256 of the model's weights
+        and feature transform, names the model that made the embedding, trained here or given), ``genes``,
+        ``missing_genes``, ``history`` (per-epoch losses; empty with ``model=``), ``versions``.
 
     Notes
     -----
@@ -441,10 +444,17 @@ def embed(
     if world_size > 1 and torch_device.type == "cuda" and torch_device.index is None:
         local_rank = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
         torch_device = torch.device("cuda", local_rank)
+    model_file = None
     if isinstance(model, str | Path):
+        model_file = str(Path(model).expanduser().resolve())
         model = load_model(model, device=torch_device)
-    elif model is not None:
+    elif isinstance(model, SpatialDFMamba):
         model = model.to(torch_device)  # a model trained on another device, e.g. on a GPU then applied on the CPU
+    elif model is not None:
+        raise TypeError(
+            f"model= takes a trained model (dfm.tl.embed(..., return_model=True) or dfm.tl.load_model) or the path of "
+            f"a file dfm.tl.save_model wrote, got {type(model).__name__}."
+        )
 
     if model is not None:
         preset_name = "model"
@@ -580,12 +590,14 @@ def embed(
         "token_scale": config.extra["token_scale"],
         "preset": preset_name,
         "device": str(torch_device),
-        "seed": seed,
+        "seed": seed if preset_name != "model" else None,  # a trained model is applied: nothing is drawn
+        "model_file": model_file,
+        "model_fingerprint": model_fingerprint(model),
         "layer": layer,
         "library_key": library_key,
         "order_key": order_key,
         "spatial_key": spatial_key,
-        "mask_ratio": MASK_RATIO,
+        "mask_ratio": MASK_RATIO if preset_name != "model" else None,
         "readout_hops": readout_hops,
         "readout": readout,
         "tile_size": tile_size,

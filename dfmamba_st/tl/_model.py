@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core import DFMamba, resolve_device
+from ..core import DFMamba, fingerprint, resolve_device
 from ._features import FeatureTransform
 
-__all__ = ["MODEL_FORMAT", "SpatialConfig", "SpatialDFMamba", "load_model", "save_model"]
+__all__ = ["MODEL_FORMAT", "SpatialConfig", "SpatialDFMamba", "load_model", "model_fingerprint", "save_model"]
 
 #: version of the model-file layout; files written by a newer layout are refused with a clear error
 MODEL_FORMAT = 1
@@ -154,6 +154,45 @@ def _model_file(path: str | Path) -> Path:
     return path.with_name(path.name + ".safetensors")
 
 
+def model_fingerprint(model: SpatialDFMamba) -> str:
+    """SHA-256 of a model's weights and feature transform (genes, standardisation, loadings, input kind).
+
+    The same for a model and for what :func:`load_model` reads back from its file, so that an embedding's record
+    (``uns['dfm']['params']['model_fingerprint']``) names the model that made it.
+
+    Parameters
+    ----------
+    model
+        A model of :func:`dfmamba_st.tl.embed`.
+
+    Returns
+    -------
+    64 hexadecimal digits.
+
+    Examples
+    --------
+    >>> import tempfile, dfmamba_st as dfm
+    >>> from dfmamba_st.tl._model import model_fingerprint
+    >>> adata = dfm.datasets.dlpfc_151673_hvg()[:300].copy()
+    >>> dfm.pp.serialize(adata)
+    >>> model = dfm.tl.embed(adata, epochs=1, d_model=8, depth=1, n_top_genes=100, progress=False, return_model=True)
+    >>> again = dfm.tl.load_model(dfm.tl.save_model(model, tempfile.mkdtemp() + "/m"))
+    >>> model_fingerprint(again) == model_fingerprint(model) == adata.uns["dfm"]["params"]["model_fingerprint"]
+    True
+    """
+    features = model.features
+    weights = sorted((name, value.detach().cpu().numpy()) for name, value in model.state_dict().items())
+    return fingerprint(
+        np.asarray(features.genes, dtype=object),
+        features.mean,
+        features.scale,
+        np.zeros(0) if features.loadings is None else features.loadings,
+        np.asarray([features.log_normalize, np.nan if features.log_total is None else features.log_total]),
+        np.asarray([name for name, _ in weights], dtype=object),
+        *(value for _, value in weights),
+    )
+
+
 def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     """Write a model as ``safetensors`` tensors with a JSON header (config, genes, versions); no pickle.
 
@@ -207,6 +246,8 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
+    if not isinstance(model, SpatialDFMamba):
+        raise TypeError(f"save_model saves a model of dfm.tl.embed (return_model=True), got {type(model).__name__}.")
     given = Path(path).expanduser()
     path = _model_file(given)
     for folder in dict.fromkeys((given, path)):
