@@ -309,6 +309,7 @@ def _download(files: dict[str, tuple[str, str | None]], subdir: str, *, offline_
     created = created[: next(i for i, d in enumerate(created) if d.exists())]  # the folders pooch will create
     out = {}
     for fname, (url, known_hash) in files.items():
+        cached = (folder / fname).exists()  # a cached file pooch downloads again is one that failed its checksum
         try:
             path = Path(pooch.retrieve(url=url, known_hash=known_hash, fname=fname, path=folder, progressbar=False))
         except Exception as err:
@@ -321,6 +322,12 @@ def _download(files: dict[str, tuple[str, str | None]], subdir: str, *, offline_
                 raise
             reason = f"{type(err).__name__}: {err}"
             reason = reason if len(reason) <= 300 else reason[:297] + "..."
+            if cached and known_hash is not None:
+                raise OSError(
+                    f"{folder / fname} does not match its checksum ({known_hash}), and downloading it again from "
+                    f"{url} failed ({reason}). Replace it with the original file (or delete it and call again with "
+                    f"network access); without network access: {offline_hint}."
+                ) from err
             raise OSError(
                 f"Could not download {fname} from {url} ({reason}). Without network access: {offline_hint}; or put "
                 f"the raw files {list(files)} in the cache folder {folder} (set ${ENV_DATA_DIR} to use another "
@@ -434,7 +441,13 @@ def read_dlpfc_raw(
     import scanpy as sc
 
     sid = str(sample_id)
-    adata = sc.read_10x_h5(str(matrix_h5))
+    try:
+        adata = sc.read_10x_h5(str(matrix_h5))
+    except (OSError, KeyError) as err:  # h5py: not an HDF5 file; scanpy: an HDF5 file without a 10x matrix
+        raise ValueError(
+            f"{matrix_h5} is not a readable 10x .h5 matrix ({type(err).__name__}: {err}). A truncated or failed "
+            "download left in the cache folder is read again at every call: delete it and call again."
+        ) from err
     adata.var_names_make_unique()
     X = sparse.csr_matrix(adata.X, dtype=np.float32)
     X.sort_indices()

@@ -126,6 +126,14 @@ def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled)
     with pytest.warns(UserWarning, match=r"\(\d+%\) are missing.*symbols vs Ensembl IDs") as caught:
         dfm.tl.embed(renamed, model=model, progress=False)
     assert warned_at(caught, "are missing", __file__)  # points at the user's call
+    ensembl = train.copy()  # Ensembl IDs as names, the symbols the model knows in a var column
+    ensembl.var["symbol"] = ensembl.var_names.astype(str)
+    ensembl.var_names = ensembl.var["gene_ids"].astype(str)
+    with pytest.warns(UserWarning, match=r"adata\.var\['symbol'\] names 300 of them.*adata\.var_names = "):
+        dfm.tl.embed(ensembl, model=model, progress=False)
+    narrow = train[:, train.var_names.isin(model.features.genes[:100])].copy()  # a smaller panel, same naming
+    with pytest.warns(UserWarning, match="adata holds 100 genes .* a smaller panel than the training data's"):
+        dfm.tl.embed(narrow, model=model, progress=False)
     with pytest.warns(UserWarning, match=r"ignored: \{'d_model': 8, 'epochs': 50\}") as caught:
         dfm.tl.embed(train, model=model, epochs=50, d_model=8, progress=False)
     assert warned_at(caught, "ignored:", __file__)

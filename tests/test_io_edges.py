@@ -233,6 +233,20 @@ def test_coarsen_of_log_normalised_counts_names_the_spots_whose_counts_were_lost
         dfm.pp.coarsen(panel, 2)
 
 
+def test_coarsen_carries_text_and_boolean_labels_and_says_what_it_replaces(crop, info_log):
+    crop.obs["text"] = crop.obs["layer"].astype(str).to_numpy()  # labels read from a CSV: object dtype
+    crop.obs["in_layer3"] = (crop.obs["layer"] == "Layer3").to_numpy()
+    crop.obs["n_spots"] = 7  # the user's own column of that name
+    crop.obs["score"] = 0.5
+    coarse = dfm.pp.coarsen(crop, 2)
+    assert (coarse.obs["text"].astype(str) == coarse.obs["layer"].astype(str)).all()  # the same majority
+    assert isinstance(coarse.obs["in_layer3"].dtype, pd.CategoricalDtype)
+    assert ((coarse.obs["in_layer3"] == True) == (coarse.obs["layer"] == "Layer3")).all()  # noqa: E712
+    assert coarse.obs["n_spots"].sum() == crop.n_obs and "score" not in coarse.obs
+    assert "numeric obs columns ['score']" in info_log.getvalue()
+    assert "obs['n_spots'] (replaced by the number of spots per bin)" in info_log.getvalue()
+
+
 def test_coarsen_names_the_available_layers_for_a_missing_one(crop):
     crop.layers["raw"] = crop.X.copy()
     with pytest.raises(KeyError, match=r"layer='counts' is not in adata\.layers; available layers: \['raw'\]"):
@@ -358,6 +372,22 @@ def test_an_offline_download_says_how_to_load_locally_and_leaves_no_empty_cache(
         load(arg)
     assert isinstance(err.value.__cause__, requests.exceptions.ConnectionError)
     assert list(tmp_path.iterdir()) == []  # the cache folders pooch made for the failed download are gone
+
+
+def test_a_cached_file_that_fails_its_checksum_offline_is_named_as_such(monkeypatch, tmp_path):
+    _offline(monkeypatch)
+    (tmp_path / "her2st").mkdir()
+    (tmp_path / "her2st" / "A1.tsv.gz").write_bytes(b"<html>an error page saved as the counts</html>")
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path))
+    with pytest.raises(OSError, match=r"A1\.tsv\.gz does not match its checksum .* Replace it with the original"):
+        dfm.datasets.her2st("A1")
+
+
+def test_a_count_matrix_that_is_no_10x_file_is_named_with_what_to_do(tmp_path):
+    broken = tmp_path / "151673_filtered_feature_bc_matrix.h5"
+    broken.write_bytes(b"<html>an error page saved as the matrix</html>")
+    with pytest.raises(ValueError, match=r"151673_filtered_feature_bc_matrix\.h5 is not a readable 10x .*delete it"):
+        dfm.datasets.read_dlpfc_raw(broken, tmp_path / "positions.txt", tmp_path / "layers.tsv", sample_id="151673")
 
 
 def test_an_offline_download_keeps_an_existing_cache_folder(monkeypatch, tmp_path):

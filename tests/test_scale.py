@@ -78,6 +78,15 @@ def test_embed_tile_size_keeps_the_domains(trained):
     assert adjusted_rand_score(*labels) > 0.98
     with pytest.raises(ValueError, match="multiple of 2"):
         dfm.tl.embed(adata.copy(), model=model, tile_size=100, progress=False)
+    depth = model.config.depth
+    with pytest.raises(ValueError, match=rf"at least 4 times it \({4 * 2**depth}: a shorter tile cannot reach"):
+        dfm.tl.embed(adata.copy(), model=model, tile_size=2 * 2**depth, progress=False)  # left NaN gates
+    shortest = adata.copy()
+    dfm.tl.embed(shortest, model=model, tile_size=4 * 2**depth, progress=False)  # whole floats: as every size
+    assert np.isfinite(shortest.obsm["X_dfm_gates"]).all()
+    again = adata.copy()
+    dfm.tl.embed(again, model=model, tile_size=float(4 * 2**depth), progress=False)
+    np.testing.assert_array_equal(again.obsm["X_dfm"], shortest.obsm["X_dfm"])
 
 
 def test_features_are_computed_in_chunks_and_fitted_on_a_subset(monkeypatch, trained):

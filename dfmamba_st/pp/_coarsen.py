@@ -90,9 +90,10 @@ def coarsen(
     ``obs['array_row'/'array_col']`` the bin's grid position (on a Visium grid its row and column; from coordinates
     its bins of x and of y, in that order, as :func:`~dfmamba_st.pp.serialize` reads them: not Visium's row = y);
     ``obs['n_spots']`` how many spots it merged;
-    ``obs[library_key]`` and the other categorical ``obs`` columns as the majority label of the merged spots (a
-    clustering such as ``obs['dfm_domain']`` too, though not its record; other ``obs`` columns are dropped, and
-    listed in an info message); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
+    ``obs[library_key]`` and the other label columns of ``obs`` (categorical, boolean or text) as the majority label
+    of the merged spots, categorical (a clustering such as ``obs['dfm_domain']`` too, though not its record; numeric
+    ``obs`` columns are dropped, and listed in an info message, as is an ``obs['n_spots']`` of the input,
+    replaced); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
     tissue images still plot, each spot diameter in ``uns['spatial']`` multiplied by ``factor``: a bin is drawn as
     wide as it is) **without** the records of tools run on the fine spots, since they describe the fine
     data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
@@ -151,12 +152,15 @@ def coarsen(
     obs["n_spots"] = n_spots.astype(np.int64)
     if library_key is not None:
         obs[library_key] = _majority(adata.obs[library_key], groups, n_bins)
-    dropped_obs = []
+    dropped_obs, replaced = [], [c for c in ("n_spots",) if c in adata.obs.columns]
     for col in adata.obs.columns:
         if col in obs:
             continue
-        if isinstance(adata.obs[col].dtype, pd.CategoricalDtype):
-            obs[col] = _majority(adata.obs[col], groups, n_bins)
+        values = adata.obs[col]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            obs[col] = _majority(values, groups, n_bins)
+        elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_string_dtype(values):  # labels of another dtype
+            obs[col] = pd.Categorical(_majority(values.astype("category"), groups, n_bins))
         else:
             dropped_obs.append(col)
     uns = {k: v for k, v in adata.uns.items() if not is_tool_record(v) and k not in _FINE_ONLY_UNS}
@@ -174,7 +178,9 @@ def coarsen(
     }
     not_carried = []
     if dropped_obs:
-        not_carried.append(f"obs columns that are not categorical {dropped_obs}")
+        not_carried.append(f"numeric obs columns {dropped_obs}")
+    if replaced:
+        not_carried.append(f"obs{replaced} (replaced by the number of spots per bin)")
     if dropped_uns:
         not_carried.append(f"uns records of the fine spots {dropped_uns}")
     if not_carried:

@@ -80,6 +80,27 @@ PRESETS: dict[str, dict] = {
 MASK_RATIO = 0.3
 #: at most this many tokens × d_model values go through the model at once during inference
 INFER_BUDGET = 2**20
+#: the shortest inference tile, in multiples of ``2**depth``: shorter ones leave the deepest gate undefined
+MIN_TILE_DEPTHS = 4
+
+
+def _naming_hint(adata: AnnData, genes: list[str], n_found: int) -> str:
+    """Why most of a model's genes are missing from ``adata.var_names``.
+
+    Another ``var`` column naming more of them (symbols vs Ensembl IDs), else a narrower panel.
+    """
+    model_genes = set(genes)
+    found = {c: int(adata.var[c].astype(str).isin(model_genes).sum()) for c in adata.var.columns}
+    column = max(found, key=found.get, default=None)
+    if column is not None and found[column] > n_found:
+        return (
+            f" adata.var[{column!r}] names {found[column]} of them: the model was trained on genes named that way; "
+            f"use it as the names (adata.var_names = adata.var[{column!r}].astype(str); adata.var_names_make_unique())."
+        )
+    return (
+        f" adata holds {adata.n_vars} genes and none of its var columns names more of the model's: a smaller panel "
+        "than the training data's, or genes named another way (symbols vs Ensembl IDs)?"
+    )
 
 
 def _library_sequences(
@@ -367,7 +388,8 @@ def embed(
     tile_size
         Inference reads sequences longer than this in tiles of ``tile_size`` spots, each with about ``tile_size // 8``
         spots of context on both sides that are run but not kept, so memory does not grow with the tissue
-        (a Visium slice, ≤ 4,992 spots, is one tile). A multiple of ``2**depth``.
+        (a Visium slice, ≤ 4,992 spots, is one tile). A multiple of ``2**depth``, at least ``4 * 2**depth``
+        (shorter tiles left the deepest gate undefined, NaN, on the bundled slice).
     progress
         Show a progress bar.
     key_added
@@ -535,11 +557,7 @@ def embed(
     del X  # the whole matrix is not needed past the features
     if missing:  # only a trained model's genes can be missing
         share = len(missing) / len(feature_tf.genes)
-        naming = (
-            " Over half of them: does adata name genes the way the training data did (symbols vs Ensembl IDs)?"
-            if share > 0.5
-            else ""
-        )
+        naming = _naming_hint(adata, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
         warnings.warn(
             f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
             f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
@@ -547,8 +565,12 @@ def embed(
         )
 
     align = 2**config.depth
-    if tile_size < align or tile_size % align:
-        raise ValueError(f"tile_size must be a positive multiple of 2**depth = {align}, got {tile_size}.")
+    tile_size = whole_number(tile_size, "tile_size")
+    if tile_size < MIN_TILE_DEPTHS * align or tile_size % align:  # shorter tiles leave the deepest gate undefined
+        raise ValueError(
+            f"tile_size must be a multiple of 2**depth = {align} and at least {MIN_TILE_DEPTHS} times it "
+            f"({MIN_TILE_DEPTHS * align}: a shorter tile cannot reach the deepest level), got {tile_size}."
+        )
     libraries = _library_sequences(adata, library_key, spatial_key, config.curves)
     tokens = _tokens(features, libraries, config.hops)
     if model is None:
