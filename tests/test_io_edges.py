@@ -283,7 +283,7 @@ def test_coarse_bins_are_drawn_as_wide_as_they_are(crop, factor):
 def test_coarsen_deep_copies_uns_without_the_records_of_the_fine_spots(trained, info_log):
     adata = trained[0].copy()
     dfm.tl.cluster(adata, n_clusters=3)
-    adata.obs["layer_text"] = adata.obs["layer"].astype(str)
+    adata.obs["depth_um"] = adata.obs["array_row"] * 100.0  # a numeric column: not a label, dropped
     assert {"dfm", "dfm_order", "dfm_domain"} <= set(adata.uns)
     coarse = dfm.pp.coarsen(adata, 2)
     assert not {"dfm", "dfm_order", "dfm_domain"} & set(coarse.uns)
@@ -295,10 +295,10 @@ def test_coarsen_deep_copies_uns_without_the_records_of_the_fine_spots(trained, 
     lib["images"]["lowres"][:] = 0
     lib["scalefactors"]["tissue_lowres_scalef"] = -1.0
     assert fine["images"]["lowres"].any() and fine["scalefactors"]["tissue_lowres_scalef"] > 0
-    # categorical columns are kept as majority labels; the others are dropped, and the info message says which
-    assert {"layer", "sample_id"} <= set(coarse.obs) and "layer_text" not in coarse.obs
+    # label columns are kept as majority labels; numeric ones are dropped, and the info message says which
+    assert {"layer", "sample_id"} <= set(coarse.obs) and "depth_um" not in coarse.obs
     log = info_log.getvalue()
-    assert "layer_text" in log and "dfm_order" in log and "'dfm'" in log
+    assert "depth_um" in log and "dfm_order" in log and "'dfm'" in log
     # the stale serialization is gone, so embedding the bins asks for serialize instead of reusing the fine order
     with pytest.raises(KeyError, match=r"run dfm\.pp\.serialize"):
         dfm.tl.embed(coarse, model=trained[1], progress=False, device="cpu")
