@@ -19,28 +19,38 @@ def constructor_config(arguments: dict) -> dict:
     """A constructor's arguments, from its ``locals()`` taken first thing, as a JSON-ready dict.
 
     ``self`` and ``__class__`` are dropped and a ``**kwargs`` mapping (any key ending in ``kwargs``) is merged in,
-    so that ``type(model)(**config)`` builds the same model. Tuples become lists (what JSON gives back) and numpy
-    numbers plain Python ones.
+    so that ``type(model)(**config)`` builds the same model. Every value is made what JSON gives back: tuples and
+    arrays become lists, numpy numbers plain Python ones (so a saved model's config equals the one read back).
 
     Examples
     --------
+    >>> import numpy as np
     >>> class Net:
     ...     def __init__(self, width, scales=(1, 2), **block_kwargs):
     ...         self.config = constructor_config(locals())
-    >>> Net(4, backend="torch").config
-    {'width': 4, 'scales': [1, 2], 'backend': 'torch'}
+    >>> Net(np.int64(4), backend="torch", lambdas=(1.0, np.float32(0.5))).config
+    {'width': 4, 'scales': [1, 2], 'backend': 'torch', 'lambdas': [1.0, 0.5]}
     """
     config = {}
     for name, value in arguments.items():
         if name in ("self", "__class__"):
             continue
         if name.endswith("kwargs") and isinstance(value, dict):
-            config.update(value)
-        elif isinstance(value, tuple):
-            config[name] = list(value)
+            config.update({key: _plain(item) for key, item in value.items()})
         else:
-            config[name] = value.item() if isinstance(value, np.generic) else value  # numpy numbers: plain ones
+            config[name] = _plain(value)
     return config
+
+
+def _plain(value):
+    """``value`` as JSON stores and gives it back: lists for tuples, arrays and tensors, Python numbers for numpy's."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
@@ -55,12 +65,12 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     if directory.is_file():
         raise ValueError(f"{directory} is a file; a model is saved as a folder ({TENSORS_FILE} and {CONFIG_FILE}).")
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(_unshared(tensors), directory / TENSORS_FILE)
+    save_file(unshared(tensors), directory / TENSORS_FILE)
     (directory / CONFIG_FILE).write_text(text)
     return directory
 
 
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors on the CPU, each with memory of its own.
 
     safetensors refuses tensors that share memory; a module shared by two layers (ms-Mamba's one rate projection

@@ -131,6 +131,10 @@ def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled)
     ensembl.var_names = ensembl.var["gene_ids"].astype(str)
     with pytest.warns(UserWarning, match=r"adata\.var\['symbol'\] names 300 of them.*adata\.var_names = "):
         dfm.tl.embed(ensembl, model=model, progress=False)
+    ensembl = ensembl[:, ~ensembl.var["symbol"].isin(ensembl.var_names)].copy()  # no model gene left as a name
+    n_named = int(ensembl.var["symbol"].isin(model.features.genes).sum())
+    with pytest.raises(ValueError, match=rf"None of the model's genes .* adata\.var\['symbol'\] names {n_named} of"):
+        dfm.tl.embed(ensembl, model=model, progress=False)
     narrow = train[:, train.var_names.isin(model.features.genes[:100])].copy()  # a smaller panel, same naming
     with pytest.warns(UserWarning, match="adata holds 100 genes .* a smaller panel than the training data's"):
         dfm.tl.embed(narrow, model=model, progress=False)

@@ -4,6 +4,7 @@ examples themselves run as doctests)."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 
@@ -28,14 +29,22 @@ def test_the_public_api_is_found():
 
 
 @pytest.mark.parametrize(("name", "obj"), _public(), ids=[name for name, _ in _public()])
-def test_docstring_has_parameters_and_examples(name, obj):
+def test_docstring_has_an_example_and_documents_every_parameter(name, obj):
     doc = inspect.getdoc(obj) or ""
     assert "\nExamples\n--------\n" in doc, f"{name} has no Examples section"
     try:
-        takes = [p for p in inspect.signature(obj).parameters if p != "self"]
+        parameters = inspect.signature(obj).parameters.values()
     except (TypeError, ValueError):  # a builtin without a signature
-        takes = []
-    if takes:
-        assert "\nParameters\n----------\n" in doc or "\nAttributes\n----------\n" in doc, (
-            f"{name} takes {takes} but documents no Parameters (or, for a data class, Attributes)"
-        )
+        return
+    named = [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not named:
+        return
+    assert "\nParameters\n----------\n" in doc or "\nAttributes\n----------\n" in doc, (
+        f"{name} takes {named} but documents no Parameters (or, for a data class, Attributes)"
+    )
+    # the sections before Returns / Examples / ...: each parameter heads an entry (alone or in a list "a, b")
+    head = re.split(r"\n(?:Returns|Yields|Raises|Warns|Notes|See Also|Examples)\n-+\n", doc)[0]
+    lines = [line for line in head.splitlines() if line and not line.startswith(" ")]
+    entries = {word for line in lines for word in re.split(r"[, ]+", line)}
+    undocumented = [p for p in named if p not in entries]
+    assert not undocumented, f"{name}: no entry for {undocumented}"

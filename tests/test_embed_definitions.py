@@ -73,6 +73,25 @@ def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bu
     assert _features.recovered_counts(toy.X).toarray().tolist() == [[2, 3, 0], [0, 1, 0], [0, 1, 3]]
 
 
+def test_values_that_are_not_log_normalised_counts_are_not_made_into_counts(bundled):
+    """log2 of normalised counts on tiny panels (5 genes, 200 spots, ten draws): taken for counts only where the
+    values carry nothing more than counts over their common factor (spots whose values are all equal), never as
+    counts made up by the multiplier search (counts 2 and 1 came back as 36 and 17 with an absolute tolerance)."""
+    rng = np.random.default_rng(1)
+    X = sp.csr_matrix(bundled.X, dtype=np.float32)
+    for _ in range(10):
+        genes = rng.choice(X.shape[1], 5, replace=False)
+        panel = X[rng.choice(X.shape[0], 200, replace=False)][:, genes].tocsr()
+        panel = panel[np.asarray(panel.sum(axis=1)).ravel() > 0]
+        truth = panel.toarray().astype(np.int64)
+        logged = ad.AnnData(panel.copy())
+        sc.pp.normalize_total(logged)
+        sc.pp.log1p(logged)
+        got = _features.recovered_counts(sp.csr_matrix(logged.X / np.log(2), dtype=np.float32))
+        if got is not None:
+            np.testing.assert_array_equal(got.toarray(), truth // np.gcd.reduce(truth, axis=1)[:, None])
+
+
 def test_counts_of_too_few_spots_for_seurat_v3_are_ranked_by_the_seurat_dispersion_of_their_log_values(bundled):
     """scikit-misc's loess (seurat_v3) fails on these 251 spots; tl.embed goes on with scanpy's other flavour."""
     small = crop(bundled, rows=(0, 5), cols=(0, 200))

@@ -29,20 +29,31 @@ def trained():
 
 
 @pytest.mark.parametrize(
-    ("n", "tile", "align"), [(10, 64, 8), (64, 64, 8), (1000, 64, 8), (3639, 512, 8), (65, 16, 16)]
+    ("n", "tile", "align", "min_length"),
+    [
+        (10, 64, 8, 1),
+        (64, 64, 8, 32),
+        (1000, 64, 8, 1),
+        (1000, 64, 8, 64),
+        (3639, 512, 8, 32),
+        (65, 16, 16, 32),
+        (321, 32, 8, 32),
+    ],
 )
-def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align):
-    tiles = _embed._tiles(n, tile, align)
+def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align, min_length):
+    tiles = _embed._tiles(n, tile, align, min_length)
     kept = np.concatenate([np.arange(keep_begin, keep_end) for _, _, keep_begin, keep_end in tiles])
     assert np.array_equal(kept, np.arange(n))
+    overlap = max(align, tile // 8 // align * align)
     for begin, end, keep_begin, keep_end in tiles:
         assert 0 <= begin <= keep_begin < keep_end <= end <= n
         assert begin % align == 0 and keep_begin % align == 0
-        assert end - begin <= tile + 2 * max(align, tile // 8)
-        overlap = max(align, tile // 8 // align * align)
+        # long enough to reach the deepest level (the last tile's context reaches further back when it is short)
+        assert end - begin >= min(n, min_length)
+        assert end - begin <= max(tile + 2 * overlap, min_length + align)
         # context on both sides unless cut at an end
-        assert keep_begin - begin == (min(keep_begin, overlap) if n > tile else 0)
-        assert end - keep_end == min(n - keep_end, overlap)
+        assert keep_begin - begin >= (min(keep_begin, overlap) if n > tile else 0)
+        assert end - keep_end >= min(n - keep_end, overlap)
 
 
 def test_tiled_inference_matches_the_whole_sequence(trained, monkeypatch):
@@ -79,14 +90,27 @@ def test_embed_tile_size_keeps_the_domains(trained):
     with pytest.raises(ValueError, match="multiple of 2"):
         dfm.tl.embed(adata.copy(), model=model, tile_size=100, progress=False)
     depth = model.config.depth
-    with pytest.raises(ValueError, match=rf"at least 4 times it \({4 * 2**depth}: a shorter tile cannot reach"):
-        dfm.tl.embed(adata.copy(), model=model, tile_size=2 * 2**depth, progress=False)  # left NaN gates
+    least = model.config.min_len * 2 ** (depth - 1)
+    with pytest.raises(ValueError, match=rf"at least min_len \* 2\*\*\(depth - 1\) = {least} \(a shorter tile"):
+        dfm.tl.embed(adata.copy(), model=model, tile_size=least - 2**depth, progress=False)  # left NaN gates
     shortest = adata.copy()
-    dfm.tl.embed(shortest, model=model, tile_size=4 * 2**depth, progress=False)  # whole floats: as every size
+    dfm.tl.embed(shortest, model=model, tile_size=least, progress=False)
     assert np.isfinite(shortest.obsm["X_dfm_gates"]).all()
     again = adata.copy()
-    dfm.tl.embed(again, model=model, tile_size=float(4 * 2**depth), progress=False)
+    dfm.tl.embed(again, model=model, tile_size=float(least), progress=False)  # whole floats: as every size
     np.testing.assert_array_equal(again.obsm["X_dfm"], shortest.obsm["X_dfm"])
+
+
+def test_the_last_tile_reaches_the_deepest_level_too(bundled):
+    """321 spots in tiles of 32 (the shortest allowed at depth 3) on one curve: the last tile, 1 spot kept, once had
+    9 positions of context and no gate at depths 1 and 2."""
+    adata = bundled[:321].copy()
+    dfm.pp.serialize(adata)
+    options = dict(epochs=1, d_model=8, depth=3, n_top_genes=100, n_pcs=10, extra_curves=(), progress=False)
+    model = dfm.tl.embed(adata, **options, return_model=True)  # one tile: the whole sequence
+    assert adata.uns["dfm"]["params"]["curves"] == ["hilbert"]
+    dfm.tl.embed(adata, model=model, tile_size=32, key_added="X_tiled")
+    assert np.isfinite(adata.obsm["X_dfm_gates"]).all() and np.isfinite(adata.obsm["X_tiled_gates"]).all()
 
 
 def test_features_are_computed_in_chunks_and_fitted_on_a_subset(monkeypatch, trained):

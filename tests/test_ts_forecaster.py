@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -51,6 +49,12 @@ def test_forecast_in_the_data_units_is_the_documented_recipe(etth1, splits):
     # one lookback, as a frame with its columns in another order: the same forecast
     frame = etth1.iloc[9000 : 9000 + SEQ_LEN, ::-1]
     np.testing.assert_allclose(forecaster.forecast(frame, first_row=9000), got[1], rtol=1e-6, atol=1e-5)
+    # a list of frames, one of them with its columns in another order: each frame is read by name
+    frames = [etth1.iloc[s : s + SEQ_LEN] for s in starts]
+    frames[1] = frames[1].iloc[:, ::-1]
+    np.testing.assert_allclose(forecaster.forecast(frames, first_row=starts), got, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match=r"first_row must be one number or one per lookback \(3\), got shape \(2,\)"):
+        forecaster.forecast(raw, first_row=starts[:2])
     # and the forecast is in the data's units: the oil temperature's scale, not a standardised one
     assert abs(got[..., -1].mean() - etth1["OT"].iloc[future.ravel()].mean()) < 3 * etth1["OT"].std()
 
@@ -71,7 +75,7 @@ def test_a_saved_forecaster_is_read_back_exactly(etth1, splits, index, tmp_path)
     folder = ts.save_forecaster(model, tmp_path / "run", splits=splits)
     again = ts.load_forecaster(folder)
     assert type(again.model) is type(model) and not again.model.training
-    assert again.model.config == json.loads(json.dumps(model.config))
+    assert again.model.config == model.config  # JSON-ready as built: the config read back equals the model's
     assert again.columns == list(etth1.columns) and again.name == "ETTh1"
     np.testing.assert_array_equal(again.scaler.mean, splits.scaler.mean)
     np.testing.assert_array_equal(again.scaler.std, splits.scaler.std)
@@ -116,3 +120,15 @@ def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
     classifier = pathology.save_classifier(pathology.DFMambaClassifier(4, d_model=8, depth=1), tmp_path / "path")
     with pytest.raises(ValueError, match="holds no forecaster"):
         ts.load_forecaster(classifier)
+
+
+def test_numpy_sizes_and_tuples_given_to_a_forecaster_are_saved_as_plain_values(splits, tmp_path):
+    models = [
+        ts.MSMamba(7, SEQ_LEN, HORIZON, d_model=8, d_ff=8, d_state=2, scales=np.array([1.0, 2.0])),
+        ts.DFMambaTS(7, SEQ_LEN, HORIZON, d_model=8, d_state=2, depth=2, hidden=np.int64(4), lambdas=(0.5, 0.5, 0.2)),
+    ]
+    for i, model in enumerate(models):
+        again = ts.load_forecaster(ts.save_forecaster(model, tmp_path / str(i), splits=splits))  # numpy: not JSON
+        assert again.model.config == model.config
+        x = splits.values[None, :SEQ_LEN]
+        np.testing.assert_array_equal(ts.predict(again.model, x), ts.predict(model.eval(), x))

@@ -38,8 +38,14 @@ class Mamba(nn.Module):
         Rank of the time-step projection; ``"auto"`` is ``ceil(d_model / 16)``.
     dt_min, dt_max_init
         Range of the log-uniform initial time steps.
+    dt_init_floor
+        Smallest initial time step (the log-uniform draws are clamped to it before the bias is set).
     dt_max
         Clip of the scaled time step (``None`` for no clip).
+    conv_bias
+        Bias in the depthwise causal convolution.
+    bias
+        Bias in the input and output projections.
     bidirectional
         Also run the same block (same weights) over the reversed sequence and average both directions.
     backend

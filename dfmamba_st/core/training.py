@@ -225,7 +225,7 @@ def resolve_device(device: str | int | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
-    elif isinstance(device, int) and not isinstance(device, bool) and device >= 0:
+    elif isinstance(device, numbers.Integral) and not isinstance(device, bool | np.bool_) and device >= 0:
         device = f"cuda:{device}"  # as torch.device(0) reads an index
     elif not isinstance(device, str):
         raise TypeError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N', an index or a torch.device, got {device!r}.")

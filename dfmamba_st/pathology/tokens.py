@@ -198,8 +198,7 @@ def unpatchify(
     ------
     ValueError
         If a side is not a positive multiple of ``patch_size``, or the tokens do not fit the image (wrong ``L``, or
-        a width that is not a multiple of ``patch_size²``). A ``tokens`` tensor that is not 3-D also raises a
-        ``ValueError``, from unpacking its shape.
+        a width that is not a multiple of ``patch_size²``), or are not 3-D.
 
     Examples
     --------

@@ -231,7 +231,7 @@ def train_classifier(
 def _field(model: nn.Module, images: np.ndarray, crop: int | None) -> tuple[tuple[int, int], int]:
     """The image size :func:`evaluate` sees at ``crop`` and its token count (checks the crop against the images)."""
     if images.ndim != 4:
-        raise ValueError(f"images must have shape (n, 3, H, W), got {tuple(images.shape)}.")
+        raise ValueError(f"images must have shape (n, channels, H, W), got {tuple(images.shape)}.")
     view = images[:0] if crop is None else center_crop(images[:0], crop)
     height, width = (int(side) for side in view.shape[-2:])
     if hasattr(model, "patch_size"):  # a patch model takes whole patches only: the error it would give, here

@@ -159,7 +159,7 @@ def coarsen(
         values = adata.obs[col]
         if isinstance(values.dtype, pd.CategoricalDtype):
             obs[col] = _majority(values, groups, n_bins)
-        elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_string_dtype(values):  # labels of another dtype
+        elif pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):  # text, True/False
             obs[col] = pd.Categorical(_majority(values.astype("category"), groups, n_bins))
         else:
             dropped_obs.append(col)

@@ -40,7 +40,7 @@ from ..core import (
 )
 from ..pp._serialize import identical_positions, library_layouts, serialized_orders, warn_identical_positions
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
-from ._model import SpatialConfig, SpatialDFMamba, load_model, model_fingerprint
+from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
 __all__ = ["PRESETS", "embed"]
 
@@ -80,8 +80,6 @@ PRESETS: dict[str, dict] = {
 MASK_RATIO = 0.3
 #: at most this many tokens × d_model values go through the model at once during inference
 INFER_BUDGET = 2**20
-#: the shortest inference tile, in multiples of ``2**depth``: shorter ones leave the deepest gate undefined
-MIN_TILE_DEPTHS = 4
 
 
 def _naming_hint(adata: AnnData, genes: list[str], n_found: int) -> str:
@@ -90,7 +88,7 @@ def _naming_hint(adata: AnnData, genes: list[str], n_found: int) -> str:
     Another ``var`` column naming more of them (symbols vs Ensembl IDs), else a narrower panel.
     """
     model_genes = set(genes)
-    found = {c: int(adata.var[c].astype(str).isin(model_genes).sum()) for c in adata.var.columns}
+    found = {c: int(adata.var[c].astype(str)[lambda v: v.isin(model_genes)].nunique()) for c in adata.var.columns}
     column = max(found, key=found.get, default=None)
     if column is not None and found[column] > n_found:
         return (
@@ -388,8 +386,9 @@ def embed(
     tile_size
         Inference reads sequences longer than this in tiles of ``tile_size`` spots, each with about ``tile_size // 8``
         spots of context on both sides that are run but not kept, so memory does not grow with the tissue
-        (a Visium slice, ≤ 4,992 spots, is one tile). A multiple of ``2**depth``, at least ``4 * 2**depth``
-        (shorter tiles left the deepest gate undefined, NaN, on the bundled slice).
+        (a Visium slice, ≤ 4,992 spots, is one tile). A multiple of ``2**depth``, at least
+        ``min_len * 2**(depth - 1)`` (32 with the defaults), the shortest sequence that reaches the deepest level;
+        a tile shorter than that (the last one) takes more context.
     progress
         Show a progress bar.
     key_added
@@ -414,9 +413,10 @@ def embed(
         NaN at the depths a library's sequence is too short to reach (fewer than about 29 spots).
     ``adata.uns['dfm']`` (``adata.uns[key_added]`` for another ``key_added``)
         ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys; with
-        ``model=``, ``preset`` is ``"model"``, ``model_file`` the file's path when one was given, and the training
-        settings ``seed`` and ``mask_ratio`` are ``None``; ``model_fingerprint``, a SHA-256 of the model's weights
-        and feature transform, names the model that made the embedding, trained here or given), ``genes``,
+        ``model=``, ``preset`` is ``"model"``, ``model_file`` the path of the file read when one was given, and the
+        training settings ``seed`` and ``mask_ratio`` are ``"None"``, as every ``None`` is stored for
+        ``write_h5ad``; ``model_fingerprint``, a SHA-256 of the model's configuration, weights and feature
+        transform, names the model that made the embedding, trained here or given), ``genes``,
         ``missing_genes``, ``history`` (per-epoch losses; empty with ``model=``), ``versions``.
 
     Notes
@@ -468,7 +468,7 @@ def embed(
         torch_device = torch.device("cuda", local_rank)
     model_file = None
     if isinstance(model, str | Path):
-        model_file = str(Path(model).expanduser().resolve())
+        model_file = str(model_file_read(model).resolve())
         model = load_model(model, device=torch_device)
     elif isinstance(model, SpatialDFMamba):
         model = model.to(torch_device)  # a model trained on another device, e.g. on a GPU then applied on the CPU
@@ -553,6 +553,12 @@ def embed(
             logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
+    n_found = int(np.isin(np.asarray(adata.var_names, dtype=str), feature_tf.genes).sum())
+    if not n_found:  # before transform_matrix's own refusal, which cannot see adata.var
+        raise ValueError(
+            f"None of the model's genes are in adata.var_names (e.g. {feature_tf.genes[:3]})."
+            + _naming_hint(adata, feature_tf.genes, 0)
+        )
     features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
     del X  # the whole matrix is not needed past the features
     if missing:  # only a trained model's genes can be missing
@@ -566,10 +572,11 @@ def embed(
 
     align = 2**config.depth
     tile_size = whole_number(tile_size, "tile_size")
-    if tile_size < MIN_TILE_DEPTHS * align or tile_size % align:  # shorter tiles leave the deepest gate undefined
+    shortest = max(align, _deepest_length(config))
+    if tile_size < shortest or tile_size % align:  # a shorter tile leaves the deepest gate undefined
         raise ValueError(
-            f"tile_size must be a multiple of 2**depth = {align} and at least {MIN_TILE_DEPTHS} times it "
-            f"({MIN_TILE_DEPTHS * align}: a shorter tile cannot reach the deepest level), got {tile_size}."
+            f"tile_size must be a multiple of 2**depth = {align} and at least min_len * 2**(depth - 1) = {shortest} "
+            f"(a shorter tile cannot reach the deepest level), got {tile_size}."
         )
     libraries = _library_sequences(adata, library_key, spatial_key, config.curves)
     tokens = _tokens(features, libraries, config.hops)
@@ -688,20 +695,33 @@ def _train(
     ).history
 
 
-def _tiles(n: int, tile_size: int, align: int) -> list[tuple[int, int, int, int]]:
+def _deepest_length(config: SpatialConfig) -> int:
+    """The shortest sequence DF-Mamba reads down to its deepest level.
+
+    ``min_len`` tokens after ``depth - 1`` halvings; a shorter one leaves the deepest gates undefined.
+    """
+    return config.min_len * 2 ** max(config.depth - 1, 0)
+
+
+def _tiles(n: int, tile_size: int, align: int, min_length: int = 1) -> list[tuple[int, int, int, int]]:
     """``(context_begin, context_end, keep_begin, keep_end)`` of the tiles that cover positions ``0..n``.
 
     The kept parts partition the sequence; each context adds about ``tile_size // 8`` positions on both sides (cut
-    at the ends). Every boundary is a multiple of ``align`` (``2**depth``), so DF-Mamba pairs the same spots in
-    a tile as in the whole sequence.
+    at the ends), and reaches further back (or forward) where a tile would be shorter than ``min_length`` (the last
+    one). Every beginning is a multiple of ``align`` (``2**depth``), so DF-Mamba pairs the same spots in a tile as
+    in the whole sequence.
     """
     if n <= tile_size:
         return [(0, n, 0, n)]
     overlap = max(align, tile_size // 8 // align * align)
-    return [
-        (max(0, begin - overlap), min(n, begin + tile_size + overlap), begin, min(n, begin + tile_size))
-        for begin in range(0, n, tile_size)
-    ]
+    tiles = []
+    for begin in range(0, n, tile_size):
+        context_begin, context_end = max(0, begin - overlap), min(n, begin + tile_size + overlap)
+        if context_end - context_begin < min_length:
+            context_begin = max(0, (context_end - min_length) // align * align)
+            context_end = min(n, max(context_end, context_begin + min_length))
+        tiles.append((context_begin, context_end, begin, min(n, begin + tile_size)))
+    return tiles
 
 
 @torch.no_grad()
@@ -726,7 +746,7 @@ def _infer(
     jobs: dict[int, list] = {}  # context length → tiles (library, curve, tile)
     for lib, (_, orders, _) in enumerate(libraries):
         for curve in range(orders.shape[0]):
-            for tile in _tiles(orders.shape[1], tile_size, 2**depth):
+            for tile in _tiles(orders.shape[1], tile_size, 2**depth, _deepest_length(model.config)):
                 jobs.setdefault(tile[1] - tile[0], []).append((lib, curve, tile))
     batches = []
     for length, tiles in sorted(jobs.items()):

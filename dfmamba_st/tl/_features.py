@@ -39,10 +39,14 @@ COUNTS_TARGET = 1e4
 MAX_LOG_VALUE = 20.0
 #: non-integer input whose spot totals vary by less than this (coefficient of variation) was normalised, not logged
 CONSTANT_TOTAL_CV = 1e-3
-#: log-normalised values are taken back to counts (:func:`recovered_counts`) when all lie this close to whole numbers
-RECOVERY_TOLERANCE = 1e-2
+#: log-normalised values are taken back to counts (:func:`recovered_counts`) when all lie this close to whole numbers,
+#: relative to their size (float32 values of the DLPFC slices: within 1e-6, any target_sum)
+RECOVERY_RTOL = 1e-5
 #: a spot without a gene counted once is scaled by the smallest whole number up to this that makes its values whole
-MAX_SMALLEST_COUNT = 100
+#: (17 was the most any spot needed on random 20-500-gene panels of 151673; a larger bound lets noise fit: 2026-12-06)
+MAX_SMALLEST_COUNT = 20
+#: spots with at most this many expressed genes often have counts that share a factor, which recovery cannot see
+FEW_GENES = 2
 
 
 def _where_else(adata: AnnData, layer: str | None) -> str:
@@ -104,13 +108,13 @@ def expression_matrix(
             f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
             "recovered and are used"
         )
-        single = int(np.sum(np.diff(counts.indptr) == 1))
-        if counts_for is not None and single:
+        few = int(np.sum(np.diff(counts.indptr) <= FEW_GENES))
+        if counts_for is not None and few:
             warnings.warn(
-                f"{where} holds log-normalised counts, taken back to raw counts, but {single} spots express a single "
-                "gene, whose count the normalisation erased (taken as 1; so are spots whose counts share a factor, "
-                f"e.g. 2 and 4 taken as 1 and 2): {counts_for}, and their sums are low. Pass the raw counts "
-                "(layer='counts') for exact sums.",
+                f"{where} holds log-normalised counts, taken back to raw counts up to a factor per spot (counts 2 and "
+                f"4 come back as 1 and 2, a single gene's count as 1), and {few} spots express at most {FEW_GENES} "
+                f"genes, where such a factor is likely: {counts_for}, and sums over them may be low. Pass the raw "
+                "counts (layer='counts') for exact sums.",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -147,6 +151,11 @@ def expression_matrix(
     return X, False
 
 
+def _whole(values: np.ndarray) -> np.ndarray:
+    """Which values are whole numbers to within ``RECOVERY_RTOL`` of their size (float32 rounding, not noise)."""
+    return np.abs(values - np.round(values)) <= RECOVERY_RTOL * np.maximum(np.abs(values), 1.0)
+
+
 def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     """The raw counts behind log-normalised values, or ``None`` when they cannot be recovered exactly.
 
@@ -155,9 +164,10 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     non-zero value gives back its counts when some gene of the spot was counted once (every spot of the DLPFC slices
     151673 and 151674 has one); a spot whose smallest count is larger (a small panel) is then multiplied by the
     smallest whole number up to ``MAX_SMALLEST_COUNT`` that makes its values whole (counts 2 and 3: ratios 1 and 1.5,
-    times 2). The result is kept only if every value lies within ``RECOVERY_TOLERANCE`` of a whole number (within
-    1.5e-4 on those slices, from float32 values); other transforms (log2, scaled or corrected values) give fractions
-    and ``None``.
+    times 2). The result is kept only if every value lies within ``RECOVERY_RTOL`` (relative) of a whole number
+    (within 1e-6 on those slices, from float32 values, any ``target_sum``); other transforms (log2, scaled or
+    corrected values) give fractions and ``None``, and so does a spot whose smallest count is above
+    ``MAX_SMALLEST_COUNT`` with no common factor.
 
     A spot's counts are known only up to a common factor: a spot whose counts share one (a single expressed gene,
     or counts 2 and 4) comes back divided by it (1; 1 and 2). The per-spot normalisation of ``tl.embed`` does not
@@ -185,11 +195,11 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     smallest = np.ones(values.shape[0])
     smallest[filled] = np.minimum.reduceat(values.data, values.indptr[:-1][filled])
     values.data /= np.repeat(smallest, n_values)
-    off = np.abs(values.data - np.round(values.data)) > RECOVERY_TOLERANCE
+    off = ~_whole(values.data)
     for spot in np.unique(np.repeat(np.arange(values.shape[0]), n_values)[off]):
         ratios = values.data[values.indptr[spot] : values.indptr[spot + 1]]
         scaled = ratios[None, :] * np.arange(2, MAX_SMALLEST_COUNT + 1)[:, None]  # (multiplier, gene)
-        fits = np.flatnonzero(np.all(np.abs(scaled - np.round(scaled)) <= RECOVERY_TOLERANCE, axis=1))
+        fits = np.flatnonzero(np.all(_whole(scaled), axis=1))
         if not fits.size:
             return None
         ratios[:] = scaled[fits[0]]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
+from .._weights import unshared
 from ..core import DFMamba, fingerprint, resolve_device
 from ._features import FeatureTransform
 
@@ -155,7 +156,7 @@ def _model_file(path: str | Path) -> Path:
 
 
 def model_fingerprint(model: SpatialDFMamba) -> str:
-    """SHA-256 of a model's weights and feature transform (genes, standardisation, loadings, input kind).
+    """SHA-256 of a model's configuration, weights and feature transform (genes, standardisation, loadings, input).
 
     The same for a model and for what :func:`load_model` reads back from its file, so that an embedding's record
     (``uns['dfm']['params']['model_fingerprint']``) names the model that made it.
@@ -183,6 +184,7 @@ def model_fingerprint(model: SpatialDFMamba) -> str:
     features = model.features
     weights = sorted((name, value.detach().cpu().numpy()) for name, value in model.state_dict().items())
     return fingerprint(
+        np.asarray([json.dumps(asdict(model.config), sort_keys=True, default=str)], dtype=object),
         np.asarray(features.genes, dtype=object),
         features.mean,
         features.scale,
@@ -191,6 +193,16 @@ def model_fingerprint(model: SpatialDFMamba) -> str:
         np.asarray([name for name, _ in weights], dtype=object),
         *(value for _, value in weights),
     )
+
+
+def model_file_read(path: str | Path) -> Path:
+    """The file :func:`load_model` reads for ``path``.
+
+    ``path`` itself, or ``path`` + ``.safetensors`` when only that exists (``~`` expanded).
+    """
+    given = Path(path).expanduser()
+    suffixed = _model_file(given)
+    return suffixed if not given.exists() and suffixed.is_file() else given
 
 
 def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
@@ -257,7 +269,7 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
             )
     if model.features is None:
         raise ValueError("The model has no fitted features; train it with dfm.tl.embed first.")
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = unshared({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update(
         {f"features.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.features.state().items()}
     )
@@ -305,9 +317,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
     from safetensors import SafetensorError, safe_open
 
     torch_device = resolve_device(device)
-    given = Path(path).expanduser()
-    suffixed = _model_file(given)
-    path = suffixed if not given.exists() and suffixed.is_file() else given
+    path = model_file_read(path)
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.safetensors"))
         hint = (f" It holds {found[:5]}" + (" …" if len(found) > 5 else "") + ".") if found else ""
@@ -315,8 +325,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
             f"{path} is a folder, not a model file; pass the file that dfm.tl.save_model wrote.{hint}"
         )
     if not path.exists():
-        also = f" nor at {suffixed}" if suffixed != given else ""
-        raise FileNotFoundError(f"No model file at {given}{also}.")
+        suffixed = _model_file(path)
+        also = f" nor at {suffixed}" if suffixed != path else ""
+        raise FileNotFoundError(f"No model file at {path}{also}.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             header = f.metadata() or {}

@@ -75,8 +75,8 @@ class Forecaster:
         Parameters
         ----------
         history
-            Lookbacks in the data's units: (seq_len, variates) or (n, seq_len, variates), an array or a
-            :class:`pandas.DataFrame` (whose columns are taken in :attr:`columns`' order).
+            Lookbacks in the data's units: (seq_len, variates) or (n, seq_len, variates), an array, a
+            :class:`pandas.DataFrame` or a list of them (a frame's columns are taken in :attr:`columns`' order).
         first_row
             Row of the series (counted as in the file the model was trained on) where each lookback starts: one
             number, or one per lookback. Needed only with a :attr:`season`, whose profile is taken at the
@@ -103,7 +103,7 @@ class Forecaster:
         if self.season is not None:
             starts = self._first_rows(first_row, len(x))
             x = x - self.season.at(starts[:, None] + np.arange(seq_len))
-        y = predict(self.model, x, batch_size=batch_size).numpy()
+        y = predict(self.model, x, batch_size=batch_size).float().numpy()  # bfloat16 has no numpy type
         if self.season is not None:
             y = y + self.season.at(starts[:, None] + seq_len + np.arange(horizon))
         if self.scaler is not None:
@@ -112,7 +112,12 @@ class Forecaster:
         return y[0] if single else y
 
     def _columns_of(self, history):
-        """A frame's columns in the model's order (an error names the missing ones); anything else as it is."""
+        """A frame's columns in the model's order (an error names the missing ones); anything else as it is.
+
+        In a list, each frame is reordered on its own.
+        """
+        if isinstance(history, list | tuple):
+            return [self._columns_of(item) for item in history]
         if not hasattr(history, "columns") or self.columns is None:
             return history
         names = [str(c) for c in history.columns]
@@ -128,7 +133,10 @@ class Forecaster:
                 "This forecaster removes a seasonal profile, which depends on the rows: pass first_row= (the row of "
                 "the series where each lookback starts, e.g. len(series) - seq_len for the latest lookback)."
             )
-        starts = np.broadcast_to(np.asarray(first_row), (n,))
+        starts = np.asarray(first_row)
+        if starts.ndim > 1 or starts.size not in (1, n):
+            raise ValueError(f"first_row must be one number or one per lookback ({n}), got shape {starts.shape}.")
+        starts = np.broadcast_to(starts, (n,))
         if not np.issubdtype(starts.dtype, np.integer) or (starts < 0).any():
             raise ValueError(f"first_row must be whole numbers >= 0 (one, or one per lookback), got {first_row!r}.")
         return starts.astype(np.int64)
