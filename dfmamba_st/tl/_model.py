@@ -156,7 +156,7 @@ def _model_file(path: str | Path) -> Path:
 
 
 def model_fingerprint(model: SpatialDFMamba) -> str:
-    """SHA-256 of a model's configuration, weights and feature transform (genes, standardisation, loadings, input).
+    """SHA-256 of what a model file holds of a model: configuration, weights, feature transform.
 
     The same for a model and for what :func:`load_model` reads back from its file, so that an embedding's record
     (``uns['dfm']['params']['model_fingerprint']``) names the model that made it.
@@ -181,18 +181,21 @@ def model_fingerprint(model: SpatialDFMamba) -> str:
     >>> model_fingerprint(again) == model_fingerprint(model) == adata.uns["dfm"]["params"]["model_fingerprint"]
     True
     """
-    features = model.features
-    weights = sorted((name, value.detach().cpu().numpy()) for name, value in model.state_dict().items())
+    tensors, described = _contents(model)
+    names = sorted(tensors)
     return fingerprint(
-        np.asarray([json.dumps(asdict(model.config), sort_keys=True, default=str)], dtype=object),
-        np.asarray(features.genes, dtype=object),
-        features.mean,
-        features.scale,
-        np.zeros(0) if features.loadings is None else features.loadings,
-        np.asarray([features.log_normalize, np.nan if features.log_total is None else features.log_total]),
-        np.asarray([name for name, _ in weights], dtype=object),
-        *(value for _, value in weights),
+        np.asarray([described["config"], described["features"], *names], dtype=object),
+        *(tensors[name].numpy() for name in names),
     )
+
+
+def _contents(model: SpatialDFMamba) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """What a model file holds of ``model``: its tensors (weights, feature arrays) and its settings as JSON text."""
+    tensors = unshared({f"model.{k}": v for k, v in model.state_dict().items()})
+    tensors.update(
+        {f"features.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.features.state().items()}
+    )
+    return tensors, {"config": json.dumps(asdict(model.config)), "features": json.dumps(model.features.config())}
 
 
 def model_file_read(path: str | Path) -> Path:
@@ -269,16 +272,12 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
             )
     if model.features is None:
         raise ValueError("The model has no fitted features; train it with dfm.tl.embed first.")
-    tensors = unshared({f"model.{k}": v for k, v in model.state_dict().items()})
-    tensors.update(
-        {f"features.{k}": torch.from_numpy(np.ascontiguousarray(v)) for k, v in model.features.state().items()}
-    )
+    tensors, described = _contents(model)
     header = {
         "format": "dfmamba_st.spatial",
         "format_version": str(MODEL_FORMAT),
         "dfmamba_st_version": __version__,
-        "config": json.dumps(asdict(model.config)),
-        "features": json.dumps(model.features.config()),
+        **described,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=header)
