@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._version import __version__
+
 TENSORS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+#: version of the folder layout, written into ``config.json``; folders of a newer layout are refused with a clear
+#: error (folders written before the field existed read as version 0)
+FOLDER_FORMAT = 1
 
 
 def constructor_config(arguments: dict) -> dict:
@@ -53,15 +59,20 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict, *, kind: str) -> Path:
     """Write ``tensors`` and ``config`` into ``directory`` (made if missing) and return the folder.
 
-    Nothing is written when ``config`` is not JSON-serialisable or ``directory`` is a file.
+    ``config.json`` also records ``kind`` (what the folder holds, checked by :func:`read_model_folder`), the folder
+    layout's :data:`FOLDER_FORMAT` and the package version. Nothing is written when ``config`` is not
+    JSON-serialisable or ``directory`` is a file.
     """
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
-    text = json.dumps(config, indent=2)  # first: nothing written if it fails
+    header = {"format": kind, "format_version": FOLDER_FORMAT, "dfmamba_st_version": __version__}
+    if clash := sorted(header.keys() & config.keys()):
+        raise ValueError(f"{', '.join(clash)} in config.json are the folder's own entries; give other names.")
+    text = json.dumps({**header, **config}, indent=2)  # first: nothing written if it fails
     if directory.is_file():
         raise ValueError(f"{directory} is a file; a model is saved as a folder ({TENSORS_FILE} and {CONFIG_FILE}).")
     directory.mkdir(parents=True, exist_ok=True)
@@ -85,12 +96,28 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_model_folder(directory: str | Path, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The config and tensors of a folder written by :func:`write_model_folder`; ``what`` names the writer in errors."""
+def read_model_folder(directory: str | Path, *, kind: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and tensors of a folder that :func:`write_model_folder` wrote with ``kind``.
+
+    ``what`` names the writer in errors. A folder holding another kind, or written in a newer layout than
+    :data:`FOLDER_FORMAT`, is refused; one from before the layout was recorded is read as this kind.
+    """
     from safetensors.torch import load_file
 
     directory = Path(directory).expanduser()
     missing = [name for name in (TENSORS_FILE, CONFIG_FILE) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory} is not a folder written by {what}: no {' or '.join(missing)} in it.")
-    return json.loads((directory / CONFIG_FILE).read_text()), load_file(directory / TENSORS_FILE)
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    written = config.get("format", kind)
+    if written != kind:
+        raise ValueError(f"{directory} holds a {written!r} folder, not one written by {what} ({kind!r}).")
+    version = config.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{directory} is damaged: its format_version {version!r} is not a whole number.")
+    if version > FOLDER_FORMAT:
+        raise ValueError(
+            f"{directory} was written by dfmamba_st {config.get('dfmamba_st_version')} in folder format {version}; "
+            f"this is dfmamba_st {__version__} reading format <= {FOLDER_FORMAT}. Upgrade dfmamba_st to load it."
+        )
+    return config, load_file(directory / TENSORS_FILE)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,7 +160,7 @@ def test_resolve_device():
                 resolve_device(device)
     else:
         assert resolve_device(0) == torch.device("cuda:0")
-    for device in (1.5, None, -1, True):
+    for device in (1.5, None, -1, True, np.int64(-1), np.bool_(True)):
         with pytest.raises(TypeError, match="device must be 'auto', 'cpu'"):
             resolve_device(device)
 
@@ -268,9 +269,10 @@ def test_resolve_device_refuses_a_gpu_index_past_the_last(monkeypatch):
     """M11: with one GPU, 'cuda:1' is refused and 'cuda:0' accepted."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert resolve_device("cuda:0") == torch.device("cuda:0")
-    with pytest.raises(ValueError, match="1 CUDA GPU"):
-        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == resolve_device(np.int64(0)) == resolve_device(0) == torch.device("cuda:0")
+    for device in ("cuda:1", 1, np.int32(1)):
+        with pytest.raises(ValueError, match="1 CUDA GPU"):
+            resolve_device(device)
 
 
 def test_data_parallel_gradients_and_logged_losses_are_means_over_ranks(monkeypatch):

@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from _shared import shared_path
 
+import dfmamba_st
 from dfmamba_st import pathology, ts
+from dfmamba_st._weights import FOLDER_FORMAT
 
 SEQ_LEN, HORIZON = 96, 24
 
@@ -69,6 +73,16 @@ def test_the_latest_lookback_forecasts_past_the_end_of_the_file(etth1, splits):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
+def test_a_bfloat16_model_forecasts_in_float32_data_units(etth1, splits):
+    model = _models()[0]
+    forecaster = ts.Forecaster.from_splits(model, splits)
+    half = ts.Forecaster.from_splits(_models()[0].to(torch.bfloat16), splits)
+    got, want = (f.forecast(etth1.iloc[:SEQ_LEN], first_row=0) for f in (half, forecaster))
+    assert got.dtype == np.float32
+    error = np.abs(got - want) / etth1.to_numpy().std(0)  # in standard deviations of each variate
+    assert error.max() < 0.05, error.max()
+
+
 @pytest.mark.parametrize("index", [0, 1, 2], ids=["DLinear", "DFMambaTS", "MSMamba"])
 def test_a_saved_forecaster_is_read_back_exactly(etth1, splits, index, tmp_path):
     model = _models()[index]
@@ -118,8 +132,10 @@ def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or config\.json"):
         ts.load_forecaster(tmp_path / "nothing")
     classifier = pathology.save_classifier(pathology.DFMambaClassifier(4, d_model=8, depth=1), tmp_path / "path")
-    with pytest.raises(ValueError, match="holds no forecaster"):
+    with pytest.raises(ValueError, match=r"holds a 'dfmamba_st.classifier' folder, not one written by dfm.ts.save"):
         ts.load_forecaster(classifier)
+    with pytest.raises(ValueError, match=r"holds a 'dfmamba_st.forecaster' folder, not one written by dfm.patho"):
+        pathology.load_classifier(ts.save_forecaster(forecaster, tmp_path / "forecaster"))
 
 
 def test_numpy_sizes_and_tuples_given_to_a_forecaster_are_saved_as_plain_values(splits, tmp_path):
@@ -132,3 +148,40 @@ def test_numpy_sizes_and_tuples_given_to_a_forecaster_are_saved_as_plain_values(
         assert again.model.config == model.config
         x = splits.values[None, :SEQ_LEN]
         np.testing.assert_array_equal(ts.predict(again.model, x), ts.predict(model.eval(), x))
+
+
+def _folders(splits, tmp_path) -> list[tuple]:
+    """A saved forecaster and a saved classifier, each with its reader and a forward pass to compare."""
+    forecaster = ts.Forecaster.from_splits(_models()[1], splits)
+    classifier = pathology.DFMambaClassifier(4, d_model=8, depth=1, d_state=2).eval()
+    image, lookback = torch.rand(1, 3, 32, 32), splits.values[:SEQ_LEN]
+    return [
+        (
+            ts.save_forecaster(forecaster, tmp_path / "f"),
+            ts.load_forecaster,
+            lambda m: m.forecast(lookback, first_row=0),
+        ),
+        (pathology.save_classifier(classifier, tmp_path / "c"), pathology.load_classifier, lambda m: m(image).detach()),
+    ]
+
+
+def test_a_saved_folder_records_its_layout_and_a_newer_layout_is_refused(splits, tmp_path):
+    for folder, load, run in _folders(splits, tmp_path):
+        path = folder / "config.json"
+        saved = json.loads(path.read_text())
+        assert saved["format_version"] == FOLDER_FORMAT and saved["dfmamba_st_version"] == dfmamba_st.__version__
+        expected = run(load(folder))
+        for version, error in ((FOLDER_FORMAT + 1, "Upgrade dfmamba_st"), ("1", "is not a whole number")):
+            path.write_text(json.dumps({**saved, "format_version": version}))
+            with pytest.raises(ValueError, match=error):
+                load(folder)
+        # a folder written before the layout was recorded reads as before
+        path.write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith(("format", "dfmamba_st"))}))
+        np.testing.assert_array_equal(run(load(folder)), expected)
+
+
+def test_entries_named_like_the_folder_s_own_are_refused_before_anything_is_written(tmp_path):
+    model = pathology.DFMambaClassifier(4, d_model=8, depth=1)
+    with pytest.raises(ValueError, match=r"format_version in config\.json are the folder's own entries"):
+        pathology.save_classifier(model, tmp_path / "c", {"format_version": 2})
+    assert not (tmp_path / "c").exists()

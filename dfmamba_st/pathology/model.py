@@ -14,12 +14,6 @@ from .tokens import PatchEmbedding
 __all__ = ["DFMambaClassifier", "count_parameters"]
 
 
-def _config_value(value: float | tuple[float, ...] | torch.Tensor) -> float | list[float]:
-    """A per-channel setting (number, sequence, array or tensor) as a JSON-serialisable float or list of floats."""
-    values = torch.as_tensor(value, dtype=torch.float64)  # float64 holds a float32 value exactly
-    return float(values) if values.ndim == 0 else values.flatten().tolist()
-
-
 class DFMambaClassifier(nn.Module):
     """Patch embedding → DF-Mamba over the Hilbert-ordered token sequence → LayerNorm → mean pool → linear head.
 
@@ -92,7 +86,8 @@ class DFMambaClassifier(nn.Module):
         **dfmamba_kwargs: Any,
     ) -> None:
         super().__init__()
-        config = constructor_config(locals())
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
+        self.config = constructor_config(locals())
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}.")
         self.n_classes = n_classes
@@ -104,8 +99,6 @@ class DFMambaClassifier(nn.Module):
                 raise ValueError(
                     f"{name} must be one value or one per channel (in_chans={in_chans}), got {len(value)} values."
                 )
-        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
-        self.config = {**config, "pixel_mean": _config_value(pixel_mean), "pixel_std": _config_value(pixel_std)}
         self.embed = PatchEmbedding(d_model, patch_size=patch_size, in_chans=in_chans, init_scale=embed_scale)
         self.backbone = DFMamba(
             d_model,

@@ -355,6 +355,10 @@ def evaluate_resolutions(
     return out
 
 
+#: what ``config.json`` of a saved classifier says it holds
+_KIND = "dfmamba_st.classifier"
+
+
 def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict | None = None) -> Path:
     """Write ``model.safetensors`` (weights) and ``config.json`` (constructor arguments, plus ``extra``).
 
@@ -386,7 +390,7 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
     True
     """
     tensors = model.state_dict()
-    return write_model_folder(directory, tensors, {"config": model.config, **(extra or {})})
+    return write_model_folder(directory, tensors, {"config": model.config, **(extra or {})}, kind=_KIND)
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> DFMambaClassifier:
@@ -415,7 +419,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     >>> load_classifier(folder).config["d_model"]
     8
     """
-    config, tensors = read_model_folder(directory, "dfm.pathology.save_classifier")
+    config, tensors = read_model_folder(directory, kind=_KIND, what="dfm.pathology.save_classifier")
     model = DFMambaClassifier(**config["config"])
     model.load_state_dict(tensors)
     return model.to(resolve_device(device)).eval()

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._version import __version__
 from .._weights import read_model_folder, write_model_folder
 from ..core import resolve_device
 from .data import ForecastSplits, Scaler, Season
@@ -25,7 +24,7 @@ __all__ = ["Forecaster", "load_forecaster", "save_forecaster"]
 
 #: the models a folder can hold, by class name
 _MODELS = {cls.__name__: cls for cls in (DFMambaTS, DLinear, MSMamba)}
-_WRITER = "dfm.ts.save_forecaster"
+_WRITER, _KIND = "dfm.ts.save_forecaster", "dfmamba_st.forecaster"
 
 
 @dataclass
@@ -197,9 +196,8 @@ def save_forecaster(
         "season_period": None if season is None else int(season.period),
         "columns": forecaster.columns,
         "name": forecaster.name,
-        "dfmamba_st": __version__,
     }
-    return write_model_folder(directory, tensors, config)
+    return write_model_folder(directory, tensors, config, kind=_KIND)
 
 
 def load_forecaster(directory: str | Path, *, device: str | torch.device = "cpu") -> Forecaster:
@@ -220,7 +218,7 @@ def load_forecaster(directory: str | Path, *, device: str | torch.device = "cpu"
     --------
     See :func:`save_forecaster`.
     """
-    config, tensors = read_model_folder(directory, _WRITER)
+    config, tensors = read_model_folder(directory, kind=_KIND, what=_WRITER)
     kind = config.get("forecaster")
     if kind not in _MODELS:
         raise ValueError(f"{directory} holds no forecaster written by {_WRITER} (its config names {kind!r}).")
