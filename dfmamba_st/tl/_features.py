@@ -195,15 +195,18 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     smallest = np.ones(values.shape[0])
     smallest[filled] = np.minimum.reduceat(values.data, values.indptr[:-1][filled])
     values.data /= np.repeat(smallest, n_values)
-    off = ~_whole(values.data)
-    for spot in np.unique(np.repeat(np.arange(values.shape[0]), n_values)[off]):
-        ratios = values.data[values.indptr[spot] : values.indptr[spot + 1]]
-        scaled = ratios[None, :] * np.arange(2, MAX_SMALLEST_COUNT + 1)[:, None]  # (multiplier, gene)
-        fits = np.flatnonzero(np.all(_whole(scaled), axis=1))
-        if not fits.size:
-            return None
-        ratios[:] = scaled[fits[0]]
-    values.data = np.round(values.data)
+    multiplier = np.ones(values.shape[0])
+    pending = np.unique(np.repeat(np.arange(values.shape[0]), n_values)[~_whole(values.data)])
+    for factor in range(2, MAX_SMALLEST_COUNT + 1):  # each spot takes the smallest that makes its values whole
+        if not pending.size:
+            break
+        ratios = values[pending]  # rows with a fraction, so none is empty and reduceat counts each row's own
+        fractions = np.add.reduceat(~_whole(ratios.data * factor), ratios.indptr[:-1])
+        multiplier[pending[fractions == 0]] = factor
+        pending = pending[fractions > 0]
+    if pending.size:
+        return None
+    values.data = np.round(values.data * np.repeat(multiplier, n_values))
     return sp.csr_matrix(values, dtype=np.float32)
 
 
