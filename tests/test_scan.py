@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import subprocess
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from dfmamba_st.core import Mamba
+from dfmamba_st.core import mamba as mamba_mod
 from dfmamba_st.core import scan as scan_mod
 from dfmamba_st.core._scan_torch import scan_core_torch
 from dfmamba_st.core.scan import available_backends, resolve_backend, selective_scan, selective_scan_reference
@@ -26,6 +29,7 @@ GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_stat
 CONFIGS = {
     "plain": (False, False, False, False, False, False),
     "D_z": (True, True, False, False, False, False),
+    "bias_softplus": (False, False, True, True, False, False),
     "bias_softplus_last": (False, False, True, True, True, False),
     "initial_state_last": (False, False, False, False, True, True),
     "everything": (True, True, True, True, True, True),
@@ -344,8 +348,67 @@ def test_numba_missing_message(monkeypatch):
         selective_scan(**kw, backend="numba")
 
 
+def _spy_kernel(monkeypatch) -> list[dict]:
+    """Replace mamba-ssm's kernel by one that records what it is given (and runs the reference)."""
+    calls = []
+
+    def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+        calls.append({"u": u.dtype, "delta": delta.dtype, "A": A.dtype, "D": None if D is None else D.dtype})
+        calls[-1].update(z=z is not None, bias=delta_bias is not None, last=return_last_state)
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    monkeypatch.setattr(scan_mod, "_cuda_unavailable_reason", lambda u=None: None)
+    monkeypatch.setattr(scan_mod, "_mamba_ssm_scan", lambda: kernel)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_backend_gives_the_kernel_what_it_takes_and_routes_the_rest_to_torch(monkeypatch, dtype):
+    """mamba-ssm's kernel takes A, D, delta_bias in float32 and delta in u's dtype; it has no initial state, drops
+    the last state's gradient and takes no float64: those calls run the torch backend (audit s43, findings 4-5)."""
+    calls = _spy_kernel(monkeypatch)
+    for config in ("plain", "D_z", "bias_softplus"):
+        kw, last = make_inputs(config=config, dtype=dtype)
+        kw["A"] = kw["A"].detach().to(torch.float32)  # as the Mamba block passes it
+        selective_scan(**kw, return_last_state=last, backend="cuda")
+    assert [(c["D"], c["z"], c["bias"], c["last"]) for c in calls] == [
+        (None, False, False, False),
+        (torch.float32, True, False, False),
+        (None, False, True, False),
+    ]
+    assert all(c["A"] == torch.float32 and c["delta"] == c["u"] == dtype for c in calls)
+    for config, kind in (("bias_softplus_last", dtype), ("initial_state_last", dtype), ("plain", torch.float64)):
+        kw, last = make_inputs(config=config, dtype=kind)
+        y, _, _ = run_scan(detached_copy(kw), last, "cuda")
+        y_ref, _, _ = run_scan(detached_copy(kw), last, "torch")
+        assert torch.equal(y, y_ref), config
+    assert len(calls) == 3  # none of these reached the kernel
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "cuda"])
+def test_the_block_scans_in_float32_for_bfloat16_and_in_float64_for_float64(monkeypatch, backend):
+    """A and the time step reach the scan in float32 for half-precision blocks (mamba-ssm's kernel refuses a
+    bfloat16 A), in float64 for float64 ones; the output keeps the block's dtype."""
+    seen = []
+
+    def spy(u, delta, A, *args, **kwargs):
+        seen.append((u.dtype, delta.dtype, A.dtype))
+        return scan_mod.selective_scan(u, delta, A, *args, **kwargs)
+
+    monkeypatch.setattr(mamba_mod, "selective_scan", spy)
+    torch.manual_seed(0)
+    block = Mamba(8, d_state=4, backend=backend)
+    x = torch.randn(2, 19, 8)
+    want = block(x)
+    for dtype, scan_dtype, tol in ((torch.bfloat16, torch.float32, 0.05), (torch.float64, torch.float64, 1e-5)):
+        seen.clear()
+        got = copy.deepcopy(block).to(dtype)(x.to(dtype))
+        assert got.dtype == dtype and seen == [(dtype, scan_dtype, scan_dtype)]
+        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_MAMBA_SSM, reason="needs a CUDA GPU and mamba-ssm")
-@pytest.mark.parametrize("config", ["plain", "everything"])
+@pytest.mark.parametrize("config", ["plain", "D_z", "bias_softplus", "everything"])
 def test_cuda_backend_matches_reference(config):
     kw, last = make_inputs(batch=2, d_inner=8, N=4, length=130, dtype=torch.float32, config=config, seed=19)
     kw = {k: (v.detach().cuda().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
@@ -358,6 +421,16 @@ def test_cuda_backend_matches_reference(config):
         assert _rel_err(h.cpu(), h_ref.cpu().double()) < 1e-4
     for name in g_ref:
         assert _rel_err(g[name].cpu(), g_ref[name].cpu().double()) < 1e-3, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_MAMBA_SSM, reason="needs a CUDA GPU and mamba-ssm")
+def test_a_bfloat16_block_runs_on_the_cuda_kernel_like_on_the_torch_scan():
+    torch.manual_seed(0)
+    block = Mamba(16, d_state=4, backend="torch").cuda().to(torch.bfloat16)
+    kernel = copy.deepcopy(block)
+    kernel.backend = "cuda"
+    x = torch.randn(2, 70, 16, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(kernel(x).float(), block(x).float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -109,8 +109,12 @@ class Mamba(nn.Module):
         self.D = nn.Parameter(torch.ones(self.d_inner))
 
     def time_step(self, dt: torch.Tensor, alpha: float) -> torch.Tensor:
-        """Scaled, clipped time step ``min(softplus(dt + bias) · alpha, dt_max)`` for (batch, d_inner, L) input."""
-        delta = F.softplus(dt + self.dt_proj.bias[:, None]) * alpha
+        """Scaled, clipped time step ``min(softplus(dt + bias) · alpha, dt_max)`` for (batch, d_inner, L) input.
+
+        Computed in float32 at least (as mamba-ssm's kernel computes its softplus), in float64 for float64 input.
+        """
+        dtype = torch.promote_types(dt.dtype, torch.float32)
+        delta = F.softplus(dt.to(dtype) + self.dt_proj.bias[:, None].to(dtype)) * alpha
         if self.dt_max is not None:
             delta = delta.clamp(max=self.dt_max)
         return delta
@@ -124,8 +128,8 @@ class Mamba(nn.Module):
         dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, d_inner, L)
         delta = self.time_step(dt, alpha)
-        # A in float32 at least (half-precision inputs), in float64 for float64 inputs
-        A = -torch.exp(self.A_log.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+        # A (and the time step) in float32 at least, as mamba-ssm's kernel takes them; float64 for float64 inputs
+        A = -torch.exp(self.A_log.to(torch.promote_types(x.dtype, torch.float32)))
         y = selective_scan(
             x,
             delta,

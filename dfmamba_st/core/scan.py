@@ -13,8 +13,10 @@ Backends (all differentiable in every tensor input):
 
 ``"cuda"``
     mamba-ssm's fused kernel (``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``), for CUDA
-    tensors when mamba-ssm imports. Its kernel takes no initial state, so a call with ``initial_state``
-    runs the ``"torch"`` backend instead (on the same device).
+    tensors when mamba-ssm imports. Calls the kernel cannot serve run the ``"torch"`` backend instead, on the
+    same device: with ``initial_state`` (the kernel takes none), with ``return_last_state=True`` (its backward
+    drops the last state's gradient) and in float64 (it takes float32, float16 and bfloat16 inputs). It gets
+    ``A``, ``D`` and ``delta_bias`` in float32 and ``delta`` in the dtype of ``u``, as it requires.
 ``"torch"``
     Pure PyTorch, chunked (:mod:`._scan_torch`): vectorised within chunks, a sequential carry between
     them, a custom backward that recomputes states segment by segment. CPU and GPU, any float dtype
@@ -94,8 +96,9 @@ def selective_scan_reference(
 
     Notes
     -----
-    Unlike the other backends, this loop checks no shapes, and it computes in the dtype of the inputs (the
-    ``"torch"`` and ``"numba"`` backends compute half precision in float32). It runs on any device and is
+    Unlike the other backends, this loop checks no shapes, and it computes in the dtype of the inputs, promoted
+    where they differ (the ``"torch"`` and ``"numba"`` backends compute half precision in float32); like them, it
+    returns ``u``'s dtype. It runs on any device and is
     differentiable through ordinary autograd; it loops over time in Python, so it is meant for short sequences.
 
     Examples
@@ -125,8 +128,8 @@ def selective_scan_reference(
         x = torch.exp(dt * A) * x + dt * B[:, None, :, t] * u[:, :, t, None]
         ys.append((x * C[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
-    y = _finish_output(y, u, D, z)
-    return (y, x) if return_last_state else y
+    y = _finish_output(y.to(u.dtype), u, D, z)
+    return (y, x.to(u.dtype)) if return_last_state else y
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,8 +247,9 @@ def selective_scan_cuda(
 ):
     """mamba-ssm's fused CUDA kernel. Arguments and return value as :func:`selective_scan`.
 
-    mamba-ssm's kernel has no initial state: with ``initial_state`` the call runs
-    :func:`selective_scan_torch` on the same (CUDA) tensors instead.
+    Calls the kernel cannot serve run :func:`selective_scan_torch` on the same (CUDA) tensors instead: with
+    ``initial_state`` (the kernel has none), with ``return_last_state=True`` (the kernel's backward ignores the
+    last state's gradient) and with float64 ``u`` (the kernel takes float32, float16 and bfloat16).
     """
     reason = _cuda_unavailable_reason(u)
     if reason is not None:
@@ -253,16 +257,17 @@ def selective_scan_cuda(
             f"The 'cuda' scan backend is not available: {reason}. "
             "Use backend='torch' (CPU or GPU) or backend='numba' (CPU)."
         )
-    if initial_state is not None:
+    if initial_state is not None or return_last_state or u.dtype == torch.float64:
         return selective_scan_torch(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, initial_state
         )
     _check_shapes(u, delta, A, B, C, None)
     fn = _mamba_ssm_scan()
-    # mamba-ssm's kernel wants D and delta_bias in float32 whatever the input dtype
+    # the kernel takes A, D and delta_bias in float32 and delta in the input dtype, whatever the input dtype
+    A, delta = A.float(), delta.to(u.dtype)
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)
 
 
 @functools.cache
@@ -405,7 +410,8 @@ def selective_scan(
     delta_softplus
         Apply softplus to ``delta``.
     return_last_state
-        Also return the final state, (batch, d_inner, N).
+        Also return the final state, (batch, d_inner, N). mamba-ssm's backward ignores its gradient: with
+        ``backend="cuda"`` such a call runs ``"torch"``.
     initial_state
         State to start from, (batch, d_inner, N), so long sequences can be processed in tiles
         (differentiable). mamba-ssm's kernel has none: with ``backend="cuda"`` such a call runs ``"torch"``.
