@@ -26,6 +26,9 @@ __all__ = [
     "resolve_library_key",
     "user_stacklevel",
     "versions",
+    "warn_pooled_slices",
+    "warn_shared_positions",
+    "warn_unnamed_libraries",
     "whole_number",
     "written_by",
 ]
@@ -75,11 +78,12 @@ POOLED_SLICES_HINT = (
 )
 
 
-def warn_shared_positions(xy: np.ndarray, consequence: str) -> None:
+def warn_shared_positions(xy: np.ndarray, consequence: str) -> bool:
     """Warn when spots share coordinates while no library key is in effect: likely several slices pooled.
 
     ``anndata.concat`` drops ``uns``, and with it the library key the steps recorded, so slices processed one at a
     time and joined afterwards reach a later step without one. ``consequence`` says what pooling does there.
+    Returns whether it warned.
     """
     xy = np.asarray(xy, dtype=np.float64)[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
@@ -87,10 +91,50 @@ def warn_shared_positions(xy: np.ndarray, consequence: str) -> None:
     if n_shared:
         warnings.warn(
             f"{n_shared} spots share their coordinates with another spot and no library_key is given or recorded: "
-            f"{consequence} {POOLED_SLICES_HINT}.",
+            f"{consequence}. {POOLED_SLICES_HINT}.",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
+    return bool(n_shared)
+
+
+#: ``obs`` columns that usually name the slice of each spot (``anndata.concat(label=...)``, squidpy, spatialLIBD)
+LIBRARY_COLUMNS = ("library_id", "library", "sample_id", "sample", "section", "slice", "batch")
+
+
+def warn_unnamed_libraries(adata: AnnData, caller: str, consequence: str) -> None:
+    """Warn when several slices seem pooled without a library key although no two spots share a position.
+
+    Slices whose coordinates overlap without coinciding (two Visium slides in their own pixel frames, or another
+    platform's coordinates) share no position; several images in ``uns['spatial']`` or a column such as
+    ``obs['library_id']`` with several values are the sign.
+    """
+    images = adata.uns.get("spatial", {})
+    counts = {c: adata.obs[c].nunique() for c in LIBRARY_COLUMNS if c in adata.obs.columns}
+    named = [c for c, n in counts.items() if n > 1]
+    if not named and not (isinstance(images, Mapping) and len(images) > 1):
+        return
+    sign = (
+        f"obs[{named[0]!r}] holds {counts[named[0]]} values"
+        if named
+        else f"uns['spatial'] holds {len(images)} libraries"
+    )
+    warnings.warn(
+        f"{sign} but no library_key was given: several slices in one AnnData are read as one tissue, {consequence}. "
+        f"Pass library_key= (e.g. library_key={(named or ['<the obs column>'])[0]!r}) to "
+        f"{caller} if they are several slices.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+def warn_pooled_slices(adata: AnnData, xy: np.ndarray, *, caller: str, consequence: str) -> None:
+    """Warn, without a library key, about spots sharing coordinates or else about ``obs`` / ``uns`` naming slices.
+
+    For the steps after ``pp.serialize`` (which checks the grid cells itself): ``xy`` the coordinates they use.
+    """
+    if not warn_shared_positions(xy, consequence):
+        warn_unnamed_libraries(adata, caller, consequence)
 
 
 def is_whole_number(value: object, minimum: int) -> bool:

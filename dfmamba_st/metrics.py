@@ -26,7 +26,7 @@ from ._utils import (
     recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
-    warn_shared_positions,
+    warn_pooled_slices,
     whole_number,
 )
 
@@ -343,7 +343,9 @@ def evaluate(
         )
 
     if slice_key is None:
-        warn_shared_positions(xy_all[keep], "CHAOS and PAS are computed as if they were one tissue (wrong: lower).")
+        warn_pooled_slices(
+            adata, xy_all[keep], caller="evaluate", consequence="CHAOS and PAS computed as if they were one (wrong)"
+        )
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
     groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key
     slices = np.zeros(adata.n_obs)

@@ -23,7 +23,7 @@ from .._utils import (
     is_tool_record,
     recorded_param,
     user_stacklevel,
-    warn_shared_positions,
+    warn_pooled_slices,
 )
 from ..metrics import _is_missing
 from ..tl._cluster import WEAK_KNEE
@@ -357,7 +357,12 @@ def _libraries(
     if library_key is None:
         if library_id is not None:
             raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
-        warn_shared_positions(adata.obsm[spatial_key], "they are drawn into the same panel, one over the other.")
+        warn_pooled_slices(
+            adata,
+            adata.obsm[spatial_key],
+            caller="the plot",
+            consequence="drawn into one panel, one over another",
+        )
         return [(None, adata)]
     check_library_key(adata, library_key)
     libraries = list(adata.obs[library_key].astype("category").cat.remove_unused_categories().cat.categories)

@@ -19,9 +19,10 @@ from .._utils import (
     is_whole_number,
     recorded_spatial_key,
     resolve_library_key,
+    warn_unnamed_libraries,
     whole_number,
 )
-from ._serialize import identical_positions, library_layouts, warn_identical_positions, warn_unnamed_libraries
+from ._serialize import identical_positions, library_layouts, warn_identical_positions
 
 __all__ = ["coarsen"]
 

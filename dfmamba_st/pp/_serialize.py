@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +19,7 @@ from .._utils import (
     recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
+    warn_unnamed_libraries,
     written_by,
 )
 from ..core import curves
@@ -395,37 +395,5 @@ def serialize(
     # are odd
     warn_identical_positions(n_identical, library_key)
     if library_key is None and not n_identical:
-        warn_unnamed_libraries(adata)
+        warn_unnamed_libraries(adata, "dfm.pp.serialize", "their spots linked as neighbours")
     return adata if copy else None
-
-
-#: ``obs`` columns that usually name the slice of each spot (``anndata.concat(label=...)``, squidpy, spatialLIBD)
-LIBRARY_COLUMNS = ("library_id", "library", "sample_id", "sample", "section", "slice", "batch")
-
-
-def warn_unnamed_libraries(
-    adata: AnnData, caller: str = "dfm.pp.serialize", consequence: str = "their spots linked as neighbours"
-) -> None:
-    """Warn when several slices seem pooled without a library key although no two spots share a position.
-
-    Slices whose coordinates overlap without coinciding (coordinates of another platform than the Visium grid) are
-    not caught by :func:`warn_identical_positions`; several images in ``uns['spatial']`` or a column such as
-    ``obs['library_id']`` with several values are the sign.
-    """
-    images = adata.uns.get("spatial", {})
-    counts = {c: adata.obs[c].nunique() for c in LIBRARY_COLUMNS if c in adata.obs.columns}
-    named = [c for c, n in counts.items() if n > 1]
-    if not named and not (isinstance(images, Mapping) and len(images) > 1):
-        return
-    sign = (
-        f"obs[{named[0]!r}] holds {counts[named[0]]} values"
-        if named
-        else f"uns['spatial'] holds {len(images)} libraries"
-    )
-    warnings.warn(
-        f"{sign} but no library_key was given: several slices in one AnnData are read as one tissue, {consequence}. "
-        f"Pass library_key= (e.g. library_key={(named or ['<the obs column>'])[0]!r}) to "
-        f"{caller} if they are several slices.",
-        UserWarning,
-        stacklevel=user_stacklevel(),
-    )
