@@ -149,9 +149,9 @@ def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, k: int = 
     Notes
     -----
     Ties in distance (common on Visium pixel coordinates and on lattices) are broken by spot order, as R's
-    ``order`` does in the reference, so the result equals the reference exactly when no two spots share a
-    position; a spot at the very same position as another counts as its neighbour, the spot itself never does (the
-    reference drops the first spot at distance 0, which may be the other one). Uses :class:`scipy.spatial.cKDTree`
+    ``order`` does in the reference, so the result equals the reference exactly, also where spots share a
+    position: such a spot counts as its neighbour, the spot itself never does (the reference, too, removes the spot
+    by its index). Uses :class:`scipy.spatial.cKDTree`
     (memory linear in the number of spots).
 
     Examples

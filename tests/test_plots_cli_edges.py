@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_hex, to_rgb
+from matplotlib.colors import Normalize, to_hex, to_rgb
 
 import dfmamba_st as dfm
 from dfmamba_st.__main__ import _parser, main
@@ -76,6 +76,65 @@ def scatter(ax):
 
 
 # --- 3: a subset holding one library of several ----------------------------------------------------------------------
+
+
+def test_a_domain_has_the_same_colour_whichever_library_is_drawn(two_slices):
+    """Audit s43, finding 3: the colours were matched on the library drawn, so with library_id= a domain could take
+    another colour (even another layer's) than in the figure of every library."""
+    adata = two_slices.copy()
+    domains = adata.obs["dfm_domain"].astype("category")
+    in_b = (adata.obs["lib"] == "151674").to_numpy()
+    codes = domains.cat.codes.to_numpy().copy()
+    codes[in_b] = (codes[in_b] + 1) % len(domains.cat.categories)  # each domain overlaps other layers there
+    adata.obs["dfm_domain"] = pd.Categorical.from_codes(codes, domains.cat.categories)
+    panels = dfm.pl.domains(adata, truth_key="layer", show=False)
+    every = legend_colours(panels[1])
+    assert every == legend_colours(panels[3])
+    for lib in ("151673", "151674"):
+        fig, ax = plt.subplots()
+        dfm.pl.domains(adata, truth_key="layer", library_id=lib, ax=ax)
+        assert legend_colours(ax) == every, lib
+        plt.close(fig)
+
+
+def test_palette_takes_a_list_a_dict_or_a_colormap(embedded):
+    categories = list(embedded.obs["dfm_domain"].cat.categories)
+    listed = ["red", "blue", "green"]
+    mapped = {c: "#123456" if i == 0 else "#abcdef" for i, c in enumerate(categories)}
+    for palette, want in (
+        (listed, [listed[i % 3] for i in range(len(categories))]),
+        (mapped, [mapped[c] for c in categories]),
+        ("tab10", list(plt.get_cmap("tab10").colors[: len(categories)])),
+    ):
+        fig, ax = plt.subplots()
+        dfm.pl.domains(embedded, palette=palette, ax=ax)
+        assert legend_colours(ax) == {c: to_hex(w) for c, w in zip(categories, want)}
+        plt.close(fig)
+    with pytest.raises(ValueError, match=r"palette= has no colour for the domains \['1'"):
+        dfm.pl.domains(embedded, palette={categories[0]: "red"}, show=False)
+    with pytest.raises(TypeError, match="palette= takes a list of colours"):
+        dfm.pl.domains(embedded, palette=3, show=False)
+
+
+def test_gates_span_the_gates_drawn_unless_given_a_range(embedded):
+    """Audit s43, finding 2: on 0-1 the trained gates (within about 0.3-0.6) looked uniform, and vmin=/vmax= were
+    ignored (the panels' own norm won)."""
+    low, high = np.percentile(np.asarray(embedded.obsm["X_dfm_gates"])[:, 0], [1, 99])  # of the depth drawn
+
+    def limits(**kwargs):
+        fig, ax = plt.subplots()
+        dfm.pl.gates(embedded, ax=ax, depth=0, **kwargs)
+        norm = scatter(ax).norm
+        plt.close(fig)
+        return norm.vmin, norm.vmax
+
+    assert limits() != pytest.approx((0, 1)) and limits() == pytest.approx((low, high))
+    assert limits(vmin=0, vmax=1) == (0, 1)
+    assert limits(norm=Normalize(0.2, 0.7)) == (0.2, 0.7)
+    with pytest.raises(ValueError, match="vmin must be below vmax"):
+        dfm.pl.gates(embedded, vmin=0.5, vmax=0.5, show=False)
+    fig = dfm.pl.gates(embedded, depth=0, sequence=False, return_fig=True)
+    assert [a.get_ylabel() for a in fig.axes if a.get_ylabel() == "gate"] == ["gate"]  # the colour bar's label
 
 
 def test_a_subset_to_one_library_is_drawn_over_its_own_image(two_slices):
@@ -460,9 +519,12 @@ def test_each_gate_panel_draws_its_own_depth(embedded):
     assert all(not np.allclose(gates[:, 0], gates[:, k], atol=0.02) for k in range(1, gates.shape[1]))
     fig.canvas.draw()
     magma = plt.get_cmap("magma")
+    norms = {(scatter(ax).norm.vmin, scatter(ax).norm.vmax) for ax in panels}
+    assert len(norms) == 1  # one colour scale for every depth
+    norm = Normalize(*norms.pop(), clip=True)
     for k, ax in enumerate(panels):
         colours = max((c.get_facecolors() for c in ax.collections), key=len)
-        np.testing.assert_allclose(colours[:, :3], magma(gates[:, k])[:, :3], atol=0.02)
+        np.testing.assert_allclose(colours[:, :3], magma(norm(gates[:, k]))[:, :3], atol=0.02)
 
 
 def test_the_epoch_axis_ticks_whole_epochs_only(embedded):

@@ -276,10 +276,12 @@ def _tissue(
     library_id: str | None = None,
     spatial_key: str = "spatial",
     scatter: Mapping | None = None,
+    colorbar_label: str | None = None,
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
-    ``scatter``: the caller's options for ``spatial_scatter``, over this function's own. The image is
+    ``scatter``: the caller's options for ``spatial_scatter``, over this function's own; ``colorbar_label``: the
+    label of a continuous map's colour bar. The image is
     :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
     """
@@ -313,7 +315,9 @@ def _tissue(
         else:  # a single spot, or all at one position: scanpy's size (points²) for an embedding of n_obs spots
             kwargs.update(shape=None, img=False, size=120000 / max(adata.n_obs, 1), library_id="")
     if cmap is not None:
-        kwargs.update(cmap=cmap, norm=plt.Normalize(vmin, vmax))
+        kwargs.update(cmap=cmap)
+        if "norm" not in (scatter or {}):  # a norm given wins over the range, as in matplotlib
+            kwargs.update(norm=plt.Normalize(vmin, vmax))
     if palette is not None:
         from matplotlib.colors import ListedColormap
 
@@ -324,10 +328,13 @@ def _tissue(
         # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
         warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
-        before = set(plt.get_fignums())
+        before, axes_before = set(plt.get_fignums()), set(ax.figure.axes)
         sq.pl.spatial_scatter(view, **kwargs)
     for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
         plt.close(number)
+    if colorbar_label is not None:
+        for colorbar in set(ax.figure.axes) - axes_before:
+            colorbar.set_ylabel(colorbar_label, fontsize="small")
     ax.set_title(title)
     if res is not None:
         factors = images_of[lib]["scalefactors"]
@@ -482,6 +489,8 @@ def gates(
     sequence: bool = True,
     library_key: str | None = None,
     library_id: str | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
     ncols: int = 4,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -510,6 +519,10 @@ def gates(
         The library to draw. By default every library, each in its own panels (their coordinates overlap, so they
         are never drawn into one axes); with several libraries, ``ax=`` needs a ``library_id``. A subset holding one
         library of several is drawn over that library's image.
+    vmin, vmax
+        The gate values at the ends of the colour map, the same for every tissue panel.
+        By default the 1st and 99th percentiles of the gates drawn (trained gates often lie within 0.3–0.6, which
+        on the full 0–1 scale looks uniform); ``vmin=0, vmax=1`` gives the full scale.
     ncols
         Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
@@ -552,7 +565,9 @@ def gates(
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    style = dict(cmap="magma", vmin=0, vmax=1, spatial_key=coordinates, scatter=_scatter_options(kwargs))
+    vmin, vmax = _gate_range(values[:, depths], vmin, vmax)
+    style = dict(cmap="magma", vmin=vmin, vmax=vmax, spatial_key=coordinates, scatter=_scatter_options(kwargs))
+    style["colorbar_label"] = "gate"
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
@@ -576,6 +591,18 @@ def gates(
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
+def _gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """``vmin`` / ``vmax`` where given, else the 1st / 99th percentile of the gates drawn (0 / 1 if they are flat)."""
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    if high - low < 1e-3:
+        low, high = 0.0, 1.0
+    low, high = float(low if vmin is None else vmin), float(high if vmax is None else vmax)
+    if not low < high:
+        raise ValueError(f"vmin must be below vmax; got {low} and {high} (gates drawn lie in [0, 1]).")
+    return low, high
+
+
 def _gates_along_sequence(
     ax: Axes, spots: AnnData, values: np.ndarray, depths: list[int], order_key: str | None, *, title: str
 ) -> None:
@@ -586,7 +613,6 @@ def _gates_along_sequence(
         ax.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
     ax.set_xlabel("position along the curve" if order is not None else "spot, in AnnData order (no curve found)")
     ax.set_ylabel("gate (rolling mean)")
-    ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(frameon=False, fontsize="small")
 
@@ -628,6 +654,37 @@ def _domain_palette(
     taken = [truth_palette[t] for t in truth.cat.categories] + ["lightgrey"]
     palette.update(zip(unmatched, _spare_colours(len(unmatched), taken)))
     return [palette[c] for c in pred.cat.categories], truth_palette, pred, truth
+
+
+def _palette_colours(palette, categories: pd.Index) -> list:
+    """One colour per category from a ``palette=``.
+
+    A list of colours (cycled), a ``{category: colour}`` mapping, a matplotlib colormap or its name (a listed map's
+    colours cycled, a continuous one sampled evenly).
+    """
+    from matplotlib.colors import Colormap, ListedColormap
+
+    n = len(categories)
+    if isinstance(palette, Mapping):
+        missing = [c for c in categories if c not in palette]
+        if missing:
+            raise ValueError(f"palette= has no colour for the domains {missing[:10]}; it maps {list(palette)[:10]}.")
+        return [palette[c] for c in categories]
+    if isinstance(palette, str):
+        try:
+            palette = plt.get_cmap(palette)
+        except ValueError as err:
+            raise ValueError(f"palette={palette!r} is not a matplotlib colormap name: {err}") from None
+    if isinstance(palette, ListedColormap):
+        palette = list(palette.colors)
+    elif isinstance(palette, Colormap):
+        return [palette(x) for x in np.linspace(0, 1, max(n, 1))][:n]
+    if isinstance(palette, Sequence | np.ndarray) and len(palette) > 0:
+        return [palette[i % len(palette)] for i in range(n)]
+    raise TypeError(
+        "palette= takes a list of colours, a {domain: colour} dict, a matplotlib colormap or its name; "
+        f"got {type(palette).__name__}."
+    )
 
 
 def _store_colours(adata: AnnData, key: str, colours: dict | None) -> None:
@@ -689,8 +746,9 @@ def domains(
         As in :func:`gates`.
     **kwargs
         Passed on to :func:`squidpy.pl.spatial_scatter` for every tissue panel, as in :func:`gates` (e.g.
-        ``size=``, ``legend_fontsize=``, ``legend_loc="on data"``; ``palette=`` replaces the domains' matched colours,
-        not the annotation's).
+        ``size=``, ``legend_fontsize=``, ``legend_loc="on data"``). ``palette=`` replaces the domains' matched colours,
+        not the annotation's: a list of colours (cycled), a ``{domain: colour}`` dict, a matplotlib colormap or its
+        name.
 
     Returns
     -------
@@ -729,9 +787,10 @@ def domains(
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
     coordinates = _coordinates(adata, embedding, "dfm_order")
     libraries = _libraries(adata, library_key, library_id, key, ax=ax, spatial_key=coordinates)
-    # colours from every spot drawn, so that a domain has one colour in every library's panel
-    shown = libraries[0][1] if len(libraries) == 1 else adata
-    colours, truth_palette, pred, truth = _domain_palette(adata, shown, key, truth_key, ignore)
+    # colours from every spot of every library, so that a domain has the same colour whichever library is drawn
+    colours, truth_palette, pred, truth = _domain_palette(adata, adata, key, truth_key, ignore)
+    if "palette" in scatter:  # the caller's colours for the domains (not the annotation's)
+        colours = _palette_colours(scatter.pop("palette"), pred.cat.categories)
     if store_colors:
         _store_colours(adata, key, dict(zip(pred.cat.categories, colours)) if truth is not None else None)
 
@@ -759,7 +818,7 @@ def domains(
                 palette=truth_colours,
                 library_id=lib,
                 spatial_key=coordinates,
-                scatter={k: v for k, v in scatter.items() if k != "palette"},  # a palette= is the domains'
+                scatter=scatter,
             )
         values = column(spots, key, pred.cat.categories)
         _tissue(
@@ -871,6 +930,11 @@ def training(
     return_fig: bool = False,
 ) -> Figure | Axes | list[Axes] | None:
     """Loss curves of :func:`dfmamba_st.tl.embed` (total, masked-spot reconstruction, auxiliary) per epoch.
+
+    The auxiliary multi-scale terms (reconstruction of each depth's pairs, consistency of the depths, gate
+    smoothness) are computed on the model's own features, which grow in scale as it trains, so they (and with them
+    the total) usually rise while the masked-spot loss falls: a rising total is no sign of divergence. The
+    masked-spot curve is the one that says how training went.
 
     Parameters
     ----------
