@@ -68,6 +68,11 @@ def test_time_step_is_scaled_then_clipped():
     base = F.softplus(block.dt_proj.bias)[None, :, None].expand_as(dt)
     assert torch.allclose(block.time_step(dt, 2.0), torch.clamp(2.0 * base, max=0.5))
     assert float(block.time_step(dt + 100.0, 1.0).max()) == pytest.approx(0.5)
+    # a step of 0.3 scaled by 2 is clipped to 0.5 (clipping first, then scaling, would give 0.6)
+    target = torch.tensor(0.3)
+    at = (target + torch.log(-torch.expm1(-target)) - block.dt_proj.bias)[None, :, None].expand_as(dt)
+    assert torch.allclose(block.time_step(at, 1.0), torch.full_like(dt, 0.3), atol=1e-6)
+    assert torch.allclose(block.time_step(at, 2.0), torch.full_like(dt, 0.5))
 
 
 def test_parameter_names_and_shapes_follow_mamba_ssm():

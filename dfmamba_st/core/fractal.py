@@ -5,12 +5,30 @@
 1. local dynamics: ``H_local = X + Mamba(Norm(X); Δ · α_k)`` with ``α_k = 2**k`` (one block, shared by all depths);
 2. base case: stop when ``k >= K`` or ``L < L_min`` and return ``H_local``;
 3. coarse-graining: ``P = PairConcat(H_local)`` (zero-pad an odd length), ``X_next = Enc(P)``;
-   ``L_recon = ||Dec(Enc(sg(P))) - sg(P)||²`` (the pairs are a fixed source for the auto-encoder);
+   ``L_recon = MSE(Dec(Enc(sg(P))), sg(P))`` (the pairs are a fixed source for the auto-encoder: see Notes);
 4. recursion: ``H_deep = RecursiveForward(X_next, k + 1)``, ``H_global = Upsample(H_deep, size=L)`` (linear);
-   ``L_consist = ||H_global - sg(H_local)||²``;
+   ``L_consist = MSE(H_global, sg(H_local))``;
 5. fusion: ``g = σ(Gate([H_local, H_global]))``, ``H_out = (1 - g) ⊙ H_local + g ⊙ H_global``;
    ``L_flow = (mean(g) - sg(mean(g_next)))²`` when the next depth has a gate;
 6. ``L_aux = Σ_depths λ1 L_recon + λ2 L_consist + λ3 L_flow``.
+
+MSE is the mean over batch, positions and features (the paper writes squared norms): every depth weighs the same
+whatever its length, and the terms' scale does not change with the batch or the width.
+
+Notes
+-----
+Departures from the paper and properties it does not state:
+
+- ``L_recon``: eq. 11 writes ``||sg(P) - Dec(Enc(P))||²``, with the stop-gradient on the target only, so its gradient
+  also reaches the features ``P`` through ``Enc``; here the encoder is run a second time on ``sg(P)``, so the loss
+  trains ``Enc`` and ``Dec`` alone. This follows the paper's own justification of the term (appendix: "the source
+  distribution of P_k is treated as fixed" while the downsampler and decoder are updated); measured against the
+  literal form on DLPFC and ETTh2 in ``docs/spatial_log.md`` ("Eq. 11 as written").
+- Not causal: pairing (``P`` holds tokens ``2i`` and ``2i + 1``) and linear upsampling let output ``t`` depend on
+  inputs after ``t``, up to ``2**(K + 1) - 2`` positions ahead (2, 6, 14, 30 for K = 1 … 4), even with a one-way
+  scan. As in the paper's Algorithm 1; it matters only for a loss that predicts later tokens from earlier outputs.
+- The scan discretises ``B`` as mamba-ssm does (``Δ·B``, Euler), not by the zero-order hold of the paper's eq. 3–4
+  (``A⁻¹(exp(ΔA) - I)B``); see :mod:`dfmamba_st.core.scan`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,12 @@ For every batch element ``b``, channel ``d`` and state ``n``::
 Shapes follow mamba-ssm: ``u, delta, z``: (batch, d_inner, L); ``A``: (d_inner, N);
 ``B, C``: (batch, N, L); ``D, delta_bias``: (d_inner,).
 
+The input term ``delta * B * u`` is mamba-ssm's discretisation (its reference scan and CUDA kernel): exact
+zero-order hold for ``A`` (``exp(delta * A)``) and an Euler step for ``B``, not the zero-order hold
+``A⁻¹(exp(delta * A) - 1) B`` of the DF-Mamba paper's eq. 3–4. The two agree for small ``delta * A``; at the
+large time steps of deep fractal levels (``delta`` scaled by ``2**k``, clipped at 8) the Euler input gain is the
+larger (by a factor ``delta * |A| / (1 - exp(-delta * |A|))``).
+
 Backends (all differentiable in every tensor input):
 
 ``"cuda"``

@@ -44,8 +44,10 @@ from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, 
 
 __all__ = ["PRESETS", "embed"]
 
-#: Named settings. "cpu" is the default on machines without a GPU; "paper" is the paper's ST configuration
-#: (3,000 HVGs used directly as 3,000-dim tokens, d_model 3,000, K 3, N 16), meant for a GPU.
+#: Named settings. "cpu" is the default on machines without a GPU; "paper" is the paper's ST model configuration
+#: (3,000 HVGs, d_model 3,000, K 3, N 16), meant for a GPU. Its tokens are the package's, as for "cpu": a spot's
+#: 3,000 standardised genes next to their neighbourhood mean (6,000 values, projected to d_model), and its training
+#: budget (30 × 10 steps of 4 windows of 1,024 spots) is the package's, not the paper's 200 epochs.
 PRESETS: dict[str, dict] = {
     "cpu": dict(
         n_top_genes=3000,
@@ -303,8 +305,9 @@ def embed(
     depth
         Fractal depth ``K`` (the preset's value by default).
     preset
-        ``"cpu"`` (50 PCs, d_model 64; fast on a laptop), ``"paper"`` (3,000 genes as tokens, d_model 3,000; a GPU)
-        or ``"auto"`` (``"paper"`` on a CUDA device, else ``"cpu"``). The choice is recorded in ``uns['dfm']``.
+        ``"cpu"`` (50 PCs, d_model 64; fast on a laptop), ``"paper"`` (the paper's model sizes: 3,000 genes without
+        PCA, d_model 3,000; a GPU; tokens and training budget are the package's, see :data:`PRESETS`) or ``"auto"``
+        (``"paper"`` on a CUDA device, else ``"cpu"``). The choice is recorded in ``uns['dfm']``.
         The ``"paper"`` preset's accuracy is not measured yet, and at its full width it warns before training
         without a GPU (hours on a CPU); ``"cpu"`` on a GPU gave the same ARI as on a CPU (DLPFC 151673, seeds 0–2,
         15–18 s, with the gene choice before the tie-break by name; ``docs/spatial.md``, "On a GPU").

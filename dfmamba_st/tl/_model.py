@@ -139,8 +139,9 @@ class SpatialDFMamba(nn.Module):
         """Mean squared error of the reconstructed tokens at masked spots, plus DF-Mamba's auxiliary loss."""
         out, aux = self(tokens, mask)
         err = (self.head(out) - tokens).pow(2).mean(-1)
-        # mean over each window's masked spots, then over windows: a batch split across data-parallel ranks
-        # gives the same gradient as the whole batch in one process
+        # mean over each window's masked spots, then over windows: for this term a batch split across data-parallel
+        # ranks gives the same gradient as the whole batch in one process (the auxiliary gate-flow term, a square of
+        # a batch mean, is computed per rank and differs slightly)
         weight = mask.float() if mask.any() else torch.ones_like(err)
         recon = ((err * weight).sum(-1) / weight.sum(-1).clamp(min=1.0)).mean()
         loss = recon + aux.loss
