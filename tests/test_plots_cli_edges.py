@@ -279,6 +279,13 @@ def test_slices_pooled_without_a_library_key_are_warned_about(embedded):
             draw(both, library_key="library", return_fig=True, show=False)
 
 
+def test_an_option_nobody_takes_is_named_as_passed_on_to_squidpy(embedded):
+    for draw in (dfm.pl.domains, dfm.pl.gates):
+        with pytest.raises(TypeError, match=r"\['bogus'\] went on to squidpy.pl.spatial_scatter"):
+            draw(embedded, bogus=1, show=False)
+    plt.close("all")
+
+
 def test_plots_pass_their_other_options_on_to_squidpy_for_every_tissue_panel(embedded):
     default = dfm.pl.domains(embedded, truth_key="layer", return_fig=True, show=False)
     fig = dfm.pl.domains(embedded, truth_key="layer", size=0.5, legend_fontsize=11, return_fig=True, show=False)

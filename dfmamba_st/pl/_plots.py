@@ -329,7 +329,15 @@ def _tissue(
         warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
         before, axes_before = set(plt.get_fignums()), set(ax.figure.axes)
-        sq.pl.spatial_scatter(view, **kwargs)
+        try:
+            sq.pl.spatial_scatter(view, **kwargs)
+        except (AttributeError, TypeError) as err:  # matplotlib's words for an option nobody takes
+            unknown = [k for k in (scatter or {}) if f"'{k}'" in str(err)]
+            if "unexpected keyword" not in str(err) or not unknown:
+                raise
+            raise TypeError(
+                f"{unknown} went on to squidpy.pl.spatial_scatter (and matplotlib), which takes no such option: {err}"
+            ) from err
     for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
         plt.close(number)
     if colorbar_label is not None:
