@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 from scipy.spatial import cKDTree
 from sklearn import metrics as skm
 
@@ -223,6 +224,17 @@ def _is_missing(values: pd.Series, ignore: Hashable | Sequence[Hashable] | None 
     return missing
 
 
+def _say_which_texts_mean_missing(values: pd.Series, key: str) -> None:
+    """Log (scanpy's ``info``) how many spots of ``obs[key]`` carry a text label read as missing, such as ``"NA"``."""
+    texts = values[values.notna()].astype(str).str.strip()
+    named = texts[texts.str.lower().isin(MISSING_STRINGS)]
+    if len(named):
+        logg.info(
+            f"{len(named)} spots of obs[{key!r}] labelled {sorted(set(named))} are taken as unannotated "
+            f"(texts read as missing: {sorted(MISSING_STRINGS)}) and not scored."
+        )
+
+
 def _score(truth: np.ndarray, pred: np.ndarray, xy: np.ndarray, k: int, slices: np.ndarray) -> dict[str, float]:
     """The scores of one row.
 
@@ -317,6 +329,7 @@ def evaluate(
     truth_s = adata.obs[truth_key]
     pred_s = adata.obs[pred_key]
     keep = ~_is_missing(truth_s, ignore)
+    _say_which_texts_mean_missing(truth_s, truth_key)
     if not keep.any():
         warnings.warn(
             f"No spot has a truth label in obs[{truth_key!r}] (all missing or in `ignore`); nothing is scored.",
