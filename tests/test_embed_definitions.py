@@ -73,6 +73,21 @@ def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bu
     assert _features.recovered_counts(toy.X).toarray().tolist() == [[2, 3, 0], [0, 1, 0], [0, 1, 3]]
 
 
+def test_reading_log_normalised_values_with_stored_zeros_leaves_the_callers_matrix_as_it_was(bundled):
+    """Review s43, finding 8: the recovery dropped stored zeros from the index arrays it shared with adata.X."""
+    adata = bundled[:300, :200].copy()
+    adata = adata[np.asarray(adata.X.sum(axis=1)).ravel() > 0].copy()
+    sc.pp.normalize_total(adata)
+    sc.pp.log1p(adata)
+    X = sp.csr_matrix(adata.X, dtype=np.float32)
+    X.data[X.indptr[:-1][np.diff(X.indptr) > 1] + 1] = 0.0  # a stored zero in every spot with two values or more
+    adata.X = X
+    before, nnz = X.toarray(), X.nnz
+    counts, is_counts = _features.expression_matrix(adata, None)
+    assert is_counts and counts is not None
+    assert adata.X.nnz == nnz and np.array_equal(adata.X.toarray(), before)
+
+
 def test_values_that_are_not_log_normalised_counts_are_not_made_into_counts(bundled):
     """log2 of normalised counts on tiny panels (5 genes, 200 spots, ten draws): taken for counts only where the
     values carry nothing more than counts over their common factor (spots whose values are all equal), never as

@@ -86,7 +86,7 @@ def expression_matrix(
     X = adata.X if layer is None else adata.layers[layer]
     if X is None:
         raise ValueError("adata.X is empty; pass layer= with the expression to use.")
-    X = sp.csr_matrix(X, dtype=np.float32)
+    X = sp.csr_matrix(X, dtype=np.float32, copy=True)  # a view of the caller's matrix would be changed below
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if adata.n_vars < 2:
         raise ValueError(f"The AnnData has {adata.n_vars} gene(s); at least 2 are needed.")
@@ -187,7 +187,7 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     >>> recovered_counts(sp.csr_matrix(adata.X / np.log(2))) is None  # log2: not counts
     True
     """
-    values = sp.csr_matrix(X, dtype=np.float64)
+    values = sp.csr_matrix(X, dtype=np.float64, copy=True)  # eliminate_zeros rewrites the index arrays in place
     values.eliminate_zeros()
     values.data = np.expm1(values.data)
     n_values = np.diff(values.indptr)
