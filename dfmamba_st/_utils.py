@@ -106,13 +106,17 @@ def warn_unnamed_libraries(adata: AnnData, caller: str, consequence: str) -> Non
     """Warn when several slices seem pooled without a library key although no two spots share a position.
 
     Slices whose coordinates overlap without coinciding (two Visium slides in their own pixel frames, or another
-    platform's coordinates) share no position; several images in ``uns['spatial']`` or a column such as
-    ``obs['library_id']`` with several values are the sign.
+    platform's coordinates) share no position; a column such as ``obs['library_id']`` with several values is the
+    sign, and so are several images in ``uns['spatial']``, unless such a column names one of them for every spot
+    (a subset holding one slice of several keeps all their images).
     """
     images = adata.uns.get("spatial", {})
-    counts = {c: adata.obs[c].nunique() for c in LIBRARY_COLUMNS if c in adata.obs.columns}
+    images = list(images) if isinstance(images, Mapping) else []
+    values = {c: set(adata.obs[c].dropna().astype(str)) for c in LIBRARY_COLUMNS if c in adata.obs.columns}
+    counts = {c: len(v) for c, v in values.items()}
     named = [c for c, n in counts.items() if n > 1]
-    if not named and not (isinstance(images, Mapping) and len(images) > 1):
+    one_image_named = any(n == 1 and values[c] <= set(map(str, images)) for c, n in counts.items())
+    if not named and (len(images) < 2 or one_image_named):
         return
     sign = (
         f"obs[{named[0]!r}] holds {counts[named[0]]} values"

@@ -357,7 +357,10 @@ def evaluate(
 
     if slice_key is None:
         warn_pooled_slices(
-            adata, xy_all[keep], caller="evaluate", consequence="CHAOS and PAS computed as if they were one (wrong)"
+            adata[keep],  # the scored spots: one annotated slice of several is scored alone
+            xy_all[keep],
+            caller="evaluate",
+            consequence="CHAOS and PAS computed as if they were one (wrong)",
         )
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
     groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key
