@@ -93,7 +93,8 @@ def test_a_domain_has_the_same_colour_whichever_library_is_drawn(two_slices):
     for lib in ("151673", "151674"):
         fig, ax = plt.subplots()
         dfm.pl.domains(adata, truth_key="layer", library_id=lib, ax=ax)
-        assert legend_colours(ax) == every, lib
+        here = set(adata.obs.loc[(adata.obs["lib"] == lib).to_numpy(), "dfm_domain"].astype(str))
+        assert legend_colours(ax) == {d: c for d, c in every.items() if d in here}, lib  # its own domains only
         plt.close(fig)
 
 
@@ -104,16 +105,34 @@ def test_palette_takes_a_list_a_dict_or_a_colormap(embedded):
     for palette, want in (
         (listed, [listed[i % 3] for i in range(len(categories))]),
         (mapped, [mapped[c] for c in categories]),
+        (pd.Series(mapped), [mapped[c] for c in categories]),
         ("tab10", list(plt.get_cmap("tab10").colors[: len(categories)])),
+        (plt.get_cmap("viridis"), [plt.get_cmap("viridis")(x) for x in np.linspace(0, 1, len(categories))]),
     ):
+        adata = embedded.copy()
         fig, ax = plt.subplots()
-        dfm.pl.domains(embedded, palette=palette, ax=ax)
-        assert legend_colours(ax) == {c: to_hex(w) for c, w in zip(categories, want)}
+        dfm.pl.domains(adata, palette=palette, store_colors=True, ax=ax)
+        want = [to_hex(w) for w in want]
+        assert legend_colours(ax) == dict(zip(categories, want))
+        assert list(adata.uns["dfm_domain_colors"]) == want  # hex strings: the AnnData can still be written
         plt.close(fig)
+    fig, ax = plt.subplots()
+    dfm.pl.domains(embedded, palette=None, ax=ax)  # squidpy's default value: the matched colours
+    plt.close(fig)
     with pytest.raises(ValueError, match=r"palette= has no colour for the domains \['1'"):
         dfm.pl.domains(embedded, palette={categories[0]: "red"}, show=False)
     with pytest.raises(TypeError, match="palette= takes a list of colours"):
         dfm.pl.domains(embedded, palette=3, show=False)
+
+
+def test_the_gates_of_one_library_span_that_library_s_gates(two_slices):
+    in_b = (two_slices.obs["lib"] == "151674").to_numpy()
+    want = np.percentile(np.asarray(two_slices.obsm["X_dfm_gates"])[in_b, 0], [1, 99])
+    fig, ax = plt.subplots()
+    dfm.pl.gates(two_slices, depth=0, library_id="151674", ax=ax)
+    norm = scatter(ax).norm
+    plt.close(fig)
+    assert (norm.vmin, norm.vmax) == pytest.approx(tuple(want))
 
 
 def test_gates_span_the_gates_drawn_unless_given_a_range(embedded):
@@ -131,6 +150,8 @@ def test_gates_span_the_gates_drawn_unless_given_a_range(embedded):
     assert limits() != pytest.approx((0, 1)) and limits() == pytest.approx((low, high))
     assert limits(vmin=0, vmax=1) == (0, 1)
     assert limits(norm=Normalize(0.2, 0.7)) == (0.2, 0.7)
+    assert limits(vmin=high + 0.05) == (high + 0.05, 1.0)  # the automatic end moves out of the way (review s43)
+    assert limits(vmax=low - 0.05) == (0.0, low - 0.05)
     with pytest.raises(ValueError, match="vmin must be below vmax"):
         dfm.pl.gates(embedded, vmin=0.5, vmax=0.5, show=False)
     fig = dfm.pl.gates(embedded, depth=0, sequence=False, return_fig=True)
@@ -280,10 +301,11 @@ def test_slices_pooled_without_a_library_key_are_warned_about(embedded):
 
 
 def test_an_option_nobody_takes_is_named_as_passed_on_to_squidpy(embedded):
+    plt.close("all")
     for draw in (dfm.pl.domains, dfm.pl.gates):
         with pytest.raises(TypeError, match=r"\['bogus'\] went on to squidpy.pl.spatial_scatter"):
             draw(embedded, bogus=1, show=False)
-    plt.close("all")
+    assert plt.get_fignums() == []  # the figure the plot made is closed
 
 
 def test_plots_pass_their_other_options_on_to_squidpy_for_every_tissue_panel(embedded):

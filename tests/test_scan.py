@@ -354,6 +354,7 @@ def _spy_kernel(monkeypatch) -> list[dict]:
 
     def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
         calls.append({"u": u.dtype, "delta": delta.dtype, "A": A.dtype, "D": None if D is None else D.dtype})
+        calls[-1].update(BC={B.dtype, C.dtype} | ({z.dtype} if z is not None else set()))
         calls[-1].update(z=z is not None, bias=delta_bias is not None, last=return_last_state)
         return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
@@ -369,20 +370,33 @@ def test_the_cuda_backend_gives_the_kernel_what_it_takes_and_routes_the_rest_to_
     calls = _spy_kernel(monkeypatch)
     for config in ("plain", "D_z", "bias_softplus"):
         kw, last = make_inputs(config=config, dtype=dtype)
-        kw["A"] = kw["A"].detach().to(torch.float32)  # as the Mamba block passes it
-        selective_scan(**kw, return_last_state=last, backend="cuda")
+        # dtypes the kernel refuses: the backend must convert them (review s43: a test handing them over already
+        # converted passed without the conversion)
+        kw["A"] = kw["A"].detach().to(dtype)
+        for name in ("delta", "B", "C"):
+            kw[name] = kw[name].detach().to(torch.float32)
+        y = selective_scan(**kw, return_last_state=last, backend="cuda")
+        assert y.dtype == dtype
     assert [(c["D"], c["z"], c["bias"], c["last"]) for c in calls] == [
         (None, False, False, False),
         (torch.float32, True, False, False),
         (None, False, True, False),
     ]
-    assert all(c["A"] == torch.float32 and c["delta"] == c["u"] == dtype for c in calls)
+    assert all(c["A"] == torch.float32 and c["delta"] == c["u"] == dtype and c["BC"] == {dtype} for c in calls)
     for config, kind in (("bias_softplus_last", dtype), ("initial_state_last", dtype), ("plain", torch.float64)):
         kw, last = make_inputs(config=config, dtype=kind)
         y, _, _ = run_scan(detached_copy(kw), last, "cuda")
         y_ref, _, _ = run_scan(detached_copy(kw), last, "torch")
         assert torch.equal(y, y_ref), config
     assert len(calls) == 3  # none of these reached the kernel
+
+
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b != "cuda"])
+def test_every_backend_returns_the_dtype_of_u_whatever_d_and_z_are(backend):
+    kw, _ = make_inputs(config="D_z", dtype=torch.bfloat16)
+    kw["D"], kw["z"] = kw["D"].detach().float(), kw["z"].detach().float()  # float32 next to bfloat16 input
+    y, last = selective_scan(**kw, return_last_state=True, backend=backend)
+    assert y.dtype == last.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("backend", [b for b in available_backends() if b != "cuda"])

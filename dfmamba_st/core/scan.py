@@ -22,7 +22,8 @@ Backends (all differentiable in every tensor input):
     tensors when mamba-ssm imports. Calls the kernel cannot serve run the ``"torch"`` backend instead, on the
     same device: with ``initial_state`` (the kernel takes none), with ``return_last_state=True`` (its backward
     drops the last state's gradient) and in float64 (it takes float32, float16 and bfloat16 inputs). It gets
-    ``A``, ``D`` and ``delta_bias`` in float32 and ``delta`` in the dtype of ``u``, as it requires.
+    ``A``, ``D`` and ``delta_bias`` in float32 and ``delta``, ``B``, ``C`` and ``z`` in the dtype of ``u``, as it
+    requires. Every backend returns ``u``'s dtype.
 ``"torch"``
     Pure PyTorch, chunked (:mod:`._scan_torch`): vectorised within chunks, a sequential carry between
     them, a custom backward that recomputes states segment by segment. CPU and GPU, any float dtype
@@ -68,11 +69,12 @@ def _prepare_delta(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_s
 
 
 def _finish_output(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """``(y + D u) · silu(z)``, in ``u``'s dtype whatever the dtypes of ``D`` and ``z`` (as mamba-ssm's kernel)."""
     if D is not None:
         y = y + u * D[..., None]
     if z is not None:
         y = y * F.silu(z)
-    return y
+    return y.to(u.dtype)
 
 
 def selective_scan_reference(
@@ -134,7 +136,7 @@ def selective_scan_reference(
         x = torch.exp(dt * A) * x + dt * B[:, None, :, t] * u[:, :, t, None]
         ys.append((x * C[:, None, :, t]).sum(-1))
     y = torch.stack(ys, dim=-1) if ys else u.new_zeros(u.shape)
-    y = _finish_output(y.to(u.dtype), u, D, z)
+    y = _finish_output(y, u, D, z)
     return (y, x.to(u.dtype)) if return_last_state else y
 
 
@@ -269,8 +271,9 @@ def selective_scan_cuda(
         )
     _check_shapes(u, delta, A, B, C, None)
     fn = _mamba_ssm_scan()
-    # the kernel takes A, D and delta_bias in float32 and delta in the input dtype, whatever the input dtype
-    A, delta = A.float(), delta.to(u.dtype)
+    # the kernel takes A, D and delta_bias in float32 and delta, B, C, z in the input dtype, whatever that is
+    A, delta, B, C = A.float(), delta.to(u.dtype), B.to(u.dtype), C.to(u.dtype)
+    z = z.to(u.dtype) if z is not None else None
     D = D.float() if D is not None else None
     delta_bias = delta_bias.float() if delta_bias is not None else None
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
-from matplotlib.colors import is_color_like, to_hex, to_rgb
+from matplotlib.colors import Colormap, ListedColormap, is_color_like, to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -316,11 +317,9 @@ def _tissue(
             kwargs.update(shape=None, img=False, size=120000 / max(adata.n_obs, 1), library_id="")
     if cmap is not None:
         kwargs.update(cmap=cmap)
-        if "norm" not in (scatter or {}):  # a norm given wins over the range, as in matplotlib
+        if "norm" not in (scatter or {}):  # the caller's norm= replaces the range (matplotlib takes one or the other)
             kwargs.update(norm=plt.Normalize(vmin, vmax))
     if palette is not None:
-        from matplotlib.colors import ListedColormap
-
         kwargs.update(palette=ListedColormap(list(palette)))
     kwargs.update(scatter or {})
     with warnings.catch_warnings():
@@ -405,6 +404,20 @@ def _figsize(width: float, height: float) -> tuple[float, float]:
     """
     scale = mpl.rcParams["figure.figsize"][1] / mpl.rcParamsDefault["figure.figsize"][1]
     return width * scale, height * scale
+
+
+#: a listed colormap of at most this many colours is a qualitative palette (tab20, Set3), whose colours are cycled
+QUALITATIVE_MAX = 32
+
+
+@contextlib.contextmanager
+def _closed_on_error(fig: Figure):
+    """Close ``fig`` (made by the plot, not the caller's) when drawing into it fails, and re-raise."""
+    try:
+        yield
+    except BaseException:
+        plt.close(fig)
+        raise
 
 
 def _panels(n_libraries: int, per_library: int, ncols: int, size: tuple[float, float]) -> tuple[Figure, list]:
@@ -530,7 +543,8 @@ def gates(
     vmin, vmax
         The gate values at the ends of the colour map, the same for every tissue panel.
         By default the 1st and 99th percentiles of the gates drawn (trained gates often lie within 0.3–0.6, which
-        on the full 0–1 scale looks uniform); ``vmin=0, vmax=1`` gives the full scale.
+        on the full 0–1 scale looks uniform); ``vmin=0, vmax=1`` gives the full scale. A ``norm=`` (passed on
+        through ``**kwargs``) replaces them.
     ncols
         Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
@@ -573,7 +587,8 @@ def gates(
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    vmin, vmax = _gate_range(values[:, depths], vmin, vmax)
+    drawn = np.concatenate([np.asarray(spots.obsm[f"{key}_gates"])[:, depths] for _, spots in libraries])
+    vmin, vmax = _gate_range(drawn, vmin, vmax)
     style = dict(cmap="magma", vmin=vmin, vmax=vmax, spatial_key=coordinates, scatter=_scatter_options(kwargs))
     style["colorbar_label"] = "gate"
     if ax is not None:
@@ -584,31 +599,38 @@ def gates(
     order_key = _sequence_order(adata, order_key, record, sequence)
     n_panels = len(depths) + int(sequence)
     fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
-    for row, (lib, spots) in zip(groups, libraries):
-        prefix = f"{lib}: " if len(libraries) > 1 else ""
-        wrap = "\n" if prefix else " "  # a library's name makes the tissue panels' titles too long for one line
-        gates_here = np.asarray(spots.obsm[f"{key}_gates"])
-        for a, k in zip(row, depths):
-            title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
-            _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, **style)
-        if sequence:
-            title = f"{prefix}gates along the sequence"
-            _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
+    with _closed_on_error(fig):
+        for row, (lib, spots) in zip(groups, libraries):
+            prefix = f"{lib}: " if len(libraries) > 1 else ""
+            wrap = "\n" if prefix else " "  # a library's name makes the tissue panels' titles too long for one line
+            gates_here = np.asarray(spots.obsm[f"{key}_gates"])
+            for a, k in zip(row, depths):
+                title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
+                _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, **style)
+            if sequence:
+                title = f"{prefix}gates along the sequence"
+                _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
     _fit_legends(fig)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
 def _gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
-    """``vmin`` / ``vmax`` where given, else the 1st / 99th percentile of the gates drawn (0 / 1 if they are flat)."""
+    """``vmin`` / ``vmax`` where given, else the 1st / 99th percentile of the gates drawn (0 / 1 if they are flat).
+
+    An end left automatic that falls on the wrong side of the one given becomes 0 or 1, the gates' bounds.
+    """
     finite = values[np.isfinite(values)]
     low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
     if high - low < 1e-3:
         low, high = 0.0, 1.0
-    low, high = float(low if vmin is None else vmin), float(high if vmax is None else vmax)
-    if not low < high:
-        raise ValueError(f"vmin must be below vmax; got {low} and {high} (gates drawn lie in [0, 1]).")
-    return low, high
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
+    if vmin is not None:
+        low, high = vmin, high if high > vmin else max(1.0, vmin + 1e-3)
+    if vmax is not None:
+        low, high = low if low < vmax else min(0.0, vmax - 1e-3), vmax
+    return float(low), float(high)
 
 
 def _gates_along_sequence(
@@ -626,9 +648,11 @@ def _gates_along_sequence(
 
 
 def _domain_palette(
-    adata: AnnData, shown: AnnData, key: str, truth_key: str | None, ignore: Hashable | Sequence[Hashable] | None = ()
+    adata: AnnData, key: str, truth_key: str | None, ignore: Hashable | Sequence[Hashable] | None = ()
 ) -> tuple[list | None, dict | None, pd.Series, pd.Series | None]:
     """Colours of the domains (a list over their categories, or ``None``: scanpy's) and of the annotation.
+
+    Matched on every spot of ``adata``, so that a domain has one colour whichever library is drawn.
 
     The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else tab10, tab20 or
     scanpy's 102 colours, by the number of categories). A domain takes the colour of the label it overlaps most
@@ -636,16 +660,15 @@ def _domain_palette(
     holds more spots of that label; the others get spare colours, distinct while any are left. Without
     ``truth_key``, the domains keep ``uns[key + '_colors']`` when it fits.
     """
-    pred = shown.obs[key].astype("category")
+    pred = adata.obs[key].astype("category")
     if truth_key is None:
         stored = _category_colours(adata, key, adata.obs[key].astype("category").cat.categories)
         colours = (
             [stored[c] for c in pred.cat.categories] if stored and set(pred.cat.categories) <= set(stored) else None
         )
         return colours, None, pred, None
-    truth = shown.obs[truth_key].astype("category")
-    every = adata.obs[truth_key].astype("category").cat.categories  # uns colours follow the whole column's categories
-    truth_palette = _category_colours(adata, truth_key, every)
+    truth = adata.obs[truth_key].astype("category")
+    truth_palette = _category_colours(adata, truth_key, truth.cat.categories)
     if truth_palette is None or not set(truth.cat.categories) <= set(truth_palette):
         truth_palette = dict(zip(truth.cat.categories, _default_colours(len(truth.cat.categories))))
     table = pd.crosstab(pred, truth)
@@ -667,12 +690,17 @@ def _domain_palette(
 def _palette_colours(palette, categories: pd.Index) -> list:
     """One colour per category from a ``palette=``.
 
-    A list of colours (cycled), a ``{category: colour}`` mapping, a matplotlib colormap or its name (a listed map's
-    colours cycled, a continuous one sampled evenly).
+    A list of colours (cycled), a ``{category: colour}`` mapping, a matplotlib colormap or its name (the colours of
+    a listed map of up to :data:`QUALITATIVE_MAX` cycled, as tab10's; any other map, as viridis, sampled evenly).
     """
-    from matplotlib.colors import Colormap, ListedColormap
+    return [to_hex(colour) for colour in _palette_entries(palette, categories)]
 
+
+def _palette_entries(palette, categories: pd.Index) -> list:
+    """:func:`_palette_colours` before the colours are made hex strings."""
     n = len(categories)
+    if isinstance(palette, pd.Series):
+        palette = palette.to_dict()
     if isinstance(palette, Mapping):
         missing = [c for c in categories if c not in palette]
         if missing:
@@ -683,7 +711,7 @@ def _palette_colours(palette, categories: pd.Index) -> list:
             palette = plt.get_cmap(palette)
         except ValueError as err:
             raise ValueError(f"palette={palette!r} is not a matplotlib colormap name: {err}") from None
-    if isinstance(palette, ListedColormap):
+    if isinstance(palette, ListedColormap) and palette.N <= QUALITATIVE_MAX:  # tab10, Set1: cycle the colours
         palette = list(palette.colors)
     elif isinstance(palette, Colormap):
         return [palette(x) for x in np.linspace(0, 1, max(n, 1))][:n]
@@ -698,11 +726,10 @@ def _palette_colours(palette, categories: pd.Index) -> list:
 def _store_colours(adata: AnnData, key: str, colours: dict | None) -> None:
     """Write the domains' colours to ``uns[key + '_colors']``, in the order of the whole column's categories."""
     if colours is None:
-        raise ValueError("store_colors=True needs truth_key= (the colours are those matched to the annotation).")
+        raise ValueError(
+            "store_colors=True needs truth_key= (the colours are those matched to the annotation) or palette=."
+        )
     categories = adata.obs[key].astype("category").cat.categories
-    missing = [c for c in categories if c not in colours]
-    if missing:  # domains not among the spots drawn (library_id=): scanpy needs a colour for every category
-        colours = {**colours, **dict(zip(missing, _spare_colours(len(missing), list(colours.values()))))}
     adata.uns[f"{key}_colors"] = np.asarray([colours[c] for c in categories], dtype=object)
 
 
@@ -795,50 +822,58 @@ def domains(
     embedding = _embed_record(adata, str(use_rep)) if use_rep is not None else None
     coordinates = _coordinates(adata, embedding, "dfm_order")
     libraries = _libraries(adata, library_key, library_id, key, ax=ax, spatial_key=coordinates)
-    # colours from every spot of every library, so that a domain has the same colour whichever library is drawn
-    colours, truth_palette, pred, truth = _domain_palette(adata, adata, key, truth_key, ignore)
-    if "palette" in scatter:  # the caller's colours for the domains (not the annotation's)
-        colours = _palette_colours(scatter.pop("palette"), pred.cat.categories)
+    colours, truth_palette, pred, truth = _domain_palette(adata, key, truth_key, ignore)
+    palette = scatter.pop("palette", None)
+    if palette is not None:  # the caller's colours for the domains (not the annotation's)
+        colours = _palette_colours(palette, pred.cat.categories)
     if store_colors:
-        _store_colours(adata, key, dict(zip(pred.cat.categories, colours)) if truth is not None else None)
+        chosen = truth is not None or palette is not None
+        _store_colours(adata, key, dict(zip(pred.cat.categories, colours)) if chosen else None)
+    # explicit colours, so that a library's panel can list only the domains it holds and keep every colour
+    colours = colours or _default_colours(len(pred.cat.categories))
 
-    def column(spots: AnnData, name: str, categories) -> pd.Series:
-        return pd.Series(pd.Categorical(spots.obs[name].to_numpy(), categories=categories), index=spots.obs_names)
+    def column(spots: AnnData, name: str, categories: pd.Index, colours: list) -> tuple[pd.Series, list]:
+        """The panel's values, with the categories present among ``spots`` (all if none is), and their colours."""
+        here = np.asarray(categories.isin(spots.obs[name].dropna().unique()))
+        here = here if here.any() else np.ones(len(categories), dtype=bool)
+        values = pd.Categorical(spots.obs[name].to_numpy(), categories=categories[here])
+        return pd.Series(values, index=spots.obs_names), [c for c, h in zip(colours, here) if h]
 
     if ax is not None:
         ((lib, spots),) = libraries
-        values = column(spots, key, pred.cat.categories)
-        style = dict(palette=colours, library_id=lib, spatial_key=coordinates, scatter=scatter)
+        values, shown = column(spots, key, pred.cat.categories, colours)
+        style = dict(palette=shown, library_id=lib, spatial_key=coordinates, scatter=scatter)
         _tissue(spots, values, ax=ax, title=key, **style)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
     fig, groups = _panels(len(libraries), n, ncols, (5.2, 4.6))
-    for row, (lib, spots) in zip(groups, libraries):
-        prefix = f"{lib}: " if len(libraries) > 1 else ""
-        if truth is not None:
-            values = column(spots, truth_key, truth.cat.categories)
-            truth_colours = [truth_palette[c] for c in truth.cat.categories]
+    with _closed_on_error(fig):
+        for row, (lib, spots) in zip(groups, libraries):
+            prefix = f"{lib}: " if len(libraries) > 1 else ""
+            if truth is not None:
+                truth_colours = [truth_palette[c] for c in truth.cat.categories]
+                values, shown = column(spots, truth_key, truth.cat.categories, truth_colours)
+                _tissue(
+                    spots,
+                    values,
+                    ax=row[0],
+                    title=prefix + truth_key,
+                    palette=shown,
+                    library_id=lib,
+                    spatial_key=coordinates,
+                    scatter=scatter,
+                )
+            values, shown = column(spots, key, pred.cat.categories, colours)
             _tissue(
                 spots,
                 values,
-                ax=row[0],
-                title=prefix + truth_key,
-                palette=truth_colours,
+                ax=row[-1],
+                title=prefix + key,
+                palette=shown,
                 library_id=lib,
                 spatial_key=coordinates,
                 scatter=scatter,
             )
-        values = column(spots, key, pred.cat.categories)
-        _tissue(
-            spots,
-            values,
-            ax=row[-1],
-            title=prefix + key,
-            palette=colours,
-            library_id=lib,
-            spatial_key=coordinates,
-            scatter=scatter,
-        )
     fig.tight_layout()
     _fit_legends(fig)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
