@@ -109,15 +109,29 @@ def read_model_folder(directory: str | Path, *, kind: str, what: str) -> tuple[d
     if missing:
         raise FileNotFoundError(f"{directory} is not a folder written by {what}: no {' or '.join(missing)} in it.")
     config = json.loads((directory / CONFIG_FILE).read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{directory}/{CONFIG_FILE} holds no settings written by {what} (a {type(config).__name__}).")
     written = config.get("format", kind)
     if written != kind:
-        raise ValueError(f"{directory} holds a {written!r} folder, not one written by {what} ({kind!r}).")
+        raise ValueError(f"{directory} holds a folder of kind {written!r}, not one written by {what} ({kind!r}).")
     version = config.get("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(f"{directory} is damaged: its format_version {version!r} is not a whole number.")
-    if version > FOLDER_FORMAT:
-        raise ValueError(
-            f"{directory} was written by dfmamba_st {config.get('dfmamba_st_version')} in folder format {version}; "
-            f"this is dfmamba_st {__version__} reading format <= {FOLDER_FORMAT}. Upgrade dfmamba_st to load it."
-        )
+    written_by = f"dfmamba_st {config.get('dfmamba_st_version')} (folder format {version})"
+    check_format_version(version, FOLDER_FORMAT, where=str(directory), what="folder format", written_by=written_by)
     return config, load_file(directory / TENSORS_FILE)
+
+
+def check_format_version(version: object, supported: int, *, where: str, what: str, written_by: str) -> None:
+    """Refuse a file's format ``version`` that is no format number or is newer than ``supported``.
+
+    ``version`` as stored: an int (JSON) or its digits (safetensors metadata). ``where`` names the file, ``what``
+    the kind of format, ``written_by`` the writer (package version and format) in the messages.
+    """
+    if isinstance(version, str) and version.isdigit():
+        version = int(version)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"{where} is damaged: its {what} {version!r} is not a format number (0, 1, 2, ...).")
+    if version > supported:
+        raise ValueError(
+            f"{where} was written by {written_by}; this is dfmamba_st {__version__} reading {what} <= {supported}. "
+            "Upgrade dfmamba_st to load it."
+        )

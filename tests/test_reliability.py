@@ -386,7 +386,7 @@ def test_an_edited_or_damaged_model_file_is_refused_with_the_file_named(trained,
         ({"meta": {"config": extra_field}}, r"TypeError: .*new_field"),
         ({"meta": {"config": None}}, r"KeyError: 'config'"),
         ({"meta": {"config": meta["config"][:20]}}, r"JSONDecodeError"),
-        ({"meta": {"format_version": "1.0"}}, r"model format '1\.0' is not a whole number"),
+        ({"meta": {"format_version": "1.0"}}, r"model format '1\.0' is not a format number"),
         ({"drop": (model_key,)}, r"RuntimeError: .*Missing key"),
         ({"drop": ("features.loadings",)}, r"the feature transform gives 300 features, the model takes 10"),
     ]

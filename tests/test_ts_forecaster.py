@@ -132,9 +132,9 @@ def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or config\.json"):
         ts.load_forecaster(tmp_path / "nothing")
     classifier = pathology.save_classifier(pathology.DFMambaClassifier(4, d_model=8, depth=1), tmp_path / "path")
-    with pytest.raises(ValueError, match=r"holds a 'dfmamba_st.classifier' folder, not one written by dfm.ts.save"):
+    with pytest.raises(ValueError, match=r"holds a folder of kind 'dfmamba_st.classifier', not one written by dfm.ts"):
         ts.load_forecaster(classifier)
-    with pytest.raises(ValueError, match=r"holds a 'dfmamba_st.forecaster' folder, not one written by dfm.patho"):
+    with pytest.raises(ValueError, match=r"holds a folder of kind 'dfmamba_st.forecaster', not one written by dfm.pa"):
         pathology.load_classifier(ts.save_forecaster(forecaster, tmp_path / "forecaster"))
 
 
@@ -171,10 +171,13 @@ def test_a_saved_folder_records_its_layout_and_a_newer_layout_is_refused(splits,
         saved = json.loads(path.read_text())
         assert saved["format_version"] == FOLDER_FORMAT and saved["dfmamba_st_version"] == dfmamba_st.__version__
         expected = run(load(folder))
-        for version, error in ((FOLDER_FORMAT + 1, "Upgrade dfmamba_st"), ("1", "is not a whole number")):
+        for version, error in ((FOLDER_FORMAT + 1, "Upgrade dfmamba_st"), (1.5, "1.5 is not a format number")):
             path.write_text(json.dumps({**saved, "format_version": version}))
             with pytest.raises(ValueError, match=error):
                 load(folder)
+        path.write_text(json.dumps([saved]))
+        with pytest.raises(ValueError, match="holds no settings written by"):
+            load(folder)
         # a folder written before the layout was recorded reads as before
         path.write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith(("format", "dfmamba_st"))}))
         np.testing.assert_array_equal(run(load(folder)), expected)
@@ -184,4 +187,6 @@ def test_entries_named_like_the_folder_s_own_are_refused_before_anything_is_writ
     model = pathology.DFMambaClassifier(4, d_model=8, depth=1)
     with pytest.raises(ValueError, match=r"format_version in config\.json are the folder's own entries"):
         pathology.save_classifier(model, tmp_path / "c", {"format_version": 2})
+    with pytest.raises(ValueError, match="extra= cannot hold 'config'"):
+        pathology.save_classifier(model, tmp_path / "c", {"config": {}})  # it replaced the model's settings
     assert not (tmp_path / "c").exists()

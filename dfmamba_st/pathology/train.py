@@ -373,7 +373,8 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
         Folder to write (made if missing; ``~`` is expanded); existing files of the same names are replaced.
     extra
         More JSON-serialisable entries for ``config.json`` (e.g. ``{"class_names": [...]}``, as the command line
-        writes). Nothing is written when they cannot be stored.
+        writes); not ``config``, ``format``, ``format_version`` or ``dfmamba_st_version``, the folder's own. Nothing
+        is written when they cannot be stored.
 
     Returns
     -------
@@ -389,6 +390,8 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
     >>> torch.equal(model(x), again(x))
     True
     """
+    if extra and "config" in extra:
+        raise ValueError("extra= cannot hold 'config': it is the model's own entry of config.json.")
     tensors = model.state_dict()
     return write_model_folder(directory, tensors, {"config": model.config, **(extra or {})}, kind=_KIND)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from .._weights import unshared
+from .._weights import check_format_version, unshared
 from ..core import DFMamba, fingerprint, resolve_device
 from ._features import FeatureTransform
 
@@ -340,13 +340,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> Spati
         raise ValueError(f"{path} is a safetensors file but not a dfmamba_st spatial model (no dfmamba_st header).")
     written_by = f"dfmamba_st {header.get('dfmamba_st_version')} (model format {header.get('format_version')})"
     version = header.get("format_version", "0")
-    if not version.isdigit():
-        raise ValueError(f"{path} is damaged: its model format {version!r} is not a whole number ({written_by}).")
-    if int(version) > MODEL_FORMAT:
-        raise ValueError(
-            f"{path} was written by {written_by}; this is dfmamba_st {__version__} reading format <= {MODEL_FORMAT}. "
-            "Upgrade dfmamba_st to load it."
-        )
+    check_format_version(version, MODEL_FORMAT, where=str(path), what="model format", written_by=written_by)
     try:
         model = _model_from_file(header, tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # a header or tensors that do not fit together
