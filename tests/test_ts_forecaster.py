@@ -178,8 +178,13 @@ def test_a_saved_folder_records_its_layout_and_a_newer_layout_is_refused(splits,
         path.write_text(json.dumps([saved]))
         with pytest.raises(ValueError, match="holds no settings written by"):
             load(folder)
-        # a folder written before the layout was recorded reads as before
-        path.write_text(json.dumps({k: v for k, v in saved.items() if not k.startswith(("format", "dfmamba_st"))}))
+        # a folder written before the layout was recorded reads as before, and by its own reader only
+        old = {k: v for k, v in saved.items() if not k.startswith(("format", "dfmamba_st"))}
+        if "forecaster" in old:
+            path.write_text(json.dumps(old))
+            with pytest.raises(ValueError, match=r"holds a forecaster .* read it with dfm\.ts\.load_forecaster"):
+                pathology.load_classifier(folder)
+        path.write_text(json.dumps(old))
         np.testing.assert_array_equal(run(load(folder)), expected)
 
 

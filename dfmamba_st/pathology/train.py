@@ -423,6 +423,9 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     8
     """
     config, tensors = read_model_folder(directory, kind=_KIND, what="dfm.pathology.save_classifier")
+    if "forecaster" in config:  # a forecaster's folder from before folders named their kind
+        kind = config["forecaster"]
+        raise ValueError(f"{directory} holds a forecaster ({kind}): read it with dfm.ts.load_forecaster.")
     model = DFMambaClassifier(**config["config"])
     model.load_state_dict(tensors)
     return model.to(resolve_device(device)).eval()
