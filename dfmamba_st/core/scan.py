@@ -431,7 +431,8 @@ def selective_scan(
 
     Returns
     -------
-    ``y`` of shape (batch, d_inner, L), or ``(y, last_state)``.
+    ``y`` of shape (batch, d_inner, L) in ``u``'s dtype whatever the dtypes of ``D`` and ``z``, or
+    ``(y, last_state)``.
 
     Examples
     --------

@@ -576,7 +576,7 @@ def gates(
     ['gate, depth 0 (0 local, 1 global)', 'gate, depth 1 (0 local, 1 global)',
      'gate, depth 2 (0 local, 1 global)', 'gates along the sequence']
 
-    One tissue map per fusing depth and the panel along the sequence (the colour bars have no title).
+    One tissue map per fusing depth and the panel along the sequence (the colour bars, labelled 'gate', have no title).
     """
     _require_embedding(adata, key)
     record = _embed_record(adata, key)
@@ -771,9 +771,9 @@ def domains(
     library_id, ncols
         As in :func:`gates`.
     store_colors
-        With ``truth_key``: write the domains' matched colours to ``uns[key + '_colors']``, where scanpy's plots
-        (``sc.pl.umap``, ``sc.pl.spatial``) and later calls without ``truth_key`` find them. Off by default: the
-        plots leave ``adata`` as it was.
+        With ``truth_key`` or ``palette=``: write the domains' colours (matched, or the palette's) to
+        ``uns[key + '_colors']``, where scanpy's plots (``sc.pl.umap``, ``sc.pl.spatial``) and later calls without
+        ``truth_key`` find them; without either, a ValueError. Off by default: the plots leave ``adata`` as it was.
     ax
         Draw the domains (only) into this axes; with ``truth_key`` they keep the colours matched to the annotation,
         which is not drawn (draw it into another axes with ``key=truth_key``).

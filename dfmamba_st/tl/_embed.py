@@ -412,15 +412,17 @@ def embed(
     ``adata.obsm[key_added]``
         (n_obs, n_pcs + d_model) embedding with ``readout="concat"``, (n_obs, d_model) with ``"model"``.
     ``adata.obsm[key_added + '_gates']``
-        (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for :func:`dfm.pl.gates`;
-        NaN at the depths a library's sequence is too short to reach (fewer than about 29 spots).
+        (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for
+        :func:`~dfmamba_st.pl.gates`; NaN at the depths a library's sequence is too short to reach (fewer than about
+        29 spots).
     ``adata.uns['dfm']`` (``adata.uns[key_added]`` for another ``key_added``)
         ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys; with
         ``model=``, ``preset`` is ``"model"``, ``model_file`` the path of the file read when one was given, and the
         training settings ``seed`` and ``mask_ratio`` are ``"None"``, as every ``None`` is stored for
         ``write_h5ad``; ``model_fingerprint``, a SHA-256 of the model's configuration, weights and feature
         transform, names the model that made the embedding, trained here or given), ``genes``,
-        ``missing_genes``, ``history`` (per-epoch losses; empty with ``model=``), ``versions``.
+        ``missing_genes``, ``history`` (per-epoch losses; empty with ``model=``), ``versions``, ``key_added``,
+        ``seconds`` (wall time of the call).
 
     Notes
     -----
