@@ -125,6 +125,16 @@ def test_palette_takes_a_list_a_dict_or_a_colormap(embedded):
         dfm.pl.domains(embedded, palette=3, show=False)
 
 
+def test_a_library_without_its_image_is_named_once_per_figure(two_slices):
+    adata = two_slices.copy()
+    adata.uns["spatial"] = {"151673": adata.uns["spatial"]["151673"]}  # 151674's image gone
+    for draw in (dfm.pl.domains, dfm.pl.gates):
+        with pytest.warns(UserWarning, match="holds no image for library '151674'") as caught:
+            fig = draw(adata, **({"truth_key": "layer"} if draw is dfm.pl.domains else {}), return_fig=True)
+        plt.close(fig)
+        assert sum("holds no image" in str(w.message) for w in caught) == 1, draw.__name__  # one per panel before
+
+
 def test_the_gates_of_one_library_span_that_library_s_gates(two_slices):
     in_b = (two_slices.obs["lib"] == "151674").to_numpy()
     want = np.percentile(np.asarray(two_slices.obsm["X_dfm_gates"])[in_b, 0], [1, 99])

@@ -198,19 +198,20 @@ def _fit_legends(fig: Figure, pad: float = 0.1) -> None:
         fig.tight_layout()
 
 
-def _image_of(images_of: Mapping, library_id: str | None) -> tuple[str | None, str | None]:
+def _image_of(images_of: Mapping, library_id: str | None, warn: bool = True) -> tuple[str | None, str | None]:
     """``(library, resolution)`` of the H&E image to draw under a library's spots, or ``(None, None)``.
 
     The image of ``library_id`` in ``uns['spatial']`` or, without a ``library_id``, the only one there (never another
     library's); hires before lowres. A warning names the library when ``uns['spatial']`` holds images but not its
-    own, or when its image lacks the scale factors that place the spots on it.
+    own, or when its image lacks the scale factors that place the spots on it (unless ``warn`` is false: the
+    library's other panels).
     """
     if library_id is None:
         lib = next(iter(images_of)) if len(images_of) == 1 else None
     elif library_id in images_of:
         lib = library_id
     else:
-        if images_of:
+        if images_of and warn:
             warnings.warn(
                 f"uns['spatial'] holds no image for library {library_id!r} (it holds {list(images_of)[:5]}): drawn "
                 "without one. uns['spatial'] is keyed by library name, as the library column names them.",
@@ -227,12 +228,13 @@ def _image_of(images_of: Mapping, library_id: str | None) -> tuple[str | None, s
     factors = images_of[lib].get("scalefactors", {})
     missing = [k for k in (f"tissue_{res}_scalef", "spot_diameter_fullres") if k not in factors]
     if missing:
-        warnings.warn(
-            f"uns['spatial'][{lib!r}] has a {res} image but its scalefactors lack {missing}, which place the spots on "
-            "it: drawn without the image.",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
+        if warn:
+            warnings.warn(
+                f"uns['spatial'][{lib!r}] has a {res} image but its scalefactors lack {missing}, which place the spots "
+                "on it: drawn without the image.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
         return None, None
     return lib, res
 
@@ -278,11 +280,13 @@ def _tissue(
     spatial_key: str = "spatial",
     scatter: Mapping | None = None,
     colorbar_label: str | None = None,
+    warn_image: bool = True,
 ) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
     ``scatter``: the caller's options for ``spatial_scatter``, over this function's own; ``colorbar_label``: the
-    label of a continuous map's colour bar. The image is
+    label of a continuous map's colour bar; ``warn_image``: say why no image is drawn (a library's first panel
+    only, so that a figure says it once per library). The image is
     :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
     """
@@ -298,7 +302,7 @@ def _tissue(
     view.obsm["spatial"] = np.asarray(adata.obsm[spatial_key])
     # images go with the coordinates in obsm['spatial'] (their scale factors are for those)
     images_of = adata.uns.get("spatial", {}) if spatial_key == "spatial" else {}
-    lib, res = _image_of(images_of, library_id)
+    lib, res = _image_of(images_of, library_id, warn=warn_image)
     # unannotated spots (NaN) in light grey, with their own "NA" legend entry
     kwargs: dict = dict(
         color="value", ax=ax, title=title, frameon=False, legend_fontsize="x-small", na_color="lightgrey"
@@ -606,7 +610,7 @@ def gates(
             gates_here = np.asarray(spots.obsm[f"{key}_gates"])
             for a, k in zip(row, depths):
                 title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
-                _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, **style)
+                _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style)
             if sequence:
                 title = f"{prefix}gates along the sequence"
                 _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
@@ -873,6 +877,7 @@ def domains(
                 library_id=lib,
                 spatial_key=coordinates,
                 scatter=scatter,
+                warn_image=truth is None,  # else the annotation's panel said it
             )
     fig.tight_layout()
     _fit_legends(fig)
