@@ -39,7 +39,7 @@ from ..core import (
     seed_everything,
 )
 from ..pp._serialize import identical_positions, library_layouts, serialized_orders, warn_identical_positions
-from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, smooth
+from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, naming_hint, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
 __all__ = ["PRESETS", "embed"]
@@ -82,25 +82,6 @@ PRESETS: dict[str, dict] = {
 MASK_RATIO = 0.3
 #: at most this many tokens × d_model values go through the model at once during inference
 INFER_BUDGET = 2**20
-
-
-def _naming_hint(adata: AnnData, genes: list[str], n_found: int) -> str:
-    """Why most of a model's genes are missing from ``adata.var_names``.
-
-    Another ``var`` column naming more of them (symbols vs Ensembl IDs), else a narrower panel.
-    """
-    model_genes = set(genes)
-    found = {c: int(adata.var[c].astype(str)[lambda v: v.isin(model_genes)].nunique()) for c in adata.var.columns}
-    column = max(found, key=found.get, default=None)
-    if column is not None and found[column] > n_found:
-        return (
-            f" adata.var[{column!r}] names {found[column]} of them: the model was trained on genes named that way; "
-            f"use it as the names (adata.var_names = adata.var[{column!r}].astype(str); adata.var_names_make_unique())."
-        )
-    return (
-        f" adata holds {adata.n_vars} genes and none of its var columns names more of the model's: a smaller panel "
-        "than the training data's, or genes named another way (symbols vs Ensembl IDs)?"
-    )
 
 
 def _library_sequences(
@@ -558,17 +539,11 @@ def embed(
             logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
-    n_found = int(np.isin(np.asarray(adata.var_names, dtype=str), feature_tf.genes).sum())
-    if not n_found:  # before transform_matrix's own refusal, which cannot see adata.var
-        raise ValueError(
-            f"None of the model's genes are in adata.var_names (e.g. {feature_tf.genes[:3]})."
-            + _naming_hint(adata, feature_tf.genes, 0)
-        )
-    features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var_names)
+    features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var)
     del X  # the whole matrix is not needed past the features
     if missing:  # only a trained model's genes can be missing
         share = len(missing) / len(feature_tf.genes)
-        naming = _naming_hint(adata, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
+        naming = naming_hint(adata.var, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
         warnings.warn(
             f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
             f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",

@@ -210,6 +210,25 @@ def recovered_counts(X: sp.csr_matrix) -> sp.csr_matrix | None:
     return sp.csr_matrix(values, dtype=np.float32)
 
 
+def naming_hint(var: pd.DataFrame, genes: list[str], n_found: int) -> str:
+    """Why most of a model's genes are missing from the names ``var.index`` (``n_found`` of them match).
+
+    Another ``var`` column naming more of them (symbols vs Ensembl IDs), else a narrower panel.
+    """
+    model_genes = set(genes)
+    found = {c: int(var[c].astype(str)[lambda v: v.isin(model_genes)].nunique()) for c in var.columns}
+    column = max(found, key=found.get, default=None)
+    if column is not None and found[column] > n_found:
+        return (
+            f" adata.var[{column!r}] names {found[column]} of them: the model was trained on genes named that way; "
+            f"use it as the names (adata.var_names = adata.var[{column!r}].astype(str); adata.var_names_make_unique())."
+        )
+    return (
+        f" adata holds {len(var)} genes and none of its var columns names more of the model's: a smaller panel "
+        "than the training data's, or genes named another way (symbols vs Ensembl IDs)?"
+    )
+
+
 @dataclass
 class FeatureTransform:
     """A fitted map from a slice's expression to per-spot feature vectors.
@@ -317,25 +336,26 @@ class FeatureTransform:
         :meth:`as_training_input`).
         """
         X, is_counts = expression_matrix(adata, layer)
-        return self.transform_matrix(X, is_counts, adata.var_names)
+        return self.transform_matrix(X, is_counts, adata.var)
 
-    def transform_matrix(self, X: sp.csr_matrix, is_counts: bool, var_names: pd.Index) -> tuple[np.ndarray, list[str]]:
-        """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var_names``).
+    def transform_matrix(self, X: sp.csr_matrix, is_counts: bool, var: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+        """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var``).
 
-        Genes are matched by name as text, as in :meth:`fit_matrix`.
+        Genes are matched by name as text, as in :meth:`fit_matrix`; when none matches, the error says which ``var``
+        column names them, if one does (:func:`naming_hint`).
         """
-        X = self.as_training_input(X, is_counts)
-        position = pd.Index(var_names).astype(str).get_indexer(self.genes)
+        position = pd.Index(var.index).astype(str).get_indexer(self.genes)
         present = position >= 0
         missing = [g for g, ok in zip(self.genes, present) if not ok]
         if not present.any():
             raise ValueError(
-                "None of the model's genes are in adata.var_names (e.g. "
-                f"{self.genes[:3]}); is the gene naming the same (symbols vs Ensembl IDs)?"
+                f"None of the model's genes are in adata.var_names (e.g. {self.genes[:3]})."
+                + naming_hint(var, self.genes, 0)
             )
+        X = self.as_training_input(X, is_counts)
         columns = sp.csr_matrix(
             (np.ones(present.sum(), dtype=np.float32), (position[present], np.flatnonzero(present))),
-            shape=(len(var_names), len(self.genes)),
+            shape=(len(var), len(self.genes)),
         )
         X = sp.csr_matrix(X @ columns)  # the model's genes, in its order; missing genes are empty columns
         width = self.n_features
