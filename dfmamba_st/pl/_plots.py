@@ -666,14 +666,11 @@ def _domain_palette(
     """
     pred = adata.obs[key].astype("category")
     if truth_key is None:
-        stored = _category_colours(adata, key, adata.obs[key].astype("category").cat.categories)
-        colours = (
-            [stored[c] for c in pred.cat.categories] if stored and set(pred.cat.categories) <= set(stored) else None
-        )
-        return colours, None, pred, None
+        stored = _category_colours(adata, key, pred.cat.categories)  # one colour per category, or None
+        return (list(stored.values()) if stored else None), None, pred, None
     truth = adata.obs[truth_key].astype("category")
     truth_palette = _category_colours(adata, truth_key, truth.cat.categories)
-    if truth_palette is None or not set(truth.cat.categories) <= set(truth_palette):
+    if truth_palette is None:
         truth_palette = dict(zip(truth.cat.categories, _default_colours(len(truth.cat.categories))))
     table = pd.crosstab(pred, truth)
     table = table.loc[:, ~_is_missing(table.columns.to_series(), ignore)]
@@ -851,11 +848,11 @@ def domains(
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     n = 2 if truth is not None else 1
     fig, groups = _panels(len(libraries), n, ncols, (5.2, 4.6))
+    truth_colours = [truth_palette[c] for c in truth.cat.categories] if truth is not None else None
     with _closed_on_error(fig):
         for row, (lib, spots) in zip(groups, libraries):
             prefix = f"{lib}: " if len(libraries) > 1 else ""
             if truth is not None:
-                truth_colours = [truth_palette[c] for c in truth.cat.categories]
                 values, shown = column(spots, truth_key, truth.cat.categories, truth_colours)
                 _tissue(
                     spots,
