@@ -39,6 +39,20 @@ def top(bundled):
 
 
 @pytest.fixture
+def info_log():
+    """What scanpy's logging writes at the ``info`` level while the test runs."""
+    import io
+
+    import scanpy as sc
+
+    buf = io.StringIO()
+    verbosity, logfile = sc.settings.verbosity, sc.settings.logfile
+    sc.settings.verbosity, sc.settings.logfile = "info", buf
+    yield buf
+    sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
+
+
+@pytest.fixture
 def keep_torch_threads():
     """torch's thread count as the test found it, given back afterwards (a benchmark job run in-process sets it)."""
     import torch

@@ -5,7 +5,6 @@ download path runs pooch for real with ``requests`` replaced by a function that 
 """
 
 import copy
-import io
 import re
 import warnings
 from pathlib import Path
@@ -41,16 +40,6 @@ def trained(strip):
     dfm.pp.serialize(adata)
     model = dfm.tl.embed(adata, **QUICK, return_model=True, device="cpu")
     return adata, model
-
-
-@pytest.fixture
-def info_log():
-    """What scanpy's logging writes at the ``info`` level while the test runs."""
-    buf = io.StringIO()
-    verbosity, logfile = sc.settings.verbosity, sc.settings.logfile
-    sc.settings.verbosity, sc.settings.logfile = "info", buf
-    yield buf
-    sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
 
 
 # --- model files ------------------------------------------------------------------------------------------------------
