@@ -59,6 +59,19 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def format_header(kind: str, version: int | str) -> dict:
+    """What every saved model records of itself: its ``kind``, its format ``version`` and the package version.
+
+    ``version`` is a string in a ``safetensors`` header (whose metadata holds strings only), an int in ``config.json``.
+
+    Examples
+    --------
+    >>> sorted(format_header("dfmamba_st.forecaster", 1))
+    ['dfmamba_st_version', 'format', 'format_version']
+    """
+    return {"format": kind, "format_version": version, "dfmamba_st_version": __version__}
+
+
 def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict, *, kind: str) -> Path:
     """Write ``tensors`` and ``config`` into ``directory`` (made if missing) and return the folder.
 
@@ -69,7 +82,7 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
-    header = {"format": kind, "format_version": FOLDER_FORMAT, "dfmamba_st_version": __version__}
+    header = format_header(kind, FOLDER_FORMAT)
     if clash := sorted(header.keys() & config.keys()):
         raise ValueError(f"{', '.join(clash)} in config.json are the folder's own entries; give other names.")
     text = json.dumps({**header, **config}, indent=2)  # first: nothing written if it fails
@@ -79,6 +92,32 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     save_file(unshared(tensors), directory / TENSORS_FILE)
     (directory / CONFIG_FILE).write_text(text)
     return directory
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load ``state`` into ``model`` with every floating tensor in the dtype it was saved in; return ``model``.
+
+    ``load_state_dict`` alone copies into the model's own dtype, so a bfloat16 or float64 model would come back as
+    float32 and forecast otherwise. Saved in one floating dtype, the whole model is cast to it first, buffers left out
+    of the file (pixel statistics) included; in several, each tensor takes its own. Parameters shared by two layers
+    stay shared (one tensor, cast once).
+
+    Examples
+    --------
+    >>> layer = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    >>> load_state(torch.nn.Linear(2, 2), layer.state_dict()).weight.dtype
+    torch.bfloat16
+    """
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    own = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name, value in state.items():
+        target = own.get(name)
+        if target is not None and target.is_floating_point() and value.is_floating_point():
+            target.data = target.data.to(value.dtype)
+    model.load_state_dict(state)
+    return model
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

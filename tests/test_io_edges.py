@@ -100,6 +100,14 @@ def test_a_model_file_keeps_every_setting_and_loads_ready_to_embed(crop, tmp_pat
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+def test_a_model_file_keeps_the_models_precision(trained, tmp_path):
+    model = copy.deepcopy(trained[1]).to(torch.float64)
+    loaded = dfm.tl.load_model(dfm.tl.save_model(model, tmp_path / "m"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    state = loaded.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_genes_named_by_numbers_are_recorded_as_text_and_survive_a_file_round_trip(crop, tmp_path):
     """Integer var_names (anndata warns but keeps them): the record must be writable, and the model must find its
     genes again in the same data read back from the file, where anndata has made the names text."""

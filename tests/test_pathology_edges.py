@@ -79,6 +79,40 @@ def test_save_load_round_trip_keeps_pixel_normalisation(tmp_path):
     assert config["pixel_std"] == pytest.approx([0.2, 0.3, 0.1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
+def test_a_classifier_is_read_back_in_the_precision_it_was_saved_in(tmp_path, dtype):
+    model = tiny_model().to(dtype).eval()
+    again = load_classifier(save_classifier(model, tmp_path))
+    assert {p.dtype for p in again.parameters()} == {dtype}
+    x = torch.rand(2, 3, 32, 32, dtype=dtype)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_validation_images_smaller_than_the_crop_are_refused_before_training(synthetic, monkeypatch):
+    images, labels = synthetic
+    monkeypatch.setattr(train_module, "fit", lambda *a, **k: pytest.fail("trained before checking the validation"))
+    small = images[:, :, :16, :16]
+    with pytest.raises(ValueError, match=r"Validation images: Crop size 32 is larger than the images \(16×16\)"):
+        train_classifier(tiny_model(), (images, labels), val=(small, labels), crop=32, progress=False)
+    with pytest.raises(ValueError, match="Validation images: Image sides must be positive multiples of the patch"):
+        train_classifier(tiny_model(), (images, labels), val=(images[:, :, :24, :24], labels), crop=None)
+
+
+def test_a_whole_float_crop_trains_and_evaluates_as_the_int(synthetic):
+    images, labels = synthetic
+    runs = [
+        train_classifier(tiny_model(), (images, labels), val=(images, labels), crop=c, epochs=1, progress=False)
+        for c in (32, 32.0)
+    ]
+    assert runs[0].history == runs[1].history
+    (want, _), (got, _) = (next(eval_batches(images, labels, crop=c)) for c in (32, 32.0))
+    assert torch.equal(got, want)
+    assert len(CropBatches(images, labels, crop=32.0, batch_size=4)) == len(labels) // 4 + bool(len(labels) % 4)
+    with pytest.raises(ValueError, match=r"crop must be a whole number >= 1, got 31\.5"):
+        CropBatches(images, labels, crop=31.5)
+
+
 def test_save_classifier_writes_nothing_when_its_extra_cannot_be_stored(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         save_classifier(tiny_model(), tmp_path / "model", extra={"counts": np.array([1])})

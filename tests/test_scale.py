@@ -236,6 +236,7 @@ WORKER = textwrap.dedent(
     np.save(f"{{sys.argv[1]}}_{{rank}}_loss.npy", adata.uns["dfm"]["history"]["train_loss"])
     assert adata.uns["dfm"]["params"]["world_size"] == (2 if distributed else 1)
     if distributed:
+        dist.barrier()  # every rank done before any tears its connections down
         dist.destroy_process_group()
     """
 )

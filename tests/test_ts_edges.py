@@ -113,6 +113,17 @@ def test_load_reads_a_headerless_file():
     assert splits.columns == [str(c) for c in range(8)]
 
 
+def test_a_file_name_in_the_working_folder_is_read_as_a_path(etth1, tmp_path, monkeypatch):
+    (tmp_path / "ETTh1.csv.gz").write_bytes(shared_path("ts", "ETTh1.csv.gz").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DFMAMBA_TS_DATA", str(tmp_path / "elsewhere"))  # not the default folder's file
+    for name in ("ETTh1.csv.gz", "./ETTh1.csv.gz"):
+        pd.testing.assert_frame_equal(ts.load(name), etth1)
+        assert ts.make_splits(name).ends == ETTH_ENDS
+    with pytest.raises(FileNotFoundError, match="elsewhere"):  # a bare name still means the data folder
+        ts.load("ETTh1")
+
+
 def test_a_header_row_with_text_is_still_a_header(tmp_path):
     pd.DataFrame({"x1": [1.0, 2.0], "2": [3.0, 4.0]}).to_csv(tmp_path / "mixed.csv", index=False)
     df = ts.load("mixed", path=tmp_path)
@@ -147,6 +158,23 @@ def test_a_time_column_not_named_date_is_refused_not_taken_for_a_variate(etth1):
     with pytest.raises(ValueError, match=r"date/time columns \['timestamp'\], which are not variates"):
         ts.make_splits("ETTh1", 96, 96, frame=frame)
     ts.make_splits("ETTh1", 96, 96, frame=frame.set_index("timestamp"))  # as the index: fine
+
+
+@pytest.mark.filterwarnings("ignore:Could not infer format")  # pandas, on the text that is no date
+def test_dates_read_as_text_into_the_index_are_parsed_like_a_date_column(etth1):
+    """pd.read_csv(..., index_col="date") leaves the dates as text: time order checked, the season follows them."""
+    text = pd.read_csv(shared_path("ts", "ETTh1.csv.gz"), index_col="date")
+    assert text.index.inferred_type == "string"
+    with pytest.raises(ValueError, match="ascending time order"):
+        ts.make_splits("ETTh1", frame=text.iloc[::-1])
+    # two rows dropped: the daily phase must follow the clock, not the row number
+    gappy = text.drop(text.index[[100, 101]])
+    got = ts.make_splits("ETTh1", frame=gappy, season="daily")
+    want = ts.make_splits("ETTh1", frame=etth1.drop(etth1.index[[100, 101]]), season="daily")
+    np.testing.assert_array_equal(got.season.phase, want.season.phase)
+    assert got.season.phase[100] == (got.season.phase[99] + 3) % 24
+    with pytest.raises(ValueError, match="its index holds text that does not parse as timestamps"):
+        ts.make_splits("ETTh1", frame=text.set_axis([f"row {i}" for i in range(len(text))], axis=0))
 
 
 def test_make_splits_refuses_a_frame_out_of_time_order(etth1):
@@ -185,7 +213,9 @@ def _tiny_ms(**kw) -> ts.MSMamba:
     ("build", "match"),
     [
         (lambda: ts.DLinear(7, 96, 24, kernel_size=24), "kernel_size must be odd"),
-        (lambda: ts.DFMambaTS(7, patch_len=0), "patch_len=0 must be >= 1"),
+        (lambda: ts.DFMambaTS(7, patch_len=0), "patch_len must be a whole number >= 1, got 0"),
+        (lambda: ts.DFMambaTS(7, patch_len=5), "patch_len=5 must be >= 1 and divide seq_len=96"),
+        (lambda: ts.DLinear(7, kernel_size=24.5), "kernel_size must be a whole number >= 1, got 24.5"),
         (lambda: _tiny_ms(scales=()), "scales must be one or more"),
     ],
 )
@@ -219,6 +249,36 @@ def test_invalid_arguments_get_a_clear_error(toy, call, match):
 def test_forecast_loss_refuses_a_forecast_of_another_shape():
     with pytest.raises(ValueError, match="does not match the data"):
         ts.forecast_loss(ts.DLinear(2, 8, 4), (torch.zeros(3, 8, 2), torch.zeros(3, 6, 2)))
+
+
+def test_zero_shot_refuses_a_factor_it_cannot_serve_before_any_forecast(toy):
+    model, calls = ts.DLinear(2, 32, 8), []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="factor 3 to divide the horizon 8"):
+        ts.zero_shot(model, toy, factors=(1, 2, 3))
+    assert calls == []  # factors 1 and 2 were not scored first and then lost
+    assert sorted(ts.zero_shot(model, toy, factors=(1, 2))) == [1, 2] and calls
+
+
+def test_evaluate_refuses_max_windows_with_batches_it_cannot_subset(toy):
+    model, test = ts.DLinear(2, 32, 8), toy.test
+    batches = list(test.batches(64))
+    with pytest.raises(ValueError, match=r"max_windows=5 takes a subset of a WindowDataset's windows; data is a list"):
+        ts.evaluate(model, batches, max_windows=5)
+    assert ts.evaluate(model, test, max_windows=5)["n_windows"] == 5
+    assert ts.evaluate(model, batches)["n_windows"] == len(test)
+
+
+def test_whole_float_kernel_and_patch_lengths_build_the_same_models(toy):
+    x = torch.from_numpy(np.stack([toy.values[i : i + 32] for i in range(3)]))
+    for build, size in (
+        (lambda k: ts.DLinear(2, 32, 8, kernel_size=k), 25),
+        (lambda k: ts.DFMambaTS(2, 32, 8, d_model=8, d_state=2, depth=1, patch_len=k), 8),
+    ):
+        torch.manual_seed(0)
+        want = ts.predict(build(size), x)
+        torch.manual_seed(0)
+        np.testing.assert_array_equal(ts.predict(build(float(size)), x), want)
 
 
 def test_zero_shot_takes_whole_float_factors(toy):

@@ -104,6 +104,29 @@ def test_a_saved_forecaster_is_read_back_exactly(etth1, splits, index, tmp_path)
     np.testing.assert_array_equal(twice.forecast(raw, first_row=start), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["DLinear", "DFMambaTS", "MSMamba"])
+def test_a_forecaster_is_read_back_in_the_precision_it_was_saved_in(etth1, splits, index, dtype, tmp_path):
+    model = _models()[index].to(dtype).eval()
+    again = ts.load_forecaster(ts.save_forecaster(model, tmp_path, splits=splits))
+    assert {p.dtype for p in again.model.parameters()} == {dtype}
+    raw = etth1.to_numpy()[12000 : 12000 + SEQ_LEN]
+    want = ts.Forecaster.from_splits(model, splits).forecast(raw, first_row=12000)
+    np.testing.assert_array_equal(again.forecast(raw, first_row=12000), want)
+    if index == 2:  # ms-Mamba's one rate projection for every scale is still one, in the saved precision
+        for layer in again.model.layers:
+            first, second = layer.mamba.blocks[0].dt_proj, layer.mamba.blocks[1].dt_proj
+            assert first is second and first.weight.dtype == dtype
+
+
+def test_a_lookback_with_missing_values_is_refused_not_forecast_as_nan(etth1, splits):
+    forecaster = ts.Forecaster.from_splits(_models()[0], splits)
+    raw = etth1.to_numpy()[:SEQ_LEN].copy()
+    raw[5, 2] = np.nan
+    with pytest.raises(ValueError, match="history holds missing or infinite values"):
+        forecaster.forecast(raw, first_row=0)
+
+
 def test_a_model_saved_alone_forecasts_the_values_it_is_given(splits, tmp_path):
     model = _models()[0]
     again = ts.load_forecaster(ts.save_forecaster(model, tmp_path))

@@ -395,7 +395,8 @@ def stratified_split(
 
 
 def center_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | torch.Tensor:
-    """Central ``size × size`` window of (..., H, W) images."""
+    """Central ``size × size`` window of (..., H, W) images (``size`` a whole number >= 1)."""
+    size = whole_number(size, "crop")
     height, width = images.shape[-2:]
     if size > height or size > width:
         raise ValueError(f"Crop size {size} is larger than the images ({height}×{width}).")
@@ -646,10 +647,12 @@ class CropBatches:
             )
         if len(images) != len(labels) or len(images) == 0:
             raise ValueError(f"Need as many labels as images (and at least one), got {len(images)} and {len(labels)}.")
-        if crop is not None and not 1 <= crop <= min(images.shape[2], images.shape[3]):
-            raise ValueError(
-                f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
-            )
+        if crop is not None:
+            crop = whole_number(crop, "crop")
+            if crop > min(images.shape[2], images.shape[3]):
+                raise ValueError(
+                    f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
+                )
         batch_size = whole_number(batch_size, "batch_size")
         _check_pixels(images)
         if seed is None:

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from .._cli import check_shared_arguments, path_argument
 from .._utils import user_stacklevel
-from .._weights import read_model_folder, write_model_folder
+from .._weights import load_state, read_model_folder, write_model_folder
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
@@ -195,6 +195,10 @@ def train_classifier(
         if len(v_labels) == 0:
             raise ValueError("val holds no image; pass val=None to train without validation (no early stopping).")
         _check_labels(v_labels, model, "Validation")
+        try:  # the validation field checked now, not after the first epoch
+            _field(model, v_images, crop)
+        except ValueError as err:
+            raise ValueError(f"Validation images: {err}") from err
 
         def val_data(epoch: int):
             return eval_batches(v_images, v_labels, batch_size=batch_size, crop=crop)
@@ -426,8 +430,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     if "forecaster" in config:  # a forecaster's folder from before folders named their kind
         kind = config["forecaster"]
         raise ValueError(f"{directory} holds a forecaster ({kind}): read it with dfm.ts.load_forecaster.")
-    model = DFMambaClassifier(**config["config"])
-    model.load_state_dict(tensors)
+    model = load_state(DFMambaClassifier(**config["config"]), tensors)
     return model.to(resolve_device(device)).eval()
 
 

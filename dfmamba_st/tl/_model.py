@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from .._weights import check_format_version, unshared
+from .._weights import check_format_version, format_header, load_state, unshared
 from ..core import DFMamba, fingerprint, resolve_device
 from ._features import FeatureTransform
 
@@ -274,12 +274,7 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
     if model.features is None:
         raise ValueError("The model has no fitted features; train it with dfm.tl.embed first.")
     tensors, described = _contents(model)
-    header = {
-        "format": "dfmamba_st.spatial",
-        "format_version": str(MODEL_FORMAT),
-        "dfmamba_st_version": __version__,
-        **described,
-    }
+    header = {**format_header("dfmamba_st.spatial", str(MODEL_FORMAT)), **described}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=header)
     return path
@@ -366,7 +361,5 @@ def _model_from_file(header: dict[str, str], tensors: dict[str, torch.Tensor]) -
         raise ValueError(
             f"the feature transform gives {features.n_features} features, the model takes {config.n_features}"
         )
-    model = SpatialDFMamba(config, features)
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    return model
+    return load_state(SpatialDFMamba(config, features), state)

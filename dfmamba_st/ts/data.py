@@ -90,7 +90,8 @@ def _find_file(name: str | os.PathLike, path: str | os.PathLike | None) -> Path:
     """
     stem = _dataset_stem(name)
     name_path = Path(name).expanduser()
-    if name_path.is_absolute() or len(name_path.parts) > 1:
+    # a path: absolute, with a folder, or a file's name in the working folder ("ETTh1.csv.gz", not "ETTh1")
+    if name_path.is_absolute() or len(name_path.parts) > 1 or (name_path.is_file() and name_path.name != stem):
         if path is not None:
             raise ValueError(
                 f"name={str(name)!r} is a path and path={str(path)!r} is given too; give the file once, e.g. "
@@ -141,6 +142,9 @@ def _read_table(file: Path) -> pd.DataFrame:
 def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """``df`` checked for forecasting: a ``date`` column moved to the index, numeric finite values, time ascending.
 
+    An index of text (dates read without parsing) is parsed to timestamps, so that the time order is checked and a
+    daily season follows the clock, as for a ``date`` column.
+
     Shared by :func:`load` and :func:`make_splits` (``frame=``); ``source`` names the data in the messages. The
     values keep their dtype; ``df`` itself is not changed.
     """
@@ -151,6 +155,15 @@ def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
             reason = str(err).splitlines()[0]
             raise ValueError(f"{source}: the 'date' column does not parse as timestamps ({reason}).") from err
         df = df.assign(date=dates).set_index("date")
+    elif df.index.inferred_type == "string":  # dates as text, as pd.read_csv(..., index_col="date") gives them
+        try:
+            df = df.set_axis(pd.to_datetime(df.index), axis=0)
+        except (ValueError, TypeError) as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(
+                f"{source}: its index holds text that does not parse as timestamps ({reason}); index the rows by "
+                "their times or by their number (frame.reset_index(drop=True))."
+            ) from err
     if df.shape[1] == 0:
         raise ValueError(f"{source} has no value columns.")
     times = [
@@ -684,8 +697,8 @@ def make_splits(
         Where to read the file (see :func:`load`).
     frame
         An already loaded frame (skips reading; ``path`` is then ignored). It is checked as :func:`load` checks a
-        file: a ``date`` column becomes the index, every value must be numeric and finite, and timestamps must be in
-        ascending order (else ``ValueError``).
+        file: a ``date`` column becomes the index (an index of dates as text is parsed), every value must be
+        numeric and finite, and timestamps must be in ascending order (else ``ValueError``).
     ratios
         Train / validation / test fractions of all rows instead of the standard split (see :func:`split_borders`;
         the DF-Mamba paper's ETT protocol is ``(0.6, 0.2, 0.2)``).

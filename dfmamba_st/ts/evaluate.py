@@ -129,7 +129,8 @@ def evaluate(
     ------
     ValueError
         When the forecasts (cut to ``n_outputs`` steps) and the targets differ in shape, e.g. a model built for
-        another horizon; when there is no window.
+        another horizon; when there is no window; when ``max_windows`` is given with batches, not a
+        :class:`~dfmamba_st.ts.WindowDataset`.
 
     Examples
     --------
@@ -142,6 +143,11 @@ def evaluate(
     0.0
     """
     batch_size = whole_number(batch_size, "batch_size")
+    if max_windows is not None and not isinstance(data, WindowDataset):
+        raise ValueError(
+            f"max_windows={max_windows!r} takes a subset of a WindowDataset's windows; data is a "
+            f"{type(data).__name__} of batches, scored as they come. Pass max_windows=None or a WindowDataset."
+        )
     batches = data.batches(batch_size, max_windows=max_windows) if isinstance(data, WindowDataset) else data
     model.eval()
     device = next(model.parameters()).device
@@ -265,9 +271,11 @@ def zero_shot(
     [1, 2]
     """
     batch_size = whole_number(batch_size, "batch_size")
+    factors = [whole_number(f, "each factor") for f in factors]
+    # every factor's windows first: a factor the data cannot serve is refused before any forecast is made
+    windows = {f: coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride) for f in factors}
     results = {}
-    for f in [whole_number(f, "each factor") for f in factors]:
-        x, y = coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride)
+    for f, (x, y) in windows.items():
         n_out = y.shape[1]
         batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
         results[f] = evaluate(model, batches, n_outputs=n_out)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._weights import read_model_folder, write_model_folder
+from .._weights import load_state, read_model_folder, write_model_folder
 from ..core import resolve_device
 from .data import ForecastSplits, Scaler, Season
 from .evaluate import predict
@@ -87,6 +87,11 @@ class Forecaster:
         Returns
         -------
         (horizon, variates) or (n, horizon, variates) float32.
+
+        Raises
+        ------
+        ValueError
+            When ``history`` has another shape than the model's lookbacks, or holds missing or infinite values.
         """
         seq_len, n_variates, horizon = self.model.seq_len, self.model.n_variates, self.model.horizon
         x = np.asarray(self._columns_of(history), dtype=np.float64)
@@ -97,6 +102,8 @@ class Forecaster:
                 f"history must be lookbacks of shape ({seq_len}, {n_variates}) or (n, {seq_len}, {n_variates}), "
                 f"got {np.shape(history)}."
             )
+        if not np.isfinite(x).all():
+            raise ValueError("history holds missing or infinite values; fill them first (the forecast would be NaN).")
         if self.scaler is not None:
             x = self.scaler.transform(x.reshape(-1, n_variates)).reshape(x.shape)
         if self.season is not None:
@@ -223,7 +230,7 @@ def load_forecaster(directory: str | Path, *, device: str | torch.device = "cpu"
     if kind not in _MODELS:
         raise ValueError(f"{directory} holds no forecaster written by {_WRITER} (its config names {kind!r}).")
     model = _MODELS[kind](**config["config"])
-    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_state(model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     scaler = season = None
     if "scaler.mean" in tensors:
         scaler = Scaler(mean=tensors["scaler.mean"].numpy(), std=tensors["scaler.std"].numpy())

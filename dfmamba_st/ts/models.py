@@ -162,7 +162,8 @@ class DLinear(nn.Module):
         #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
         self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
-        if kernel_size < 1 or kernel_size % 2 == 0:
+        kernel_size = whole_number(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1 (25 in DLinear), got {kernel_size}.")
         self.n_variates, self.seq_len, self.horizon, self.individual = n_variates, seq_len, horizon, individual
         self.decomp = _MovingAverage(kernel_size)
@@ -278,8 +279,10 @@ class DFMambaTS(nn.Module):
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if tokens not in ("time", "patch", "mixed"):
             raise ValueError(f"tokens={tokens!r} is not one of ('time', 'patch', 'mixed').")
-        if tokens == "patch" and (patch_len < 1 or seq_len % patch_len):
-            raise ValueError(f"patch_len={patch_len} must be >= 1 and divide seq_len={seq_len}.")
+        if tokens == "patch":
+            patch_len = whole_number(patch_len, "patch_len")
+            if seq_len % patch_len:
+                raise ValueError(f"patch_len={patch_len} must be >= 1 and divide seq_len={seq_len}.")
         self.n_variates, self.seq_len, self.horizon = n_variates, seq_len, horizon
         self.tokens, self.patch_len, self.aux_weight = tokens, patch_len, aux_weight
         self.revin = RevIN(n_variates) if revin else None
