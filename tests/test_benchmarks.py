@@ -70,9 +70,18 @@ def _fake_cluster(record, merge=()):
                 **kwargs,
             }
         )
-        adata.obs[kwargs.get("key_added", "dfm_domain")] = _layer_labels(adata, merge)
+        key = kwargs.get("key_added", "dfm_domain")
+        adata.obs[key] = _layer_labels(adata, merge)
+        _record_as_cluster(adata, key, n_clusters, kwargs.get("library_key"))
 
     return cluster
+
+
+def _record_as_cluster(adata, key: str, n_clusters, library_key) -> None:
+    """The record tl.cluster writes: the library key given, or else the one pp.serialize recorded."""
+    serialized = adata.uns.get("dfm_order", {}).get("params", {})
+    params = {"use_rep": "X_dfm", "method": "gmm", "n_clusters": n_clusters}
+    adata.uns[key] = {"params": {**params, "library_key": library_key or serialized.get("library_key")}}
 
 
 def _fake_rep(record):
@@ -339,7 +348,7 @@ def test_multislice_joint_job_scores_each_slice_on_its_own_spots(
         merged = np.asarray(_layer_labels(adata, merge=("Layer1", "Layer2", "Layer3")), dtype=object)
         key = kwargs.get("key_added", "dfm_domain")
         adata.obs[key] = pd.Categorical(np.where(lib == "b", merged, labels))
-        adata.uns[key] = {"params": {"library_key": kwargs.get("library_key")}}  # as tl.cluster records it
+        _record_as_cluster(adata, key, n_clusters, kwargs.get("library_key"))
 
     monkeypatch.setattr(dfm.tl, "cluster", cluster)
     _stand_in_baseline_rep(monkeypatch, ms, reps)

@@ -315,7 +315,7 @@ def test_a_k_range_above_the_number_of_spots_is_refused(trained):
 
 @pytest.mark.parametrize("tol", [0, -1e-3])
 def test_bad_em_tolerance(trained, tol):
-    with pytest.raises(ValueError, match=r"tol must be positive"):
+    with pytest.raises(ValueError, match=r"tol must be a positive number"):
         dfm.tl.cluster(trained[0].copy(), 7, tol=tol)
 
 

@@ -19,10 +19,9 @@ from .._utils import (
     is_whole_number,
     recorded_spatial_key,
     resolve_library_key,
-    warn_unnamed_libraries,
     whole_number,
 )
-from ._serialize import identical_positions, library_layouts, warn_identical_positions
+from ._serialize import library_layouts, warn_off_tissue, warn_pooled_layouts
 
 __all__ = ["coarsen"]
 
@@ -83,7 +82,8 @@ def coarsen(
         :func:`~dfmamba_st.pp.serialize` (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, if any.
     spatial_key
         Key of the coordinates in ``obsm``. By default the one :func:`~dfmamba_st.pp.serialize` recorded
-        (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, else ``"spatial"``.
+        (``uns['dfm_order']``) or :func:`~dfmamba_st.tl.embed`, else ``"spatial"``. Another key that ``obsm`` lacks
+        is an error (``KeyError``), as in :func:`~dfmamba_st.pp.serialize`.
 
     Returns
     -------
@@ -94,15 +94,15 @@ def coarsen(
     ``obs[library_key]`` and the other label columns of ``obs`` (categorical, boolean or text) as the majority label
     of the merged spots, categorical (a clustering such as ``obs['dfm_domain']`` too, though not its record; numeric
     ``obs`` columns are dropped, and listed in an info message, as is an ``obs['n_spots']`` of the input,
-    replaced); ``var`` copied; ``obsm[spatial_key]`` the mean position; ``uns`` deep-copied (so
-    tissue images still plot, each spot diameter in ``uns['spatial']`` multiplied by ``factor``: a bin is drawn as
-    wide as it is) **without** the records of tools run on the fine spots, since they describe the fine
-    data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of :func:`~dfmamba_st.pp.serialize`,
-    ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of :func:`~dfmamba_st.tl.cluster`,
-    scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``; ``uns['dfm_coarsen']['params']`` the
-    settings (``None`` stored as ``"None"``, as the other tools store it; :func:`~dfmamba_st.pp.serialize` takes
-    its ``library_key``). Other layers, ``obsm`` entries and
-    ``obsp`` are not carried over. Run :func:`~dfmamba_st.pp.serialize` on the result before
+    replaced); ``var`` copied; ``obsm[spatial_key]`` the mean position (of the spots whose position is known);
+    ``uns`` deep-copied (so tissue images still plot, each spot diameter in ``uns['spatial']`` multiplied by
+    ``factor``: a bin is drawn as wide as it is) **without** the records of tools run on the fine spots, since they
+    describe the fine data: every entry of the form ``{'params': ...}`` (``uns['dfm_order']`` of
+    :func:`~dfmamba_st.pp.serialize`, ``uns['dfm']`` of :func:`~dfmamba_st.tl.embed`, ``uns['dfm_domain']`` of
+    :func:`~dfmamba_st.tl.cluster`, scanpy's ``uns['pca']``, ``uns['neighbors']``, …) and ``uns['log1p']``;
+    ``uns['dfm_coarsen']['params']`` the settings (``None`` stored as ``"None"``, as the other tools store it;
+    :func:`~dfmamba_st.pp.serialize` takes its ``library_key``). Other layers, ``obsm`` entries and ``obsp`` are not
+    carried over. Run :func:`~dfmamba_st.pp.serialize` on the result before
     :func:`~dfmamba_st.tl.embed`.
 
     Examples
@@ -115,9 +115,12 @@ def coarsen(
     """
     check_adata(adata)
     library_key = resolve_library_key(adata, library_key, "dfm_order", EMBED_RECORD)
-    spatial_key = spatial_key or recorded_spatial_key(adata, "dfm_order", EMBED_RECORD)
     check_library_key(adata, library_key)
     factor = _check_factor(factor)
+    if spatial_key not in (None, "spatial") and spatial_key not in adata.obsm:  # a typo would drop the coordinates
+        raise KeyError(f"spatial_key={spatial_key!r} is not in adata.obsm; available keys: {list(adata.obsm)}.")
+    spatial_key = spatial_key or recorded_spatial_key(adata, "dfm_order", EMBED_RECORD)
+    warn_off_tissue(adata, "they are summed into the bins like the others")
     from ..tl._features import expression_matrix  # here, not at the top: tl imports pp
 
     # tl.embed's checks (a missing layer, NaN/inf, negative values, no expression), and whole numbers only
@@ -125,14 +128,14 @@ def coarsen(
     cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
-    n_identical = identical_positions(layouts)  # slices pooled without a key would be summed into one another's bins
-    warn_identical_positions(
-        n_identical, library_key, consequence="their counts are summed into the same bins", caller="dfm.pp.coarsen"
+    warn_pooled_layouts(  # slices pooled without a key would be summed into one another's bins
+        adata,
+        layouts,
+        library_key,
+        caller="dfm.pp.coarsen",
+        shared="their counts are summed into the same bins",
+        unnamed="spots of several slices summed into one bin",
     )
-    if library_key is None and not n_identical:
-        warn_unnamed_libraries(
-            adata, caller="dfm.pp.coarsen", consequence="spots of several slices summed into one bin"
-        )
     for code, layout in enumerate(layouts):
         lib_codes[layout.idx] = code
         cells[layout.idx] = layout.cells
@@ -151,17 +154,15 @@ def coarsen(
     obs["array_row"] = uniq[:, 1]
     obs["array_col"] = uniq[:, 2]
     obs["n_spots"] = n_spots.astype(np.int64)
-    if library_key is not None:
-        obs[library_key] = _majority(adata.obs[library_key], groups, n_bins)
+    if library_key is not None:  # whatever its type (text, numbers), as a category like the other labels
+        obs[library_key] = _majority(adata.obs[library_key].astype("category"), groups, n_bins)
     dropped_obs, replaced = [], [c for c in ("n_spots",) if c in adata.obs.columns]
     for col in adata.obs.columns:
         if col in obs:
             continue
         values = adata.obs[col]
-        if isinstance(values.dtype, pd.CategoricalDtype):
-            obs[col] = _majority(values, groups, n_bins)
-        elif pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):  # text, True/False
-            obs[col] = pd.Categorical(_majority(values.astype("category"), groups, n_bins))
+        if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):  # labels, text, True/False
+            obs[col] = _majority(values.astype("category"), groups, n_bins)
         else:
             dropped_obs.append(col)
     uns = {k: v for k, v in adata.uns.items() if not is_tool_record(v) and k not in _FINE_ONLY_UNS}
@@ -171,9 +172,11 @@ def coarsen(
         factors = library.get("scalefactors", {}) if isinstance(library, dict) else {}
         if "spot_diameter_fullres" in factors:
             factors["spot_diameter_fullres"] = float(factors["spot_diameter_fullres"]) * factor
-    if spatial_key in adata.obsm:
+    if spatial_key in adata.obsm:  # the mean of the spots' known positions (NaN for a bin of unknown ones)
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-        out.obsm[spatial_key] = (member @ xy) / n_spots[:, None]
+        known = np.isfinite(xy)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out.obsm[spatial_key] = (member @ np.where(known, xy, 0.0)) / (member @ known.astype(np.float64))
     out.uns["dfm_coarsen"] = {
         "params": h5ad_safe({"factor": factor, "layer": layer, "library_key": library_key, "spatial_key": spatial_key})
     }

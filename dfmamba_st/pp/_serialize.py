@@ -272,6 +272,23 @@ def warn_identical_positions(
     )
 
 
+def warn_pooled_layouts(
+    adata: AnnData, layouts: list[LibraryLayout], library_key: str | None, *, caller: str, shared: str, unnamed: str
+) -> int:
+    """Warn about slices pooled without a library key: spots on one position, or ``obs`` / ``uns`` naming slices.
+
+    ``shared`` says what ``caller`` does with spots on the position of another; where none share one and no library
+    key is in effect, ``obs`` / ``uns`` naming several slices are the sign and ``unnamed`` the consequence.
+
+    Returns how many spots share a position (:func:`identical_positions`).
+    """
+    n_identical = identical_positions(layouts)
+    warn_identical_positions(n_identical, library_key, consequence=shared, caller=caller)
+    if library_key is None and not n_identical:
+        warn_unnamed_libraries(adata, caller, unnamed)
+    return n_identical
+
+
 def _warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
     """Warn when ``obsm[spatial_key]`` has more columns than (x, y) and they vary (a z or section index is dropped)."""
     xy = np.asarray(adata.obsm[spatial_key])
@@ -284,15 +301,20 @@ def _warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
         )
 
 
-def _warn_off_tissue(adata: AnnData) -> None:
-    """Warn when ``obs['in_tissue']`` marks spots outside the tissue (``sc.read_visium`` of the raw matrix has them)."""
+def warn_off_tissue(
+    adata: AnnData, consequence: str = "they are ordered, embedded and clustered like the others"
+) -> None:
+    """Warn when ``obs['in_tissue']`` marks spots outside the tissue (``sc.read_visium`` of the raw matrix has them).
+
+    ``consequence`` says what the step does with them.
+    """
     if "in_tissue" not in adata.obs.columns:
         return
     off = int((pd.to_numeric(adata.obs["in_tissue"], errors="coerce") == 0).sum())
     if off:
         warnings.warn(
-            f"{off} of {adata.n_obs} spots have obs['in_tissue'] == 0 (outside the tissue); they are ordered, embedded "
-            "and clustered like the others. Keep the tissue first: adata = adata[adata.obs['in_tissue'] == 1].copy().",
+            f"{off} of {adata.n_obs} spots have obs['in_tissue'] == 0 (outside the tissue); {consequence}. Keep the "
+            "tissue first: adata = adata[adata.obs['in_tissue'] == 1].copy().",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
@@ -358,14 +380,23 @@ def serialize(
     curves.check_curve(curve)
     if spatial_key != "spatial" and spatial_key not in adata.obsm:  # a key given that the later steps would miss
         raise KeyError(f"spatial_key={spatial_key!r} is not in adata.obsm; available keys: {list(adata.obsm)}.")
-    _warn_off_tissue(adata)
+    warn_off_tissue(adata)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
     position = np.empty(adata.n_obs, dtype=np.int64)
     n_sharing = 0
     for layout in layouts:
         position[layout.idx[layout.order(curve)]] = np.arange(layout.idx.size)
         n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
-    n_identical = identical_positions(layouts)
+    # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
+    # are odd
+    n_identical = warn_pooled_layouts(
+        adata,
+        layouts,
+        library_key,
+        caller=CALLER,
+        shared="all are kept, in input order",
+        unnamed="their spots linked as neighbours",
+    )
     if layouts[0].source == "grid":
         _warn_off_lattice(adata)
     if layouts[0].quantized:
@@ -391,9 +422,4 @@ def serialize(
             }
         )
     }
-    # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
-    # are odd
-    warn_identical_positions(n_identical, library_key)
-    if library_key is None and not n_identical:
-        warn_unnamed_libraries(adata, "dfm.pp.serialize", "their spots linked as neighbours")
     return adata if copy else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from typing import Literal
@@ -30,7 +31,7 @@ from .._utils import (
     user_stacklevel,
     whole_number,
 )
-from ..pp._serialize import library_layouts
+from ..pp._serialize import library_layouts, warn_pooled_layouts
 
 __all__ = ["choose_n_clusters", "cluster", "refine_labels"]
 
@@ -361,7 +362,8 @@ def cluster(
         for tissues with more domains than 15.
     refine
         Smooth the labels by a majority vote over each spot's neighbours (its six touching spots on the Visium
-        grid; a sparse graph).
+        grid; a sparse graph). The positions are read before the fit (an error there says ``refine=False`` needs
+        none); a warning says when the vote empties a domain (kept as an empty category).
     library_key
         Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
         mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
@@ -431,16 +433,21 @@ def cluster(
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
     if n_comps is not None:
         n_comps = whole_number(n_comps, "n_comps (None: every dimension of use_rep)")
-    if not tol > 0:
-        raise ValueError(f"tol must be positive, got {tol}.")
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}.")
     if not isinstance(k_range, range) or len(k_range) == 0 or k_range.start < 1 or k_range.step < 1:
         raise ValueError(f"k_range must be a non-empty increasing range of numbers of domains ≥ 1, got {k_range!r}.")
     if n_init is None:
         n_init = GMM_RESTARTS if method == "gmm" else KMEANS_RESTARTS
     n_init = int(n_init)
-    rep = np.asarray(adata.obsm[use_rep])
+    rep = adata.obsm[use_rep]
+    rep = rep.toarray() if sp.issparse(rep) else np.asarray(rep)  # no float64 copy of a float32 embedding
     if not np.all(np.isfinite(rep)):
         raise ValueError(f"obsm[{use_rep!r}] contains NaN or inf; re-run dfm.tl.embed.")
+    # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores); read
+    # before the fit, so that positions the smoothing cannot use stop the call before any work
+    spatial_key = recorded_spatial_key(adata, record, order_key)
+    layouts = _smoothing_layouts(adata, library_key, spatial_key) if refine else []
     # the restarts' starts depend on the order of the rows: fit in the order of the curve (or of the spots' names),
     # not of the AnnData
     rows = _serialized_rows(adata, order_key, library_key)
@@ -482,13 +489,18 @@ def cluster(
             "vary too little to tell more apart (is it the embedding?).",
             stacklevel=user_stacklevel(),
         )
-    # the coordinates the spots were serialized on (recorded, and used by metrics.evaluate's spatial scores)
-    spatial_key = recorded_spatial_key(adata, record, order_key)
     if refine:
         refined = labels.copy()
-        for layout in library_layouts(adata, library_key=library_key, spatial_key=spatial_key):
+        for layout in layouts:
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())
         labels = _relabel(refined)  # numbered by size again; a domain the vote emptied keeps a last, empty category
+        n_emptied = n_found - (int(labels.max()) + 1)
+        if n_emptied:
+            warnings.warn(
+                f"Smoothing the labels (refine=True) emptied {n_emptied} of {n_found} domains (kept as empty "
+                "categories): they held too few spots, each surrounded by other domains. refine=False keeps them.",
+                stacklevel=user_stacklevel(),
+            )
 
     if library_key is not None:
         extra["library_specific"] = library_specific_domains(labels, adata.obs[library_key].to_numpy())
@@ -527,16 +539,40 @@ def cluster(
     return adata if copy else None
 
 
+def _smoothing_layouts(adata: AnnData, library_key: str | None, spatial_key: str) -> list:
+    """The libraries' layouts whose neighbour graphs smooth the labels; errors say that ``refine=False`` needs none.
+
+    Warns, as the other steps do, about slices pooled without a library key (their labels would be smoothed over
+    the other slice's spots at the same positions).
+    """
+    try:
+        layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
+    except (KeyError, ValueError) as err:
+        raise type(err)(
+            f"{err.args[0]} dfm.tl.cluster reads the spots' positions to smooth the labels (refine=True); "
+            "refine=False clusters without them."
+        ) from err
+    warn_pooled_layouts(
+        adata,
+        layouts,
+        library_key,
+        caller="dfm.tl.cluster",
+        shared="their labels are smoothed over one another's neighbours",
+        unnamed="their labels smoothed across slices",
+    )
+    return layouts
+
+
 def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) -> np.ndarray:
     """The rows by library, then along the serialization curve: an order that does not depend on the AnnData's.
 
     Without ``obs[order_key]`` (or with missing values in it) the spots' names take the curve's place, which do not
-    depend on the AnnData's order either (repeated names keep it among themselves).
+    depend on the AnnData's order either; they also order spots at one position along the curve (slices serialized
+    one by one and joined without a library key). Repeated names keep the AnnData's order among themselves.
     """
+    keys = [pd.factorize(adata.obs_names, sort=True)[0]]
     if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
-        keys = [adata.obs[order_key].to_numpy()]
-    else:
-        keys = [pd.factorize(adata.obs_names, sort=True)[0]]
+        keys.append(adata.obs[order_key].to_numpy())
     if library_key is not None:  # categories: declared, or the sorted values; either way not the rows' order
         keys.append(pd.Categorical(adata.obs[library_key]).codes)
     return np.lexsort(keys)

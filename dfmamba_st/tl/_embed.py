@@ -38,7 +38,7 @@ from ..core import (
     resolve_device,
     seed_everything,
 )
-from ..pp._serialize import identical_positions, library_layouts, serialized_orders, warn_identical_positions
+from ..pp._serialize import library_layouts, serialized_orders, warn_pooled_layouts
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, naming_hint, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
@@ -93,7 +93,14 @@ def _library_sequences(
     as :func:`~dfmamba_st.pp.serialize` does, when spots share a position (slices pooled without a library key).
     """
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
-    warn_identical_positions(identical_positions(layouts), library_key)
+    warn_pooled_layouts(
+        adata,
+        layouts,
+        library_key,
+        caller="dfm.tl.embed",
+        shared="they are embedded as one tissue, their neighbourhoods mixed",
+        unnamed="their spots averaged as neighbours",
+    )
     return [(layout.idx, np.stack([layout.order(c) for c in curve_names]), layout.graph()) for layout in layouts]
 
 
