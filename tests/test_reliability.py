@@ -175,6 +175,8 @@ def test_unknown_curve_names_the_known_ones(crop):
         ({"ema_fraction": 2.0}, ValueError, "ema_fraction must be None or lie in"),
         ({"hops": -1}, ValueError, r"hops \(rings of neighbours in the tokens\) must be a whole number >= 0, got -1"),
         ({"readout_hops": 1.5}, ValueError, r"readout_hops .* must be a whole number >= 0, got 1\.5"),
+        ({"tile_size": 100}, ValueError, r"tile_size must be a multiple of 2\*\*depth = 8 .* got 100"),
+        ({"tile_size": 8, "depth": 3}, ValueError, r"at least min_len \* 2\*\*\(depth - 1\) = 32 .* got 8"),
     ],
 )
 def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(
@@ -188,6 +190,45 @@ def test_bad_training_options_are_refused_before_the_expression_matrix_is_read(
     monkeypatch.setattr(_embed, "expression_matrix", read)
     with pytest.raises(error, match=message):
         dfm.tl.embed(top, progress=False, **option)
+
+
+def test_a_model_applied_checks_its_tile_and_preset_before_the_expression_matrix_is_read(top, monkeypatch):
+    dfm.pp.serialize(top)
+    model = dfm.tl.embed(top, return_model=True, **FAST)
+    monkeypatch.setattr(_embed, "expression_matrix", lambda *a, **k: pytest.fail("read before the options"))
+    depth = model.config.depth
+    with pytest.raises(ValueError, match=rf"tile_size must be a multiple of 2\*\*depth = {2**depth}"):
+        dfm.tl.embed(top, model=model, tile_size=2**depth + 1, key_added="X_again")
+    with pytest.raises(ValueError, match="Unknown preset 'gpu'"):
+        dfm.tl.embed(top, model=model, preset="gpu", key_added="X_again")
+
+
+def test_the_record_names_the_genes_used_not_the_number_asked(top):
+    dfm.pp.serialize(top)
+    panel = top[:, :120].copy()
+    dfm.pp.serialize(panel)
+    with pytest.warns(UserWarning, match="n_top_genes=300 but the data has 120 genes"):
+        dfm.tl.embed(panel, **{**FAST, "n_top_genes": 300})
+    assert panel.uns["dfm"]["params"]["n_top_genes"] == len(panel.uns["dfm"]["genes"]) == 120
+
+
+def test_counts_recovered_from_log_normalised_values_are_said_at_the_default_verbosity(top):
+    import io
+
+    import scanpy as sc
+
+    logged = io.StringIO()
+    verbosity, logfile = sc.settings.verbosity, sc.settings.logfile
+    sc.settings.verbosity, sc.settings.logfile = "warning", logged  # scanpy's default
+    try:
+        normalised = top.copy()
+        sc.pp.normalize_total(normalised)
+        sc.pp.log1p(normalised)
+        dfm.pp.serialize(normalised)
+        dfm.tl.embed(normalised, **FAST)
+    finally:
+        sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
+    assert "adata.X holds log-normalised counts (normalised per spot, then log1p)" in logged.getvalue()
 
 
 def test_one_extra_curve_may_be_named_on_its_own(top):

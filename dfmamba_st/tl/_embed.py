@@ -363,10 +363,13 @@ def embed(
     model
         A trained model (or the path of a saved one) to apply without training: genes are aligned by name and
         missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
-        matches). The model's own settings apply: the training options (``n_top_genes``, ``n_pcs``, ``d_model``,
-        ``depth``, ``preset``, ``epochs``, ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``,
-        ``checkpoint_dir``) are ignored, with a warning when one is given. Raw counts and log-normalised input
-        can be mixed between training and transfer: log-normalised counts are taken back to counts, other
+        matches; they are set to their training mean, and each spot's total over the genes present is scaled by the
+        share of the training counts those genes held, so that they keep their training scale). The model's own
+        settings apply: the training options (``n_top_genes``, ``n_pcs``, ``d_model``, ``depth``, ``preset``,
+        ``epochs``, ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``, ``checkpoint_dir``) are
+        ignored, with a warning when one is set to other than its default (a value equal to the default cannot be
+        told from none; an unknown ``preset`` is an error, as without ``model=``). Raw counts and log-normalised
+        input can be mixed between training and transfer: log-normalised counts are taken back to counts, other
         log-normalised values are converted to the model's kind, with a warning.
         A model object is moved to ``device`` first (in place, as :meth:`torch.nn.Module.to` does) and left in
         evaluation mode (``model.eval()``).
@@ -472,6 +475,7 @@ def embed(
         )
 
     if model is not None:
+        _resolve_preset(preset, torch_device)  # an unknown name is an error here too, not an ignored option
         preset_name = "model"
         feature_tf = model.features
         config = model.config
@@ -520,6 +524,9 @@ def embed(
         raise ValueError(f"Unknown readout {readout!r}; use 'concat' or 'model'.")
     readout_hops = whole_number(readout_hops, "readout_hops (rings of neighbours in the readout)", minimum=0)
 
+    # the tile against the depth and min_len the model has or will have (SpatialConfig's), before the slow work
+    built = (settings["depth"], SpatialConfig.min_len) if model is None else (model.config.depth, model.config.min_len)
+    tile_size = _check_tile_size(tile_size, *built)
     X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
     if model is None:
         seed_everything(seed)
@@ -543,7 +550,7 @@ def embed(
             extra={"readout": readout, "readout_hops": readout_hops},  # what model= applies again by default
         )
         if feature_tf.log_normalize:
-            logg.info(f"input looks like raw counts: normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
+            logg.info(f"    counts normalised to {COUNTS_TARGET:,.0f} per spot and log1p-transformed")
         else:
             logg.info("input looks log-normalised (non-integer values): used as is")
     features, missing = feature_tf.transform_matrix(X, input_is_counts, adata.var)
@@ -553,18 +560,11 @@ def embed(
         naming = naming_hint(adata.var, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
         warnings.warn(
             f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
-            f"(e.g. {missing[:5]}); they are set to their training mean.{naming}",
+            f"(e.g. {missing[:5]}); they are set to their training mean, and each spot's total over the genes present "
+            f"is scaled up by the share of the training counts the missing ones held.{naming}",
             stacklevel=user_stacklevel(),
         )
 
-    align = 2**config.depth
-    tile_size = whole_number(tile_size, "tile_size")
-    shortest = max(align, _deepest_length(config))
-    if tile_size < shortest or tile_size % align:  # a shorter tile leaves the deepest gate undefined
-        raise ValueError(
-            f"tile_size must be a multiple of 2**depth = {align} and at least min_len * 2**(depth - 1) = {shortest} "
-            f"(a shorter tile cannot reach the deepest level), got {tile_size}."
-        )
     libraries = _library_sequences(adata, library_key, spatial_key, config.curves)
     tokens = _tokens(features, libraries, config.hops)
     if model is None:
@@ -621,6 +621,7 @@ def embed(
         "input": "counts" if input_is_counts else "log-normalised",
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
+        "n_top_genes": len(feature_tf.genes),  # the genes used (a panel smaller than asked gives all of its own)
     }
     adata.uns[record_key] = {
         "params": h5ad_safe(params),
@@ -682,12 +683,25 @@ def _train(
     ).history
 
 
-def _deepest_length(config: SpatialConfig) -> int:
+def _deepest_length(depth: int, min_len: int) -> int:
     """The shortest sequence DF-Mamba reads down to its deepest level.
 
     ``min_len`` tokens after ``depth - 1`` halvings; a shorter one leaves the deepest gates undefined.
     """
-    return config.min_len * 2 ** max(config.depth - 1, 0)
+    return min_len * 2 ** max(depth - 1, 0)
+
+
+def _check_tile_size(tile_size: object, depth: int, min_len: int) -> int:
+    """``tile_size`` as an int, unless it is no multiple of ``2**depth`` or too short to reach the deepest level."""
+    tile_size = whole_number(tile_size, "tile_size")
+    align = 2**depth
+    shortest = max(align, _deepest_length(depth, min_len))
+    if tile_size < shortest or tile_size % align:  # a shorter tile leaves the deepest gate undefined
+        raise ValueError(
+            f"tile_size must be a multiple of 2**depth = {align} and at least min_len * 2**(depth - 1) = {shortest} "
+            f"(a shorter tile cannot reach the deepest level), got {tile_size}."
+        )
+    return tile_size
 
 
 def _tiles(n: int, tile_size: int, align: int, min_length: int = 1) -> list[tuple[int, int, int, int]]:
@@ -729,11 +743,12 @@ def _infer(
     """
     model.eval()
     depth = model.config.depth
+    shortest = _deepest_length(depth, model.config.min_len)
     rank, world_size = distributed_context()
     jobs: dict[int, list] = {}  # context length → tiles (library, curve, tile)
     for lib, (_, orders, _) in enumerate(libraries):
         for curve in range(orders.shape[0]):
-            for tile in _tiles(orders.shape[1], tile_size, 2**depth, _deepest_length(model.config)):
+            for tile in _tiles(orders.shape[1], tile_size, 2**depth, shortest):
                 jobs.setdefault(tile[1] - tile[0], []).append((lib, curve, tile))
     batches = []
     for length, tiles in sorted(jobs.items()):

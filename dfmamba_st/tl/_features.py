@@ -104,8 +104,8 @@ def expression_matrix(
     largest = float(X.data.max())
     counts = recovered_counts(X) if largest <= MAX_LOG_VALUE else None
     if counts is not None:
-        logg.info(
-            f"    {where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
+        logg.warning(  # said at scanpy's default verbosity: the input is not used as given
+            f"{where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
             "recovered and are used"
         )
         few = int(np.sum(np.diff(counts.indptr) <= FEW_GENES))
@@ -246,6 +246,12 @@ class FeatureTransform:
     log_total
         For log-normalised training input: the median spot total it was normalised to (of ``expm1`` over all genes),
         so that raw counts given later are normalised the same way; ``None`` for counts.
+    share
+        For counts: each gene's share of the training counts over :attr:`genes` (all spots summed). A spot's counts
+        are normalised by its total over the model's genes; on a slice that lacks some of them, that total is divided
+        by the present genes' share, so that the present genes keep the scale they had in training (without it,
+        every present gene rose with the share missing). ``None`` for log-normalised training input and in model
+        files written before it was kept (no correction).
     """
 
     genes: list[str]
@@ -254,6 +260,7 @@ class FeatureTransform:
     loadings: np.ndarray | None
     log_normalize: bool
     log_total: float | None = None
+    share: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -312,6 +319,10 @@ class FeatureTransform:
         else:
             genes = top_genes(X, var_names, n_top_genes, is_counts)
         X = X[:, var_names.get_indexer(genes)]
+        share = None
+        if is_counts:  # (on every spot: a column sum)
+            totals = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+            share = (totals / max(totals.sum(), 1.0)).astype(np.float32)
         if X.shape[0] > MAX_FIT_SPOTS:
             rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
             X = X[rows]
@@ -325,7 +336,7 @@ class FeatureTransform:
             del dense
             n_pcs = min(n_pcs, z.shape[0] - 1)
             loadings = sc.pp.pca(z, n_comps=n_pcs, random_state=seed, return_info=True)[1].T.astype(np.float32)
-        return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts, log_total)
+        return cls(genes, mean.astype(np.float32), scale.astype(np.float32), loadings, is_counts, log_total, share)
 
     def transform(self, adata: AnnData, *, layer: str | None = None) -> tuple[np.ndarray, list[str]]:
         """Features of every spot of ``adata``; returns ``(features, missing_genes)``.
@@ -342,7 +353,8 @@ class FeatureTransform:
         """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var``).
 
         Genes are matched by name as text, as in :meth:`fit_matrix`; when none matches, the error says which ``var``
-        column names them, if one does (:func:`naming_hint`).
+        column names them, if one does (:func:`naming_hint`). With genes missing, the spot totals over the present
+        ones are divided by their training :attr:`share`.
         """
         position = pd.Index(var.index).astype(str).get_indexer(self.genes)
         present = position >= 0
@@ -358,10 +370,13 @@ class FeatureTransform:
             shape=(len(var), len(self.genes)),
         )
         X = sp.csr_matrix(X @ columns)  # the model's genes, in its order; missing genes are empty columns
+        target = COUNTS_TARGET
+        if self.share is not None and missing:  # a spot's total over the present genes is this share of the whole
+            target *= float(self.share[present].sum()) or 1.0
         width = self.n_features
         out = np.empty((X.shape[0], width), dtype=np.float32)
         for begin in range(0, X.shape[0], CHUNK_SPOTS):
-            chunk = _log_normalize(X[begin : begin + CHUNK_SPOTS], self.log_normalize).toarray()
+            chunk = _log_normalize(X[begin : begin + CHUNK_SPOTS], self.log_normalize, target).toarray()
             z = np.clip((chunk - self.mean) / self.scale, -10, 10)
             z[:, ~present] = 0.0
             out[begin : begin + CHUNK_SPOTS] = z if self.loadings is None else z @ self.loadings
@@ -399,6 +414,8 @@ class FeatureTransform:
         out = {"mean": self.mean, "scale": self.scale}
         if self.loadings is not None:
             out["loadings"] = self.loadings
+        if self.share is not None:
+            out["share"] = self.share
         return out
 
     def config(self) -> dict:
@@ -415,6 +432,7 @@ class FeatureTransform:
             arrays.get("loadings"),
             config["log_normalize"],
             config.get("log_total"),  # None in files written before it was kept
+            arrays.get("share"),  # likewise
         )
 
 
