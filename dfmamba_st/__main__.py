@@ -84,6 +84,21 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser.error(f"--input {args.input}: {what}")
 
 
+def _check_input(parser: argparse.ArgumentParser, adata, name: str) -> None:
+    """What the input file must hold that no option can change: unique gene names and the spots' positions."""
+    if not adata.var_names.is_unique:
+        repeated = adata.var_names[adata.var_names.duplicated()].unique()
+        parser.error(
+            f"--input: {name} has repeated gene names (e.g. {list(repeated[:3])}); make them unique "
+            "(adata.var_names_make_unique()) and write the file again"
+        )
+    if not {"array_row", "array_col"} <= set(adata.obs.columns) and "spatial" not in adata.obsm:
+        parser.error(
+            f"--input: {name} has no spot positions: neither obs['array_row'/'array_col'] (a Visium grid) nor "
+            "obsm['spatial'] (coordinates)"
+        )
+
+
 def _check_columns(parser: argparse.ArgumentParser, args: argparse.Namespace, adata, name: str) -> str | None:
     """The annotation column to score against (or ``None``), after checking the obs columns named on the line."""
     columns = list(adata.obs.columns)
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # h5py's "file signature not found" and the like
         parser.error(f"--input {args.input}: not an .h5ad file that anndata can read ({err})")
     name = args.input.stem if args.input else "dlpfc_151673 (bundled)"
+    _check_input(parser, adata, name)
     truth = _check_columns(parser, args, adata, name)
     if args.n_clusters > adata.n_obs:
         parser.error(f"--n-clusters {args.n_clusters}: more domains than the {adata.n_obs} spots of {name}")

@@ -211,12 +211,14 @@ def check_outputs(adata: AnnData, caller: str, key_added: str, uns_key: str, **s
     ``obs['dfm_order']`` but lose its record). Under another name, a call whose ``uns[uns_key]`` is a record of
     ``caller`` itself is a re-run and replaces its own output; otherwise any of these keys that exists already
     (truth labels in ``obs``, coordinates in ``obsm``, the images in ``uns['spatial']``, ...) is an error naming it.
-    ``key_added`` must be a non-empty string (AnnData writes no other key to a file).
+    ``key_added`` must be a non-empty string without ``/`` (AnnData writes no other key to a file it can read back).
     """
     if not isinstance(key_added, str) or not key_added:
         raise (ValueError if key_added == "" else TypeError)(
             f"key_added must be a non-empty str (the name of {caller}'s output), got {key_added!r}."
         )
+    if "/" in key_added:  # h5ad stores it as a path: the file is written, but cannot be read back
+        raise ValueError(f"key_added={key_added!r} holds '/', which an .h5ad file reads as a subgroup; choose another.")
     if key_added == DEFAULT_KEYS[caller] or written_by(adata.uns.get(uns_key), caller):
         return
     taken = [f"uns[{uns_key!r}]"] if uns_key in adata.uns else []

@@ -670,6 +670,25 @@ def test_command_line_rejects_an_output_file_and_an_input_that_is_not_h5ad_befor
         assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
+def test_command_line_rejects_an_input_without_unique_genes_or_positions_before_any_work(
+    no_work, capsys, tmp_path, bundled
+):
+    repeated = crop(bundled, rows=(0, 10))
+    repeated.var_names = [repeated.var_names[0], *repeated.var_names[:-1]]
+    unplaced = crop(bundled, rows=(0, 10))
+    del unplaced.obs["array_row"], unplaced.obsm["spatial"]
+    for adata, name, message in [
+        (repeated, "repeated", r"repeated has repeated gene names \(e\.g\. \[.+\]\); make them unique"),
+        (unplaced, "unplaced", r"unplaced has no spot positions: neither obs\['array_row'/'array_col'\]"),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # anndata on the repeated names
+            adata.write_h5ad(tmp_path / f"{name}.h5ad")
+        with pytest.raises(SystemExit) as exit_:
+            main(["--input", str(tmp_path / f"{name}.h5ad")])
+        assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
 def test_command_line_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = _parser().parse_args(["--out=~/results", "--input", "~/slice.h5ad"])

@@ -109,6 +109,12 @@ def test_cluster_reads_a_sparse_embedding_and_names_a_tolerance_that_is_no_numbe
             dfm.tl.cluster(small, 4, use_rep="X_pca", tol=tol)
 
 
+def test_key_added_with_a_slash_is_refused_as_h5ad_could_not_read_it_back(small):
+    for call in (lambda: dfm.pp.serialize(small, key_added="a/b"), lambda: dfm.tl.cluster(small, 3, key_added="a/b")):
+        with pytest.raises(ValueError, match=r"key_added='a/b' holds '/'"):
+            call()
+
+
 @pytest.mark.parametrize("key", [None, ""])
 def test_key_added_must_be_a_name(small, key):
     error = ValueError if key == "" else TypeError
