@@ -211,13 +211,14 @@ def check_outputs(adata: AnnData, caller: str, key_added: str, uns_key: str, **s
     ``obs['dfm_order']`` but lose its record). Under another name, a call whose ``uns[uns_key]`` is a record of
     ``caller`` itself is a re-run and replaces its own output; otherwise any of these keys that exists already
     (truth labels in ``obs``, coordinates in ``obsm``, the images in ``uns['spatial']``, ...) is an error naming it.
-    ``key_added`` must be a non-empty string without ``/`` (AnnData writes no other key to a file it can read back).
+    ``key_added`` must be a non-empty string without ``/`` (an ``.h5ad`` file reads ``/`` as nesting: an ``obsm``
+    entry so named cannot be read back, an ``obs`` / ``uns`` one comes back nested).
     """
     if not isinstance(key_added, str) or not key_added:
         raise (ValueError if key_added == "" else TypeError)(
             f"key_added must be a non-empty str (the name of {caller}'s output), got {key_added!r}."
         )
-    if "/" in key_added:  # h5ad stores it as a path: the file is written, but cannot be read back
+    if "/" in key_added:  # h5ad stores it as a path: written, but read back nested or not at all
         raise ValueError(f"key_added={key_added!r} holds '/', which an .h5ad file reads as a subgroup; choose another.")
     if key_added == DEFAULT_KEYS[caller] or written_by(adata.uns.get(uns_key), caller):
         return

@@ -100,12 +100,21 @@ def test_a_model_file_keeps_every_setting_and_loads_ready_to_embed(crop, tmp_pat
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-def test_a_model_file_keeps_the_models_precision(trained, tmp_path):
-    model = copy.deepcopy(trained[1]).to(torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bfloat16"])
+def test_a_model_file_keeps_the_models_precision_and_embeds_in_it(trained, crop, tmp_path, dtype):
+    model = copy.deepcopy(trained[1]).to(dtype)
     loaded = dfm.tl.load_model(dfm.tl.save_model(model, tmp_path / "m"))
-    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
     state = loaded.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    dfm.pp.serialize(crop)
+    dfm.tl.embed(crop, model=trained[1], key_added="X_f32")
+    dfm.tl.embed(crop, model=loaded, key_added="X_loaded")  # tokens in the model's precision
+    assert crop.obsm["X_loaded"].dtype == np.float32
+    tolerance = 1e-4 if dtype == torch.float64 else 0.1  # bfloat16 keeps 8 bits of mantissa
+    np.testing.assert_allclose(
+        crop.obsm["X_loaded"], crop.obsm["X_f32"], atol=tolerance * np.abs(crop.obsm["X_f32"]).max()
+    )
 
 
 def test_genes_named_by_numbers_are_recorded_as_text_and_survive_a_file_round_trip(crop, tmp_path):

@@ -97,6 +97,8 @@ def test_validation_images_smaller_than_the_crop_are_refused_before_training(syn
         train_classifier(tiny_model(), (images, labels), val=(small, labels), crop=32, progress=False)
     with pytest.raises(ValueError, match="Validation images: Image sides must be positive multiples of the patch"):
         train_classifier(tiny_model(), (images, labels), val=(images[:, :, :24, :24], labels), crop=None)
+    with pytest.raises(ValueError, match=r"Validation images: Float images must hold values in \[0, 1\]"):
+        train_classifier(tiny_model(), (images, labels), val=(images.astype(np.float32), labels), crop=32)
 
 
 def test_a_whole_float_crop_trains_and_evaluates_as_the_int(synthetic):

@@ -122,6 +122,8 @@ def test_a_file_name_in_the_working_folder_is_read_as_a_path(etth1, tmp_path, mo
         assert ts.make_splits(name).ends == ETTH_ENDS
     with pytest.raises(FileNotFoundError, match="elsewhere"):  # a bare name still means the data folder
         ts.load("ETTh1")
+    # with a folder given, a file of that name in the working folder is no path: the folder's file is read
+    pd.testing.assert_frame_equal(ts.load("ETTh1.csv.gz", path=shared_path("ts", "ETTh1.csv.gz").parent), etth1)
 
 
 def test_a_header_row_with_text_is_still_a_header(tmp_path):

@@ -404,7 +404,7 @@ def center_crop(images: np.ndarray | torch.Tensor, size: int) -> np.ndarray | to
     return images[..., top : top + size, left : left + size]
 
 
-def _check_pixels(images: np.ndarray | torch.Tensor) -> None:
+def check_pixels(images: np.ndarray | torch.Tensor) -> None:
     """Raise unless ``images`` are uint8 (0–255) or floats in [0, 1] (the two encodings :func:`to_unit_float` takes)."""
     if isinstance(images, torch.Tensor):
         is_uint8, is_float, empty = images.dtype == torch.uint8, images.is_floating_point(), images.numel() == 0
@@ -450,7 +450,7 @@ def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     >>> to_unit_float(np.array([0, 255], np.uint8)).tolist(), to_unit_float(np.array([0.0, 0.5])).tolist()
     ([0.0, 1.0], [0.0, 0.5])
     """
-    _check_pixels(images)
+    check_pixels(images)
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
 
@@ -654,7 +654,7 @@ class CropBatches:
                     f"crop={crop} must lie between 1 and the image size ({images.shape[2]}×{images.shape[3]})."
                 )
         batch_size = whole_number(batch_size, "batch_size")
-        _check_pixels(images)
+        check_pixels(images)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))
         self.images = images

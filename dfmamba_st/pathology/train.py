@@ -37,7 +37,7 @@ from .._cli import check_shared_arguments, path_argument
 from .._utils import user_stacklevel
 from .._weights import load_state, read_model_folder, write_model_folder
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
-from .data import CropBatches, ImageSet, center_crop, eval_batches, load_image_folder, stratified_split
+from .data import CropBatches, ImageSet, center_crop, check_pixels, eval_batches, load_image_folder, stratified_split
 from .model import DFMambaClassifier, count_parameters
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset
 from .tokens import check_image_size
@@ -195,8 +195,9 @@ def train_classifier(
         if len(v_labels) == 0:
             raise ValueError("val holds no image; pass val=None to train without validation (no early stopping).")
         _check_labels(v_labels, model, "Validation")
-        try:  # the validation field checked now, not after the first epoch
+        try:  # the validation field and pixels checked now, not after the first epoch
             _field(model, v_images, crop)
+            check_pixels(v_images)
         except ValueError as err:
             raise ValueError(f"Validation images: {err}") from err
 

@@ -26,23 +26,19 @@ from ._serialize import library_layouts, warn_off_tissue, warn_pooled_layouts
 __all__ = ["coarsen"]
 
 
-def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Categorical | np.ndarray:
-    """Most frequent non-missing value of ``values`` in each group (missing if the group has none).
+def _majority(values: pd.Series, groups: np.ndarray, n_groups: int) -> pd.Categorical:
+    """Most frequent non-missing value of ``values`` (categorical) in each group (missing if the group has none).
 
-    A tie goes to the first category (or the lowest value), whatever the order of the rows. Positional (an array, not
-    a Series), so that it lands on the bins whatever their index.
+    A tie goes to the first category, whatever the order of the rows. Positional (an array, not a Series), so that it
+    lands on the bins whatever their index.
     """
-    categories = values.cat.categories if isinstance(values.dtype, pd.CategoricalDtype) else None
-    frame = pd.DataFrame({"g": groups, "v": values.to_numpy()}).dropna()
-    if categories is not None:
-        frame["v"] = pd.Categorical(frame["v"], categories=categories)
+    categories = values.cat.categories
+    frame = pd.DataFrame({"g": groups, "v": pd.Categorical(values.to_numpy(), categories=categories)}).dropna()
     counts = frame.groupby(["g", "v"], observed=True, sort=True).size().rename("n").reset_index()
     top = counts.sort_values(["g", "n"], ascending=[True, False], kind="stable").drop_duplicates("g")
     out = pd.Series([np.nan] * n_groups, dtype=object)
     out.iloc[top["g"].to_numpy()] = top["v"].to_numpy()
-    if categories is not None:
-        return pd.Categorical(out, categories=categories)
-    return out.infer_objects().to_numpy()  # e.g. integer library codes stay integers
+    return pd.Categorical(out, categories=categories)
 
 
 #: ``uns`` entries that describe the fine spots or their log-transformed ``X``, dropped besides the tool records

@@ -351,7 +351,7 @@ def serialize(
     key_added
         Name of the ``obs`` column that receives the position along the curve (and of the ``uns`` record). An
         ``obs`` column or ``uns`` entry of that name that :func:`serialize` did not write is not overwritten: an
-        error asks for another name.
+        error asks for another name. A non-empty name without ``/`` (an ``.h5ad`` file reads ``/`` as nesting).
     copy
         Return a copy instead of writing to ``adata``.
 

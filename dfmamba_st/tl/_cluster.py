@@ -373,7 +373,7 @@ def cluster(
     key_added
         ``obs`` column for the domains (and ``uns`` key of the record); not ``"dfm"``, the embedding's record. An
         ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
-        tool's result) is not overwritten: an error asks for another name.
+        tool's result) is not overwritten: an error asks for another name. A non-empty name without ``/``.
     random_state
         Seed of the clustering: a whole number ≥ 0, or ``None`` for a fresh one each call (not a
         :class:`numpy.random.RandomState`, which the record in ``uns`` could not store).
@@ -570,11 +570,15 @@ def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) ->
     depend on the AnnData's order either; they also order spots at one position along the curve (slices serialized
     one by one and joined without a library key). Repeated names keep the AnnData's order among themselves.
     """
-    keys = [pd.factorize(adata.obs_names, sort=True)[0]]
+    library = None if library_key is None else pd.Categorical(adata.obs[library_key]).codes
+    keys = []  # np.lexsort: the last key first
     if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
         keys.append(adata.obs[order_key].to_numpy())
-    if library_key is not None:  # categories: declared, or the sorted values; either way not the rows' order
-        keys.append(pd.Categorical(adata.obs[library_key]).codes)
+        positions = pd.DataFrame({"order": keys[0], "library": 0 if library is None else library})
+    if not keys or positions.duplicated().any():  # the names, sorted once only where they are needed
+        keys.insert(0, pd.factorize(adata.obs_names, sort=True)[0])
+    if library is not None:  # categories: declared, or the sorted values; either way not the rows' order
+        keys.append(library)
     return np.lexsort(keys)
 
 

@@ -363,14 +363,15 @@ def embed(
     model
         A trained model (or the path of a saved one) to apply without training: genes are aligned by name and
         missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
-        matches; they are set to their training mean, and each spot's total over the genes present is scaled by the
-        share of the training counts those genes held, so that they keep their training scale). The model's own
-        settings apply: the training options (``n_top_genes``, ``n_pcs``, ``d_model``, ``depth``, ``preset``,
-        ``epochs``, ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``, ``checkpoint_dir``) are
-        ignored, with a warning when one is set to other than its default (a value equal to the default cannot be
-        told from none; an unknown ``preset`` is an error, as without ``model=``). Raw counts and log-normalised
-        input can be mixed between training and transfer: log-normalised counts are taken back to counts, other
-        log-normalised values are converted to the model's kind, with a warning.
+        matches). Missing genes are set to their training mean; for a model trained on counts, each spot's total
+        over the genes present is divided by their share of the training counts, so that they keep their training
+        scale (model files written before that share was kept: no correction). The model's own settings apply: the
+        training options (``n_top_genes``, ``n_pcs``, ``d_model``, ``depth``, ``preset``, ``epochs``,
+        ``ema_fraction``, ``hops``, ``extra_curves``, ``bidirectional``, ``checkpoint_dir``) are ignored, with a
+        warning when one is set to other than its default (a value equal to the default cannot be told from none;
+        an unknown ``preset`` is an error, as without ``model=``). Raw counts and log-normalised input can be mixed
+        between training and transfer: log-normalised counts are taken back to counts, other log-normalised values
+        are converted to the model's kind, with a warning.
         A model object is moved to ``device`` first (in place, as :meth:`torch.nn.Module.to` does) and left in
         evaluation mode (``model.eval()``).
     checkpoint_dir
@@ -390,7 +391,7 @@ def embed(
         ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records
         (``"dfm"`` itself is refused: its record would replace that of ``"X_dfm"``). Entries of these names that
         :func:`embed` did not write (coordinates in ``obsm``, the images in ``uns['spatial']``, ...) are not
-        overwritten: an error asks for another name.
+        overwritten: an error asks for another name. A non-empty name without ``/``.
     return_model
         Also return the trained model (for :func:`~dfmamba_st.tl.save_model` or ``model=`` on another slice).
     copy
@@ -558,10 +559,14 @@ def embed(
     if missing:  # only a trained model's genes can be missing
         share = len(missing) / len(feature_tf.genes)
         naming = naming_hint(adata.var, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
+        rescaled = (
+            ", and each spot's total over the genes present is divided by their share of the training counts"
+            if feature_tf.share is not None and feature_tf.log_normalize
+            else ""
+        )
         warnings.warn(
             f"{len(missing)} of the model's {len(feature_tf.genes)} genes ({share:.0%}) are missing from adata "
-            f"(e.g. {missing[:5]}); they are set to their training mean, and each spot's total over the genes present "
-            f"is scaled up by the share of the training counts the missing ones held.{naming}",
+            f"(e.g. {missing[:5]}); they are set to their training mean{rescaled}.{naming}",
             stacklevel=user_stacklevel(),
         )
 
@@ -758,9 +763,10 @@ def _infer(
     embedding = np.zeros((n_obs, model.config.d_model), dtype=np.float32)
     gate_sum = np.zeros((n_obs, depth), dtype=np.float32)
     gate_n = np.zeros((n_obs, depth), dtype=np.float32)
+    dtype = next(model.parameters()).dtype  # a model saved in float64 or bfloat16 is applied in its precision
     for batch in batches[rank::world_size]:
         spots = [libraries[lib][0][libraries[lib][1][curve, begin:end]] for lib, curve, (begin, end, _, _) in batch]
-        out, aux = model(tokens[torch.from_numpy(np.stack(spots))].to(device))
+        out, aux = model(tokens[torch.from_numpy(np.stack(spots))].to(device, dtype))
         out = out.float().cpu().numpy()
         gate_maps = [g.float().cpu().numpy() for g in aux.gates]
         for row, (lib, _, (begin, _, keep_begin, keep_end)) in enumerate(batch):

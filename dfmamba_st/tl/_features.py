@@ -342,7 +342,8 @@ class FeatureTransform:
         """Features of every spot of ``adata``; returns ``(features, missing_genes)``.
 
         Genes are aligned by name; genes missing from ``adata`` are set to their training mean (0 after
-        standardisation) and reported. Input of the other kind than the training input (raw counts against
+        standardisation) and reported, and the spot totals over the genes present are divided by their training
+        :attr:`share` (when kept). Input of the other kind than the training input (raw counts against
         log-normalised values) is first brought to the training input's kind, with a warning (see
         :meth:`as_training_input`).
         """

@@ -186,8 +186,14 @@ def model_fingerprint(model: SpatialDFMamba) -> str:
     names = sorted(tensors)
     return fingerprint(
         np.asarray([described["config"], described["features"], *names], dtype=object),
-        *(tensors[name].numpy() for name in names),
+        # bfloat16 has no numpy type: its bits, as 16-bit integers
+        *(_bits(tensors[name]).numpy() for name in names),
     )
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself, or a bfloat16 one's bits as int16 (numpy has no bfloat16)."""
+    return tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
 
 
 def _contents(model: SpatialDFMamba) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -90,8 +90,10 @@ def _find_file(name: str | os.PathLike, path: str | os.PathLike | None) -> Path:
     """
     stem = _dataset_stem(name)
     name_path = Path(name).expanduser()
-    # a path: absolute, with a folder, or a file's name in the working folder ("ETTh1.csv.gz", not "ETTh1")
-    if name_path.is_absolute() or len(name_path.parts) > 1 or (name_path.is_file() and name_path.name != stem):
+    # a path: absolute, with a folder, or (no path given) a file's name in the working folder ("ETTh1.csv.gz", not
+    # "ETTh1")
+    in_working_folder = path is None and name_path.is_file() and name_path.name != stem
+    if name_path.is_absolute() or len(name_path.parts) > 1 or in_working_folder:
         if path is not None:
             raise ValueError(
                 f"name={str(name)!r} is a path and path={str(path)!r} is given too; give the file once, e.g. "
@@ -193,7 +195,8 @@ def load(name: str | os.PathLike, path: str | os.PathLike | None = None) -> pd.D
     ----------
     name
         File stem, e.g. ``"ETTh2"``; ``.csv``/``.txt`` suffixes (gzipped or not) are accepted. It may also be the
-        path of the file (then ``path`` must be ``None``).
+        path of the file (then ``path`` must be ``None``): one with a folder (``"./ETTh2.csv.gz"``), or with
+        ``path=None`` a file name with its suffix that exists in the working folder (``"ETTh2.csv.gz"``).
     path
         A CSV file, or a folder holding ``{name}.csv.gz``, ``{name}.csv``, ``{name}.txt.gz`` or ``{name}.txt``.
         ``None`` searches :func:`default_data_dir` (``$DFMAMBA_TS_DATA``, else ``~/.cache/dfmamba_st/ts``). A file

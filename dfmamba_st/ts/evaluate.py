@@ -209,7 +209,23 @@ def coarsened_windows(
     >>> x.shape[1:], y.shape[1:], len(x) == len(s.test)
     (torch.Size([8, 1]), torch.Size([2, 1]), True)
     """
-    factor, stride = whole_number(factor, "factor"), whole_number(stride, "stride")
+    factor = whole_number(factor, "factor")
+    origins, span = _coarsened_origins(splits, factor, seq_len, horizon, mode, split, stride)
+    values = torch.from_numpy(splits.values)
+    c = values.shape[1]
+    back = torch.arange(-factor * seq_len, 0)
+    ahead = torch.arange(span)
+    o = torch.from_numpy(origins)[:, None]
+    x = values[o + back].reshape(len(origins), seq_len, factor, c).mean(2)
+    y = values[o + ahead].reshape(len(origins), span // factor, factor, c).mean(2)
+    return x, y
+
+
+def _coarsened_origins(
+    splits: ForecastSplits, factor: int, seq_len: int, horizon: int, mode: str, split: str, stride: int
+) -> tuple[np.ndarray, int]:
+    """The forecast origins of :func:`coarsened_windows` and the native rows each target spans (checks first)."""
+    stride = whole_number(stride, "stride")
     if mode not in ("wallclock", "steps"):
         raise ValueError(f"mode={mode!r} is not 'wallclock' or 'steps'.")
     if split not in _SPLITS:
@@ -219,18 +235,10 @@ def coarsened_windows(
     span = horizon if mode == "wallclock" else factor * horizon
     idx = _SPLITS[split]
     first, end = splits.ends[idx - 1], splits.ends[idx]
-    first = max(first, factor * seq_len)
-    origins = np.arange(first, end - span + 1, stride)
+    origins = np.arange(max(first, factor * seq_len), end - span + 1, stride)
     if len(origins) == 0:
         raise ValueError(f"The {split} split is too short for factor {factor} (span {span}).")
-    values = torch.from_numpy(splits.values)
-    c = values.shape[1]
-    back = torch.arange(-factor * seq_len, 0)
-    ahead = torch.arange(span)
-    o = torch.from_numpy(origins)[:, None]
-    x = values[o + back].reshape(len(origins), seq_len, factor, c).mean(2)
-    y = values[o + ahead].reshape(len(origins), span // factor, factor, c).mean(2)
-    return x, y
+    return origins, span
 
 
 def zero_shot(
@@ -272,10 +280,11 @@ def zero_shot(
     """
     batch_size = whole_number(batch_size, "batch_size")
     factors = [whole_number(f, "each factor") for f in factors]
-    # every factor's windows first: a factor the data cannot serve is refused before any forecast is made
-    windows = {f: coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride) for f in factors}
+    for f in factors:  # a factor the data cannot serve is refused before any forecast (the windows: one at a time)
+        _coarsened_origins(splits, f, model.seq_len, model.horizon, mode, "test", stride)
     results = {}
-    for f, (x, y) in windows.items():
+    for f in factors:
+        x, y = coarsened_windows(splits, f, model.seq_len, model.horizon, mode=mode, stride=stride)
         n_out = y.shape[1]
         batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
         results[f] = evaluate(model, batches, n_outputs=n_out)
