@@ -24,10 +24,10 @@ __all__ = [
     "recorded_param",
     "recorded_spatial_key",
     "resolve_library_key",
+    "shared_positions",
     "user_stacklevel",
     "versions",
     "warn_pooled_slices",
-    "warn_shared_positions",
     "warn_unnamed_libraries",
     "whole_number",
     "written_by",
@@ -78,24 +78,11 @@ POOLED_SLICES_HINT = (
 )
 
 
-def warn_shared_positions(xy: np.ndarray, consequence: str) -> bool:
-    """Warn when spots share coordinates while no library key is in effect: likely several slices pooled.
-
-    ``anndata.concat`` drops ``uns``, and with it the library key the steps recorded, so slices processed one at a
-    time and joined afterwards reach a later step without one. ``consequence`` says what pooling does there.
-    Returns whether it warned.
-    """
+def shared_positions(xy: np.ndarray) -> int:
+    """Spots whose (finite) coordinates ``xy`` are those of an earlier spot."""
     xy = np.asarray(xy, dtype=np.float64)[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
-    n_shared = xy.shape[0] - np.unique(xy, axis=0).shape[0]
-    if n_shared:
-        warnings.warn(
-            f"{n_shared} spots share their coordinates with another spot and no library_key is given or recorded: "
-            f"{consequence}. {POOLED_SLICES_HINT}.",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
-    return bool(n_shared)
+    return xy.shape[0] - np.unique(xy, axis=0).shape[0]
 
 
 #: ``obs`` columns that usually name the slice of each spot (``anndata.concat(label=...)``, squidpy, spatialLIBD)
@@ -132,13 +119,26 @@ def warn_unnamed_libraries(adata: AnnData, caller: str, consequence: str) -> Non
     )
 
 
-def warn_pooled_slices(adata: AnnData, xy: np.ndarray, *, caller: str, consequence: str) -> None:
-    """Warn, without a library key, about spots sharing coordinates or else about ``obs`` / ``uns`` naming slices.
+def warn_pooled_slices(
+    adata: AnnData, n_shared: int, library_key: str | None, *, caller: str, shared: str, unnamed: str
+) -> None:
+    """Warn about slices pooled without a library key, the one check of every step that reads positions.
 
-    For the steps after ``pp.serialize`` (which checks the grid cells itself): ``xy`` the coordinates they use.
+    ``n_shared`` spots on the position of another (grid cell or coordinates) are the sign: ``shared`` says what
+    ``caller`` does with them (with a library key they are only reported). Where none share one and no library key
+    is in effect, an ``obs`` / ``uns`` naming several slices is the sign (:func:`warn_unnamed_libraries`) and
+    ``unnamed`` the consequence. ``anndata.concat`` drops ``uns``, and with it the library key the steps recorded, so
+    slices processed one at a time and joined afterwards reach a later step without one.
     """
-    if not warn_shared_positions(xy, consequence):
-        warn_unnamed_libraries(adata, caller, consequence)
+    if n_shared:
+        hint = f" {POOLED_SLICES_HINT} to {caller}." if library_key is None else ""
+        warnings.warn(
+            f"{n_shared} spots have the same coordinates (or grid cell) as another spot; {shared}." + hint,
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    elif library_key is None:
+        warn_unnamed_libraries(adata, caller, unnamed)
 
 
 def is_whole_number(value: object, minimum: int) -> bool:

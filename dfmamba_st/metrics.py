@@ -26,6 +26,7 @@ from ._utils import (
     check_library_key,
     recorded_spatial_key,
     resolve_library_key,
+    shared_positions,
     user_stacklevel,
     warn_pooled_slices,
     whole_number,
@@ -356,11 +357,14 @@ def evaluate(
         )
 
     if slice_key is None:
+        wrong = "CHAOS and PAS computed as if they were one (wrong)"
         warn_pooled_slices(
             adata[keep],  # the scored spots: one annotated slice of several is scored alone
-            xy_all[keep],
+            shared_positions(xy_all[keep]),
+            None,
             caller="evaluate",
-            consequence="CHAOS and PAS computed as if they were one (wrong)",
+            shared=wrong,
+            unnamed=wrong,
         )
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
     groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key

@@ -153,7 +153,7 @@ def test_spatial_scores_never_pair_spots_of_two_slices_on_shared_coordinates(dlp
     weights = per_slice["n_spots"] / per_slice["n_spots"].sum()
     assert weights.min() < 0.3
     # no key anywhere (anndata.concat drops the recorded one): coordinates pooled, and said so
-    with pytest.warns(UserWarning, match=r"spots share their coordinates with another spot .* Pass library_key="):
+    with pytest.warns(UserWarning, match=r"as another spot; CHAOS .* Pass library_key=.* to evaluate\."):
         naive = metrics.evaluate(both, "layer", "pred").loc["all"]
     both.uns["pred"] = {"params": {"library_key": "library"}}  # what tl.cluster records
     with warnings.catch_warnings():

@@ -302,7 +302,7 @@ def test_slices_pooled_without_a_library_key_are_warned_about(embedded):
     """After anndata.concat (which drops the recorded key) the slices' coordinates overlap: say so, or take the key."""
     both = ad.concat({"a": embedded, "b": embedded}, label="library", index_unique="-", uns_merge="same")
     for draw in (dfm.pl.domains, dfm.pl.gates):
-        with pytest.warns(UserWarning, match=r"share their coordinates .* drawn into one panel"):
+        with pytest.warns(UserWarning, match=r"as another spot; drawn into one panel"):
             draw(both, return_fig=True, show=False)
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)

@@ -23,6 +23,7 @@ from .._utils import (
     embed_record_key,
     is_tool_record,
     recorded_param,
+    shared_positions,
     user_stacklevel,
     warn_pooled_slices,
 )
@@ -375,11 +376,14 @@ def _libraries(
     if library_key is None:
         if library_id is not None:
             raise ValueError("library_id= needs library_key= (the obs column that names the libraries).")
+        overdrawn = "drawn into one panel, one over another"
         warn_pooled_slices(
             adata,
-            adata.obsm[spatial_key],
+            shared_positions(adata.obsm[spatial_key]),
+            None,
             caller="the plot",
-            consequence="drawn into one panel, one over another",
+            shared=overdrawn,
+            unnamed=overdrawn,
         )
         return [(None, adata)]
     check_library_key(adata, library_key)

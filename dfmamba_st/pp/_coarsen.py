@@ -19,9 +19,10 @@ from .._utils import (
     is_whole_number,
     recorded_spatial_key,
     resolve_library_key,
+    warn_pooled_slices,
     whole_number,
 )
-from ._serialize import library_layouts, warn_off_tissue, warn_pooled_layouts
+from ._serialize import identical_positions, library_layouts, warn_off_tissue
 
 __all__ = ["coarsen"]
 
@@ -124,9 +125,9 @@ def coarsen(
     cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
-    warn_pooled_layouts(  # slices pooled without a key would be summed into one another's bins
+    warn_pooled_slices(  # slices pooled without a key would be summed into one another's bins
         adata,
-        layouts,
+        identical_positions(layouts),
         library_key,
         caller="dfm.pp.coarsen",
         shared="their counts are summed into the same bins",

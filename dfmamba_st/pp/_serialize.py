@@ -10,7 +10,6 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import (
-    POOLED_SLICES_HINT,
     check_adata,
     check_library_key,
     check_outputs,
@@ -19,7 +18,7 @@ from .._utils import (
     recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
-    warn_unnamed_libraries,
+    warn_pooled_slices,
     written_by,
 )
 from ..core import curves
@@ -252,43 +251,6 @@ def identical_positions(layouts: list[LibraryLayout]) -> int:
     return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
 
 
-def warn_identical_positions(
-    n_identical: int,
-    library_key: str | None,
-    *,
-    consequence: str = "all are kept, in input order",
-    caller: str = "dfm.pp.serialize",
-) -> None:
-    """Warn about spots on the same position; without a library key, suggest that several slices were pooled.
-
-    ``consequence`` says what the step does with them, ``caller`` which step the hint names.
-    """
-    if not n_identical:
-        return
-    hint = f" {POOLED_SLICES_HINT} to {caller}, which the later steps then use." if library_key is None else ""
-    warnings.warn(
-        f"{n_identical} spots have the same coordinates (or grid cell) as another spot; {consequence}." + hint,
-        stacklevel=user_stacklevel(),
-    )
-
-
-def warn_pooled_layouts(
-    adata: AnnData, layouts: list[LibraryLayout], library_key: str | None, *, caller: str, shared: str, unnamed: str
-) -> int:
-    """Warn about slices pooled without a library key: spots on one position, or ``obs`` / ``uns`` naming slices.
-
-    ``shared`` says what ``caller`` does with spots on the position of another; where none share one and no library
-    key is in effect, ``obs`` / ``uns`` naming several slices are the sign and ``unnamed`` the consequence.
-
-    Returns how many spots share a position (:func:`identical_positions`).
-    """
-    n_identical = identical_positions(layouts)
-    warn_identical_positions(n_identical, library_key, consequence=shared, caller=caller)
-    if library_key is None and not n_identical:
-        warn_unnamed_libraries(adata, caller, unnamed)
-    return n_identical
-
-
 def _warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
     """Warn when ``obsm[spatial_key]`` has more columns than (x, y) and they vary (a z or section index is dropped)."""
     xy = np.asarray(adata.obsm[spatial_key])
@@ -389,9 +351,10 @@ def serialize(
         n_sharing += layout.idx.size - len(np.unique(layout.cells, axis=0))
     # spots sharing a quantised cell are expected for single cells (about one per cell on average); only exact ties
     # are odd
-    n_identical = warn_pooled_layouts(
+    n_identical = identical_positions(layouts)
+    warn_pooled_slices(
         adata,
-        layouts,
+        n_identical,
         library_key,
         caller=CALLER,
         shared="all are kept, in input order",

@@ -29,9 +29,10 @@ from .._utils import (
     recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
+    warn_pooled_slices,
     whole_number,
 )
-from ..pp._serialize import library_layouts, warn_pooled_layouts
+from ..pp._serialize import identical_positions, library_layouts
 
 __all__ = ["choose_n_clusters", "cluster", "refine_labels"]
 
@@ -552,9 +553,9 @@ def _smoothing_layouts(adata: AnnData, library_key: str | None, spatial_key: str
             f"{err.args[0]} dfm.tl.cluster reads the spots' positions to smooth the labels (refine=True); "
             "refine=False clusters without them."
         ) from err
-    warn_pooled_layouts(
+    warn_pooled_slices(
         adata,
-        layouts,
+        identical_positions(layouts),
         library_key,
         caller="dfm.tl.cluster",
         shared="their labels are smoothed over one another's neighbours",

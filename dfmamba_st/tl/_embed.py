@@ -26,6 +26,7 @@ from .._utils import (
     resolve_library_key,
     user_stacklevel,
     versions,
+    warn_pooled_slices,
     whole_number,
     written_by,
 )
@@ -38,7 +39,7 @@ from ..core import (
     resolve_device,
     seed_everything,
 )
-from ..pp._serialize import library_layouts, serialized_orders, warn_pooled_layouts
+from ..pp._serialize import identical_positions, library_layouts, serialized_orders
 from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, naming_hint, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
@@ -93,9 +94,9 @@ def _library_sequences(
     as :func:`~dfmamba_st.pp.serialize` does, when spots share a position (slices pooled without a library key).
     """
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)
-    warn_pooled_layouts(
+    warn_pooled_slices(
         adata,
-        layouts,
+        identical_positions(layouts),
         library_key,
         caller="dfm.tl.embed",
         shared="they are embedded as one tissue, their neighbourhoods mixed",
