@@ -218,20 +218,29 @@ def _is_missing(values: pd.Series, ignore: Hashable | Sequence[Hashable] | None 
         ignore = (ignore,)
     # a copy: under pandas' copy-on-write (the default from pandas 3) to_numpy() gives a read-only view
     missing = values.isna().to_numpy().copy()
-    as_str = values.astype(str).str.strip().str.lower()
+    as_str = _label_texts(values)
     texts = {v.strip().lower() for v in ignore if isinstance(v, str)}
     missing |= as_str.isin(MISSING_STRINGS | texts).to_numpy()
     missing |= values.isin([v for v in ignore if not isinstance(v, str)]).to_numpy()
     return missing
 
 
+def _label_texts(values: pd.Series) -> pd.Series:
+    """Labels as the text compared with :data:`MISSING_STRINGS` and ``ignore``: stripped, lower case."""
+    return values.astype(str).str.strip().str.lower()
+
+
 def _say_which_texts_mean_missing(values: pd.Series, key: str) -> None:
-    """Log (scanpy's ``info``) how many spots of ``obs[key]`` carry a text label read as missing, such as ``"NA"``."""
-    texts = values[values.notna()].astype(str).str.strip()
-    named = texts[texts.str.lower().isin(MISSING_STRINGS)]
+    """Log (scanpy's ``info``) how many spots of ``obs[key]`` carry a text label read as missing, such as ``"NA"``.
+
+    Read on the distinct labels, not on every spot (:func:`_is_missing` has gone over the spots already).
+    """
+    labels = pd.Series(values.dropna().unique())
+    named = labels[_label_texts(labels).isin(MISSING_STRINGS).to_numpy()]
     if len(named):
+        shown = sorted(set(named.astype(str).str.strip()))
         logg.info(
-            f"{len(named)} spots of obs[{key!r}] labelled {sorted(set(named))} are taken as unannotated "
+            f"{int(values.isin(named).sum())} spots of obs[{key!r}] labelled {shown} are taken as unannotated "
             f"(texts read as missing: {sorted(MISSING_STRINGS)}) and not scored."
         )
 
