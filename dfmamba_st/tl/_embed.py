@@ -562,7 +562,7 @@ def embed(
         naming = naming_hint(adata.var, feature_tf.genes, len(feature_tf.genes) - len(missing)) if share > 0.5 else ""
         rescaled = (
             ", and each spot's total over the genes present is divided by their share of the training counts"
-            if feature_tf.share is not None and feature_tf.log_normalize
+            if feature_tf.rescales_totals
             else ""
         )
         warnings.warn(

@@ -263,6 +263,11 @@ class FeatureTransform:
     share: np.ndarray | None = None
 
     @property
+    def rescales_totals(self) -> bool:
+        """Whether, with genes missing, a spot's total over the present ones is divided by their :attr:`share`."""
+        return self.share is not None and self.log_normalize
+
+    @property
     def n_features(self) -> int:
         """Width of the feature vectors."""
         return len(self.genes) if self.loadings is None else self.loadings.shape[1]
@@ -372,7 +377,7 @@ class FeatureTransform:
         )
         X = sp.csr_matrix(X @ columns)  # the model's genes, in its order; missing genes are empty columns
         target = COUNTS_TARGET
-        if self.share is not None and missing:  # a spot's total over the present genes is this share of the whole
+        if self.rescales_totals and missing:  # a spot's total over the present genes is this share of the whole
             target *= float(self.share[present].sum()) or 1.0
         width = self.n_features
         out = np.empty((X.shape[0], width), dtype=np.float32)
