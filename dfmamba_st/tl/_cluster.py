@@ -572,14 +572,13 @@ def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) ->
     one by one and joined without a library key). Repeated names keep the AnnData's order among themselves.
     """
     library = None if library_key is None else pd.Categorical(adata.obs[library_key]).codes
-    keys = []  # np.lexsort: the last key first
+    order = None
     if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
-        keys.append(adata.obs[order_key].to_numpy())
-        positions = pd.DataFrame({"order": keys[0], "library": 0 if library is None else library})
-    if not keys or positions.duplicated().any():  # the names, sorted once only where they are needed
-        keys.insert(0, pd.factorize(adata.obs_names, sort=True)[0])
-    if library is not None:  # categories: declared, or the sorted values; either way not the rows' order
-        keys.append(library)
+        order = adata.obs[order_key].to_numpy()
+    keys = []  # np.lexsort: the last key first
+    if order is None or pd.DataFrame({"order": order, "library": 0 if library is None else library}).duplicated().any():
+        keys.append(pd.factorize(adata.obs_names, sort=True)[0])  # the names, sorted only where they are needed
+    keys += [k for k in (order, library) if k is not None]  # library: declared categories or sorted values
     return np.lexsort(keys)
 
 
