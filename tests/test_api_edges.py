@@ -83,7 +83,7 @@ def test_non_integer_values_that_are_not_log_normalised_are_refused(bundled):
     logged = normalised.copy()
     sc.pp.log1p(logged)
     dfm.tl.embed(logged, **QUICK)  # the proper log-normalised input is still taken (its counts recovered)
-    assert logged.uns["dfm"]["params"]["input"] == "counts"
+    assert logged.uns["dfm"]["params"]["input"] == "recovered counts"
 
 
 def test_each_embedding_keeps_its_own_record(bundled):
@@ -177,7 +177,7 @@ def test_log_normalised_counts_give_the_embedding_of_the_counts(bundled, target_
         got = dfm.tl.embed(logged, copy=True, **QUICK)
     np.testing.assert_array_equal(got.obsm["X_dfm"], reference.obsm["X_dfm"])
     assert list(got.uns["dfm"]["genes"]) == list(reference.uns["dfm"]["genes"])
-    assert got.uns["dfm"]["params"]["input"] == "counts"
+    assert got.uns["dfm"]["params"]["input"] == "recovered counts"
     rounded = logged.copy()
     rounded.X.data = np.round(rounded.X.data, 2)  # as written to a text file: the counts are lost
     with pytest.warns(UserWarning, match="raw counts cannot be recovered .* 'seurat' dispersion") as caught:

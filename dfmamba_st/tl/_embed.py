@@ -409,7 +409,9 @@ def embed(
         :func:`~dfmamba_st.pl.gates`; NaN at the depths a library's sequence is too short to reach (fewer than about
         29 spots).
     ``adata.uns['dfm']`` (``adata.uns[key_added]`` for another ``key_added``)
-        ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys; with
+        ``params`` (every resolved setting, the preset, the device, the library, order and spatial keys; ``input``,
+        what the expression was: ``"counts"``, ``"recovered counts"`` (log-normalised counts taken back to their raw
+        counts) or ``"log-normalised"`` (used as given); with
         ``model=``, ``preset`` is ``"model"``, ``model_file`` the path of the file read when one was given, and the
         training settings ``seed`` and ``mask_ratio`` are ``"None"``, as every ``None`` is stored for
         ``write_h5ad``; ``model_fingerprint``, a SHA-256 of the model's configuration, weights and feature
@@ -529,7 +531,8 @@ def embed(
     # the tile against the depth and min_len the model has or will have (SpatialConfig's), before the slow work
     built = (settings["depth"], SpatialConfig.min_len) if model is None else (model.config.depth, model.config.min_len)
     tile_size = _check_tile_size(tile_size, *built)
-    X, input_is_counts = expression_matrix(adata, layer)  # once, after the options are checked
+    X, input_kind = expression_matrix(adata, layer)  # once, after the options are checked
+    input_is_counts = input_kind != "log-normalised"
     if model is None:
         seed_everything(seed)
         feature_tf = FeatureTransform.fit_matrix(
@@ -624,7 +627,7 @@ def embed(
         "readout": readout,
         "tile_size": tile_size,
         "world_size": world_size,
-        "input": "counts" if input_is_counts else "log-normalised",
+        "input": input_kind,
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
         "n_top_genes": len(feature_tf.genes),  # the genes used (a panel smaller than asked gives all of its own)
