@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     Returns
     -------
-    The exit code, 0. Bad arguments end in argparse's usage message and exit code 2, before any work starts.
+    The exit code, 0. Bad arguments end in argparse's usage message and exit code 2, before any work starts; input
+    that a step refuses (``ValueError`` or ``KeyError``: e.g. negative or NaN expression, too few spots) ends in
+    that step's message and exit code 1, without a traceback.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -152,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no obs[{DEFAULT_TRUTH_KEY!r}]: not scoring (name an annotation with --truth-key)")
     start = time.time()
     library_key = args.library_key
-    dfm.pp.serialize(adata, library_key=library_key)
-    dfm.tl.embed(
-        adata, preset=args.preset, epochs=args.epochs, seed=args.seed, device=args.device, library_key=library_key
-    )
-    dfm.tl.cluster(adata, args.n_clusters or None, library_key=library_key)
+    try:
+        dfm.pp.serialize(adata, library_key=library_key)
+        dfm.tl.embed(
+            adata, preset=args.preset, epochs=args.epochs, seed=args.seed, device=args.device, library_key=library_key
+        )
+        dfm.tl.cluster(adata, args.n_clusters or None, library_key=library_key)
+    except (ValueError, KeyError) as err:  # what the steps refuse in the input, said without a traceback
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        parser.exit(1, f"{parser.prog}: error: {name}: {message}\n")
     seconds = time.time() - start
     params = adata.uns["dfm"]["params"]
     print(

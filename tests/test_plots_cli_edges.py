@@ -689,6 +689,18 @@ def test_command_line_rejects_an_input_without_unique_genes_or_positions_before_
         assert exit_.value.code == 2 and re.search(message, capsys.readouterr().err)
 
 
+def test_command_line_ends_an_input_a_step_refuses_with_its_message_not_a_traceback(capsys, tmp_path, bundled):
+    scaled = crop(bundled, rows=(0, 20))
+    scaled.X = scaled.X.toarray() - 1.0  # as after sc.pp.scale: negative values
+    scaled.write_h5ad(tmp_path / "scaled.h5ad")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(tmp_path / "scaled.h5ad"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1, err
+    assert re.search(r"^python -m dfmamba_st: error: scaled: adata\.X contains negative values", err, re.M), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_command_line_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = _parser().parse_args(["--out=~/results", "--input", "~/slice.h5ad"])
