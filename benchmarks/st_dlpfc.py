@@ -135,7 +135,7 @@ def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
 
     work = adata.copy()
     if work.n_vars > 3000:  # the genes tl.embed takes (scanpy's seurat_v3 scores, ties at the cut by name)
-        counts, is_counts = expression_matrix(work, None)
+        counts, is_counts, _ = expression_matrix(work, None)
         work = work[:, top_genes(counts, work.var_names, 3000, is_counts)].copy()
     sc.pp.normalize_total(work, target_sum=1e4)
     sc.pp.log1p(work)

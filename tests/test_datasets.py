@@ -108,7 +108,7 @@ def test_bundled_slice_is_the_shared_slice_cut_to_tl_embeds_genes(shared_151673)
     from dfmamba_st.tl._features import FeatureTransform, expression_matrix, top_genes
 
     bundled = datasets.dlpfc_151673_hvg()
-    X, _ = expression_matrix(shared_151673, None)
+    X, _, _ = expression_matrix(shared_151673, None)
     assert list(bundled.var_names) == top_genes(X, shared_151673.var_names, 3000, True)
     assert list(bundled.obs_names) == list(shared_151673.obs_names)
     assert (bundled.X != shared_151673[:, bundled.var_names].X).nnz == 0

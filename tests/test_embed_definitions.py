@@ -43,7 +43,7 @@ def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
     sc.pp.normalize_total(top)
     sc.pp.log1p(top)
     top.X.data = np.round(top.X.data, 2)  # the counts cannot be recovered: used as log-normalised values
-    X, is_counts = expression_matrix(top, None)
+    X, is_counts, _ = expression_matrix(top, None)
     assert not is_counts
     ranks = gene_ranks(X, top.var_names, is_counts)
     scanpy = sc.pp.highly_variable_genes(top, flavor="seurat", n_top_genes=300, inplace=False)
@@ -83,7 +83,7 @@ def test_reading_log_normalised_values_with_stored_zeros_leaves_the_callers_matr
     X.data[X.indptr[:-1][np.diff(X.indptr) > 1] + 1] = 0.0  # a stored zero in every spot with two values or more
     adata.X = X
     before, nnz = X.toarray(), X.nnz
-    counts, is_counts = _features.expression_matrix(adata, None)
+    counts, is_counts, _ = _features.expression_matrix(adata, None)
     assert is_counts and counts is not None
     assert adata.X.nnz == nnz and np.array_equal(adata.X.toarray(), before)
 
@@ -125,12 +125,12 @@ def test_counts_of_too_few_spots_for_seurat_v3_are_ranked_by_the_seurat_dispersi
 def test_too_few_varying_genes_for_a_loess_fit_are_ranked_without_trying_it(top):
     """scikit-misc's loess crashes the process on 3 points or fewer: with 3 varying genes it is not called."""
     two = top[:2]
-    X, _ = expression_matrix(two, None)
+    X, _, _ = expression_matrix(two, None)
     dense = X.toarray()
     varying = np.flatnonzero(dense[0] != dense[1])[:3]
     constant = np.flatnonzero((dense[0] == 0) & (dense[1] == 0))[:9]
     genes = two.var_names[np.sort(np.concatenate([varying, constant]))]
-    X, is_counts = expression_matrix(two[:, genes], None)
+    X, is_counts, _ = expression_matrix(two[:, genes], None)
     with pytest.warns(UserWarning, match=r"\(only 3 genes vary\)"):
         ranks = gene_ranks(X, genes, is_counts)
     logged = two[:, genes].copy()

@@ -121,7 +121,7 @@ def coarsen(
     from ..tl._features import expression_matrix  # here, not at the top: tl imports pp
 
     # tl.embed's checks (a missing layer, NaN/inf, negative values, no expression), and whole numbers only
-    counts, _ = expression_matrix(adata, layer, counts_for="dfm.pp.coarsen sums counts")
+    counts, _, _ = expression_matrix(adata, layer, counts_for="dfm.pp.coarsen sums counts")
     cells = np.zeros((adata.n_obs, 2), dtype=np.int64)
     lib_codes = np.zeros(adata.n_obs, dtype=np.int64)
     layouts = library_layouts(adata, library_key=library_key, spatial_key=spatial_key)

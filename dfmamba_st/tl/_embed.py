@@ -40,7 +40,7 @@ from ..core import (
     seed_everything,
 )
 from ..pp._serialize import identical_positions, library_layouts, serialized_orders
-from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, naming_hint, smooth
+from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, input_kind, naming_hint, smooth
 from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
 __all__ = ["PRESETS", "embed"]
@@ -531,8 +531,7 @@ def embed(
     # the tile against the depth and min_len the model has or will have (SpatialConfig's), before the slow work
     built = (settings["depth"], SpatialConfig.min_len) if model is None else (model.config.depth, model.config.min_len)
     tile_size = _check_tile_size(tile_size, *built)
-    X, input_kind = expression_matrix(adata, layer)  # once, after the options are checked
-    input_is_counts = input_kind != "log-normalised"
+    X, input_is_counts, recovered = expression_matrix(adata, layer)  # once, after the options are checked
     if model is None:
         seed_everything(seed)
         feature_tf = FeatureTransform.fit_matrix(
@@ -627,7 +626,7 @@ def embed(
         "readout": readout,
         "tile_size": tile_size,
         "world_size": world_size,
-        "input": input_kind,
+        "input": input_kind(input_is_counts, recovered),
         "n_pcs": None if feature_tf.loadings is None else int(feature_tf.loadings.shape[1]),
         **{k: v for k, v in settings.items() if k not in ("d_model", "depth", "d_state", "n_pcs")},
         "n_top_genes": len(feature_tf.genes),  # the genes used (a panel smaller than asked gives all of its own)

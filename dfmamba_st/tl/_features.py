@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,7 @@ __all__ = [
     "FeatureTransform",
     "expression_matrix",
     "gene_ranks",
+    "input_kind",
     "recovered_counts",
     "smooth",
     "spatial_graph",
@@ -39,9 +41,6 @@ COUNTS_TARGET = 1e4
 MAX_LOG_VALUE = 20.0
 #: non-integer input whose spot totals vary by less than this (coefficient of variation) was normalised, not logged
 CONSTANT_TOTAL_CV = 1e-3
-#: what :func:`expression_matrix` found: raw counts, counts recovered from log-normalised values, other log-normalised
-#: values (recorded as ``uns['dfm']['params']['input']``)
-INPUT_KINDS = ("counts", "recovered counts", "log-normalised")
 #: log-normalised values are taken back to counts (:func:`recovered_counts`) when all lie this close to whole numbers,
 #: relative to their size (float32 values of the DLPFC slices: within 1e-6, any target_sum)
 RECOVERY_RTOL = 1e-5
@@ -61,11 +60,27 @@ def _where_else(adata: AnnData, layer: str | None) -> str:
     return f": e.g. {'; or '.join(options)}." if options else "."
 
 
-def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | None = None) -> tuple[sp.csr_matrix, str]:
-    """The expression to use (sparse float32) and what it is: one of :data:`INPUT_KINDS`.
+class Expression(NamedTuple):
+    """What :func:`expression_matrix` read.
 
-    ``"counts"``: raw counts as given. ``"recovered counts"``: log-normalised counts, returned as the raw counts
-    :func:`recovered_counts` takes them back to (logged). ``"log-normalised"``: other log-normalised values. Raises
+    The matrix, whether it is raw counts, and whether those counts were recovered from log-normalised values (three
+    fields, so that unpacking it into two names fails).
+    """
+
+    matrix: sp.csr_matrix
+    is_counts: bool
+    recovered: bool
+
+
+def input_kind(is_counts: bool, recovered: bool) -> str:
+    """What :func:`expression_matrix` read, in words (``uns['dfm']['params']['input']``)."""
+    return "recovered counts" if recovered else "counts" if is_counts else "log-normalised"
+
+
+def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | None = None) -> Expression:
+    """The expression to use (sparse float32), whether it is raw counts and whether these were recovered.
+
+    Log-normalised counts are returned as the raw counts :func:`recovered_counts` takes them back to (logged). Raises
     a clear error for a missing layer, NaN/inf or negative values, no expression at all, fewer than 2 genes, gene
     names that are not unique (genes are chosen and aligned by name), and non-integer values that are not
     log-normalised: above ``MAX_LOG_VALUE``, or spot totals all equal (normalised but not log-transformed). Other
@@ -102,7 +117,7 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
     if not X.data.any():
         raise ValueError(f"{where} is zero everywhere: there is no expression to embed (is it the right layer?).")
     if np.all(X.data == np.round(X.data)):
-        return X, "counts"
+        return Expression(X, True, False)
     largest = float(X.data.max())
     counts = recovered_counts(X) if largest <= MAX_LOG_VALUE else None
     if counts is not None:
@@ -120,7 +135,7 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
-        return counts, "recovered counts"
+        return Expression(counts, True, True)
     if counts_for is not None:
         raise ValueError(
             f"{where} holds non-integer values, but {counts_for} (log-normalised values whose counts cannot be "
@@ -150,7 +165,7 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
         f"measured on raw counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
         stacklevel=user_stacklevel(),
     )
-    return X, "log-normalised"
+    return Expression(X, False, False)
 
 
 def _whole(values: np.ndarray) -> np.ndarray:
@@ -291,9 +306,9 @@ class FeatureTransform:
         (a random subset drawn with ``seed``), so memory stays bounded on large tissues. With fewer genes than
         ``n_top_genes`` all are used: a warning when the user ``chosen`` that number, a log message for a preset's.
         """
-        X, kind = expression_matrix(adata, layer)
+        X, is_counts, _ = expression_matrix(adata, layer)
         return cls.fit_matrix(
-            X, kind != "log-normalised", adata.var_names, n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed, chosen=chosen
+            X, is_counts, adata.var_names, n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed, chosen=chosen
         )
 
     @classmethod
@@ -354,8 +369,8 @@ class FeatureTransform:
         log-normalised values) is first brought to the training input's kind, with a warning (see
         :meth:`as_training_input`).
         """
-        X, kind = expression_matrix(adata, layer)
-        return self.transform_matrix(X, kind != "log-normalised", adata.var)
+        X, is_counts, _ = expression_matrix(adata, layer)
+        return self.transform_matrix(X, is_counts, adata.var)
 
     def transform_matrix(self, X: sp.csr_matrix, is_counts: bool, var: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
         """:meth:`transform` of an expression matrix already read by :func:`expression_matrix` (genes ``var``).
@@ -508,8 +523,8 @@ def top_genes(X: sp.csr_matrix, var_names: pd.Index, n_top_genes: int, is_counts
     >>> import dfmamba_st as dfm
     >>> from dfmamba_st.tl._features import expression_matrix, top_genes
     >>> adata = dfm.datasets.dlpfc_151673_hvg()
-    >>> X, kind = expression_matrix(adata, None)
-    >>> genes = top_genes(X, adata.var_names, 500, kind == "counts")
+    >>> X, is_counts, _ = expression_matrix(adata, None)
+    >>> genes = top_genes(X, adata.var_names, 500, is_counts)
     >>> len(genes), genes == [g for g in adata.var_names if g in set(genes)]
     (500, True)
     """
