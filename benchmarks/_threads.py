@@ -1,4 +1,4 @@
-"""The environment of a benchmark's worker process that runs with a given number of threads."""
+"""Thread counts of a benchmark: the environment of a worker process, or the pools of the running process."""
 
 from __future__ import annotations
 
@@ -12,3 +12,36 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "
 def thread_env(threads: int, **extra: str) -> dict[str, str]:
     """This process's environment with every thread pool of a worker set to ``threads`` (and ``extra`` variables)."""
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads)), **extra}
+
+
+def set_threads(threads: int) -> dict[str, int | str]:
+    """Set this process's torch and numba pools to ``threads`` and limit its BLAS pools; returns torch's and numba's.
+
+    For a process already running (a worker started with :func:`thread_env` has them all from the start): numba
+    cannot run more threads than ``NUMBA_NUM_THREADS`` allowed at its start, so its count is capped there (the
+    returned count says so); BLAS libraries loaded later keep their own start-up count (``tl.cluster`` fits its
+    mixtures on one BLAS thread itself).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")  # not as a context: for the rest of the process
+    counts: dict[str, int | str] = {"torch": torch.get_num_threads()}
+    try:
+        import numba
+    except ImportError:
+        counts["numba"] = "none (no numba)"
+    else:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        counts["numba"] = numba.get_num_threads()
+    return counts
+
+
+def start_worker(threads: int) -> None:
+    """A spawned worker's initializer: every pool's variable set to ``threads`` before numpy, torch or numba load.
+
+    Pass it as ``ProcessPoolExecutor(initializer=start_worker, initargs=(threads,))`` with the ``spawn`` context (a
+    fresh interpreter, which has imported none of them yet).
+    """
+    os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))

@@ -1,11 +1,16 @@
 """DLPFC spatial-domain benchmark: dfmamba_st's default CPU workflow against two baselines, in one run.
 
-Every job runs in a fresh process (so peak memory is its own). Prints one table:
-method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluster, or the baseline's pipeline),
-peak RSS (MB) and, for a job on a GPU, the peak of PyTorch's CUDA allocator (MB). Then zero-shot scale (model
-trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 → 151674, against
-training on 151674 itself), with the same ``--embed`` options. ``--cluster`` options go to every ``tl.cluster`` call
-of every method (baselines included), so a change of the clustering is measured on all of them alike;
+Every job runs in a fresh process (so peak memory is its own) whose torch, numba and BLAS/OpenMP pools all have
+``--threads`` threads (the variables are set before any of them loads; the table says torch's and numba's). Prints one
+table: method, slice, seed, ARI, NMI, completeness, seconds (serialize + embed + cluster, or the baseline's
+pipeline), peak RSS (MB), how much of it the pipeline added (``pipeline_mb``: the peak less the peak before the timed
+steps, which already holds the imports and the slice, about 0.5 GB) and, for a job on a GPU, the peak of PyTorch's
+CUDA allocator (MB); the means over seeds; and every method paired with the neighbour-mean baseline on the same
+slice and seed (mean difference, its standard error, seeds up / down), per slice and over all pairs. Then
+zero-shot scale (model trained on native 151673 → ×2 / ×4 coarsened 151673) and transfer (model trained on 151673 →
+151674, against training on 151674 itself), with the same ``--embed`` options. ``--cluster`` options go to every
+``tl.cluster`` call of every method (baselines included), so a change of the clustering is measured on all of them
+alike;
 ``--cluster n_clusters=none`` lets every method's ``tl.cluster`` choose K itself (the knee of the BIC curve), and
 ``k_found`` in the table says how many domains each run found.
 
@@ -59,6 +64,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import add_options_flag, parse_options  # noqa: E402
+from benchmarks._threads import set_threads, start_worker  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,6 +75,10 @@ HER2ST_DATA = REPO.parent / "shared" / "data" / "her2st"
 HER2ST_FILES = {s: f"her2st_{s}.h5ad" for s in ("A1", "B1", "C1", "D1")}
 BUNDLED = REPO / "dfmamba_st" / "data" / "dlpfc_151673_hvg.h5ad"  # dfm.datasets.dlpfc_151673_hvg()'s file
 SLICES = [*FILES, *HER2ST_FILES, "bundled"]
+BASELINES = ("pca_gmm", "pca_nbmean_gmm")
+METHODS = (*BASELINES, "dfmamba_st", "dfm_features")
+#: the method every other is paired with, seed for seed
+PAIRED_WITH = "pca_nbmean_gmm"
 
 
 def slice_path(slice_id: str, data_dir: Path | str = DEFAULT_DATA, her2st_dir: Path | str = HER2ST_DATA) -> Path:
@@ -126,6 +136,8 @@ def _cluster_options(options: dict | None, k: int) -> tuple[int | None, dict]:
 def baseline_rep(adata, kind: str, seed: int, library_key: str | None = None):
     """The baselines' representation: log-normalised HVGs → 30 PCs (``pca_gmm``), averaged over each spot and its
     18 nearest spots of the same library (``pca_nbmean_gmm``). Genes and PCs are fitted on all libraries together."""
+    if kind not in BASELINES:
+        raise ValueError(f"Unknown baseline {kind!r}; choose from {BASELINES}.")
     import numpy as np
     import scanpy as sc
     from sklearn.neighbors import NearestNeighbors
@@ -176,14 +188,17 @@ def _job(
     threads: int,
     embed_options: dict,
     cluster_options: dict | None = None,
+    genes: list[str] | None = None,
 ) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
+    """One method on one slice and seed, in this (fresh) process; ``genes`` restricts the slice to those genes."""
+    used = set_threads(threads)
     import dfmamba_st as dfm
 
     adata, k = load_slice(path)
+    if genes is not None:
+        adata = adata[:, adata.var_names.isin(genes)].copy()
     n_clusters, cluster = _cluster_options(cluster_options, k)
+    before = _peak_mb()  # the imports and the slice
     start = time.time()
     if kind == "dfmamba_st":
         dfm.pp.serialize(adata)
@@ -206,9 +221,12 @@ def _job(
         adata.obsm["X_features"] = _tokens(features, libraries, hops)[:, features.shape[1] :]
         dfm.tl.cluster(adata, n_clusters, use_rep="X_features", random_state=seed, key_added="base", **cluster)
         key = "base"
-    else:
+    elif kind in BASELINES:
         key = cluster_baseline(adata, kind, n_clusters, seed, cluster)
+    else:
+        raise ValueError(f"Unknown method {kind!r}; choose from {METHODS}.")
     seconds = time.time() - start
+    peak = _peak_mb()
     return {
         "method": kind,
         "slice": slice_id,
@@ -216,8 +234,11 @@ def _job(
         "seed": seed,
         **_scores(adata, key),
         "seconds": seconds,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak,
+        "pipeline_mb": peak - before,
         "gpu_peak_mb": _gpu_peak_mb(),
+        "torch_threads": used["torch"],
+        "numba_threads": used["numba"],
     }
 
 
@@ -226,9 +247,7 @@ def _extra(
 ) -> list[dict]:
     """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process), with ``--embed``'s and
     ``--cluster``'s options."""
-    import torch
-
-    torch.set_num_threads(threads)
+    set_threads(threads)
     import dfmamba_st as dfm
 
     rows = []
@@ -272,8 +291,44 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         completeness_mean=("completeness", "mean"),
         seconds_mean=("seconds", "mean"),
         peak_mb_max=("peak_mb", "max"),
+        pipeline_mb_max=("pipeline_mb", "max"),
         gpu_peak_mb_max=("gpu_peak_mb", "max"),
     )
+
+
+def paired(table: pd.DataFrame, baseline: str = PAIRED_WITH) -> pd.DataFrame:
+    """Every other method's ARI less ``baseline``'s on the same slice and seed: per slice and over all pairs.
+
+    Columns: ``pairs``, ``mean_diff``, ``se`` (the standard error of the mean difference; NaN for one pair), ``up`` /
+    ``down`` (pairs above / below the baseline). Empty when the baseline or no other method ran.
+    """
+    import numpy as np
+    import pandas as pd
+
+    ari = table.pivot_table(index=["slice", "seed"], columns="method", values="ari")
+    rows = []
+    for method in ari.columns.drop(baseline, errors="ignore") if baseline in ari.columns else []:
+        diff = (ari[method] - ari[baseline]).dropna()
+        groups = [*diff.groupby(level="slice"), ("all", diff)] if diff.size else []
+        for where, d in groups:
+            se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+            rows.append(
+                {
+                    "method": method,
+                    "slice": where,
+                    "pairs": d.size,
+                    "mean_diff": float(d.mean()),
+                    "se": se,
+                    "up": int((d > 0).sum()),
+                    "down": int((d < 0).sum()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["method", "slice", "pairs", "mean_diff", "se", "up", "down"])
+
+
+def _workers(threads: int) -> dict:
+    """The options of a job's process pool: every thread pool of the worker set to ``threads`` from its start."""
+    return {"initializer": start_worker, "initargs": (threads,)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,8 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--her2st-dir", default=str(HER2ST_DATA), help="folder of the HER2ST sections")
     parser.add_argument("--slices", nargs="+", default=list(FILES), help=f"of {SLICES}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=["pca_gmm", "pca_nbmean_gmm", "dfmamba_st"], metavar="METHOD"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads of every pool (torch, numba, BLAS/OpenMP) of each job"
+    )
     parser.add_argument("--no-extra", action="store_true", help="skip the zero-shot and transfer tests")
     add_options_flag(
         parser,
@@ -309,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for slice_id in args.slices:
         for method in args.methods:
             for seed in args.seeds:
-                with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(args.threads)) as pool:
                     job = pool.submit(
                         _job, method, paths[slice_id], slice_id, seed, args.threads, embed_options, cluster_options
                     )
@@ -328,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(table)
     print(f"\nsummary over seeds {args.seeds}")
     print(summary.round(3).to_string())
+    pairs = paired(table)
+    if not pairs.empty:
+        print(f"\nARI less {PAIRED_WITH}'s, same slice and seed")
+        print(pairs.round(4).to_string(index=False))
     if not args.no_extra:
-        with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(args.threads)) as pool:
             extra = pool.submit(
                 _extra, args.data_dir, args.seeds[0], args.threads, embed_options, cluster_options
             ).result()

@@ -1,16 +1,21 @@
 """Several slices in one run: one model and one clustering over all of them, against each slice on its own.
 
-DLPFC 151673 and 151674 (adjacent sections of one donor, K = 7) by default. Four methods, each job in a fresh
-process (so peak memory is its own):
+DLPFC 151673 and 151674 (adjacent sections of one donor, K = 7) by default. Two methods, three ways each, every
+job in a fresh process (so peak memory is its own) with every thread pool at ``--threads``:
 
-- ``dfmamba_st joint``: the slices in one AnnData (``obs['library']``; the genes they all share), ``pp.serialize`` /
-  ``tl.embed`` / ``tl.cluster`` with ``library_key="library"``: one model trained over all slices, one GMM over all
-  spots, so a domain has one label in every slice;
-- ``dfmamba_st per slice``: the default workflow on each slice alone (``benchmarks/st_dlpfc.py``'s job; seconds
-  summed over the slices, peak memory their maximum);
-- ``pca_nbmean_gmm joint`` / ``per slice``: the neighbour-mean baseline of ``benchmarks/st_dlpfc.py`` (genes,
-  scaling and PCs fitted on all slices together, each spot averaged with its 18 nearest spots of its own slice,
-  one GMM), and the same on each slice alone.
+- ``dfmamba_st joint``: the slices in one AnnData (``obs['library']``; the genes they all share, as
+  ``anndata.concat(join="inner")`` keeps them), ``pp.serialize`` / ``tl.embed`` / ``tl.cluster`` with
+  ``library_key="library"``: one model trained over all slices, one GMM over all spots, so a domain has one label in
+  every slice;
+- ``dfmamba_st per slice, shared genes``: the default workflow on each slice alone (``benchmarks/st_dlpfc.py``'s
+  job; seconds summed over the slices, peak memory their maximum), each slice cut to the genes the joint job has:
+  the two differ only in analysing the slices together;
+- ``dfmamba_st per slice, own genes``: the same on each slice's whole file (its 3,000 HVGs chosen among all its
+  genes), as a slice analysed alone would be; its genes differ from the joint job's, so it does not isolate the
+  effect of analysing the slices together;
+- ``pca_nbmean_gmm joint`` / ``per slice, shared genes`` / ``per slice, own genes``: the neighbour-mean baseline of
+  ``benchmarks/st_dlpfc.py`` (genes, scaling and PCs fitted on all slices together, each spot averaged with its 18
+  nearest spots of its own slice, one GMM), and the same on each slice alone.
 
 Prints one table: ARI on each slice, the pooled ARI over all spots (joint methods only: it is high when one domain
 label means the same layer in every slice; per-slice labels are not comparable across slices), the number of
@@ -38,6 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import add_options_flag, parse_options  # noqa: E402
+from benchmarks._threads import set_threads  # noqa: E402
 from benchmarks.st_dlpfc import (  # noqa: E402
     DEFAULT_DATA,
     FILES,
@@ -46,6 +52,7 @@ from benchmarks.st_dlpfc import (  # noqa: E402
     _job,
     _peak_mb,
     _scores,
+    _workers,
     cluster_baseline,
     load_slice,
     slice_path,
@@ -59,9 +66,8 @@ def _joint_job(
 ) -> dict:
     """Both slices in one AnnData, one model (dfmamba_st) or one set of PCs (baseline), one GMM."""
     import anndata as ad
-    import torch
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     import dfmamba_st as dfm
 
     loaded = {s: load_slice(p) for s, p in paths.items()}
@@ -95,10 +101,19 @@ def _joint_job(
     }
 
 
-def _run(pool_fn, *args):
+def _run(pool_fn, threads: int, *args):
     ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+    with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(threads)) as pool:
         return pool.submit(pool_fn, *args).result()
+
+
+def shared_genes(paths: dict[str, str]) -> list[str]:
+    """The genes every slice has, in the first slice's order (those ``anndata.concat(join="inner")`` keeps)."""
+    import anndata as ad
+
+    names = [ad.read_h5ad(p, backed="r").var_names for p in paths.values()]
+    first = names[0]
+    return [g for g in first if all(g in other for other in names[1:])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
     parser.add_argument("--slices", nargs="+", default=["151673", "151674"], help=f"two or more of {list(FILES)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per job")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads of every pool (torch, numba, BLAS/OpenMP) of each job"
+    )
     add_options_flag(parser, "--cluster", "options of tl.cluster for every method, e.g. --cluster n_clusters=none")
     args = parser.parse_args(argv)
     if len(args.slices) < 2:
@@ -119,25 +136,30 @@ def main(argv: list[str] | None = None) -> int:
     cluster_options = parse_options(args.cluster, "--cluster")
     if cluster_options:
         print(f"tl.cluster options (every method): {cluster_options}", flush=True)
+    genes = shared_genes(paths)
+    print(f"genes shared by {', '.join(args.slices)}: {len(genes)}", flush=True)
     rows = []
     for method in METHODS:
         for seed in args.seeds:
-            row = _run(_joint_job, method, paths, seed, args.threads, cluster_options)
-            rows.append(row)
-            singles = [_run(_job, method, paths[s], s, seed, args.threads, {}, cluster_options) for s in args.slices]
-            rows.append(
-                {
-                    "method": f"{method} per slice",
-                    "seed": seed,
-                    **{f"ari {r['slice']}": r["ari"] for r in singles},
-                    "ari pooled": np.nan,
-                    **{f"k_found {r['slice']}": r["k_found"] for r in singles},
-                    "seconds": sum(r["seconds"] for r in singles),
-                    "peak_mb": max(r["peak_mb"] for r in singles),
-                }
-            )
-            for r in rows[-2:]:
-                print(f"{r['method']:>25} seed {seed}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+            rows.append(_run(_joint_job, args.threads, method, paths, seed, args.threads, cluster_options))
+            for panel, kept in (("shared genes", genes), ("own genes", None)):
+                singles = [
+                    _run(_job, args.threads, method, paths[s], s, seed, args.threads, {}, cluster_options, kept)
+                    for s in args.slices
+                ]
+                rows.append(
+                    {
+                        "method": f"{method} per slice, {panel}",
+                        "seed": seed,
+                        **{f"ari {r['slice']}": r["ari"] for r in singles},
+                        "ari pooled": np.nan,
+                        **{f"k_found {r['slice']}": r["k_found"] for r in singles},
+                        "seconds": sum(r["seconds"] for r in singles),
+                        "peak_mb": max(r["peak_mb"] for r in singles),
+                    }
+                )
+            for r in rows[-3:]:
+                print(f"{r['method']:>40} seed {seed}: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print("\nper run")

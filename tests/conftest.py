@@ -54,12 +54,18 @@ def info_log():
 
 @pytest.fixture
 def keep_torch_threads():
-    """torch's thread count as the test found it, given back afterwards (a benchmark job run in-process sets it)."""
+    """torch's, numba's and the BLAS libraries' thread counts as the test found them, given back afterwards (a
+    benchmark job run in-process sets them)."""
+    import numba
     import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
 
-    threads = torch.get_num_threads()
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    blas = {pool["prefix"]: pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
     yield
     torch.set_num_threads(threads)
+    numba.set_num_threads(numba_threads)
+    threadpool_limits(limits=blas)
 
 
 @pytest.fixture

@@ -158,6 +158,8 @@ def test_benchmark_job_passes_seed_and_options_and_times_only_the_pipeline(
     assert 0 < row["seconds"] < 0.5  # neither the reading nor the scoring is timed
     rss_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     assert rss_now * 0.9 <= row["peak_mb"] <= rss_now * 1.1  # MB (Linux's ru_maxrss is in KiB)
+    assert 0 <= row["pipeline_mb"] <= row["peak_mb"]
+    assert row["torch_threads"] == 1 and row["numba_threads"] == 1  # every pool at --threads, numba's too
     for kind in ("pca_gmm", "pca_nbmean_gmm"):
         row = bench._job(kind, path, "bundled", 4, 1, {}, {})
         assert reps[-1][:2] == (kind, 4)
@@ -246,6 +248,7 @@ def test_dlpfc_benchmark_tables_are_the_jobs_rows_and_their_means_over_seeds(
             "completeness": ari[seed] / 3 + shift,
             "seconds": 10.0 * (seed + 1) + shift,
             "peak_mb": 100.0 * (seed + 1),
+            "pipeline_mb": 50.0 * (seed + 1),
             "gpu_peak_mb": float("nan"),
         }
 
@@ -275,11 +278,63 @@ def test_dlpfc_benchmark_tables_are_the_jobs_rows_and_their_means_over_seeds(
     # seeds 0, 1, 5: ARI 0.1 / 0.2 / 0.9 (mean 0.4, median 0.2), K found 6 / 7 / 8, seconds 10 / 20 / 60, 100-600 MB
     got = summary.loc[("151673", 7, "pca_gmm")].drop("gpu_peak_mb_max").to_dict()
     expected = dict(k_found_min=6, k_found_max=8, ari_mean=0.4, ari_min=0.1, ari_max=0.9, nmi_mean=0.2)
-    expected.update(completeness_mean=0.4 / 3, seconds_mean=30.0, peak_mb_max=600.0)
+    expected.update(completeness_mean=0.4 / 3, seconds_mean=30.0, peak_mb_max=600.0, pipeline_mb_max=300.0)
     assert got == pytest.approx(expected)
     assert summary.loc[("151674", 7, "dfmamba_st"), "ari_mean"] == pytest.approx(0.45)  # + 0.02 + 0.03
     assert summary.shape[0] == 6  # two slices, three methods
+    # paired with the neighbour mean, seed for seed: pca_gmm -0.01, dfmamba_st +0.01 on every pair (SE 0)
+    pairs = bench.paired(rows).set_index(["method", "slice"])
+    assert pairs.round(4).reset_index().to_string(index=False) in out
+    assert list(pairs.index) == [(m, s) for m in ("dfmamba_st", "pca_gmm") for s in ("151673", "151674", "all")]
+    assert pairs.loc[("dfmamba_st", "all")].to_dict() == pytest.approx(
+        dict(pairs=6, mean_diff=0.01, se=0.0, up=6, down=0), abs=1e-12
+    )
+    assert pairs.loc[("pca_gmm", "151673"), ["pairs", "mean_diff", "up", "down"]].tolist() == pytest.approx(
+        [3, -0.01, 0, 3]
+    )
     assert extra_calls == [(str(tmp_path), 0, 3, {"epochs": 2}, {"tol": 1e-6})]
+
+
+def test_dlpfc_pairs_have_their_standard_error_and_skip_seeds_the_baseline_lacks(benchmark_module):
+    bench = benchmark_module("st_dlpfc")
+    rows = [
+        {"method": m, "slice": "151510", "seed": seed, "ari": ari}
+        for m, aris in {"pca_nbmean_gmm": [0.5, 0.5, 0.5], "dfmamba_st": [0.6, 0.4, 0.3, 0.9]}.items()
+        for seed, ari in enumerate(aris)
+    ]  # dfmamba_st's seed 3 has no baseline run: left out
+    got = bench.paired(pd.DataFrame(rows)).set_index(["method", "slice"]).loc[("dfmamba_st", "151510")]
+    diffs = np.array([0.1, -0.1, -0.2])
+    assert got["pairs"] == 3 and got["up"] == 1 and got["down"] == 2
+    assert got["mean_diff"] == pytest.approx(diffs.mean())
+    assert got["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert bench.paired(pd.DataFrame(rows[3:])).empty  # no baseline, nothing paired
+
+
+def test_dlpfc_benchmark_refuses_an_unknown_method_before_any_job(benchmark_module, monkeypatch, capsys):
+    bench = benchmark_module("st_dlpfc")
+    monkeypatch.setattr(bench, "_job", lambda *a, **k: pytest.fail("a job ran"))
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--slices", "bundled", "--methods", "dfmamba", "--no-extra"])  # a typo of dfmamba_st
+    assert exit_.value.code == 2 and "invalid choice: 'dfmamba'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown baseline 'pca_nbmean'"):
+        bench.baseline_rep(ad.AnnData(np.ones((3, 2))), "pca_nbmean", 0)
+
+
+def test_benchmark_workers_start_with_every_pool_at_the_thread_count(benchmark_module):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    bench = benchmark_module("st_dlpfc")
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), **bench._workers(1)) as pool:
+        env, numba_threads = pool.submit(_worker_threads).result()
+    assert numba_threads == 1
+    assert all(env[name] == "1" for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"))
+
+
+def _worker_threads():
+    import numba
+
+    return dict(os.environ), numba.get_num_threads()
 
 
 @needs_data
@@ -402,13 +457,13 @@ def test_multislice_table_sums_seconds_takes_peak_max_and_averages_over_seeds(be
             "peak_mb": 50.0,
         }
 
-    def fake_job(kind, path, slice_id, seed, threads, embed_options, cluster_options=None):
-        single_calls.append((kind, path, slice_id, seed, threads, embed_options, cluster_options))
+    def fake_job(kind, path, slice_id, seed, threads, embed_options, cluster_options=None, genes=None):
+        single_calls.append((kind, path, slice_id, seed, threads, embed_options, cluster_options, genes))
         return {
             "method": kind,
             "slice": slice_id,
             "seed": seed,
-            "ari": {"151673": 0.4, "151674": 0.6}[slice_id] + seed / 100,
+            "ari": {"151673": 0.4, "151674": 0.6}[slice_id] + seed / 100 - (genes is not None) / 10,
             "k_found": {"151673": 6, "151674": 8}[slice_id],
             "seconds": {"151673": 2.0, "151674": 3.0}[slice_id],
             "peak_mb": {"151673": 100.0, "151674": 300.0}[slice_id],
@@ -416,37 +471,66 @@ def test_multislice_table_sums_seconds_takes_peak_max_and_averages_over_seeds(be
 
     monkeypatch.setattr(ms, "_joint_job", fake_joint)
     monkeypatch.setattr(ms, "_job", fake_job)
-    monkeypatch.setattr(ms, "_run", lambda fn, *args: fn(*args))
+    pools = []
+    monkeypatch.setattr(ms, "_run", lambda fn, threads, *args: pools.append(threads) or fn(*args))
+    monkeypatch.setattr(ms, "shared_genes", lambda paths: ["g1", "g2"])
     argv = ["--data-dir", "/d", "--seeds", "0", "1", "4", "--threads", "1", "--cluster", "tol=1e-6"]
     assert ms.main(argv) == 0  # joint ARI on 151673 over the seeds: 0.1, 0.2, 0.5 (mean 0.267, median 0.2)
     out = capsys.readouterr().out
     paths = {s: f"/d/dlpfc_{s}.h5ad" for s in ("151673", "151674")}
     assert joint_calls == [(m, paths, seed, 1, {"tol": 1e-6}) for m in ms.METHODS for seed in (0, 1, 4)]
-    assert single_calls == [
-        (m, paths[s], s, seed, 1, {}, {"tol": 1e-6}) for m in ms.METHODS for seed in (0, 1, 4) for s in paths
+    assert single_calls == [  # each slice on the joint job's genes, then on its own
+        (m, paths[s], s, seed, 1, {}, {"tol": 1e-6}, genes)
+        for m in ms.METHODS
+        for seed in (0, 1, 4)
+        for genes in (["g1", "g2"], None)
+        for s in paths
     ]
+    assert pools == [1] * (len(joint_calls) + len(single_calls))  # every worker's pools at --threads
     rows = []
     for m in ms.METHODS:
         for seed in (0, 1, 4):
             rows.append(fake_joint(m, paths, seed, 1))
-            rows.append(
-                {
-                    "method": f"{m} per slice",
-                    "seed": seed,
-                    "ari 151673": 0.4 + seed / 100,
-                    "ari 151674": 0.6 + seed / 100,
-                    "ari pooled": np.nan,
-                    "k_found 151673": 6,
-                    "k_found 151674": 8,
-                    "seconds": 5.0,  # summed over the slices
-                    "peak_mb": 300.0,  # the larger of the two
-                }
-            )
+            for panel, lower in (("shared genes", 0.1), ("own genes", 0.0)):
+                rows.append(
+                    {
+                        "method": f"{m} per slice, {panel}",
+                        "seed": seed,
+                        "ari 151673": 0.4 + seed / 100 - lower,
+                        "ari 151674": 0.6 + seed / 100 - lower,
+                        "ari pooled": np.nan,
+                        "k_found 151673": 6,
+                        "k_found 151674": 8,
+                        "seconds": 5.0,  # summed over the slices
+                        "peak_mb": 300.0,  # the larger of the two
+                    }
+                )
     table = pd.DataFrame(rows)
     assert table.round(3).to_string(index=False) in out
     means = table.drop(columns="seed").groupby("method", sort=False).mean()
     assert means.round(3).to_string() in out
     assert means.loc["dfmamba_st joint", "ari 151673"] == pytest.approx(0.8 / 3)  # the mean, not the median
+
+
+def test_multislice_shared_genes_are_concats_inner_join_and_the_job_keeps_only_them(
+    benchmark_module, monkeypatch, tmp_path, keep_torch_threads
+):
+    ms = benchmark_module("st_multislice")
+    one = dfm.datasets.dlpfc_151673_hvg()
+    other = one[:, ::-1][:, 100:].copy()  # another order, 100 genes fewer
+    paths = {"a": str(ms.slice_path("bundled")), "b": str(tmp_path / "b.h5ad")}
+    other.write_h5ad(paths["b"])
+    genes = ms.shared_genes(paths)
+    joined = ad.concat({"a": one, "b": other}, label="library", join="inner")
+    assert genes == list(joined.var_names) and len(genes) == one.n_vars - 100
+    embeds = []
+    monkeypatch.setattr(dfm.tl, "embed", _fake_embed(embeds))
+    monkeypatch.setattr(dfm.tl, "cluster", _fake_cluster([]))
+    ms._job("dfmamba_st", paths["a"], "a", 0, 1, {}, {}, genes[:50])
+    assert embeds[-1]["n_obs"] == one.n_obs
+    monkeypatch.setattr(dfm.tl, "embed", lambda adata, **kw: embeds.append(list(adata.var_names)))
+    ms._job("dfmamba_st", paths["a"], "a", 0, 1, {}, {}, genes[:50])
+    assert sorted(embeds[-1]) == sorted(genes[:50])
 
 
 # --- benchmarks/gmm_restarts.py ---------------------------------------------------------------------------------------
