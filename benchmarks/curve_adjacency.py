@@ -1,6 +1,7 @@
 """How well sets of space-filling curves keep the spatial neighbours of DLPFC spots close along a sequence.
 
-For every pair of neighbours in ``tl.embed``'s spatial graph (6 nearest spots on the Visium grid) the gap is the
+For every pair of neighbours in ``tl.embed``'s spatial graph (6 nearest spots on the Visium grid; the spot itself,
+which the graph also holds, is no pair) the gap is the
 smallest distance between the two spots, in positions, along any of the curves read. The table gives, per slice
 and set of curves, the share of pairs whose gap exceeds 1, 4, 16, 64 and 256 positions. A pair far apart on every
 curve can only meet through the model's long-range state. Pure geometry: no model, a few seconds.
@@ -42,10 +43,12 @@ def far_shares(path: Path) -> list[dict]:
     """One row per curve set: the share of neighbour pairs more than ``w`` positions apart on every curve."""
     layout = library_layouts(ad.read_h5ad(path, backed="r"))[0]
     graph = layout.graph().tocoo()
+    pairs = graph.row != graph.col  # the graph holds each spot itself (gap 0): not a pair of neighbours
+    rows_, cols = graph.row[pairs], graph.col[pairs]
     orders = {c: layout.order(c) for c in {c for s in CURVE_SETS for c in s}}
     rows = []
     for names in CURVE_SETS:
-        gap = pair_gaps([orders[c] for c in names], graph.row, graph.col)
+        gap = pair_gaps([orders[c] for c in names], rows_, cols)
         rows.append({"curves": "+".join(names), **{f">{w}": float(np.mean(gap > w)) for w in WINDOWS}})
     return rows
 

@@ -611,7 +611,8 @@ def test_curve_adjacency_shares_are_strictly_more_than_w_positions_apart(benchma
 
     first = np.array([0, 0, 0, 0, 0])
     second = np.array([1, 4, 17, 65, 257])  # 1, 4, 17, 65 and 257 positions apart on the identity order
-    graph = sp.coo_matrix((np.ones(5), (first, second)), shape=(n, n))
+    graph = sp.coo_matrix((np.ones(5), (first, second)), shape=(n, n)) + sp.eye(n)  # each spot itself, as tl's graph
+    graph = graph.tocoo()
     layout = types.SimpleNamespace(graph=lambda: graph, order=lambda c: orders[c])
     monkeypatch.setattr(bench, "library_layouts", lambda adata: [layout])
     monkeypatch.setattr(bench.ad, "read_h5ad", lambda path, backed=None: None)
