@@ -806,15 +806,21 @@ def test_scale_table_sorts_the_sizes_and_prints_the_growth_per_4x(benchmark_modu
     def fake_run(cmd, capture_output, text, env):
         commands.append((cmd, env))
         n = int(cmd[cmd.index("--worker") + 1])
+        if n == 20_000:
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="MemoryError")
         row = dict(spots=n, seconds=seconds[n], serialize_s=0, embed_s=0, cluster_s=0, peak_rss_gb=0, ari=0, nmi=0)
+        row.update(pca_gmm_ari=0.25, pca_gmm_s=1.0, pca_nbmean_gmm_ari=0.9, pca_nbmean_gmm_s=2.5)
         return types.SimpleNamespace(returncode=0, stdout=json.dumps(row) + "\n", stderr="")
 
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    monkeypatch.setattr(sys, "argv", ["scale.py", "--sizes", "160000", "10000", "40000", "--threads", "3"])
-    bench.main()
+    argv = ["scale.py", "--sizes", "160000", "10000", "20000", "40000", "--threads", "3"]
+    monkeypatch.setattr(sys, "argv", argv)
+    assert bench.main() == 1  # a size failed
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "spots" not in line]
-    assert [line.split("|")[1].strip() for line in lines] == ["10,000", "40,000", "160,000"]
-    assert [line.split("|")[9].strip() for line in lines] == ["-", "4.00", "8.00"]
+    assert [line.split("|")[1].strip() for line in lines] == ["10,000", "40,000", "160,000", "20,000"]
+    assert [line.split("|")[9].strip() for line in lines[:3]] == ["-", "4.00", "8.00"]
+    assert all(line.split("|")[10:12] == [" 0.250 (1.0) ", " 0.900 (2.5) "] for line in lines[:3])
+    assert "failed" in lines[3]  # the size that failed has its row, the larger ones ran
     assert all(env["OMP_NUM_THREADS"] == "3" and cmd[-1] == "3" for cmd, env in commands)
 
 
@@ -825,18 +831,20 @@ def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers
     bench = benchmark_module("scale")
     asked = []
 
-    def fake_cluster(adata, k):
-        asked.append(k)
-        adata.obs["dfm_domain"] = adata.obs["layer"].to_numpy()
+    def fake_cluster(adata, k, random_state, use_rep="X_dfm", key_added="dfm_domain", **kwargs):
+        asked.append((k, random_state, use_rep))
+        adata.obs[key_added] = adata.obs["layer"].to_numpy() if use_rep == "X_dfm" else "one"
 
-    monkeypatch.setattr(dfm.pp, "serialize", lambda adata: time.sleep(0.05))
+    monkeypatch.setattr(dfm.pp, "serialize", lambda adata, **kw: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "embed", lambda adata, progress, seed: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "cluster", fake_cluster)
-    row = bench.run_one(2000, 0, torch.get_num_threads())
-    assert asked == [6]
+    row = bench.run_one(2000, 3, torch.get_num_threads())
+    assert asked == [(6, 3, "X_dfm"), (6, 3, "X_base"), (6, 3, "X_base")]  # the method, then the two baselines
     assert row["serialize_s"] >= 0.05 and row["embed_s"] >= 0.05
     assert row["seconds"] == pytest.approx(row["serialize_s"] + row["embed_s"] + row["cluster_s"], rel=1e-9)
     assert row["ari"] == pytest.approx(1.0) and row["spots"] == 2000
+    assert row["pca_gmm_ari"] == row["pca_nbmean_gmm_ari"] == pytest.approx(0.0)  # one label: the baselines' own
+    assert row["pca_gmm_s"] > 0 and row["pca_nbmean_gmm_s"] > 0
 
 
 def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmark_module, monkeypatch):
