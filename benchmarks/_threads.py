@@ -9,6 +9,11 @@ import os
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask under ``taskset`` or a cgroup; all cores elsewhere)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def thread_env(threads: int, **extra: str) -> dict[str, str]:
     """This process's environment with every thread pool of a worker set to ``threads`` (and ``extra`` variables)."""
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads)), **extra}

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks._threads import set_threads  # noqa: E402
 from benchmarks.st_dlpfc import DEFAULT_DATA, FILES  # noqa: E402
 
 
@@ -58,7 +59,6 @@ def rows_for_slice(path: Path, seed: int, restarts: list[int], cluster_seeds: li
 
 def main(argv: list[str] | None = None) -> int:
     import pandas as pd
-    import torch
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", nargs="+", type=int, default=[10, 30])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     frames = []
     for slice_id in args.slices:
         for seed in args.seeds:

@@ -27,14 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dfmamba_st.core import available_backends, seed_everything
-from dfmamba_st.pathology import (
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._threads import set_threads  # noqa: E402
+from dfmamba_st.core import available_backends, seed_everything  # noqa: E402
+from dfmamba_st.pathology import (  # noqa: E402
     DFMambaClassifier,
     PatchEmbedding,
     count_parameters,
@@ -88,25 +94,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.d_model, args.d_state, args.depth = 16, 4, min(args.depth, 3)
-        args.train_images, args.val_images, args.test_fields = 8, 2, 4
-        args.epochs, args.field = 2, 512
+    if args.quick:  # the CI scale, for the options not given on the line
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv or sys.argv[1:] if a.startswith("--")}
+        quick = dict(d_model=16, d_state=4, depth=min(args.depth, 3), train_images=8, val_images=2, test_fields=4)
+        for name, value in {**quick, "epochs": 2, "field": 512}.items():
+            if name not in given:
+                setattr(args, name, value)
     return args
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    numba_threads = "none (no numba)"
-    try:
-        import numba
-
-        # numba cannot run more threads than NUMBA_NUM_THREADS at its start: capped, and the count printed below
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        numba_threads = numba.get_num_threads()
-    except ImportError:
-        pass
+    numba_threads = set_threads(args.threads)["numba"]  # capped at NUMBA_NUM_THREADS: the count printed below
     seed_everything(args.seed)
     t0 = time.perf_counter()
     train = make_synthetic_dataset(args.train_images, args.crop, seed=args.seed, cell=args.cell)

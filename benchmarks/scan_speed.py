@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._threads import thread_env  # noqa: E402
+from benchmarks._threads import available_cores, thread_env  # noqa: E402
 
 
 def _rss_kib(field: str) -> int:
@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch, numba and BLAS threads of each timed process (default: the cores)",
+        default=available_cores(),
+        help="torch, numba and BLAS threads of each timed process (default: the cores this process may use)",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     parser.add_argument("--json", type=Path, help="also write the results here")

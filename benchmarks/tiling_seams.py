@@ -11,10 +11,18 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._threads import set_threads  # noqa: E402
 
 
 def main() -> None:
@@ -26,25 +34,24 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     import anndata as ad
-    import torch
 
     import dfmamba_st as dfm
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     adata = dfm.datasets.dlpfc_151673_hvg() if args.h5ad is None else ad.read_h5ad(args.h5ad)
     dfm.pp.serialize(adata)
     whole_tile = max(8192, -(-adata.n_obs // 1024) * 1024)  # one tile holds the whole sequence
     model = dfm.tl.embed(adata, seed=args.seed, progress=False, return_model=True, tile_size=whole_tile)
     n_pcs = model.features.n_features
     whole = adata.obsm["X_dfm"][:, n_pcs:].copy()
-    dfm.tl.cluster(adata, 7)
+    dfm.tl.cluster(adata, 7, random_state=args.seed)
     rows = [(f"whole ({whole_tile})", 0.0, 0.0, np.nan, dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0])]
     for tile in args.tile_sizes:
         start = time.perf_counter()
         dfm.tl.embed(adata, model=model, tile_size=tile, progress=False)
         seconds = time.perf_counter() - start
         diff = adata.obsm["X_dfm"][:, n_pcs:] - whole
-        dfm.tl.cluster(adata, 7)
+        dfm.tl.cluster(adata, 7, random_state=args.seed)
         ari = dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0]
         rows.append((str(tile), np.linalg.norm(diff) / np.linalg.norm(whole), np.abs(diff).max(), seconds, ari))
     print(f"\n{adata.n_obs} spots, seed {args.seed}, {args.threads} threads\n")

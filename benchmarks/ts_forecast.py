@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import parse_options  # noqa: E402
+from benchmarks._threads import set_threads  # noqa: E402
 from dfmamba_st import ts  # noqa: E402
 from dfmamba_st.core import available_backends, fit, seed_everything  # noqa: E402
 
@@ -112,12 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     p.add_argument("--zero-shot-mode", default="wallclock", choices=("wallclock", "steps"))
     p.add_argument("--dfm", nargs="*", default=[], help="DFMambaTS options key=value (ablations)")
     p.add_argument("--ms", nargs="*", default=[], help="MSMamba options key=value")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch and numba CPU threads (numba's capped at its start)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    threads = set_threads(args.threads)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in names:
         if name not in MODELS:
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         f"({'standard split' if ratios is None else f'fractions {ratios} of all rows'}), "
         f"lookback {args.seq_len}, horizon {args.horizon}, "
         f"{'no seasonal profile' if splits.season is None else f'seasonal profile of {splits.season.period} rows'}; "
-        f"torch threads {args.threads}, scan backends {available_backends()}",
+        f"torch threads {threads['torch']}, numba threads {threads['numba']}, scan backends {available_backends()}",
         flush=True,
     )
     results: dict[str, dict[str, Any]] = {}

@@ -646,11 +646,19 @@ def test_tiling_seams_table_compares_the_dfmamba_block_of_each_tiling_with_the_w
         return out
 
     monkeypatch.setattr(dfm.tl, "embed", embed)
-    monkeypatch.setattr(dfm.tl, "cluster", lambda adata, k: adata.obs.__setitem__("dfm_domain", adata.obs["layer"]))
-    monkeypatch.setattr(sys, "argv", ["tiling_seams.py", "--threads", "1", "--tile-sizes", "4096", "512"])
+    seeds = []
+
+    def cluster(adata, k, random_state):
+        seeds.append(random_state)
+        adata.obs["dfm_domain"] = adata.obs["layer"]
+
+    monkeypatch.setattr(dfm.tl, "cluster", cluster)
+    argv = ["tiling_seams.py", "--threads", "1", "--tile-sizes", "4096", "512", "--seed", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
     bench.main()
     printed = capsys.readouterr().out
     assert [r[0] for r in runs] == [8192, 4096, 512]
+    assert seeds == [2, 2, 2]  # --seed reaches every clustering
     n_pcs = runs[0][2].features.n_features
     whole = runs[0][1][:, n_pcs:]
     rows = {
@@ -696,7 +704,7 @@ def test_embed_threads_table_compares_each_condition_with_its_own_one_thread_med
         return float(timings[(len(active), threads)][sum(c == calls[-1] for c in calls) - 1])
 
     monkeypatch.setattr(bench.multiprocessing, "Process", FakeProcess)
-    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(bench, "available_cores", lambda: 4)
     monkeypatch.setattr(bench.time, "sleep", lambda s: None)
     monkeypatch.setattr(bench, "embed_seconds", fake_seconds)
     table = bench.main(["--repeats", "3"])
@@ -757,6 +765,8 @@ def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
     monkeypatch.setattr(bench, "make_synthetic_dataset", fake_dataset)
     monkeypatch.setattr(bench, "train_classifier", fake_train)
     monkeypatch.setattr(bench, "evaluate_resolutions", fake_resolutions)
+    quick = bench.parse_args(["--quick", "--epochs", "5", "--d-model=32"])  # given on the line: kept
+    assert (quick.epochs, quick.d_model, quick.d_state, quick.train_images) == (5, 32, 4, 8)
     rows = bench.main(["--quick", "--seed", "3"])
     assert "torch threads 1, numba threads 1" in capsys.readouterr().out  # both counts shown (numba's may be capped)
     # train and validation images: 256 px, each its own seed; test fields: 512 px, a third seed
@@ -853,7 +863,7 @@ def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmar
     # timed process now starts with its own count in every pool, whatever the caller's environment
     module = benchmark_module("scan_speed")
     monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
-    monkeypatch.setattr(module.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(module, "available_cores", lambda: 4)
     seen = []
 
     def fake_run(cmd, capture_output, text, env, timeout, check):

@@ -345,7 +345,7 @@ def test_zero_shot_protocol(splits):
 
 
 @needs_data
-def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module):
+def test_benchmark_script_end_to_end(tmp_path, capsys, benchmark_module, keep_torch_threads):
     bench = benchmark_module("ts_forecast")
     out = tmp_path / "res.json"
     argv = ["--dataset", "ETTh2", "--horizon", "96", "--models", "dfmamba_ts,msmamba,dlinear", "--epochs", "1"]
