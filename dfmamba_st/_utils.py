@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from anndata import AnnData
 
 __all__ = [
@@ -278,6 +279,24 @@ def resolve_library_key(adata: AnnData, library_key: str | None, *uns_keys: str)
             logg.info(f"    library_key={recorded!r}, as recorded in uns[{uns_key!r}]")
             return str(recorded)
     return None
+
+
+def serialized_rows(adata: AnnData, order_key: str, library_key: str | None) -> np.ndarray:
+    """The rows by library, then along the serialization curve: an order that does not depend on the AnnData's.
+
+    Without ``obs[order_key]`` (or with missing values in it) the spots' names take the curve's place, which do not
+    depend on the AnnData's order either; they also order spots at one position along the curve (slices serialized
+    one by one and joined without a library key). Repeated names keep the AnnData's order among themselves.
+    """
+    library = None if library_key is None else pd.Categorical(adata.obs[library_key]).codes
+    order = None
+    if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
+        order = adata.obs[order_key].to_numpy()
+    keys = []  # np.lexsort: the last key first
+    if order is None or pd.DataFrame({"order": order, "library": 0 if library is None else library}).duplicated().any():
+        keys.append(pd.factorize(adata.obs_names, sort=True)[0])  # the names, sorted only where they are needed
+    keys += [k for k in (order, library) if k is not None]  # library: declared categories or sorted values
+    return np.lexsort(keys)
 
 
 def library_indices(adata: AnnData, library_key: str | None) -> list[np.ndarray]:

@@ -489,6 +489,23 @@ def test_the_order_of_the_spots_in_the_anndata_does_not_change_the_domains(top):
     np.testing.assert_array_equal(bare[1][top.obs_names].obs["dfm_domain"], bare[0].obs["dfm_domain"])
 
 
+def test_the_features_fitted_on_a_subset_of_large_tissue_do_not_depend_on_the_order_of_the_spots(top, monkeypatch):
+    """Above MAX_FIT_SPOTS the standardisation and PCA are fitted on a subset: drawn along the curve, not by row."""
+    from dfmamba_st.tl import _features
+
+    monkeypatch.setattr(_features, "MAX_FIT_SPOTS", top.n_obs // 3)  # large tissue, in miniature
+    perm = np.random.default_rng(1).permutation(top.n_obs)
+    runs = [top.copy(), top[perm].copy()]
+    models = []
+    for adata in runs:
+        dfm.pp.serialize(adata)
+        models.append(dfm.tl.embed(adata, **{**QUICK, "epochs": 0}, return_model=True))
+    first, shuffled = (m.features for m in models)
+    np.testing.assert_allclose(shuffled.mean, first.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(shuffled.loadings, first.loadings, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runs[1][top.obs_names].obsm["X_dfm"], runs[0].obsm["X_dfm"], atol=1e-4)
+
+
 def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
     """sc.read_visium of the raw matrix keeps spots with in_tissue == 0; they would be analysed as tissue."""
     top.obs["in_tissue"] = 1

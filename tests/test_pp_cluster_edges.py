@@ -16,6 +16,7 @@ from _shared import QUICK, crop, shared_path, warned_at
 from sklearn.metrics import adjusted_rand_score
 
 import dfmamba_st as dfm
+from dfmamba_st._utils import serialized_rows
 from dfmamba_st.tl import _cluster
 
 
@@ -70,7 +71,7 @@ def test_slices_serialized_one_by_one_and_joined_cluster_alike_whatever_the_row_
         dfm.tl.cluster(adata, 5, use_rep="X_pca", n_init=2, refine=False)
     np.testing.assert_array_equal(runs[1][joined.obs_names].obs["dfm_domain"], runs[0].obs["dfm_domain"])
     # the order the mixture is fitted in: the same spots in the same order, whatever the rows' order
-    fit_order = [adata.obs_names[_cluster._serialized_rows(adata, "dfm_order", None)] for adata in runs]
+    fit_order = [adata.obs_names[serialized_rows(adata, "dfm_order", None)] for adata in runs]
     assert list(fit_order[0]) == list(fit_order[1])
 
 

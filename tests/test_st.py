@@ -338,10 +338,11 @@ def test_cluster_restarts_keep_the_best_likelihood(small):
     assert loglik[20] >= loglik[1] - 1e-9
     from sklearn.mixture import GaussianMixture
 
-    from dfmamba_st.tl._cluster import _prepare, _serialized_rows
+    from dfmamba_st._utils import serialized_rows
+    from dfmamba_st.tl._cluster import _prepare
 
     # tl.cluster fits the spots in curve order (the restarts' starts depend on the order of the rows)
-    rows = _serialized_rows(small, "dfm_order", None)
+    rows = serialized_rows(small, "dfm_order", None)
     rep = _prepare(small.obsm["X_dfm"][rows], 20, np.arange(small.n_obs), 3)
     gmm = GaussianMixture(
         7, covariance_type="tied", n_init=20, reg_covar=1e-4, tol=1e-3, max_iter=10_000, random_state=3

@@ -28,6 +28,7 @@ from .._utils import (
     recorded_param,
     recorded_spatial_key,
     resolve_library_key,
+    serialized_rows,
     user_stacklevel,
     warn_pooled_slices,
     whole_number,
@@ -451,7 +452,7 @@ def cluster(
     layouts = _smoothing_layouts(adata, library_key, spatial_key) if refine else []
     # the restarts' starts depend on the order of the rows: fit in the order of the curve (or of the spots' names),
     # not of the AnnData
-    rows = _serialized_rows(adata, order_key, library_key)
+    rows = serialized_rows(adata, order_key, library_key)
     fit_rows = _fit_rows(rows.size, random_state)  # positions along that order
     # centred and projected in the AnnData's order, fitted on the same rows in the same order as on a reordered copy
     # (the numbers are the same), then reordered: a reordered copy of the whole embedding took another N x d array
@@ -562,24 +563,6 @@ def _smoothing_layouts(adata: AnnData, library_key: str | None, spatial_key: str
         unnamed="their labels smoothed across slices",
     )
     return layouts
-
-
-def _serialized_rows(adata: AnnData, order_key: str, library_key: str | None) -> np.ndarray:
-    """The rows by library, then along the serialization curve: an order that does not depend on the AnnData's.
-
-    Without ``obs[order_key]`` (or with missing values in it) the spots' names take the curve's place, which do not
-    depend on the AnnData's order either; they also order spots at one position along the curve (slices serialized
-    one by one and joined without a library key). Repeated names keep the AnnData's order among themselves.
-    """
-    library = None if library_key is None else pd.Categorical(adata.obs[library_key]).codes
-    order = None
-    if order_key in adata.obs.columns and not adata.obs[order_key].isna().any():
-        order = adata.obs[order_key].to_numpy()
-    keys = []  # np.lexsort: the last key first
-    if order is None or pd.DataFrame({"order": order, "library": 0 if library is None else library}).duplicated().any():
-        keys.append(pd.factorize(adata.obs_names, sort=True)[0])  # the names, sorted only where they are needed
-    keys += [k for k in (order, library) if k is not None]  # library: declared categories or sorted values
-    return np.lexsort(keys)
 
 
 def _extend_labels(sample: np.ndarray, sample_labels: np.ndarray, rep: np.ndarray, fit_rows: np.ndarray) -> np.ndarray:

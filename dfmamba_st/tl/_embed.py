@@ -24,6 +24,7 @@ from .._utils import (
     embed_record_key,
     h5ad_safe,
     resolve_library_key,
+    serialized_rows,
     user_stacklevel,
     versions,
     warn_pooled_slices,
@@ -542,6 +543,7 @@ def embed(
             n_pcs=settings["n_pcs"],
             seed=seed,
             chosen=n_top_genes is not None,
+            order=serialized_rows(adata, order_key, library_key),  # the fit subset: the same whatever the rows' order
         )
         config = SpatialConfig(
             n_features=feature_tf.n_features,

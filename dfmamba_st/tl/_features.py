@@ -322,10 +322,14 @@ class FeatureTransform:
         n_pcs: int | None,
         seed: int,
         chosen: bool = True,
+        order: np.ndarray | None = None,
     ) -> FeatureTransform:
         """:meth:`fit` on an expression matrix already read by :func:`expression_matrix` (genes ``var_names``).
 
         Genes are named as text (``var_names`` as ``str``), as they are after a round trip through an ``.h5ad`` file.
+        On more than ``MAX_FIT_SPOTS`` spots the subset is drawn along ``order`` (the rows in an order of their own,
+        e.g. :func:`~dfmamba_st._utils.serialized_rows`), so that it holds the same spots, in the same order, whatever
+        the order of the rows; by row position without it.
         """
         var_names = pd.Index(var_names).astype(str)
         log_total = None if is_counts else float(np.median(_row_totals(X.expm1())))
@@ -345,9 +349,9 @@ class FeatureTransform:
         if is_counts:  # (on every spot: a column sum)
             totals = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
             share = (totals / max(totals.sum(), 1.0)).astype(np.float32)
-        if X.shape[0] > MAX_FIT_SPOTS:
-            rows = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
-            X = X[rows]
+        if X.shape[0] > MAX_FIT_SPOTS:  # positions along ``order``: the same spots whatever the rows' order
+            drawn = np.sort(np.random.default_rng(seed).choice(X.shape[0], MAX_FIT_SPOTS, replace=False))
+            X = X[drawn if order is None else np.asarray(order)[drawn]]
         dense = _log_normalize(X, is_counts).toarray()
         mean = dense.mean(axis=0)
         scale = dense.std(axis=0)
