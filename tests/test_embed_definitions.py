@@ -203,18 +203,35 @@ def test_an_inner_visium_spot_is_linked_to_its_six_touching_spots_whatever_the_o
 @pytest.mark.parametrize("n_neighbors", [2, 6])
 def test_the_spatial_graph_is_every_spot_as_near_as_the_kth_nearest_even_with_many_ties(n_neighbors):
     """Against all pairwise distances: a lattice (ties at every ring), spots stacked 20 deep (20 ties at distance 0),
-    scattered spots; symmetrised and row-normalised."""
+    scattered spots; the k-th nearest counted among distinct positions; symmetrised and row-normalised."""
     rng = np.random.default_rng(0)
     lattice = np.stack(np.meshgrid(np.arange(12.0), np.arange(10.0)), -1).reshape(-1, 2)
     points = np.vstack([lattice, np.repeat([[30.0, 30.0]], 20, axis=0), rng.uniform(20, 40, (60, 2))])
     dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
-    kth = np.sort(dist, axis=1)[:, n_neighbors]  # column 0 is the spot itself
+    positions = np.unique(points, axis=0)
+    to_positions = np.linalg.norm(points[:, None] - positions[None], axis=-1)
+    kth = np.sort(to_positions, axis=1)[:, n_neighbors]  # column 0 is the spot's own position
     linked = (dist <= kth[:, None] * (1 + 1e-6)).astype(float)
     linked = np.sign(linked + linked.T)
     expected = linked / linked.sum(axis=1, keepdims=True)
     graph = spatial_graph(points, n_neighbors=n_neighbors)
     np.testing.assert_allclose(graph.toarray(), expected, rtol=1e-6)
-    assert graph[120].nnz >= 20  # a stacked spot: all 20 at distance 0, more than k + 1
+    stacked = graph[120].indices
+    assert set(range(120, 140)) < set(stacked)  # all 20 at its position, and spots of the nearest other positions
+    assert len(set(stacked) - set(range(120, 140))) >= n_neighbors
+    perm = rng.permutation(len(points))
+    back = np.argsort(perm)
+    assert (spatial_graph(points[perm], n_neighbors=n_neighbors)[back][:, back] != graph).nnz == 0
+
+
+def test_the_spatial_graph_refuses_more_spots_at_one_position_than_it_links(monkeypatch):
+    from dfmamba_st.tl import _features
+
+    points = np.vstack([np.random.default_rng(0).uniform(0, 50, (100, 2)), np.zeros((30, 2))])
+    assert spatial_graph(points)[100:].nnz >= 30 * 30  # 30 at (0, 0): all linked
+    monkeypatch.setattr(_features, "MAX_AT_ONE_POSITION", 29)
+    with pytest.raises(ValueError, match=r"30 spots share one position \(0, 0\).*library_key="):
+        spatial_graph(points)
 
 
 @pytest.mark.filterwarnings("ignore:Some cells have zero counts")  # scanpy's note on the emptied spot

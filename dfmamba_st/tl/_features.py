@@ -30,6 +30,9 @@ __all__ = [
     "top_genes",
 ]
 
+#: the spatial graph links all spots at one position to each other (quadratic in their number): more than this many at
+#: one position (coordinates missing and filled with one value) are refused
+MAX_AT_ONE_POSITION = 1_000
 #: standardisation and PCA are fitted on at most this many spots (a seeded random subset beyond it)
 MAX_FIT_SPOTS = 50_000
 #: spots densified at a time when features are computed (the n_spots × n_genes matrix is never dense)
@@ -554,6 +557,9 @@ def spatial_graph(points: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
 
     Spots as far as the ``n_neighbors``-th nearest one are all kept (up to a relative 1e-6), so ties on a grid do
     not leave the choice to the order of the spots: the graph is the same whatever the order of ``points``.
+    Distances are counted between distinct positions: spots at one position are linked to each other and to the
+    spots of the ``n_neighbors`` nearest other positions (else seven spots at one point would see only each other).
+    More than ``MAX_AT_ONE_POSITION`` spots at one position are refused (every pair of them would be linked).
     Symmetrised, built with a k-d tree (never an N×N dense matrix). On the Visium grid's hexagonal positions
     (:class:`~dfmamba_st.pp.LibraryLayout` ``.points``) an inner spot's six touching spots are its neighbours.
     """
@@ -562,9 +568,20 @@ def spatial_graph(points: np.ndarray, *, n_neighbors: int = 6) -> sp.csr_matrix:
     n = points.shape[0]
     if n == 1:
         return sp.csr_matrix(np.ones((1, 1), dtype=np.float32))
-    tree = cKDTree(np.asarray(points, dtype=np.float64))
-    dist, _ = tree.query(points, k=min(n_neighbors, n - 1) + 1)  # the spot itself (distance 0) first
-    near = tree.query_ball_point(points, dist[:, -1] * (1 + 1e-6))
+    points = np.asarray(points, dtype=np.float64)
+    positions, at, counts = np.unique(points, axis=0, return_inverse=True, return_counts=True)
+    if counts.max() > MAX_AT_ONE_POSITION:
+        crowded = positions[counts.argmax()]
+        raise ValueError(
+            f"{counts.max():,} spots share one position ({', '.join(f'{v:g}' for v in crowded)}); the spatial graph "
+            f"links all spots at a position to each other, so at most {MAX_AT_ONE_POSITION:,} are taken. Missing "
+            "coordinates filled with one value, or several slices in one frame without library_key=? Fix the "
+            "coordinates, or pass library_key= to dfm.pp.serialize."
+        )
+    distinct = cKDTree(positions)
+    dist, _ = distinct.query(positions, k=min(n_neighbors, len(positions) - 1) + 1)  # the position itself first
+    radius = dist.reshape(len(positions), -1)[:, -1]  # (k = 1, one position: the query's result is 1-D)
+    near = cKDTree(points).query_ball_point(points, radius[at.ravel()] * (1 + 1e-6))
     rows = np.repeat(np.arange(n), [len(found) for found in near])
     graph = sp.csr_matrix((np.ones(rows.size), (rows, np.concatenate(near))), shape=(n, n))
     graph = (graph + graph.T).sign()  # each spot is its own neighbour (distance 0) once
