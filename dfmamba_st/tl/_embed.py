@@ -580,8 +580,8 @@ def embed(
     if model is None:
         token_scale = float(np.sqrt(np.mean(tokens**2))) or 1.0
         config.extra["token_scale"] = token_scale
-    tokens = tokens / config.extra["token_scale"]
-    token_t = torch.from_numpy(tokens.astype(np.float32))
+    tokens /= config.extra["token_scale"]  # _tokens' own array: scaled in place, no copy
+    token_t = torch.from_numpy(tokens.astype(np.float32, copy=False))
 
     history: list[dict] = []
     if model is None:

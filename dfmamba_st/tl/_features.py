@@ -361,7 +361,10 @@ class FeatureTransform:
         scale[scale == 0] = 1.0
         loadings = None
         if n_pcs is not None and n_pcs < len(genes):
-            z = np.clip((dense - mean) / scale, -10, 10)
+            z = dense  # standardised in place: no second or third n_spots x n_genes array
+            z -= mean
+            z /= scale
+            np.clip(z, -10, 10, out=z)
             del dense
             n_pcs = min(n_pcs, z.shape[0] - 1)
             loadings = sc.pp.pca(z, n_comps=n_pcs, random_state=seed, return_info=True)[1].T.astype(np.float32)
