@@ -74,6 +74,20 @@ def test_tiled_inference_matches_the_whole_sequence(trained, monkeypatch):
     assert error < 0.5 * np.linalg.norm(bare - whole) / np.linalg.norm(whole)
 
 
+def test_tiled_inference_shows_a_progress_bar_over_its_batches(trained, monkeypatch, capsys):
+    adata, model = trained
+    token_t, libraries = model_tokens(adata, model)
+    cpu = torch.device("cpu")
+    _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=8192, progress=True)
+    assert "reading the tissue" not in capsys.readouterr().err  # the whole tissue in one batch: no bar
+    tiled, _ = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=256, progress=True)
+    assert "dfm.tl.embed: reading the tissue" in capsys.readouterr().err  # tiles of three lengths: three batches
+    monkeypatch.setattr(_embed, "INFER_BUDGET", 1)  # a tile per batch
+    one_by_one, _ = _embed._infer(model, token_t, libraries, adata.n_obs, cpu, tile_size=256, progress=False)
+    assert "reading the tissue" not in capsys.readouterr().err
+    np.testing.assert_allclose(one_by_one, tiled, atol=1e-5)  # batching changes nothing
+
+
 def test_embed_tile_size_keeps_the_domains(trained):
     adata, model = trained
     tiled = adata.copy()

@@ -15,6 +15,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
+from tqdm.auto import tqdm
 
 from .._utils import (
     check_adata,
@@ -387,7 +388,8 @@ def embed(
         ``min_len * 2**(depth - 1)`` (32 with the defaults), the shortest sequence that reaches the deepest level;
         a tile shorter than that (the last one) takes more context.
     progress
-        Show a progress bar.
+        Show progress bars: the training, and the reading of a tissue large enough to take several batches of
+        tiles.
     key_added
         Key of the embedding in ``obsm``. The run is recorded in ``uns['dfm']`` for the default ``"X_dfm"``, else in
         ``uns[key_added]`` (scanpy's rule for ``sc.pp.pca``), so several embeddings keep their own records
@@ -600,7 +602,9 @@ def embed(
                 progress=progress,
             )
 
-    embedding, gates = _infer(model, token_t, libraries, adata.n_obs, torch_device, tile_size=tile_size)
+    embedding, gates = _infer(
+        model, token_t, libraries, adata.n_obs, torch_device, tile_size=tile_size, progress=progress
+    )
     if readout_hops:
         for idx, _, graph in libraries:
             embedding[idx] = smooth(embedding[idx], graph, readout_hops)
@@ -744,12 +748,13 @@ def _infer(
     device: torch.device,
     *,
     tile_size: int,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embedding and per-depth gates of every spot, averaged over the curves, streamed tile by tile.
 
     Tiles of the same length are batched up to ``INFER_BUDGET`` values per layer; only one batch of activations
     is alive at a time. Under ``torch.distributed`` every rank runs its share of the batches and the sums are
-    all-reduced.
+    all-reduced. ``progress``: a bar over the batches, when there are several (large tissue).
     """
     model.eval()
     depth = model.config.depth
@@ -769,7 +774,9 @@ def _infer(
     gate_sum = np.zeros((n_obs, depth), dtype=np.float32)
     gate_n = np.zeros((n_obs, depth), dtype=np.float32)
     dtype = next(model.parameters()).dtype  # a model saved in float64 or bfloat16 is applied in its precision
-    for batch in batches[rank::world_size]:
+    mine = batches[rank::world_size]
+    quiet = not progress or rank > 0 or len(mine) < 2
+    for batch in tqdm(mine, desc="dfm.tl.embed: reading the tissue", disable=quiet, leave=False):
         spots = [libraries[lib][0][libraries[lib][1][curve, begin:end]] for lib, curve, (begin, end, _, _) in batch]
         out, aux = model(tokens[torch.from_numpy(np.stack(spots))].to(device, dtype))
         out = out.float().cpu().numpy()
