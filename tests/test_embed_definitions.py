@@ -73,6 +73,30 @@ def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bu
     assert _features.recovered_counts(toy.X).toarray().tolist() == [[2, 3, 0], [0, 1, 0], [0, 1, 3]]
 
 
+@pytest.mark.parametrize("kind", ["counts", "counts with stored zeros", "log-normalised counts", "rounded log values"])
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")
+def test_embed_and_coarsen_leave_the_callers_expression_matrix_as_it_was(top, kind):
+    """expression_matrix shares the arrays of a float32 CSR matrix (no copy of the whole matrix): no step may change
+    them in place."""
+    X = sp.csr_matrix(top.X, dtype=np.float32)
+    if kind != "counts":
+        X.data[X.indptr[:-1][np.diff(X.indptr) > 1] + 1] = 0.0  # a stored zero in every spot with two values or more
+    top.X = X
+    if kind in ("log-normalised counts", "rounded log values"):
+        sc.pp.normalize_total(top)
+        sc.pp.log1p(top)
+        top.X = sp.csr_matrix(top.X, dtype=np.float32)
+    if kind == "rounded log values":
+        top.X.data = np.round(top.X.data, 2)  # counts that cannot be recovered
+    arrays = [a.copy() for a in (top.X.data, top.X.indices, top.X.indptr)]
+    dfm.pp.serialize(top)
+    dfm.tl.embed(top, **QUICK)
+    if kind != "rounded log values":  # coarsen sums counts: log values that are no counts are refused
+        dfm.pp.coarsen(top, 2)
+    for before, now in zip(arrays, (top.X.data, top.X.indices, top.X.indptr)):
+        np.testing.assert_array_equal(now, before)
+
+
 def test_reading_log_normalised_values_with_stored_zeros_leaves_the_callers_matrix_as_it_was(bundled):
     """Review s43, finding 8: the recovery dropped stored zeros from the index arrays it shared with adata.X."""
     adata = bundled[:300, :200].copy()
