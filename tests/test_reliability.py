@@ -57,8 +57,11 @@ def test_nan_or_inf_coordinates(crop, bad):
     crop.obs = crop.obs.drop(columns=["array_row", "array_col"])
     crop.obsm["spatial"] = crop.obsm["spatial"].astype(float)
     crop.obsm["spatial"][3, 0] = bad
-    with pytest.raises(ValueError, match=r"NaN or inf coordinates"):
+    with pytest.raises(ValueError, match=rf"NaN or inf coordinates for 1 of {crop.n_obs} spots.*adata\[np\.isfinite"):
         dfm.pp.serialize(crop)
+    kept = crop[np.isfinite(crop.obsm["spatial"]).all(axis=1)].copy()  # the fix the message gives
+    dfm.pp.serialize(kept)
+    assert kept.n_obs == crop.n_obs - 1
     crop.obs["array_row"] = np.arange(crop.n_obs, dtype=float)
     crop.obs["array_col"] = np.arange(crop.n_obs, dtype=float)
     crop.obs.iloc[0, crop.obs.columns.get_loc("array_row")] = bad

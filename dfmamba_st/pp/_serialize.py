@@ -83,7 +83,12 @@ def spot_cells(adata: AnnData, *, spatial_key: str = "spatial") -> tuple[np.ndar
     if spatial_key in adata.obsm:
         xy = np.asarray(adata.obsm[spatial_key], dtype=np.float64)[:, :2]
         if not np.all(np.isfinite(xy)):
-            raise ValueError(f"obsm[{spatial_key!r}] contains NaN or inf coordinates; fix or drop those spots.")
+            bad = int((~np.isfinite(xy).all(axis=1)).sum())
+            raise ValueError(
+                f"obsm[{spatial_key!r}] contains NaN or inf coordinates for {bad:,} of {xy.shape[0]:,} spots; fix "
+                f"them, or drop those spots: adata = adata[np.isfinite(adata.obsm[{spatial_key!r}]).all(axis=1)]"
+                ".copy()."
+            )
         return curves.quantize(xy), "quantized"
     if {"array_row", "array_col"} <= set(adata.obs.columns):
         raise ValueError(
