@@ -30,17 +30,17 @@ def set_threads(threads: int) -> dict[str, int | str]:
     import torch
     from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(threads)
     threadpool_limits(limits=threads, user_api="blas")  # not as a context: for the rest of the process
-    counts: dict[str, int | str] = {"torch": torch.get_num_threads()}
+    numba_threads: int | str = "none (no numba)"
     try:
         import numba
     except ImportError:
-        counts["numba"] = "none (no numba)"
-    else:
+        pass
+    else:  # first: starting numba's OpenMP pool sets the OpenMP count torch shares to NUMBA_NUM_THREADS
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        counts["numba"] = numba.get_num_threads()
-    return counts
+        numba_threads = numba.get_num_threads()
+    torch.set_num_threads(threads)
+    return {"torch": torch.get_num_threads(), "numba": numba_threads}
 
 
 def start_worker(threads: int) -> None:

@@ -320,15 +320,41 @@ def test_dlpfc_benchmark_refuses_an_unknown_method_before_any_job(benchmark_modu
         bench.baseline_rep(ad.AnnData(np.ones((3, 2))), "pca_nbmean", 0)
 
 
-def test_benchmark_workers_start_with_every_pool_at_the_thread_count(benchmark_module):
+def test_benchmark_workers_start_with_every_pool_at_the_thread_count(benchmark_module, monkeypatch):
     import concurrent.futures as cf
     import multiprocessing as mp
 
+    for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(name, "2")  # what a worker would inherit without its initializer
     bench = benchmark_module("st_dlpfc")
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), **bench._workers(1)) as pool:
         env, numba_threads = pool.submit(_worker_threads).result()
     assert numba_threads == 1
     assert all(env[name] == "1" for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"))
+
+
+def test_set_threads_leaves_torch_and_numba_at_the_count_after_numba_starts(tmp_path):
+    """In a process started without the thread variables (NUMBA_NUM_THREADS=4 stands for a 4-core machine): numba's
+    pool, when it starts, sets the OpenMP count torch shares, so it is set first and torch after it."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import torch, numba\n"
+        "from benchmarks._threads import set_threads\n"
+        "from dfmamba_st.core import selective_scan\n"
+        "counts = set_threads(1)\n"
+        "u = torch.randn(1, 4, 64); A = -torch.rand(4, 2); B = torch.randn(1, 2, 64)\n"
+        "selective_scan(u, torch.rand(1, 4, 64), A, B, B.clone(), backend='numba')  # a parallel numba kernel\n"
+        "print(counts['torch'], counts['numba'], torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "4"
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1])], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "1", "1", "1"]  # returned, and still so after numba's kernel ran
 
 
 def _worker_threads():
