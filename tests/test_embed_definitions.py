@@ -73,7 +73,17 @@ def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bu
     assert _features.recovered_counts(toy.X).toarray().tolist() == [[2, 3, 0], [0, 1, 0], [0, 1, 3]]
 
 
-@pytest.mark.parametrize("kind", ["counts", "counts with stored zeros", "log-normalised counts", "rounded log values"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "counts",
+        "counts with stored zeros",
+        "log-normalised counts",
+        "rounded log values",
+        "rounded log values, unsorted indices",
+        "rounded log values, duplicate entries",
+    ],
+)
 @pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")
 def test_embed_and_coarsen_leave_the_callers_expression_matrix_as_it_was(top, kind):
     """expression_matrix shares the arrays of a float32 CSR matrix (no copy of the whole matrix): no step may change
@@ -82,19 +92,34 @@ def test_embed_and_coarsen_leave_the_callers_expression_matrix_as_it_was(top, ki
     if kind != "counts":
         X.data[X.indptr[:-1][np.diff(X.indptr) > 1] + 1] = 0.0  # a stored zero in every spot with two values or more
     top.X = X
-    if kind in ("log-normalised counts", "rounded log values"):
+    if kind.startswith(("log-normalised counts", "rounded log values")):
         sc.pp.normalize_total(top)
         sc.pp.log1p(top)
         top.X = sp.csr_matrix(top.X, dtype=np.float32)
-    if kind == "rounded log values":
+    if kind.startswith("rounded log values"):
         top.X.data = np.round(top.X.data, 2)  # counts that cannot be recovered
+    if kind.endswith("unsorted indices"):  # each row's entries reversed: scipy sorts such a matrix in place
+        X = top.X
+        for begin, end in zip(X.indptr[:-1], X.indptr[1:]):
+            X.indices[begin:end], X.data[begin:end] = X.indices[begin:end][::-1].copy(), X.data[begin:end][::-1].copy()
+        X.has_sorted_indices = False
+    if kind.endswith("duplicate entries"):  # every value split in two entries at its place: summed in place by scipy
+        X = top.X
+        rows = np.tile(np.repeat(np.arange(X.shape[0]), np.diff(X.indptr)), 2)
+        order = np.argsort(rows, kind="stable")  # a row's entries, then the same entries again
+        halves = np.tile(X.data / 2, 2)[order].astype(np.float32)
+        indptr = np.r_[0, np.cumsum(2 * np.diff(X.indptr))]
+        top.X = sp.csr_matrix((halves, np.tile(X.indices, 2)[order], indptr), shape=X.shape)  # kept as given
+        assert not top.X.has_canonical_format
+    before = top.X.toarray()
     arrays = [a.copy() for a in (top.X.data, top.X.indices, top.X.indptr)]
     dfm.pp.serialize(top)
     dfm.tl.embed(top, **QUICK)
-    if kind != "rounded log values":  # coarsen sums counts: log values that are no counts are refused
+    if not kind.startswith("rounded log values"):  # coarsen sums counts: log values that are no counts are refused
         dfm.pp.coarsen(top, 2)
-    for before, now in zip(arrays, (top.X.data, top.X.indices, top.X.indptr)):
-        np.testing.assert_array_equal(now, before)
+    for was, now in zip(arrays, (top.X.data, top.X.indices, top.X.indptr)):
+        np.testing.assert_array_equal(now, was)
+    np.testing.assert_array_equal(top.X.toarray(), before)
 
 
 def test_reading_log_normalised_values_with_stored_zeros_leaves_the_callers_matrix_as_it_was(bundled):
