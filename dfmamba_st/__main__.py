@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("dfmamba_st_results"),
         help="output folder for result.h5ad, domains.png, gates.png and scores.csv (default: dfmamba_st_results)",
     )
+    parser.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error a step raises, show Python's traceback, not only the message (default: the message)",
+    )
     return parser
 
 
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     -------
     The exit code, 0. Bad arguments end in argparse's usage message and exit code 2, before any work starts; input
     that a step refuses (``ValueError`` or ``KeyError``: e.g. negative or NaN expression, too few spots) ends in
-    that step's message and exit code 1, without a traceback.
+    that step's message and exit code 1, without a traceback (``--traceback`` shows it, for an error that is no input
+    problem).
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -161,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         dfm.tl.cluster(adata, args.n_clusters or None, library_key=library_key)
     except (ValueError, KeyError) as err:  # what the steps refuse in the input, said without a traceback
+        if args.traceback:
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        parser.exit(1, f"{parser.prog}: error: {name}: {message}\n")
+        parser.exit(1, f"{parser.prog}: error: {name}: {message}\n(--traceback shows where it was raised)\n")
     seconds = time.time() - start
     params = adata.uns["dfm"]["params"]
     print(

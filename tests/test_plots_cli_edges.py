@@ -699,6 +699,9 @@ def test_command_line_ends_an_input_a_step_refuses_with_its_message_not_a_traceb
     assert exit_.value.code == 1, err
     assert re.search(r"^python -m dfmamba_st: error: scaled: adata\.X contains negative values", err, re.M), err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert "--traceback shows where" in err
+    with pytest.raises(ValueError, match="negative values"):  # --traceback: the error itself, for a bug report
+        main(["--input", str(tmp_path / "scaled.h5ad"), "--out", str(tmp_path / "out"), "--traceback"])
 
 
 def test_command_line_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
