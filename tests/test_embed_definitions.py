@@ -283,6 +283,20 @@ def test_the_spatial_graph_refuses_more_spots_at_one_position_than_it_links(monk
         spatial_graph(points)
 
 
+def test_embed_refuses_crowded_positions_before_it_reads_the_expression(top, monkeypatch):
+    from dfmamba_st.tl import _embed
+
+    del top.obs["array_row"], top.obs["array_col"]
+    top.obsm["spatial"] = np.asarray(top.obsm["spatial"], dtype=float)
+    top.obsm["spatial"][:40] = 0.0  # 40 spots at one position: coordinates missing, filled with zeros
+    with pytest.warns(UserWarning, match="same coordinates"):
+        dfm.pp.serialize(top)
+    monkeypatch.setattr(_features, "MAX_AT_ONE_POSITION", 39)
+    monkeypatch.setattr(_embed, "expression_matrix", lambda *a, **k: pytest.fail("the expression was read first"))
+    with pytest.raises(ValueError, match="40 spots share one position"):
+        dfm.tl.embed(top, **QUICK)
+
+
 @pytest.mark.filterwarnings("ignore:Some cells have zero counts")  # scanpy's note on the emptied spot
 def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
     X = top.X.tolil()

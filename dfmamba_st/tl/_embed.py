@@ -534,6 +534,9 @@ def embed(
     # the tile against the depth and min_len the model has or will have (SpatialConfig's), before the slow work
     built = (settings["depth"], SpatialConfig.min_len) if model is None else (model.config.depth, model.config.min_len)
     tile_size = _check_tile_size(tile_size, *built)
+    # the sequences and graphs first: positions the graph refuses (too many spots at one) stop the call before the
+    # expression is read and the features fitted
+    libraries = _library_sequences(adata, library_key, spatial_key, curve_names if model is None else config.curves)
     X, input_is_counts, recovered = expression_matrix(adata, layer)  # once, after the options are checked
     if model is None:
         seed_everything(seed)
@@ -577,7 +580,6 @@ def embed(
             stacklevel=user_stacklevel(),
         )
 
-    libraries = _library_sequences(adata, library_key, spatial_key, config.curves)
     tokens = _tokens(features, libraries, config.hops)
     if model is None:
         token_scale = float(np.sqrt(np.mean(tokens**2))) or 1.0
