@@ -504,6 +504,12 @@ def test_the_features_fitted_on_a_subset_of_large_tissue_do_not_depend_on_the_or
     np.testing.assert_allclose(shuffled.mean, first.mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(shuffled.loadings, first.loadings, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(runs[1][top.obs_names].obsm["X_dfm"], runs[0].obsm["X_dfm"], atol=1e-4)
+    fitted = [_features.FeatureTransform.fit(a, layer=None, n_top_genes=300, n_pcs=10, seed=0) for a in runs]
+    np.testing.assert_allclose(fitted[1].mean, fitted[0].mean, rtol=1e-5, atol=1e-6)  # the same spots drawn
+    for adata in runs:  # never serialized: the spots' names order the draw
+        del adata.obs["dfm_order"]
+    fitted = [_features.FeatureTransform.fit(a, layer=None, n_top_genes=300, n_pcs=10, seed=0) for a in runs]
+    np.testing.assert_allclose(fitted[1].mean, fitted[0].mean, rtol=1e-5, atol=1e-6)
 
 
 def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scanpy import logging as logg
 
-from .._utils import user_stacklevel
+from .._utils import serialized_rows, user_stacklevel
 
 __all__ = [
     "FeatureTransform",
@@ -309,16 +309,21 @@ class FeatureTransform:
         n_pcs: int | None,
         seed: int,
         chosen: bool = True,
+        order_key: str = "dfm_order",
+        library_key: str | None = None,
     ) -> FeatureTransform:
         """Choose HVGs (scanpy, seurat_v3 on counts) and fit standardisation and PCA on ``adata``.
 
         HVGs are chosen on all spots (sparse); the standardisation and the PCA on at most ``MAX_FIT_SPOTS`` of them
-        (a random subset drawn with ``seed``), so memory stays bounded on large tissues. With fewer genes than
-        ``n_top_genes`` all are used: a warning when the user ``chosen`` that number, a log message for a preset's.
+        (a random subset drawn with ``seed`` along the curve of ``obs[order_key]``, or the spots' names without it:
+        the same spots whatever the order of the rows, as in :func:`~dfmamba_st.tl.embed`), so memory stays bounded
+        on large tissues. With fewer genes than ``n_top_genes`` all are used: a warning when the user ``chosen`` that
+        number, a log message for a preset's.
         """
         X, is_counts, _ = expression_matrix(adata, layer)
+        order = serialized_rows(adata, order_key, library_key)
         return cls.fit_matrix(
-            X, is_counts, adata.var_names, n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed, chosen=chosen
+            X, is_counts, adata.var_names, n_top_genes=n_top_genes, n_pcs=n_pcs, seed=seed, chosen=chosen, order=order
         )
 
     @classmethod
