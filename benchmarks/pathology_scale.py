@@ -75,7 +75,7 @@ class PatchMLP(nn.Module):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # --quick reads full names
     p.add_argument("--quick", action="store_true", help="CI scale: tiny model, few images, 2 epochs")
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--depth", type=int, default=4, help="DF-Mamba fractal depth K")

@@ -111,7 +111,11 @@ def shared_genes(paths: dict[str, str]) -> list[str]:
     """The genes every slice has, in the first slice's order (those ``anndata.concat(join="inner")`` keeps)."""
     import anndata as ad
 
-    names = [ad.read_h5ad(p, backed="r").var_names for p in paths.values()]
+    names = []
+    for path in paths.values():
+        backed = ad.read_h5ad(path, backed="r")
+        names.append(backed.var_names.copy())
+        backed.file.close()
     first = names[0]
     return [g for g in first if all(g in other for other in names[1:])]
 

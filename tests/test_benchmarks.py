@@ -793,6 +793,8 @@ def test_pathology_scale_keeps_train_val_test_apart_and_each_model_its_settings(
     monkeypatch.setattr(bench, "evaluate_resolutions", fake_resolutions)
     quick = bench.parse_args(["--quick", "--epochs", "5", "--d-model=32"])  # given on the line: kept
     assert (quick.epochs, quick.d_model, quick.d_state, quick.train_images) == (5, 32, 4, 8)
+    with pytest.raises(SystemExit):  # an abbreviation would escape --quick's check of the names given
+        bench.parse_args(["--quick", "--epoch", "5"])
     rows = bench.main(["--quick", "--seed", "3"])
     assert "torch threads 1, numba threads 1" in capsys.readouterr().out  # both counts shown (numba's may be capped)
     # train and validation images: 256 px, each its own seed; test fields: 512 px, a third seed
@@ -871,16 +873,33 @@ def test_scale_run_one_times_the_whole_workflow_and_clusters_into_the_six_layers
         asked.append((k, random_state, use_rep))
         adata.obs[key_added] = adata.obs["layer"].to_numpy() if use_rep == "X_dfm" else "one"
 
+    def getrusage(who):  # 1 GiB until a baseline has clustered, 9 GiB after: the peak must be read before them
+        baselines_ran = any(use_rep == "X_base" for _, _, use_rep in asked)
+        return types.SimpleNamespace(ru_maxrss=(9 if baselines_ran else 1) * 2**20)
+
     monkeypatch.setattr(dfm.pp, "serialize", lambda adata, **kw: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "embed", lambda adata, progress, seed: time.sleep(0.05))
     monkeypatch.setattr(dfm.tl, "cluster", fake_cluster)
+    monkeypatch.setattr(bench.resource, "getrusage", getrusage)
     row = bench.run_one(2000, 3, torch.get_num_threads())
+    assert row["peak_rss_gb"] == 1.0  # the method's peak, not the baselines'
     assert asked == [(6, 3, "X_dfm"), (6, 3, "X_base"), (6, 3, "X_base")]  # the method, then the two baselines
     assert row["serialize_s"] >= 0.05 and row["embed_s"] >= 0.05
     assert row["seconds"] == pytest.approx(row["serialize_s"] + row["embed_s"] + row["cluster_s"], rel=1e-9)
     assert row["ari"] == pytest.approx(1.0) and row["spots"] == 2000
     assert row["pca_gmm_ari"] == row["pca_nbmean_gmm_ari"] == pytest.approx(0.0)  # one label: the baselines' own
     assert row["pca_gmm_s"] > 0 and row["pca_nbmean_gmm_s"] > 0
+    real_cluster_baseline = bench.cluster_baseline
+
+    def failing(adata, kind, *args):
+        if kind == "pca_gmm":
+            raise MemoryError
+        return real_cluster_baseline(adata, kind, *args)
+
+    monkeypatch.setattr(bench, "cluster_baseline", failing)
+    row = bench.run_one(2000, 3, torch.get_num_threads())  # a baseline that fails leaves the method's row
+    assert np.isnan(row["pca_gmm_ari"]) and row["pca_nbmean_gmm_ari"] == pytest.approx(0.0)
+    assert row["ari"] == pytest.approx(1.0)
 
 
 def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmark_module, monkeypatch):
