@@ -331,6 +331,12 @@ def _workers(threads: int) -> dict:
     return {"initializer": start_worker, "initargs": (threads,)}
 
 
+def run_in_worker(fn, threads: int, *args):
+    """``fn(*args)`` in a fresh (spawned) process with every thread pool at ``threads``: its own peak memory."""
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), **_workers(threads)) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA), help="folder of the DLPFC slices")
@@ -363,16 +369,21 @@ def main(argv: list[str] | None = None) -> int:
     cluster_options = parse_options(args.cluster, "--cluster")
     if cluster_options:
         print(f"tl.cluster options (every method): {cluster_options}", flush=True)
-    ctx = mp.get_context("spawn")
     rows = []
     for slice_id in args.slices:
         for method in args.methods:
             for seed in args.seeds:
-                with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(args.threads)) as pool:
-                    job = pool.submit(
-                        _job, method, paths[slice_id], slice_id, seed, args.threads, embed_options, cluster_options
-                    )
-                    row = job.result()
+                row = run_in_worker(
+                    _job,
+                    args.threads,
+                    method,
+                    paths[slice_id],
+                    slice_id,
+                    seed,
+                    args.threads,
+                    embed_options,
+                    cluster_options,
+                )
                 rows.append(row)
                 print(
                     f"{row['method']:>15} {row['slice']} seed {seed}: ARI {row['ari']:.3f} "
@@ -392,10 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nARI less {PAIRED_WITH}'s, same slice and seed")
         print(pairs.round(4).to_string(index=False))
     if not args.no_extra:
-        with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(args.threads)) as pool:
-            extra = pool.submit(
-                _extra, args.data_dir, args.seeds[0], args.threads, embed_options, cluster_options
-            ).result()
+        extra = run_in_worker(
+            _extra, args.threads, args.data_dir, args.seeds[0], args.threads, embed_options, cluster_options
+        )
         print(f"\nzero-shot scale and transfer (seed {args.seeds[0]})")
         print(pd.DataFrame(extra).round(3).to_string(index=False))
     return 0

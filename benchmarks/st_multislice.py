@@ -32,8 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -52,9 +50,9 @@ from benchmarks.st_dlpfc import (  # noqa: E402
     _job,
     _peak_mb,
     _scores,
-    _workers,
     cluster_baseline,
     load_slice,
+    run_in_worker,
     slice_path,
 )
 
@@ -101,12 +99,6 @@ def _joint_job(
     }
 
 
-def _run(pool_fn, threads: int, *args):
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(1, mp_context=ctx, **_workers(threads)) as pool:
-        return pool.submit(pool_fn, *args).result()
-
-
 def shared_genes(paths: dict[str, str]) -> list[str]:
     """The genes every slice has, in the first slice's order (those ``anndata.concat(join="inner")`` keeps)."""
     import anndata as ad
@@ -145,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for method in METHODS:
         for seed in args.seeds:
-            rows.append(_run(_joint_job, args.threads, method, paths, seed, args.threads, cluster_options))
+            rows.append(run_in_worker(_joint_job, args.threads, method, paths, seed, args.threads, cluster_options))
             for panel, kept in (("shared genes", genes), ("own genes", None)):
                 singles = [
-                    _run(_job, args.threads, method, paths[s], s, seed, args.threads, {}, cluster_options, kept)
+                    run_in_worker(
+                        _job, args.threads, method, paths[s], s, seed, args.threads, {}, cluster_options, kept
+                    )
                     for s in args.slices
                 ]
                 rows.append(

@@ -498,7 +498,7 @@ def test_multislice_table_sums_seconds_takes_peak_max_and_averages_over_seeds(be
     monkeypatch.setattr(ms, "_joint_job", fake_joint)
     monkeypatch.setattr(ms, "_job", fake_job)
     pools = []
-    monkeypatch.setattr(ms, "_run", lambda fn, threads, *args: pools.append(threads) or fn(*args))
+    monkeypatch.setattr(ms, "run_in_worker", lambda fn, threads, *args: pools.append(threads) or fn(*args))
     monkeypatch.setattr(ms, "shared_genes", lambda paths: ["g1", "g2"])
     argv = ["--data-dir", "/d", "--seeds", "0", "1", "4", "--threads", "1", "--cluster", "tol=1e-6"]
     assert ms.main(argv) == 0  # joint ARI on 151673 over the seeds: 0.1, 0.2, 0.5 (mean 0.267, median 0.2)
