@@ -172,3 +172,44 @@ def test_a_bin_takes_the_mean_of_its_spots_known_positions(small):
     same_bin[0] = False
     assert same_bin.sum() == coarse.obs["n_spots"].iloc[moved[0]] - 1
     np.testing.assert_allclose(got[moved[0]], adata.obsm["spatial"][same_bin].mean(axis=0))
+
+
+def test_the_restarts_one_at_a_time_fit_what_scikit_learns_n_init_fits(two_slices):
+    """``_gmm`` runs its restarts one by one (for the progress bar): the fit kept is scikit-learn's ``n_init`` fit."""
+    from sklearn.mixture import GaussianMixture
+
+    rep = np.asarray(two_slices.obsm["X_pca"], dtype=np.float64)
+    for seed in (0, 3):
+        ours = _cluster._gmm(rep, 7, seed, 6)
+        theirs = GaussianMixture(
+            7, covariance_type="tied", n_init=6, reg_covar=1e-4, tol=_cluster.GMM_TOL,
+            max_iter=_cluster.GMM_MAX_ITER, random_state=seed,
+        ).fit(rep)  # fmt: skip
+        assert ours.lower_bound_ == theirs.lower_bound_ and ours.n_iter_ == theirs.n_iter_
+        np.testing.assert_array_equal(ours.means_, theirs.means_)
+        np.testing.assert_array_equal(ours.covariances_, theirs.covariances_)
+    # the restarts differ (else keeping the best would be moot): the first restart alone is another fit
+    assert _cluster._gmm(rep, 7, 3, 1).lower_bound_ != _cluster._gmm(rep, 7, 3, 6).lower_bound_
+
+
+def test_cluster_shows_a_bar_over_the_gmm_fits_when_they_take_a_while(small, monkeypatch, capsys):
+    closed = []
+
+    class Recorded(_cluster.tqdm):
+        def close(self):
+            if not self.disable:
+                closed.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(_cluster, "tqdm", Recorded)
+    monkeypatch.setattr(_cluster, "PROGRESS_DELAY", 0.0)  # every fit "takes a while"
+    adata = small.copy()
+    with pytest.warns(UserWarning, match="no clear knee"):
+        dfm.tl.cluster(adata, None, use_rep="X_pca", n_init=4, k_range=range(2, 5))
+    assert closed == [("dfm.tl.cluster: choosing K", 9, 9), ("dfm.tl.cluster: 4 GMM restarts", 4, 4)]  # 3 K x 3
+    assert "dfm.tl.cluster: 4 GMM restarts" in capsys.readouterr().err
+    dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4, progress=False)
+    assert capsys.readouterr().err == "" and len(closed) == 2
+    monkeypatch.setattr(_cluster, "PROGRESS_DELAY", 2.0)
+    dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4)  # well under a second: no bar drawn
+    assert capsys.readouterr().err == ""

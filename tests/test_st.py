@@ -365,9 +365,16 @@ def test_n_init_reaches_the_kmeans_and_gmm_fits(small, monkeypatch):
         return fit(estimator, rep)
 
     monkeypatch.setattr(_cluster, "_fit_one_thread", spy)
+
+    class Counted(_cluster.GaussianMixture):  # the GMM's restarts are fitted one at a time
+        def fit(self, X, y=None):
+            seen.append(("GaussianMixture restart", self.n_init))
+            return super().fit(X, y)
+
+    monkeypatch.setattr(_cluster, "GaussianMixture", Counted)
     dfm.tl.cluster(small, 4, method="kmeans", n_init=3, refine=False)
     dfm.tl.cluster(small, 4, n_init=2, refine=False)
-    assert seen == [("KMeans", 3), ("GaussianMixture", 2)]
+    assert seen == [("KMeans", 3)] + [("GaussianMixture restart", 1)] * 2
 
 
 @needs_data
