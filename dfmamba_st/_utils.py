@@ -18,6 +18,7 @@ __all__ = [
     "check_library_key",
     "check_outputs",
     "embed_record_key",
+    "gate_range",
     "h5ad_safe",
     "is_tool_record",
     "is_whole_number",
@@ -330,3 +331,23 @@ def h5ad_safe(value):
     if value is None:
         return "None"
     return value
+
+
+def gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
+    """The ends of a gate plot's colour map (``pl.gates``, the pathology gate maps).
+
+    ``vmin`` / ``vmax`` where given, else the 1st / 99th percentile of the finite ``values`` (0 / 1 if they are flat).
+
+    An end left automatic that falls on the wrong side of the one given becomes 0 or 1, the gates' bounds.
+    """
+    finite = values[np.isfinite(values)]
+    low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    if high - low < 1e-3:
+        low, high = 0.0, 1.0
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
+    if vmin is not None:
+        low, high = vmin, high if high > vmin else max(1.0, vmin + 1e-3)
+    if vmax is not None:
+        low, high = low if low < vmax else min(0.0, vmax - 1e-3), vmax
+    return float(low), float(high)

@@ -380,6 +380,46 @@ def test_plot_saliency_title_probability_comes_from_eval_mode():
     plt.close("all")
 
 
+def test_the_gate_overlay_spans_the_gates_and_every_colour_bar_says_what_it_shows():
+    """Audit s46, finding 2: on a fixed 0-1 scale the gates (within 0.48-0.50 here) were one flat tint, the bar
+    unlabelled. The saliency maps (normalised to [0, 1]) keep 0-1."""
+    import matplotlib.pyplot as plt
+
+    from dfmamba_st.pathology import gate_map
+
+    model = tiny_model()
+    image = torch.rand(3, 64, 64)
+    gates = gate_map(model, image)
+    ax = plot_saliency(model, image, method="gate", show=False)
+    overlay, bar = ax.images[1], ax.figure.axes[1]
+    assert overlay.get_clim() == pytest.approx(tuple(np.percentile(gates, [1, 99])))
+    assert np.ptp(gates) < 0.1 and bar.get_ylabel() == "gate (0 local, 1 global)"
+    ax = plot_saliency(model, image, method="gate", vmin=0, vmax=1, show=False)
+    assert ax.images[1].get_clim() == (0, 1)
+    ax = plot_saliency(model, image, show=False)
+    assert ax.images[1].get_clim() == (0, 1) and ax.figure.axes[1].get_ylabel() == "saliency (normalised)"
+    plt.close("all")
+
+
+def test_plot_saliency_fits_a_wide_image_and_refuses_mismatched_options():
+    """Audit s46, findings 4 and 8: a 5 x 5 inch figure whatever the image (the bar three times a wide image's
+    height), a bare IndexError for too few class names, ``target=`` ignored by the gate map."""
+    import matplotlib.pyplot as plt
+
+    model = tiny_model()
+    wide = torch.rand(3, 32, 96)
+    fig = plot_saliency(model, wide, return_fig=True, show=False)
+    image_box, bar_box = (a.get_window_extent() for a in fig.axes)
+    assert fig.get_figwidth() > 2 * fig.get_figheight()
+    assert bar_box.height < 1.2 * image_box.height
+    plt.close("all")
+    with pytest.raises(ValueError, match="class_names has 2 names; the model has 4 classes"):
+        plot_saliency(model, wide, class_names=["a", "b"], show=False)
+    with pytest.raises(ValueError, match=r"the gate map .* has none"):
+        plot_saliency(model, torch.rand(3, 64, 64), method="gate", target=0, show=False)
+    assert not plt.get_fignums()  # refused before a figure was made
+
+
 # --- image folders -------------------------------------------------------------------------------------------------
 
 

@@ -137,7 +137,8 @@ def test_a_library_without_its_image_is_named_once_per_figure(two_slices):
 
 def test_the_gates_of_one_library_span_that_library_s_gates(two_slices):
     in_b = (two_slices.obs["lib"] == "151674").to_numpy()
-    want = np.percentile(np.asarray(two_slices.obsm["X_dfm_gates"])[in_b, 0], [1, 99])
+    gates = np.asarray(two_slices.obsm["X_dfm_gates"])[in_b]
+    want = np.percentile(gates[np.isfinite(gates)], [1, 99])  # every depth of that library
     fig, ax = plt.subplots()
     dfm.pl.gates(two_slices, depth=0, library_id="151674", ax=ax)
     norm = scatter(ax).norm
@@ -147,17 +148,22 @@ def test_the_gates_of_one_library_span_that_library_s_gates(two_slices):
 
 def test_gates_span_the_gates_drawn_unless_given_a_range(embedded):
     """Audit s43, finding 2: on 0-1 the trained gates (within about 0.3-0.6) looked uniform, and vmin=/vmax= were
-    ignored (the panels' own norm won)."""
-    low, high = np.percentile(np.asarray(embedded.obsm["X_dfm_gates"])[:, 0], [1, 99])  # of the depth drawn
+    ignored (the panels' own norm won). Audit s46, finding 3: one range for every depth, also where each is drawn
+    into its own axes (each took its own range, so one colour meant other values side by side)."""
+    gates = np.asarray(embedded.obsm["X_dfm_gates"])
+    low, high = np.percentile(gates[np.isfinite(gates)], [1, 99])  # of every depth, whichever is drawn
 
-    def limits(**kwargs):
+    def limits(depth=0, **kwargs):
         fig, ax = plt.subplots()
-        dfm.pl.gates(embedded, ax=ax, depth=0, **kwargs)
+        dfm.pl.gates(embedded, ax=ax, depth=depth, **kwargs)
         norm = scatter(ax).norm
         plt.close(fig)
         return norm.vmin, norm.vmax
 
     assert limits() != pytest.approx((0, 1)) and limits() == pytest.approx((low, high))
+    for k in range(1, gates.shape[1]):
+        if np.isfinite(gates[:, k]).any():
+            assert limits(depth=k) == limits()
     assert limits(vmin=0, vmax=1) == (0, 1)
     assert limits(norm=Normalize(0.2, 0.7)) == (0.2, 0.7)
     assert limits(vmin=high + 0.05) == (high + 0.05, 1.0)  # the automatic end moves out of the way (review s43)
@@ -205,14 +211,26 @@ def test_a_legend_of_25_domains_fits_on_the_figure(embedded, truth_key):
 # --- 8, 9: colours --------------------------------------------------------------------------------------------------
 
 
-def test_an_annotation_of_25_labels_has_25_colours(embedded):
-    fig = dfm.pl.domains(embedded, truth_key="dom25", return_fig=True, show=False)
-    colours = legend_colours(fig.axes[0])
-    labels = [c for c in colours if c != "NA"]
-    assert len(labels) == 25 and len({colours[c] for c in labels}) == 25
-    from scanpy.plotting.palettes import default_102
+@pytest.mark.parametrize(("n", "cycle"), [(25, None), (16, None), (7, None), (7, "default_20")])
+def test_an_annotation_has_the_colours_scanpy_gives_it(embedded, n, cycle):
+    """Audit s46, finding 1: 11-28 labels (or 7 after ``sc.set_figure_params``, whose colour cycle is default_20) had
+    other colours than in ``sc.pl.spatial`` / ``sc.pl.umap`` (tab20, then default_102); the 16th was tab20's grey."""
+    import scanpy as sc
+    from cycler import cycler
+    from scanpy.plotting import palettes
 
-    assert [colours[c] for c in embedded.obs["dom25"].cat.categories] == [to_hex(c) for c in default_102[:25]]
+    adata = embedded.copy()
+    adata.obs["labels"] = pd.Categorical((adata.obs["dom25"].cat.codes % n).astype(str))
+    theirs = adata.copy()  # scanpy stores the colours it picks in uns: on a copy, or dfm would read them back
+    rc = {"axes.prop_cycle": cycler(color=palettes.default_20)} if cycle else {}
+    with matplotlib.rc_context(rc):
+        fig = dfm.pl.domains(adata, truth_key="labels", return_fig=True, show=False)
+        sc.pl.embedding(theirs, basis="spatial", color="labels", show=False)
+    plt.close("all")
+    colours = legend_colours(fig.axes[0])
+    categories = theirs.obs["labels"].cat.categories
+    assert len(categories) == n and len({colours[c] for c in categories}) == n
+    assert {c: colours[c] for c in categories} == dict(zip(categories, map(to_hex, theirs.uns["labels_colors"])))
 
 
 def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_nor_pastel(embedded):
@@ -535,6 +553,16 @@ def test_training_legend_leaves_the_curves_uncovered(embedded):
     assert legend.x1 <= fig.bbox.width + 0.5  # and on the figure
 
 
+def test_training_legend_stays_in_the_callers_axes(embedded):
+    """Audit s46, finding 6: with ``ax=`` the legend stood beside the axes, under the next panel of the grid."""
+    fig, (left, _) = plt.subplots(1, 2)
+    dfm.pl.training(embedded, ax=left)
+    fig.canvas.draw()
+    legend, panel = left.get_legend().get_window_extent(), left.get_window_extent()
+    plt.close(fig)
+    assert panel.x0 <= legend.x0 and legend.x1 <= panel.x1 and panel.y0 <= legend.y0 and legend.y1 <= panel.y1
+
+
 @pytest.mark.parametrize("plot", ["training", "domains"])
 def test_figure_and_legend_sizes_follow_rcparams(embedded, plot):
     """sc.set_figure_params(figsize=..., fontsize=...) sets rcParams: our figures scale with them, as scanpy's do."""
@@ -793,6 +821,29 @@ def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, t
     result = ad.read_h5ad(tmp_path / "out" / "run" / "result.h5ad")
     assert result.uns["dfm"]["params"]["seed"] == 7
     assert "bic" in result.uns["dfm_domain"]  # K chosen at the knee of the BIC curve
+
+
+def test_axes_of_a_figure_pyplot_does_not_hold_draw_without_a_warning(embedded):
+    """Audit s46, finding 7: with a pyplot figure open, the gates' colour bar in a ``Figure()`` made without pyplot
+    printed matplotlib's "Adding colorbar to a different Figure" (squidpy's ``plt.colorbar(..., ax=ax)``)."""
+    from matplotlib.figure import Figure
+
+    plt.figure()  # pyplot's current figure, not the one drawn into
+    ax = Figure().add_subplot()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dfm.pl.gates(embedded, depth=1, ax=ax)
+    plt.close("all")
+    assert len(ax.figure.axes) == 2 and not [str(w.message) for w in caught]
+
+
+def test_the_gates_of_a_few_spots_are_dots_along_the_sequence(embedded):
+    """Audit s46, finding 9: a line through one point draws nothing (an empty panel for a one-spot library)."""
+    for spots, marker in ((embedded[:1], "."), (embedded[:20], "."), (embedded, "None")):
+        fig = dfm.pl.gates(spots, return_fig=True)
+        (sequence,) = [ax for ax in fig.axes if ax.get_title() == "gates along the sequence"]
+        plt.close(fig)
+        assert sequence.lines and {line.get_marker() for line in sequence.lines} == {marker}
 
 
 def test_axes_of_a_figure_made_without_pyplot_are_drawn_into_and_pyplot_opens_nothing(embedded):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._utils import gate_range
 from .data import to_unit_float
 from .tokens import check_image_size, tokens_to_grid
 
@@ -178,6 +179,8 @@ def plot_saliency(
     class_names: list[str] | tuple[str, ...] | None = None,
     alpha: float = 0.5,
     cmap: str = "inferno",
+    vmin: float | None = None,
+    vmax: float | None = None,
     title: str | None = None,
     ax=None,
     show: bool | None = None,
@@ -195,13 +198,18 @@ def plot_saliency(
     method
         ``"grad_input"``, ``"smoothgrad"`` (see :func:`saliency_map`) or ``"gate"`` (:func:`gate_map` at ``depth``).
     target
-        Class to explain (gradient methods; default the predicted class).
+        Class to explain (gradient methods; default the predicted class). The gate map explains no class: an error
+        with ``method="gate"``.
     depth
         Recursion depth of the gate map.
     class_names
-        Names for the title.
+        Names for the title, one per class of the model.
     alpha, cmap
         Opacity and colour map of the overlay.
+    vmin, vmax
+        The values at the ends of the colour map. By default 0 and 1 for a saliency map (normalised to [0, 1]); for
+        a gate map the 1st and 99th percentiles of its gates (gates often lie within a few hundredths of 0.5, which
+        on the full 0–1 scale looks uniform), as :func:`dfmamba_st.pl.gates` draws them.
     title
         Axes title (default: method, class and probability).
     ax
@@ -231,21 +239,30 @@ def plot_saliency(
     import matplotlib.pyplot as plt
 
     _check_method(method, (*_GRADIENT_METHODS, "gate"))
+    if method == "gate" and target is not None:
+        raise ValueError("target= chooses the class a saliency map explains; the gate map (method='gate') has none.")
     if show is None:  # decided on the arguments, before ``ax`` gets a new figure's axes below
         show = not return_fig and ax is None
     x = _as_batch(image, next(model.parameters()).device)
     with _eval_mode(model), torch.no_grad():  # the probability in the title, without dropout (as the maps)
         probs = torch.softmax(model(x), -1)[0].cpu().numpy()
+    if class_names is not None and len(class_names) != probs.size:
+        raise ValueError(f"class_names has {len(class_names)} names; the model has {probs.size} classes.")
     height, width = x.shape[-2:]
     if method == "gate":
         heat = gate_map(model, image, depth=depth)
-        label = f"gate, depth {depth}"
+        label, bar_label = f"gate, depth {depth}", "gate (0 local, 1 global)"
         shown_class = int(probs.argmax())
+        vmin, vmax = gate_range(heat, vmin, vmax)
     else:
         heat, shown_class = saliency_map(model, image, target=target, method=method, **saliency_kwargs)
         label = "gradient × input" if method == "grad_input" else "SmoothGrad"
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5, 5))
+        bar_label = "saliency (normalised)"
+        vmin, vmax = 0.0 if vmin is None else vmin, 1.0 if vmax is None else vmax
+    own_figure = ax is None
+    if own_figure:  # 5 inches on the image's longer side, as wide as its aspect asks (and the colour bar)
+        scale = 5.0 / max(height, width)
+        fig, ax = plt.subplots(figsize=(max(width * scale + 1.2, 3.0), max(height * scale + 0.6, 2.0)))
     else:
         fig = ax.figure
     ax.imshow(_display(image))
@@ -253,15 +270,17 @@ def plot_saliency(
         heat,
         cmap=cmap,
         alpha=alpha,
-        vmin=0.0,
-        vmax=1.0,
+        vmin=vmin,
+        vmax=vmax,
         extent=(-0.5, width - 0.5, height - 0.5, -0.5),
         interpolation="nearest",
     )
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.colorbar(im, ax=ax, fraction=0.046 * height / width, pad=0.04).set_label(bar_label, fontsize=8)
     name = class_names[shown_class] if class_names is not None else f"class {shown_class}"
     ax.set_title(title if title is not None else f"{label}: {name} (p = {probs[shown_class]:.2f})", fontsize=9)
     ax.set_axis_off()
+    if own_figure:
+        fig.tight_layout()
     if show:
         plt.show()
     if return_fig:

@@ -21,6 +21,7 @@ from .._utils import (
     EMBED_RECORD,
     check_library_key,
     embed_record_key,
+    gate_range,
     is_tool_record,
     recorded_param,
     shared_positions,
@@ -126,13 +127,24 @@ def _is_faint(colour) -> bool:
 
 
 def _default_colours(n: int) -> list[str]:
-    """``n`` colours for categories, as scanpy picks them: tab10 up to 10, tab20 up to 20, else scanpy's 102."""
-    if n <= 10:
-        colours = plt.get_cmap("tab10").colors
+    """``n`` colours for categories, as scanpy gives a categorical column without ``uns[key + '_colors']``.
+
+    The colour cycle of ``rcParams`` when it has ``n`` colours (tab10 by default, ``default_20`` after
+    ``sc.set_figure_params``), else scanpy's ``default_20``, ``default_28`` or ``default_102`` (repeated beyond 102,
+    where scanpy draws every category grey), so a column has the same colours here as in ``sc.pl.spatial`` and
+    ``sc.pl.umap``.
+    """
+    from scanpy.plotting import palettes
+
+    cycle = mpl.rcParams["axes.prop_cycle"].by_key().get("color", [])
+    if len(cycle) >= n:
+        colours = cycle
     elif n <= 20:
-        colours = plt.get_cmap("tab20").colors
+        colours = palettes.default_20
+    elif n <= 28:
+        colours = palettes.default_28
     else:
-        from scanpy.plotting.palettes import default_102 as colours
+        colours = palettes.default_102
     return [to_hex(colours[i % len(colours)]) for i in range(n)]
 
 
@@ -332,6 +344,9 @@ def _tissue(
         # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
         warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
+        # squidpy's plt.colorbar(..., ax=ax) into axes of a figure pyplot does not hold (see _make_current): the bar
+        # is drawn where it belongs, matplotlib only notes that the figures differ
+        warnings.filterwarnings("ignore", message="Adding colorbar to a different Figure", category=UserWarning)
         before, axes_before = set(plt.get_fignums()), set(ax.figure.axes)
         try:
             sq.pl.spatial_scatter(view, **kwargs)
@@ -550,9 +565,10 @@ def gates(
         library of several is drawn over that library's image.
     vmin, vmax
         The gate values at the ends of the colour map, the same for every tissue panel.
-        By default the 1st and 99th percentiles of the gates drawn (trained gates often lie within 0.3–0.6, which
-        on the full 0–1 scale looks uniform); ``vmin=0, vmax=1`` gives the full scale. A ``norm=`` (passed on
-        through ``**kwargs``) replaces them.
+        By default the 1st and 99th percentiles of the gates of every depth of the libraries drawn (trained gates
+        often lie within 0.3–0.6, which on the full 0–1 scale looks uniform), so a gate value has one colour whichever
+        depth is drawn, also in panels drawn one at a time with ``ax=``; ``vmin=0, vmax=1`` gives the full scale. A
+        ``norm=`` (passed on through ``**kwargs``) replaces them.
     ncols
         Panels per row when several libraries are drawn: as many libraries side by side as fit (at least one).
     ax
@@ -595,8 +611,8 @@ def gates(
     if not available:
         raise ValueError("No depth produced a gate (the sequences were shorter than min_len, or depth=0).")
     depths = _depths(depth, available, ax=ax)
-    drawn = np.concatenate([np.asarray(spots.obsm[f"{key}_gates"])[:, depths] for _, spots in libraries])
-    vmin, vmax = _gate_range(drawn, vmin, vmax)
+    drawn = np.concatenate([np.asarray(spots.obsm[f"{key}_gates"])[:, available] for _, spots in libraries])
+    vmin, vmax = gate_range(drawn, vmin, vmax)
     style = dict(cmap="magma", vmin=vmin, vmax=vmax, spatial_key=coordinates, scatter=_scatter_options(kwargs))
     style["colorbar_label"] = "gate"
     if ax is not None:
@@ -609,11 +625,10 @@ def gates(
     fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
     with _closed_on_error(fig):
         for row, (lib, spots) in zip(groups, libraries):
-            prefix = f"{lib}: " if len(libraries) > 1 else ""
-            wrap = "\n" if prefix else " "  # a library's name makes the tissue panels' titles too long for one line
+            prefix = f"{lib}:\n" if len(libraries) > 1 else ""  # a line of its own: a long name was cut off
             gates_here = np.asarray(spots.obsm[f"{key}_gates"])
             for a, k in zip(row, depths):
-                title = f"{prefix}gate, depth {k}{wrap}(0 local, 1 global)"
+                title = f"{prefix}gate, depth {k} (0 local, 1 global)"
                 _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style)
             if sequence:
                 title = f"{prefix}gates along the sequence"
@@ -623,24 +638,6 @@ def gates(
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
-def _gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
-    """``vmin`` / ``vmax`` where given, else the 1st / 99th percentile of the gates drawn (0 / 1 if they are flat).
-
-    An end left automatic that falls on the wrong side of the one given becomes 0 or 1, the gates' bounds.
-    """
-    finite = values[np.isfinite(values)]
-    low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
-    if high - low < 1e-3:
-        low, high = 0.0, 1.0
-    if vmin is not None and vmax is not None and not vmin < vmax:
-        raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
-    if vmin is not None:
-        low, high = vmin, high if high > vmin else max(1.0, vmin + 1e-3)
-    if vmax is not None:
-        low, high = low if low < vmax else min(0.0, vmax - 1e-3), vmax
-    return float(low), float(high)
-
-
 def _gates_along_sequence(
     ax: Axes, spots: AnnData, values: np.ndarray, depths: list[int], order_key: str | None, *, title: str
 ) -> None:
@@ -648,7 +645,8 @@ def _gates_along_sequence(
     order = np.argsort(spots.obs[order_key].to_numpy(), kind="stable") if order_key is not None else None
     for k in depths:
         series = pd.Series(values[order, k] if order is not None else values[:, k])
-        ax.plot(series.rolling(25, min_periods=1, center=True).mean().to_numpy(), lw=1, label=f"depth {k}")
+        smooth = series.rolling(25, min_periods=1, center=True).mean().to_numpy()
+        ax.plot(smooth, lw=1, marker="." if len(series) < 25 else None, label=f"depth {k}")  # a few spots: dots
     ax.set_xlabel("position along the curve" if order is not None else "spot, in AnnData order (no curve found)")
     ax.set_ylabel("gate (rolling mean)")
     ax.set_title(title)
@@ -1041,8 +1039,10 @@ def training(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss")
     ax.set_title("dfm.tl.embed training" + (f" ({key})" if key != "X_dfm" else ""))
-    # beside the axes, never over the curves
-    ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    if given:  # in the caller's axes: beside them it would lie under the next panel of their grid
+        ax.legend(frameon=False, fontsize="small", loc="best")
+    else:  # beside the axes, never over the curves (the figure is widened to fit it)
+        ax.legend(frameon=False, fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     if not given:
         fig.tight_layout()
         _fit_legends(fig)
