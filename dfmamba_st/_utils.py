@@ -165,6 +165,21 @@ def whole_number(value: object, what: str, minimum: int = 1) -> int:
     return int(value)
 
 
+#: the largest seed NumPy's legacy ``RandomState`` (scikit-learn's, scanpy's PCA) takes
+MAX_SEED = 2**32 - 1
+
+
+def seed_number(value: object, what: str) -> int:
+    """``value`` as a seed: a whole number from 0 to ``MAX_SEED``, else an error naming ``what``.
+
+    Checked before any work: scikit-learn and NumPy refuse larger seeds only when they come to use them.
+    """
+    seed = whole_number(value, what, minimum=0)
+    if seed > MAX_SEED:
+        raise ValueError(f"{what} must be a whole number from 0 to 2**32 - 1 ({MAX_SEED}), got {value!r}.")
+    return seed
+
+
 #: the ``uns`` key of the record of the default embedding (``obsm['X_dfm']``)
 EMBED_RECORD = "dfm"
 

@@ -92,10 +92,11 @@ def test_positions_the_smoothing_cannot_use_stop_cluster_before_the_fit_and_name
 
 def test_cluster_says_when_the_smoothing_empties_a_domain(small):
     tiny = small[:10].copy()
-    with pytest.warns(UserWarning, match=r"Smoothing the labels \(refine=True\) emptied 1 of 2 domains") as caught:
+    with pytest.warns(UserWarning, match=r"\(refine=True\) emptied 1 of 2 domains, which are left out") as caught:
         dfm.tl.cluster(tiny, 2, use_rep="X_pca", n_init=2)
-    assert warned_at(caught, "Smoothing the labels", __file__)
-    assert (tiny.obs["dfm_domain"].value_counts() == 0).sum() == 1  # kept as an empty category
+    assert warned_at(caught, "Smoothing the labels", __file__) and "(1 remain)" in str(caught[0].message)
+    # left out, not an empty category (audit s46: scanpy's rank_genes_groups and dendrogram fail on one)
+    assert tiny.obs["dfm_domain"].cat.categories.tolist() == ["0"]
     dfm.tl.cluster(tiny, 2, use_rep="X_pca", n_init=2, refine=False)
     assert (tiny.obs["dfm_domain"].value_counts() > 0).all()
 
@@ -213,3 +214,19 @@ def test_cluster_shows_a_bar_over_the_gmm_fits_when_they_take_a_while(small, mon
     monkeypatch.setattr(_cluster, "PROGRESS_DELAY", 2.0)
     dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4)  # well under a second: no bar drawn
     assert capsys.readouterr().err == ""
+
+
+def test_a_seed_numpy_cannot_take_is_refused_before_any_work(small):
+    """Audit s46, finding 4: seeds from 2**32 failed inside scikit-learn or NumPy, with their words."""
+    adata = small.copy()
+    dfm.pp.serialize(adata)
+    for call in (
+        lambda seed: dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=1, random_state=seed),
+        lambda seed: dfm.tl.embed(adata, seed=seed, epochs=1, progress=False),
+    ):
+        with pytest.raises(
+            ValueError, match=r"must be a whole number from 0 to 2\*\*32 - 1 \(4294967295\), got 4294967296"
+        ):
+            call(2**32)
+    dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=1, random_state=2**32 - 1)  # the largest is taken
+    assert adata.uns["dfm_domain"]["params"]["random_state"] == 2**32 - 1

@@ -31,6 +31,7 @@ from .._utils import (
     recorded_param,
     recorded_spatial_key,
     resolve_library_key,
+    seed_number,
     serialized_rows,
     user_stacklevel,
     warn_pooled_slices,
@@ -414,9 +415,11 @@ def cluster(
         The numbers of domains ``n_clusters=None`` chooses from (2 to 15). The knee depends on the range: widen it
         for tissues with more domains than 15.
     refine
-        Smooth the labels by a majority vote over each spot's neighbours (its six touching spots on the Visium
-        grid; a sparse graph). The positions are read before the fit (an error there says ``refine=False`` needs
-        none); a warning says when the vote empties a domain (kept as an empty category).
+        Smooth the labels by a majority vote over each spot's neighbours on a sparse graph (:func:`refine_labels`):
+        the spots at the six nearest distances, ties included, and the spots that count it among theirs (inside a
+        Visium tissue the six touching spots; at its edges up to about twelve). The positions are read before the
+        fit (an error there says ``refine=False`` needs none); a warning says when the vote empties a domain, which
+        is then left out of the categories.
     library_key
         Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
         mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
@@ -428,7 +431,7 @@ def cluster(
         ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
         tool's result) is not overwritten: an error asks for another name. A non-empty name without ``/``.
     random_state
-        Seed of the clustering: a whole number ≥ 0, or ``None`` for a fresh one each call (not a
+        Seed of the clustering: a whole number from 0 to 2**32 - 1, or ``None`` for a fresh one each call (not a
         :class:`numpy.random.RandomState`, which the record in ``uns`` could not store).
     progress
         Show a progress bar over the GMM fits (the restarts, and the fits that choose K) when they take more than
@@ -485,7 +488,7 @@ def cluster(
             )
         n_clusters = int(n_clusters)
     if random_state is not None:
-        random_state = whole_number(random_state, "random_state (a seed; None for a fresh one)", minimum=0)
+        random_state = seed_number(random_state, "random_state (a seed; None for a fresh one)")
     if n_init is not None and not is_whole_number(n_init, 1):
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
     if n_comps is not None:
@@ -553,14 +556,18 @@ def cluster(
         refined = labels.copy()
         for layout in layouts:
             refined[layout.idx] = refine_labels(labels[layout.idx], layout.graph())
-        labels = _relabel(refined)  # numbered by size again; a domain the vote emptied keeps a last, empty category
-        n_emptied = n_found - (int(labels.max()) + 1)
-        if n_emptied:
+        labels = _relabel(refined)  # numbered by size again
+        n_kept = int(labels.max()) + 1
+        if n_kept < n_found:
+            # left out, not kept as empty categories: scanpy's group-wise tools (rank_genes_groups, dendrogram, ...)
+            # fail on a category without spots (audit s46)
             warnings.warn(
-                f"Smoothing the labels (refine=True) emptied {n_emptied} of {n_found} domains (kept as empty "
-                "categories): they held too few spots, each surrounded by other domains. refine=False keeps them.",
+                f"Smoothing the labels (refine=True) emptied {n_found - n_kept} of {n_found} domains, which are left "
+                f"out ({n_kept} remain): they held too few spots, each surrounded by other domains. refine=False "
+                "keeps them.",
                 stacklevel=user_stacklevel(),
             )
+            n_found = n_kept
 
     if library_key is not None:
         extra["library_specific"] = library_specific_domains(labels, adata.obs[library_key].to_numpy())

@@ -25,6 +25,7 @@ from .._utils import (
     embed_record_key,
     h5ad_safe,
     resolve_library_key,
+    seed_number,
     serialized_rows,
     user_stacklevel,
     versions,
@@ -353,9 +354,9 @@ def embed(
     order_key
         Where :func:`~dfmamba_st.pp.serialize` stored the order.
     seed
-        Random seed (weights, masks); the same seed on the same machine with the same number of threads gives the
-        same embedding (one thread against two, for torch, BLAS and numba alike, moved values by up to 1.4e-4 on the
-        bundled slice, seed 0, domains unchanged; ``docs/spatial_log.md``, 2026-12-06).
+        Random seed (weights, masks; a whole number from 0 to 2**32 - 1); the same seed on the same machine with the
+        same number of threads gives the same embedding (one thread against two, for torch, BLAS and numba alike, moved
+        values by up to 1.4e-4 on the bundled slice, seed 0, domains unchanged; ``docs/spatial_log.md``, 2026-12-06).
         The orientation of the tissue acts much like another seed: the curves, and so the sequences, follow the grid.
         The caller's random states and torch's determinism settings are put back afterwards.
     device
@@ -458,7 +459,7 @@ def embed(
         extra_curves = (extra_curves,)
     for name in extra_curves:
         curves.check_curve(name, "curve in extra_curves")
-    seed = whole_number(seed, "seed", minimum=0)
+    seed = seed_number(seed, "seed")
     hops = whole_number(hops, "hops (rings of neighbours in the tokens)", minimum=0)
     serialized = adata.uns[order_key]["params"]  # its record, checked above
     primary = serialized["curve"]
