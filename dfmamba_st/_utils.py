@@ -122,15 +122,21 @@ def warn_unnamed_libraries(adata: AnnData, caller: str, consequence: str) -> Non
 
 
 def warn_pooled_slices(
-    adata: AnnData, n_shared: int, library_key: str | None, *, caller: str, shared: str, unnamed: str
+    adata: AnnData,
+    n_shared: int,
+    library_key: str | None,
+    *,
+    caller: str,
+    shared: str,
+    unnamed: str | None = None,
 ) -> None:
     """Warn about slices pooled without a library key, the one check of every step that reads positions.
 
     ``n_shared`` spots on the position of another (grid cell or coordinates) are the sign: ``shared`` says what
     ``caller`` does with them (with a library key they are only reported). Where none share one and no library key
     is in effect, an ``obs`` / ``uns`` naming several slices is the sign (:func:`warn_unnamed_libraries`) and
-    ``unnamed`` the consequence. ``anndata.concat`` drops ``uns``, and with it the library key the steps recorded, so
-    slices processed one at a time and joined afterwards reach a later step without one.
+    ``unnamed`` the consequence (by default ``shared``'s). ``anndata.concat`` drops ``uns``, and with it the library
+    key the steps recorded, so slices processed one at a time and joined afterwards reach a later step without one.
     """
     if n_shared:
         hint = f" {POOLED_SLICES_HINT} to {caller}." if library_key is None else ""
@@ -140,7 +146,7 @@ def warn_pooled_slices(
             stacklevel=user_stacklevel(),
         )
     elif library_key is None:
-        warn_unnamed_libraries(adata, caller, unnamed)
+        warn_unnamed_libraries(adata, caller, shared if unnamed is None else unnamed)
 
 
 def is_whole_number(value: object, minimum: int) -> bool:

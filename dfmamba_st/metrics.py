@@ -373,7 +373,6 @@ def evaluate(
             None,
             caller="evaluate",
             shared=wrong,
-            unnamed=wrong,
         )
     # the slices (the key given, or the one tl.cluster recorded): a row each, and spatial scores within each
     groups: dict[Hashable, np.ndarray] = {POOLED: np.ones(adata.n_obs, dtype=bool)}  # first, as without a key

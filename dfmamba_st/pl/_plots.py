@@ -398,7 +398,6 @@ def _libraries(
             None,
             caller="the plot",
             shared=overdrawn,
-            unnamed=overdrawn,
         )
         return [(None, adata)]
     check_library_key(adata, library_key)
