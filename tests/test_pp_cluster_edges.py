@@ -183,7 +183,8 @@ def test_the_restarts_one_at_a_time_fit_what_scikit_learns_n_init_fits(two_slice
     for seed in (0, 3):
         ours = _cluster._gmm(rep, 7, seed, 6)
         theirs = GaussianMixture(
-            7, covariance_type="tied", n_init=6, reg_covar=1e-4, tol=_cluster.GMM_TOL,
+            7, covariance_type="tied", n_init=6, reg_covar=_cluster.GMM_REG_COVAR * rep.var(axis=0).mean(),
+            tol=_cluster.GMM_TOL,
             max_iter=_cluster.GMM_MAX_ITER, random_state=seed,
         ).fit(rep)  # fmt: skip
         assert ours.lower_bound_ == theirs.lower_bound_ and ours.n_iter_ == theirs.n_iter_
@@ -230,3 +231,16 @@ def test_a_seed_numpy_cannot_take_is_refused_before_any_work(small):
             call(2**32)
     dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=1, random_state=2**32 - 1)  # the largest is taken
     assert adata.uns["dfm_domain"]["params"]["random_state"] == 2**32 - 1
+
+
+def test_the_domains_do_not_depend_on_the_embeddings_units(small):
+    """Audit s46, finding 1: the GMM's regularisation was an absolute variance (1e-4), so an embedding in smaller
+    units got other domains (the default embedding divided by 10 lost 0.13 ARI on 151673, divided by 100 gave one
+    domain). It is now a share of the data's variance."""
+    domains = []
+    for factor in (1.0, 1e-3, 1e3):
+        adata = small.copy()
+        adata.obsm["X_pca"] = np.asarray(adata.obsm["X_pca"], dtype=np.float64) * factor
+        dfm.tl.cluster(adata, 5, use_rep="X_pca", n_init=3, random_state=1)
+        domains.append(adata.obs["dfm_domain"].to_numpy())
+    assert (domains[0] == domains[1]).all() and (domains[0] == domains[2]).all()

@@ -344,8 +344,9 @@ def test_cluster_restarts_keep_the_best_likelihood(small):
     # tl.cluster fits the spots in curve order (the restarts' starts depend on the order of the rows)
     rows = serialized_rows(small, "dfm_order", None)
     rep = _prepare(small.obsm["X_dfm"][rows], 20, np.arange(small.n_obs), 3)
+    reg = _cluster.GMM_REG_COVAR * rep.var(axis=0).mean()  # relative to the data
     gmm = GaussianMixture(
-        7, covariance_type="tied", n_init=20, reg_covar=1e-4, tol=1e-3, max_iter=10_000, random_state=3
+        7, covariance_type="tied", n_init=20, reg_covar=reg, tol=1e-3, max_iter=10_000, random_state=3
     ).fit(rep)
     assert loglik[20] == pytest.approx(gmm.score(rep), rel=1e-9)
     dfm.tl.cluster(small, 5, method="kmeans", key_added="dom_km")
@@ -547,20 +548,30 @@ def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(benchmark_modu
     assert row["ari"] > 0.45  # 0.536 measured; with 15 domains it was 0.389
 
 
-def test_refinement_flips_isolated_spots_only():
-    # a 1-D chain: spot 2 is an island of label 1 inside label 0
-    graph = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")
-    labels = np.array([0, 0, 1, 0, 0])
-    assert dfm.tl.refine_labels(labels, graph).tolist() == [0, 0, 0, 0, 0]
-    labels = np.array([0, 0, 1, 1, 1])
-    assert dfm.tl.refine_labels(labels, graph).tolist() == labels.tolist()
+def test_refinement_is_spagcns_majority_rule():
+    """A spot joins the label of more than half of its neighbours when its own, itself counted, holds less than half
+    (SpaGCN's rule). Audit s46: a spot switched whenever more than half of its neighbours disagreed, also to a label
+    with no majority (a tie going to the first label in sorted order)."""
+    hub = np.zeros((7, 7))
+    hub[0, 1:] = 1  # spot 0 and its six neighbours, as on the Visium grid
+    graph = sp.csr_matrix(hub + hub.T)
+
+    def centre(own, *neighbours):
+        return dfm.tl.refine_labels(np.array([own, *neighbours]), graph)[0]
+
+    assert centre("b", "a", "a", "a", "a", "a", "a") == "a"  # an island joins its neighbours
+    assert centre("b", "b", "a", "a", "a", "a", "a") == "a"  # its own label on 2 of 7 (< half of 6)
+    assert centre("b", "b", "b", "a", "a", "a", "a") == "b"  # on 3 of 7: kept
+    assert centre("b", "b", "a", "a", "a", "c", "c") == "b"  # "a" holds 3 of 6, no more than half: kept
+    assert centre("b", "a", "a", "c", "c", "d", "d") == "b"  # a three-way tie: kept (was "a", first in order)
     # the labels of obs (strings, a categorical, codes that skip a value) come back as they were given
-    words = pd.Categorical(["L1", "L1", "WM", "L1", "L1"])
-    assert dfm.tl.refine_labels(words, graph).tolist() == ["L1"] * 5
-    assert dfm.tl.refine_labels(np.array([3, 3, 7, 3, 3]), graph).tolist() == [3] * 5
+    words = pd.Categorical(["WM", "L1", "L1", "L1", "L1", "L1", "L1"])
+    assert dfm.tl.refine_labels(words, graph).tolist() == ["L1"] * 7
+    assert dfm.tl.refine_labels(np.array([7, 3, 3, 3, 3, 3, 3]), graph).tolist() == [3] * 7
+    labels = np.array([0, 0, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="missing values"):
-        dfm.tl.refine_labels(pd.Categorical(["L1", None, "WM", "L1", "L1"]), graph)
-    with pytest.raises(ValueError, match=r"sparse \(5, 5\) matrix"):
+        dfm.tl.refine_labels(pd.Categorical(["L1", None, "WM", "L1", "L1", "L1", "L1"]), graph)
+    with pytest.raises(ValueError, match=r"sparse \(7, 7\) matrix"):
         dfm.tl.refine_labels(labels, graph.toarray())
 
 

@@ -59,6 +59,13 @@ GMM_TOL = 1e-3
 #: cap on EM iterations per restart, high enough never to bind (at most 226 were needed at ``tol=1e-8`` on DLPFC
 #: embeddings of 2026-12-04)
 GMM_MAX_ITER = 10_000
+#: the GMM's covariance regularisation (added to its diagonal), as a share of the mean variance per dimension of what
+#: is clustered, so that the domains do not depend on the embedding's units. It was 1e-4 absolute until 2026-12-06:
+#: then an embedding divided by 10 lost 0.13 ARI (audit s46). On the default embeddings (mean variance about 0.095 per
+#: component) 1e-3 gives about the old value: labels identical on 20 of 21 embeddings (DLPFC and HER2+ sections, seeds
+#: 0-2), the 21st +0.0005; the neighbour-mean baseline (variance about 4.3) +0.0006 ARI, SE 0.0004
+#: (docs/spatial_log.md, "The GMM's regularisation relative to the data")
+GMM_REG_COVAR = 1e-3
 #: restarts of the k-means fit
 KMEANS_RESTARTS = 10
 #: restarts of each candidate fit when the number of clusters is chosen by BIC (14 fits; cheaper)
@@ -123,13 +130,16 @@ def _gmm(
 ) -> GaussianMixture:
     """The best of ``n_init`` restarts of a tied-covariance GMM, on one thread.
 
-    Tied: one covariance shared by all components, mclust's EEE model, as used by STAGATE and GraphST.
+    Tied: one covariance shared by all components, mclust's EEE model, as used by STAGATE and GraphST; its
+    diagonal regularised by ``GMM_REG_COVAR`` times ``rep``'s mean variance per dimension (so the fit does not depend
+    on ``rep``'s units).
 
     The restarts run one at a time so that ``bar`` can count them; they draw their starts in turn from one random
     stream and the first of the highest likelihood bound is kept, as scikit-learn's ``n_init`` does, so the fit is the
     one ``GaussianMixture(n_init=n_init)`` returns (tested).
     """
     stream = check_random_state(random_state)
+    reg_covar = GMM_REG_COVAR * float(rep.var(axis=0).mean()) or GMM_REG_COVAR  # (a constant rep: any > 0)
     best = None
     with warnings.catch_warnings(), threadpool_limits(1):  # (see _fit_one_thread; entered once, not per restart)
         # scikit-learn warns when the restart it keeps did not converge; one restart at a time, warn for the kept one
@@ -138,7 +148,7 @@ def _gmm(
             gmm = GaussianMixture(
                 k,
                 covariance_type="tied",
-                reg_covar=1e-4,
+                reg_covar=reg_covar,
                 tol=tol,
                 max_iter=GMM_MAX_ITER,
                 random_state=stream,
@@ -313,9 +323,11 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
 def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     """Majority vote on the spatial graph.
 
-    A spot takes the most common label of its neighbourhood when more than half of its neighbours disagree with its
-    own label (the refinement of SpaGCN/GraphST, on a sparse graph). All spots vote at once, on the labels given; a
-    tie between labels goes to the first in sorted order. :func:`cluster` runs it on each library's grid graph
+    SpaGCN's rule (Hu et al., 2021), on a sparse graph of any number of neighbours per spot: a spot takes the most
+    common label among its ``n`` neighbours when that label holds more than half of them and the spot's own label,
+    the spot itself counted, less than half. All spots vote at once, on the labels given. Until 2026-12-06 a spot took
+    the most common label whenever more than half of its neighbours disagreed, even one with no more votes than its
+    own (a tie then went to the first label in sorted order). :func:`cluster` runs it on each library's grid graph
     (``refine=True``).
 
     Parameters
@@ -336,9 +348,14 @@ def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     >>> import numpy as np
     >>> import scipy.sparse as sp
     >>> from dfmamba_st.tl import refine_labels
-    >>> row = sp.csr_matrix(np.eye(5, k=1) + np.eye(5, k=-1))  # five spots in a row
-    >>> refine_labels(np.array(["a", "a", "b", "a", "a"]), row).tolist()  # the lone "b" joins its neighbours
-    ['a', 'a', 'a', 'a', 'a']
+    >>> hub = np.zeros((7, 7))
+    >>> hub[0, 1:] = 1  # spot 0 touches spots 1-6, as an inner Visium spot its six neighbours
+    >>> graph = sp.csr_matrix(hub + hub.T)
+    >>> refine_labels(np.array(["b", "a", "a", "a", "a", "a", "b"]), graph).tolist()
+    ['a', 'a', 'a', 'a', 'a', 'a', 'b']
+
+    Spot 0 (one "b" neighbour, five "a") joins the majority; spot 6 keeps "b": its one neighbour, spot 0, is "b" in
+    the labels given (all spots vote at once).
     """
     values = np.asarray(labels)
     if values.ndim != 1:
@@ -360,7 +377,8 @@ def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     n_neighbours = votes.sum(axis=1)
     own = votes[np.arange(codes.size), codes]
     out = codes.copy()
-    switch = (n_neighbours - own) > 0.5 * n_neighbours
+    # (the majority label then differs from the spot's own: its own holds fewer than half)
+    switch = (own + 1 < 0.5 * n_neighbours) & (votes.max(axis=1) > 0.5 * n_neighbours)
     out[switch] = votes[switch].argmax(axis=1)
     return kinds[out]
 
