@@ -206,10 +206,10 @@ def data_dir() -> Path:
     Examples
     --------
     >>> import os
-    >>> os.environ["DFMAMBA_ST_DATA"] = "/tmp/dfm-cache"
-    >>> str(data_dir())
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"DFMAMBA_ST_DATA": "/tmp/dfm-cache"}):  # your own setting is put back
+    ...     str(data_dir())
     '/tmp/dfm-cache'
-    >>> del os.environ["DFMAMBA_ST_DATA"]
     """
     env = os.environ.get(ENV_DATA_DIR)
     return Path(env).expanduser() if env else Path(pooch.os_cache("dfmamba_st"))
@@ -307,6 +307,13 @@ def _download(files: dict[str, tuple[str, str | None]], subdir: str, *, offline_
     folder = data_dir() / subdir
     created = [folder, *folder.parents]
     created = created[: next(i for i, d in enumerate(created) if d.exists())]  # the folders pooch will create
+    try:  # a cache folder that cannot be made is no network failure
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(
+            f"The cache folder {folder} cannot be created ({type(err).__name__}: {err}); set ${ENV_DATA_DIR} to a "
+            "writable folder."
+        ) from err
     out = {}
     for fname, (url, known_hash) in files.items():
         cached = (folder / fname).exists()  # a cached file pooch downloads again is one that failed its checksum
@@ -333,7 +340,7 @@ def _download(files: dict[str, tuple[str, str | None]], subdir: str, *, offline_
                 f"the raw files {list(files)} in the cache folder {folder} (set ${ENV_DATA_DIR} to use another "
                 "folder) and call again."
             ) from err
-        if known_hash is None:
+        if known_hash is None and not cached:  # (a cached file is not hashed again on every call)
             logg.info(f"{fname} has no published checksum; sha256 of the downloaded file: {_sha256(path)}")
         out[fname] = path
     return out
@@ -594,6 +601,8 @@ def _local_file(path: str | Path, stem: str, subdir: str, valid: list[str]) -> P
 
     ``valid`` are the ids of the data set, named in the error when no file matches.
     """
+    if not str(path).strip():
+        raise ValueError("path= is empty; pass a file or a folder (path=None downloads the data).")
     p = Path(path).expanduser()
     if p.is_file():
         return p
@@ -632,10 +641,16 @@ def _read_local(file: Path, label_key: str) -> ad.AnnData:
     """Read a local ``.h5ad`` with a clear error for a file that is not one, and check its layout."""
     try:
         adata = ad.read_h5ad(file)
-    except OSError as err:
+    except (OSError, TypeError, KeyError, ValueError) as err:  # (an HDF5 file of another layout: Type/KeyError)
+        matrix = ""
+        if file.suffix == ".h5":
+            matrix = (
+                " It looks like a Space Ranger matrix (.h5): read it with scanpy's sc.read_10x_h5, or the raw files "
+                "of a DLPFC sample with dfmamba_st.datasets.read_dlpfc_raw."
+            )
         raise ValueError(
             f"{file} is not a readable .h5ad file ({type(err).__name__}: {err}); pass path= an AnnData .h5ad file or "
-            "the folder that holds it."
+            f"the folder that holds it.{matrix}"
         ) from err
     return _check_layout(adata, label_key, file)
 
@@ -703,10 +718,10 @@ def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) ->
 
     Returns
     -------
-    AnnData: ``X`` raw counts (CSR float32), ``obs['layer']`` (``Layer1``…``Layer6``, ``WM``, NaN where not
-    annotated), ``obs['array_row'/'array_col']`` (Visium grid), ``obsm['spatial']`` (full-resolution pixels
-    ``[x, y]``), ``uns['spatial'][sample_id]`` (low-resolution image and scale factors), ``uns['source']``.
-    A download holds the full transcriptome (33,538 genes); the shared files hold a gene subset.
+    AnnData: ``X`` raw counts (CSR float32; a local file's ``X`` as it is stored), ``obs['layer']`` (``Layer1``…
+    ``Layer6``, ``WM``, NaN where not annotated), ``obs['array_row'/'array_col']`` (Visium grid), ``obsm['spatial']``
+    (full-resolution pixels ``[x, y]``), ``uns['spatial'][sample_id]`` (low-resolution image and scale factors),
+    ``uns['source']``. A download holds the full transcriptome (33,538 genes); the shared files hold a gene subset.
 
     Raises
     ------
@@ -769,9 +784,9 @@ def her2st(section: str = "A1", *, path: str | Path | None = None) -> ad.AnnData
 
     Returns
     -------
-    AnnData: ``X`` raw counts (CSR float32), ``obs['label']`` (pathologist region; drop ``'undetermined'`` when
-    scoring, as :func:`dfmamba_st.metrics.evaluate` does by default), ``obs['array_x'/'array_y']``,
-    ``obsm['spatial']`` (H&E pixel coordinates), ``uns['source']``.
+    AnnData: ``X`` raw counts (CSR float32; a local file's ``X`` as it is stored), ``obs['label']`` (pathologist region;
+    drop ``'undetermined'`` when scoring, as :func:`dfmamba_st.metrics.evaluate` does by default),
+    ``obs['array_x'/'array_y']``, ``obsm['spatial']`` (H&E pixel coordinates), ``uns['source']``.
 
     Raises
     ------
@@ -834,8 +849,8 @@ def dlpfc_151673_hvg() -> ad.AnnData:
     >>> adata = dfm.datasets.dlpfc_151673_hvg()
     >>> adata.shape
     (3639, 3000)
-    >>> adata.obs["layer"].notna().sum()
-    np.int64(3611)
+    >>> int(adata.obs["layer"].notna().sum())
+    3611
     """
     ref = resources.files("dfmamba_st") / "data" / _BUNDLED_HVG
     if not ref.is_file():

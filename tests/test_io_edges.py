@@ -421,6 +421,44 @@ def test_a_count_matrix_that_is_no_10x_file_is_named_with_what_to_do(tmp_path):
         dfm.datasets.read_dlpfc_raw(broken, tmp_path / "positions.txt", tmp_path / "layers.tsv", sample_id="151673")
 
 
+def test_a_cache_folder_that_cannot_be_made_is_named_as_such_not_as_a_network_failure(monkeypatch, tmp_path):
+    """Audit s46, B6: $DFMAMBA_ST_DATA naming a file was reported as a failed download, pointing at the network."""
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path / "a_file"))
+    monkeypatch.setattr(requests, "get", lambda *a, **k: pytest.fail("no download should be tried"))
+    with pytest.raises(OSError, match=r"cache folder .*a_file/her2st cannot be created .*set \$DFMAMBA_ST_DATA"):
+        dfm.datasets.her2st("A1")
+
+
+def test_a_cached_file_without_a_checksum_is_not_hashed_again(monkeypatch, tmp_path):
+    """Audit s46, B7: a cached file without a published checksum was read whole and logged as downloaded on every
+    call."""
+    from dfmamba_st import datasets
+
+    _offline(monkeypatch)
+    monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "matrix.h5").write_bytes(b"cached")
+    hashed = []
+    monkeypatch.setattr(datasets, "_sha256", lambda path: hashed.append(path) or "0" * 64)
+    files = {"matrix.h5": ("https://example.org/matrix.h5", None)}
+    assert datasets._download(files, "sub", offline_hint="-") == {"matrix.h5": tmp_path / "sub" / "matrix.h5"}
+    assert hashed == []
+
+
+def test_an_hdf5_file_that_is_no_anndata_is_named_with_what_to_read_it_with(tmp_path):
+    """Audit s46, B1: a Space Ranger matrix given as path= failed with anndata's TypeError."""
+    import h5py
+
+    matrix = tmp_path / "151673_filtered_feature_bc_matrix.h5"
+    with h5py.File(matrix, "w") as f:
+        f.create_group("matrix").create_dataset("data", data=np.arange(3))
+    with pytest.raises(ValueError, match=r"is not a readable \.h5ad file .*Space Ranger matrix .*read_dlpfc_raw"):
+        dfm.datasets.dlpfc("151673", path=matrix)
+    with pytest.raises(ValueError, match=r"path= is empty"):
+        dfm.datasets.dlpfc("151673", path="")
+
+
 def test_an_offline_download_keeps_an_existing_cache_folder(monkeypatch, tmp_path):
     _offline(monkeypatch)
     (tmp_path / "her2st").mkdir()
