@@ -41,7 +41,7 @@ def rows_for_slice(path: Path, seed: int, restarts: list[int], cluster_seeds: li
     for cluster_seed in cluster_seeds:
         for n_init in restarts:
             start = time.perf_counter()
-            dfm.tl.cluster(adata, 7, n_init=n_init, random_state=cluster_seed, key_added="pred")
+            dfm.tl.cluster(adata, 7, n_init=n_init, random_state=cluster_seed, key_added="pred", progress=False)
             seconds = time.perf_counter() - start
             score = dfm.metrics.evaluate(adata, "layer", pred_key="pred").iloc[0]["ari"]
             rows.append(

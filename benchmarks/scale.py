@@ -97,7 +97,7 @@ def run_one(n_spots: int, seed: int, threads: int) -> dict:
     t_serialize = time.perf_counter()
     dfm.tl.embed(adata, progress=False, seed=seed)
     t_embed = time.perf_counter()
-    dfm.tl.cluster(adata, N_LAYERS, random_state=seed)
+    dfm.tl.cluster(adata, N_LAYERS, random_state=seed, progress=False)
     end = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # before the baselines
     scores = dfm.metrics.evaluate(adata, "layer")

@@ -128,8 +128,9 @@ def _scores(adata, key: str) -> dict:
 
 
 def _cluster_options(options: dict | None, k: int) -> tuple[int | None, dict]:
-    """K for ``tl.cluster`` (the truth's, unless ``--cluster`` sets ``n_clusters``) and the other options."""
-    options = dict(options or {})
+    """K for ``tl.cluster`` (the truth's, unless ``--cluster`` sets ``n_clusters``) and the other options (no progress
+    bar, which would fill the log)."""
+    options = {"progress": False, **(options or {})}
     return options.pop("n_clusters", k), options
 
 

@@ -44,14 +44,14 @@ def main() -> None:
     model = dfm.tl.embed(adata, seed=args.seed, progress=False, return_model=True, tile_size=whole_tile)
     n_pcs = model.features.n_features
     whole = adata.obsm["X_dfm"][:, n_pcs:].copy()
-    dfm.tl.cluster(adata, 7, random_state=args.seed)
+    dfm.tl.cluster(adata, 7, random_state=args.seed, progress=False)
     rows = [(f"whole ({whole_tile})", 0.0, 0.0, np.nan, dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0])]
     for tile in args.tile_sizes:
         start = time.perf_counter()
         dfm.tl.embed(adata, model=model, tile_size=tile, progress=False)
         seconds = time.perf_counter() - start
         diff = adata.obsm["X_dfm"][:, n_pcs:] - whole
-        dfm.tl.cluster(adata, 7, random_state=args.seed)
+        dfm.tl.cluster(adata, 7, random_state=args.seed, progress=False)
         ari = dfm.metrics.evaluate(adata, "layer")["ari"].iloc[0]
         rows.append((str(tile), np.linalg.norm(diff) / np.linalg.norm(whole), np.abs(diff).max(), seconds, ari))
     print(f"\n{adata.n_obs} spots, seed {args.seed}, {args.threads} threads\n")

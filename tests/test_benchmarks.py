@@ -600,7 +600,7 @@ def test_gmm_restarts_rows_use_the_embedding_seed_the_restarts_and_the_clusterin
     def fake_embed(adata, seed, progress):
         embeds.append(seed)
 
-    def fake_cluster(adata, k, n_init, random_state, key_added):
+    def fake_cluster(adata, k, n_init, random_state, key_added, progress=True):
         clusters.append((k, n_init, random_state))
         adata.obs[key_added] = adata.obs["layer"].astype(str).to_numpy()  # a perfect clustering
         adata.uns[key_added] = {"log_likelihood": -float(n_init + random_state)}
@@ -674,7 +674,7 @@ def test_tiling_seams_table_compares_the_dfmamba_block_of_each_tiling_with_the_w
     monkeypatch.setattr(dfm.tl, "embed", embed)
     seeds = []
 
-    def cluster(adata, k, random_state):
+    def cluster(adata, k, random_state, progress=True):
         seeds.append(random_state)
         adata.obs["dfm_domain"] = adata.obs["layer"]
 
