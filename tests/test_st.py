@@ -548,10 +548,10 @@ def test_k_chosen_on_a_whole_dlpfc_slice_is_near_its_seven_layers(benchmark_modu
     assert row["ari"] > 0.45  # 0.536 measured; with 15 domains it was 0.389
 
 
-def test_refinement_is_spagcns_majority_rule():
-    """A spot joins the label of more than half of its neighbours when its own, itself counted, holds less than half
-    (SpaGCN's rule). Audit s46: a spot switched whenever more than half of its neighbours disagreed, also to a label
-    with no majority (a tie going to the first label in sorted order)."""
+def test_refinement_takes_the_sole_most_common_label_of_a_disagreeing_neighbourhood():
+    """A spot joins the most common label of its neighbours when more than half of them disagree with it, that label
+    is the only one with the most votes and it has more than the spot's own. Audit s46: a spot switched whenever more
+    than half disagreed, also to a label with no more votes than its own, a tie going to the first label in order."""
     hub = np.zeros((7, 7))
     hub[0, 1:] = 1  # spot 0 and its six neighbours, as on the Visium grid
     graph = sp.csr_matrix(hub + hub.T)
@@ -560,19 +560,22 @@ def test_refinement_is_spagcns_majority_rule():
         return dfm.tl.refine_labels(np.array([own, *neighbours]), graph)[0]
 
     assert centre("b", "a", "a", "a", "a", "a", "a") == "a"  # an island joins its neighbours
-    assert centre("b", "b", "a", "a", "a", "a", "a") == "a"  # its own label on 2 of 7 (< half of 6)
-    assert centre("b", "b", "b", "a", "a", "a", "a") == "b"  # on 3 of 7: kept
-    assert centre("b", "b", "a", "a", "a", "c", "c") == "b"  # "a" holds 3 of 6, no more than half: kept
-    assert centre("b", "a", "a", "c", "c", "d", "d") == "b"  # a three-way tie: kept (was "a", first in order)
+    assert centre("b", "b", "b", "a", "a", "a", "a") == "a"  # 4 of 6 disagree, "a" has 4 against 2
+    assert centre("b", "b", "b", "b", "a", "a", "a") == "b"  # 3 of 6 disagree: no more than half
+    assert centre("b", "b", "b", "a", "a", "c", "c") == "b"  # "a", "b" and "c" have 2 each: kept (was "a")
+    assert centre("b", "b", "a", "a", "c", "c", "d") == "b"  # "a" and "c" tie above "b": kept (was "a")
+    assert centre("b", "b", "a", "a", "a", "c", "c") == "a"  # "a" alone has the most, more than "b"
+    chain = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")  # five spots in a row
+    assert dfm.tl.refine_labels(np.array([0, 0, 1, 0, 0]), chain).tolist() == [0] * 5
+    assert dfm.tl.refine_labels(np.array([0, 0, 1, 2, 2]), chain).tolist() == [0, 0, 1, 2, 2]  # a tie: kept
     # the labels of obs (strings, a categorical, codes that skip a value) come back as they were given
-    words = pd.Categorical(["WM", "L1", "L1", "L1", "L1", "L1", "L1"])
-    assert dfm.tl.refine_labels(words, graph).tolist() == ["L1"] * 7
-    assert dfm.tl.refine_labels(np.array([7, 3, 3, 3, 3, 3, 3]), graph).tolist() == [3] * 7
-    labels = np.array([0, 0, 1, 1, 1, 1, 1])
+    words = pd.Categorical(["L1", "L1", "WM", "L1", "L1"])
+    assert dfm.tl.refine_labels(words, chain).tolist() == ["L1"] * 5
+    assert dfm.tl.refine_labels(np.array([3, 3, 7, 3, 3]), chain).tolist() == [3] * 5
     with pytest.raises(ValueError, match="missing values"):
-        dfm.tl.refine_labels(pd.Categorical(["L1", None, "WM", "L1", "L1", "L1", "L1"]), graph)
-    with pytest.raises(ValueError, match=r"sparse \(7, 7\) matrix"):
-        dfm.tl.refine_labels(labels, graph.toarray())
+        dfm.tl.refine_labels(pd.Categorical(["L1", None, "WM", "L1", "L1"]), chain)
+    with pytest.raises(ValueError, match=r"sparse \(5, 5\) matrix"):
+        dfm.tl.refine_labels(np.array([0, 0, 1, 1, 1]), chain.toarray())
 
 
 @needs_data
