@@ -386,14 +386,19 @@ def test_the_gate_overlay_spans_the_gates_and_every_colour_bar_says_what_it_show
     import matplotlib.pyplot as plt
 
     from dfmamba_st.pathology import gate_map
+    from dfmamba_st.pathology.plot import _gates
 
-    model = tiny_model()
+    model = tiny_model(depth=3)
     image = torch.rand(3, 64, 64)
-    gates = gate_map(model, image)
-    ax = plot_saliency(model, image, method="gate", show=False)
-    overlay, bar = ax.images[1], ax.figure.axes[1]
-    assert overlay.get_clim() == pytest.approx(tuple(np.percentile(gates, [1, 99])))
-    assert np.ptp(gates) < 0.1 and bar.get_ylabel() == "gate (0 local, 1 global)"
+    gates, _ = _gates(model, image)
+    assert len(gates) >= 2  # (the range is taken over every depth's gates, as pl.gates does; review s46)
+    want = tuple(np.percentile(np.concatenate(gates), [1, 99]))
+    for depth in range(len(gates)):
+        ax = plot_saliency(model, image, method="gate", depth=depth, show=False)
+        overlay, bar = ax.images[1], ax.figure.axes[1]
+        assert overlay.get_clim() == pytest.approx(want)
+        assert np.array_equal(overlay.get_array(), gate_map(model, image, depth=depth))
+    assert np.ptp(np.concatenate(gates)) < 0.1 and bar.get_ylabel() == "gate (0 local, 1 global)"
     ax = plot_saliency(model, image, method="gate", vmin=0, vmax=1, show=False)
     assert ax.images[1].get_clim() == (0, 1)
     ax = plot_saliency(model, image, show=False)
@@ -413,6 +418,12 @@ def test_plot_saliency_fits_a_wide_image_and_refuses_mismatched_options():
     assert fig.get_figwidth() > 2 * fig.get_figheight()
     assert bar_box.height < 1.2 * image_box.height
     plt.close("all")
+    tall = plot_saliency(model, torch.rand(3, 512, 16), return_fig=True, show=False)  # the bar took all the width
+    image_box, bar_box = (a.get_window_extent() for a in tall.axes)
+    assert image_box.width > 0 and image_box.height > 0 and bar_box.height < 1.2 * image_box.height
+    plt.close("all")
+    with pytest.raises(ValueError, match="vmin must be below vmax"):
+        plot_saliency(model, wide, vmin=1, vmax=0, show=False)
     with pytest.raises(ValueError, match="class_names has 2 names; the model has 4 classes"):
         plot_saliency(model, wide, class_names=["a", "b"], show=False)
     with pytest.raises(ValueError, match=r"the gate map .* has none"):

@@ -212,8 +212,8 @@ def test_cluster_shows_a_bar_over_the_gmm_fits_when_they_take_a_while(small, mon
     assert "dfm.tl.cluster: 4 GMM restarts" in capsys.readouterr().err
     dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4, progress=False)
     assert capsys.readouterr().err == "" and len(closed) == 2
-    monkeypatch.setattr(_cluster, "PROGRESS_DELAY", 2.0)
-    dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4)  # well under a second: no bar drawn
+    monkeypatch.setattr(_cluster, "PROGRESS_DELAY", 600.0)  # work shorter than the delay: no bar drawn
+    dfm.tl.cluster(adata, 3, use_rep="X_pca", n_init=4)
     assert capsys.readouterr().err == ""
 
 
@@ -243,4 +243,7 @@ def test_the_domains_do_not_depend_on_the_embeddings_units(small):
         adata.obsm["X_pca"] = np.asarray(adata.obsm["X_pca"], dtype=np.float64) * factor
         dfm.tl.cluster(adata, 5, use_rep="X_pca", n_init=3, random_state=1)
         domains.append(adata.obs["dfm_domain"].to_numpy())
+    assert len(set(domains[0])) == 5  # (not one domain everywhere)
     assert (domains[0] == domains[1]).all() and (domains[0] == domains[2]).all()
+    with pytest.raises(ValueError, match=r"from 0 to 2\*\*32 - 1"):
+        _cluster.choose_n_clusters(np.asarray(small.obsm["X_pca"]), random_state=2**32)

@@ -568,6 +568,8 @@ def test_refinement_takes_the_sole_most_common_label_of_a_disagreeing_neighbourh
     chain = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")  # five spots in a row
     assert dfm.tl.refine_labels(np.array([0, 0, 1, 0, 0]), chain).tolist() == [0] * 5
     assert dfm.tl.refine_labels(np.array([0, 0, 1, 2, 2]), chain).tolist() == [0, 0, 1, 2, 2]  # a tie: kept
+    pair = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))  # each the other's only neighbour: no swap (review s46)
+    assert dfm.tl.refine_labels(np.array(["a", "b"]), pair).tolist() == ["a", "b"]
     # the labels of obs (strings, a categorical, codes that skip a value) come back as they were given
     words = pd.Categorical(["L1", "L1", "WM", "L1", "L1"])
     assert dfm.tl.refine_labels(words, chain).tolist() == ["L1"] * 5

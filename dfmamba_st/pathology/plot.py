@@ -156,17 +156,27 @@ def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, depth: int = 0)
     >>> gate_map(model, torch.rand(3, 64, 64), depth=1).shape
     (4, 4)
     """
+    gates, grid = _gates(model, image)
+    return _gate_grid(gates, depth, grid)
+
+
+def _gate_grid(gates: list[np.ndarray], depth: int, grid: tuple[int, int]) -> np.ndarray:
+    """The gate of ``depth`` on the patch grid: each patch takes the value of the coarse token that holds it."""
+    if not 0 <= depth < len(gates):
+        raise ValueError(f"depth must be in 0..{len(gates) - 1} for this model and image size, got {depth}.")
+    rows, cols = grid
+    return tokens_to_grid(np.repeat(gates[depth], 2**depth)[: rows * cols], rows, cols)
+
+
+@torch.no_grad()
+def _gates(model: nn.Module, image: np.ndarray | torch.Tensor) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """The gate of every depth (one value per coarse token) from one forward pass, and the patch grid's shape."""
     x = _as_batch(image, next(model.parameters()).device)
     with _eval_mode(model):
         _, aux = model.forward_with_aux(x)
     if not aux.gates:
         raise ValueError("This model has no fusion gates (depth 0, fusion='add', or a sequence shorter than min_len).")
-    if not 0 <= depth < len(aux.gates):
-        raise ValueError(f"depth must be in 0..{len(aux.gates) - 1} for this model and image size, got {depth}.")
-    rows, cols = check_image_size(x.shape[2], x.shape[3], model.patch_size)
-    g = aux.gates[depth][0].cpu().numpy()
-    fine = np.repeat(g, 2**depth)[: rows * cols]
-    return tokens_to_grid(fine, rows, cols)
+    return [g[0].cpu().numpy() for g in aux.gates], check_image_size(x.shape[2], x.shape[3], model.patch_size)
 
 
 def plot_saliency(
@@ -208,8 +218,9 @@ def plot_saliency(
         Opacity and colour map of the overlay.
     vmin, vmax
         The values at the ends of the colour map. By default 0 and 1 for a saliency map (normalised to [0, 1]); for
-        a gate map the 1st and 99th percentiles of its gates (gates often lie within a few hundredths of 0.5, which
-        on the full 0–1 scale looks uniform), as :func:`dfmamba_st.pl.gates` draws them.
+        a gate map the 1st and 99th percentiles of the image's gates of every depth (gates often lie within a few
+        hundredths of 0.5, which on the full 0–1 scale looks uniform), as :func:`dfmamba_st.pl.gates` draws them, so
+        one colour is one gate value in the maps of every depth of an image.
     title
         Axes title (default: method, class and probability).
     ax
@@ -250,15 +261,18 @@ def plot_saliency(
         raise ValueError(f"class_names has {len(class_names)} names; the model has {probs.size} classes.")
     height, width = x.shape[-2:]
     if method == "gate":
-        heat = gate_map(model, image, depth=depth)
+        gates, grid = _gates(model, image)
+        heat = _gate_grid(gates, depth, grid)
         label, bar_label = f"gate, depth {depth}", "gate (0 local, 1 global)"
         shown_class = int(probs.argmax())
-        vmin, vmax = gate_range(heat, vmin, vmax)
+        vmin, vmax = gate_range(np.concatenate(gates), vmin, vmax)
     else:
+        vmin, vmax = 0.0 if vmin is None else vmin, 1.0 if vmax is None else vmax
+        if not vmin < vmax:
+            raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
         heat, shown_class = saliency_map(model, image, target=target, method=method, **saliency_kwargs)
         label = "gradient × input" if method == "grad_input" else "SmoothGrad"
         bar_label = "saliency (normalised)"
-        vmin, vmax = 0.0 if vmin is None else vmin, 1.0 if vmax is None else vmax
     own_figure = ax is None
     if own_figure:  # 5 inches on the image's longer side, as wide as its aspect asks (and the colour bar)
         scale = 5.0 / max(height, width)
@@ -275,7 +289,7 @@ def plot_saliency(
         extent=(-0.5, width - 0.5, height - 0.5, -0.5),
         interpolation="nearest",
     )
-    fig.colorbar(im, ax=ax, fraction=0.046 * height / width, pad=0.04).set_label(bar_label, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046 * min(1.0, height / width), pad=0.04).set_label(bar_label, fontsize=8)
     name = class_names[shown_class] if class_names is not None else f"class {shown_class}"
     ax.set_title(title if title is not None else f"{label}: {name} (p = {probs[shown_class]:.2f})", fontsize=9)
     ax.set_axis_off()

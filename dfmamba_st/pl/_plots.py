@@ -659,8 +659,8 @@ def _domain_palette(
 
     Matched on every spot of ``adata``, so that a domain has one colour whichever library is drawn.
 
-    The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else tab10, tab20 or
-    scanpy's 102 colours, by the number of categories). A domain takes the colour of the label it overlaps most
+    The annotation keeps ``uns[truth_key + '_colors']`` when it has one colour per category (else the colours scanpy
+    would give it, :func:`_default_colours`). A domain takes the colour of the label it overlaps most
     (never a label in ``ignore``, which :func:`~dfmamba_st.metrics.evaluate` does not score), unless another domain
     holds more spots of that label; the others get spare colours, distinct while any are left. Without
     ``truth_key``, the domains keep ``uns[key + '_colors']`` when it fits.

@@ -143,7 +143,7 @@ def _gmm(
     best = None
     with warnings.catch_warnings(), threadpool_limits(1):  # (see _fit_one_thread; entered once, not per restart)
         # scikit-learn warns when the restart it keeps did not converge; one restart at a time, warn for the kept one
-        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.filterwarnings("ignore", message="Best performing initialization", category=ConvergenceWarning)
         for _ in range(n_init):
             gmm = GaussianMixture(
                 k,
@@ -219,9 +219,9 @@ def choose_n_clusters(
     rep: np.ndarray,
     *,
     k_range: range = range(2, 16),
-    random_state: int = 0,
+    random_state: int | None = 0,
     tol: float = GMM_TOL,
-    progress: bool = False,
+    progress: bool = True,
 ) -> tuple[int, dict, float]:
     """Pick the number of domains at the knee of the BIC curve of a tied-covariance GMM.
 
@@ -245,7 +245,7 @@ def choose_n_clusters(
         The numbers of clusters tried (2 to 15). Those above the number of spots are skipped; a ``ValueError`` when
         none is left.
     random_state
-        Seed of the GMM fits (``BIC_RESTARTS``, 3, restarts per K).
+        Seed of the GMM fits (``BIC_RESTARTS``, 3, restarts per K): a whole number from 0 to 2**32 - 1, or ``None``.
     tol
         EM of each fit stops when the mean log-likelihood per spot rises by less than this, as in :func:`cluster`.
     progress
@@ -268,6 +268,8 @@ def choose_n_clusters(
     >>> k, sorted(bic), round(depth, 1)
     (4, [2, 3, 4, 5, 6, 7, 8], 0.7)
     """
+    if random_state is not None:
+        random_state = seed_number(random_state, "random_state (a seed; None for a fresh one)")
     within = [k for k in k_range if k <= rep.shape[0]]
     if not within:
         raise ValueError(f"Every K of k_range={k_range!r} exceeds the {rep.shape[0]} spots; give a lower k_range.")
@@ -323,15 +325,15 @@ def _leiden(rep: np.ndarray, n_clusters: int | None, random_state: int) -> tuple
 def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     """Majority vote on the spatial graph.
 
-    A spot takes the most common label among its neighbours when more than half of them disagree with its own label
-    and that label is the only one with the most votes and has more than its own (on a sparse graph, any number of
-    neighbours per spot). All spots vote at once, on the labels given; ties change nothing. Until 2026-12-06 a spot
-    switched whenever more than half of its neighbours disagreed, also to a label with no more votes than its own,
-    a tie going to the first label in sorted order (audit s46). SpaGCN (Hu et al., 2021) asks more, a new label held
-    by more than half of the neighbours: measured on 21 default embeddings (DLPFC and HER2+ sections, seeds 0-2, K of
-    the annotation), that left the domains about as patchy as no refinement (PAS 0.0254 against 0.0256 unrefined,
-    0.0233 with the old rule and 0.0230 with this one) at about the same ARI (0.3698, 0.3680, 0.3686;
-    ``docs/spatial_log.md``, "The GMM's regularisation relative to the data; the refinement's rule").
+    A spot takes the most common label among its neighbours when more than half of them disagree with its own label and
+    that label is the only one with the most votes and has more than its own (on a sparse graph, any number of
+    neighbours per spot; a spot with one neighbour keeps its label). All spots vote at once, on the labels given; ties
+    change nothing. Until 2026-12-06 a spot switched whenever more than half of its neighbours disagreed, also to a
+    label with no more votes than its own, a tie going to the first label in sorted order (audit s46). SpaGCN (Hu et
+    al., 2021) asks more, a new label held by more than half of the neighbours: measured on 21 default embeddings (DLPFC
+    and HER2+ sections, seeds 0-2, K of the annotation), that left the domains about as patchy as no refinement (PAS
+    0.0254 against 0.0256 unrefined, 0.0233 with the old rule and 0.0230 with this one) at about the same ARI (0.3698,
+    0.3680, 0.3686; ``docs/spatial_log.md``, "The GMM's regularisation relative to the data; the refinement's rule").
     :func:`cluster` runs it on each library's grid graph (``refine=True``).
 
     Parameters
@@ -380,7 +382,9 @@ def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     out = codes.copy()
     top = votes.max(axis=1)
     sole = (votes == top[:, None]).sum(axis=1) == 1  # one label has the most votes
-    switch = (n_neighbours - own > 0.5 * n_neighbours) & (top > own) & sole
+    # (a spot with one neighbour keeps its label: two spots that are each other's only neighbour would swap labels;
+    # on the spatial graphs of tl.cluster every spot of a library of seven or more positions has six or more)
+    switch = (n_neighbours - own > 0.5 * n_neighbours) & (top > own) & sole & (n_neighbours >= 2)
     out[switch] = votes[switch].argmax(axis=1)
     return kinds[out]
 
@@ -436,10 +440,10 @@ def cluster(
         for tissues with more domains than 15.
     refine
         Smooth the labels by a majority vote over each spot's neighbours on a sparse graph (:func:`refine_labels`):
-        the spots at the six nearest distances, ties included, and the spots that count it among theirs (inside a
-        Visium tissue the six touching spots; at its edges up to about twelve). The positions are read before the
-        fit (an error there says ``refine=False`` needs none); a warning says when the vote empties a domain, which
-        is then left out of the categories.
+        its six nearest spots (more where several lie at the sixth distance), and the spots that count it among
+        theirs (inside a Visium tissue the six touching spots; at its edges up to about twelve). The positions are
+        read before the fit (an error there says ``refine=False`` needs none); a warning says when the vote empties
+        a domain, which is then left out of the categories.
     library_key
         Column of ``obs`` naming slices (the refinement graph never links two slices). The domains are shared: one
         mixture over the spots of every slice (on two adjacent DLPFC sections more accurate than one slice at a time;
