@@ -403,7 +403,8 @@ def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_sto
             dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=bad, n_init=1)
     assert "dfm_domain" not in adata.obs
     dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=np.int64(3), n_init=1, key_added="seeded")
-    dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=None, n_init=1, key_added="fresh")
+    # (unrefined: a fresh seed's domains may lose one to the label smoothing, which is left out of the categories)
+    dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=None, n_init=1, key_added="fresh", refine=False)
     assert adata.obs["fresh"].cat.categories.size == 3
     adata.write_h5ad(tmp_path / "clustered.h5ad")  # every record h5ad-safe
     assert ad.read_h5ad(tmp_path / "clustered.h5ad").uns["seeded"]["params"]["random_state"] == 3
