@@ -15,6 +15,7 @@ from anndata import AnnData
 
 __all__ = [
     "check_adata",
+    "check_colour_range",
     "check_library_key",
     "check_outputs",
     "embed_record_key",
@@ -354,6 +355,12 @@ def h5ad_safe(value):
     return value
 
 
+def check_colour_range(vmin: float | None, vmax: float | None) -> None:
+    """A ``ValueError`` when both ends of a colour map are given and ``vmin`` is not below ``vmax``."""
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
+
+
 def gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tuple[float, float]:
     """The ends of a gate plot's colour map (``pl.gates``, the pathology gate maps).
 
@@ -365,8 +372,7 @@ def gate_range(values: np.ndarray, vmin: float | None, vmax: float | None) -> tu
     low, high = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
     if high - low < 1e-3:
         low, high = 0.0, 1.0
-    if vmin is not None and vmax is not None and not vmin < vmax:
-        raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
+    check_colour_range(vmin, vmax)
     if vmin is not None:
         low, high = vmin, high if high > vmin else max(1.0, vmin + 1e-3)
     if vmax is not None:

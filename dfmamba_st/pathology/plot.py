@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._utils import gate_range
+from .._utils import check_colour_range, gate_range
 from .data import to_unit_float
 from .tokens import check_image_size, tokens_to_grid
 
@@ -268,8 +268,7 @@ def plot_saliency(
         vmin, vmax = gate_range(np.concatenate(gates), vmin, vmax)
     else:
         vmin, vmax = 0.0 if vmin is None else vmin, 1.0 if vmax is None else vmax
-        if not vmin < vmax:
-            raise ValueError(f"vmin must be below vmax; got {vmin} and {vmax}.")
+        check_colour_range(vmin, vmax)
         heat, shown_class = saliency_map(model, image, target=target, method=method, **saliency_kwargs)
         label = "gradient × input" if method == "grad_input" else "SmoothGrad"
         bar_label = "saliency (normalised)"
