@@ -381,10 +381,11 @@ def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     own = votes[np.arange(codes.size), codes]
     out = codes.copy()
     top = votes.max(axis=1)
-    sole = (votes == top[:, None]).sum(axis=1) == 1  # one label has the most votes
+    # one label has the most votes (when it is the spot's own, taking it changes nothing: so it has more than the own)
+    sole = (votes == top[:, None]).sum(axis=1) == 1
     # (a spot with one neighbour keeps its label: two spots that are each other's only neighbour would swap labels;
     # on the spatial graphs of tl.cluster every spot of a library of seven or more positions has six or more)
-    switch = (n_neighbours - own > 0.5 * n_neighbours) & (top > own) & sole & (n_neighbours >= 2)
+    switch = (n_neighbours - own > 0.5 * n_neighbours) & sole & (n_neighbours >= 2)
     out[switch] = votes[switch].argmax(axis=1)
     return kinds[out]
 
