@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import dfmamba_st as dfm
 from dfmamba_st.core import Mamba, curves
@@ -359,23 +360,27 @@ def test_n_init_reaches_the_kmeans_and_gmm_fits(small, monkeypatch):
     dfm.pp.serialize(small)
     dfm.tl.embed(small, **FAST)
     seen = []
-    fit = _cluster._fit_one_thread
 
-    def spy(estimator, rep):
-        seen.append((type(estimator).__name__, estimator.n_init))
-        return fit(estimator, rep)
+    def _threads():  # the most threads of any BLAS / OpenMP pool
+        return max(pool["num_threads"] for pool in threadpool_info())
 
-    monkeypatch.setattr(_cluster, "_fit_one_thread", spy)
+    class CountedKMeans(_cluster.KMeans):
+        def fit(self, X, y=None, sample_weight=None):
+            seen.append(("KMeans", self.n_init, _threads()))
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr(_cluster, "KMeans", CountedKMeans)
 
     class Counted(_cluster.GaussianMixture):  # the GMM's restarts are fitted one at a time
         def fit(self, X, y=None):
-            seen.append(("GaussianMixture restart", self.n_init))
+            seen.append(("GaussianMixture restart", self.n_init, _threads()))
             return super().fit(X, y)
 
     monkeypatch.setattr(_cluster, "GaussianMixture", Counted)
-    dfm.tl.cluster(small, 4, method="kmeans", n_init=3, refine=False)
-    dfm.tl.cluster(small, 4, n_init=2, refine=False)
-    assert seen == [("KMeans", 3)] + [("GaussianMixture restart", 1)] * 2
+    with threadpool_limits(2):  # (pools of more than one thread around the call, on any machine)
+        dfm.tl.cluster(small, 4, method="kmeans", n_init=3, refine=False)
+        dfm.tl.cluster(small, 4, n_init=2, refine=False)
+    assert seen == [("KMeans", 3, 1)] + [("GaussianMixture restart", 1, 1)] * 2  # each fit on one thread
 
 
 @needs_data

@@ -109,15 +109,14 @@ def _fit_rows(n: int, random_state: int) -> np.ndarray:
     return np.sort(np.random.default_rng(random_state).choice(n, MAX_FIT_SPOTS, replace=False))
 
 
-def _fit_one_thread(estimator, rep: np.ndarray):
-    """``estimator.fit(rep)`` on one BLAS / OpenMP thread.
+def _one_thread() -> threadpool_limits:
+    """A context in which BLAS and OpenMP run on one thread, for the clustering fits.
 
     The clustering fits are small matrix products, for which threads cost more than they give (measured on a 2-core
     machine, 2026-12-02: 30 GMM restarts on 3,639 spots 8.5 s with two threads, 1.5 s with one; 3 restarts on 51,000
     spots 5.3 s against 2.4 s).
     """
-    with threadpool_limits(1):
-        return estimator.fit(rep)
+    return threadpool_limits(1)
 
 
 def _gmm(
@@ -141,7 +140,7 @@ def _gmm(
     stream = check_random_state(random_state)
     reg_covar = GMM_REG_COVAR * float(rep.var(axis=0).mean()) or GMM_REG_COVAR  # (a constant rep: any > 0)
     best = None
-    with warnings.catch_warnings(), threadpool_limits(1):  # (see _fit_one_thread; entered once, not per restart)
+    with warnings.catch_warnings(), _one_thread():  # (entered once, not per restart)
         # scikit-learn warns when the restart it keeps did not converge; one restart at a time, warn for the kept one
         warnings.filterwarnings("ignore", message="Best performing initialization", category=ConvergenceWarning)
         for _ in range(n_init):
@@ -568,7 +567,9 @@ def cluster(
             labels = gmm.predict(rep)
         else:
             kmeans = KMeans(n_clusters, n_init=n_init, random_state=random_state)
-            labels = _fit_one_thread(kmeans, sample).predict(rep)
+            with _one_thread():
+                kmeans.fit(sample)
+            labels = kmeans.predict(rep)
     labels = _relabel(labels)[np.argsort(rows)]  # back in the AnnData's order
     n_found = int(labels.max()) + 1
     if method != "leiden" and n_found < n_clusters:  # (Leiden says so itself)
