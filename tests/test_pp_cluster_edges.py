@@ -94,7 +94,7 @@ def test_cluster_says_when_the_smoothing_empties_a_domain(small):
     tiny = small[:10].copy()
     with pytest.warns(UserWarning, match=r"\(refine=True\) emptied 1 of 2 domains, which are left out") as caught:
         dfm.tl.cluster(tiny, 2, use_rep="X_pca", n_init=2)
-    assert warned_at(caught, "Smoothing the labels", __file__) and "(1 remain)" in str(caught[0].message)
+    assert warned_at(caught, "Smoothing the labels", __file__) and "(1 domain left)" in str(caught[0].message)
     # left out, not an empty category (audit s46: scanpy's rank_genes_groups and dendrogram fail on one)
     assert tiny.obs["dfm_domain"].cat.categories.tolist() == ["0"]
     dfm.tl.cluster(tiny, 2, use_rep="X_pca", n_init=2, refine=False)

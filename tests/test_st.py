@@ -286,9 +286,12 @@ def test_embed_detects_log_normalised_input(small):
     sc.pp.log1p(logged)
     logged.X.data = np.round(logged.X.data, 2)  # the counts cannot be recovered from these
     dfm.pp.serialize(logged)
-    with pytest.warns(UserWarning, match="cannot be recovered"):
+    with pytest.warns(UserWarning, match=r"cannot be recovered.*\(layer=; adata has no layers\)"):
         dfm.tl.embed(logged, **FAST)
     assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
+    logged.layers["scaled"] = logged.X.copy()  # the layers it has are named
+    with pytest.warns(UserWarning, match=r"cannot be recovered.*\(layer=; adata.layers holds \['scaled'\]\)"):
+        dfm.tl.embed(logged, **FAST)
 
 
 @needs_data

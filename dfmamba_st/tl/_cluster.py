@@ -589,8 +589,8 @@ def cluster(
             # fail on a category without spots (audit s46)
             warnings.warn(
                 f"Smoothing the labels (refine=True) emptied {n_found - n_kept} of {n_found} domains, which are left "
-                f"out ({n_kept} remain): they held too few spots, each surrounded by other domains. refine=False "
-                "keeps them.",
+                f"out ({n_kept} domain{'s' if n_kept > 1 else ''} left): they held too few spots, each surrounded by "
+                "other domains. refine=False keeps them.",
                 stacklevel=user_stacklevel(),
             )
             n_found = n_kept

@@ -168,11 +168,12 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
             f"{where} holds non-integer values up to {largest:.4g}: neither raw counts nor log-normalised "
             f"values (log1p of normalised counts stays below ~{MAX_LOG_VALUE:g}). {fix}"
         )
+    layers = f"adata.layers holds {list(adata.layers)}" if len(adata.layers) else "adata has no layers"
     warnings.warn(
         f"{where} holds log-normalised values whose raw counts cannot be recovered (not sc.pp.normalize_total "
         "then sc.pp.log1p of whole counts): they are used as they are (a model trained on them ranks its genes "
         "by scanpy's 'seurat' dispersion instead of 'seurat_v3' on counts). The accuracy in the docs was "
-        f"measured on raw counts: pass them if you have them (layer=; adata.layers holds {list(adata.layers)}).",
+        f"measured on raw counts: pass them if you have them (layer=; {layers}).",
         stacklevel=user_stacklevel(),
     )
     return Expression(X, False, False)
