@@ -12,7 +12,8 @@ DLPFC (Maynard et al. 2021, *Nat. Neurosci.* 24:425; spatialLIBD):
 - counts: ``https://spatial-dlpfc.s3.us-east-2.amazonaws.com/h5/{sample}_filtered_feature_bc_matrix.h5``, the
   link table "Raw data" of the spatialLIBD README (https://github.com/LieberInstitute/spatialLIBD). **No checksum
   for these files is published anywhere we could find**, so they are downloaded with ``known_hash=None``
-  (pooch then only checks that the download completes); the file's SHA256 is logged so a user can record it.
+  (pooch then only checks that the download completes); the file's SHA256 is logged at scanpy's info level
+  (``sc.settings.verbosity = "info"`` shows it) so a user can record it.
 - spot positions, scale factors, low-resolution H&E image: ``10X/{sample}/tissue_positions_list.txt``,
   ``scalefactors_json.json``, ``tissue_lowres_image.png`` of https://github.com/LieberInstitute/HumanPilot, and
   the manual layer annotation ``10X/barcode_level_layer_map.tsv`` of the same repository, all fetched from
@@ -238,7 +239,7 @@ def dlpfc_urls(sample_id: str | int = "151673") -> dict[str, tuple[str, str | No
     Parameters
     ----------
     sample_id
-        One of :data:`DLPFC_SAMPLES`.
+        One of :data:`~dfmamba_st.datasets.DLPFC_SAMPLES`.
 
     Returns
     -------
@@ -272,7 +273,7 @@ def her2st_urls(section: str = "A1") -> dict[str, tuple[str, str | None]]:
     Parameters
     ----------
     section
-        One of :data:`HER2ST_SECTIONS`.
+        One of :data:`~dfmamba_st.datasets.HER2ST_SECTIONS`.
 
     Returns
     -------
@@ -702,19 +703,20 @@ def dlpfc(sample_id: str | int = "151673", *, path: str | Path | None = None) ->
     a ``dlpfc/`` subfolder, as in the project's shared data). Without it: download the public raw files into
     :func:`data_dir` (once; later calls use the cache) and assemble them with :func:`read_dlpfc_raw`.
 
-    The count matrix (``https://spatial-dlpfc.s3.us-east-2.amazonaws.com/h5/{id}_filtered_feature_bc_matrix.h5``,
-    linked from the spatialLIBD README) has **no published checksum**, so it is downloaded with
-    ``known_hash=None``: its integrity is not verified (its SHA256 is logged). Positions, scale factors, the
-    low-resolution image and the layer map come from the HumanPilot repository at a pinned commit and are
-    checked against SHA256 sums (see :func:`dlpfc_urls`).
+    The count matrix (``https://spatial-dlpfc.s3.us-east-2.amazonaws.com/h5/{id}_filtered_feature_bc_matrix.h5``, linked
+    from the spatialLIBD README) has **no published checksum**, so it is downloaded with ``known_hash=None``: its
+    integrity is not verified (its SHA256 is logged at scanpy's info level). Positions, scale factors, the
+    low-resolution image and the layer map come from the HumanPilot repository at a pinned commit and are checked
+    against SHA256 sums (see :func:`dlpfc_urls`).
 
     Parameters
     ----------
     sample_id
-        Sample name, one of :data:`DLPFC_SAMPLES` (e.g. ``151673``); an int is accepted.
+        Sample name, one of :data:`~dfmamba_st.datasets.DLPFC_SAMPLES` (e.g. ``151673``); an int is accepted.
     path
         Local ``.h5ad`` file or folder; no network access when given. A file that records another sample
-        (``obs['sample_id']``, ``uns['spatial']``, ``uns['source']`` or its name) is read with a warning.
+        (``obs['sample_id']`` or ``obs['section']``, the keys of ``uns['spatial']``, ``uns['source']`` or its name)
+        is read with a warning.
 
     Returns
     -------
@@ -777,10 +779,12 @@ def her2st(section: str = "A1", *, path: str | Path | None = None) -> ad.AnnData
     Parameters
     ----------
     section
-        One of :data:`HER2ST_SECTIONS` (``A1``, ``B1``, ``C1``, ``D1``, ``E1``, ``F1``, ``G2``, ``H1``).
+        One of :data:`~dfmamba_st.datasets.HER2ST_SECTIONS` (``A1``, ``B1``, ``C1``, ``D1``, ``E1``, ``F1``, ``G2``,
+        ``H1``).
     path
         Local ``.h5ad`` file or folder; no network access when given. A file that records another section
-        (``obs['section']``, ``uns['source']`` or its name) is read with a warning.
+        (``obs['sample_id']`` or ``obs['section']``, the keys of ``uns['spatial']``, ``uns['source']`` or its name)
+        is read with a warning.
 
     Returns
     -------

@@ -51,7 +51,7 @@ AUX_TERMS = ("recon", "consist", "flow")
 
 @dataclass
 class FractalAux:
-    """What :class:`DFMamba` returns next to its output.
+    """What :class:`~dfmamba_st.core.DFMamba` returns next to its output.
 
     Attributes
     ----------

@@ -286,7 +286,7 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float = 0.1) -> Callab
 
 @dataclass
 class TrainResult:
-    """What :func:`fit` returns.
+    """What :func:`~dfmamba_st.core.fit` returns.
 
     Attributes
     ----------

@@ -175,7 +175,7 @@ def patchify(images: torch.Tensor, patch_size: int = 16, curve: curves.Curve = "
 def unpatchify(
     tokens: torch.Tensor, height: int, width: int, patch_size: int = 16, curve: curves.Curve = "hilbert"
 ) -> torch.Tensor:
-    """Inverse of :func:`patchify`: (batch, L, channels · p²) tokens in curve order → (batch, channels, H, W).
+    """Inverse of :func:`~dfmamba_st.pathology.patchify`: (batch, L, C · p²) tokens in curve order → (batch, C, H, W).
 
     Parameters
     ----------

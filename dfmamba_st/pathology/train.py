@@ -320,7 +320,7 @@ def evaluate(
 def evaluate_resolutions(
     model: nn.Module, images: np.ndarray, labels: np.ndarray, crops: Sequence[int | None] = (256, None), **kwargs
 ) -> dict[int, dict[str, object]]:
-    """:func:`evaluate` at several resolutions of the same images (``None`` = full field), keyed by token count.
+    """:func:`~dfmamba_st.pathology.evaluate` at several resolutions of the same images, keyed by token count.
 
     Crops that give the same token count give the same field (a square crop as large as the images and ``None``, or
     a crop listed twice): it is evaluated once and stored once, under that count.
@@ -402,7 +402,7 @@ def save_classifier(model: DFMambaClassifier, directory: str | Path, extra: dict
 
 
 def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -> DFMambaClassifier:
-    """Rebuild a classifier written by :func:`save_classifier` (in eval mode, on ``device``).
+    """Rebuild a classifier written by :func:`~dfmamba_st.pathology.save_classifier` (in eval mode, on ``device``).
 
     A ``config.json`` written before ``pixel_mean`` / ``pixel_std`` were saved gets the constructor's defaults
     (0.5 / 0.25), which is what such models used unless they were built with other values.

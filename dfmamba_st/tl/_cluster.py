@@ -325,14 +325,15 @@ def refine_labels(labels: np.ndarray, graph: sp.spmatrix) -> np.ndarray:
     """Majority vote on the spatial graph.
 
     A spot takes the most common label among its neighbours when more than half of them disagree with its own label and
-    that label is the only one with the most votes and has more than its own (on a sparse graph, any number of
-    neighbours per spot; a spot with one neighbour keeps its label). All spots vote at once, on the labels given; ties
-    change nothing. Until 2026-12-06 a spot switched whenever more than half of its neighbours disagreed, also to a
-    label with no more votes than its own, a tie going to the first label in sorted order (audit s46). SpaGCN (Hu et
-    al., 2021) asks more, a new label held by more than half of the neighbours: measured on 21 default embeddings (DLPFC
-    and HER2+ sections, seeds 0-2, K of the annotation), that left the domains about as patchy as no refinement (PAS
-    0.0254 against 0.0256 unrefined, 0.0233 with the old rule and 0.0230 with this one) at about the same ARI (0.3698,
-    0.3680, 0.3686; ``docs/spatial_log.md``, "The GMM's regularisation relative to the data; the refinement's rule").
+    that label is the only one with the most votes (which gives it more votes than the spot's own); a spot needs at
+    least two neighbours (on a sparse graph, any number of neighbours per spot; a spot with one keeps its label). All
+    spots vote at once, on the labels given; ties change nothing. Until 2026-12-06 a spot switched whenever more than
+    half of its neighbours disagreed, also to a label with no more votes than its own, a tie going to the first label in
+    sorted order (audit s46). SpaGCN (Hu et al., 2021) asks more, a new label held by more than half of the neighbours:
+    measured on 21 default embeddings (DLPFC and HER2+ sections, seeds 0-2, K of the annotation), that left the domains
+    about as patchy as no refinement (PAS 0.0254 against 0.0256 unrefined, 0.0233 with the old rule and 0.0230 with this
+    one) at about the same ARI (0.3698, 0.3680, 0.3686; ``docs/spatial_log.md``, "The GMM's regularisation relative to
+    the data; the refinement's rule").
     :func:`cluster` runs it on each library's grid graph (``refine=True``).
 
     Parameters
@@ -466,8 +467,10 @@ def cluster(
 
     Returns
     -------
-    ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ...) and
-    ``adata.uns[key_added]['params']`` (and ``['bic']``, ``['k_range']``, ``['knee']`` when K was chosen; for ``"gmm"``
+    ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ... numbered by
+    decreasing size; fewer than ``n_clusters`` when the refinement empties a domain, with a warning) and
+    ``adata.uns[key_added]['params']`` (the options as given, ``n_clusters`` included; and ``['bic']``, ``['k_range']``,
+    ``['knee']`` when K was chosen; for ``"leiden"`` ``['resolution']``, the resolution found; for ``"gmm"``
     ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on; with
     ``library_key``, ``['library_specific']``: the domains found almost only in one library, ``{domain: library}``,
     with a warning when there are any, see :func:`library_specific_domains`).

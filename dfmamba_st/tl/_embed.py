@@ -66,7 +66,7 @@ PRESETS: dict[str, dict] = {
         lr=3e-3,
         window=512,
         batch_windows=4,
-        # the model kept is a moving average of the weights over about the last half of training (docs/spatial_log.md)
+        # the model kept is a moving average of the weights, time constant half the steps (docs/spatial_log.md)
         ema_fraction=0.5,
     ),
     "paper": dict(
@@ -271,8 +271,9 @@ def embed(
     Each spot becomes a token made of its expression features (log-normalised HVGs → PCA) and the mean over its
     spatial neighbourhood. The tissue is read as sequences along one or more space-filling curves (optionally each
     scanned in both directions); DF-Mamba is trained to reconstruct the tokens of randomly masked spots from the
-    sequence, plus its auxiliary multi-scale losses. The embedding of a spot is its DF-Mamba output averaged over the
-    curves.
+    sequence, plus its auxiliary multi-scale losses. By default (``readout="concat"``) a spot's embedding is its
+    neighbourhood expression next to its DF-Mamba output averaged over the curves and its ring of neighbours; see
+    ``readout``.
 
     Parameters
     ----------
@@ -310,12 +311,13 @@ def embed(
         from, a control for what training adds to the domains (on DLPFC, seeds 0-9 of three slices: the trained
         default 0.004 ARI higher, standard error 0.006; ``docs/spatial.md``, "Current defaults").
     ema_fraction
-        The model kept is an exponential moving average of the weights over about this fraction of the training
-        steps (decay ``1 - 1 / (ema_fraction * steps)``, updated after every step; the CPU preset's 0.5 of its
-        200 steps is a decay of 0.99); ``None`` keeps the last weights; ``-1``: the preset's value (0.5 for
-        ``"cpu"``, ``None`` for ``"paper"``). Measured with ``benchmarks/st_dlpfc.py``'s ``dfmamba_st`` job, seeds
-        0–9 (ARI 151673 / 151674 / 151510): the average gave 0.584 / 0.583 / 0.538, the last weights 0.560 / 0.578 /
-        0.531, both with scanpy's own order of tied genes (``docs/spatial_log.md``, "A moving average of the weights").
+        The model kept is an exponential moving average of the weights, started at the first step and updated after
+        every step, whose time constant is this fraction of the training steps (decay
+        ``1 - 1 / (ema_fraction * steps)``; the CPU preset's 0.5 of its 200 steps is a decay of 0.99, which gives the
+        last 100 steps about 63 % of the weight); ``None`` keeps the last weights; ``-1``: the preset's value (0.5 for
+        ``"cpu"``, ``None`` for ``"paper"``). Measured with ``benchmarks/st_dlpfc.py``'s ``dfmamba_st`` job, seeds 0–9
+        (ARI 151673 / 151674 / 151510): the average gave 0.584 / 0.583 / 0.538, the last weights 0.560 / 0.578 / 0.531,
+        both with scanpy's own order of tied genes (``docs/spatial_log.md``, "A moving average of the weights").
     hops
         Rings of neighbours averaged into the neighbourhood half of a token.
     readout_hops
@@ -407,7 +409,8 @@ def embed(
     ``None`` (or the copy, and/or the model). Sets
 
     ``adata.obsm[key_added]``
-        (n_obs, n_pcs + d_model) embedding with ``readout="concat"``, (n_obs, d_model) with ``"model"``.
+        (n_obs, n_features + d_model) embedding with ``readout="concat"`` (``n_features`` is ``n_pcs``, or the
+        number of genes with ``n_pcs=None``), (n_obs, d_model) with ``"model"``.
     ``adata.obsm[key_added + '_gates']``
         (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for
         :func:`~dfmamba_st.pl.gates`; NaN at the depths a library's sequence is too short to reach (fewer than about

@@ -287,7 +287,7 @@ def save_model(model: SpatialDFMamba, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> SpatialDFMamba:
-    """Read a model written by :func:`save_model` (tensors only: no code in the file is ever executed).
+    """Read a model written by :func:`~dfmamba_st.tl.save_model` (tensors only: no code in the file is ever executed).
 
     Parameters
     ----------

@@ -58,7 +58,7 @@ _SUFFIXES = (".csv", ".txt")
 
 
 def default_data_dir() -> Path:
-    """Folder searched by :func:`load` when no ``path`` is given.
+    """Folder searched by :func:`~dfmamba_st.ts.load` when no ``path`` is given.
 
     ``$DFMAMBA_TS_DATA`` if that variable is set, else ``~/.cache/dfmamba_st/ts``.
 
@@ -230,7 +230,7 @@ def load(name: str | os.PathLike, path: str | os.PathLike | None = None) -> pd.D
 
 
 def _load_file(file: Path) -> pd.DataFrame:
-    """:func:`load`'s frame of ``file``."""
+    """:func:`~dfmamba_st.ts.load`'s frame of ``file``."""
     return _validated(_read_table(file), str(file)).astype(np.float32)
 
 

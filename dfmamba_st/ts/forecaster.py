@@ -208,7 +208,7 @@ def save_forecaster(
 
 
 def load_forecaster(directory: str | Path, *, device: str | torch.device = "cpu") -> Forecaster:
-    """Read a folder written by :func:`save_forecaster`.
+    """Read a folder written by :func:`~dfmamba_st.ts.save_forecaster`.
 
     Parameters
     ----------
