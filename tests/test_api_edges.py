@@ -296,6 +296,23 @@ def test_extra_curves_are_read_next_to_the_serialized_one(top):
     assert not np.allclose(default.obsm["X_dfm"], one.obsm["X_dfm"])
 
 
+def test_a_serialized_curve_also_among_extra_curves_is_read_once_with_a_warning(top):
+    dfm.pp.serialize(top, curve="hilbert_t")
+    with pytest.warns(
+        UserWarning, match=r"along 'hilbert_t', which extra_curves names too: .* 1 curve \(hilbert_t\), not 2"
+    ) as caught:
+        one, model = dfm.tl.embed(top, copy=True, return_model=True, **QUICK)
+    assert warned_at(caught, "extra_curves names too", __file__) and "extra_curves=('hilbert',)" in str(
+        caught[0].message
+    )
+    assert list(one.uns["dfm"]["params"]["curves"]) == ["hilbert_t"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # two curves as suggested; a trained model reads its own curves
+        two = dfm.tl.embed(top, extra_curves=("hilbert",), copy=True, **QUICK)
+        dfm.tl.embed(top, model=model, copy=True)
+    assert list(two.uns["dfm"]["params"]["curves"]) == ["hilbert_t", "hilbert"]
+
+
 def test_genes_missing_from_a_new_slice_are_set_to_their_training_mean(top):
     from dfmamba_st.tl._features import FeatureTransform
 

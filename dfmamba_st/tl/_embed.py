@@ -339,8 +339,8 @@ def embed(
         (seeds 0–2): on these slices the DF-Mamba block does not add ARI to its input (``docs/spatial_log.md``).
     extra_curves
         Curves read besides the one :func:`~dfmamba_st.pp.serialize` used (``"hilbert"``, ``"hilbert_t"``,
-        ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``). A 1-D order breaks 2-D adjacency, a second curve
-        restores part of it: measured as above, ``()`` (one curve) gives
+        ``"hilbert_s"``, ``"hilbert_ts"``, ``"zorder"``); that one, named here too, is read once, with a warning. A 1-D
+        order breaks 2-D adjacency, a second curve restores part of it: measured as above, ``()`` (one curve) gives
         0.544 / 0.481 / 0.508. The shifted curves keep far more neighbour pairs close
         (``benchmarks/curve_adjacency.py``) but did not raise the ARI: all four Hilbert curves gave 0.566 / 0.583 /
         0.521 against 0.567 / 0.589 / 0.523 for the default of 2026-12-02, seeds 0–5 (``docs/spatial_log.md``, shifted
@@ -468,6 +468,15 @@ def embed(
     primary = serialized["curve"]
     spatial_key = serialized.get("spatial_key", "spatial")  # not among the params a record is recognised by
     curve_names = tuple(dict.fromkeys((primary, *extra_curves)))
+    if model is None and primary in extra_curves:
+        other = "hilbert" if primary != "hilbert" else "hilbert_t"
+        warnings.warn(
+            f"dfm.pp.serialize ordered the spots along {primary!r}, which extra_curves names too: the tissue is read "
+            f"along {len(curve_names)} curve{'s' if len(curve_names) > 1 else ''} ({', '.join(curve_names)}), not "
+            f"{len(extra_curves) + 1}. A second curve was the largest single gain of the ablations "
+            f"(docs/spatial_log.md, 'Ablations'): e.g. extra_curves=({other!r},).",
+            stacklevel=user_stacklevel(),
+        )
     rank, world_size = distributed_context()
     torch_device = resolve_device(device)
     if world_size > 1 and torch_device.type == "cuda" and torch_device.index is None:
