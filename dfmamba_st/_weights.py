@@ -84,7 +84,10 @@ def write_model_folder(directory: str | Path, tensors: dict[str, torch.Tensor], 
     directory = Path(directory).expanduser()
     header = format_header(kind, FOLDER_FORMAT)
     if clash := sorted(header.keys() & config.keys()):
-        raise ValueError(f"{', '.join(clash)} in config.json are the folder's own entries; give other names.")
+        raise ValueError(
+            f"{', '.join(clash)} in config.json {'is' if len(clash) == 1 else 'are'} the folder's own "
+            f"entr{'y' if len(clash) == 1 else 'ies'}; give {'another name' if len(clash) == 1 else 'other names'}."
+        )
     text = json.dumps({**header, **config}, indent=2)  # first: nothing written if it fails
     if directory.is_file():
         raise ValueError(f"{directory} is a file; a model is saved as a folder ({TENSORS_FILE} and {CONFIG_FILE}).")

@@ -20,6 +20,7 @@ extensions = [
     "sphinx.ext.viewcode",
 ]
 autosummary_generate = True
+templates_path = ["_templates"]  # class pages document their own methods (the default template only lists them)
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_mock_imports = ["mamba_ssm", "causal_conv1d"]

@@ -584,4 +584,5 @@ def test_cli_writes_results_json_with_history_and_class_names(tmp_path):
     assert set(res) == {*summary, "history"}
     assert {k: res[k] for k in summary} == json.loads(json.dumps(summary))
     assert len(res["history"]) == res["epochs_run"] == 2 and set(res["accuracy"]) == {"1", "4"}
+    assert res["epoch_kept"] == res["best_epoch"]  # with a validation split, the best epoch's weights are kept
     assert json.loads((tmp_path / "config.json").read_text())["class_names"] == list(SYNTHETIC_CLASSES)

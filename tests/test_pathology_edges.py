@@ -20,7 +20,7 @@ from _shared import warned_at
 from PIL import Image
 
 from dfmamba_st import pathology
-from dfmamba_st.core import isolated_global_state
+from dfmamba_st.core import TrainResult, isolated_global_state
 from dfmamba_st.pathology import (
     BACH_CLASSES,
     CropBatches,
@@ -553,6 +553,39 @@ def test_cli_names_the_data_folder_when_it_cannot_be_used(capsys, tmp_path):
         with pytest.raises(SystemExit) as exc:
             train_module.main(["--data", str(folder), *CLI_TINY])
         assert exc.value.code == 2 and f"--data {folder}: " in (err := capsys.readouterr().err) and message in err
+
+
+def test_cli_without_validation_says_it_kept_the_last_epoch(monkeypatch, capsys):
+    history = [{"train_loss": loss, "val_loss": float("nan")} for loss in (3.0, 1.0, 2.0)]  # best by training loss: 1
+    monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: TrainResult(history=history, best_epoch=1))
+    args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
+    with pytest.warns(UserWarning, match="validation split is empty"):
+        summary = train_module.main(args)
+    assert summary["epoch_kept"] == 2 and summary["best_epoch"] == 1
+    assert "last epoch 2 kept (no validation)" in capsys.readouterr().out
+
+
+def test_cli_threads_sets_torch_and_the_numba_scan_pool(monkeypatch):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba may run one thread only here (NUMBA_NUM_THREADS=1): --threads 1 changes nothing to check")
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(numba=numba.get_num_threads(), torch=torch.get_num_threads())
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_module, "train_classifier", record)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    torch.set_num_threads(2)  # (put back by the one_torch_thread fixture)
+    try:
+        with pytest.raises(SystemExit):
+            train_module.main(["--synthetic", "--n-per-class", "4", "--threads", "1", *CLI_TINY])
+    finally:
+        numba.set_num_threads(before)
+    assert seen == {"numba": 1, "torch": 1}
 
 
 def test_cli_patience_0_trains_every_epoch(monkeypatch):

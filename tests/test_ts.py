@@ -329,6 +329,8 @@ def test_zero_shot_protocol(splits):
     assert set(zs) == {1, 2, 4}
     assert zs[1]["n_windows"] == len(splits.test)
     assert zs[1]["mse"] == pytest.approx(native["mse"], rel=1e-6)
+    steps = ts.zero_shot(model, splits, factors=(1,), mode="steps")[1]  # f = 1 is the native test set in both modes
+    assert steps["n_windows"] == len(splits.test) and steps["mse"] == pytest.approx(native["mse"], rel=1e-6)
     # x2: lookback = 192 native rows before the first test target row, averaged in pairs; target = 96 rows -> 48
     x, y = ts.coarsened_windows(splits, 2, 96, 96)
     assert x.shape[1:] == (96, 7) and y.shape[1:] == (48, 7)

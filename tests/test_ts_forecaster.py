@@ -213,8 +213,10 @@ def test_a_saved_folder_records_its_layout_and_a_newer_layout_is_refused(splits,
 
 def test_entries_named_like_the_folder_s_own_are_refused_before_anything_is_written(tmp_path):
     model = pathology.DFMambaClassifier(4, d_model=8, depth=1)
-    with pytest.raises(ValueError, match=r"format_version in config\.json are the folder's own entries"):
+    with pytest.raises(ValueError, match=r"format_version in config\.json is the folder's own entry; give another"):
         pathology.save_classifier(model, tmp_path / "c", {"format_version": 2})
+    with pytest.raises(ValueError, match=r"format, format_version in config\.json are the folder's own entries; give"):
+        pathology.save_classifier(model, tmp_path / "c", {"format_version": 2, "format": "x"})
     with pytest.raises(ValueError, match="extra= cannot hold 'config'"):
         pathology.save_classifier(model, tmp_path / "c", {"config": {}})  # it replaced the model's settings
     assert not (tmp_path / "c").exists()

@@ -294,7 +294,9 @@ class TrainResult:
         One dict per epoch: ``epoch``, ``train_loss``, ``val_loss`` (``nan`` without validation data), ``lr`` and
         the mean of every extra term the loss function reported.
     best_epoch
-        Epoch whose weights the model holds at the end (lowest monitored loss).
+        Epoch of the lowest monitored loss (the validation loss, else the training loss). The model ends with that
+        epoch's weights when ``restore_best`` is set; otherwise with the last epoch's (or their moving average with
+        ``ema_decay``).
     stopped_early
         Whether early stopping ended the run.
 

@@ -614,7 +614,7 @@ class CropBatches:
         Strength of the stain and colour jitter.
     seed
         Seed of the crops, order and augmentation (``None``: drawn once from torch's global random state, so it
-        follows ``torch.manual_seed``); :attr:`seed` holds the seed used.
+        follows ``torch.manual_seed``); the ``seed`` attribute holds the seed used.
 
     Examples
     --------

@@ -86,7 +86,7 @@ class DFMambaClassifier(nn.Module):
         **dfmamba_kwargs: Any,
     ) -> None:
         super().__init__()
-        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``pathology.save_classifier``
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model (see ``pathology.save_classifier``)
         self.config = constructor_config(locals())
         if n_classes < 2:
             raise ValueError(f"n_classes must be >= 2, got {n_classes}.")

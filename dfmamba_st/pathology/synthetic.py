@@ -89,7 +89,7 @@ def make_synthetic_image(
     Parameters
     ----------
     label
-        Class ``0..3`` (see :data:`SYNTHETIC_CLASSES` and the module docstring).
+        Class ``0..3`` (see :data:`~dfmamba_st.pathology.SYNTHETIC_CLASSES` and the module docstring).
     size
         Image side, or ``(height, width)``, in pixels.
     rng

@@ -13,9 +13,9 @@ or on the synthetic arrangement task (no download)::
 the blob lattice nor balanced in texture, and local statistics say something about the class; the controlled
 comparison is ``benchmarks/pathology_scale.py``).
 
-It splits the images 70/15/15 (stratified, seeded), trains on random crops with stain/flip augmentation using
-:func:`dfmamba_st.core.fit` (validation on centre crops of the training size, so the larger field is never seen
-before the test), and prints the test accuracy at the crop size and on the full field (zero-shot).
+It splits the images 70/15/15 (stratified, seeded), trains on random crops with flip/rotation, stain and colour
+augmentation using :func:`dfmamba_st.core.fit` (validation on centre crops of the training size, so the larger field is
+never seen before the test), and prints the test accuracy at the crop size and on the full field (zero-shot).
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def train_classifier(
 
     Returns
     -------
-    The :class:`~dfmamba_st.core.TrainResult`; the model holds the best epoch's weights.
+    The :class:`~dfmamba_st.core.TrainResult`; the model holds the weights of the epoch with the lowest validation
+    loss (``result.best_epoch``) with ``val``, and the last epoch's without it.
 
     Notes
     -----
@@ -474,10 +475,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patience", type=int, default=fn["patience"], help="early-stopping patience (epochs; 0: never stop early)"
     )
-    p.add_argument("--no-augment", action="store_true", help="no stain jitter or flips of the training crops")
+    p.add_argument(
+        "--no-augment", action="store_true", help="no flips/rotations, stain or colour jitter of the training crops"
+    )
     p.add_argument("--seed", type=int, default=fn["seed"], help="split, initialisation and crops")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and of the numba scan kernel")
     p.add_argument(
         "--out",
         type=path_argument,
@@ -550,7 +553,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.threads is not None:
+    if args.threads is not None:  # numba first: starting its pool resets torch's count
+        import numba
+
+        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     if args.synthetic:
@@ -588,11 +594,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "params": count_parameters(model),
         "train_seconds": round(seconds, 1),
         "best_epoch": result.best_epoch,
+        "epoch_kept": result.best_epoch if len(val) else len(result.history) - 1,
         "epochs_run": len(result.history),
         "accuracy": {str(k): v["accuracy"] for k, v in res.items()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    print(f"params {summary['params']:,}; trained {seconds:.0f} s, best epoch {result.best_epoch}")
+    kept = (
+        f"best epoch {result.best_epoch} kept"
+        if len(val)
+        else f"last epoch {len(result.history) - 1} kept (no validation)"
+    )
+    print(f"params {summary['params']:,}; trained {seconds:.0f} s, {kept}")
     print(f"{'tokens':>8} {'image':>10} {'test acc':>9}")
     for n_tokens, r in res.items():
         h, w = r["image_size"]

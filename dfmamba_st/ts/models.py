@@ -159,7 +159,7 @@ class DLinear(nn.Module):
         self, n_variates: int, seq_len: int = 96, horizon: int = 96, kernel_size: int = 25, individual: bool = False
     ) -> None:
         super().__init__()
-        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model (see ``ts.save_forecaster``)
         self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         kernel_size = whole_number(kernel_size, "kernel_size")
@@ -274,7 +274,7 @@ class DFMambaTS(nn.Module):
         **dfmamba_kwargs,
     ) -> None:
         super().__init__()
-        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model (see ``ts.save_forecaster``)
         self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if tokens not in ("time", "patch", "mixed"):
@@ -395,8 +395,8 @@ class MSMamba(nn.Module):
     """ms-Mamba (Karadag et al., 2025): variates as tokens, multi-scale bidirectional Mamba layers, linear head.
 
     Each variate's (instance-normalised) lookback is embedded to ``d_model`` by one linear map, giving ``C`` tokens.
-    Every layer applies the multi-scale module — one :class:`~dfmamba_st.core.Mamba` per scale, called with
-    ``alpha`` = its Δ multiplier (1, 2, 4, 8 by default) of a learned base rate, each run in both directions
+    Every layer applies the multi-scale module — one :class:`~dfmamba_st.core.Mamba` per scale, called with ``alpha`` =
+    its Δ multiplier (1, 2, 4, 8 by default) of a learned base rate (see ``share_base``), each run in both directions
     (same weights, averaged), the scale outputs averaged — with a residual and LayerNorm, then a residual MLP and
     LayerNorm. A linear head maps each token to the horizon.
 
@@ -417,8 +417,10 @@ class MSMamba(nn.Module):
     learnable_scales
         Learn the multipliers (initialised at ``scales``): the paper's learnable-Δ variant.
     share_base
-        All scales share one dt projection, so the base rate Δ1 is one learned quantity and the others are its
-        multiples. ``False`` gives each block its own base rate (times its multiplier).
+        All scales share one dt projection (weights and bias), so the input-independent base rate Δ1 is one learned
+        quantity and the others are its multiples; the input-dependent part of each block's Δ comes from the block's
+        own input projections (``in_proj``, ``conv1d``, ``x_proj``), so the blocks' Δ are not exact multiples of one
+        another on every input. ``False`` gives each block its own base rate (times its multiplier).
     d_state, expand, d_conv, dt_max
         Mamba block settings.
     dropout
@@ -458,7 +460,7 @@ class MSMamba(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        #: constructor arguments (JSON-serialisable), enough to rebuild the model: see ``ts.save_forecaster``
+        #: constructor arguments (JSON-serialisable), enough to rebuild the model (see ``ts.save_forecaster``)
         self.config = constructor_config(locals())
         n_variates, seq_len, horizon = _sizes(n_variates, seq_len, horizon)
         if len(scales) == 0 or any(s <= 0 for s in scales):
