@@ -19,7 +19,7 @@ def thread_env(threads: int, **extra: str) -> dict[str, str]:
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads)), **extra}
 
 
-def set_threads(threads: int) -> dict[str, int | str]:
+def set_threads(threads: int) -> dict[str, int]:
     """Set this process's torch and numba pools to ``threads`` and limit its BLAS pools; returns torch's and numba's.
 
     For a process already running (a worker started with :func:`thread_env` has them all from the start): numba
@@ -27,20 +27,12 @@ def set_threads(threads: int) -> dict[str, int | str]:
     returned count says so); BLAS libraries loaded later keep their own start-up count (``tl.cluster`` fits its
     mixtures on one BLAS thread itself).
     """
-    import torch
     from threadpoolctl import threadpool_limits
 
+    from dfmamba_st._utils import set_cpu_threads
+
     threadpool_limits(limits=threads, user_api="blas")  # not as a context: for the rest of the process
-    numba_threads: int | str = "none (no numba)"
-    try:
-        import numba
-    except ImportError:
-        pass
-    else:  # first: starting numba's OpenMP pool sets the OpenMP count torch shares to NUMBA_NUM_THREADS
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        numba_threads = numba.get_num_threads()
-    torch.set_num_threads(threads)
-    return {"torch": torch.get_num_threads(), "numba": numba_threads}
+    return set_cpu_threads(threads)
 
 
 def start_worker(threads: int) -> None:

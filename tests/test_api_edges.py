@@ -311,6 +311,9 @@ def test_a_serialized_curve_also_among_extra_curves_is_read_once_with_a_warning(
         two = dfm.tl.embed(top, extra_curves=("hilbert",), copy=True, **QUICK)
         dfm.tl.embed(top, model=model, copy=True)
     assert list(two.uns["dfm"]["params"]["curves"]) == ["hilbert_t", "hilbert"]
+    with pytest.warns(UserWarning, match=r"read along 2 curves \(hilbert_t, hilbert\), not 3\.") as caught:
+        dfm.tl.embed(top, extra_curves=("hilbert_t", "hilbert"), copy=True, **QUICK)
+    assert "second curve" not in str(caught[0].message)  # two are read: no advice to add one
 
 
 def test_genes_missing_from_a_new_slice_are_set_to_their_training_mean(top):

@@ -562,30 +562,25 @@ def test_cli_without_validation_says_it_kept_the_last_epoch(monkeypatch, capsys)
     with pytest.warns(UserWarning, match="validation split is empty"):
         summary = train_module.main(args)
     assert summary["epoch_kept"] == 2 and summary["best_epoch"] == 1
-    assert "last epoch 2 kept (no validation)" in capsys.readouterr().out
+    assert "kept the last epoch, 2 (counted from 0; no validation split)" in capsys.readouterr().out
 
 
-def test_cli_threads_sets_torch_and_the_numba_scan_pool(monkeypatch):
+def test_cli_threads_sets_numba_then_torch_and_says_when_numba_is_capped(monkeypatch, capsys):
     import numba
 
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("numba may run one thread only here (NUMBA_NUM_THREADS=1): --threads 1 changes nothing to check")
-    seen = {}
-
-    def record(*args, **kwargs):
-        seen.update(numba=numba.get_num_threads(), torch=torch.get_num_threads())
-        raise SystemExit(0)
-
-    monkeypatch.setattr(train_module, "train_classifier", record)
-    before = numba.get_num_threads()
-    numba.set_num_threads(2)
-    torch.set_num_threads(2)  # (put back by the one_torch_thread fixture)
-    try:
-        with pytest.raises(SystemExit):
-            train_module.main(["--synthetic", "--n-per-class", "4", "--threads", "1", *CLI_TINY])
-    finally:
-        numba.set_num_threads(before)
-    assert seen == {"numba": 1, "torch": 1}
+    calls = []
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: calls.append(("numba", n)))
+    monkeypatch.setattr(numba, "get_num_threads", lambda: calls[0][1])
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 2)  # the cores numba saw at its start, say
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
+    monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
+    for threads, expected in ((1, [("numba", 1), ("torch", 1)]), (3, [("numba", 2), ("torch", 3)])):
+        calls.clear()
+        with pytest.raises(SystemExit), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (the tiny data's empty validation split)
+            train_module.main(["--synthetic", "--n-per-class", "4", "--threads", str(threads), *CLI_TINY])
+        assert calls == expected  # numba first: starting its pool resets torch's count
+    assert "numba's scan kernel runs 2 threads (NUMBA_NUM_THREADS caps it)" in capsys.readouterr().out
 
 
 def test_cli_patience_0_trains_every_epoch(monkeypatch):

@@ -242,7 +242,7 @@ def quantize(points: np.ndarray, *, cell_size: float | None = None) -> np.ndarra
 def default_cell_size(points: np.ndarray) -> float:
     """Side of a grid cell that gives about one point per cell: ``sqrt(area / n)`` of the bounding box.
 
-    Points on a line get cells of ``length / n`` (about one point per cell along the line).
+    Points on a line parallel to an axis get cells of ``length / n`` (about one point per cell along the line).
     """
     points = np.asarray(points, dtype=np.float64)
     span = points.max(axis=0) - points.min(axis=0)

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._cli import check_shared_arguments, path_argument
-from .._utils import user_stacklevel
+from .._utils import set_cpu_threads, user_stacklevel
 from .._weights import load_state, read_model_folder, write_model_folder
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, check_pixels, eval_batches, load_image_folder, stratified_split
@@ -553,11 +553,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.threads is not None:  # numba first: starting its pool resets torch's count
-        import numba
-
-        numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and (used := set_cpu_threads(args.threads))["numba"] < args.threads:
+        print(f"numba's scan kernel runs {used['numba']} threads (NUMBA_NUM_THREADS caps it), torch {used['torch']}")
     seed_everything(args.seed)
     if args.synthetic:
         images, labels = make_synthetic_dataset(args.n_per_class, args.image_size, seed=args.seed)
@@ -590,20 +587,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     seconds = time.perf_counter() - t0
     res = evaluate_resolutions(model, test.images, test.labels, crops=(args.crop, None), batch_size=args.batch_size)
+    validated = len(val) > 0 and result.best_epoch >= 0  # (no finite validation loss: fit keeps the last weights)
+    epoch_kept = result.best_epoch if validated else len(result.history) - 1
     summary = {
         "params": count_parameters(model),
         "train_seconds": round(seconds, 1),
         "best_epoch": result.best_epoch,
-        "epoch_kept": result.best_epoch if len(val) else len(result.history) - 1,
+        "epoch_kept": epoch_kept,
         "epochs_run": len(result.history),
         "accuracy": {str(k): v["accuracy"] for k, v in res.items()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-    kept = (
-        f"best epoch {result.best_epoch} kept"
-        if len(val)
-        else f"last epoch {len(result.history) - 1} kept (no validation)"
-    )
+    why = "" if validated else ("; no validation split" if not len(val) else "; no finite validation loss")
+    kept = f"kept the {'best epoch on validation' if validated else 'last epoch'}, {epoch_kept} (counted from 0{why})"
     print(f"params {summary['params']:,}; trained {seconds:.0f} s, {kept}")
     print(f"{'tokens':>8} {'image':>10} {'test acc':>9}")
     for n_tokens, r in res.items():

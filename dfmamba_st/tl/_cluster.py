@@ -469,7 +469,8 @@ def cluster(
     -------
     ``None`` or the copy. Sets ``adata.obs[key_added]`` (categorical, categories ``'0'``, ``'1'``, ... numbered by
     decreasing size; fewer than ``n_clusters`` when the refinement empties a domain, with a warning) and
-    ``adata.uns[key_added]['params']`` (the options as given, ``n_clusters`` included; and ``['bic']``, ``['k_range']``,
+    ``adata.uns[key_added]['params']`` (the options, resolved: ``n_clusters`` as given or chosen, also when the
+    refinement left fewer domains, ``n_init`` the number of restarts run; and ``['bic']``, ``['k_range']``,
     ``['knee']`` when K was chosen; for ``"leiden"`` ``['resolution']``, the resolution found; for ``"gmm"``
     ``['log_likelihood']``, the mean log-likelihood per spot of the fit kept, on the spots it was fitted on; with
     ``library_key``, ``['library_specific']``: the domains found almost only in one library, ``{domain: library}``,

@@ -409,8 +409,8 @@ def embed(
     ``None`` (or the copy, and/or the model). Sets
 
     ``adata.obsm[key_added]``
-        (n_obs, n_features + d_model) embedding with ``readout="concat"`` (``n_features`` is ``n_pcs``, or the
-        number of genes with ``n_pcs=None``), (n_obs, d_model) with ``"model"``.
+        (n_obs, n_features + d_model) embedding with ``readout="concat"`` (``n_features`` is ``n_pcs``, at most the
+        number of genes kept and of spots − 1; the number of genes without PCA), (n_obs, d_model) with ``"model"``.
     ``adata.obsm[key_added + '_gates']``
         (n_obs, n_depths) fractal gate of each depth at every spot (0 = local, 1 = global), for
         :func:`~dfmamba_st.pl.gates`; NaN at the depths a library's sequence is too short to reach (fewer than about
@@ -469,12 +469,16 @@ def embed(
     spatial_key = serialized.get("spatial_key", "spatial")  # not among the params a record is recognised by
     curve_names = tuple(dict.fromkeys((primary, *extra_curves)))
     if model is None and primary in extra_curves:
-        other = "hilbert" if primary != "hilbert" else "hilbert_t"
+        advice = (
+            " A second curve was the largest single gain of the ablations (docs/spatial_log.md, 'Ablations'): e.g. "
+            f"extra_curves=({'hilbert' if primary != 'hilbert' else 'hilbert_t'!r},)."
+            if len(curve_names) == 1
+            else ""
+        )
         warnings.warn(
             f"dfm.pp.serialize ordered the spots along {primary!r}, which extra_curves names too: the tissue is read "
             f"along {len(curve_names)} curve{'s' if len(curve_names) > 1 else ''} ({', '.join(curve_names)}), not "
-            f"{len(extra_curves) + 1}. A second curve was the largest single gain of the ablations "
-            f"(docs/spatial_log.md, 'Ablations'): e.g. extra_curves=({other!r},).",
+            f"{len(extra_curves) + 1}.{advice}",
             stacklevel=user_stacklevel(),
         )
     rank, world_size = distributed_context()
