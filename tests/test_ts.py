@@ -242,6 +242,8 @@ def test_msmamba_scales_and_variants():
     ms = model.layers[0].mamba
     assert ms.scales() == [1.0, 2.0, 4.0, 8.0]
     assert all(blk.dt_proj is ms.blocks[0].dt_proj for blk in ms.blocks)  # one learned base rate
+    # ... but the input-dependent part of each block's Δ comes from its own projections (docs/ts.md says so)
+    assert not any(blk.x_proj is ms.blocks[0].x_proj or blk.in_proj is ms.blocks[0].in_proj for blk in ms.blocks[1:])
     assert all(blk.bidirectional for blk in ms.blocks)
     learn = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4, learnable_scales=True)
     out, _ = learn(torch.randn(2, 32, 5))
