@@ -187,6 +187,7 @@ def test_log_normalised_counts_give_the_embedding_of_the_counts(bundled, target_
 
 
 @pytest.mark.parametrize("target_sum", [None, 1e6])
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 def test_transfer_between_counts_and_log_normalised_input_gives_the_same_features(bundled, target_sum):
     counts = with_a_deep_spot(crop(bundled))
     dfm.pp.serialize(counts)
@@ -209,6 +210,7 @@ def test_transfer_between_counts_and_log_normalised_input_gives_the_same_feature
     assert logged.uns["dfm"]["params"]["input"] == "log-normalised"
 
 
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 def test_a_model_file_keeps_the_total_its_log_normalised_input_had(bundled, tmp_path):
     adata = log_normalised(with_a_deep_spot(crop(bundled)), 1e6)
     dfm.pp.serialize(adata)
@@ -399,6 +401,7 @@ def test_a_preset_gene_count_above_the_panel_is_not_a_warning_but_a_chosen_one_i
 
 
 @pytest.mark.filterwarnings("ignore:Number of distinct clusters")  # scikit-learn's own note on the flat input
+@pytest.mark.filterwarnings("ignore:Smoothing the labels .* emptied:UserWarning")  # a flat input
 def test_cluster_checks_its_arguments(bundled):
     adata = crop(bundled)
     adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray())
@@ -415,6 +418,7 @@ def test_cluster_checks_its_arguments(bundled):
     assert warned_at(caught, "Asked for 5 domains", __file__, once=True)
 
 
+@pytest.mark.filterwarnings("ignore:Smoothing the labels .* emptied:UserWarning")  # a flat input
 def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_store(bundled, tmp_path):
     adata = crop(bundled)
     adata.obsm["X_rep"] = np.asarray(adata.X[:, :5].toarray(), dtype=float)

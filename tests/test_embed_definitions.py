@@ -39,6 +39,7 @@ def _centred_unit_variance(block):
 # --- features -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
     sc.pp.normalize_total(top)
     sc.pp.log1p(top)
@@ -283,6 +284,7 @@ def test_the_spatial_graph_refuses_more_spots_at_one_position_than_it_links(monk
         spatial_graph(points)
 
 
+@pytest.mark.filterwarnings("ignore:.* spots have the same coordinates:UserWarning")  # the test stacks spots on purpose
 def test_embed_refuses_crowded_positions_before_it_reads_the_expression(top, monkeypatch):
     from dfmamba_st.tl import _embed
 
@@ -308,6 +310,7 @@ def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
         expression_matrix(top, None)
 
 
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 def test_the_log_total_is_the_median_spot_total(top):
     sc.pp.normalize_total(top, target_sum=1e4)
     sc.pp.log1p(top)

@@ -327,6 +327,7 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:The validation split is empty:UserWarning")  # too few images per class
 def test_train_entry_point_and_save_load(tmp_path):
     summary = train_main(
         [

@@ -583,6 +583,7 @@ def test_cli_threads_sets_numba_then_torch_and_says_when_numba_is_capped(monkeyp
     assert "numba's scan kernel runs 2 threads (NUMBA_NUM_THREADS caps it)" in capsys.readouterr().out
 
 
+@pytest.mark.filterwarnings("ignore:The validation split is empty:UserWarning")  # too few images per class
 def test_cli_patience_0_trains_every_epoch(monkeypatch):
     seen = {}
 

@@ -409,6 +409,7 @@ def test_gates_check_the_depth_argument(embedded):
 # --- 12: embeddings and domains under other keys --------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:n_clusters=None chose .* no clear knee:UserWarning")  # a small crop: a weak knee
 def test_plots_find_embeddings_and_domains_under_other_keys(bundled):
     adata = crop(bundled, rows=(0, 12))
     dfm.pp.serialize(adata)
@@ -614,6 +615,7 @@ def test_training_curves_are_labelled_by_the_loss_they_show(embedded):
         np.testing.assert_allclose(lines[label].get_ydata(), history[key])
 
 
+@pytest.mark.filterwarnings("ignore:n_clusters=None chose .* no clear knee:UserWarning")  # a small crop: a weak knee
 def test_plots_leave_adata_unchanged(embedded):
     adata = embedded.copy()
     dfm.tl.cluster(adata, None, k_range=range(2, 6), n_init=1)

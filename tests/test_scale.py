@@ -162,6 +162,7 @@ def test_cluster_fits_on_a_subset_and_predicts_every_spot(monkeypatch, trained):
     assert dfm.metrics.evaluate(sub, "layer", pred_key="leiden")["ari"].iloc[0] > 0.3
 
 
+@pytest.mark.filterwarnings("ignore:.* spots have the same coordinates:UserWarning")  # the test stacks spots on purpose
 def test_cluster_holds_no_reordered_copy_of_the_embedding(trained):
     # tl.cluster fits in curve order; it reordered a copy of the whole embedding first, an N x d array held through
     # the fit (+0.42 GB on a million spots). Python-traced peak of the call over the embedding's size: 5.06 then, 4.08

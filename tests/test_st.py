@@ -413,6 +413,7 @@ def test_cluster_tol_runs_em_further_from_the_same_start(small):
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore:n_clusters=None chose .* no clear knee:UserWarning")  # a small crop: a weak knee
 def test_cluster_chooses_k_itself_by_bic(small):
     dfm.pp.serialize(small)
     dfm.tl.embed(small, **FAST)
@@ -678,6 +679,7 @@ def test_epochs_zero_keeps_the_initial_weights_that_training_starts_from(top, mo
 
 
 @needs_data
+@pytest.mark.filterwarnings("ignore:.* of the model's .* genes .* are missing:UserWarning")  # 151674 lacks genes
 def test_model_save_load_and_transfer_to_another_slice_and_scale(small, tmp_path, slice_673, slice_674):
     dfm.pp.serialize(small)
     model = dfm.tl.embed(small, **FAST, return_model=True)
@@ -754,6 +756,7 @@ def test_domains_draws_unannotated_spots_in_grey(small):
 
 @needs_data
 @pytest.mark.filterwarnings("ignore:.*lie almost only in one library")  # crops of two slices: regions differ
+@pytest.mark.filterwarnings("ignore:uns\\['spatial'\\] holds no image:UserWarning")  # the crop keeps one image
 def test_tissue_plots_draw_each_library_in_its_own_panels(small, slice_674):
     """Libraries share a coordinate frame: drawn together they would overlap, so each gets its own panels."""
     import matplotlib.pyplot as plt
