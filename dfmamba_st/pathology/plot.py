@@ -156,12 +156,14 @@ def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, depth: int = 0)
     >>> gate_map(model, torch.rand(3, 64, 64), depth=1).shape
     (4, 4)
     """
-    gates, grid = _gates(model, image)
+    _, gates, grid = _gates(model, _as_batch(image, next(model.parameters()).device))
     return _gate_grid(gates, depth, grid)
 
 
 def _gate_grid(gates: list[np.ndarray], depth: int, grid: tuple[int, int]) -> np.ndarray:
     """The gate of ``depth`` on the patch grid: each patch takes the value of the coarse token that holds it."""
+    if not gates:
+        raise ValueError("This model has no fusion gates (depth 0, fusion='add', or a sequence shorter than min_len).")
     if not 0 <= depth < len(gates):
         raise ValueError(f"depth must be in 0..{len(gates) - 1} for this model and image size, got {depth}.")
     rows, cols = grid
@@ -169,14 +171,15 @@ def _gate_grid(gates: list[np.ndarray], depth: int, grid: tuple[int, int]) -> np
 
 
 @torch.no_grad()
-def _gates(model: nn.Module, image: np.ndarray | torch.Tensor) -> tuple[list[np.ndarray], tuple[int, int]]:
-    """The gate of every depth (one value per coarse token) from one forward pass, and the patch grid's shape."""
-    x = _as_batch(image, next(model.parameters()).device)
+def _gates(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[np.ndarray], tuple[int, int]]:
+    """Logits, the gate of every depth and the patch grid's shape, from one forward pass in eval mode.
+
+    ``x`` is the batch of one image; a gate has one value per coarse token (no gates for a model without them).
+    """
     with _eval_mode(model):
-        _, aux = model.forward_with_aux(x)
-    if not aux.gates:
-        raise ValueError("This model has no fusion gates (depth 0, fusion='add', or a sequence shorter than min_len).")
-    return [g[0].cpu().numpy() for g in aux.gates], check_image_size(x.shape[2], x.shape[3], model.patch_size)
+        logits, aux = model.forward_with_aux(x)
+    gates = [g[0].cpu().numpy() for g in aux.gates]
+    return logits, gates, check_image_size(x.shape[2], x.shape[3], model.patch_size)
 
 
 def plot_saliency(
@@ -255,13 +258,16 @@ def plot_saliency(
     if show is None:  # decided on the arguments, before ``ax`` gets a new figure's axes below
         show = not return_fig and ax is None
     x = _as_batch(image, next(model.parameters()).device)
-    with _eval_mode(model), torch.no_grad():  # the probability in the title, without dropout (as the maps)
-        probs = torch.softmax(model(x), -1)[0].cpu().numpy()
+    if method == "gate":  # one pass gives the probability in the title and the gates
+        logits, gates, grid = _gates(model, x)
+    else:
+        with _eval_mode(model), torch.no_grad():  # the probability in the title, without dropout (as the maps)
+            logits = model(x)
+    probs = torch.softmax(logits, -1)[0].cpu().numpy()
     if class_names is not None and len(class_names) != probs.size:
         raise ValueError(f"class_names has {len(class_names)} names; the model has {probs.size} classes.")
     height, width = x.shape[-2:]
     if method == "gate":
-        gates, grid = _gates(model, image)
         heat = _gate_grid(gates, depth, grid)
         label, bar_label = f"gate, depth {depth}", "gate (0 local, 1 global)"
         shown_class = int(probs.argmax())
