@@ -1,4 +1,4 @@
-"""Thread counts of a benchmark: the environment of a worker process, or the pools of the running process."""
+"""Thread counts of a benchmark's worker processes (a running process sets its pools with ``dfm.set_threads``)."""
 
 from __future__ import annotations
 
@@ -17,22 +17,6 @@ def available_cores() -> int:
 def thread_env(threads: int, **extra: str) -> dict[str, str]:
     """This process's environment with every thread pool of a worker set to ``threads`` (and ``extra`` variables)."""
     return {**os.environ, **dict.fromkeys(THREAD_VARIABLES, str(threads)), **extra}
-
-
-def set_threads(threads: int) -> dict[str, int]:
-    """Set this process's torch and numba pools to ``threads`` and limit its BLAS pools; returns torch's and numba's.
-
-    For a process already running (a worker started with :func:`thread_env` has them all from the start): numba
-    cannot run more threads than ``NUMBA_NUM_THREADS`` allowed at its start, so its count is capped there (the
-    returned count says so); BLAS libraries loaded later keep their own start-up count (``tl.cluster`` fits its
-    mixtures on one BLAS thread itself).
-    """
-    from threadpoolctl import threadpool_limits
-
-    from dfmamba_st._utils import set_cpu_threads
-
-    threadpool_limits(limits=threads, user_api="blas")  # not as a context: for the rest of the process
-    return set_cpu_threads(threads)
 
 
 def start_worker(threads: int) -> None:

@@ -30,11 +30,9 @@ from benchmarks._threads import available_cores, thread_env  # noqa: E402
 
 JOB = """
 import sys, time
-import numba, torch
-threads = int(sys.argv[1])
-torch.set_num_threads(threads)
-numba.set_num_threads(threads)
 import dfmamba_st as dfm
+threads = int(sys.argv[1])
+dfm.set_threads(threads)
 adata = dfm.datasets.dlpfc_151673_hvg()
 dfm.pp.serialize(adata)
 start = time.perf_counter()

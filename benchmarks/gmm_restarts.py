@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._threads import set_threads  # noqa: E402
 from benchmarks.st_dlpfc import DEFAULT_DATA, FILES  # noqa: E402
+from dfmamba_st import set_threads  # noqa: E402
 
 
 def rows_for_slice(path: Path, seed: int, restarts: list[int], cluster_seeds: list[int]) -> list[dict]:

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks._threads import set_threads  # noqa: E402
+from dfmamba_st import set_threads  # noqa: E402
 from dfmamba_st.core import available_backends, seed_everything  # noqa: E402
 from dfmamba_st.pathology import (  # noqa: E402
     DFMambaClassifier,

@@ -86,11 +86,9 @@ def layered_tissue(n_spots: int, seed: int = 0):
 def run_one(n_spots: int, seed: int, threads: int) -> dict:
     """Generate, then time serialize + embed + cluster in this process (peak RSS of the process after them), then the
     baselines on the same tissue."""
-    import torch
-
     import dfmamba_st as dfm
 
-    torch.set_num_threads(threads)
+    dfm.set_threads(threads)
     adata = layered_tissue(n_spots, seed)
     start = time.perf_counter()
     dfm.pp.serialize(adata)

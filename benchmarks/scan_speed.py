@@ -77,12 +77,10 @@ def worker(
 
     cuda = device == "cuda"
 
-    torch.set_num_threads(threads)
-    if backend == "numba":
-        import numba
-
-        numba.set_num_threads(threads)
+    from dfmamba_st import set_threads
     from dfmamba_st.core.scan import selective_scan
+
+    set_threads(threads)  # numba's pool first, then torch's (the worker's variables allow that many)
 
     g = torch.Generator().manual_seed(0)
     u = torch.randn(batch, d_inner, length, generator=g).requires_grad_()

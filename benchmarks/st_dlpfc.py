@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import add_options_flag, parse_options  # noqa: E402
-from benchmarks._threads import set_threads, start_worker  # noqa: E402
+from benchmarks._threads import start_worker  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -192,8 +192,9 @@ def _job(
     genes: list[str] | None = None,
 ) -> dict:
     """One method on one slice and seed, in this (fresh) process; ``genes`` restricts the slice to those genes."""
-    used = set_threads(threads)
-    import dfmamba_st as dfm
+    import dfmamba_st as dfm  # in the worker: after start_worker set the thread variables
+
+    used = dfm.set_threads(threads)
 
     adata, k = load_slice(path)
     if genes is not None:
@@ -248,9 +249,9 @@ def _extra(
 ) -> list[dict]:
     """Zero-shot ×2/×4 on 151673 and transfer 151673 → 151674 (one fresh process), with ``--embed``'s and
     ``--cluster``'s options."""
-    set_threads(threads)
-    import dfmamba_st as dfm
+    import dfmamba_st as dfm  # in the worker: after start_worker set the thread variables
 
+    dfm.set_threads(threads)
     rows = []
     native, k = load_slice(slice_path("151673", data_dir))
     k, cluster = _cluster_options(cluster_options, k)

@@ -41,7 +41,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import add_options_flag, parse_options  # noqa: E402
-from benchmarks._threads import set_threads  # noqa: E402
 from benchmarks.st_dlpfc import (  # noqa: E402
     DEFAULT_DATA,
     FILES,
@@ -65,8 +64,9 @@ def _joint_job(
     """Both slices in one AnnData, one model (dfmamba_st) or one set of PCs (baseline), one GMM."""
     import anndata as ad
 
-    set_threads(threads)
-    import dfmamba_st as dfm
+    import dfmamba_st as dfm  # in the worker: after start_worker set the thread variables
+
+    dfm.set_threads(threads)
 
     loaded = {s: load_slice(p) for s, p in paths.items()}
     ks = {k for _, k in loaded.values()}

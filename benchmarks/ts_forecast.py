@@ -33,8 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks._options import parse_options  # noqa: E402
-from benchmarks._threads import set_threads  # noqa: E402
-from dfmamba_st import ts  # noqa: E402
+from dfmamba_st import set_threads, ts  # noqa: E402
 from dfmamba_st.core import available_backends, fit, seed_everything  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "ts"

@@ -8,6 +8,7 @@ Examples
 """
 
 from . import core, datasets, metrics, pathology, pl, pp, tl, ts
+from ._threads import set_threads
 from ._version import __version__
 
-__all__ = ["__version__", "core", "datasets", "metrics", "pathology", "pl", "pp", "tl", "ts"]
+__all__ = ["__version__", "core", "datasets", "metrics", "pathology", "pl", "pp", "set_threads", "tl", "ts"]

@@ -355,21 +355,6 @@ def h5ad_safe(value):
     return value
 
 
-def set_cpu_threads(threads: int) -> dict[str, int]:
-    """Set numba's thread count (the CPU scan kernel's pool), then torch's, to ``threads``; returns both counts.
-
-    numba's first: starting its OpenMP pool sets the OpenMP count torch shares to ``NUMBA_NUM_THREADS``. numba cannot
-    run more threads than ``NUMBA_NUM_THREADS`` allowed when it started (the cores it saw, unless set), so its count is
-    capped there, which the returned count shows.
-    """
-    import numba
-    import torch
-
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    torch.set_num_threads(threads)
-    return {"numba": numba.get_num_threads(), "torch": torch.get_num_threads()}
-
-
 def check_colour_range(vmin: float | None, vmax: float | None) -> None:
     """A ``ValueError`` when both ends of a colour map are given and ``vmin`` is not below ``vmax``."""
     if vmin is not None and vmax is not None and not vmin < vmax:

@@ -333,30 +333,6 @@ def test_benchmark_workers_start_with_every_pool_at_the_thread_count(benchmark_m
     assert all(env[name] == "1" for name in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"))
 
 
-def test_set_threads_leaves_torch_and_numba_at_the_count_after_numba_starts(tmp_path):
-    """In a process started without the thread variables (NUMBA_NUM_THREADS=4 stands for a 4-core machine): numba's
-    pool, when it starts, sets the OpenMP count torch shares, so it is set first and torch after it."""
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1])\n"
-        "import torch, numba\n"
-        "from benchmarks._threads import set_threads\n"
-        "from dfmamba_st.core import selective_scan\n"
-        "counts = set_threads(1)\n"
-        "u = torch.randn(1, 4, 64); A = -torch.rand(4, 2); B = torch.randn(1, 2, 64)\n"
-        "selective_scan(u, torch.rand(1, 4, 64), A, B, B.clone(), backend='numba')  # a parallel numba kernel\n"
-        "print(counts['torch'], counts['numba'], torch.get_num_threads(), numba.get_num_threads())\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    env["NUMBA_NUM_THREADS"] = "4"
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(Path(__file__).resolve().parents[1])], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["1", "1", "1", "1"]  # returned, and still so after numba's kernel ran
-
-
 def _worker_threads():
     import numba
 

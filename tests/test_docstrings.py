@@ -14,7 +14,7 @@ MODULES = ("pp", "tl", "pl", "metrics", "datasets", "ts", "pathology", "core")
 
 
 def _public() -> list[tuple[str, object]]:
-    out = []
+    out = [(name, getattr(dfm, name)) for name in dfm.__all__ if inspect.isfunction(getattr(dfm, name))]
     for module in MODULES:
         for name in getattr(dfm, module).__all__:
             obj = getattr(getattr(dfm, module), name)
@@ -25,7 +25,9 @@ def _public() -> list[tuple[str, object]]:
 
 def test_the_public_api_is_found():
     names = [name for name, _ in _public()]
-    assert len(names) > 90 and {"pp.serialize", "tl.embed", "ts.save_forecaster", "core.fit"} <= set(names)
+    assert len(names) > 90 and {"set_threads", "pp.serialize", "tl.embed", "ts.save_forecaster", "core.fit"} <= set(
+        names
+    )
 
 
 @pytest.mark.parametrize(("name", "obj"), _public(), ids=[name for name, _ in _public()])

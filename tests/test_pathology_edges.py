@@ -565,22 +565,16 @@ def test_cli_without_validation_says_it_kept_the_last_epoch(monkeypatch, capsys)
     assert "kept the last epoch, 2 (counted from 0; no validation split)" in capsys.readouterr().out
 
 
-def test_cli_threads_sets_numba_then_torch_and_says_when_numba_is_capped(monkeypatch, capsys):
-    import numba
-
+def test_cli_threads_sets_every_pool_through_set_threads(monkeypatch):
     calls = []
-    monkeypatch.setattr(numba, "set_num_threads", lambda n: calls.append(("numba", n)))
-    monkeypatch.setattr(numba, "get_num_threads", lambda: calls[0][1])
-    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 2)  # the cores numba saw at its start, say
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
+    monkeypatch.setattr(train_module, "set_threads", calls.append)
     monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
-    for threads, expected in ((1, [("numba", 1), ("torch", 1)]), (3, [("numba", 2), ("torch", 3)])):
+    for argv, expected in ((["--threads", "3"], [3]), ([], [])):  # without --threads the pools are left alone
         calls.clear()
         with pytest.raises(SystemExit), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # (the tiny data's empty validation split)
-            train_module.main(["--synthetic", "--n-per-class", "4", "--threads", str(threads), *CLI_TINY])
-        assert calls == expected  # numba first: starting its pool resets torch's count
-    assert "numba's scan kernel runs 2 threads (NUMBA_NUM_THREADS caps it)" in capsys.readouterr().out
+            train_module.main(["--synthetic", "--n-per-class", "4", *argv, *CLI_TINY])
+        assert calls == expected
 
 
 @pytest.mark.filterwarnings("ignore:The validation split is empty:UserWarning")  # too few images per class

@@ -34,7 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._cli import check_shared_arguments, path_argument
-from .._utils import set_cpu_threads, user_stacklevel
+from .._threads import set_threads
+from .._utils import user_stacklevel
 from .._weights import load_state, read_model_folder, write_model_folder
 from ..core import TrainResult, fingerprint, fit, isolated_global_state, resolve_device, seed_everything
 from .data import CropBatches, ImageSet, center_crop, check_pixels, eval_batches, load_image_folder, stratified_split
@@ -480,7 +481,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=fn["seed"], help="split, initialisation and crops")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and of the numba scan kernel")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the numba scan kernel, torch and BLAS (dfm.set_threads)",
+    )
     p.add_argument(
         "--out",
         type=path_argument,
@@ -553,8 +559,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    if args.threads is not None and (used := set_cpu_threads(args.threads))["numba"] < args.threads:
-        print(f"numba's scan kernel runs {used['numba']} threads (NUMBA_NUM_THREADS caps it), torch {used['torch']}")
+    if args.threads is not None:
+        set_threads(args.threads)  # warns when NUMBA_NUM_THREADS caps numba's pool
     seed_everything(args.seed)
     if args.synthetic:
         images, labels = make_synthetic_dataset(args.n_per_class, args.image_size, seed=args.seed)

@@ -362,10 +362,9 @@ def embed(
         The orientation of the tissue acts much like another seed: the curves, and so the sequences, follow the grid.
         The caller's random states and torch's determinism settings are put back afterwards.
     device
-        ``"auto"``, ``"cpu"`` or ``"cuda"``. On the CPU, torch's and numba's thread settings apply (one thread per core
-        unless set): next to other work that holds cores, fewer threads run faster (``numba.set_num_threads(n)``, then
-        ``torch.set_num_threads(n)``: starting numba's thread pool resets torch's count, so numba's goes first;
-        ``docs/spatial.md``, "Threads on a machine shared with other work").
+        ``"auto"``, ``"cpu"`` or ``"cuda"``. On the CPU, every thread pool takes one thread per core unless set: next
+        to other work that holds cores, fewer threads run faster; set them all with :func:`~dfmamba_st.set_threads`
+        (``docs/spatial.md``, "Threads on a machine shared with other work").
     model
         A trained model (or the path of a saved one) to apply without training: genes are aligned by name and
         missing genes reported (a warning; with more than half of them missing it also asks whether the gene naming
