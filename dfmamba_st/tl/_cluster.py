@@ -77,7 +77,7 @@ BIC_RESTARTS = 3
 #: DLPFC curve and most HER2+ curves below it (docs/spatial.md, "Current defaults")
 WEAK_KNEE = 0.15
 #: a domain with at least this share of its spots in one library, once the libraries are weighted equally, is reported
-#: as found in that library only. Measured (docs/spatial.md, "Several slices together"): on two adjacent sections of
+#: as found in that library only. Measured (docs/spatial_log.md, "Several slices together"): on two adjacent sections of
 #: one donor (DLPFC 151673 + 151674, seeds 0-4) every domain's share lay at 0.50-0.57; on sections of two donors on
 #: the genes they share (151673 or 151674 with 151510, seeds 0-2) one to six of the seven domains per run lay above it
 LIBRARY_SPECIFIC = 0.95
