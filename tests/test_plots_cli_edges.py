@@ -542,6 +542,29 @@ def test_tissue_panels_zoom_to_the_spots(bundled, rows):
         assert (y1 - y0) < 0.5 * height  # the crop, not the whole slide
 
 
+def _bars_beside_maps(fig):
+    """(map, colour bar) pairs of a gates figure: the bars come after the panels, in the maps' order."""
+    maps = [a for a in fig.axes if a.get_title().startswith("gate, depth")]
+    bars = [a for a in fig.axes if a.get_ylabel() == "gate"]
+    assert len(maps) == len(bars) > 0
+    return list(zip(maps, bars))
+
+
+def test_a_gate_colour_bar_is_as_tall_as_the_map_beside_it(embedded):
+    """The crop is wide (30 rows of the whole width): its maps are drawn shorter than their panels, and squidpy's
+    bars, sized to the panel, stood above and below them."""
+    fig = dfm.pl.gates(embedded, return_fig=True, show=False)
+    _, ax = plt.subplots(figsize=(4, 4))
+    dfm.pl.gates(embedded, depth=1, ax=ax, show=False)
+    for figure in (fig, ax.figure):
+        figure.canvas.draw()
+        for map_, bar in _bars_beside_maps(figure):
+            drawn, panel, beside = map_.get_position(), map_.get_position(original=True), bar.get_position()
+            assert drawn.height < 0.8 * panel.height  # a wide map: the case the fit is for
+            assert beside.y0 == pytest.approx(drawn.y0, abs=1e-9) and beside.y1 == pytest.approx(drawn.y1, abs=1e-9)
+            assert 0 < beside.x0 - drawn.x1 < 0.05  # right beside it
+
+
 # --- 16: the training legend, colour bars into a given axes ---------------------------------------------------------
 
 

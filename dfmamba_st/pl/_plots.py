@@ -294,7 +294,7 @@ def _tissue(
     scatter: Mapping | None = None,
     colorbar_label: str | None = None,
     warn_image: bool = True,
-) -> None:
+) -> list[Axes]:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
     ``scatter``: the caller's options for ``spatial_scatter``, over this function's own; ``colorbar_label``: the
@@ -302,6 +302,9 @@ def _tissue(
     only, so that a figure says it once per library). The image is
     :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
+
+    Returns the colour bars squidpy added (none for categories): :func:`_fit_colour_bars` fits them to the map once
+    the figure's layout is done.
     """
     _make_current(ax)
     with warnings.catch_warnings():
@@ -359,9 +362,10 @@ def _tissue(
             ) from err
     for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
         plt.close(number)
+    bars = [a for a in ax.figure.axes if a not in axes_before]
     if colorbar_label is not None:
-        for colorbar in set(ax.figure.axes) - axes_before:
-            colorbar.set_ylabel(colorbar_label, fontsize="small")
+        for bar in bars:
+            bar.set_ylabel(colorbar_label, fontsize="small")
     ax.set_title(title)
     if res is not None:
         factors = images_of[lib]["scalefactors"]
@@ -369,6 +373,21 @@ def _tissue(
         diameter = float(factors["spot_diameter_fullres"]) * scale
         xy = np.asarray(view.obsm["spatial"], dtype=np.float64)[:, :2] * scale
         _zoom(ax, xy, np.shape(images_of[lib]["images"][res]), diameter)
+    return bars
+
+
+def _fit_colour_bars(maps: Sequence[tuple[Axes, Sequence[Axes]]]) -> None:
+    """Make each colour bar as tall as the map beside it, at the gap it was given; call it after the layout.
+
+    squidpy sizes a bar to the whole panel; a map keeps the tissue's aspect ratio, so a wide tissue is drawn shorter
+    than its panel and the bar stood above and below it. A layout run afterwards puts the bars back.
+    """
+    for ax, bars in maps:
+        ax.apply_aspect()
+        drawn, given = ax.get_position(), ax.get_position(original=True)
+        for bar in bars:
+            own = bar.get_position(original=True)
+            bar.set_position((drawn.x1 + (own.x0 - given.x1), drawn.y0, own.width, drawn.height))
 
 
 def _libraries(
@@ -617,23 +636,29 @@ def gates(
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
-        _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", library_id=lib, **style)
+        bars = _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", library_id=lib, **style)
+        _fit_colour_bars([(ax, bars)])
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     order_key = _sequence_order(adata, order_key, record, sequence)
     n_panels = len(depths) + int(sequence)
     fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
+    maps = []
     with _closed_on_error(fig):
         for row, (lib, spots) in zip(groups, libraries):
             prefix = f"{lib}:\n" if len(libraries) > 1 else ""  # a line of its own: a long name was cut off
             gates_here = np.asarray(spots.obsm[f"{key}_gates"])
             for a, k in zip(row, depths):
                 title = f"{prefix}gate, depth {k} (0 local, 1 global)"
-                _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style)
+                bars = _tissue(
+                    spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style
+                )
+                maps.append((a, bars))
             if sequence:
                 title = f"{prefix}gates along the sequence"
                 _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
     _fit_legends(fig)
+    _fit_colour_bars(maps)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 
