@@ -215,7 +215,8 @@ def test_the_record_names_the_genes_used_not_the_number_asked(top):
     assert panel.uns["dfm"]["params"]["n_top_genes"] == len(panel.uns["dfm"]["genes"]) == 120
 
 
-def test_counts_recovered_from_log_normalised_values_are_said_at_the_default_verbosity(top):
+@pytest.mark.parametrize("normalise", [True, False], ids=["normalize_total-log1p", "log1p-only"])
+def test_counts_recovered_from_log_normalised_values_are_said_at_the_default_verbosity(top, normalise):
     import io
 
     import scanpy as sc
@@ -225,13 +226,16 @@ def test_counts_recovered_from_log_normalised_values_are_said_at_the_default_ver
     sc.settings.verbosity, sc.settings.logfile = "warning", logged  # scanpy's default
     try:
         normalised = top.copy()
-        sc.pp.normalize_total(normalised)
+        if normalise:
+            sc.pp.normalize_total(normalised)
         sc.pp.log1p(normalised)
         dfm.pp.serialize(normalised)
         dfm.tl.embed(normalised, **FAST)
     finally:
         sc.settings.verbosity, sc.settings.logfile = verbosity, logfile
-    assert "adata.X holds log-normalised counts (normalised per spot, then log1p)" in logged.getvalue()
+    # the words fit both inputs (it said "normalised per spot, then log1p" of log1p alone too)
+    assert "adata.X holds log1p of counts (scaled per spot, as sc.pp.normalize_total does, or not)" in logged.getvalue()
+    assert normalised.uns["dfm"]["params"]["input"] == "recovered counts"
 
 
 def test_one_extra_curve_may_be_named_on_its_own(top):

@@ -132,8 +132,8 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
     counts = recovered_counts(X) if largest <= MAX_LOG_VALUE else None
     if counts is not None:
         logg.warning(  # said at scanpy's default verbosity: the input is not used as given
-            f"{where} holds log-normalised counts (normalised per spot, then log1p): their raw counts were "
-            "recovered and are used"
+            f"{where} holds log1p of counts (scaled per spot, as sc.pp.normalize_total does, or not): their raw "
+            "counts were recovered and are used"
         )
         few = int(np.sum(np.diff(counts.indptr) <= FEW_GENES))
         if counts_for is not None and few:
