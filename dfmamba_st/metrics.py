@@ -142,7 +142,8 @@ def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, k: int = 
     coords
         Spot coordinates, shape ``(n_spots, n_dims)``.
     k
-        Number of nearest neighbours. When there are at most ``k`` spots, all other spots are used.
+        Number of nearest neighbours. When there are at most ``k`` spots, all other spots are used, with a warning:
+        each spot is then compared with the whole tissue, and PAS says little about spatial coherence.
 
     Returns
     -------
@@ -175,6 +176,13 @@ def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, k: int = 
     kk = min(k, n - 1)
     if kk < 1:
         return 0.0
+    if kk < k:
+        warnings.warn(
+            f"PAS with k={k} neighbours on {n} spots: each spot is compared with all {kk} others, the whole tissue, "
+            "so the score says little about spatial coherence; use a smaller k.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
     neigh = _knn_stable(xy, kk)
     n_diff = (codes[neigh] != codes[:, None]).sum(axis=1)
     return float((n_diff > kk / 2).sum()) / n
