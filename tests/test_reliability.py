@@ -238,6 +238,22 @@ def test_counts_recovered_from_log_normalised_values_are_said_at_the_default_ver
     assert normalised.uns["dfm"]["params"]["input"] == "recovered counts"
 
 
+def test_spots_without_expression_are_counted_in_a_warning(top):
+    import scipy.sparse as sp
+
+    empty = top.copy()
+    X = sp.csr_matrix(empty.X, dtype=np.float32)
+    X = sp.diags((np.arange(empty.n_obs) >= 5).astype(np.float32)) @ X  # the first 5 spots emptied
+    empty.layers["counts"] = X.tocsr()
+    dfm.pp.serialize(empty)
+    with pytest.warns(UserWarning, match=rf"^5 of {empty.n_obs} spots have no expression in adata.layers\['counts'\]"):
+        dfm.tl.embed(empty, layer="counts", **FAST)
+    assert np.isfinite(empty.obsm["X_dfm"][:5]).all()  # embedded from their neighbours
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*have no expression")
+        dfm.tl.embed(empty, **FAST)  # adata.X keeps every spot's counts: no warning
+
+
 def test_one_extra_curve_may_be_named_on_its_own(top):
     """A string is one curve's name, not a sequence of one-letter names."""
     dfm.pp.serialize(top)

@@ -116,6 +116,20 @@ def _tokens(features: np.ndarray, libraries, hops: int) -> np.ndarray:
     return np.concatenate([features, wide], axis=1)
 
 
+def _warn_empty_spots(X: sp.csr_matrix, layer: str | None) -> None:
+    """Warn when spots have no expression at all: they are embedded from their neighbours alone, without a word."""
+    empty = int(np.sum(np.asarray(X.sum(axis=1)).ravel() == 0))  # (no negative values: checked)
+    if empty:
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        warnings.warn(
+            f"{empty} of {X.shape[0]} spots have no expression in {where}: their embedding comes from their "
+            "neighbours alone, and tl.cluster will give them a domain. To leave them out, filter them first: "
+            "sc.pp.filter_cells(adata, min_counts=1).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def _sample_windows(tokens: torch.Tensor, libraries, window: int, n_windows: int, gen: torch.Generator) -> torch.Tensor:
     """``n_windows`` random windows of ``window`` consecutive spots along a random curve of a random library.
 
@@ -554,6 +568,7 @@ def embed(
     # expression is read and the features fitted
     libraries = _library_sequences(adata, library_key, spatial_key, curve_names if model is None else config.curves)
     X, input_is_counts, recovered = expression_matrix(adata, layer)  # once, after the options are checked
+    _warn_empty_spots(X, layer)
     if model is None:
         seed_everything(seed)
         feature_tf = FeatureTransform.fit_matrix(
