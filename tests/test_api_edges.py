@@ -430,6 +430,9 @@ def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_sto
     # (unrefined: a fresh seed's domains may lose one to the label smoothing, which is left out of the categories)
     dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=None, n_init=1, key_added="fresh", refine=False)
     assert adata.obs["fresh"].cat.categories.size == 3
+    drawn = adata.uns["fresh"]["params"]["random_state"]  # the seed drawn for None is recorded: the call repeats
+    dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=drawn, n_init=1, key_added="again", refine=False)
+    assert isinstance(drawn, int) and (adata.obs["again"] == adata.obs["fresh"]).all()
     adata.write_h5ad(tmp_path / "clustered.h5ad")  # every record h5ad-safe
     assert ad.read_h5ad(tmp_path / "clustered.h5ad").uns["seeded"]["params"]["random_state"] == 3
 

@@ -21,6 +21,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from .._utils import (
+    MAX_SEED,
     check_adata,
     check_key_added,
     check_library_key,
@@ -456,8 +457,9 @@ def cluster(
         ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
         tool's result) is not overwritten: an error asks for another name. A non-empty name without ``/``.
     random_state
-        Seed of the clustering: a whole number from 0 to 2**32 - 1, or ``None`` for a fresh one each call (not a
-        :class:`numpy.random.RandomState`, which the record in ``uns`` could not store).
+        Seed of the clustering: a whole number from 0 to 2**32 - 1, or ``None`` for a fresh one each call, drawn and
+        recorded in ``uns[key_added]['params']['random_state']`` so that the call can be repeated (not a
+        :class:`numpy.random.RandomState`, which the record could not store).
     progress
         Show a progress bar over the GMM fits (the restarts, and the fits that choose K) when they take more than
         ``PROGRESS_DELAY`` (2) seconds: on a slice of a few thousand spots they rarely do, on 50,000 (a large tissue's
@@ -515,8 +517,9 @@ def cluster(
                 f"n_clusters must be a whole number between 1 and n_obs={adata.n_obs} (or None), got {n_clusters!r}."
             )
         n_clusters = int(n_clusters)
-    if random_state is not None:
-        random_state = seed_number(random_state, "random_state (a seed; None for a fresh one)")
+    if random_state is None:  # a fresh seed, drawn here so that the record can repeat the call
+        random_state = int(np.random.default_rng().integers(MAX_SEED, endpoint=True))
+    random_state = seed_number(random_state, "random_state (a seed; None for a fresh one)")
     if n_init is not None and not is_whole_number(n_init, 1):
         raise ValueError(f"n_init must be a positive whole number, got {n_init}.")
     if n_comps is not None:
