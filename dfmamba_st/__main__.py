@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._cli import check_shared_arguments, path_argument
+from ._cli import check_shared_arguments, path_argument, warnings_said_once
 from ._version import __version__
 
 #: the annotation scored against when ``--truth-key`` is not given (DLPFC's cortical layers)
@@ -203,4 +203,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with warnings_said_once(_parser().prog):
+        raise SystemExit(main())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -35,3 +39,25 @@ def check_shared_arguments(parser: argparse.ArgumentParser, device: str, out: Pa
         parser.error(f"--out {out}: {made_in} is a file, so the folder cannot be made")
     if not os.access(made_in, os.W_OK | os.X_OK):
         parser.error(f"--out {out}: {made_in} is not writable")
+
+
+@contextlib.contextmanager
+def warnings_said_once(prog: str) -> Iterator[None]:
+    """Each warning of a command-line run printed once, as ``prog: warning: message``.
+
+    Python's own display names a source line, which on the command line is runpy's or the package's, never the
+    user's, and repeats a message after any ``warnings.catch_warnings`` (the plots use them), so a library's missing
+    image was said once per plot. The filters are left as they are (``-W error`` still raises). Only the scripts'
+    ``__main__`` blocks use it: a caller of ``main()`` keeps its own warning handling.
+    """
+    said: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in said:
+            said.add(text)
+            print(f"{prog}: warning: {text}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield

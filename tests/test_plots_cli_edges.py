@@ -834,6 +834,31 @@ def test_command_line_warnings_point_at_the_call_of_main_not_into_the_package(tm
         assert warned_at(caught, text, __file__), text
 
 
+def test_command_line_says_each_warning_once_without_a_source_line(capsys):
+    """What the scripts' __main__ blocks wrap main() in: a library's missing image was said once per plot, at
+    '<frozen runpy>:88'; a catch_warnings in between (as the plots have) made Python say it again."""
+    from dfmamba_st._cli import warnings_said_once
+
+    with warnings_said_once("python -m dfmamba_st"):
+        for _ in range(2):
+            with warnings.catch_warnings():
+                warnings.warn("no image for library 'A'", UserWarning, stacklevel=1)
+                warnings.warn("no image for library 'B'", UserWarning, stacklevel=1)
+        with warnings.catch_warnings(), pytest.raises(UserWarning):
+            warnings.simplefilter("error")  # the filters are left alone: -W error still raises
+            warnings.warn("an error now", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "python -m dfmamba_st: warning: no image for library 'A'",
+        "python -m dfmamba_st: warning: no image for library 'B'",
+    ]
+    from dfmamba_st import __main__ as script
+    from dfmamba_st.pathology import train
+
+    for module in (script, train):  # both scripts run main() inside it
+        assert "with warnings_said_once(_parser().prog):" in Path(module.__file__).read_text()
+
+
 def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path, capsys):
     adata = crop(bundled, rows=(0, 10))
     adata.write_h5ad(tmp_path / "slice.h5ad")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._cli import check_shared_arguments, path_argument
+from .._cli import check_shared_arguments, path_argument, warnings_said_once
 from .._threads import set_threads
 from .._utils import user_stacklevel
 from .._weights import load_state, read_model_folder, write_model_folder
@@ -618,4 +618,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with warnings_said_once(_parser().prog):
+        main()
