@@ -12,7 +12,7 @@ def set_threads(threads: int) -> dict[str, int]:
 
     By default every pool takes one thread per core. Next to other work that holds cores (a shared server, several
     notebooks at once) fewer threads run faster: on a 2-core machine with one core busy, :func:`~dfmamba_st.tl.embed`
-    took 55.6 s on two threads against 26.4 s on one (``docs/spatial.md``, "Threads on a machine shared with other
+    took 255 s on two threads against 26.5 s on one (``docs/spatial.md``, "Threads on a machine shared with other
     work").
     Call it before the work, once per Python session; it holds until it is called again.
 

@@ -92,7 +92,7 @@ def test_parameter_names_and_shapes_follow_mamba_ssm():
     }
     # S4D-real initialisation and the initial time steps inside [dt_min, dt_max_init]
     assert torch.allclose(-torch.exp(block.A_log[0]), -torch.arange(1, 17, dtype=torch.float32))
-    dt0 = F.softplus(block.dt_proj.bias)
+    dt0 = F.softplus(block.dt_proj.bias.detach())
     assert float(dt0.min()) >= 1e-4 - 1e-7 and float(dt0.max()) <= 0.1 + 1e-6
 
 
