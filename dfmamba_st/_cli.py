@@ -45,10 +45,12 @@ def check_shared_arguments(parser: argparse.ArgumentParser, device: str, out: Pa
 def warnings_said_once(prog: str) -> Iterator[None]:
     """Each warning of a command-line run printed once, as ``prog: warning: message``.
 
-    Python's own display names a source line, which on the command line is runpy's or the package's, never the
-    user's, and repeats a message after any ``warnings.catch_warnings`` (the plots use them), so a library's missing
-    image was said once per plot. The filters are left as they are (``-W error`` still raises). Only the scripts'
-    ``__main__`` blocks use it: a caller of ``main()`` keeps its own warning handling.
+    Another category than ``UserWarning`` is named in place of ``warning``. Python's own display names a source
+    line, which on the command line is runpy's or the package's, never the user's, and repeats a message after any
+    ``warnings.catch_warnings`` (the plots use them), so a library's missing image was said once per plot. The
+    filters still decide what is raised (``-W error``) or hidden (``ignore``); a message shown is shown once,
+    whatever they say about repeats. Only the scripts' ``__main__`` blocks use it: a caller of ``main()`` keeps its
+    own warning handling.
     """
     said: set[str] = set()
 
@@ -56,7 +58,8 @@ def warnings_said_once(prog: str) -> Iterator[None]:
         text = str(message)
         if text not in said:
             said.add(text)
-            print(f"{prog}: warning: {text}", file=sys.stderr)
+            kind = "warning" if category is UserWarning else category.__name__
+            print(f"{prog}: {kind}: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -16,9 +16,11 @@ def set_threads(threads: int) -> dict[str, int]:
     work").
     Call it before the work, once per Python session; it holds until it is called again.
 
-    The order is what a hand-made setting gets wrong: starting numba's thread pool resets torch's count, so numba's is
-    set first. numba cannot run more threads than it was allowed when it started (``NUMBA_NUM_THREADS``, the cores it
-    saw unless set): a larger request is capped there, with a warning. The BLAS pools (scanpy's PCA, the mixtures'
+    numba's count is set first: where numba's pool and torch share one OpenMP runtime, starting the pool resets
+    torch's count (a ``torch.set_num_threads(1)`` became one thread per core on the install of 2026-12-06; on the
+    install of 2026-12-07 each has its own runtime and the order made no difference). numba cannot run more threads
+    than it was allowed when it started (``NUMBA_NUM_THREADS``, the cores it saw unless set): a larger request is
+    capped there, with a warning. The BLAS pools (scanpy's PCA, the mixtures'
     linear algebra) are limited through threadpoolctl; a BLAS library loaded after the call keeps its own count.
 
     Parameters
@@ -32,11 +34,12 @@ def set_threads(threads: int) -> dict[str, int]:
 
     Examples
     --------
-    >>> import os
+    >>> import torch
     >>> import dfmamba_st as dfm
+    >>> before = torch.get_num_threads()
     >>> dfm.set_threads(1)  # one thread per pool, e.g. next to other jobs
     {'numba': 1, 'torch': 1}
-    >>> used = dfm.set_threads(os.cpu_count())  # one per core again, as at start-up
+    >>> used = dfm.set_threads(before)  # torch's count before the call, for every pool
     """
     import numba
     import torch
@@ -49,8 +52,8 @@ def set_threads(threads: int) -> dict[str, int]:
     used = {"numba": numba.get_num_threads(), "torch": torch.get_num_threads()}
     if used["numba"] < threads:
         warnings.warn(
-            f"numba's scan kernel runs {used['numba']} threads, not {threads}: NUMBA_NUM_THREADS, read when numba "
-            "started, caps it (set the variable before starting Python to allow more).",
+            f"numba's scan kernel runs {used['numba']} of the {threads} threads asked for: NUMBA_NUM_THREADS, read "
+            "when numba started, caps it (set the variable before starting Python to allow more).",
             UserWarning,
             stacklevel=user_stacklevel(),
         )

@@ -284,14 +284,14 @@ def test_pas_abnormal_means_at_least_6_of_10_neighbours_differ():
     assert metrics.pas(list("abbbbaaaaaa"), xy) == pytest.approx(4 / 11)
 
 
-def test_pas_warns_when_there_are_not_k_other_spots(dlpfc_151673):
+def test_pas_warns_when_there_are_not_k_other_spots(bundled):
     xy = np.c_[np.arange(11.0), np.zeros(11)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # k = 10 on 11 spots: exactly the definition, no warning
         metrics.pas(list("abbbbbaaaaa"), xy)
     with pytest.warns(UserWarning, match=r"PAS with k=11 neighbours on 11 spots: each spot is compared with all 10"):
         assert metrics.pas(list("abbbbbaaaaa"), xy, k=11) == pytest.approx(5 / 11)  # all others, as before
-    small = dlpfc_151673[:8].copy()  # evaluate scores each library with pas: the warning reaches its caller
+    small = bundled[:8].copy()  # evaluate scores each library with pas: the warning reaches its caller
     small.obs["dfm_domain"] = small.obs["layer"]
     with pytest.warns(UserWarning, match="PAS with k=10 neighbours on 8 spots") as record:
         metrics.evaluate(small, "layer")

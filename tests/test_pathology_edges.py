@@ -603,6 +603,24 @@ def test_running_the_cli_module_gives_no_runtime_warning():
     assert "RuntimeWarning" not in proc.stderr and "--image-size" in proc.stdout
 
 
+def test_running_the_cli_module_says_each_warning_once_without_a_source_line(tmp_path):
+    """The script's __main__ block runs main() inside _cli.warnings_said_once: 'prog: warning: message' lines."""
+    argv = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", "--threads", "3", *CLI_TINY]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfmamba_st.pathology.train", *argv, "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},  # so --threads 3 is capped: a warning
+    )
+    assert proc.returncode == 0, proc.stderr
+    prog = "python -m dfmamba_st.pathology.train: warning: "
+    said = [line for line in proc.stderr.splitlines() if line.startswith(prog)]
+    assert len(said) == 2, proc.stderr  # the cap, and the tiny data's empty validation split, each once
+    assert "numba's scan kernel runs 1 of the 3 threads asked for" in said[0] and "validation split" in said[1]
+    assert "UserWarning" not in proc.stderr  # not Python's own display (file:line: UserWarning: ...)
+
+
 def test_training_api_is_still_reachable_from_the_package():
     assert pathology.train_classifier is train_module.train_classifier
     assert pathology.train is train_module

@@ -171,7 +171,8 @@ def test_gates_span_the_gates_drawn_unless_given_a_range(embedded):
     with pytest.raises(ValueError, match="vmin must be below vmax"):
         dfm.pl.gates(embedded, vmin=0.5, vmax=0.5, show=False)
     fig = dfm.pl.gates(embedded, depth=0, sequence=False, return_fig=True)
-    assert [a.get_ylabel() for a in fig.axes if a.get_ylabel() == "gate"] == ["gate"]  # the colour bar's label
+    bars = [bar.get_ylabel() for a in fig.axes for bar in a.child_axes]  # the colour bar, the map's inset
+    assert bars == ["gate"]  # and its label
 
 
 def test_a_subset_to_one_library_is_drawn_over_its_own_image(two_slices):
@@ -543,26 +544,35 @@ def test_tissue_panels_zoom_to_the_spots(bundled, rows):
 
 
 def _bars_beside_maps(fig):
-    """(map, colour bar) pairs of a gates figure: the bars come after the panels, in the maps' order."""
+    """(map, colour bar) of every tissue map of a gates figure: the bar is the map's inset."""
     maps = [a for a in fig.axes if a.get_title().startswith("gate, depth")]
-    bars = [a for a in fig.axes if a.get_ylabel() == "gate"]
-    assert len(maps) == len(bars) > 0
-    return list(zip(maps, bars))
+    assert maps and all(len(a.child_axes) == 1 for a in maps)
+    return [(a, a.child_axes[0]) for a in maps]
 
 
-def test_a_gate_colour_bar_is_as_tall_as_the_map_beside_it(embedded):
+@pytest.mark.parametrize("layout", ["figure", "ax", "ax, constrained", "ax, tight_layout after", "ax, height-limited"])
+def test_a_gate_colour_bar_is_as_tall_as_the_map_beside_it(embedded, layout):
     """The crop is wide (30 rows of the whole width): its maps are drawn shorter than their panels, and squidpy's
-    bars, sized to the panel, stood above and below them."""
-    fig = dfm.pl.gates(embedded, return_fig=True, show=False)
-    _, ax = plt.subplots(figsize=(4, 4))
-    dfm.pl.gates(embedded, depth=1, ax=ax, show=False)
-    for figure in (fig, ax.figure):
-        figure.canvas.draw()
-        for map_, bar in _bars_beside_maps(figure):
-            drawn, panel, beside = map_.get_position(), map_.get_position(original=True), bar.get_position()
-            assert drawn.height < 0.8 * panel.height  # a wide map: the case the fit is for
-            assert beside.y0 == pytest.approx(drawn.y0, abs=1e-9) and beside.y1 == pytest.approx(drawn.y1, abs=1e-9)
-            assert 0 < beside.x0 - drawn.x1 < 0.05  # right beside it
+    bars, sized to the panel, stood above and below them; in a panel that limits the height, the map is narrower
+    than its panel, and the bar must follow it, whatever layout runs afterwards."""
+    if layout == "figure":
+        fig = dfm.pl.gates(embedded, return_fig=True, show=False)
+    else:
+        size = (9, 1.5) if "height-limited" in layout else (4, 4)
+        fig, ax = plt.subplots(figsize=size, layout="constrained" if "constrained" in layout else None)
+        dfm.pl.gates(embedded, depth=1, ax=ax, show=False)
+        if "tight_layout" in layout:
+            fig.tight_layout()
+    fig.canvas.draw()
+    for map_, bar in _bars_beside_maps(fig):
+        drawn, panel, beside = map_.get_position(), map_.get_position(original=True), bar.get_position()
+        assert bar.get_ylabel() == "gate"
+        if "height-limited" in layout:
+            assert drawn.width < 0.5 * panel.width  # the map is narrower than its panel: the gap is tested
+        else:
+            assert drawn.height < 0.8 * panel.height  # a wide map: the bar's height is tested
+        assert beside.y0 == pytest.approx(drawn.y0, abs=1e-6) and beside.y1 == pytest.approx(drawn.y1, abs=1e-6)
+        assert 0 < beside.x0 - drawn.x1 < 0.05  # right beside the map
 
 
 # --- 16: the training legend, colour bars into a given axes ---------------------------------------------------------
@@ -665,7 +675,7 @@ def test_gates_into_an_axes_of_another_figure_than_the_current_one(embedded):
         warnings.simplefilter("always")
         dfm.pl.gates(embedded, depth=0, ax=first, show=False)
     assert not [w for w in caught if "different Figure" in str(w.message)], [str(w.message) for w in caught]
-    assert len(fig.axes) == 3 and not other.axes  # the colour bar went to the axes' figure
+    assert len(fig.axes) == 2 and len(first.child_axes) == 1 and not other.axes  # the colour bar: the map's inset
 
 
 # --- the command line -----------------------------------------------------------------------------------------------
@@ -844,6 +854,7 @@ def test_command_line_says_each_warning_once_without_a_source_line(capsys):
             with warnings.catch_warnings():
                 warnings.warn("no image for library 'A'", UserWarning, stacklevel=1)
                 warnings.warn("no image for library 'B'", UserWarning, stacklevel=1)
+                warnings.warn("a runtime note", RuntimeWarning, stacklevel=1)
         with warnings.catch_warnings(), pytest.raises(UserWarning):
             warnings.simplefilter("error")  # the filters are left alone: -W error still raises
             warnings.warn("an error now", UserWarning, stacklevel=1)
@@ -851,12 +862,13 @@ def test_command_line_says_each_warning_once_without_a_source_line(capsys):
     assert err.splitlines() == [
         "python -m dfmamba_st: warning: no image for library 'A'",
         "python -m dfmamba_st: warning: no image for library 'B'",
+        "python -m dfmamba_st: RuntimeWarning: a runtime note",  # another category is named
     ]
+    # python -m dfmamba_st.pathology.train is run in a subprocess in test_pathology_edges; a run of this script costs
+    # about 10 s, so its __main__ block is only read here
     from dfmamba_st import __main__ as script
-    from dfmamba_st.pathology import train
 
-    for module in (script, train):  # both scripts run main() inside it
-        assert "with warnings_said_once(_parser().prog):" in Path(module.__file__).read_text()
+    assert "with warnings_said_once(_parser().prog):" in Path(script.__file__).read_text()
 
 
 def test_command_line_passes_the_seed_and_chooses_k_with_n_clusters_0(bundled, tmp_path, capsys):
@@ -884,7 +896,7 @@ def test_axes_of_a_figure_pyplot_does_not_hold_draw_without_a_warning(embedded):
         warnings.simplefilter("always")
         dfm.pl.gates(embedded, depth=1, ax=ax)
     plt.close("all")
-    assert len(ax.figure.axes) == 2 and not [str(w.message) for w in caught]
+    assert len(ax.child_axes) == 1 and not [str(w.message) for w in caught]  # the colour bar: the map's inset
 
 
 def test_the_gates_of_a_few_spots_are_dots_along_the_sequence(embedded):
@@ -911,5 +923,5 @@ def test_axes_of_a_figure_made_without_pyplot_are_drawn_into_and_pyplot_opens_no
     ax2 = fig2.add_subplot()
     dfm.pl.gates(embedded, depth=1, ax=ax2, show=False)
     assert ax2.collections or ax2.images
-    assert len(fig2.axes) == 2  # the gate's colour bar, next to the panel in the same figure
+    assert len(fig2.axes) == 1 and len(fig2.axes[0].child_axes) == 1  # the gate's colour bar, the panel's inset
     assert plt.get_fignums() == before

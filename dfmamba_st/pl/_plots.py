@@ -294,7 +294,7 @@ def _tissue(
     scatter: Mapping | None = None,
     colorbar_label: str | None = None,
     warn_image: bool = True,
-) -> list[Axes]:
+) -> None:
     """Spots coloured by ``values`` on the tissue (squidpy's spatial_scatter, over the H&E image when there is one).
 
     ``scatter``: the caller's options for ``spatial_scatter``, over this function's own; ``colorbar_label``: the
@@ -303,8 +303,7 @@ def _tissue(
     :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
 
-    Returns the colour bars squidpy added (none for categories): :func:`_fit_colour_bars` fits them to the map once
-    the figure's layout is done.
+    A continuous map's colour bar is :func:`_bar_beside`'s, as tall as the map.
     """
     _make_current(ax)
     with warnings.catch_warnings():
@@ -362,10 +361,8 @@ def _tissue(
             ) from err
     for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
         plt.close(number)
-    bars = [a for a in ax.figure.axes if a not in axes_before]
-    if colorbar_label is not None:
-        for bar in bars:
-            bar.set_ylabel(colorbar_label, fontsize="small")
+    for bar in [a for a in ax.figure.axes if a not in axes_before]:  # squidpy's colour bar, sized to the panel
+        _bar_beside(ax, bar, colorbar_label)
     ax.set_title(title)
     if res is not None:
         factors = images_of[lib]["scalefactors"]
@@ -373,21 +370,20 @@ def _tissue(
         diameter = float(factors["spot_diameter_fullres"]) * scale
         xy = np.asarray(view.obsm["spatial"], dtype=np.float64)[:, :2] * scale
         _zoom(ax, xy, np.shape(images_of[lib]["images"][res]), diameter)
-    return bars
 
 
-def _fit_colour_bars(maps: Sequence[tuple[Axes, Sequence[Axes]]]) -> None:
-    """Make each colour bar as tall as the map beside it, at the gap it was given; call it after the layout.
+def _bar_beside(ax: Axes, bar: Axes, label: str | None) -> None:
+    """Replace squidpy's colour bar ``bar`` by one as tall as the map ``ax`` draws, just right of it.
 
-    squidpy sizes a bar to the whole panel; a map keeps the tissue's aspect ratio, so a wide tissue is drawn shorter
-    than its panel and the bar stood above and below it. A layout run afterwards puts the bars back.
+    squidpy sizes its bar to the whole panel, and a map keeps the tissue's aspect ratio, so a wide tissue was drawn
+    shorter than its bar. The new bar lives in the map's own axes coordinates (an inset), so it follows the map
+    through any layout (tight, constrained) and resize.
     """
-    for ax, bars in maps:
-        ax.apply_aspect()
-        drawn, given = ax.get_position(), ax.get_position(original=True)
-        for bar in bars:
-            own = bar.get_position(original=True)
-            bar.set_position((drawn.x1 + (own.x0 - given.x1), drawn.y0, own.width, drawn.height))
+    mappable = bar._colorbar.mappable  # matplotlib keeps a colour bar's Colorbar on its axes
+    bar.remove()
+    fitted = ax.figure.colorbar(mappable, cax=ax.inset_axes((1.03, 0.0, 0.04, 1.0)))
+    if label is not None:
+        fitted.set_label(label, fontsize="small")
 
 
 def _libraries(
@@ -636,29 +632,23 @@ def gates(
     if ax is not None:
         ((lib, spots),) = libraries
         gate = np.asarray(spots.obsm[f"{key}_gates"])[:, depths[0]]
-        bars = _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", library_id=lib, **style)
-        _fit_colour_bars([(ax, bars)])
+        _tissue(spots, gate, ax=ax, title=f"gate, depth {depths[0]}", library_id=lib, **style)
         return _finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     order_key = _sequence_order(adata, order_key, record, sequence)
     n_panels = len(depths) + int(sequence)
     fig, groups = _panels(len(libraries), n_panels, ncols, (4.2, 4.2))
-    maps = []
     with _closed_on_error(fig):
         for row, (lib, spots) in zip(groups, libraries):
             prefix = f"{lib}:\n" if len(libraries) > 1 else ""  # a line of its own: a long name was cut off
             gates_here = np.asarray(spots.obsm[f"{key}_gates"])
             for a, k in zip(row, depths):
                 title = f"{prefix}gate, depth {k} (0 local, 1 global)"
-                bars = _tissue(
-                    spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style
-                )
-                maps.append((a, bars))
+                _tissue(spots, gates_here[:, k], ax=a, title=title, library_id=lib, warn_image=a is row[0], **style)
             if sequence:
                 title = f"{prefix}gates along the sequence"
                 _gates_along_sequence(row[-1], spots, gates_here, depths, order_key, title=title)
     fig.tight_layout()
     _fit_legends(fig)
-    _fit_colour_bars(maps)
     return _finish(fig, [a for row in groups for a in row], show=show, return_fig=return_fig, ax_given=False)
 
 

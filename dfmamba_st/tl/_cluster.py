@@ -457,8 +457,9 @@ def cluster(
         ``obs`` column or ``uns`` entry of that name that :func:`cluster` did not write (truth labels, another
         tool's result) is not overwritten: an error asks for another name. A non-empty name without ``/``.
     random_state
-        Seed of the clustering: a whole number from 0 to 2**32 - 1, or ``None`` for a fresh one each call, drawn and
-        recorded in ``uns[key_added]['params']['random_state']`` so that the call can be repeated (not a
+        Seed of the clustering: a whole number from 0 to 2**32 - 1, or ``None`` for a fresh one each call, drawn from
+        the operating system's entropy (``np.random.seed`` does not set it) and recorded in
+        ``uns[key_added]['params']['random_state']`` so that the call can be repeated (not a
         :class:`numpy.random.RandomState`, which the record could not store).
     progress
         Show a progress bar over the GMM fits (the restarts, and the fits that choose K) when they take more than

@@ -43,7 +43,15 @@ from ..core import (
     seed_everything,
 )
 from ..pp._serialize import identical_positions, library_layouts, serialized_orders
-from ._features import COUNTS_TARGET, FeatureTransform, expression_matrix, input_kind, naming_hint, smooth
+from ._features import (
+    COUNTS_TARGET,
+    FeatureTransform,
+    expression_matrix,
+    expression_name,
+    input_kind,
+    naming_hint,
+    smooth,
+)
 from ._model import SpatialConfig, SpatialDFMamba, load_model, model_file_read, model_fingerprint
 
 __all__ = ["PRESETS", "embed"]
@@ -117,14 +125,13 @@ def _tokens(features: np.ndarray, libraries, hops: int) -> np.ndarray:
 
 
 def _warn_empty_spots(X: sp.csr_matrix, layer: str | None) -> None:
-    """Warn when spots have no expression at all: they are embedded from their neighbours alone, without a word."""
+    """Warn when spots have no expression at all (in any gene of ``X``): their embedding comes from their neighbours."""
     empty = int(np.sum(np.asarray(X.sum(axis=1)).ravel() == 0))  # (no negative values: checked)
     if empty:
-        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
         warnings.warn(
-            f"{empty} of {X.shape[0]} spots have no expression in {where}: their embedding comes from their "
-            "neighbours alone, and tl.cluster will give them a domain. To leave them out, filter them first: "
-            "sc.pp.filter_cells(adata, min_counts=1).",
+            f"{empty} of {X.shape[0]} spots have no expression in {expression_name(layer)}: their embedding comes "
+            "from their neighbours alone, and tl.cluster will give them a domain. To leave them out, filter them "
+            "first: sc.pp.filter_cells(adata, min_counts=1).",
             UserWarning,
             stacklevel=user_stacklevel(),
         )

@@ -22,6 +22,7 @@ from .._utils import serialized_rows, user_stacklevel
 __all__ = [
     "FeatureTransform",
     "expression_matrix",
+    "expression_name",
     "gene_ranks",
     "input_kind",
     "recovered_counts",
@@ -80,6 +81,11 @@ def input_kind(is_counts: bool, recovered: bool) -> str:
     return "recovered counts" if recovered else "counts" if is_counts else "log-normalised"
 
 
+def expression_name(layer: str | None) -> str:
+    """Where the expression is read, as the messages name it: ``adata.X`` or ``adata.layers['name']``."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
 def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | None = None) -> Expression:
     """The expression to use (sparse float32), whether it is raw counts and whether these were recovered.
 
@@ -114,7 +120,7 @@ def expression_matrix(adata: AnnData, layer: str | None, *, counts_for: str | No
     if not X.has_canonical_format:
         X = X.copy()
         X.sum_duplicates()
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    where = expression_name(layer)
     if adata.n_vars < 2:
         raise ValueError(f"The AnnData has {adata.n_vars} gene(s); at least 2 are needed.")
     if X.nnz and not np.all(np.isfinite(X.data)):
