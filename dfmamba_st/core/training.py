@@ -256,7 +256,7 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float = 0.1) -> Callab
         Number of optimiser steps of the whole run.
     warmup_fraction
         Fraction of ``total_steps`` spent in the linear warm-up. The number of warm-up steps is
-        ``max(1, round(warmup_fraction * total_steps))`` (at least one; Python's :func:`round`, halves to even).
+        ``max(1, round(warmup_fraction * total_steps))`` (at least one; Python's ``round``, halves to even).
 
     Returns
     -------

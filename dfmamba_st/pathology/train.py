@@ -419,7 +419,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     Returns
     -------
     The classifier, in eval mode. Its ``config.json``'s other entries (``extra``) are not read; load them with
-    :mod:`json` when needed.
+    ``json`` when needed.
 
     Examples
     --------
