@@ -1,6 +1,7 @@
 """The shared training loop: schedule, clipping, early stopping, seeding, history, checkpoint resume."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -21,7 +22,27 @@ def regression_data(n=64, seed=0, batch=16):
 def mse(model, batch):
     x, y = batch
     loss = (model(x).squeeze(-1) - y).pow(2).mean()
-    return loss, {"mse": float(loss)}
+    return loss, {"mse": float(loss.detach())}
+
+
+def test_terms_returned_as_tensors_that_require_grad_are_logged_without_a_warning():
+    """A loss function may return its terms as the tensors it computed; fit reads them detached."""
+
+    def mse_terms(model, batch):
+        x, y = batch
+        loss = (model(x).squeeze(-1) - y).pow(2).mean()
+        return loss, {"mse": loss}  # requires grad
+
+    torch.manual_seed(0)
+    warn_always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)  # torch says "Converting a tensor with requires_grad=True" once per process otherwise
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Converting a tensor with requires_grad")
+            result = fit(nn.Linear(4, 1), mse_terms, regression_data(), epochs=2, lr=5e-2, progress=False)
+    finally:
+        torch.set_warn_always(warn_always)
+    assert [row["mse"] == pytest.approx(row["train_loss"]) for row in result.history] == [True, True]
 
 
 def test_loss_falls_and_history_is_recorded():

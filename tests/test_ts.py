@@ -308,10 +308,10 @@ def test_forecast_loss_trains_on_the_chosen_loss_and_validates_on_mse(train_loss
     }
     chosen = {} if train_loss is None else {"train_loss": train_loss}  # None: the default, the MAE
     loss, terms = ts.forecast_loss(model.train(), (x, y), **chosen)
-    assert float(loss) == pytest.approx(float(expected[train_loss or "mae"]), rel=1e-5)  # DLinear: aux = 0
+    assert float(loss.detach()) == pytest.approx(float(expected[train_loss or "mae"]), rel=1e-5)  # DLinear: aux = 0
     assert terms["mse"] == pytest.approx(float(expected["mse"]), rel=1e-5)
     val = ts.forecast_loss(model.eval(), (x, y), **chosen)
-    assert float(val) == pytest.approx(float(expected["mse"]), rel=1e-5)
+    assert float(val.detach()) == pytest.approx(float(expected["mse"]), rel=1e-5)
 
 
 @needs_data
@@ -473,7 +473,7 @@ def test_dfmamba_ts_aux_weight_scales_the_returned_auxiliary_loss():
     torch.manual_seed(0)
     model = ts.DFMambaTS(2, 32, 8, d_model=8, d_state=2, patch_len=2, aux_weight=0.25).eval()
     _, aux = model(torch.randn(3, 32, 2))
-    assert float(model.last_aux.loss) > 0
+    assert float(model.last_aux.loss.detach()) > 0
     torch.testing.assert_close(aux, 0.25 * model.last_aux.loss)
 
 

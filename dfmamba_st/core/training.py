@@ -595,7 +595,8 @@ def fit(
             loss, extra = _split_loss(loss_fn(model, batch))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"Training loss became {loss.item()} at epoch {epoch}; lower lr or check the input for NaN/inf."
+                    f"Training loss became {loss.detach().item()} at epoch {epoch}; lower lr or check the input for "
+                    "NaN/inf."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -610,6 +611,8 @@ def fit(
             weight = _n_samples(batch)
             n_samples += weight
             for name, value in {"train_loss": float(loss.detach()), **extra}.items():
+                # a loss function may return its terms as tensors that require grad: read them detached
+                value = value.detach() if isinstance(value, torch.Tensor) else value
                 sums[name] = sums.get(name, 0.0) + float(value) * weight
         if n_samples == 0:
             raise ValueError(f"train_data yielded no batch in epoch {epoch}.")
