@@ -57,17 +57,6 @@ def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, ax_given:
     return axes
 
 
-def _make_current(ax: Axes) -> None:
-    """Make ``ax`` (and its figure) pyplot's current axes when pyplot manages that figure.
-
-    squidpy adds colour bars with ``plt.colorbar(..., ax=ax)``, which asks pyplot for its current figure (the bar
-    itself goes next to ``ax``, in ``ax``'s figure). ``plt.sca`` would register a figure made without pyplot
-    (``matplotlib.figure.Figure()``) with pyplot, which then keeps it open, so such a figure is left alone.
-    """
-    if getattr(ax.figure.canvas, "manager", None) is not None:
-        plt.sca(ax)
-
-
 def _embed_record(adata: AnnData, key: str) -> str | None:
     """The ``uns`` key of the record of the :func:`~dfmamba_st.tl.embed` run that wrote ``obsm[key]``, or ``None``.
 
@@ -303,9 +292,8 @@ def _tissue(
     :func:`_image_of`'s; the panel is zoomed to the spots. Without an image, the spots are circles as
     wide as the median distance between neighbouring spots (so they touch, whatever the tissue's shape).
 
-    A continuous map's colour bar is :func:`_bar_beside`'s, as tall as the map.
+    A continuous map's colour bar is :func:`_bar_beside`'s (squidpy's own is turned off), as tall as the map.
     """
-    _make_current(ax)
     with warnings.catch_warnings():
         # squidpy's docstring templating (docrep) warns about its own docstrings on first import; not the user's concern
         warnings.simplefilter("ignore", SyntaxWarning)
@@ -341,15 +329,15 @@ def _tissue(
     if palette is not None:
         kwargs.update(palette=ListedColormap(list(palette)))
     kwargs.update(scatter or {})
+    # squidpy's bar (plt.colorbar next to the whole panel) is replaced by one beside the map, unless turned off
+    bar = cmap is not None and kwargs.get("colorbar", True)
+    kwargs["colorbar"] = False
     with warnings.catch_warnings():
         # squidpy hands matplotlib a colour map along with the colours it already computed (matplotlib then warns
         # that it ignores the map), and calls a matplotlib method that is to be deprecated: neither is the user's
         warnings.filterwarnings("ignore", message="No data for colormapping provided", category=UserWarning)
         warnings.filterwarnings("ignore", message="The set_bad function", category=PendingDeprecationWarning)
-        # squidpy's plt.colorbar(..., ax=ax) into axes of a figure pyplot does not hold (see _make_current): the bar
-        # is drawn where it belongs, matplotlib only notes that the figures differ
-        warnings.filterwarnings("ignore", message="Adding colorbar to a different Figure", category=UserWarning)
-        before, axes_before = set(plt.get_fignums()), set(ax.figure.axes)
+        drawn_before = set(ax.collections)
         try:
             sq.pl.spatial_scatter(view, **kwargs)
         except (AttributeError, TypeError) as err:  # matplotlib's words for an option nobody takes
@@ -359,10 +347,9 @@ def _tissue(
             raise TypeError(
                 f"{unknown} went on to squidpy.pl.spatial_scatter (and matplotlib), which takes no such option: {err}"
             ) from err
-    for number in set(plt.get_fignums()) - before:  # the empty figure plt.colorbar opened when pyplot had none
-        plt.close(number)
-    for bar in [a for a in ax.figure.axes if a not in axes_before]:  # squidpy's colour bar, sized to the panel
-        _bar_beside(ax, bar, colorbar_label)
+    if bar:  # the spots: the collection squidpy drew with the values' colours
+        (spots,) = [c for c in ax.collections if c not in drawn_before and c.get_array() is not None]
+        _bar_beside(ax, spots, colorbar_label)
     ax.set_title(title)
     if res is not None:
         factors = images_of[lib]["scalefactors"]
@@ -372,15 +359,13 @@ def _tissue(
         _zoom(ax, xy, np.shape(images_of[lib]["images"][res]), diameter)
 
 
-def _bar_beside(ax: Axes, bar: Axes, label: str | None) -> None:
-    """Replace squidpy's colour bar ``bar`` by one as tall as the map ``ax`` draws, just right of it.
+def _bar_beside(ax: Axes, mappable, label: str | None) -> None:
+    """A colour bar of ``mappable`` as tall as the map ``ax`` draws, just right of it.
 
     squidpy sizes its bar to the whole panel, and a map keeps the tissue's aspect ratio, so a wide tissue was drawn
-    shorter than its bar. The new bar lives in the map's own axes coordinates (an inset), so it follows the map
-    through any layout (tight, constrained) and resize.
+    shorter than its bar. This bar lives in the map's own axes coordinates (an inset), so it follows the map through
+    any layout (tight, constrained) and resize; being the figure's own call, it needs no pyplot figure.
     """
-    mappable = bar._colorbar.mappable  # matplotlib keeps a colour bar's Colorbar on its axes
-    bar.remove()
     fitted = ax.figure.colorbar(mappable, cax=ax.inset_axes((1.03, 0.0, 0.04, 1.0)))
     if label is not None:
         fitted.set_label(label, fontsize="small")
