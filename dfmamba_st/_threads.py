@@ -13,15 +13,14 @@ def set_threads(threads: int) -> dict[str, int]:
     By default every pool takes one thread per core. Next to other work that holds cores (a shared server, several
     notebooks at once) fewer threads run faster: on a 2-core machine with one core busy, :func:`~dfmamba_st.tl.embed`
     took 255 s on two threads against 26.5 s on one (``docs/spatial.md``, "Threads on a machine shared with other
-    work").
-    Call it before the work, once per Python session; it holds until it is called again.
+    work"). Call it before the work, once per Python session; it holds until it is called again.
 
     numba's count is set first: where numba's pool and torch share one OpenMP runtime, starting the pool resets
     torch's count (a ``torch.set_num_threads(1)`` became one thread per core on the install of 2026-12-06; on the
     install of 2026-12-07 each has its own runtime and the order made no difference). numba cannot run more threads
     than it was allowed when it started (``NUMBA_NUM_THREADS``, the cores it saw unless set): a larger request is
-    capped there, with a warning. The BLAS pools (scanpy's PCA, the mixtures'
-    linear algebra) are limited through threadpoolctl; a BLAS library loaded after the call keeps its own count.
+    capped there, with a warning. The BLAS pools (scanpy's PCA, the mixtures' linear algebra) are limited through
+    threadpoolctl; a BLAS library loaded after the call keeps its own count.
 
     Parameters
     ----------
