@@ -115,6 +115,35 @@ def test_matches_reference_fp64(backend, config, length):
         torch.testing.assert_close(g[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@needs_numba
+@pytest.mark.parametrize(
+    ("batch", "d_inner", "groups", "config"),
+    [
+        (3, 70, 1, "everything"),  # three lane blocks in one group per batch row
+        (1, 100, 2, "D_z"),  # four blocks over two groups: dB, dC summed over the groups
+        (1, 100, 3, "initial_state_last"),  # groups of unequal size (2, 2, 0 blocks)
+        (2, 64, 4, "bias_softplus_last"),  # more groups than blocks: the last ones empty
+    ],
+)
+def test_numba_matches_reference_over_several_lane_blocks_and_groups(monkeypatch, batch, d_inner, groups, config):
+    """The widths real models use (d_inner = 2·d_model ≥ 128) run several lane blocks, split into groups.
+
+    The group count is set here (it otherwise follows numba's thread count), so the test is the same on any machine.
+    """
+    from dfmamba_st.core import _scan_numba
+
+    monkeypatch.setattr(_scan_numba, "_n_groups", lambda batch, n_blocks: groups)
+    kw, last = make_inputs(batch=batch, d_inner=d_inner, N=4, length=45, config=config, seed=d_inner + groups)
+    y_ref, h_ref, g_ref = run_scan(detached_copy(kw), last, "reference")
+    y, h, g = run_scan(detached_copy(kw), last, "numba")
+    tol = {"rtol": 1e-10, "atol": 1e-10}
+    torch.testing.assert_close(y, y_ref, **tol)
+    if last:
+        torch.testing.assert_close(h, h_ref, **tol)
+    for name in g_ref:
+        torch.testing.assert_close(g[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
