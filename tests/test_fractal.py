@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dfmamba_st.core import DFMamba
-from dfmamba_st.core.fractal import pair_concat, upsample
+from dfmamba_st.core.fractal import pair_concat, pool_pairs, upsample
 
 D = 8
 
@@ -36,9 +36,31 @@ def test_parameter_count_does_not_depend_on_depth():
 
 
 def test_no_weight_sharing_gives_one_parameter_set_per_depth():
-    shared = sum(p.numel() for p in small_model(depth=3).parameters())
-    separate = sum(p.numel() for p in small_model(depth=3, share_weights=False).parameters())
-    assert separate == 4 * shared
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    scale = small_model(depth=3).scales[0]
+    local = count(scale.norm) + count(scale.mamba)  # what every depth runs
+    coarse = count(scale.encoder) + count(scale.decoder) + count(scale.gate)  # what the depths above the base run
+    separate = small_model(depth=3, share_weights=False)
+    assert count(separate) == 4 * local + 3 * coarse
+    # every parameter is used: the deepest set is a base case and has no encoder, decoder or gate
+    y, aux = separate(torch.randn(2, 64, D, dtype=torch.float64))
+    (y.square().mean() + aux.loss).backward()
+    unused = [name for name, p in separate.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert unused == []
+
+
+def test_block_settings_reach_the_mamba_block():
+    block = small_model(dt_max=2.0, bidirectional=True, backend="torch").scales[0].mamba
+    assert (block.dt_max, block.bidirectional, block.backend) == (2.0, True, "torch")
+    assert small_model(dt_max=None).scales[0].mamba.dt_max is None
+
+
+def test_pool_ablation_averages_the_tokens_of_each_pair():
+    tokens = torch.arange(1.0, 6.0, dtype=torch.float64).reshape(1, 5, 1).repeat(2, 1, 3)
+    assert pool_pairs(tokens)[0, :, 0].tolist() == [1.5, 3.5, 5.0]  # the odd one out kept whole, not halved
+    assert pool_pairs(tokens[:, :4])[0, :, 0].tolist() == [1.5, 3.5]
 
 
 def test_depth_stops_at_max_depth_and_min_len():
@@ -200,8 +222,9 @@ def plain_dfmamba(model: DFMamba, x: torch.Tensor):
             x_next = scale.encoder(pairs)
             fixed = pairs.detach()
             terms["recon"] = terms["recon"] + ((scale.decoder(scale.encoder(fixed)) - fixed) ** 2).mean()
-        else:
-            x_next = 0.5 * (even + odd)
+        else:  # the mean of the real tokens of each pair (the last pair of an odd length has one)
+            real = torch.tensor([min(2, length - 2 * i) for i in range(even.shape[1])], dtype=h_local.dtype)
+            x_next = (even + odd) / real[None, :, None]
         h_deep, m_next = rec(x_next, k + 1)
         h_global = _upsample_plain(h_deep, length)
         terms["consist"] = terms["consist"] + ((h_global - h_local.detach()) ** 2).mean()

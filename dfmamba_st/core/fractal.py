@@ -28,6 +28,12 @@ Departures from the paper and properties it does not state:
 - Not causal: pairing (``P`` holds tokens ``2i`` and ``2i + 1``) and linear upsampling let output ``t`` depend on
   inputs after ``t``, up to ``2**(K + 1) - 2`` positions ahead (2, 6, 14, 30 for K = 1 … 4), even with a one-way
   scan. As in the paper's Algorithm 1; it matters only for a loss that predicts later tokens from earlier outputs.
+- Upsampling: Algorithm 1 writes ``U(H_deep; size=L)``; here the coarse sequence is interpolated to the padded, even
+  length ``2·ceil(L/2)`` and then cropped to ``L`` (:func:`upsample`), so coarse token ``i`` stays at the centre of
+  the pair ``2i, 2i + 1`` it summarises. The two readings are equal for an even ``L``; for an odd ``L`` the paper's
+  literal call stretches the coarse sequence over ``L`` positions and drifts by up to half a token per depth.
+- Without weight sharing (the ``share_weights=False`` ablation) the deepest depth's parameter set has no encoder,
+  decoder or gate: that depth is always a base case, so they would never run.
 - The scan discretises ``B`` as mamba-ssm does (``Δ·B``, Euler), not by the zero-order hold of the paper's eq. 3–4
   (``A⁻¹(exp(ΔA) - I)B``); see :mod:`dfmamba_st.core.scan`.
 """
@@ -91,6 +97,26 @@ def pair_concat(x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 0, 0, 1))
     b, length, d = x.shape
     return x.reshape(b, length // 2, 2 * d)
+
+
+def pool_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(batch, L, d) → (batch, ceil(L/2), d): the mean of each pair of neighbours; an odd length's last token alone.
+
+    The ``coarsen="pool"`` ablation. The last pair of an odd length holds one token (``pair_concat`` pads with zeros),
+    so its mean is that token, not half of it.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pool_pairs(torch.arange(1.0, 6.0).reshape(1, 5, 1)).flatten().tolist()
+    [1.5, 3.5, 5.0]
+    """
+    d = x.shape[-1]
+    pairs = pair_concat(x)
+    pooled = 0.5 * (pairs[..., :d] + pairs[..., d:])
+    if x.shape[1] % 2:
+        pooled = torch.cat([pooled[:, :-1], x[:, -1:]], dim=1)
+    return pooled
 
 
 def upsample(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -208,9 +234,10 @@ class DFMamba(nn.Module):
             d_state=d_state, expand=expand, d_conv=d_conv, dt_max=dt_max, bidirectional=bidirectional, backend=backend
         )
         n_sets = 1 if share_weights else depth + 1
+        # without sharing, the deepest depth's set is only ever a base case: no encoder, decoder or gate
         self.scales = nn.ModuleList(
-            _Scale(d_model, mamba_kwargs, coarsen, fusion, hidden or d_model, recursive=depth > 0)
-            for _ in range(n_sets)
+            _Scale(d_model, mamba_kwargs, coarsen, fusion, hidden or d_model, recursive=k < depth)
+            for k in range(n_sets)
         )
 
     def alpha(self, k: int) -> float:
@@ -251,14 +278,14 @@ class DFMamba(nn.Module):
         if k >= self.depth or length < self.min_len:
             return h_local, None
         # 4. information-preserving coarse-graining
-        pairs = pair_concat(h_local)
         if self.coarsen == "learned":
+            pairs = pair_concat(h_local)
             x_next = scale.encoder(pairs)
             fixed_pairs = pairs.detach()
             recon = scale.decoder(scale.encoder(fixed_pairs))
             record.terms["recon"] = record.terms["recon"] + F.mse_loss(recon, fixed_pairs)
         else:
-            x_next = 0.5 * (pairs[..., : self.d_model] + pairs[..., self.d_model :])
+            x_next = pool_pairs(h_local)
         # 5-6. recursion and resolution recovery
         h_deep, m_next = self._recursive_forward(x_next, k + 1, record)
         h_global = upsample(h_deep, length)
