@@ -172,6 +172,25 @@ def test_non_finite_loss_fails_clearly():
         fit(model, lambda m, b: m(b[0]).sum() * float("nan"), regression_data(), epochs=1, progress=False)
 
 
+def test_non_finite_validation_loss_fails_clearly():
+    """A NaN never improves on the best loss: without the check, early stopping ended the run without a word."""
+
+    def loss_fn(model, batch):
+        loss, _ = mse(model, batch)
+        return loss if model.training else loss * float("nan")
+
+    with pytest.raises(FloatingPointError, match="Validation loss became nan at epoch 0"):
+        fit(
+            nn.Linear(4, 1),
+            loss_fn,
+            regression_data(),
+            val_data=regression_data(),
+            epochs=4,
+            patience=2,
+            progress=False,
+        )
+
+
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in {"cpu", "cuda"}

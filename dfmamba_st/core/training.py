@@ -474,7 +474,10 @@ def fit(
     patience
         Stop after this many epochs without improvement, at least 1 (``None``: never stop early).
     seed
-        Seed set before training (``None``: leave the random state alone).
+        Seed set before training with :func:`seed_everything` (``None``: leave the random state alone). It is not
+        put back afterwards: the process stays seeded, with torch's deterministic algorithms on. Wrap the call in
+        :func:`isolated_global_state` to keep the caller's state, as ``tl.embed``, ``ts.train_forecaster`` and
+        ``pathology.train_classifier`` do.
     checkpoint_dir
         Save the full training state there after every epoch and resume from it when it exists. The state records
         the run it belongs to (these settings, the model's parameter shapes and ``run_key``); a state of another
@@ -624,6 +627,11 @@ def fit(
         row["lr"] = optimizer.param_groups[0]["lr"]
         result.history.append(row)
         monitored = row["val_loss"] if val_data is not None else row["train_loss"]
+        if not math.isfinite(monitored):  # a NaN would never improve: early stopping would end the run silently
+            raise FloatingPointError(
+                f"Validation loss became {monitored} at epoch {epoch}; lower lr or check the validation data for "
+                "NaN/inf."
+            )
         if monitored < best_loss:
             best_loss, bad_epochs, result.best_epoch = monitored, 0, epoch
             best_state = {k: v.detach().clone() for k, v in judged.state_dict().items()}
