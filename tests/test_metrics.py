@@ -322,6 +322,46 @@ def _brute_force_abnormal(labels, xy, k, i):
     return int(sum(labels[j] != labels[i] for j in ind) > k / 2)
 
 
+def _brute_force_pas(labels, xy, k):
+    labels = np.asarray(labels)
+    return sum(_brute_force_abnormal(labels, xy, k, i) for i in range(len(labels))) / len(labels)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_pas_where_spots_share_positions_equals_the_reference(dlpfc_151673, k):
+    """Three spots at every position (slices pooled without a library key): a spot never counts as its own neighbour,
+    its twins at distance 0 do, ties broken by spot order."""
+    grid = dlpfc_151673.obs[["array_row", "array_col"]].to_numpy(float)[:120]
+    xy = np.vstack([grid, grid, grid])
+    labels = np.random.default_rng(k).choice(list("abc"), len(xy))
+    assert metrics.pas(labels, xy, k=k) == _brute_force_pas(labels, xy, k)
+
+
+def test_pas_ties_beyond_the_queried_candidates_equal_the_reference():
+    """30 spots stacked on the centre of a lattice: the 10th nearest distance ties far past the candidates that the
+    tree is asked for first, so those rows are redone exactly."""
+    lattice = np.array([(i, j) for i in range(-6, 7) for j in range(-6, 7)], dtype=float)
+    xy = np.vstack([lattice, np.zeros((30, 2))])
+    labels = np.random.default_rng(3).choice(list("ab"), len(xy))
+    assert metrics.pas(labels, xy, k=10) == _brute_force_pas(labels, xy, 10)
+
+
+def test_evaluate_compares_labels_by_value_and_uses_every_coordinate(dlpfc_151673):
+    adata = dlpfc_151673[:400].copy()
+    codes = adata.obs["layer"].cat.codes.to_numpy()
+    adata.obs["truth"] = pd.Series(codes, index=adata.obs_names).astype(object)
+    adata.obs["pred"] = pd.Series([float(c) if i % 2 else int(c) for i, c in enumerate(codes)], dtype=object).values
+    scored = codes >= 0  # spots with a layer
+    table = metrics.evaluate(adata, "truth", "pred", ignore=-1)
+    assert table.loc["all", "ari"] == 1.0  # 1 and 1.0 are one domain, as for scikit-learn
+    depth = np.random.default_rng(0).random(adata.n_obs) * 50  # a third axis
+    adata.obsm["xyz"] = np.c_[adata.obsm["spatial"], depth]
+    table = metrics.evaluate(adata, "truth", "pred", ignore=-1, spatial_key="xyz")
+    pred = codes[scored]
+    assert table.loc["all", "chaos"] == pytest.approx(metrics.chaos(pred, adata.obsm["xyz"][scored]), rel=1e-12)
+    assert table.loc["all", "pas"] == pytest.approx(metrics.pas(pred, adata.obsm["xyz"][scored]), rel=1e-12)
+
+
 def test_chaos_and_pas_reject_missing_labels_and_mismatched_lengths():
     with pytest.raises(ValueError, match="missing"):
         metrics.chaos(["a", None, "b"], np.zeros((3, 2)))
