@@ -254,7 +254,7 @@ def _fake_retrieve(calls: list, local: dict[str, Path]):
 
 
 def test_dlpfc_download_fetches_the_public_urls_with_their_hashes(
-    dlpfc_raw_files, shared_151673, monkeypatch, tmp_path
+    dlpfc_raw_files, shared_151673, monkeypatch, tmp_path, info_log
 ):
     f = dlpfc_raw_files
     local = {
@@ -282,6 +282,11 @@ def test_dlpfc_download_fetches_the_public_urls_with_their_hashes(
         assert by_name[name]["known_hash"].startswith("sha256:") and len(by_name[name]["known_hash"]) == 71
     _assert_same_as_shared(adata, shared_151673)
     assert "spatial-dlpfc.s3.us-east-2.amazonaws.com" in adata.uns["source"]
+    # the matrix has no published checksum: its sha256 is logged, so the download can be pinned afterwards
+    sha = hashlib.sha256(Path(f["h5"]).read_bytes()).hexdigest()
+    assert f"151673_filtered_feature_bc_matrix.h5 has no published checksum; sha256 of the downloaded file: {sha}" in (
+        info_log.getvalue()
+    )
 
 
 def test_her2st_download_fetches_the_pinned_github_files_and_assembles_them(shared_a1, monkeypatch, tmp_path):
