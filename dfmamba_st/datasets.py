@@ -197,12 +197,13 @@ _BUNDLED_HVG = "dlpfc_151673_hvg.h5ad"
 def data_dir() -> Path:
     """Folder where downloaded raw files are cached.
 
-    ``$DFMAMBA_ST_DATA`` when that environment variable is set, else the operating system's cache folder for
-    ``dfmamba_st`` (:func:`pooch.os_cache`, e.g. ``~/.cache/dfmamba_st`` on Linux). It is created on first download.
+    ``$DFMAMBA_ST_DATA`` when that environment variable is set (a relative path is taken from the working folder of
+    the call), else the operating system's cache folder for ``dfmamba_st`` (:func:`pooch.os_cache`, e.g.
+    ``~/.cache/dfmamba_st`` on Linux). It is created on first download.
 
     Returns
     -------
-    The cache folder.
+    The cache folder, as an absolute path.
 
     Examples
     --------
@@ -213,7 +214,7 @@ def data_dir() -> Path:
     '/tmp/dfm-cache'
     """
     env = os.environ.get(ENV_DATA_DIR)
-    return Path(env).expanduser() if env else Path(pooch.os_cache("dfmamba_st"))
+    return Path(env).expanduser().absolute() if env else Path(pooch.os_cache("dfmamba_st")).absolute()
 
 
 def _sample(sample_id: str | int) -> str:

@@ -402,8 +402,11 @@ def test_importing_the_module_downloads_nothing(monkeypatch):
 def test_cache_folder_follows_the_environment_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("DFMAMBA_ST_DATA", str(tmp_path))
     assert datasets.data_dir() == tmp_path
+    monkeypatch.setenv("DFMAMBA_ST_DATA", "cache")  # relative: from the working folder of the call, kept absolute
+    monkeypatch.chdir(tmp_path)
+    assert datasets.data_dir() == tmp_path / "cache"
     monkeypatch.delenv("DFMAMBA_ST_DATA")
-    assert datasets.data_dir() == Path(pooch.os_cache("dfmamba_st"))
+    assert datasets.data_dir() == Path(pooch.os_cache("dfmamba_st")).absolute()
 
 
 def test_every_annotated_dlpfc_sample_and_her2st_section_has_urls_and_hashes():
