@@ -534,6 +534,76 @@ def test_saliency_is_gradient_times_centred_input_and_explains_the_prediction():
     np.testing.assert_allclose(sal, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
 
 
+def test_smoothgrad_is_the_mean_absolute_gradient_over_noisy_copies():
+    """sum_c |d logit / d x_c| averaged over n_samples copies with Gaussian noise of SD `noise` (drawn from `seed`)."""
+    from dfmamba_st.pathology import DFMambaClassifier, saliency_map
+
+    torch.manual_seed(0)
+    model = DFMambaClassifier(4, d_model=8, depth=1, d_state=2).eval()
+    image = torch.rand(3, 32, 32)
+    sal, target = saliency_map(model, image, method="smoothgrad", n_samples=3, noise=0.2, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    raw = torch.zeros(32, 32)
+    for _ in range(3):
+        xn = (image[None] + 0.2 * torch.randn((1, 3, 32, 32), generator=gen)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xn)[0, target], xn)
+        raw += grad.abs().sum(1)[0] / 3  # the absolute value per channel, then the sum over channels
+    raw = raw.numpy()
+    np.testing.assert_allclose(sal, (raw - raw.min()) / (raw.max() - raw.min()), atol=1e-5)
+    plain, _ = saliency_map(model, image, method="smoothgrad", n_samples=3, noise=0.0, seed=5)
+    assert np.abs(plain - sal).max() > 0.05  # the noise matters
+
+
+def test_hed_jitter_scales_the_stain_concentrations():
+    """A pure-haematoxylin pixel unmixes to haematoxylin alone; the jitter scales that concentration by its factor."""
+    from dfmamba_st.pathology.data import _RGB_FROM_HED
+
+    h_od = torch.tensor(_RGB_FROM_HED[0], dtype=torch.float64)  # optical density of one unit of haematoxylin
+    pixel = torch.pow(10.0, -0.8 * h_od).reshape(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    scale = 1.0 + 0.3 * (2.0 * torch.rand(1, 3, 1, 1, generator=torch.Generator().manual_seed(0)) - 1.0)
+    out = hed_jitter(pixel, sigma=0.3, bias=0.0, generator=gen)
+    expected = torch.pow(10.0, -0.8 * float(scale[0, 0]) * h_od).reshape(1, 3, 1, 1).expand_as(pixel)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)  # eosin and DAB stay at zero
+
+
+def test_colour_jitter_follows_its_three_formulas():
+    from dfmamba_st.pathology.data import colour_jitter
+
+    x = torch.rand(2, 3, 5, 4, dtype=torch.float64) * 0.5 + 0.25
+    out = colour_jitter(x, 0.2, 0.3, 0.4, generator=torch.Generator().manual_seed(1))
+    draws = torch.rand(3, 2, 1, 1, 1, generator=torch.Generator().manual_seed(1))  # one per image, per change
+    # each factor U(1 - s, 1 + s), drawn in float32 as the function draws it
+    brightness, contrast, saturation = ((1.0 + s * (2.0 * d - 1.0)).double() for s, d in zip((0.2, 0.3, 0.4), draws))
+    y = x * brightness
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)  # over the channels and pixels of each image
+    y = (y - mean) * contrast + mean
+    grey = 0.299 * y[:, :1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:]
+    y = ((y - grey) * saturation + grey).clamp(0.0, 1.0)
+    torch.testing.assert_close(out, y, rtol=1e-12, atol=1e-12)
+
+
+def test_crop_batches_flip_images_that_are_not_square():
+    """Whole fields that are not square (BACH at 384 x 512) get the flips and the half turn that keep their shape."""
+    img = np.arange(3 * 6 * 8, dtype=np.float32).reshape(1, 3, 6, 8) / (3 * 6 * 8)
+    batches = CropBatches(np.repeat(img, 32, 0), np.zeros(32), crop=None, batch_size=32, jitter=0.0, hed_sigma=0.0)
+    batches.hed_bias = 0.0
+    out = next(iter(batches(0)))[0]
+    x = torch.from_numpy(img[0])
+    group = [x, torch.rot90(x, 2, (-2, -1)), x.flip(-1), torch.rot90(x, 2, (-2, -1)).flip(-1)]
+    which = [int(np.argmin([float((o - v).abs().max()) for v in group])) for o in out]
+    assert all(float((o - group[w]).abs().max()) < 2e-3 for o, w in zip(out, which))
+    assert set(which) == {0, 1, 2, 3}, which
+
+
+def test_load_image_resizes_bilinearly(tmp_path):
+    from dfmamba_st.pathology.data import load_image
+
+    path = tmp_path / "two.png"
+    Image.fromarray(np.array([[[0, 0, 0], [200, 200, 200]]], np.uint8)).save(path)  # 1 x 2 pixels: black, grey
+    assert load_image(path, size=(1, 1))[:, 0, 0].tolist() == [100, 100, 100]  # the mean, not one of the two
+
+
 def test_to_unit_float_returns_a_new_tensor():
     """M30: floats are copied ('a new float32 tensor'): writing to the result leaves the caller's images alone."""
     from dfmamba_st.pathology import to_unit_float

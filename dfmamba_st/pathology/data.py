@@ -456,24 +456,24 @@ def to_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Apply one of the 8 flips/rotations by 90° to every image of a square batch (batch, C, S, S), independently.
+    """Apply a random flip or rotation to every image of a batch (batch, C, H, W), independently.
+
+    A square batch gets one of the 8 flips/rotations by 90°; a batch of other images one of the 4 that keep their
+    shape (the identity, a rotation by 180°, a left-right flip, an up-down flip).
 
     Parameters
     ----------
     x
-        (batch, C, S, S) images, any dtype and device; at least one image.
+        (batch, C, H, W) images, any dtype and device; at least one image.
     generator
-        CPU random generator of the draws (``None``: torch's global random state). One draw per image from
-        ``0..7``: a rotation by ``(draw % 4) × 90°`` counter-clockwise, then a left-right flip when ``draw >= 4``.
+        CPU random generator of the draws (``None``: torch's global random state). One draw per image, from
+        ``0..7`` for square images (a rotation by ``(draw % 4) × 90°`` counter-clockwise, then a left-right flip when
+        ``draw >= 4``) and from ``0..3`` for others (the same with the rotation by ``(draw % 2) × 180°`` and the
+        flip when ``draw >= 2``).
 
     Returns
     -------
     A new tensor of the shape, dtype and device of ``x``.
-
-    Raises
-    ------
-    ValueError
-        If the images are not square.
 
     Examples
     --------
@@ -481,16 +481,19 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     >>> from dfmamba_st.pathology.data import random_dihedral
     >>> random_dihedral(torch.rand(3, 3, 8, 8), torch.Generator().manual_seed(0)).shape
     torch.Size([3, 3, 8, 8])
+    >>> random_dihedral(torch.rand(3, 3, 6, 8), torch.Generator().manual_seed(0)).shape  # not square
+    torch.Size([3, 3, 6, 8])
     """
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError("random_dihedral needs square images (rotations by 90° change the shape otherwise).")
     if len(x) == 0:
         return x.clone()
-    ops = torch.randint(0, 8, (x.shape[0],), generator=generator).tolist()
+    square = x.shape[-1] == x.shape[-2]
+    draws = torch.randint(0, 8 if square else 4, (x.shape[0],), generator=generator).tolist()
     out = []
-    for img, op in zip(x, ops):
-        img = torch.rot90(img, op % 4, dims=(-2, -1))
-        out.append(img.flip(-1) if op >= 4 else img)
+    for img, draw in zip(x, draws):
+        # non-square: rotations by 0° or 180° only (quarter turns 0 or 2), flipped for the upper half of the draws
+        turns, flip = (draw % 4, draw >= 4) if square else (2 * (draw % 2), draw >= 2)
+        img = torch.rot90(img, turns, dims=(-2, -1))
+        out.append(img.flip(-1) if flip else img)
     return torch.stack(out)
 
 
@@ -609,7 +612,8 @@ class CropBatches:
     batch_size
         Images per batch.
     augment
-        Flips/rotations by 90°, HED stain jitter and colour jitter (RGB images only).
+        Flips/rotations by 90° (by 180° for images that are not square; see :func:`random_dihedral`), HED stain jitter
+        and colour jitter (RGB images only).
     hed_sigma, hed_bias, jitter
         Strength of the stain and colour jitter.
     seed
@@ -688,8 +692,7 @@ class CropBatches:
                 )
             x = to_unit_float(batch)
             if self.augment:
-                if x.shape[-1] == x.shape[-2]:
-                    x = random_dihedral(x, gen)
+                x = random_dihedral(x, gen)
                 x = hed_jitter(x, self.hed_sigma, self.hed_bias, gen)
                 x = colour_jitter(x, self.jitter, self.jitter, self.jitter, gen)
             yield x, torch.from_numpy(self.labels[idx])
