@@ -556,9 +556,8 @@ def test_smoothgrad_is_the_mean_absolute_gradient_over_noisy_copies():
 
 def test_hed_jitter_scales_the_stain_concentrations():
     """A pure-haematoxylin pixel unmixes to haematoxylin alone; the jitter scales that concentration by its factor."""
-    from dfmamba_st.pathology.data import _RGB_FROM_HED
-
-    h_od = torch.tensor(_RGB_FROM_HED[0], dtype=torch.float64)  # optical density of one unit of haematoxylin
+    h_od = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)  # haematoxylin (Ruifrok & Johnston 2001)
+    h_od /= h_od.norm()  # optical density of one unit of haematoxylin
     pixel = torch.pow(10.0, -0.8 * h_od).reshape(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
     gen = torch.Generator().manual_seed(0)
     scale = 1.0 + 0.3 * (2.0 * torch.rand(1, 3, 1, 1, generator=torch.Generator().manual_seed(0)) - 1.0)
