@@ -127,7 +127,7 @@ def chaos(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray) -> floa
     return total / n
 
 
-def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, k: int = 10) -> float:
+def pas(labels: Sequence | np.ndarray | pd.Series, coords: np.ndarray, *, k: int = 10) -> float:
     """Percentage of abnormal spots (PAS) of a labelling, as a fraction in [0, 1]; lower is better.
 
     Definition (SpatialPCA ``fx_PAS`` / ``fx_kNN``, Shang & Zhou 2022; SDMBench ``_compute_PAS``, Yuan et al.

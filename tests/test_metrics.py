@@ -304,6 +304,8 @@ def test_pas_counts_a_lone_spot_in_a_grid():
     labels[12] = "b"
     assert metrics.pas(labels, xy, k=4) == pytest.approx(1 / 25)
     assert metrics.pas(np.array(["a"] * 25), xy) == 0.0
+    with pytest.raises(TypeError):  # options are keyword-only
+        metrics.pas(labels, xy, 4)
 
 
 def test_pas_breaks_distance_ties_by_spot_order_like_the_reference():

@@ -376,6 +376,10 @@ def test_gate_map_shape_and_range():
         gate_map(model, torch.rand(3, 64, 64), depth=5)
     with pytest.raises(ValueError, match="no fusion gates"):
         gate_map(tiny_model(depth=0), torch.rand(3, 64, 64))
+    with pytest.raises(TypeError):  # options are keyword-only
+        gate_map(model, torch.rand(3, 64, 64), 1)
+    with pytest.raises(TypeError):
+        evaluate_resolutions(model, np.zeros((1, 3, 64, 64), np.uint8), np.zeros(1), (32, None))
 
 
 def test_crop_batches_apply_the_stain_jitter():

@@ -129,7 +129,7 @@ def _saliency(
 
 
 @torch.no_grad()
-def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, depth: int = 0) -> np.ndarray:
+def gate_map(model: nn.Module, image: np.ndarray | torch.Tensor, *, depth: int = 0) -> np.ndarray:
     """DF-Mamba's fusion gate at recursion ``depth`` on the patch grid (0 = local, 1 = global).
 
     The gate of depth ``k`` has one value per coarse token, and coarse token ``i`` summarises the fine tokens

@@ -320,7 +320,7 @@ def evaluate(
 
 
 def evaluate_resolutions(
-    model: nn.Module, images: np.ndarray, labels: np.ndarray, crops: Sequence[int | None] = (256, None), **kwargs
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, *, crops: Sequence[int | None] = (256, None), **kwargs
 ) -> dict[int, dict[str, object]]:
     """:func:`~dfmamba_st.pathology.evaluate` at several resolutions of the same images, keyed by token count.
 
