@@ -153,15 +153,17 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def test_fp32_close_to_fp64_reference(backend, delta_scale):
     kw, last = make_inputs(batch=2, d_inner=9, N=4, length=150, config="everything", seed=3)
     kw["delta_softplus"] = False
-    kw["delta"] = ((0.05 + torch.rand(kw["delta"].shape, dtype=torch.float64)) * delta_scale).requires_grad_()
+    delta = 0.05 + torch.rand(kw["delta"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw["delta"] = (delta * delta_scale).requires_grad_()
     y_ref, h_ref, g_ref = run_scan(detached_copy(kw), last, "reference")
     y, h, g = run_scan(detached_copy(kw, torch.float32), last, backend)
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert _rel_err(y, y_ref) < 2e-5
-    assert _rel_err(h, h_ref) < 2e-5
+    # the bound DESIGN.md sets for float32: all backends agree with the reference to 1e-5
+    assert _rel_err(y, y_ref) < 1e-5
+    assert _rel_err(h, h_ref) < 1e-5
     for name in g_ref:
         assert torch.isfinite(g[name]).all(), name
-        assert _rel_err(g[name], g_ref[name]) < 2e-5, name
+        assert _rel_err(g[name], g_ref[name]) < 1e-5, name
 
 
 @pytest.mark.parametrize("backend", ["reference", *FAST_BACKENDS])
