@@ -30,6 +30,7 @@ __all__ = [
     "shared_positions",
     "user_stacklevel",
     "versions",
+    "warn_extra_coordinates",
     "warn_pooled_slices",
     "warn_unnamed_libraries",
     "whole_number",
@@ -86,6 +87,23 @@ def shared_positions(xy: np.ndarray) -> int:
     xy = np.asarray(xy, dtype=np.float64)[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
     return xy.shape[0] - np.unique(xy, axis=0).shape[0]
+
+
+def warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
+    """Warn when ``obsm[spatial_key]`` has more columns than (x, y) and they vary (a z or section index is dropped).
+
+    The package reads the first two columns everywhere (ordering, graphs, plots, spatial scores).
+    """
+    coords = adata.obsm[spatial_key]
+    extra = pd.DataFrame(np.asarray(coords)).iloc[:, 2:] if np.ndim(coords) == 2 else pd.DataFrame()
+    if extra.shape[1] and extra.nunique(dropna=False).max() > 1:  # any column type (a DataFrame may hold text)
+        warnings.warn(
+            f"obsm[{spatial_key!r}] has {extra.shape[1] + 2} columns; only the first two (x, y) are used, the others "
+            "vary. Sections stacked along a third axis are read as one tissue: give each its own library "
+            "(library_key=).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
 
 #: ``obs`` columns that usually name the slice of each spot (``anndata.concat(label=...)``, squidpy, spatialLIBD)

@@ -28,6 +28,7 @@ from ._utils import (
     resolve_library_key,
     shared_positions,
     user_stacklevel,
+    warn_extra_coordinates,
     warn_pooled_slices,
     whole_number,
 )
@@ -291,10 +292,12 @@ def evaluate(
     its place) or one of ``ignore`` (compared case-insensitively, e.g. her2st's ``"undetermined"``).
     Spots without a prediction (missing in the same sense) are left out too, with a warning. The spatial scores
     (:func:`chaos`, :func:`pas`) are computed from the predicted labels of the same scored spots and their
-    coordinates (every column of ``obsm[spatial_key]``; only those spots need coordinates), separately within each
+    coordinates (the first two columns of ``obsm[spatial_key]``, x and y, as every step of the package reads them,
+    with a warning when further columns vary; only the scored spots need coordinates), separately within each
     library (the ``library_key`` given, or else the one ``tl.cluster`` recorded in ``uns[pred_key]``: slices in one
     AnnData often share coordinates), and averaged over spots in a row that covers several. Labels are compared by
-    value, as scikit-learn compares them (``1`` and ``1.0`` are one domain). The AnnData is not modified.
+    value (``1`` and ``1.0`` are one domain; the text ``"1"`` and the number ``1`` are two). The AnnData is not
+    modified.
 
     Parameters
     ----------
@@ -366,12 +369,11 @@ def evaluate(
     # labels by value, as scikit-learn, chaos and pas compare them (text would split 1 and 1.0 into two domains)
     truth = pd.factorize(truth_s)[0]
     pred = pd.factorize(pred_s)[0]
-    coords = np.asarray(adata.obsm[spatial_key])
-    # every coordinate column, as chaos and pas take them; those of the scored spots only: others may lack them
-    xy_all = np.full((adata.n_obs, coords.shape[1] if coords.ndim == 2 else 2), np.nan)
+    warn_extra_coordinates(adata, spatial_key)
+    xy_all = np.full((adata.n_obs, 2), np.nan)  # coordinates of the scored spots only: an unscored spot may lack them
     if keep.any():
         xy_all[keep] = _as_coords(
-            coords[keep],
+            np.asarray(adata.obsm[spatial_key])[keep, :2],
             what=f"obsm[{spatial_key!r}]",
             spots="scored spots, which CHAOS and PAS need",
             fix=", or pass spatial_key= other coordinates",

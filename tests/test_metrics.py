@@ -349,20 +349,33 @@ def test_pas_ties_beyond_the_queried_candidates_equal_the_reference():
         assert metrics.pas(labels, xy, k=10) == _brute_force_pas(labels, xy, 10)
 
 
-def test_evaluate_compares_labels_by_value_and_uses_every_coordinate(dlpfc_151673):
+def test_evaluate_compares_labels_by_value(dlpfc_151673):
     adata = dlpfc_151673[:400].copy()
-    codes = adata.obs["layer"].cat.codes.to_numpy()
-    adata.obs["truth"] = pd.Series(codes, index=adata.obs_names).astype(object)
-    adata.obs["pred"] = pd.Series([float(c) if i % 2 else int(c) for i, c in enumerate(codes)], dtype=object).values
-    scored = codes >= 0  # spots with a layer
+    codes = adata.obs["layer"].cat.codes.to_numpy()  # -1: no layer
+    mixed = [float(c) if i % 2 else int(c) for i, c in enumerate(codes)]  # 1 and 1.0 side by side
+    adata.obs["truth"] = pd.Series(mixed, dtype=object).values
+    # the same labels with the other type at every spot
+    adata.obs["pred"] = pd.Series([int(v) if i % 2 else float(v) for i, v in enumerate(mixed)], dtype=object).values
     table = metrics.evaluate(adata, "truth", "pred", ignore=-1)
-    assert table.loc["all", "ari"] == 1.0  # 1 and 1.0 are one domain, as for scikit-learn
-    depth = np.random.default_rng(0).random(adata.n_obs) * 50  # a third axis
-    adata.obsm["xyz"] = np.c_[adata.obsm["spatial"], depth]
-    table = metrics.evaluate(adata, "truth", "pred", ignore=-1, spatial_key="xyz")
-    pred = codes[scored]
-    assert table.loc["all", "chaos"] == pytest.approx(metrics.chaos(pred, adata.obsm["xyz"][scored]), rel=1e-12)
-    assert table.loc["all", "pas"] == pytest.approx(metrics.pas(pred, adata.obsm["xyz"][scored]), rel=1e-12)
+    assert table.loc["all", "ari"] == 1.0  # as for scikit-learn: 1 and 1.0 are one domain, in truth and prediction
+
+
+def test_evaluate_scores_x_and_y_and_warns_when_further_columns_vary(dlpfc_151673):
+    adata = dlpfc_151673[:400].copy()
+    adata.obs["pred"] = adata.obs["layer"]
+    scored = adata.obs["layer"].notna().to_numpy()
+    xy = adata.obsm["spatial"][:, :2]
+    adata.obsm["xyz"] = np.c_[xy, np.arange(adata.n_obs) % 2]  # two sections stacked along z
+    with pytest.warns(UserWarning, match=r"3 columns; only the first two \(x, y\) are used"):
+        table = metrics.evaluate(adata, "layer", "pred", spatial_key="xyz")
+    pred = adata.obs["pred"].to_numpy()[scored]
+    assert table.loc["all", "chaos"] == pytest.approx(metrics.chaos(pred, xy[scored]), rel=1e-12)
+    adata.obsm["xy_text"] = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "slide": "s1"}, index=adata.obs_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant third column, even text, is no reason to warn
+        assert metrics.evaluate(adata, "layer", "pred", spatial_key="xy_text").equals(
+            metrics.evaluate(adata, "layer", "pred")
+        )
 
 
 def test_chaos_and_pas_reject_missing_labels_and_mismatched_lengths():

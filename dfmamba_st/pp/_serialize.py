@@ -18,6 +18,7 @@ from .._utils import (
     recorded_spatial_key,
     resolve_library_key,
     user_stacklevel,
+    warn_extra_coordinates,
     warn_pooled_slices,
     written_by,
 )
@@ -256,18 +257,6 @@ def identical_positions(layouts: list[LibraryLayout]) -> int:
     return sum(layout.idx.size - len(np.unique(layout.points, axis=0)) for layout in layouts)
 
 
-def _warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
-    """Warn when ``obsm[spatial_key]`` has more columns than (x, y) and they vary (a z or section index is dropped)."""
-    xy = np.asarray(adata.obsm[spatial_key])
-    if xy.ndim == 2 and xy.shape[1] > 2 and np.ptp(xy[:, 2:], axis=0).max() > 0:
-        warnings.warn(
-            f"obsm[{spatial_key!r}] has {xy.shape[1]} columns; only the first two (x, y) are used, the others vary. "
-            "Sections stacked along a third axis are read as one tissue: give each its own library (library_key=).",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
-
-
 def warn_off_tissue(
     adata: AnnData, consequence: str = "they are ordered, embedded and clustered like the others"
 ) -> None:
@@ -368,7 +357,7 @@ def serialize(
     if layouts[0].source == "grid":
         _warn_off_lattice(adata)
     if layouts[0].quantized:
-        _warn_extra_coordinates(adata, spatial_key)
+        warn_extra_coordinates(adata, spatial_key)
         if {"array_row", "array_col"} <= set(adata.obs.columns):
             warnings.warn(
                 f"obs['array_row'/'array_col'] are not whole numbers, so they are no Visium grid: the spots are "
