@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from dfmamba_st.core import DFMamba
 from dfmamba_st.core.fractal import pair_concat, pool_pairs, upsample
@@ -49,6 +50,19 @@ def test_no_weight_sharing_gives_one_parameter_set_per_depth():
     (y.square().mean() + aux.loss).backward()
     unused = [name for name, p in separate.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert unused == []
+
+
+def test_weights_saved_with_the_unused_deepest_set_still_load():
+    """Before 2026-12-07 the deepest depth's set had an encoder, decoder and gate that never ran: such files load."""
+    model = small_model(depth=2, share_weights=False)
+    old_state = dict(model.state_dict())
+    for name, value in small_model(depth=2).scales[0].state_dict().items():  # the set the old layout built there
+        if name.split(".")[0] in ("encoder", "decoder", "gate"):
+            old_state[f"scales.2.{name}"] = value
+    wrapped = nn.Sequential(small_model(depth=2, share_weights=False))  # also under a prefix, as in a forecaster
+    wrapped.load_state_dict({f"0.{k}": v for k, v in old_state.items()})
+    x = torch.randn(1, 16, D, dtype=torch.float64)
+    torch.testing.assert_close(wrapped[0](x)[0], model(x)[0])
 
 
 def test_block_settings_reach_the_mamba_block():

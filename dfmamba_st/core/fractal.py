@@ -239,6 +239,17 @@ class DFMamba(nn.Module):
             _Scale(d_model, mamba_kwargs, coarsen, fusion, hidden or d_model, recursive=k < depth)
             for k in range(n_sets)
         )
+        if not share_weights and depth > 0:
+            self._register_load_state_dict_pre_hook(self._drop_unused_deepest_weights)
+
+    def _drop_unused_deepest_weights(self, state_dict: dict, prefix: str, *args) -> None:
+        """Read weights saved before 2026-12-07, when the deepest depth's set also held an encoder, decoder and gate.
+
+        They never ran (that depth is always a base case), so dropping them loads the model that was trained.
+        """
+        unused = tuple(f"{prefix}scales.{self.depth}.{part}." for part in ("encoder", "decoder", "gate"))
+        for key in [k for k in state_dict if k.startswith(unused)]:
+            del state_dict[key]
 
     def alpha(self, k: int) -> float:
         """Time-step scale at depth ``k``."""
