@@ -558,16 +558,19 @@ def test_smoothgrad_is_the_mean_absolute_gradient_over_noisy_copies():
     assert np.abs(plain - sal).max() > 0.05  # the noise matters
 
 
-def test_hed_jitter_scales_the_stain_concentrations():
-    """A pure-haematoxylin pixel unmixes to haematoxylin alone; the jitter scales that concentration by its factor."""
-    h_od = torch.tensor([0.65, 0.70, 0.29], dtype=torch.float64)  # haematoxylin (Ruifrok & Johnston 2001)
-    h_od /= h_od.norm()  # optical density of one unit of haematoxylin
-    pixel = torch.pow(10.0, -0.8 * h_od).reshape(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
-    gen = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize(("stain", "vector"), [(0, [0.65, 0.70, 0.29]), (1, [0.07, 0.99, 0.11])])
+def test_hed_jitter_scales_the_stain_concentrations(stain, vector):
+    """A pixel of pure haematoxylin (or eosin) unmixes to that stain alone; the jitter scales it by that stain's factor.
+
+    The stain vectors are the published ones (Ruifrok & Johnston 2001), not the module's.
+    """
+    od = torch.tensor(vector, dtype=torch.float64)
+    od /= od.norm()  # optical density of one unit of the stain
+    pixel = torch.pow(10.0, -0.8 * od).reshape(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
     scale = 1.0 + 0.3 * (2.0 * torch.rand(1, 3, 1, 1, generator=torch.Generator().manual_seed(0)) - 1.0)
-    out = hed_jitter(pixel, sigma=0.3, bias=0.0, generator=gen)
-    expected = torch.pow(10.0, -0.8 * float(scale[0, 0]) * h_od).reshape(1, 3, 1, 1).expand_as(pixel)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)  # eosin and DAB stay at zero
+    out = hed_jitter(pixel, sigma=0.3, bias=0.0, generator=torch.Generator().manual_seed(0))
+    expected = torch.pow(10.0, -0.8 * float(scale[0, stain]) * od).reshape(1, 3, 1, 1).expand_as(pixel)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)  # the other two stains stay at zero
 
 
 def test_colour_jitter_follows_its_three_formulas():
@@ -589,8 +592,9 @@ def test_colour_jitter_follows_its_three_formulas():
 def test_crop_batches_flip_images_that_are_not_square():
     """Whole fields that are not square (BACH at 384 x 512) get the flips and the half turn that keep their shape."""
     img = np.arange(3 * 6 * 8, dtype=np.float32).reshape(1, 3, 6, 8) / (3 * 6 * 8)
-    batches = CropBatches(np.repeat(img, 32, 0), np.zeros(32), crop=None, batch_size=32, jitter=0.0, hed_sigma=0.0)
-    batches.hed_bias = 0.0
+    batches = CropBatches(
+        np.repeat(img, 32, 0), np.zeros(32), crop=None, batch_size=32, jitter=0.0, hed_sigma=0.0, hed_bias=0.0
+    )
     out = next(iter(batches(0)))[0]
     x = torch.from_numpy(img[0])
     group = [x, torch.rot90(x, 2, (-2, -1)), x.flip(-1), torch.rot90(x, 2, (-2, -1)).flip(-1)]
