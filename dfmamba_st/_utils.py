@@ -94,11 +94,12 @@ def warn_extra_coordinates(adata: AnnData, spatial_key: str) -> None:
 
     The package reads the first two columns everywhere (ordering, graphs, plots, spatial scores).
     """
-    coords = adata.obsm[spatial_key]
-    extra = pd.DataFrame(np.asarray(coords)).iloc[:, 2:] if np.ndim(coords) == 2 else pd.DataFrame()
-    if extra.shape[1] and extra.nunique(dropna=False).max() > 1:  # any column type (a DataFrame may hold text)
+    coords = np.asarray(adata.obsm[spatial_key])
+    if coords.ndim != 2 or coords.shape[1] <= 2:
+        return
+    if pd.DataFrame(coords[:, 2:]).nunique(dropna=False).max() > 1:  # any column type (a DataFrame may hold text)
         warnings.warn(
-            f"obsm[{spatial_key!r}] has {extra.shape[1] + 2} columns; only the first two (x, y) are used, the others "
+            f"obsm[{spatial_key!r}] has {coords.shape[1]} columns; only the first two (x, y) are used, the others "
             "vary. Sections stacked along a third axis are read as one tissue: give each its own library "
             "(library_key=).",
             UserWarning,
