@@ -517,6 +517,26 @@ def test_the_order_of_the_spots_in_the_anndata_does_not_change_the_domains(top):
     np.testing.assert_array_equal(bare[1][top.obs_names].obs["dfm_domain"], bare[0].obs["dfm_domain"])
 
 
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")  # anndata's own, on every copy
+def test_repeated_spot_names_give_the_same_order_embedding_and_domains(top):
+    """Spots are matched by position, not by name: two slices joined without `index_unique` repeat barcodes."""
+    runs = [top.copy(), top.copy()]
+    names = runs[1].obs_names.to_numpy().copy()  # not a view: the index of `top` is shared by its copies
+    names[1::2] = names[0::2][: names[1::2].size]  # every second spot takes its neighbour's name
+    runs[1].obs_names = names
+    assert not runs[1].obs_names.is_unique
+    for adata in runs:
+        dfm.pp.serialize(adata)
+        dfm.tl.embed(adata, **QUICK)
+        dfm.tl.cluster(adata, 5, n_init=3)
+    first, repeated = runs
+    np.testing.assert_array_equal(repeated.obs["dfm_order"].to_numpy(), first.obs["dfm_order"].to_numpy())
+    np.testing.assert_array_equal(repeated.obsm["X_dfm"], first.obsm["X_dfm"])
+    np.testing.assert_array_equal(repeated.obs["dfm_domain"].to_numpy(), first.obs["dfm_domain"].to_numpy())
+    table = dfm.metrics.evaluate(repeated, "layer")
+    assert table.loc["all", "ari"] == dfm.metrics.evaluate(first, "layer").loc["all", "ari"]
+
+
 def test_the_features_fitted_on_a_subset_of_large_tissue_do_not_depend_on_the_order_of_the_spots(top, monkeypatch):
     """Above MAX_FIT_SPOTS the standardisation and PCA are fitted on a subset: drawn along the curve, not by row."""
     from dfmamba_st.tl import _features
