@@ -97,11 +97,8 @@ def detached_copy(kw: dict, dtype: torch.dtype | None = None) -> dict:
     return out
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("length", [1, 7, 37, 130])
-def test_matches_reference_fp64(backend, config, length):
-    kw, last = make_inputs(length=length, config=config, seed=length)
+def assert_matches_reference_fp64(kw: dict, last: bool, backend: str) -> None:
+    """Outputs, last state and gradients of ``backend`` equal the plain loop's to 1e-10 in float64."""
     y_ref, h_ref, g_ref = run_scan(detached_copy(kw), last, "reference")
     y, h, g = run_scan(detached_copy(kw), last, backend)
     tol = {"rtol": 1e-10, "atol": 1e-10}
@@ -113,6 +110,14 @@ def test_matches_reference_fp64(backend, config, length):
     assert set(g) == set(g_ref)
     for name in g_ref:
         torch.testing.assert_close(g[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("length", [1, 7, 37, 130])
+def test_matches_reference_fp64(backend, config, length):
+    kw, last = make_inputs(length=length, config=config, seed=length)
+    assert_matches_reference_fp64(kw, last, backend)
 
 
 @needs_numba
@@ -134,14 +139,7 @@ def test_numba_matches_reference_over_several_lane_blocks_and_groups(monkeypatch
 
     monkeypatch.setattr(_scan_numba, "_n_groups", lambda batch, n_blocks: groups)
     kw, last = make_inputs(batch=batch, d_inner=d_inner, N=4, length=45, config=config, seed=d_inner + groups)
-    y_ref, h_ref, g_ref = run_scan(detached_copy(kw), last, "reference")
-    y, h, g = run_scan(detached_copy(kw), last, "numba")
-    tol = {"rtol": 1e-10, "atol": 1e-10}
-    torch.testing.assert_close(y, y_ref, **tol)
-    if last:
-        torch.testing.assert_close(h, h_ref, **tol)
-    for name in g_ref:
-        torch.testing.assert_close(g[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+    assert_matches_reference_fp64(kw, last, "numba")
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
