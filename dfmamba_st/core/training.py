@@ -628,9 +628,9 @@ def fit(
         result.history.append(row)
         monitored = row["val_loss"] if val_data is not None else row["train_loss"]
         if not math.isfinite(monitored):  # a NaN would never improve: early stopping would end the run silently
+            which, data = ("Validation loss", "validation") if val_data is not None else ("Mean training loss", "input")
             raise FloatingPointError(
-                f"Validation loss became {monitored} at epoch {epoch}; lower lr or check the validation data for "
-                "NaN/inf."
+                f"{which} became {monitored} at epoch {epoch}; lower lr or check the {data} data for NaN/inf."
             )
         if monitored < best_loss:
             best_loss, bad_epochs, result.best_epoch = monitored, 0, epoch
