@@ -8,7 +8,10 @@ takes about a second; the real runs are the scripts themselves (``benchmarks/``)
 
 import json
 import os
+import re
 import resource
+import shutil
+import subprocess
 import sys
 import time
 import types
@@ -900,3 +903,25 @@ def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmar
         assert len(seen) == 4
         assert all(count == threads and all(env[k] == str(threads) for k in names) for count, env in seen)
         assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(module.REPO) for _, env in seen)
+
+
+def test_gpu_scripts_parse_and_pass_only_options_the_dlpfc_benchmark_has(benchmark_module, capsys):
+    """The GPU check runs only on a lent machine: its shell must parse here, and its benchmark calls must not drift."""
+    scripts = [Path(__file__).resolve().parents[1] / "benchmarks" / name for name in ("gpu_check.sh", "gpu_kit.sh")]
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    for script in scripts:
+        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{script.name}: {result.stderr}"
+    text = scripts[0].read_text()
+    st_lines = [line for line in text.splitlines() if "benchmarks/st_dlpfc.py" in line or "$ST " in line]
+    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", "\n".join(st_lines)))
+    assert {"--slices", "--methods", "--embed", "--data-dir", "--seeds"} <= used  # the reading found the calls
+    with pytest.raises(SystemExit):
+        benchmark_module("st_dlpfc").main(["--help"])
+    known = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", capsys.readouterr().out))
+    assert used <= known, f"gpu_check.sh passes options st_dlpfc.py lacks: {sorted(used - known)}"
+    methods = set(re.findall(r"--methods ([a-z_ ]+)", text))
+    assert methods, "no --methods found"
+    listed = {m for group in methods for m in group.split()}
+    assert listed <= set(benchmark_module("st_dlpfc").METHODS)
