@@ -13,6 +13,7 @@ DATA=${1:-../shared/data/dlpfc}
 ls "$DATA"/*.h5ad >/dev/null || { echo "no .h5ad files in $DATA" >&2; exit 1; }
 exclude=$(git rev-parse --git-path info/exclude)
 mkdir -p "$(dirname "$exclude")" .whl .devkit
+rm -f .whl/*.whl .devkit/mamba_ssm-*.tar.gz  # no second version of a wheel from an earlier run (pip would refuse both)
 for path in /.whl/ /.devkit/; do
     grep -qxF "$path" "$exclude" 2>/dev/null || echo "$path" >>"$exclude"
 done
@@ -21,7 +22,8 @@ pip download -q -d .whl --no-deps --only-binary=:all: --python-version 3.12 --im
     scanpy==1.11.5 anndata==0.12.19 legacy-api-wrap==1.5 natsort==8.4.0 session-info2==0.4.1 \
     umap-learn==0.5.12 pynndescent==0.7.0 array-api-compat==1.16.0 scverse-misc==0.0.3 zarr==3.1.6 \
     donfig==0.8.1.post1 google-crc32c==1.9.0 numcodecs==0.16.6 pooch==1.9.0 platformdirs==4.14.9 \
-    scikit-misc==0.5.3 requests charset-normalizer idna urllib3 certifi
+    scikit-misc==0.5.3 requests==2.34.2 charset-normalizer==3.5.3 idna==3.21 urllib3==2.8.0 \
+    certifi==2026.10.19.post1
 MAMBA_SKIP_CUDA_BUILD=TRUE pip download -q -d .devkit --no-deps --no-binary :all: --no-build-isolation \
     mamba-ssm==2.3.2.post1
 cp "$DATA"/*.h5ad .devkit/

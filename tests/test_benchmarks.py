@@ -6,10 +6,13 @@ The expensive parts (training, ``tl.embed``, subprocesses, busy-loop processes) 
 takes about a second; the real runs are the scripts themselves (``benchmarks/``).
 """
 
+import argparse
+import inspect
 import json
 import os
 import re
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -905,23 +908,63 @@ def test_scan_speed_workers_start_with_their_thread_count_in_every_pool(benchmar
         assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(module.REPO) for _, env in seen)
 
 
-def test_gpu_scripts_parse_and_pass_only_options_the_dlpfc_benchmark_has(benchmark_module, capsys):
-    """The GPU check runs only on a lent machine: its shell must parse here, and its benchmark calls must not drift."""
-    scripts = [Path(__file__).resolve().parents[1] / "benchmarks" / name for name in ("gpu_check.sh", "gpu_kit.sh")]
+class _Parsed(Exception):
+    """Raised by a patched ``parse_args`` once it has parsed: the script's ``main`` goes no further."""
+
+
+def _gpu_check_calls() -> list[tuple[str, list[str]]]:
+    """``(script, argv)`` of every benchmark script ``benchmarks/gpu_check.sh`` runs, split as bash would split them.
+
+    Continued lines are joined, ``$ST`` is expanded, the loop variable ``$seed`` becomes 0, and a call ends at its first
+    redirection.
+    """
+    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)
+    st = re.search(r'^ST="([^"]*)"', text, re.MULTILINE).group(1)
+    calls = []
+    for line in text.splitlines():
+        line = line.replace("$ST ", st + " ").replace("$seed", "0")
+        if "benchmarks/" not in line or line.lstrip().startswith("#") or "ST=" in line:
+            continue
+        words = shlex.split(line, comments=True)
+        start = next(i for i, w in enumerate(words) if w.startswith("benchmarks/") and w.endswith(".py"))
+        argv = []
+        for word in words[start + 1 :]:
+            if word.startswith((">", "2>", "|")):
+                break
+            argv.append(word)
+        calls.append((Path(words[start]).stem, argv))
+    return calls
+
+
+def test_gpu_scripts_parse_and_call_the_benchmarks_with_options_they_take(benchmark_module, monkeypatch):
+    """The GPU check runs only on a lent machine: its shell must parse here, and its calls must not drift."""
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
-    for script in scripts:
-        result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
-        assert result.returncode == 0, f"{script.name}: {result.stderr}"
-    text = scripts[0].read_text()
-    st_lines = [line for line in text.splitlines() if "benchmarks/st_dlpfc.py" in line or "$ST " in line]
-    used = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", "\n".join(st_lines)))
-    assert {"--slices", "--methods", "--embed", "--data-dir", "--seeds"} <= used  # the reading found the calls
-    with pytest.raises(SystemExit):
-        benchmark_module("st_dlpfc").main(["--help"])
-    known = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", capsys.readouterr().out))
-    assert used <= known, f"gpu_check.sh passes options st_dlpfc.py lacks: {sorted(used - known)}"
-    methods = set(re.findall(r"--methods ([a-z_ ]+)", text))
-    assert methods, "no --methods found"
-    listed = {m for group in methods for m in group.split()}
-    assert listed <= set(benchmark_module("st_dlpfc").METHODS)
+    for name in ("gpu_check.sh", "gpu_kit.sh"):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / name
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+
+    calls = _gpu_check_calls()
+    assert sorted({script for script, _ in calls}) == ["scan_speed", "st_dlpfc"]
+    # the paper preset (one seed per call), the cpu preset on the GPU, the paper preset again on mamba-ssm's kernel
+    assert sum(script == "st_dlpfc" for script, _ in calls) == 3
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise _Parsed(real_parse(self, args, namespace))
+
+    embed_params = inspect.signature(dfm.tl.embed).parameters
+    for script, argv in calls:
+        module = benchmark_module(script)
+        with monkeypatch.context() as m:
+            m.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+            with pytest.raises(_Parsed) as parsed:  # argparse's SystemExit for an unknown option or choice fails here
+                module.main(argv)
+        args = parsed.value.args[0]
+        if script == "st_dlpfc":
+            options = module.parse_options(args.embed, "--embed")
+            assert set(options) <= set(embed_params), f"tl.embed has no {sorted(set(options) - set(embed_params))}"
+            assert options["preset"] in dfm.tl.PRESETS, options
+            assert options["device"] == "cuda"
