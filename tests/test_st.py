@@ -14,9 +14,10 @@ import torch
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import dfmamba_st as dfm
+import dfmamba_st.tl._embed as embed_module
 from dfmamba_st.core import Mamba, curves
 from dfmamba_st.tl import _cluster
-from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _resolve_preset
+from dfmamba_st.tl._embed import PRESETS, _check_paper_on_cpu, _ema_decay, _resolve_preset, _warn_auto_paper
 
 matplotlib.use("Agg")
 
@@ -235,6 +236,13 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     auto = dfm.tl.embed(small, preset="auto", d_model=16, n_top_genes=200, device="cpu", **quick)
     assert auto.uns["dfm"]["params"]["preset"] == "cpu"  # "auto" on a CPU
     assert _resolve_preset("auto", torch.device("cuda")) == "paper"  # and on a GPU (no GPU needed to resolve it)
+    # which the user is told, as its accuracy is not measured; asked for by name, or "cpu" by "auto", it is not
+    with pytest.warns(UserWarning, match=r"preset='auto' chose 'paper' .* not measured yet .* preset='cpu'"):
+        _warn_auto_paper("auto", _resolve_preset("auto", torch.device("cuda")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_auto_paper("paper", "paper")
+        _warn_auto_paper("auto", _resolve_preset("auto", torch.device("cpu")))
     # the paper's configuration (genes themselves as tokens, its learning rate and windows), here at a toy width
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -255,6 +263,13 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
         dfm.tl.embed(small, preset="paper", n_top_genes=200, device="cpu", **quick)
     # points at the user's call, behind embed's wrapper
     assert warned_at(caught, "meant for a GPU", __file__, once=True)
+    # "auto" as it resolves on a GPU, here on the CPU: tl.embed passes the unmeasured choice on to the user
+    monkeypatch.setattr(embed_module, "_resolve_preset", lambda preset, device: "paper" if preset == "auto" else preset)
+    with warnings.catch_warnings(record=True) as caught:  # with the CPU warning above, the full width being 16 here
+        warnings.simplefilter("always")
+        auto_paper = dfm.tl.embed(small, preset="auto", n_top_genes=200, device="cpu", **quick)
+    assert warned_at(caught, "chose 'paper'", __file__, once=True)
+    assert auto_paper.uns["dfm"]["params"]["preset"] == "paper"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_paper_on_cpu("paper", torch.device("cuda"), 3000)

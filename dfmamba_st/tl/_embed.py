@@ -201,6 +201,17 @@ def _check_paper_on_cpu(preset: str, device: torch.device, d_model: int) -> None
         )
 
 
+def _warn_auto_paper(preset: str, preset_name: str) -> None:
+    """Warn when ``preset="auto"`` chose the ``"paper"`` preset (on a GPU): its accuracy is not measured yet."""
+    if preset == "auto" and preset_name == "paper":
+        warnings.warn(
+            "preset='auto' chose 'paper' (the paper's model sizes) on this CUDA device; its accuracy is not measured "
+            "yet (docs/spatial.md, 'On a GPU'). preset='cpu' is the measured configuration, and it runs on a GPU too.",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
 def _resolve_preset(preset: str, device: torch.device) -> str:
     if preset == "auto":
         return "paper" if device.type == "cuda" else "cpu"
@@ -322,9 +333,10 @@ def embed(
         ``"cpu"`` (50 PCs, d_model 64; fast on a laptop), ``"paper"`` (the paper's model sizes: 3,000 genes without
         PCA, d_model 3,000; a GPU; tokens and training budget are the package's, see :data:`PRESETS`) or ``"auto"``
         (``"paper"`` on a CUDA device, else ``"cpu"``). The choice is recorded in ``uns['dfm']``.
-        The ``"paper"`` preset's accuracy is not measured yet, and at its full width it warns before training
-        without a GPU (hours on a CPU); ``"cpu"`` on a GPU gave the same ARI as on a CPU (DLPFC 151673, seeds 0–2,
-        15–18 s, with the gene choice before the tie-break by name; ``docs/spatial.md``, "On a GPU").
+        The ``"paper"`` preset's accuracy is not measured yet: ``"auto"`` warns when it chooses it, and at its full
+        width it warns before training without a GPU (hours on a CPU); ``"cpu"`` on a GPU gave the same ARI as on a
+        CPU (DLPFC 151673, seeds 0–2, 15–18 s, with the gene choice before the tie-break by name; ``docs/spatial.md``,
+        "On a GPU").
     epochs
         Training epochs (each of the preset's ``steps_per_epoch`` steps). All are run: with no held-out data, the
         training loss is no model-selection criterion (its auxiliary multi-scale terms grow while the masked-spot
@@ -547,6 +559,7 @@ def embed(
         settings = {}
     else:
         preset_name = _resolve_preset(preset, torch_device)
+        _warn_auto_paper(preset, preset_name)
         settings = _settings(
             preset_name,
             torch_device,
