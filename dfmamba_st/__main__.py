@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "cpu", "paper"],
         help="model size: 'cpu' (50 PCs, d_model 64; fast on a laptop), 'paper' (3,000 genes, d_model 3,000; for a "
-        "GPU), 'auto' = 'paper' on a CUDA GPU, 'cpu' otherwise (default: auto)",
+        "GPU; its accuracy is not measured yet), 'auto' = 'paper' on a CUDA GPU, 'cpu' otherwise (default: auto; "
+        "--preset cpu is the measured configuration on a GPU too)",
     )
     parser.add_argument(
         "--epochs",

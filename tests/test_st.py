@@ -237,7 +237,7 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     assert auto.uns["dfm"]["params"]["preset"] == "cpu"  # "auto" on a CPU
     assert _resolve_preset("auto", torch.device("cuda")) == "paper"  # and on a GPU (no GPU needed to resolve it)
     # which the user is told, as its accuracy is not measured; asked for by name, or "cpu" by "auto", it is not
-    with pytest.warns(UserWarning, match=r"preset='auto' chose 'paper' .* not measured yet .* preset='cpu'"):
+    with pytest.warns(UserWarning, match=r"preset='auto' chose the 'paper' preset .* not measured yet .* preset='cpu'"):
         _warn_auto_paper("auto", _resolve_preset("auto", torch.device("cuda")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -248,6 +248,7 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
         warnings.simplefilter("always")
         paper, model = dfm.tl.embed(small, preset="paper", d_model=16, n_top_genes=200, return_model=True, **quick)
     assert not [w for w in caught if "meant for a GPU" in str(w.message)]  # a toy width is no reason to warn
+    assert not [w for w in caught if "chose the 'paper' preset" in str(w.message)]  # asked for by name
     params = paper.uns["dfm"]["params"]
     assert params["preset"] == "paper" and params["n_pcs"] == "None" and params["n_features"] == 200
     assert (params["lr"], params["window"], params["ema_fraction"]) == (1e-4, 1024, "None")
@@ -268,8 +269,12 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     with warnings.catch_warnings(record=True) as caught:  # with the CPU warning above, the full width being 16 here
         warnings.simplefilter("always")
         auto_paper = dfm.tl.embed(small, preset="auto", n_top_genes=200, device="cpu", **quick)
-    assert warned_at(caught, "chose 'paper'", __file__, once=True)
+    assert warned_at(caught, "chose the 'paper' preset", __file__, once=True)
     assert auto_paper.uns["dfm"]["params"]["preset"] == "paper"
+    with warnings.catch_warnings(record=True) as caught:  # a trained model applied: no preset is chosen
+        warnings.simplefilter("always")
+        dfm.tl.embed(small, model=model, device="cpu", copy=True, progress=False)
+    assert not [w for w in caught if "chose the 'paper' preset" in str(w.message)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _check_paper_on_cpu("paper", torch.device("cuda"), 3000)

@@ -205,8 +205,8 @@ def _warn_auto_paper(preset: str, preset_name: str) -> None:
     """Warn when ``preset="auto"`` chose the ``"paper"`` preset (on a GPU): its accuracy is not measured yet."""
     if preset == "auto" and preset_name == "paper":
         warnings.warn(
-            "preset='auto' chose 'paper' (the paper's model sizes) on this CUDA device; its accuracy is not measured "
-            "yet (docs/spatial.md, 'On a GPU'). preset='cpu' is the measured configuration, and it runs on a GPU too.",
+            "preset='auto' chose the 'paper' preset on this CUDA device; its accuracy is not measured yet "
+            "(docs/spatial.md, 'On a GPU'). preset='cpu' is the measured configuration, and it runs on a GPU too.",
             UserWarning,
             stacklevel=user_stacklevel(),
         )
