@@ -6,6 +6,8 @@ import pytest
 
 #: the project's real data, next to the repository (absent on a user's machine: tests that need it skip)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+#: the benchmark scripts (``benchmark_module`` loads them; the GPU check's shell scripts are read from here too)
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 #: ``tl.embed`` options for a model trained in about a second: the tests that check what it computes, not how well
 QUICK = dict(epochs=1, d_model=16, depth=2, n_pcs=10, n_top_genes=300, progress=False)

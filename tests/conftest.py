@@ -1,12 +1,10 @@
 """Shared test helpers."""
 
 import importlib.util
-from pathlib import Path
 from types import ModuleType
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from _shared import BENCHMARKS
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from _shared import DATA, QUICK, crop
+from _shared import BENCHMARKS, DATA, QUICK, crop
 from sklearn.metrics import adjusted_rand_score, completeness_score, normalized_mutual_info_score
 
 import dfmamba_st as dfm
@@ -918,7 +918,7 @@ def _gpu_check_calls() -> list[tuple[str, list[str]]]:
     Continued lines are joined, ``$ST`` is expanded, the loop variable ``$seed`` becomes 0, and a call ends at its first
     redirection.
     """
-    text = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh").read_text()
+    text = (BENCHMARKS / "gpu_check.sh").read_text()
     text = re.sub(r"\\\n\s*", " ", text)
     st = re.search(r'^ST="([^"]*)"', text, re.MULTILINE).group(1)
     calls = []
@@ -942,8 +942,7 @@ def test_gpu_scripts_parse_and_call_the_benchmarks_with_options_they_take(benchm
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     for name in ("gpu_check.sh", "gpu_kit.sh"):
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / name
-        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        result = subprocess.run(["bash", "-n", str(BENCHMARKS / name)], capture_output=True, text=True)
         assert result.returncode == 0, f"{name}: {result.stderr}"
 
     calls = _gpu_check_calls()
