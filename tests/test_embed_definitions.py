@@ -212,6 +212,29 @@ def test_standardised_genes_are_clipped_at_ten(top):
     assert np.abs(z).max() == pytest.approx(10.0) and (np.abs(z) > 9.999).sum() > 10
 
 
+def test_a_gene_that_does_not_vary_in_training_stays_zero_on_another_slice(bundled, top):
+    """The training crop never counted gene ``j`` (standardised, 0 on every training spot: the model learnt nothing
+    about it); on a crop that counts it, the standardised gene is 0 too, not its deviation from the training value."""
+    other = crop(bundled, rows=(20, 40), cols=(0, 60))
+    j = int(np.argmax(np.asarray(other.X.sum(axis=0)).ravel()))  # the gene most counted in the other crop
+    X = top.X.toarray()
+    X[:, j] = 0
+    top.X = sp.csr_matrix(X)
+    fitted = _fit(top, n_top_genes=top.n_vars)  # every gene, the unvarying one too
+    assert fitted.genes[j] == top.var_names[j]
+    trained, _ = fitted.transform(top)
+    new, _ = fitted.transform(other)
+    assert not trained[:, j].any() and not new[:, j].any()
+    # so are the genes the crop never counted by itself; the others are standardised as before
+    counted = np.asarray(top.X.sum(axis=0)).ravel() > 0
+    assert counted.sum() < top.n_vars - 1 and not new[:, ~counted].any() and new[:, counted].any(axis=0).mean() > 0.9
+    logged = sc.pp.normalize_total(other, target_sum=1e4, copy=True)
+    sc.pp.log1p(logged)
+    logged = logged.X.toarray()[:, counted]
+    expected = np.clip((logged - fitted.mean[counted]) / fitted.scale[counted], -10, 10)
+    np.testing.assert_allclose(new[:, counted], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_principal_axes_are_those_of_the_standardised_clipped_genes(top):
     z, _ = _fit(top).transform(top)
     axes = PCA(10, svd_solver="full").fit(z).components_

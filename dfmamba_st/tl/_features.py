@@ -272,7 +272,10 @@ class FeatureTransform:
     genes
         Genes used, in order.
     mean, scale
-        Per-gene standardisation of the log-normalised expression (fitted on the training slice).
+        Per-gene standardisation of the log-normalised expression (fitted on the training slice). A gene that does not
+        vary over the training spots has an infinite scale: its standardised value is 0 on every slice, as it was in
+        training, where its weights learnt nothing (model files written before 2026-12-07 hold 1.0 there: the gene's
+        deviation from its training value).
     loadings
         (n_genes, n_components) PCA loadings, or ``None`` to use the standardised genes themselves.
     log_normalize
@@ -377,7 +380,9 @@ class FeatureTransform:
         dense = _log_normalize(X, is_counts).toarray()
         mean = dense.mean(axis=0)
         scale = dense.std(axis=0)
-        scale[scale == 0] = 1.0
+        # a gene that does not vary over these spots taught the model nothing: infinite scale, so that it is 0 on
+        # every slice (as here) rather than its deviation from this value, which weights never trained would read
+        scale[scale == 0] = np.inf
         loadings = None
         if n_pcs is not None and n_pcs < len(genes):
             z = dense  # standardised in place: no second or third n_spots x n_genes array
