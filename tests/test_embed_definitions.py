@@ -414,6 +414,28 @@ def test_each_epoch_draws_new_training_masks(top, monkeypatch):
     assert not any(torch.equal(a, b) for a, b in zip(seen[:10], seen[10:]))
 
 
+def test_the_training_loss_is_the_error_at_the_masked_spots_alone(trained):
+    """The reconstruction term is the squared error of the head's token at each window's masked spots (mean over a
+    window's masked spots, then over windows), next to DF-Mamba's auxiliary loss; with no spot masked, every spot."""
+    _, model = trained
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 40, model.embed_in.in_features, generator=gen)
+    mask = torch.rand(3, 40, generator=gen) < torch.tensor([[0.1], [0.3], [0.6]])  # windows with few and many masked
+    with torch.no_grad():
+        loss, parts = model.masked_loss(tokens, mask)
+        out, aux = model(tokens, mask)
+        err = (model.head(out) - tokens).pow(2).mean(-1)
+        expected = torch.stack([err[w][mask[w]].mean() for w in range(3)]).mean()
+        assert parts["masked_mse"] == pytest.approx(float(expected), rel=1e-5)
+        assert float(loss) == pytest.approx(float(expected + aux.loss), rel=1e-5)
+        assert abs(float(expected) - float(err.mean())) > 1e-3  # the visible spots' error is left out
+        none = torch.zeros_like(mask)
+        out, _ = model(tokens, none)
+        assert model.masked_loss(tokens, none)[1]["masked_mse"] == pytest.approx(
+            float((model.head(out) - tokens).pow(2).mean()), rel=1e-5
+        )
+
+
 def test_the_record_names_the_number_of_principal_components(trained):
     adata, model = trained
     params = adata.uns["dfm"]["params"]
