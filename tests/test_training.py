@@ -443,6 +443,22 @@ def test_the_validation_loss_is_a_mean_over_samples_not_over_batches_of_unequal_
         fit(nn.Linear(4, 1), mse, regression_data(), epochs=1, val_data=[], progress=False)
 
 
+def test_the_training_loss_and_its_terms_are_means_over_samples_not_over_batches_of_unequal_size():
+    """An epoch of 9 training samples in batches of 8 and 1: the logged loss and terms are their means over samples."""
+    x, y = regression_data(n=9, batch=9)[0]
+    train = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def loss_fn(model, batch):
+        level = batch[1].abs().mean()  # a value that training does not move, with a gradient through the model
+        return 0.0 * model(batch[0]).sum() + level, {"level": level}
+
+    row = fit(nn.Linear(4, 1), loss_fn, train, epochs=1, progress=False).history[0]
+    assert row["train_loss"] == pytest.approx(float(y.abs().mean())) and row["level"] == pytest.approx(
+        row["train_loss"]
+    )
+    assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
+
+
 def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
     def loss_fn(model, batch):  # a validation loss that only grows: stops after epoch 0 + patience 2
         if model.training:
