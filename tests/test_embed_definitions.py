@@ -273,6 +273,23 @@ def test_an_inner_visium_spot_is_linked_to_its_six_touching_spots_whatever_the_o
     assert (shuffled.graph()[back][:, back] != layout.graph()).nnz == 0
 
 
+def test_visium_spots_are_placed_on_a_regular_hexagonal_lattice(top):
+    """Touching spots (two array_col apart in a row, one apart in the next row) are all one spacing apart, the next
+    ring (two rows apart; one row and three columns apart) √3 spacings: what makes an edge spot's neighbours right."""
+    (layout,) = dfm.pp.library_layouts(top)
+    at = {tuple(rc): i for i, rc in enumerate(top.obs[["array_row", "array_col"]].to_numpy())}
+
+    def distances(offsets):
+        pairs = [(i, at[(r + dr, c + dc)]) for (r, c), i in at.items() for dr, dc in offsets if (r + dr, c + dc) in at]
+        first, second = np.array(pairs).T
+        return np.linalg.norm(layout.points[first] - layout.points[second], axis=1)
+
+    touching = distances([(0, 2), (1, -1), (1, 1)])
+    assert touching.size > 1000
+    np.testing.assert_allclose(touching, touching[0], rtol=1e-9)
+    np.testing.assert_allclose(distances([(2, 0), (1, 3), (1, -3)]), np.sqrt(3) * touching[0], rtol=1e-9)
+
+
 @pytest.mark.parametrize("n_neighbors", [2, 6])
 def test_the_spatial_graph_is_every_spot_as_near_as_the_kth_nearest_even_with_many_ties(n_neighbors):
     """Against all pairwise distances: a lattice (ties at every ring), spots stacked 20 deep (20 ties at distance 0),
