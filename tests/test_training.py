@@ -422,11 +422,18 @@ def test_a_checkpoint_records_its_run_and_one_of_another_run_is_refused(tmp_path
         fit(nn.Linear(4, 1), mse, regression_data(), **options)
 
 
+def _nine_samples_in_batches_of_eight_and_one():
+    """``(y, batches)``: 9 regression samples in batches of 8 and 1, where the mean of ``|y|`` over the samples and the
+    mean of the two batch means differ (the latter weighs the last sample as much as the other eight)."""
+    x, y = regression_data(n=9, batch=9)[0]
+    assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
+    return y, [(x[:8], y[:8]), (x[8:], y[8:])]
+
+
 def test_the_validation_loss_is_a_mean_over_samples_not_over_batches_of_unequal_size():
     """9 validation samples in batches of 8 and 1: the monitored loss is their mean (the mean of the two batch means
     weighed the last sample as much as the other eight)."""
-    x, y = regression_data(n=9, batch=9)[0]
-    val = [(x[:8], y[:8]), (x[8:], y[8:])]
+    y, val = _nine_samples_in_batches_of_eight_and_one()
 
     def loss_fn(model, batch):
         if model.training:
@@ -438,25 +445,21 @@ def test_the_validation_loss_is_a_mean_over_samples_not_over_batches_of_unequal_
     result = fit(nn.Linear(4, 1), loss_fn, regression_data(), epochs=1, val_data=val, progress=False)
     assert result.history[0]["val_loss"] == pytest.approx(float(y.abs().mean()))
     assert grad_enabled == [False, False]  # validation builds no graph
-    assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
     with pytest.raises(ValueError, match="val_data yielded no batch in epoch 0"):
         fit(nn.Linear(4, 1), mse, regression_data(), epochs=1, val_data=[], progress=False)
 
 
 def test_the_training_loss_and_its_terms_are_means_over_samples_not_over_batches_of_unequal_size():
     """An epoch of 9 training samples in batches of 8 and 1: the logged loss and terms are their means over samples."""
-    x, y = regression_data(n=9, batch=9)[0]
-    train = [(x[:8], y[:8]), (x[8:], y[8:])]
+    y, train = _nine_samples_in_batches_of_eight_and_one()
 
     def loss_fn(model, batch):
         level = batch[1].abs().mean()  # a value that training does not move, with a gradient through the model
         return 0.0 * model(batch[0]).sum() + level, {"level": level}
 
     row = fit(nn.Linear(4, 1), loss_fn, train, epochs=1, progress=False).history[0]
-    assert row["train_loss"] == pytest.approx(float(y.abs().mean())) and row["level"] == pytest.approx(
-        row["train_loss"]
-    )
-    assert abs(float(y[:8].abs().mean() + y[8:].abs().mean()) / 2 - float(y.abs().mean())) > 0.05  # a real difference
+    assert row["train_loss"] == pytest.approx(float(y.abs().mean()))
+    assert row["level"] == pytest.approx(row["train_loss"])
 
 
 def test_resuming_a_run_that_stopped_early_trains_no_further(tmp_path):
