@@ -31,6 +31,11 @@ def _fit(adata, **options):
     return FeatureTransform.fit(adata, **{"layer": None, "n_top_genes": 300, "n_pcs": None, "seed": 0, **options})
 
 
+#: (array_row, array_col) offsets on the Visium grid: the six touching spots, and the six of the next ring (√3 spacings)
+TOUCHING = [(0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)]
+SQRT3_RING = [(-2, 0), (2, 0), (-1, -3), (-1, 3), (1, -3), (1, 3)]
+
+
 def _centred_unit_variance(block):
     block = block - block.mean(axis=0)
     return block / np.sqrt((block**2).sum(axis=1).mean())
@@ -258,15 +263,14 @@ def test_an_inner_visium_spot_is_linked_to_its_six_touching_spots_whatever_the_o
     linked = (layout.graph() > 0).tocsr()
     rc = top.obs[["array_row", "array_col"]].to_numpy()
     occupied = set(map(tuple, rc))
-    touching = [(0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)]
-    complete = {(r, c) for r, c in occupied if all((r + dr, c + dc) in occupied for dr, dc in touching)}
+    complete = {(r, c) for r, c in occupied if all((r + dr, c + dc) in occupied for dr, dc in TOUCHING)}
     # the next rings (√3 and 2 spot distances) complete too: a spot at the edge links to its whole second ring
-    ring2 = [(-2, 0), (2, 0), (-1, -3), (-1, 3), (1, -3), (1, 3), (0, -4), (0, 4), (-2, -2), (-2, 2), (2, -2), (2, 2)]
-    inner = [i for i, (r, c) in enumerate(rc) if all((r + dr, c + dc) in complete for dr, dc in touching + ring2)]
+    ring2 = [*SQRT3_RING, (0, -4), (0, 4), (-2, -2), (-2, 2), (2, -2), (2, 2)]
+    inner = [i for i, (r, c) in enumerate(rc) if all((r + dr, c + dc) in complete for dr, dc in TOUCHING + ring2)]
     assert len(inner) > 150  # of 492
     for i in inner:
         found = {tuple(rc[j] - rc[i]) for j in linked.indices[linked.indptr[i] : linked.indptr[i + 1]] if j != i}
-        assert found == set(touching), (i, found)
+        assert found == set(TOUCHING), (i, found)
     perm = np.random.default_rng(0).permutation(top.n_obs)  # (6 nearest cells of the old square grid: ties)
     (shuffled,) = dfm.pp.library_layouts(top[perm].copy())
     back = np.argsort(perm)
@@ -284,10 +288,10 @@ def test_visium_spots_are_placed_on_a_regular_hexagonal_lattice(top):
         first, second = np.array(pairs).T
         return np.linalg.norm(layout.points[first] - layout.points[second], axis=1)
 
-    touching = distances([(0, 2), (1, -1), (1, 1)])
+    touching = distances(TOUCHING)
     assert touching.size > 1000
     np.testing.assert_allclose(touching, touching[0], rtol=1e-9)
-    np.testing.assert_allclose(distances([(2, 0), (1, 3), (1, -3)]), np.sqrt(3) * touching[0], rtol=1e-9)
+    np.testing.assert_allclose(distances(SQRT3_RING), np.sqrt(3) * touching[0], rtol=1e-9)
 
 
 @pytest.mark.parametrize("n_neighbors", [2, 6])
