@@ -165,6 +165,20 @@ def test_season_phase_follows_the_timestamps_across_a_gap():
     jump = int(np.argmax(np.diff(weather.index) > np.timedelta64(10, "m")))  # the file's one gap (1 h 40 min)
     assert season.phase[jump + 1] == (season.phase[jump] + 10) % 144
     assert not np.array_equal(season.phase, np.arange(len(weather)) % 144)  # row numbers would drift
+    # rows past the file's end (a forecast of the future) go on from the last row's phase, not from row numbers
+    ahead = np.arange(len(weather), len(weather) + 3)
+    np.testing.assert_array_equal(season.at(ahead), season.profile[(season.phase[-1] + np.arange(1, 4)) % 144])
+    assert season.phase[-1] != (len(weather) - 1) % 144
+
+
+def test_daily_season_needs_a_day_of_whole_sampling_steps():
+    index = pd.date_range("2024-01-01", periods=3000, freq="8min")
+    frame = pd.DataFrame({"a": np.sin(np.arange(3000) / 9)}, index=index)
+    assert ts.make_splits("toy", 16, 4, frame=frame, season="daily").season.period == 180  # 1440 / 8
+    with pytest.raises(ValueError, match="whole number of sampling steps"):  # 1440 / 7 is not whole
+        ts.make_splits(
+            "toy", 16, 4, frame=frame.set_axis(pd.date_range("2024-01-01", periods=3000, freq="7min")), season="daily"
+        )
 
 
 @needs_data
@@ -219,6 +233,8 @@ def test_dfmamba_ts_linear_skip_is_a_linear_map_of_the_normalised_lookback(token
     linear = torch.einsum("blc,hl->bhc", z, model.skip.weight) + model.skip.bias[None, :, None]
     expected = (linear - model.revin.bias) / (model.revin.weight + model.revin.eps**2) * std + mean
     torch.testing.assert_close(y, expected)
+    y.pow(2).sum().backward()  # and it is trained with the rest
+    assert model.skip.weight.grad is not None and model.skip.weight.grad.abs().sum() > 0
 
 
 def test_dfmamba_ts_paper_size():
@@ -295,23 +311,42 @@ def test_training_lowers_loss_on_real_slice(splits, name):
     assert after < 0.9 * before, (before, after)
 
 
+def _point_losses(pred: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three training losses written out (Huber with δ = 1)."""
+    err = (pred - y).detach()
+    return {
+        "mse": (err**2).mean(),
+        "mae": err.abs().mean(),
+        "huber": torch.where(err.abs() < 1, 0.5 * err**2, err.abs() - 0.5).mean(),
+    }
+
+
 @pytest.mark.parametrize("train_loss", ["mse", "mae", "huber", None])
 def test_forecast_loss_trains_on_the_chosen_loss_and_validates_on_mse(train_loss):
     torch.manual_seed(0)
     model = ts.DLinear(3, 16, 4)
     x, y = torch.randn(5, 16, 3), 3 * torch.randn(5, 4, 3)  # errors of a few units: the three losses differ
-    pred = model(x)[0].detach()
-    expected = {
-        "mse": torch.nn.functional.mse_loss(pred, y),
-        "mae": (pred - y).abs().mean(),
-        "huber": torch.where((pred - y).abs() < 1, 0.5 * (pred - y) ** 2, (pred - y).abs() - 0.5).mean(),
-    }
+    expected = _point_losses(model(x)[0], y)
     chosen = {} if train_loss is None else {"train_loss": train_loss}  # None: the default, the MAE
     loss, terms = ts.forecast_loss(model.train(), (x, y), **chosen)
     assert float(loss.detach()) == pytest.approx(float(expected[train_loss or "mae"]), rel=1e-5)  # DLinear: aux = 0
     assert terms["mse"] == pytest.approx(float(expected["mse"]), rel=1e-5)
     val = ts.forecast_loss(model.eval(), (x, y), **chosen)
     assert float(val.detach()) == pytest.approx(float(expected["mse"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("train_loss", ["mse", "mae", "huber"])
+def test_forecast_loss_adds_the_auxiliary_loss_in_training_only(train_loss):
+    torch.manual_seed(0)
+    model = _tiny_dfm(2, 16, 4, patch_len=2, dropout=0.0)  # 8 tokens: DF-Mamba coarsens, so aux > 0
+    x, y = torch.randn(3, 16, 2), 3 * torch.randn(3, 4, 2)
+    loss, terms = ts.forecast_loss(model.train(), (x, y), train_loss=train_loss)
+    pred, aux = model(x)  # no dropout: the same forecast and auxiliary loss again
+    assert float(aux.detach()) > 0
+    assert float(loss.detach()) == pytest.approx(float(_point_losses(pred, y)[train_loss] + aux.detach()), rel=1e-5)
+    assert terms["aux"] == pytest.approx(float(aux.detach()), rel=1e-5)
+    val = ts.forecast_loss(model.eval(), (x, y), train_loss=train_loss)
+    assert float(val.detach()) == pytest.approx(float(_point_losses(model(x)[0], y)["mse"]), rel=1e-5)
 
 
 @needs_data
@@ -343,6 +378,17 @@ def test_zero_shot_protocol(splits):
     assert ys.shape[1:] == (96, 7) and len(xs) == 14400 - 11520 - 4 * 96 + 1
     with pytest.raises(ValueError, match="divide"):
         ts.coarsened_windows(splits, 5, 96, 96)
+
+
+def test_coarsened_lookbacks_never_reach_before_the_first_row():
+    # 400 rows, lookback 24: the test split starts at row 320, but a x14 lookback spans 336 rows
+    t = np.arange(400, dtype=np.float64)
+    splits = ts.make_splits("toy", 24, 1, frame=pd.DataFrame({"a": np.sin(t / 7), "b": t / 400}))
+    x, y = ts.coarsened_windows(splits, 14, 24, 1, mode="steps")
+    assert len(x) == 400 - 14 - 336 + 1  # forecast origins 336 ... 386
+    v = splits.values
+    np.testing.assert_allclose(x[0].numpy(), v[:336].reshape(24, 14, 2).mean(1), atol=1e-6)
+    np.testing.assert_allclose(y[0].numpy(), v[336:350].mean(0, keepdims=True), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ benchmark
@@ -484,9 +530,13 @@ def test_dfmamba_ts_tokens_are_contiguous_patches_of_one_variate(tokens):
     model = ts.DFMambaTS(3, 16, 4, d_model=8, d_state=2, tokens=tokens, patch_len=p, revin=False)
     seen = []
     model.embed.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    entered = []
+    model.backbone.register_forward_hook(lambda mod, inp, out: entered.append(inp[0].detach()))
     x = torch.randn(2, 16, 3)
     model(x)
     tok = seen[0]
+    with torch.no_grad():  # each token gets its learned position embedding before DF-Mamba
+        torch.testing.assert_close(entered[0], model.embed(tok) + model.position)
     assert tok.shape == (2 * 3, 16 // p, p)
     for b in range(2):
         for c in range(3):
@@ -568,6 +618,9 @@ def test_msmamba_averages_the_blocks_each_at_its_own_scale():
     h = torch.randn(2, 3, 8, dtype=torch.float64)
     want = torch.stack([blk(h, alpha=s) for blk, s in zip(ms.blocks, (1.0, 2.0, 4.0, 8.0))]).mean(0)
     torch.testing.assert_close(ms(h), want, rtol=1e-8, atol=1e-10)  # exp(log 8) is 8 to rounding
+    layer = model.layers[0]  # a residual and a LayerNorm after the module, then after the MLP
+    mixed = layer.norm1(h + ms(h))
+    torch.testing.assert_close(layer(h), layer.norm2(mixed + layer.mlp(mixed)))
 
 
 def test_dfmamba_ts_patch_tokens_recurse_to_length_two_by_default():
@@ -576,6 +629,13 @@ def test_dfmamba_ts_patch_tokens_recurse_to_length_two_by_default():
     model = ts.DFMambaTS(2, d_model=8, d_state=2).eval()
     model(torch.randn(1, 96, 2))
     assert model.last_aux.lengths == [12, 6, 3, 2]
+
+
+def test_dlinear_maps_start_as_the_mean_of_the_lookback():
+    for individual in (False, True):
+        model = ts.DLinear(2, 20, 5, individual=individual)
+        for lin in (*model.seasonal, *model.trend):
+            torch.testing.assert_close(lin.weight.detach(), torch.full((5, 20), 1 / 20))
 
 
 def test_dlinear_individual_uses_each_variates_own_maps():
