@@ -79,6 +79,17 @@ def test_save_load_round_trip_keeps_pixel_normalisation(tmp_path):
     assert config["pixel_std"] == pytest.approx([0.2, 0.3, 0.1])
 
 
+def test_the_embedding_takes_the_images_less_the_pixel_mean_over_the_pixel_std():
+    model = tiny_model(pixel_mean=(0.7, 0.5, 0.6), pixel_std=(0.2, 0.3, 0.1)).eval()
+    seen = []
+    model.embed.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    mean, std = torch.tensor([0.7, 0.5, 0.6]).reshape(3, 1, 1), torch.tensor([0.2, 0.3, 0.1]).reshape(3, 1, 1)
+    torch.testing.assert_close(seen[0], (x - mean) / std)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
 def test_a_classifier_is_read_back_in_the_precision_it_was_saved_in(tmp_path, dtype):
     model = tiny_model().to(dtype).eval()
