@@ -64,6 +64,13 @@ def test_dlpfc_finds_a_suffixed_shared_file_by_sample_id():
     assert adata.shape == (4634, 500)  # dlpfc_151510_500genes_drsc.h5ad
 
 
+def test_several_suffixed_files_of_one_sample_are_refused_not_one_picked(tmp_path):
+    for name in ("dlpfc_151673_a.h5ad", "dlpfc_151673_b.h5ad"):
+        (tmp_path / name).touch()
+    with pytest.raises(ValueError, match=r"Several files match dlpfc_151673_\*\.h5ad"):
+        datasets.dlpfc("151673", path=tmp_path)
+
+
 def test_her2st_reads_the_shared_file_case_insensitively():
     adata = datasets.her2st("a1", path=_shared())
     assert adata.shape == (346, 15045)
@@ -166,7 +173,8 @@ def dlpfc_raw_files(tmp_path, shared_151673) -> dict[str, Path]:
     )
     off_tissue = pd.DataFrame([[0, 0, 0, 10, 10]], index=["ZZZZ-1"], columns=pos.columns)
     files["positions"] = raw / "151673_tissue_positions_list.txt"
-    pd.concat([off_tissue, pos]).to_csv(files["positions"], header=False)
+    # the spots in another order than the matrix's: the reader must match them by barcode
+    pd.concat([off_tissue, pos.sample(frac=1, random_state=0)]).to_csv(files["positions"], header=False)
     # barcode_level_layer_map.tsv: barcode, sample, L1..L6/WM; no header; other samples' rows present too
     annotated = a.obs["layer"].dropna().astype(str)
     layer_map = pd.DataFrame(
@@ -309,7 +317,8 @@ def test_her2st_download_fetches_the_pinned_github_files_and_assembles_them(shar
     )
     labels.index = [f"{int(px)}x{int(py)}" for px, py in a.obsm["spatial"]]
     labels.index.name = "Row.names"
-    labels.to_csv(raw / "A1_labeled_coordinates.tsv", sep="\t")
+    # the labelled spots in another order than the counts': the reader must match them by position
+    labels.sample(frac=1, random_state=0).to_csv(raw / "A1_labeled_coordinates.tsv", sep="\t")
     sel = pd.DataFrame({"x": a.obs["array_x"], "y": a.obs["array_y"], "selected": 1})
     sel.to_csv(raw / "A1_selection.tsv", sep="\t", index=False)
 
