@@ -212,7 +212,10 @@ def test_a_legend_of_25_domains_fits_on_the_figure(embedded, truth_key):
 # --- 8, 9: colours --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("n", "cycle"), [(25, None), (16, None), (7, None), (7, "default_20")])
+# 10 and 20: as many labels as the colour cycle holds (tab10, default_20), which scanpy still takes
+@pytest.mark.parametrize(
+    ("n", "cycle"), [(25, None), (16, None), (10, None), (7, None), (7, "default_20"), (20, "default_20")]
+)
 def test_an_annotation_has_the_colours_scanpy_gives_it(embedded, n, cycle):
     """Audit s46, finding 1: 11-28 labels (or 7 after ``sc.set_figure_params``, whose colour cycle is default_20) had
     other colours than in ``sc.pl.spatial`` / ``sc.pl.umap`` (tab20, then default_102); the 16th was tab20's grey."""
@@ -246,6 +249,9 @@ def test_domains_matching_no_label_get_distinct_colours_that_are_neither_grey_no
         assert (rgb.max() + rgb.min()) / 2 <= 0.7, colour  # not a pastel or near-white, faint over the H&E image
         assert np.linalg.norm(rgb - np.asarray(to_rgb("lightgrey"))) > 0.1
         assert min(np.linalg.norm(rgb - np.asarray(to_rgb(t))) for t in truth.values()) >= 0.1, colour
+    # and from each other: here enough candidates lie this far apart (the first distance `_spare_colours` tries)
+    spare_rgb = [np.asarray(to_rgb(c)) for c in spare]
+    assert min(np.linalg.norm(a - b) for i, a in enumerate(spare_rgb) for b in spare_rgb[i + 1 :]) >= 0.25
 
 
 @pytest.mark.parametrize("ignore", [("undetermined",), "Undetermined"])
