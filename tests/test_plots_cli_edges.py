@@ -529,22 +529,26 @@ def test_an_image_kept_under_another_name_or_without_scale_factors_is_named_in_a
     assert not ax.images  # drawn without the image, not with spots off it
 
 
-@pytest.mark.parametrize("rows", [(0, 30), (0, 100)])  # a crop and the whole slice
-def test_tissue_panels_zoom_to_the_spots(bundled, rows):
-    adata = crop(bundled, rows=rows)
+# a crop, the whole slice, and a few spots (whose margin is a spot's diameter, more than 5 % of their extent)
+@pytest.mark.parametrize(("rows", "cols"), [((0, 30), (0, 200)), ((0, 100), (0, 200)), ((40, 43), (60, 68))])
+def test_tissue_panels_zoom_to_the_spots(bundled, rows, cols):
+    adata = crop_window(bundled, rows=rows, cols=cols)
     adata.obs["dfm_domain"] = adata.obs["layer"]
     library = adata.uns["spatial"]["151673"]
     scale = library["scalefactors"]["tissue_lowres_scalef"]
     height, width = library["images"]["lowres"].shape[:2]
     xy = adata.obsm["spatial"] * scale
     low, high = xy.min(axis=0), xy.max(axis=0)
-    margin = max(0.05 * (high - low).max(), library["scalefactors"]["spot_diameter_fullres"] * scale)
+    diameter = library["scalefactors"]["spot_diameter_fullres"] * scale
+    margin = max(0.05 * (high - low).max(), diameter)
+    assert (margin == diameter) == (rows == (40, 43))
     ax = dfm.pl.domains(adata, return_fig=True, show=False).axes[0]
     assert ax.images
     (x0, x1), (y1, y0) = ax.get_xlim(), ax.get_ylim()
     assert y1 > y0  # the image's orientation: rows go down
-    assert max(low[0] - margin, -0.5) - 1e-6 <= x0 <= low[0] and high[0] <= x1 <= min(high[0] + margin, width) + 1e-6
-    assert max(low[1] - margin, -0.5) - 1e-6 <= y0 <= low[1] and high[1] <= y1 <= min(high[1] + margin, height) + 1e-6
+    # the spots and the margin around them, within the image (whose pixels span -0.5 ... side - 0.5)
+    assert (x0, x1) == pytest.approx((max(low[0] - margin, -0.5), min(high[0] + margin, width - 0.5)))
+    assert (y0, y1) == pytest.approx((max(low[1] - margin, -0.5), min(high[1] + margin, height - 0.5)))
     if rows == (0, 30):
         assert (y1 - y0) < 0.5 * height  # the crop, not the whole slide
 
