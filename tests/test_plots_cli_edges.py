@@ -727,6 +727,16 @@ def test_command_line_rejects_bad_arguments_before_any_work(no_work, capsys, arg
     assert re.search(message, err), err
 
 
+def test_command_line_refuses_a_library_column_with_missing_values_before_any_work(no_work, capsys, bundled, tmp_path):
+    adata = crop(bundled, rows=(0, 10))
+    adata.obs["lib"] = pd.Categorical(["a"] * (adata.n_obs - 1) + [np.nan])
+    adata.write_h5ad(tmp_path / "slice.h5ad")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--input", str(tmp_path / "slice.h5ad"), "--library-key", "lib"])
+    assert exit_.value.code == 2  # an argument error, not a step's refusal (1)
+    assert "--library-key 'lib': some spots of slice have no library (missing values)" in capsys.readouterr().err
+
+
 def test_command_line_rejects_an_output_file_and_an_input_that_is_not_h5ad_before_any_work(no_work, capsys, tmp_path):
     (tmp_path / "results").write_text("")
     (tmp_path / "table.csv").write_text("gene,count\n")
