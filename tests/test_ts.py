@@ -172,13 +172,15 @@ def test_season_phase_follows_the_timestamps_across_a_gap():
 
 
 def test_daily_season_needs_a_day_of_whole_sampling_steps():
-    index = pd.date_range("2024-01-01", periods=3000, freq="8min")
-    frame = pd.DataFrame({"a": np.sin(np.arange(3000) / 9)}, index=index)
-    assert ts.make_splits("toy", 16, 4, frame=frame, season="daily").season.period == 180  # 1440 / 8
-    with pytest.raises(ValueError, match="whole number of sampling steps"):  # 1440 / 7 is not whole
-        ts.make_splits(
-            "toy", 16, 4, frame=frame.set_axis(pd.date_range("2024-01-01", periods=3000, freq="7min")), season="daily"
+    def daily(minutes: int) -> ts.ForecastSplits:
+        index = pd.date_range("2024-01-01", periods=3000, freq=f"{minutes}min")
+        return ts.make_splits(
+            "toy", 16, 4, frame=pd.DataFrame({"a": np.sin(np.arange(3000) / 9)}, index=index), season="daily"
         )
+
+    assert daily(8).season.period == 180  # 1440 / 8
+    with pytest.raises(ValueError, match="whole number of sampling steps"):  # 1440 / 7 is not whole
+        daily(7)
 
 
 @needs_data
