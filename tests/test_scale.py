@@ -12,6 +12,7 @@ import torch
 from _shared import model_tokens
 from sklearn.decomposition import PCA
 from sklearn.metrics import adjusted_rand_score
+from sklearn.neighbors import KNeighborsClassifier
 
 import dfmamba_st as dfm
 from dfmamba_st.core import curves
@@ -160,6 +161,18 @@ def test_cluster_fits_on_a_subset_and_predicts_every_spot(monkeypatch, trained):
     dfm.tl.cluster(sub, 7, method="leiden", key_added="leiden")
     assert sub.obs["leiden"].notna().all()
     assert dfm.metrics.evaluate(sub, "layer", pred_key="leiden")["ari"].iloc[0] > 0.3
+
+
+def test_spots_of_the_fitted_subset_keep_their_own_labels_and_the_rest_take_their_neighbours():
+    rng = np.random.default_rng(0)
+    rep = rng.normal(size=(300, 3))
+    fit_rows = np.sort(rng.choice(300, 100, replace=False))
+    own = rng.integers(0, 4, 100)  # random labels: a spot's neighbours in the sample often vote for another
+    labels = _cluster._extend_labels(rep[fit_rows], own, rep, fit_rows)
+    np.testing.assert_array_equal(labels[fit_rows], own)
+    rest = np.setdiff1d(np.arange(300), fit_rows)
+    vote = KNeighborsClassifier(15).fit(rep[fit_rows], own).predict(rep[rest])
+    np.testing.assert_array_equal(labels[rest], vote)
 
 
 @pytest.mark.filterwarnings("ignore:.* spots have the same coordinates:UserWarning")  # the test stacks spots on purpose
