@@ -442,19 +442,21 @@ def test_the_training_loss_is_the_error_at_the_masked_spots_alone(trained):
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randn(3, 40, model.embed_in.in_features, generator=gen)
     mask = torch.rand(3, 40, generator=gen) < torch.tensor([[0.1], [0.3], [0.6]])  # windows with few and many masked
+
+    def spot_errors(m):  # the squared error of every spot's reconstructed token, and the auxiliary record
+        out, aux = model(tokens, m)
+        return (model.head(out) - tokens).pow(2).mean(-1), aux
+
     with torch.no_grad():
         loss, parts = model.masked_loss(tokens, mask)
-        out, aux = model(tokens, mask)
-        err = (model.head(out) - tokens).pow(2).mean(-1)
+        err, aux = spot_errors(mask)
         expected = torch.stack([err[w][mask[w]].mean() for w in range(3)]).mean()
         assert parts["masked_mse"] == pytest.approx(float(expected), rel=1e-5)
         assert float(loss) == pytest.approx(float(expected + aux.loss), rel=1e-5)
         assert abs(float(expected) - float(err.mean())) > 1e-3  # the visible spots' error is left out
         none = torch.zeros_like(mask)
-        out, _ = model(tokens, none)
-        assert model.masked_loss(tokens, none)[1]["masked_mse"] == pytest.approx(
-            float((model.head(out) - tokens).pow(2).mean()), rel=1e-5
-        )
+        everywhere = spot_errors(none)[0].mean()
+        assert model.masked_loss(tokens, none)[1]["masked_mse"] == pytest.approx(float(everywhere), rel=1e-5)
 
 
 def test_the_record_names_the_number_of_principal_components(trained):
