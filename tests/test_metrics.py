@@ -82,6 +82,9 @@ def test_empty_and_ignored_truth_labels_are_dropped_case_insensitively(dlpfc_151
         assert metrics.evaluate(adata, "truth", "pred").loc["all", "n_spots"] == 3611 - 30
         kept = metrics.evaluate(adata, "truth", "pred", ignore=())
     assert kept.loc["all", "n_spots"] == 3611 - 10
+    # the labels to ignore are compared in any case and without surrounding spaces too, as the labels are
+    shouted = metrics.evaluate(adata, "truth", "pred", ignore=" UNDETERMINED ")
+    assert shouted.loc["all", "n_spots"] == 3611 - 30
 
 
 def test_ignore_takes_one_label_or_none_and_string_nans_count_as_missing(dlpfc_151673):
