@@ -111,6 +111,14 @@ def test_quantize_keeps_every_point_and_preserves_locality():
     assert np.array_equal(curves.quantize(pts, cell_size=100.0), np.floor((pts - pts.min(0)) / 100.0))
 
 
+def test_points_on_a_line_get_about_one_point_per_cell_along_it():
+    """A bounding box of zero area (points on a line parallel to an axis): cells of length / n, as documented."""
+    line = np.stack([np.linspace(0.0, 90.0, 10), np.full(10, 5.0)], axis=1)  # 10 points 10 apart along x
+    assert curves.default_cell_size(line) == pytest.approx(9.0)
+    cells = curves.quantize(line)
+    assert len({tuple(c) for c in cells}) == 10 and cells[:, 1].max() == 0
+
+
 def test_bad_input_raises():
     with pytest.raises(ValueError, match="whole numbers"):
         curves.curve_order(np.array([[0.5, 1.0]]))
