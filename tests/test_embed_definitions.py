@@ -247,6 +247,12 @@ def test_principal_axes_are_those_of_the_standardised_clipped_genes(top):
     assert cosines.min() > 0.999
 
 
+def test_a_tissue_of_fewer_spots_than_components_gets_as_many_as_its_spots_allow(top):
+    few = top[:12].copy()
+    # every gene kept (a ranking on 12 spots would fall back from seurat_v3 with a warning)
+    assert _fit(few, n_pcs=30, n_top_genes=few.n_vars).loadings.shape[1] == 11  # n_spots - 1: centred data span no more
+
+
 def test_the_spatial_graph_holds_each_spot_and_its_nearest_spots_both_ways(top):
     (layout,) = dfm.pp.library_layouts(top)
     graph = layout.graph()
@@ -355,6 +361,14 @@ def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
 
 
 @pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
+@pytest.mark.parametrize("target", [1.0, 1e6])
+def test_normalised_data_are_told_to_take_the_log_whatever_the_total(top, target):
+    """Totals equal to within float32 rounding, relative to their size: at 10^6 per spot their sd is ~0.08."""
+    sc.pp.normalize_total(top, target_sum=target)
+    with pytest.raises(ValueError, match="normalised but not log-transformed"):
+        expression_matrix(top, None)
+
+
 def test_the_log_total_is_the_median_spot_total(top):
     sc.pp.normalize_total(top, target_sum=1e4)
     sc.pp.log1p(top)
