@@ -14,6 +14,7 @@ import torch
 from _shared import QUICK, crop, shared_path, warned_at
 
 import dfmamba_st as dfm
+from dfmamba_st.pp._serialize import OFF_LATTICE_SHARE
 from dfmamba_st.tl._embed import _sample_windows
 
 ARI_LEIDEN_EXPRESSION_ONLY = 0.2  # Leiden on 10 PCs of expression alone, no space: 0.27 measured, random labels ~0
@@ -569,6 +570,9 @@ def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
     with pytest.warns(UserWarning, match=rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0") as caught:
         dfm.pp.serialize(top)
     assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
+    top.obs["in_tissue"] = top.obs["in_tissue"].astype(str).astype("category")  # a positions file read as text
+    with pytest.warns(UserWarning, match=rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0"):
+        dfm.pp.serialize(top)
 
 
 def test_embed_needs_two_spots(top):
@@ -597,6 +601,20 @@ def test_serialize_reports_a_few_spots_off_the_hexagonal_grid(bundled, shift):
     with pytest.warns(UserWarning, match="1 of .* spots break the Visium hexagonal grid") as caught:
         dfm.pp.serialize(adata)
     assert warned_at(caught, "hexagonal grid", __file__)  # points at the user's call
+    assert adata.uns["dfm_order"]["params"]["grid"] == "grid"
+
+
+def test_off_grid_spots_are_reported_up_to_their_share_and_more_are_a_square_grid(bundled, recwarn):
+    """OFF_LATTICE_SHARE is the most that is reported ("at most this share"); beyond it the grid is taken as square."""
+    adata = bundled[:500].copy()
+    most = int(OFF_LATTICE_SHARE * adata.n_obs)  # 5 of 500
+    column = adata.obs.columns.get_loc("array_col")
+    adata.obs.iloc[:most, column] += 1
+    with pytest.warns(UserWarning, match=f"{most} of 500 spots break the Visium hexagonal grid"):
+        dfm.pp.serialize(adata)
+    adata.obs.iloc[most, column] += 1
+    dfm.pp.serialize(adata)
+    assert not [w for w in recwarn if "hexagonal grid" in str(w.message)]  # (pytest.warns kept the first call's)
     assert adata.uns["dfm_order"]["params"]["grid"] == "grid"
 
 
