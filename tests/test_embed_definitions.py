@@ -57,6 +57,24 @@ def test_log_normalised_input_is_ranked_by_seurat_dispersions(top):
     assert len(expected & set(top.var_names[ranks.to_numpy() < 300])) >= 298
 
 
+def test_genes_of_equal_score_are_ranked_by_name_whatever_their_order(top):
+    X, is_counts, _ = expression_matrix(top, None)
+    twin = 5  # the counts of gene 5 again, under a name that sorts first, at the end
+    X = sp.hstack([X, X[:, twin]], format="csr")
+    names = pd.Index([*top.var_names, "0-twin"])
+    ranks = gene_ranks(X, names, is_counts)
+    assert ranks["0-twin"] + 1 == ranks[names[twin]]
+
+
+def test_scores_equal_in_float32_tie_and_are_then_ranked_by_name(top, monkeypatch):
+    """Scores a last bit apart in float64 (as on another CPU) are one score: the names decide, on every machine."""
+    genes = pd.Index(["b", "a", "c"])
+    scores = pd.Series([1.0 + 1e-12, 1.0, 0.5], index=genes)
+    monkeypatch.setattr(_features, "_variance_scores", lambda X, var_names: scores)
+    ranks = gene_ranks(sp.csr_matrix(np.ones((4, 3), dtype=np.float32)), genes, True)
+    assert ranks.to_dict() == {"b": 1, "a": 0, "c": 2}
+
+
 @pytest.mark.parametrize("n_genes", [20, 50])
 def test_counts_of_a_small_panel_are_recovered_up_to_each_spots_common_factor(bundled, n_genes):
     """On a small panel few spots have a gene counted once; their counts over their smallest are then fractions
