@@ -388,6 +388,10 @@ def test_plot_saliency_title_probability_comes_from_eval_mode():
     titles = [plot_saliency(model, image, method="gate", show=False).get_title() for _ in range(4)]
     assert titles == [f"gate, depth 0: class {int(p.argmax())} (p = {float(p.max()):.2f})"] * 4
     assert model.training  # the model's mode is put back
+    model.eval()  # and a model in eval mode stays in it, whichever map is drawn
+    for method, options in (("gate", {}), ("grad_input", {}), ("smoothgrad", {"n_samples": 2})):
+        plot_saliency(model, image, method=method, show=False, **options)
+        assert not model.training, method
     plt.close("all")
 
 
