@@ -413,11 +413,13 @@ def test_the_gate_overlay_spans_the_gates_and_every_colour_bar_says_what_it_show
         overlay, bar = ax.images[1], ax.figure.axes[1]
         assert overlay.get_clim() == pytest.approx(want)
         assert np.array_equal(overlay.get_array(), gate_map(model, image, depth=depth))
+        assert overlay.get_extent() == ax.images[0].get_extent()  # patch over its pixels, row 0 at the top
     assert np.ptp(np.concatenate(gates)) < 0.1 and bar.get_ylabel() == "gate (0 local, 1 global)"
     ax = plot_saliency(model, image, method="gate", vmin=0, vmax=1, show=False)
     assert ax.images[1].get_clim() == (0, 1)
     ax = plot_saliency(model, image, show=False)
     assert ax.images[1].get_clim() == (0, 1) and ax.figure.axes[1].get_ylabel() == "saliency (normalised)"
+    assert ax.images[1].get_extent() == ax.images[0].get_extent()
     plt.close("all")
 
 
@@ -666,6 +668,8 @@ def test_bad_batch_size_layout_and_target_are_clear_errors(synthetic):
         model(torch.rand(1, 32, 32, 3))
     with pytest.raises(ValueError, match=r"target must be a class index in 0\.\.3"):
         saliency_map(model, x[0], target=9)
+    with pytest.raises(ValueError, match=r"target must be a class index in 0\.\.3, got -1"):  # not the last class
+        saliency_map(model, x[0], target=-1)
     with pytest.raises(ValueError, match="'gate'"):
         plot_saliency(model, x[0], method="bogus", show=False)
 
