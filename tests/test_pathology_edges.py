@@ -373,6 +373,8 @@ def test_plot_saliency_shows_by_default_and_returns_none(monkeypatch):
     assert calls == [1]
     ax = plot_saliency(model, image, show=False)
     assert ax is not None and calls == [1]
+    _, given = plt.subplots()  # axes of the user's figure: drawn into, not shown (scanpy's rule), and returned
+    assert plot_saliency(model, image, ax=given) is given and calls == [1]
     plt.close("all")
 
 
