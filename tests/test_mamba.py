@@ -107,3 +107,7 @@ def test_mamba_initial_time_steps_are_log_uniform_and_dt_weights_bounded():
     w = block.dt_proj.weight.detach().abs()
     assert float(w.max()) <= bound and float(w.max()) > 0.95 * bound
     assert torch.equal(block.D.detach(), torch.ones(block.d_inner))
+    # draws below dt_init_floor are raised to it before the bias is set
+    floored = Mamba(64, d_state=2, dt_min=1e-6, dt_max_init=1e-4, dt_init_floor=1e-3)
+    dt = torch.nn.functional.softplus(floored.dt_proj.bias.detach().double())
+    assert torch.allclose(dt, torch.full_like(dt, 1e-3), rtol=1e-4)
