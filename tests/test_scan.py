@@ -338,6 +338,7 @@ def test_resolve_auto_backend():
     assert resolve_backend("torch", "cpu") == "torch"
     expected_gpu = "cuda" if "cuda" in available_backends() else "torch"
     assert resolve_backend("auto", "cuda") == expected_gpu
+    assert resolve_backend("auto", "meta") == "torch"  # any other device: numba runs on the CPU only
     assert {"reference", "torch"} <= set(available_backends())
 
 
