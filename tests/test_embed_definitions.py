@@ -378,7 +378,6 @@ def test_normalised_data_with_an_empty_spot_is_still_told_to_take_the_log(top):
         expression_matrix(top, None)
 
 
-@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 @pytest.mark.parametrize("target", [1.0, 1e6])
 def test_normalised_data_are_told_to_take_the_log_whatever_the_total(top, target):
     """Totals equal to within float32 rounding, relative to their size: at 10^6 per spot their sd is ~0.08."""
@@ -387,6 +386,7 @@ def test_normalised_data_are_told_to_take_the_log_whatever_the_total(top, target
         expression_matrix(top, None)
 
 
+@pytest.mark.filterwarnings("ignore:.*raw counts cannot be recovered:UserWarning")  # the test's input is such values
 def test_the_log_total_is_the_median_spot_total(top):
     sc.pp.normalize_total(top, target_sum=1e4)
     sc.pp.log1p(top)
