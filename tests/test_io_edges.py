@@ -73,6 +73,17 @@ def test_tilde_is_expanded_when_saving_and_loading(trained, tmp_path, monkeypatc
         assert dfm.tl.load_model(name).config == trained[1].config
 
 
+def test_another_suffix_gets_safetensors_appended_and_a_file_of_the_given_name_is_read_first(trained, tmp_path):
+    assert dfm.tl.save_model(trained[1], tmp_path / "run.v2") == tmp_path / "run.v2.safetensors"
+    named = dfm.tl.save_model(trained[1], tmp_path / "m").rename(tmp_path / "m")  # a file "m", no suffix
+    other = copy.deepcopy(trained[1])
+    with torch.no_grad():
+        other.mask_token += 1.0
+    dfm.tl.save_model(other, tmp_path / "m")  # and "m.safetensors", another model
+    assert torch.equal(dfm.tl.load_model(named).mask_token, trained[1].mask_token)
+    assert torch.equal(dfm.tl.load_model(tmp_path / "m.safetensors").mask_token, other.mask_token)
+
+
 def test_save_model_refuses_an_existing_folder(trained, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()
