@@ -2,6 +2,7 @@
 principal axes, the spatial graph, the tokens and the readout, the training masks, the record. Real data: crops of the
 bundled DLPFC 151673 slice."""
 
+import copy
 from pathlib import Path
 
 import anndata as ad
@@ -489,6 +490,21 @@ def test_the_training_loss_is_the_error_at_the_masked_spots_alone(trained):
         none = torch.zeros_like(mask)
         everywhere = spot_errors(none)[0].mean()
         assert model.masked_loss(tokens, none)[1]["masked_mse"] == pytest.approx(float(everywhere), rel=1e-5)
+
+
+def test_masked_spots_enter_dfmamba_as_the_learned_mask_token_and_the_others_as_their_tokens(trained):
+    model = copy.deepcopy(trained[1])
+    with torch.no_grad():
+        model.mask_token.copy_(torch.linspace(-1.0, 1.0, model.mask_token.numel()))
+    seen = []
+    model.dfmamba.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    tokens = torch.randn(2, 40, model.embed_in.in_features, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 40, dtype=torch.bool)
+    mask[:, ::4] = True
+    with torch.no_grad():
+        model(tokens, mask)
+        assert torch.equal(seen[0][mask], model.mask_token.expand(int(mask.sum()), -1))
+        torch.testing.assert_close(seen[0][~mask], model.embed_in(tokens)[~mask])
 
 
 def test_the_record_names_the_number_of_principal_components(trained):
