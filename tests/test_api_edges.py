@@ -567,11 +567,12 @@ def test_spots_outside_the_tissue_are_named_in_a_warning(top, recwarn):
     dfm.pp.serialize(top)  # all in the tissue: no warning
     assert not [w for w in recwarn if "in_tissue" in str(w.message)]
     top.obs.iloc[:5, top.obs.columns.get_loc("in_tissue")] = 0
-    with pytest.warns(UserWarning, match=rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0") as caught:
+    told = rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0"
+    with pytest.warns(UserWarning, match=told) as caught:
         dfm.pp.serialize(top)
     assert Path(caught[0].filename).resolve() == Path(__file__).resolve()  # points at the user's call
     top.obs["in_tissue"] = top.obs["in_tissue"].astype(str).astype("category")  # a positions file read as text
-    with pytest.warns(UserWarning, match=rf"5 of {top.n_obs} spots have obs\['in_tissue'\] == 0"):
+    with pytest.warns(UserWarning, match=told):
         dfm.pp.serialize(top)
 
 

@@ -67,7 +67,7 @@ def test_genes_of_equal_score_are_ranked_by_name_whatever_their_order(top):
     assert ranks["0-twin"] + 1 == ranks[names[twin]]
 
 
-def test_scores_equal_in_float32_tie_and_are_then_ranked_by_name(top, monkeypatch):
+def test_scores_equal_in_float32_tie_and_are_then_ranked_by_name(monkeypatch):
     """Scores a last bit apart in float64 (as on another CPU) are one score: the names decide, on every machine."""
     genes = pd.Index(["b", "a", "c"])
     scores = pd.Series([1.0 + 1e-12, 1.0, 0.5], index=genes)
