@@ -54,6 +54,7 @@ def test_loss_falls_and_history_is_recorded():
     assert last < 0.05 * first
     assert set(result.history[0]) >= {"epoch", "train_loss", "val_loss", "lr", "mse"}
     assert math.isnan(result.history[0]["val_loss"])
+    assert not model.training  # left in evaluation mode, ready to embed
 
 
 def test_schedule_warms_up_then_decays_to_zero():
@@ -62,6 +63,7 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5, abs=1e-2)
     assert f(100) == pytest.approx(0.0, abs=1e-9)
+    assert cosine_with_warmup(27, 0.1)(1) == pytest.approx(2 / 3)  # round(2.7) = 3 warm-up steps, not int's 2
     lrs = [row["lr"] for row in fit(nn.Linear(4, 1), mse, regression_data(), epochs=20, lr=1.0, progress=False).history]
     assert max(lrs) == pytest.approx(1.0, rel=0.05) and lrs[-1] < 0.01
 
@@ -94,6 +96,35 @@ def test_early_stopping_restores_best_weights():
     noisy_val.calls = 0
     fit(again, loss_fn, train, val_data=val[:1], epochs=6, patience=None, lr=1e-2, progress=False)
     assert not torch.allclose(last.weight, again.weight)  # the default would have gone back to epoch 0
+
+
+def test_a_plateau_is_no_improvement():
+    """A validation loss equal to the best so far counts as a bad epoch and keeps the first best epoch."""
+    result = fit(
+        nn.Linear(4, 1),
+        _scripted_val([5] * 6),
+        regression_data(32),
+        val_data=[None],
+        epochs=6,
+        patience=2,
+        progress=False,
+    )
+    assert result.best_epoch == 0 and len(result.history) == 3 and result.stopped_early
+
+
+def test_the_checkpoint_is_written_after_every_epoch(tmp_path):
+    for epochs in (1, 2):
+        fit(
+            nn.Linear(4, 1),
+            mse,
+            regression_data(32),
+            epochs=epochs,
+            checkpoint_dir=tmp_path / str(epochs),
+            patience=None,
+            progress=False,
+        )
+        assert torch.load(tmp_path / str(epochs) / "last.pt", weights_only=True)["epoch"] == epochs - 1
+        assert [f.name for f in (tmp_path / str(epochs)).iterdir()] == ["last.pt"]  # no half-written file left
 
 
 @pytest.mark.parametrize("ema_decay", [None, 0.9])
