@@ -98,20 +98,6 @@ def test_early_stopping_restores_best_weights():
     assert not torch.allclose(last.weight, again.weight)  # the default would have gone back to epoch 0
 
 
-def test_a_plateau_is_no_improvement():
-    """A validation loss equal to the best so far counts as a bad epoch and keeps the first best epoch."""
-    result = fit(
-        nn.Linear(4, 1),
-        _scripted_val([5] * 6),
-        regression_data(32),
-        val_data=[None],
-        epochs=6,
-        patience=2,
-        progress=False,
-    )
-    assert result.best_epoch == 0 and len(result.history) == 3 and result.stopped_early
-
-
 def test_the_checkpoint_is_written_after_every_epoch(tmp_path):
     for epochs in (1, 2):
         fit(
@@ -249,9 +235,14 @@ def _scripted_val(values):
     return loss_fn
 
 
-def test_patience_counts_epochs_since_the_last_improvement():
-    """R1: an improvement resets the count of bad epochs."""
-    vals = [5, 6, 4, 7, 3, 8, 9, 10, 11, 12]
+@pytest.mark.parametrize(
+    ("vals", "best", "n_epochs"),
+    [([5, 6, 4, 7, 3, 8, 9, 10, 11, 12], 4, 7), ([5] * 10, 0, 3)],
+    ids=["improvements", "plateau"],
+)
+def test_patience_counts_epochs_since_the_last_improvement(vals, best, n_epochs):
+    """R1: an improvement resets the count of bad epochs; a loss equal to the best is none (a plateau stops early
+    and keeps the first best epoch)."""
     result = fit(
         nn.Linear(4, 1),
         _scripted_val(vals),
@@ -261,7 +252,7 @@ def test_patience_counts_epochs_since_the_last_improvement():
         patience=2,
         progress=False,
     )
-    assert result.best_epoch == 4 and len(result.history) == 7 and result.stopped_early
+    assert result.best_epoch == best and len(result.history) == n_epochs and result.stopped_early
 
 
 def test_best_weights_kept_are_the_moving_average():
