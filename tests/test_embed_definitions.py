@@ -16,7 +16,7 @@ from _shared import QUICK, crop
 from sklearn.decomposition import PCA
 
 import dfmamba_st as dfm
-from dfmamba_st.tl import _features, _model
+from dfmamba_st.tl import _embed, _features, _model
 from dfmamba_st.tl._features import FeatureTransform, expression_matrix, gene_ranks, spatial_graph
 
 
@@ -425,7 +425,10 @@ def test_model_readout_is_the_mean_over_the_curves_averaged_over_readout_hops_ri
     (layout,) = dfm.pp.library_layouts(adata)
     graph = layout.graph()
     features, _ = model.features.transform(adata)
-    tokens = np.hstack([features, graph @ (graph @ features)]) / model.config.extra["token_scale"]
+    tokens = np.hstack([features, graph @ (graph @ features)])
+    # the tokens are divided by their root mean square over the training spots (these), kept with the model
+    assert model.config.extra["token_scale"] == pytest.approx(float(np.sqrt(np.mean(tokens**2))), rel=1e-4)
+    tokens = tokens / model.config.extra["token_scale"]
     model.eval()
     per_curve = []
     with torch.no_grad():
@@ -505,6 +508,18 @@ def test_masked_spots_enter_dfmamba_as_the_learned_mask_token_and_the_others_as_
         model(tokens, mask)
         assert torch.equal(seen[0][mask], model.mask_token.expand(int(mask.sum()), -1))
         torch.testing.assert_close(seen[0][~mask], model.embed_in(tokens)[~mask])
+
+
+def test_the_moving_average_spans_ema_fraction_of_the_training_steps(top, monkeypatch):
+    """Decay 1 - 1 / (ema_fraction x steps); no average when that is under 2 steps. QUICK: 1 epoch of 10 steps."""
+    decays = []
+    real_fit = _embed.fit
+    monkeypatch.setattr(_embed, "fit", lambda *args, **kw: decays.append(kw["ema_decay"]) or real_fit(*args, **kw))
+    dfm.pp.serialize(top)
+    for fraction in (0.5, 0.1):
+        dfm.tl.embed(top, ema_fraction=fraction, **QUICK)
+    assert top.uns["dfm"]["params"]["steps_per_epoch"] == 10
+    assert decays == [pytest.approx(1 - 1 / 5), None]
 
 
 def test_the_record_names_the_number_of_principal_components(trained):
