@@ -101,6 +101,27 @@ def test_cluster_says_when_the_smoothing_empties_a_domain(small):
     assert (tiny.obs["dfm_domain"].value_counts() > 0).all()
 
 
+def test_a_domain_emptied_between_two_others_leaves_them_numbered_by_size(small):
+    """Isolated spots of a domain inside another, more of them than a third domain holds: the mixture numbers them
+    1, the smoothing gives them to their neighbours' domain, and the third domain, numbered 2, becomes 1."""
+    graph = dfm.pp.library_layouts(small)[0].graph().tocsr()
+    col = small.obs["array_col"].to_numpy()
+    label = np.where(col >= np.quantile(col, 0.9), 2, 0)  # a band of about a tenth of the spots
+    for spot in range(small.n_obs):  # spots of domain 0 whose neighbours all stay in domain 0: islands of domain 1
+        around = graph.indices[graph.indptr[spot] : graph.indptr[spot + 1]]
+        if label[spot] == 0 and around.size >= 6 and np.all(label[around] == 0):
+            label[spot] = 1
+    sizes = np.bincount(label)
+    assert sizes[0] > sizes[1] > sizes[2]
+    small.obsm["X_three"] = np.eye(3)[label] * 10 + np.random.default_rng(0).normal(scale=0.1, size=(small.n_obs, 3))
+    dfm.tl.cluster(small, 3, use_rep="X_three", n_init=2, refine=False)
+    assert adjusted_rand_score(small.obs["dfm_domain"], label) == 1.0
+    with pytest.warns(UserWarning, match=r"emptied 1 of 3 domains"):
+        dfm.tl.cluster(small, 3, use_rep="X_three", n_init=2)
+    assert small.obs["dfm_domain"].cat.categories.tolist() == ["0", "1"]
+    assert (small.obs["dfm_domain"].to_numpy()[label == 2] == "1").mean() > 0.9
+
+
 def test_cluster_reads_a_sparse_embedding_and_names_a_tolerance_that_is_no_number(small):
     dense = dfm.tl.cluster(small, 4, use_rep="X_pca", n_init=2, copy=True)
     small.obsm["X_sparse"] = sp.csr_matrix(small.obsm["X_pca"])

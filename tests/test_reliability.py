@@ -378,6 +378,9 @@ def test_a_k_range_above_the_number_of_spots_is_refused(trained):
     few = trained[0][:5].copy()
     with pytest.raises(ValueError, match=r"Every K of k_range=range\(6, 9\) exceeds the 5 spots"):
         dfm.tl.cluster(few, None, k_range=range(6, 9))
+    # only the K above the number of spots are skipped: 5 clusters of 5 spots are still tried
+    bic = dfm.tl.choose_n_clusters(np.asarray(few.obsm["X_dfm"])[:, :2], k_range=range(4, 9), progress=False)[1]
+    assert list(bic) == [4, 5]
 
 
 @pytest.mark.parametrize("tol", [0, -1e-3])

@@ -466,6 +466,11 @@ def test_library_specific_domains_weigh_the_libraries_equally():
     libraries = np.array(["a"] * 1000 + ["b"] * 50)
     assert dfm.tl.library_specific_domains(labels, libraries) == {"y": "a", "z": "b"}
     assert dfm.tl.library_specific_domains(labels, np.array(["a"] * 1050)) == {}  # one library: nothing to compare
+    # a share that reaches LIBRARY_SPECIFIC counts: 19 of 100 spots of a against 1 of 100 of b is 19 / 20 = 0.95
+    libraries = np.repeat(["a", "b"], 100)
+    for in_a, specific in ((19, {"d": "a"}), (18, {})):  # 18 / 19 = 0.947: shared
+        labels = np.array(["d"] * in_a + ["o"] * (100 - in_a) + ["d"] + ["o"] * 99)
+        assert dfm.tl.library_specific_domains(labels, libraries) == specific
 
 
 def test_cluster_warns_when_domains_split_by_library():
@@ -593,6 +598,9 @@ def test_refinement_takes_the_sole_most_common_label_of_a_disagreeing_neighbourh
     assert centre("b", "b", "b", "a", "a", "c", "c") == "b"  # "a", "b" and "c" have 2 each: kept (was "a")
     assert centre("b", "b", "a", "a", "c", "c", "d") == "b"  # "a" and "c" tie above "b": kept (was "a")
     assert centre("b", "b", "a", "a", "a", "c", "c") == "a"  # "a" alone has the most, more than "b"
+    # the diagonal is no vote of the spot for itself (with it, "b" would tie "a" at 2 and stay)
+    assert dfm.tl.refine_labels(np.array(list("baabcde")), graph + sp.identity(7, format="csr"))[0] == "a"
+    assert centre("b", "a", "a", "b", "c", "d", "e") == "a"
     chain = sp.diags([np.ones(4), np.ones(4)], [-1, 1], format="csr")  # five spots in a row
     assert dfm.tl.refine_labels(np.array([0, 0, 1, 0, 0]), chain).tolist() == [0] * 5
     assert dfm.tl.refine_labels(np.array([0, 0, 1, 2, 2]), chain).tolist() == [0, 0, 1, 2, 2]  # a tie: kept
