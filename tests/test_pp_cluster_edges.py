@@ -120,6 +120,7 @@ def test_a_domain_emptied_between_two_others_leaves_them_numbered_by_size(small)
         dfm.tl.cluster(small, 3, use_rep="X_three", n_init=2)
     assert small.obs["dfm_domain"].cat.categories.tolist() == ["0", "1"]
     assert (small.obs["dfm_domain"].to_numpy()[label == 2] == "1").mean() > 0.9
+    assert small.uns["dfm_domain"]["params"]["n_clusters"] == 3  # the record keeps the number asked for
 
 
 def test_cluster_reads_a_sparse_embedding_and_names_a_tolerance_that_is_no_number(small):
