@@ -59,7 +59,7 @@ def test_cluster_warns_about_slices_pooled_without_a_key_and_smooths_each_slice_
     assert adjusted_rand_score(keyed.obs["dfm_domain"], by_slice) == 1.0  # the same domains, numbered by size
 
 
-def test_slices_serialized_one_by_one_and_joined_cluster_alike_whatever_the_row_order(two_slices):
+def test_slices_serialized_one_by_one_and_joined_cluster_alike_whatever_the_row_order(two_slices, monkeypatch):
     """Joined without a key, their curve positions repeat (0, 1, ... in each): the spots' names break the ties."""
     parts = [two_slices[(two_slices.obs["lib"] == s).to_numpy()].copy() for s in ("151673", "151674")]
     for part in parts:
@@ -73,6 +73,11 @@ def test_slices_serialized_one_by_one_and_joined_cluster_alike_whatever_the_row_
     # the order the mixture is fitted in: the same spots in the same order, whatever the rows' order
     fit_order = [adata.obs_names[serialized_rows(adata, "dfm_order", None)] for adata in runs]
     assert list(fit_order[0]) == list(fit_order[1])
+    # and where the embedding is centred, projected and fitted on a subset (a large tissue in miniature)
+    monkeypatch.setattr(_cluster, "MAX_FIT_SPOTS", joined.n_obs // 3)
+    for adata in runs:
+        dfm.tl.cluster(adata, 5, use_rep="X_pca", n_comps=5, n_init=2, refine=False, key_added="subset")
+    np.testing.assert_array_equal(runs[1][joined.obs_names].obs["subset"], runs[0].obs["subset"])
 
 
 def test_positions_the_smoothing_cannot_use_stop_cluster_before_the_fit_and_name_refine(small, monkeypatch):
