@@ -618,6 +618,20 @@ def test_a_checkpoint_of_another_run_is_refused_not_resumed(crop, tmp_path, chan
         dfm.tl.embed(other, **{**FAST, **change}, checkpoint_dir=tmp_path)
 
 
+def test_a_checkpoint_of_the_same_spots_split_into_other_libraries_is_refused(crop, tmp_path):
+    """Each library is its own set of sequences: the same spots in other libraries are another run's data."""
+
+    def halves(column):
+        crop.obs["lib"] = np.where(crop.obs[column] < crop.obs[column].median(), "one", "two")
+        dfm.pp.serialize(crop, library_key="lib")
+
+    halves("array_col")  # left and right
+    dfm.tl.embed(crop, **FAST, checkpoint_dir=tmp_path)
+    halves("array_row")  # top and bottom
+    with pytest.raises(ValueError, match=r"another run \(differs in run_key\.libraries\)"):
+        dfm.tl.embed(crop, **FAST, checkpoint_dir=tmp_path)
+
+
 def test_same_seed_same_machine_gives_identical_results_and_records_versions(crop):
     dfm.pp.serialize(crop)
     a = dfm.tl.embed(crop, **FAST, seed=11, copy=True)
