@@ -251,6 +251,9 @@ def test_presets_resolve_by_device_and_are_recorded(small, monkeypatch):
     assert (params["lr"], params["window"], params["ema_fraction"]) == (1e-4, 1024, "None")
     assert model.embed_in.in_features == 2 * 200  # a gene-wide token: the spot's genes next to their ring mean
     assert paper.obsm["X_dfm"].shape == (small.n_obs, 200 + 16)
+    # n_pcs=None sets the genes themselves under any preset (-1, not None, takes the preset's value)
+    genes = dfm.tl.embed(small, preset="cpu", n_pcs=None, d_model=16, n_top_genes=200, **quick)
+    assert genes.uns["dfm"]["params"]["n_pcs"] == "None" and genes.obsm["X_dfm"].shape == (small.n_obs, 200 + 16)
     with pytest.raises(ValueError, match=r"Unknown preset 'gpu'.*'cpu', 'paper'"):
         dfm.tl.embed(small, preset="gpu", progress=False)
     # the paper's full width on a CPU: hours of training, so the user is told before it starts
