@@ -516,10 +516,10 @@ def test_the_moving_average_spans_ema_fraction_of_the_training_steps(top, monkey
     real_fit = _embed.fit
     monkeypatch.setattr(_embed, "fit", lambda *args, **kw: decays.append(kw["ema_decay"]) or real_fit(*args, **kw))
     dfm.pp.serialize(top)
-    for fraction in (0.5, 0.1):
+    for fraction in (0.5, 0.1, 1.0):  # (0, 1]: all of the steps is allowed
         dfm.tl.embed(top, ema_fraction=fraction, **QUICK)
     assert top.uns["dfm"]["params"]["steps_per_epoch"] == 10
-    assert decays == [pytest.approx(1 - 1 / 5), None]
+    assert decays == [pytest.approx(1 - 1 / 5), None, pytest.approx(1 - 1 / 10)]
 
 
 def test_the_record_names_the_number_of_principal_components(trained):
