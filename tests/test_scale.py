@@ -39,6 +39,7 @@ def trained():
         (3639, 512, 8, 32),
         (65, 16, 16, 32),
         (321, 32, 8, 32),
+        (100, 16, 8, 40),  # tiles shorter than min_length: the first one's context reaches forward
     ],
 )
 def test_tiles_partition_the_sequence_on_aligned_boundaries(n, tile, align, min_length):
