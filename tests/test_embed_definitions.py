@@ -522,6 +522,15 @@ def test_the_moving_average_spans_ema_fraction_of_the_training_steps(top, monkey
     assert decays == [pytest.approx(1 - 1 / 5), None, pytest.approx(1 - 1 / 10)]
 
 
+def test_a_model_given_in_training_mode_is_applied_and_left_in_evaluation_mode(trained):
+    adata, model = trained
+    reference = dfm.tl.embed(adata, model=model, progress=False, copy=True).obsm["X_dfm"]
+    model.train()
+    applied = dfm.tl.embed(adata, model=model, progress=False, copy=True).obsm["X_dfm"]
+    assert not any(module.training for module in model.modules())  # as documented for model=
+    np.testing.assert_array_equal(applied, reference)
+
+
 def test_the_record_names_the_number_of_principal_components(trained):
     adata, model = trained
     params = adata.uns["dfm"]["params"]
