@@ -136,6 +136,10 @@ def test_transfer_says_what_it_ignores_and_when_gene_names_do_not_match(bundled)
     n_named = int(ensembl.var["symbol"].isin(model.features.genes).sum())
     with pytest.raises(ValueError, match=rf"None of the model's genes .* adata\.var\['symbol'\] names {n_named} of"):
         dfm.tl.embed(ensembl, model=model, progress=False)
+    few = train[:, ~train.var_names.isin(model.features.genes[:10])].copy()  # 10 of 300 missing: no naming hint
+    with pytest.warns(UserWarning, match=r"10 of the model's 300 genes \(3%\) are missing") as caught:
+        dfm.tl.embed(few, model=model, progress=False)
+    assert not [w for w in caught if "genes named" in str(w.message) or "smaller panel" in str(w.message)]
     narrow = train[:, train.var_names.isin(model.features.genes[:100])].copy()  # a smaller panel, same naming
     with pytest.warns(UserWarning, match="adata holds 100 genes .* a smaller panel than the training data's"):
         dfm.tl.embed(narrow, model=model, progress=False)

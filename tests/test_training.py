@@ -526,4 +526,7 @@ def test_fingerprint_hashes_a_large_array_without_copying_it():
     assert peak < images.nbytes / 10
     grid = np.arange(12).reshape(3, 4)
     assert fingerprint(grid[:, ::2]) == fingerprint(np.ascontiguousarray(grid[:, ::2])) != fingerprint(grid)
+    # the same bytes under another shape or dtype are other data
+    assert fingerprint(grid) != fingerprint(grid.reshape(4, 3))
+    assert fingerprint(np.zeros(2, np.int32)) != fingerprint(np.zeros(1, np.int64))
     assert fingerprint(np.array(["a", "bc"], dtype=object)) == fingerprint(np.array(["a", "bc"]))
