@@ -1,6 +1,7 @@
 """The shared training loop: schedule, clipping, early stopping, seeding, history, checkpoint resume."""
 
 import math
+import os
 import warnings
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfmamba_st.core import cosine_with_warmup, fit, isolated_global_state, resolve_device
+from dfmamba_st.core import cosine_with_warmup, fit, isolated_global_state, resolve_device, seed_everything
 from dfmamba_st.core import training as training_mod
 
 
@@ -220,6 +221,9 @@ def test_resolve_device():
     for device in (1.5, None, -1, True, np.int64(-1), np.bool_(True)):
         with pytest.raises(TypeError, match="device must be 'auto', 'cpu'"):
             resolve_device(device)
+    for device in ("meta", "mps", torch.device("meta")):  # devices torch knows, which the package does not run on
+        with pytest.raises(ValueError, match="Unsupported device"):
+            resolve_device(device)
 
 
 def _scripted_val(values):
@@ -364,10 +368,12 @@ def test_data_parallel_gradients_and_logged_losses_are_means_over_ranks(monkeypa
     one_rank = grads[:]
     grads.clear()
     monkeypatch.setattr(training_mod, "distributed_context", lambda: (0, 2))
-    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: None)
+    broadcast = []
+    monkeypatch.setattr(dist, "broadcast", lambda tensor, src: broadcast.append((tensor.shape, src)))
     monkeypatch.setattr(dist, "all_reduce", lambda tensor: tensor.mul_(2))  # two ranks holding the same values
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     two = run()
+    assert broadcast == [(torch.Size([1, 4]), 0), (torch.Size([1]), 0)]  # every rank starts from rank 0's weights
     assert len(grads) == len(one_rank) == 8
     for a, b in zip(grads, one_rank):
         torch.testing.assert_close(a, b)
@@ -420,6 +426,19 @@ def test_isolated_global_state_puts_back_warn_only():
             assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_seeding_keeps_a_users_cublas_setting_and_the_isolation_puts_back_cudnn_benchmark(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    with isolated_global_state():
+        seed_everything(0)
+        assert torch.backends.cudnn.benchmark is False and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.benchmark is True and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    with isolated_global_state():
+        seed_everything(0)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # set by the user: kept
 
 
 def test_a_checkpoint_records_its_run_and_one_of_another_run_is_refused(tmp_path):
