@@ -301,6 +301,30 @@ def test_windows_must_share_out_over_the_ranks(monkeypatch):
         dfm.tl.embed(adata, **SMALL)
 
 
+def test_each_rank_trains_on_its_share_of_every_steps_windows(monkeypatch):
+    """Of the 4 windows and masks of a step, rank r of 2 takes windows r and r + 2 (every rank draws them all)."""
+    adata = dfm.datasets.dlpfc_151673_hvg()[:300].copy()
+    dfm.pp.serialize(adata)
+    first_batch = {}
+
+    class Drawn(Exception):
+        pass
+
+    def first_batch_of(model, loss_fn, batches, **options):  # stands in for fit: no process group is needed
+        first_batch[_embed.distributed_context()] = next(iter(batches(0)))
+        raise Drawn
+
+    monkeypatch.setattr(_embed, "fit", first_batch_of)
+    for context in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(_embed, "distributed_context", lambda context=context: context)
+        with pytest.raises(Drawn):
+            dfm.tl.embed(adata, **SMALL)
+    (windows, masks), *shares = (first_batch[context] for context in ((0, 1), (0, 2), (1, 2)))
+    assert windows.shape[0] == 4
+    for rank, (rank_windows, rank_masks) in enumerate(shares):
+        assert torch.equal(rank_windows, windows[rank::2]) and torch.equal(rank_masks, masks[rank::2])
+
+
 def test_each_library_is_quantised_in_its_own_frame(trained):
     adata, _ = trained
     one = _as_cells(adata[:400], seed=1)
