@@ -15,9 +15,10 @@ label  name          texture of the cells
 3      segregated    the same with 3 cells of smoothing: large domains (~6–10 cells, 100–160 px)
 =====  ============  ===========================================================================================
 
-In every class exactly half of the lattice cells (±1) hold each texture, and blob size, jitter, colour, empty
-cells and textures come from the same distributions, so neither a single cell, a 16×16 patch, nor the texture
-composition of the image says anything about the class: a model that pools local texture is at chance (25 %).
+In every class exactly half of the lattice cells hold each texture (on an odd lattice the odd cell goes to either
+texture at random), and blob size, jitter, colour, empty cells and textures come from the same distributions, so
+neither a single cell, a 16×16 patch, nor the texture composition of the image says anything about the class: a model
+that pools local texture is at chance (25 %).
 The lattice offset is a multiple of the patch size (``align``), so a patch token never shows parts of two blobs:
 with a free offset, a patch on a cell corner shows slivers of up to four blobs, and how often two textures meet
 inside one patch reveals the arrangement to a purely local model (a one-off diagnosis of 2026-11-23, not logged: 55 %
@@ -68,7 +69,10 @@ def _cell_types(label: int, n_i: int, n_j: int, rng: np.random.Generator) -> np.
     if label in (2, 3):  # clustered / segregated: a smooth random field cut at its median
         field = gaussian_filter(rng.standard_normal((n_i, n_j)), sigma=_DOMAIN_SIGMA[label], mode="wrap")
         rank = np.argsort(np.argsort(field.ravel() + 1e-9 * rng.standard_normal(n)))
-        return (rank >= n // 2).astype(np.int64).reshape(n_i, n_j)
+        # an odd lattice's odd cell out goes to either texture, as in classes 0 and 1 (it always went to "nuclei": a
+        # composition that told classes 2-3 apart); an even one draws nothing, so its images are as before
+        cut = n // 2 if n % 2 == 0 else n // 2 + int(rng.integers(2))
+        return (rank >= cut).astype(np.int64).reshape(n_i, n_j)
     raise ValueError(f"label must be in 0..{len(SYNTHETIC_CLASSES) - 1}, got {label}.")
 
 
