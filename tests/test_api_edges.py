@@ -434,14 +434,14 @@ def test_cluster_takes_a_seed_or_none_never_a_generator_the_record_could_not_sto
     assert "dfm_domain" not in adata.obs
     dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=np.int64(3), n_init=1, key_added="seeded")
     # (unrefined: a fresh seed's domains may lose one to the label smoothing, which is left out of the categories)
-    drawn = []
+    seeds = []
     with isolated_global_state():  # (the global seed set here is put back after)
         for key in ("fresh", "fresher"):  # a fresh seed each call, which NumPy's global seed does not set
             np.random.seed(0)  # noqa: NPY002
             dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=None, n_init=1, key_added=key, refine=False)
-            drawn.append(adata.uns[key]["params"]["random_state"])
-    assert adata.obs["fresh"].cat.categories.size == 3 and drawn[0] != drawn[1]
-    drawn = drawn[0]  # the seed drawn for None is recorded: the call repeats
+            seeds.append(adata.uns[key]["params"]["random_state"])
+    assert adata.obs["fresh"].cat.categories.size == 3 and seeds[0] != seeds[1]
+    drawn = seeds[0]  # the seed drawn for None is recorded: the call repeats
     dfm.tl.cluster(adata, 3, use_rep="X_rep", random_state=drawn, n_init=1, key_added="again", refine=False)
     assert isinstance(drawn, int) and (adata.obs["again"] == adata.obs["fresh"]).all()
     adata.write_h5ad(tmp_path / "clustered.h5ad")  # every record h5ad-safe
