@@ -300,8 +300,10 @@ def test_stratified_split_is_stratified_and_disjoint():
     for p in parts:
         counts = np.bincount(labels[p], minlength=4)
         assert counts.max() - counts.min() <= 1
-    with pytest.raises(ValueError, match="sum to 1"):
-        stratified_split(labels, (0.5, 0.2))
+        assert p.dtype == np.int64 and np.all(np.diff(p) > 0)  # sorted
+    for fractions in [(0.5, 0.2), (0.7, 0.15, 0.1499), (1.2, -0.2, 0.0)]:  # sums 0.7, 0.9999 (not within 1e-6); < 0
+        with pytest.raises(ValueError, match="non-negative and sum to 1"):
+            stratified_split(labels, fractions)
 
 
 # --- image folder --------------------------------------------------------------------------------------------------
@@ -435,6 +437,19 @@ def test_crop_offsets_cover_every_position():
             lefts += (x[:, 1, 0, 0] * 255).round().long().tolist()
     assert min(tops) == 0 and max(tops) == h - 16
     assert min(lefts) == 0 and max(lefts) == w - 16
+    assert any(top != left for top, left in zip(tops, lefts))  # two draws, not one
+
+
+def test_crop_batches_reshuffle_every_epoch_and_refuse_no_images_or_a_crop_wider_than_them():
+    images = np.zeros((16, 3, 32, 32), np.uint8)
+    batches = CropBatches(images, np.arange(16), crop=None, batch_size=16, augment=False, seed=0)
+    orders = [next(iter(batches(epoch)))[1].tolist() for epoch in range(2)]  # the labels name the images
+    assert all(sorted(order) == list(range(16)) for order in orders)  # every image once per epoch
+    assert orders[0] != list(range(16)) and orders[0] != orders[1]
+    with pytest.raises(ValueError, match="at least one"):
+        CropBatches(images[:0], np.zeros(0), crop=16)
+    with pytest.raises(ValueError, match="crop=48 must lie between 1 and the image size"):  # 64 high, 32 wide
+        CropBatches(np.zeros((2, 3, 64, 32), np.uint8), np.zeros(2), crop=48)
 
 
 class _Recorder(nn.Module):
@@ -486,6 +501,10 @@ def test_classification_loss_validates_on_cross_entropy_alone():
     model.train()
     loss, terms = classification_loss(model, (x, y))
     assert float(loss.detach()) == pytest.approx(terms["ce"] + terms["aux"], rel=1e-5)
+    model.eval()  # "acc": the batch's accuracy of the arg-max predictions
+    predicted = logits.argmax(-1)
+    assert classification_loss(model, (x, predicted))[1]["acc"] == 1.0
+    assert classification_loss(model, (x, (predicted + 1) % 4))[1]["acc"] == 0.0
 
 
 def test_gate_map_gives_each_patch_the_gate_of_its_coarse_token():
@@ -588,6 +607,35 @@ def test_hed_jitter_scales_the_stain_concentrations(stain, vector):
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)  # the other two stains stay at zero
 
 
+def test_hed_jitter_shifts_each_stain_by_its_own_draw():
+    """At ``sigma=0`` only the shifts act: the optical density moves by the sum over stains of the stain's shift times
+    its unit vector (the published vectors), one shift per image and stain, drawn after the scales."""
+    vectors = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+    vectors /= vectors.norm(dim=1, keepdim=True)
+    od = torch.full((3,), 0.5, dtype=torch.float64)  # a grey pixel
+    pixel = torch.pow(10.0, -od).reshape(1, 3, 1, 1).expand(4, 3, 2, 2).contiguous()  # four images
+    generator = torch.Generator().manual_seed(0)
+    torch.rand(4, 3, 1, 1, generator=generator)  # the scales' draw, without effect at sigma = 0
+    shift = 0.1 * (2.0 * torch.rand(4, 3, 1, 1, generator=generator) - 1.0)  # (image, stain)
+    out = hed_jitter(pixel, sigma=0.0, bias=0.1, generator=torch.Generator().manual_seed(0))
+    expected = torch.pow(10.0, -(od + shift[:, :, 0, 0].double() @ vectors))[:, :, None, None].expand_as(pixel)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_random_dihedral_turns_then_flips_left_right_as_documented():
+    from dfmamba_st.pathology.data import random_dihedral
+
+    for shape, n_draws in (((32, 1, 3, 3), 8), ((32, 1, 2, 3), 4)):  # square: 8 transforms; otherwise 4
+        x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+        draws = torch.randint(0, n_draws, (len(x),), generator=torch.Generator().manual_seed(0)).tolist()
+        out = random_dihedral(x, torch.Generator().manual_seed(0))
+        for image, result, draw in zip(x, out, draws):
+            turns, flip = (draw % 4, draw >= 4) if n_draws == 8 else (2 * (draw % 2), draw >= 2)
+            expected = torch.rot90(image, turns, dims=(-2, -1))  # counter-clockwise
+            assert torch.equal(result, expected.flip(-1) if flip else expected)
+        assert set(draws) == set(range(n_draws))
+
+
 def test_colour_jitter_follows_its_three_formulas():
     from dfmamba_st.pathology.data import colour_jitter
 
@@ -624,6 +672,9 @@ def test_load_image_resizes_bilinearly(tmp_path):
     path = tmp_path / "two.png"
     Image.fromarray(np.array([[[0, 0, 0], [200, 200, 200]]], np.uint8)).save(path)  # 1 x 2 pixels: black, grey
     assert load_image(path, size=(1, 1))[:, 0, 0].tolist() == [100, 100, 100]  # the mean, not one of the two
+    assert load_image(path, size=(3, 5)).shape == (3, 3, 5)  # (height, width)
+    with pytest.raises(FileNotFoundError):  # a missing file is not an unreadable one
+        load_image(tmp_path / "absent.png")
 
 
 def test_to_unit_float_returns_a_new_tensor():

@@ -45,6 +45,7 @@ from dfmamba_st.pathology import (
     unpatchify,
 )
 from dfmamba_st.pathology import train as train_module
+from dfmamba_st.pathology.data import center_crop
 
 TINY = {"d_model": 8, "depth": 1, "d_state": 2}
 CLI_TINY = ["--epochs", "1", "--d-model", "8", "--depth", "1", "--d-state", "2", "--batch-size", "8"]
@@ -207,7 +208,15 @@ def test_evaluate_resolutions_refuses_a_crop_the_model_cannot_take_instead_of_sk
 
 
 def test_random_dihedral_of_no_image_is_no_image():
-    assert random_dihedral(torch.zeros(0, 3, 8, 8)).shape == (0, 3, 8, 8)
+    x = torch.zeros(0, 3, 8, 8)
+    out = random_dihedral(x)
+    assert out.shape == (0, 3, 8, 8) and out is not x  # a new tensor, as for any batch
+
+
+def test_empty_image_arrays_pass_the_pixel_check_and_a_crop_wider_than_the_images_is_refused():
+    assert to_unit_float(np.zeros((0, 3, 4, 4), np.float32)).shape == (0, 3, 4, 4)
+    with pytest.raises(ValueError, match="larger than the images"):  # fits the height (64), not the width (32)
+        center_crop(np.zeros((1, 3, 64, 32), np.uint8), 48)
 
 
 # --- global state and seed=None ------------------------------------------------------------------------------------
@@ -281,6 +290,33 @@ def test_evaluate_on_an_empty_set_gives_nan_accuracy():
     assert out["n_tokens"] == 4 and out["image_size"] == (32, 32)
 
 
+class _MeanColourClassifier(torch.nn.Module):
+    """A classifier with neither ``patch_size`` nor ``n_classes``: a linear map of the mean colour, 3 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(3, 3)
+        with torch.no_grad():  # every image is class 2
+            self.head.weight.zero_()
+            self.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_evaluate_takes_a_model_without_patch_size_or_n_classes():
+    """16-px patches count the tokens, the confusion matrix spans labels and predictions, the model ends in eval mode.
+
+    (A model of its own: DFMambaClassifier has both attributes.)
+    """
+    model = _MeanColourClassifier().train()
+    out = evaluate(model, np.zeros((2, 3, 32, 64), np.uint8), np.array([0, 1]))
+    assert out["n_tokens"] == 2 * 4 and out["image_size"] == (32, 64)
+    assert out["predictions"].tolist() == [2, 2]
+    assert out["confusion"].tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0]]
+    assert not model.training
+
+
 def test_stratified_split_warns_about_an_empty_part_only_when_it_was_asked_for():
     with pytest.warns(UserWarning, match=r"part\(s\) \[2\].*empty"):
         parts = stratified_split(np.repeat([0, 1], 3), seed=0)
@@ -294,9 +330,11 @@ def test_stratified_split_warns_about_an_empty_part_only_when_it_was_asked_for()
 def test_without_validation_every_epoch_runs_and_the_last_weights_are_kept(synthetic, tmp_path):
     """fit would otherwise stop early and pick the best epoch by the training loss, which the docs do not say."""
     model = tiny_model()
-    options = dict(crop=32, epochs=6, batch_size=4, patience=1, lr=5e-2, progress=False, checkpoint_dir=tmp_path)
+    options = dict(crop=32, epochs=6, batch_size=4, patience=1, lr=0.3, progress=False, checkpoint_dir=tmp_path)
     result = train_classifier(model, synthetic, **options)
     assert len(result.history) == 6 and not result.stopped_early
+    losses = [h["train_loss"] for h in result.history]
+    assert min(losses) < losses[-1]  # (so that the best epoch by the training loss would be other weights)
     last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]  # the weights after the last epoch
     assert all(torch.equal(value, last[name]) for name, value in model.state_dict().items())
 
@@ -461,13 +499,14 @@ def _write_bach(root) -> None:
 
 def test_image_folder_skips_hidden_files_and_names_an_unreadable_image(tmp_path):
     _write_bach(tmp_path)
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "Invasive" / "I1.PNG")  # suffixes in any case
     (tmp_path / "Normal" / "._N0.tif").write_bytes(b"\x00\x05\x16\x07 AppleDouble sidecar")
     (tmp_path / ".hidden_class").mkdir()
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / ".hidden_class" / "x.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data = load_image_folder(tmp_path, image_size=16)
-    assert data.labels.tolist() == [0, 1, 2, 3] and not any("._" in p for p in data.paths)
+    assert data.labels.tolist() == [0, 1, 2, 3, 3] and not any("._" in p for p in data.paths)
 
     (tmp_path / "Benign" / "broken.tif").write_bytes(b"not a tiff")
     with pytest.raises(ValueError, match=r"broken\.tif"):
@@ -510,8 +549,9 @@ def test_sixteen_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     ramp = np.tile(np.linspace(0, 1, 64), (8, 1))
     Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    Image.fromarray(np.round(ramp * 65535).astype(np.int32)).save(tmp_path / "wide.tif")  # PIL mode I, 32-bit
     eight_bit = np.round(ramp * 255)
-    for name in ("deep.png", "float.tif"):
+    for name in ("deep.png", "float.tif", "wide.tif"):
         image = load_image(tmp_path / name)
         assert image.shape == (3, 8, 64)
         np.testing.assert_allclose(image[0], eight_bit, atol=1)  # grey levels kept (PIL alone: 255s, or 0s and 1s)
@@ -565,6 +605,29 @@ def test_cli_checks_sizes_before_making_images(monkeypatch, capsys, sizes, messa
     assert message in capsys.readouterr().err
 
 
+def test_cli_takes_the_boundary_values_and_an_unasked_for_validation_split_without_a_warning(monkeypatch):
+    """--weight-decay 0, --depth 0 and a crop as large as the images are allowed; a validation fraction
+    of 0 asks for no validation split, so its absence is not warned about."""
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def record(model, train, **kwargs):
+        seen.update(kwargs, n_train=len(train))
+        raise Stop
+
+    monkeypatch.setattr(train_module, "train_classifier", record)
+    args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
+    args += ["--weight-decay", "0", "--depth", "0", "--split", "0.75", "0", "0.25"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(Stop):
+            train_module.main(args)
+    assert seen["weight_decay"] == 0 and seen["val"] is None and seen["n_train"] == 12
+
+
 def test_cli_names_the_data_folder_when_it_cannot_be_used(capsys, tmp_path):
     (tmp_path / "only" / "tumour").mkdir(parents=True)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "only" / "tumour" / "a.png")
@@ -574,14 +637,24 @@ def test_cli_names_the_data_folder_when_it_cannot_be_used(capsys, tmp_path):
         assert exc.value.code == 2 and f"--data {folder}: " in (err := capsys.readouterr().err) and message in err
 
 
-def test_cli_without_validation_says_it_kept_the_last_epoch(monkeypatch, capsys):
-    history = [{"train_loss": loss, "val_loss": float("nan")} for loss in (3.0, 1.0, 2.0)]  # best by training loss: 1
-    monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: TrainResult(history=history, best_epoch=1))
-    args = ["--synthetic", "--n-per-class", "4", "--image-size", "32", "--crop", "32", *CLI_TINY]
-    with pytest.warns(UserWarning, match="validation split is empty"):
+@pytest.mark.parametrize(
+    ("n_per_class", "best_epoch", "why"),
+    [
+        (4, 1, "no validation split"),  # 70/15/15 of 4 images per class: none to validate on; best by training loss
+        (8, -1, "no finite validation loss"),  # one image per class to validate on, but no finite loss
+    ],
+)
+def test_cli_without_validation_says_it_kept_the_last_epoch(monkeypatch, capsys, n_per_class, best_epoch, why):
+    history = [{"train_loss": loss, "val_loss": float("nan")} for loss in (3.0, 1.0, 2.0)]
+    result = TrainResult(history=history, best_epoch=best_epoch)
+    monkeypatch.setattr(train_module, "train_classifier", lambda *a, **k: result)
+    args = ["--synthetic", "--n-per-class", str(n_per_class), "--image-size", "32", "--crop", "32", *CLI_TINY]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         summary = train_module.main(args)
-    assert summary["epoch_kept"] == 2 and summary["best_epoch"] == 1
-    assert "kept the last epoch, 2 (counted from 0; no validation split)" in capsys.readouterr().out
+    assert any("validation split is empty" in str(w.message) for w in caught) == (why == "no validation split")
+    assert summary["epoch_kept"] == 2 and summary["best_epoch"] == best_epoch and summary["epochs_run"] == 3
+    assert f"kept the last epoch, 2 (counted from 0; {why})" in capsys.readouterr().out
 
 
 def test_cli_threads_sets_every_pool_through_set_threads(monkeypatch):
@@ -653,10 +726,12 @@ def test_training_api_is_still_reachable_from_the_package():
 
 def test_labels_outside_the_model_classes_are_clear_errors(synthetic):
     x, y = synthetic  # labels 0..3
-    with pytest.raises(ValueError, match="n_classes=2"):
-        train_classifier(tiny_model(2), (x, y), crop=32, epochs=1, progress=False)
-    with pytest.raises(ValueError, match="n_classes=4"):
-        evaluate(tiny_model(), x[:2], np.array([0, 7]))
+    for n_classes in (2, 3):  # with 3 classes the largest label is one past the last class index
+        with pytest.raises(ValueError, match=f"n_classes={n_classes}"):
+            train_classifier(tiny_model(n_classes), (x, y), crop=32, epochs=1, progress=False)
+    for label in (7, 4):
+        with pytest.raises(ValueError, match="n_classes=4"):
+            evaluate(tiny_model(), x[:2], np.array([0, label]))
 
 
 def test_bad_batch_size_layout_and_target_are_clear_errors(synthetic):
@@ -722,6 +797,17 @@ def test_a_checkpoint_of_other_images_is_refused(synthetic, tmp_path):
         train_classifier(tiny_model(), (x[4:], y[4:]), **options)
     with pytest.raises(ValueError, match=r"differs in run_key\.augment"):
         train_classifier(tiny_model(), (x[:4], y[:4]), **options, augment=False)
+    for changed in ({"crop": 16}, {"batch_size": 2}):  # the same images cut or batched otherwise
+        with pytest.raises(ValueError, match=rf"differs in .*run_key\.{next(iter(changed))}\b"):
+            train_classifier(tiny_model(), (x[:4], y[:4]), **{**options, **changed})
+
+
+def test_a_checkpoint_validated_on_other_images_is_refused(synthetic, tmp_path):
+    x, y = synthetic
+    options = dict(crop=32, epochs=1, batch_size=4, progress=False, checkpoint_dir=tmp_path)
+    train_classifier(tiny_model(), (x[:4], y[:4]), val=(x[4:6], y[4:6]), **options)
+    with pytest.raises(ValueError, match=r"another run \(differs in run_key\.val\)"):
+        train_classifier(tiny_model(), (x[:4], y[:4]), val=(x[6:8], y[6:8]), **options)
 
 
 def test_cli_expands_the_home_folder_in_paths(monkeypatch, tmp_path):
