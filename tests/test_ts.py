@@ -268,6 +268,9 @@ def test_msmamba_scales_and_variants():
     out.pow(2).mean().backward()
     assert learn.layers[0].mamba.log_scales.grad is not None
     assert learn.layers[0].mamba.log_scales.grad.abs().sum() > 0
+    # fixed or learned, the multipliers are part of the model's state (saved with it, moved with it)
+    for m in (model, learn):
+        assert torch.equal(m.state_dict()["layers.0.mamba.log_scales"].exp(), torch.tensor([1.0, 2.0, 4.0, 8.0]))
     # different multipliers give different outputs (alpha reaches the scan)
     torch.manual_seed(0)
     a = ts.MSMamba(5, 32, 16, d_model=16, d_ff=16, d_state=4, scales=(1.0,), dropout=0.0).eval()
@@ -623,6 +626,14 @@ def test_msmamba_averages_the_blocks_each_at_its_own_scale():
     layer = model.layers[0]  # a residual and a LayerNorm after the module, then after the MLP
     mixed = layer.norm1(h + ms(h))
     torch.testing.assert_close(layer(h), layer.norm2(mixed + layer.mlp(mixed)))
+    # the whole model: instance norm without affine, variates as tokens, the layers, a LayerNorm and the linear head
+    assert not list(model.revin.parameters())
+    x = torch.randn(2, 16, 3, dtype=torch.float64)
+    h = model.embed(model.revin.normalize(x).transpose(1, 2))
+    for layer in model.layers:
+        h = layer(h)
+    want = model.revin.denormalize(model.head(model.norm(h)).transpose(1, 2))
+    torch.testing.assert_close(model(x)[0], want)
 
 
 def test_dfmamba_ts_patch_tokens_recurse_to_length_two_by_default():

@@ -69,8 +69,9 @@ def test_train_forecaster_leaves_the_callers_global_state(toy, seed, monkeypatch
 
 def test_train_forecaster_without_seed_follows_the_torch_state(toy):
     def run(caller_seed: int) -> list[dict]:
+        torch.manual_seed(0)
+        model = ts.DLinear(2, 32, 8)  # the same weights every time: only the shuffles can differ (no dropout)
         torch.manual_seed(caller_seed)
-        model = ts.DLinear(2, 32, 8)
         return ts.train_forecaster(model, toy, epochs=1, max_train_windows=64, seed=None).history
 
     assert run(3) == run(3)  # the caller's seed makes an unseeded run reproducible
@@ -87,6 +88,8 @@ def test_make_splits_takes_the_protocol_from_the_file_name(etth1):
         assert splits.ends == ETTH_ENDS
         assert (len(splits.train), len(splits.val), len(splits.test)) == (8449, 2785, 2785)
     assert ts.split_borders(str(file), 17420, 96)[1] == ETTH_ENDS
+    from_frame = ts.make_splits(str(file), frame=etth1)  # a frame named by the file's path: the file's protocol
+    assert from_frame.name == "ETTh1" and from_frame.ends == ETTH_ENDS
     pd.testing.assert_frame_equal(ts.load(str(file)), etth1)
 
 
@@ -120,10 +123,24 @@ def test_a_file_name_in_the_working_folder_is_read_as_a_path(etth1, tmp_path, mo
     for name in ("ETTh1.csv.gz", "./ETTh1.csv.gz"):
         pd.testing.assert_frame_equal(ts.load(name), etth1)
         assert ts.make_splits(name).ends == ETTH_ENDS
+    (tmp_path / "ETTh1").write_bytes(b"not the data")
     with pytest.raises(FileNotFoundError, match="elsewhere"):  # a bare name still means the data folder
-        ts.load("ETTh1")
+        ts.load("ETTh1")  # (even with a file of exactly that name in the working folder)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "ETTh1.csv.gz").rename(tmp_path / "sub" / "ETTh1.csv.gz")
+    etth1.iloc[:100].to_csv(tmp_path / "sub" / "ETTh1.csv")
+    pd.testing.assert_frame_equal(ts.load("sub/ETTh1"), etth1)  # a folder and a stem; .csv.gz found before .csv
     # with a folder given, a file of that name in the working folder is no path: the folder's file is read
     pd.testing.assert_frame_equal(ts.load("ETTh1.csv.gz", path=shared_path("ts", "ETTh1.csv.gz").parent), etth1)
+
+
+def test_a_file_with_a_latin_1_header_is_read(tmp_path, etth1):
+    """A header of latin-1 text, not UTF-8 (units such as W/m² and µmol), is read with its own characters."""
+    frame = etth1.iloc[:5, :2].set_axis(["SWDR (W/m²)", "PAR (µmol/m²/s)"], axis=1)
+    frame.to_csv(tmp_path / "weather.csv", encoding="latin-1")
+    df = ts.load("weather", path=tmp_path)
+    assert list(df.columns) == list(frame.columns)
+    np.testing.assert_array_equal(df.to_numpy(), frame.to_numpy())
 
 
 def test_a_header_row_with_text_is_still_a_header(tmp_path):
@@ -179,6 +196,11 @@ def test_dates_read_as_text_into_the_index_are_parsed_like_a_date_column(etth1):
         ts.make_splits("ETTh1", frame=text.set_axis([f"row {i}" for i in range(len(text))], axis=0))
 
 
+def test_make_splits_refuses_a_frame_of_dates_alone(etth1):
+    with pytest.raises(ValueError, match="The frame has no value columns"):
+        ts.make_splits("toy", 8, 4, frame=pd.DataFrame({"date": etth1.index}))
+
+
 def test_make_splits_refuses_a_frame_out_of_time_order(etth1):
     with pytest.raises(ValueError, match="ascending time order"):
         ts.make_splits("ETTh1", frame=etth1.iloc[::-1], season="daily")
@@ -211,6 +233,25 @@ def _tiny_ms(**kw) -> ts.MSMamba:
     return ts.MSMamba(2, 32, 8, d_model=8, d_ff=8, d_state=2, **kw)
 
 
+def test_dlinear_trend_is_the_moving_average_of_the_series_padded_with_its_end_values():
+    x = torch.arange(8.0).reshape(1, 8, 1)
+    trend = ts.DLinear(1, 8, 2, kernel_size=5).decomp(x)[0, :, 0]
+    # padded 0 0 | 0 1 ... 7 | 7 7: the first mean (0 + 0 + 0 + 1 + 2) / 5, the last (5 + 6 + 7 + 7 + 7) / 5
+    torch.testing.assert_close(trend, torch.tensor([0.6, 1.2, 2.0, 3.0, 4.0, 5.0, 5.8, 6.4]))
+
+
+def test_revin_cannot_denormalize_before_it_has_normalized():
+    with pytest.raises(RuntimeError, match="denormalize called before normalize"):
+        ts.RevIN(2).denormalize(torch.zeros(1, 4, 2))
+
+
+def test_forecasters_refuse_a_lookback_with_another_number_of_variates():
+    """DLinear's shared maps and ms-Mamba's variate tokens would run on any number of variates."""
+    for model in (ts.DLinear(2, 32, 8), _tiny_ms(), ts.DFMambaTS(2, 32, 8, d_model=8, d_state=2)):
+        with pytest.raises(ValueError, match=r"Expected a lookback of shape \(batch, 32, 2\), got \(1, 32, 3\)"):
+            model(torch.zeros(1, 32, 3))
+
+
 @pytest.mark.parametrize(
     ("build", "match"),
     [
@@ -219,6 +260,8 @@ def _tiny_ms(**kw) -> ts.MSMamba:
         (lambda: ts.DFMambaTS(7, patch_len=5), "patch_len=5 must be >= 1 and divide seq_len=96"),
         (lambda: ts.DLinear(7, kernel_size=24.5), "kernel_size must be a whole number >= 1, got 24.5"),
         (lambda: _tiny_ms(scales=()), "scales must be one or more"),
+        (lambda: _tiny_ms(scales=(1.0, 0.0)), "scales must be one or more positive"),
+        (lambda: ts.DFMambaTS(7, tokens="pixel"), r"tokens='pixel' is not one of \('time', 'patch', 'mixed'\)"),
     ],
 )
 def test_models_refuse_invalid_sizes_when_built(build, match):
@@ -258,6 +301,8 @@ def test_zero_shot_refuses_a_factor_it_cannot_serve_before_any_forecast(toy):
     model.register_forward_hook(lambda *_: calls.append(1))
     with pytest.raises(ValueError, match="factor 3 to divide the horizon 8"):
         ts.zero_shot(model, toy, factors=(1, 2, 3))
+    with pytest.raises(ValueError, match=r"The test split is too short for factor 64 \(span 512\)"):  # 400 rows
+        ts.zero_shot(model, toy, factors=(1, 64), mode="steps")
     assert calls == []  # factors 1 and 2 were not scored first and then lost
     assert sorted(ts.zero_shot(model, toy, factors=(1, 2))) == [1, 2] and calls
 
@@ -337,12 +382,49 @@ def test_window_datasets_refuse_lengths_that_are_not_whole_numbers():
             ts.WindowDataset(values, seq_len, horizon)
 
 
+class _WithoutHorizon(torch.nn.Module):
+    """A forecaster that does not say its lookback or horizon (a DLinear inside)."""
+
+    def __init__(self, n_variates: int = 3, seq_len: int = 16, horizon: int = 4) -> None:
+        super().__init__()
+        self.inner = ts.DLinear(n_variates, seq_len, horizon)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner(x)
+
+
 def test_predict_on_no_lookback_gives_an_empty_forecast():
-    model = ts.DLinear(3, 16, 4)
-    for n in (0, 5):
-        assert ts.predict(model, torch.zeros(n, 16, 3), batch_size=2).shape == (n, 4, 3)
+    # DF-Mamba-TS cannot run an empty batch itself; the model without a horizon is shown one empty batch
+    for model in (ts.DLinear(3, 16, 4), ts.DFMambaTS(3, 16, 4, d_model=8, d_state=2), _WithoutHorizon()):
+        for n in (0, 5):
+            assert ts.predict(model, torch.zeros(n, 16, 3), batch_size=2).shape == (n, 4, 3)
     with pytest.raises(ValueError, match="shape"):
         ts.predict(model, torch.zeros(16, 3))
+
+
+def test_a_forecaster_that_does_not_say_its_window_lengths_trains(toy):
+    assert len(ts.train_forecaster(_WithoutHorizon(2, 32, 8), toy, epochs=1, max_train_windows=64).history) == 1
+
+
+def test_a_cap_above_the_number_of_training_windows_changes_nothing(toy):
+    def weights(cap: int | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = ts.DLinear(2, 32, 8)
+        ts.train_forecaster(model, toy, epochs=1, max_train_windows=cap)
+        return list(model.state_dict().values())
+
+    assert all(torch.equal(a, b) for a, b in zip(weights(None), weights(10**6)))
+
+
+def test_evaluate_scores_the_first_n_outputs_and_refuses_no_windows():
+    model = ts.DLinear(2, 16, 4).eval()
+    x = torch.randn(6, 16, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forecast = model(x)[0]
+    assert ts.evaluate(model, [(x, forecast[:, :2])], n_outputs=2)["mse"] == 0.0  # the first two steps
+    assert ts.evaluate(model, [(x, forecast[:, 2:])], n_outputs=2)["mse"] > 0.0
+    with pytest.raises(ValueError, match="No window to evaluate"):
+        ts.evaluate(model, [])
 
 
 def test_a_checkpoint_of_another_series_is_refused(toy, tmp_path):
@@ -356,6 +438,14 @@ def test_a_checkpoint_of_another_series_is_refused(toy, tmp_path):
         ts.train_forecaster(ts.DLinear(2, 32, 8), other, **options)
     with pytest.raises(ValueError, match=r"differs in run_key\.train_loss"):
         ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **options, train_loss="mse")
+    # other windows or batches in as many steps per epoch (2), so that only the run key can tell
+    for changed, name in (
+        ({"max_train_windows": 63}, "windows"),
+        ({"max_val_windows": 50}, "windows"),
+        ({"batch_size": 33}, "batch_size"),
+    ):
+        with pytest.raises(ValueError, match=rf"another run \(differs in run_key\.{name}\)"):
+            ts.train_forecaster(ts.DLinear(2, 32, 8), toy, **{**options, **changed})
 
 
 def test_make_splits_and_train_forecaster_name_what_to_change(etth1, toy):
@@ -379,6 +469,43 @@ def test_window_rows_are_checked_and_count_from_the_end_as_indexing_does():
     for i in (len(ds), -len(ds) - 1):
         with pytest.raises(IndexError, match="out of range"):
             ds.rows(i)
+
+
+def test_window_datasets_take_a_segment_of_exactly_one_window_and_refuse_a_flat_one():
+    ds = ts.WindowDataset(np.arange(12, dtype=np.float32)[:, None], seq_len=8, horizon=4)
+    assert len(ds) == 1 and ds[0][1].ravel().tolist() == [8.0, 9.0, 10.0, 11.0]
+    with pytest.raises(ValueError, match=r"values must be \(time, variates\), got shape \(20,\)"):
+        ts.WindowDataset(np.zeros(20, np.float32), seq_len=4, horizon=2)
+
+
+def test_shuffled_window_batches_follow_their_seed_not_the_global_state():
+    ds = ts.WindowDataset(np.arange(40, dtype=np.float32)[:, None], seq_len=4, horizon=2)
+    orders = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        state = torch.random.get_rng_state()
+        orders.append([x[:, 0, 0].tolist() for x, _ in ds.batches(8, shuffle=True, seed=3)])
+        assert torch.equal(torch.random.get_rng_state(), state)  # the global state is not used
+    assert orders[0] == orders[1]
+
+
+def test_split_borders_refuse_a_zero_fraction_and_a_lookback_longer_than_the_training_rows():
+    with pytest.raises(ValueError, match="three positive fractions"):
+        ts.split_borders("mine", 1000, 8, ratios=(0.8, 0.0, 0.2))
+    with pytest.raises(ValueError, match=r"seq_len=80 is longer than the training segment \(70 rows\)"):
+        ts.split_borders("mine", 100, 80)
+
+
+def test_a_season_needs_every_phase_in_the_training_rows():
+    with pytest.raises(ValueError, match="do not cover every phase of the period 3"):
+        ts.Season.fit(np.zeros((3, 1)), np.array([0, 1, 0, 1, 2]), period=3)  # training phases 0, 1, 0
+
+
+def test_a_daily_season_takes_the_most_common_spacing_and_a_known_data_sets_interval(etth1):
+    gap_first = etth1.drop(etth1.index[1])  # the first spacing is two hours, the most common one hour
+    assert ts.make_splits("ETTh1", frame=gap_first, season="daily").season.period == 24
+    without_times = etth1.reset_index(drop=True)  # no timestamps: ETTh1's known interval, one hour
+    assert ts.make_splits("ETTh1", frame=without_times, season="daily").season.period == 24
 
 
 def test_window_batches_check_their_sizes_at_the_call():

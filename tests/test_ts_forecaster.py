@@ -139,8 +139,9 @@ def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
     forecaster = ts.Forecaster.from_splits(_models()[0], splits)
     with pytest.raises(ValueError, match="pass first_row="):
         forecaster.forecast(etth1.iloc[:SEQ_LEN])
-    with pytest.raises(ValueError, match="first_row must be whole numbers >= 0"):
-        forecaster.forecast(etth1.iloc[:SEQ_LEN], first_row=-1)
+    for first_row in (-1, 1.5):
+        with pytest.raises(ValueError, match="first_row must be whole numbers >= 0"):
+            forecaster.forecast(etth1.iloc[:SEQ_LEN], first_row=first_row)
     with pytest.raises(ValueError, match=r"shape \(96, 7\) or \(n, 96, 7\), got \(95, 7\)"):
         forecaster.forecast(etth1.to_numpy()[:95], first_row=0)
     with pytest.raises(ValueError, match=r"no column \['OT'\]"):
@@ -159,6 +160,10 @@ def test_forecaster_errors_say_what_to_pass(etth1, splits, tmp_path):
         ts.load_forecaster(classifier)
     with pytest.raises(ValueError, match=r"holds a folder of kind 'dfmamba_st.forecaster', not one written by dfm.pa"):
         pathology.load_classifier(ts.save_forecaster(forecaster, tmp_path / "forecaster"))
+    config = tmp_path / "forecaster" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "forecaster": "Prophet"}))
+    with pytest.raises(ValueError, match=r"holds no forecaster written by dfm\.ts\.save_forecaster .*names 'Prophet'"):
+        ts.load_forecaster(tmp_path / "forecaster")
 
 
 def test_numpy_sizes_and_tuples_given_to_a_forecaster_are_saved_as_plain_values(splits, tmp_path):

@@ -398,7 +398,7 @@ class MSMamba(nn.Module):
     Every layer applies the multi-scale module — one :class:`~dfmamba_st.core.Mamba` per scale, called with ``alpha`` =
     its Δ multiplier (1, 2, 4, 8 by default) of a learned base rate (see ``share_base``), each run in both directions
     (same weights, averaged), the scale outputs averaged — with a residual and LayerNorm, then a residual MLP and
-    LayerNorm. A linear head maps each token to the horizon.
+    LayerNorm. A final LayerNorm and a linear head map each token to the horizon.
 
     Parameters
     ----------
