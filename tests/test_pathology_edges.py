@@ -797,9 +797,9 @@ def test_a_checkpoint_of_other_images_is_refused(synthetic, tmp_path):
         train_classifier(tiny_model(), (x[4:], y[4:]), **options)
     with pytest.raises(ValueError, match=r"differs in run_key\.augment"):
         train_classifier(tiny_model(), (x[:4], y[:4]), **options, augment=False)
-    for changed in ({"crop": 16}, {"batch_size": 2}):  # the same images cut or batched otherwise
-        with pytest.raises(ValueError, match=rf"differs in .*run_key\.{next(iter(changed))}\b"):
-            train_classifier(tiny_model(), (x[:4], y[:4]), **{**options, **changed})
+    for name, value in (("crop", 16), ("batch_size", 2)):  # the same images cut or batched otherwise
+        with pytest.raises(ValueError, match=rf"differs in .*run_key\.{name}\b"):
+            train_classifier(tiny_model(), (x[:4], y[:4]), **{**options, name: value})
 
 
 def test_a_checkpoint_validated_on_other_images_is_refused(synthetic, tmp_path):
