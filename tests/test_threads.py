@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numba
 import pytest
 import torch
@@ -28,6 +30,23 @@ def test_set_threads_sets_numba_before_torch_and_limits_blas(monkeypatch, keep_t
     dfm.set_threads(1)
     # numba first: where it shares torch's OpenMP runtime, starting its pool resets torch's count
     assert calls == [("numba", 1), ("torch", 1), ("blas", {"limits": 1, "user_api": "blas"})]
+
+
+def test_set_threads_gives_numba_every_thread_below_its_cap(monkeypatch):
+    """Faked pools, so that 3 threads can be asked for on any machine (here numba started with 8 allowed)."""
+    import threadpoolctl
+
+    calls = []
+    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 8)
+    monkeypatch.setattr(numba, "set_num_threads", lambda n: calls.append(("numba", n)))
+    monkeypatch.setattr(numba, "get_num_threads", lambda: calls[0][1])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: calls[1][1])
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda **kw: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not capped: no warning
+        assert dfm.set_threads(3) == {"numba": 3, "torch": 3}
+    assert calls == [("numba", 3), ("torch", 3)]
 
 
 def test_set_threads_warns_when_numba_is_capped(monkeypatch, keep_torch_threads):
