@@ -19,21 +19,10 @@ def test_set_threads_sets_numba_torch_and_blas(keep_torch_threads):
     assert blas and set(blas) == {1}  # numpy's BLAS is loaded: its pool is limited too
 
 
-def test_set_threads_sets_numba_before_torch_and_limits_blas(monkeypatch, keep_torch_threads):
-    """The calls, recorded whatever this machine's pools start with (BLAS may already run one thread)."""
-    import threadpoolctl
-
-    calls = []
-    monkeypatch.setattr(numba, "set_num_threads", lambda n: calls.append(("numba", n)))
-    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
-    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda **kw: calls.append(("blas", kw)))
-    dfm.set_threads(1)
-    # numba first: where it shares torch's OpenMP runtime, starting its pool resets torch's count
-    assert calls == [("numba", 1), ("torch", 1), ("blas", {"limits": 1, "user_api": "blas"})]
-
-
-def test_set_threads_gives_numba_every_thread_below_its_cap(monkeypatch):
-    """Faked pools, so that 3 threads can be asked for on any machine (here numba started with 8 allowed)."""
+@pytest.mark.parametrize("threads", [1, 3])
+def test_set_threads_sets_numba_before_torch_and_limits_blas(monkeypatch, keep_torch_threads, threads):
+    """The calls, recorded whatever this machine's pools start with (BLAS may already run one thread); faked pools, so
+    that 3 threads can be asked for on any machine (here numba started with 8 allowed)."""
     import threadpoolctl
 
     calls = []
@@ -42,11 +31,12 @@ def test_set_threads_gives_numba_every_thread_below_its_cap(monkeypatch):
     monkeypatch.setattr(numba, "get_num_threads", lambda: calls[0][1])
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("torch", n)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: calls[1][1])
-    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda **kw: None)
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda **kw: calls.append(("blas", kw)))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # not capped: no warning
-        assert dfm.set_threads(3) == {"numba": 3, "torch": 3}
-    assert calls == [("numba", 3), ("torch", 3)]
+        warnings.simplefilter("error")  # below numba's cap: no warning
+        assert dfm.set_threads(threads) == {"numba": threads, "torch": threads}
+    # numba first: where it shares torch's OpenMP runtime, starting its pool resets torch's count
+    assert calls == [("numba", threads), ("torch", threads), ("blas", {"limits": threads, "user_api": "blas"})]
 
 
 def test_set_threads_warns_when_numba_is_capped(monkeypatch, keep_torch_threads):
